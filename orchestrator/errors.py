@@ -1,0 +1,37 @@
+"""Errors that the CLI turns into distinct exit codes.
+
+Every message names what is wrong (the spec field path, the file, the shard, the row) so a user can fix it
+without reading a traceback.
+"""
+
+from __future__ import annotations
+
+
+class StreamsslError(Exception):
+    """Base class; `exit_code` is what `streamssl` exits with."""
+
+    exit_code = 1
+
+
+class SpecError(StreamsslError):
+    """The experiment spec (or a --set override) is invalid."""
+
+    exit_code = 2
+
+
+class DataError(StreamsslError):
+    """A data source, shard or manifest is missing, corrupt or inconsistent."""
+
+    exit_code = 3
+
+
+class TrainingError(StreamsslError):
+    """Training or evaluation failed."""
+
+    exit_code = 4
+
+
+class TrackingError(StreamsslError):
+    """The MLflow tracking store cannot be reached or refused a write."""
+
+    exit_code = 5
