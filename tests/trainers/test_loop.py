@@ -1,0 +1,121 @@
+"""The per-worker loop on plain tensors: schedules, strategies, exact resume, and that it learns."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from trainers.checkpoint import CheckpointError, load_state, save_state
+from trainers.loop import LineTrainer, LoopConfig, learning_rate, run_line
+from trainers.views import AugmentConfig
+
+
+def config(**overrides) -> LoopConfig:
+    base = dict(method="simclr", strategy="sequential", image_size=16,
+                views=(AugmentConfig(size=16, blur_p=0.0), AugmentConfig(size=16, blur_p=0.0)),
+                backbone_width=8, lr=0.05, epochs_per_chunk=2, batch_size=8, seed=3,
+                method_options={"proj_hidden": 32, "proj_out": 16})
+    base.update(overrides)
+    return LoopConfig(**base)
+
+
+def data(n: int = 32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8, generator=g)
+
+
+def batches_of(images: torch.Tensor, batch: int = 8):
+    return lambda epoch: (images[i : i + batch] for i in range(0, len(images) - batch + 1, batch))
+
+
+def test_learning_rate_warmup_then_cosine() -> None:
+    cfg = config(lr=1.0, warmup_epochs=1)
+    values = [learning_rate(cfg, s, steps_total=20, steps_per_epoch=5) for s in range(20)]
+    assert values[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert values[5] == pytest.approx(1.0)
+    assert values[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 14 / 15)))
+    assert all(a >= b for a, b in zip(values[5:], values[6:]))
+    assert learning_rate(config(lr=0.3, schedule="constant"), 7, 20, 5) == 0.3
+
+
+def test_bad_config_is_refused() -> None:
+    with pytest.raises(ValueError, match="method"):
+        config(method="dino")
+    with pytest.raises(ValueError, match="precision"):
+        config(precision="fp8")
+    trainer = LineTrainer(config())
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        trainer.train_chunk(0, batches_of(data()), steps_per_epoch=0)
+
+
+def test_chunk_report_and_position() -> None:
+    trainer = LineTrainer(config())
+    steps = []
+    report = trainer.train_chunk(0, batches_of(data()), steps_per_epoch=4, on_step=steps.append)
+    assert report.steps == 8 and report.samples == 64 and len(report.losses) == 8
+    assert all(math.isfinite(v) for v in report.losses)
+    assert trainer.position == {"chunks_done": 1, "chunk": -1, "epoch": 0, "step": 0}
+    assert steps == []  # log_every (10) > 8 steps
+
+
+def test_joint_resets_weights_and_sequential_keeps_them() -> None:
+    images = data()
+    for strategy, expect_reset in (("joint", True), ("sequential", False)):
+        trainer = LineTrainer(config(strategy=strategy))
+        initial = {k: v.clone() for k, v in trainer.backbone.state_dict().items()}
+        trainer.train_chunk(0, batches_of(images), 4)
+        trainer.start_chunk(1)
+        after = trainer.backbone.state_dict()
+        same = all(torch.equal(initial[k], after[k]) for k in initial)
+        assert same is expect_reset, strategy
+
+
+def test_checkpoint_resume_is_exact(tmp_path) -> None:
+    """Stopping after chunk 0 and resuming from its checkpoint gives bit-identical weights after chunk 1."""
+    images = [data(seed=1), data(seed=2)]
+    reference = LineTrainer(config())
+    run_line(reference, [0, 1], lambda c, e: batches_of(images[c])(e), lambda c: 4)
+
+    first = LineTrainer(config())
+    run_line(first, [0], lambda c, e: batches_of(images[c])(e), lambda c: 4)
+    save_state(tmp_path, first.state_dict())
+    resumed = LineTrainer(config())
+    resumed.load_state_dict(load_state(tmp_path))
+    assert resumed.position["chunks_done"] == 1
+    run_line(resumed, [0, 1], lambda c, e: batches_of(images[c])(e), lambda c: 4)
+    for (name, a), b in zip(reference.method.state_dict().items(), resumed.method.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_inside_a_chunk_continues_the_step_count(tmp_path) -> None:
+    trainer = LineTrainer(config(checkpoint_every_steps=3))
+    saved = []
+    trainer.train_chunk(0, batches_of(data()), 4,
+                        on_checkpoint=lambda: saved.append(save_state(tmp_path / str(len(saved)), trainer.state_dict())))
+    assert len(saved) == 2  # steps 3 and 6 of 8 (never at the chunk's end: that is the chunk checkpoint)
+    state = load_state(saved[1].parent)
+    assert state["position"] == {"chunks_done": 0, "chunk": 0, "epoch": 1, "step": 6}
+    resumed = LineTrainer(config())
+    resumed.load_state_dict(state)
+    report = resumed.train_chunk(0, batches_of(data()), 4)
+    assert report.steps == 2  # only the two steps left
+
+
+def test_broken_checkpoints_are_refused(tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="no state.pt"):
+        load_state(tmp_path)
+    (tmp_path / "state.pt").write_bytes(b"truncated")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_state(tmp_path)
+    assert not list(tmp_path.glob(".state-*"))
+
+
+def test_byol_line_trains_and_moves_its_target() -> None:
+    trainer = LineTrainer(config(method="byol", method_options={"proj_hidden": 32, "proj_out": 16, "pred_hidden": 32}))
+    before = [p.clone() for p in trainer.method.target_backbone.parameters()]
+    report = trainer.train_chunk(0, batches_of(data()), 4)
+    assert report.steps == 8
+    moved = any(not torch.equal(a, b) for a, b in zip(before, trainer.method.target_backbone.parameters()))
+    assert moved

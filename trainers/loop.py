@@ -1,0 +1,282 @@
+"""The per-worker training loop of one line (method x strategy) over its chunks. Plain PyTorch.
+
+    trainer = LineTrainer(config, device="cpu")
+    for chunk in chunks:
+        report = trainer.train_chunk(chunk, batches=lambda epoch: my_iterable_of_uint8_batches,
+                                     steps_per_epoch=rows // batch_size)
+        save_state(folder, trainer.state_dict())
+
+Whoever drives it (Ray Train in `orchestrator/runner.py`, or a test with a plain iterable) supplies uint8 image
+batches `[B, 3, H, W]`, a `wrap_model` hook (DDP) and callbacks; the loop never knows where data comes from.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from trainers.backbones import build_backbone
+from trainers.methods import METHODS
+from trainers.strategies import build_strategy
+from trainers.views import AugmentConfig, make_views
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Everything a worker needs to train one line; built from the spec by the orchestrator."""
+
+    method: str
+    strategy: str
+    image_size: int
+    views: tuple[AugmentConfig, ...]
+    backbone: str = "resnet18"
+    backbone_width: int = 64
+    cifar_stem: bool | None = None
+    method_options: dict[str, Any] = field(default_factory=dict)
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+    optimizer: str = "sgd"
+    lr: float = 0.3
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    epochs_per_chunk: int = 1
+    batch_size: int = 256  # per worker
+    warmup_epochs: float = 0.0
+    schedule: str = "cosine"
+    seed: int = 0
+    precision: str = "fp32"  # or "bf16" (autocast)
+    channels_last: bool = False
+    log_every: int = 10
+    checkpoint_every_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r} unknown; known: {sorted(METHODS)}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
+        if len(self.views) < 2:
+            raise ValueError(f"views: need at least 2 view configs, got {len(self.views)}")
+
+
+@dataclass
+class StepInfo:
+    chunk: int
+    epoch: int
+    step: int  # inside the chunk
+    steps_total: int  # of the chunk
+    loss: float  # mean over the last log interval
+    lr: float
+    samples_per_s: float
+
+
+@dataclass
+class ChunkReport:
+    chunk: int
+    steps: int
+    samples: int
+    seconds: float
+    losses: list[float]  # one per step, this worker
+    final_loss: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def learning_rate(cfg: LoopConfig, step: int, steps_total: int, steps_per_epoch: int) -> float:
+    """Linear warm-up then cosine (or constant) decay inside one chunk."""
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - warmup) / max(1, steps_total - warmup)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class LineTrainer:
+    """Owns the model, optimizer and strategy of one line on one worker."""
+
+    def __init__(
+        self,
+        cfg: LoopConfig,
+        device: str | torch.device = "cpu",
+        wrap_model: Callable[[nn.Module], nn.Module] | None = None,
+        rank: int = 0,
+    ) -> None:
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.wrap_model = wrap_model or (lambda m: m)
+        self.rank = rank
+        self.strategy = build_strategy(cfg.strategy, **cfg.strategy_options)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(cfg.seed * 1_000_003 + rank)
+        self._build()
+        # Where the line stands: chunks finished, and inside the current chunk which epoch/step.
+        self.position: dict[str, int] = {"chunks_done": 0, "chunk": -1, "epoch": 0, "step": 0}
+
+    def _build(self) -> None:
+        """(Re)create model and optimizer from the seed: every worker and every reset starts identically."""
+        torch.manual_seed(self.cfg.seed)
+        backbone = build_backbone(
+            self.cfg.backbone, self.cfg.image_size, width=self.cfg.backbone_width, cifar_stem=self.cfg.cifar_stem
+        )
+        self.method = METHODS[self.cfg.method](backbone, **self.cfg.method_options).to(self.device)
+        if self.cfg.channels_last:
+            self.method = self.method.to(memory_format=torch.channels_last)
+        self.model = self.wrap_model(self.method)
+        params = [p for p in self.method.parameters() if p.requires_grad]
+        if self.cfg.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(
+                params, lr=self.cfg.lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay
+            )
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.method.backbone
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "strategy": self.strategy.state_dict(),
+            "position": dict(self.position),
+            "generator": self.generator.get_state(),
+            "config": asdict(self.cfg),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.strategy.load_state_dict(state["strategy"])
+        self.position = dict(state["position"])
+        if "generator" in state and self.device.type == "cpu":
+            self.generator.set_state(state["generator"])
+
+    # ----------------------------------------------------------------- training
+    def start_chunk(self, chunk: int) -> None:
+        """Called before a chunk's first step (not when resuming inside it)."""
+        if self.strategy.reset_weights_at(chunk):
+            self._build()
+        self.position.update(chunk=chunk, epoch=0, step=0)
+
+    def train_chunk(
+        self,
+        chunk: int,
+        batches: Callable[[int], Iterable[torch.Tensor]],
+        steps_per_epoch: int,
+        on_step: Callable[[StepInfo], None] | None = None,
+        on_checkpoint: Callable[[], None] | None = None,
+    ) -> ChunkReport:
+        """Train `epochs_per_chunk` passes; `batches(epoch)` yields uint8 `[B,3,H,W]` tensors.
+
+        Each epoch runs exactly `steps_per_epoch` steps (every DDP worker must step the same number of times);
+        an iterator that runs dry earlier ends the epoch early on this worker, which the caller must prevent.
+        Resumes inside the chunk when `self.position` says so (after `load_state_dict`).
+        """
+        if steps_per_epoch < 1:
+            raise ValueError(f"chunk {chunk}: steps_per_epoch must be >= 1 (too few rows for the batch size?)")
+        if self.position.get("chunk") != chunk:
+            self.start_chunk(chunk)
+        cfg = self.cfg
+        steps_total = cfg.epochs_per_chunk * steps_per_epoch
+        self.method.train()
+        losses: list[torch.Tensor] = []
+        samples = 0
+        started = time.perf_counter()
+        interval_start, interval_samples = started, 0
+        autocast = (
+            torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+            if cfg.precision == "bf16"
+            else nullcontext()
+        )
+        for epoch in range(self.position["epoch"], cfg.epochs_per_chunk):
+            self.position["epoch"] = epoch
+            skip = self.position["step"] - epoch * steps_per_epoch  # steps of this epoch done before a resume
+            iterator = iter(batches(epoch))
+            for _ in range(max(0, steps_per_epoch - skip)):
+                try:
+                    images = next(iterator)
+                except StopIteration:
+                    break
+                step = self.position["step"]
+                lr = learning_rate(cfg, step, steps_total, steps_per_epoch)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                images = images.to(self.device, non_blocking=True)
+                views = make_views(images, cfg.views, generator=self.generator)
+                if cfg.channels_last:
+                    views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+                with autocast:
+                    out = self.model(views)
+                loss = out["loss"]
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                self.method.momentum_update((step + 1) / steps_total)
+                losses.append(loss.detach().float())
+                batch = images.shape[0]
+                samples += batch
+                interval_samples += batch
+                self.position["step"] = step + 1
+                if on_step and (step + 1) % cfg.log_every == 0:
+                    now = time.perf_counter()
+                    recent = torch.stack(losses[-cfg.log_every :]).mean().item()
+                    on_step(StepInfo(chunk, epoch, step + 1, steps_total, recent, lr,
+                                     interval_samples / max(now - interval_start, 1e-9)))
+                    interval_start, interval_samples = now, 0
+                if on_checkpoint and cfg.checkpoint_every_steps and (step + 1) % cfg.checkpoint_every_steps == 0:
+                    if step + 1 < steps_total:
+                        on_checkpoint()
+            self.position["epoch"] = epoch + 1
+        loss_values = torch.stack(losses).cpu().tolist() if losses else []
+        if loss_values and not all(math.isfinite(v) for v in loss_values):
+            raise FloatingPointError(f"chunk {chunk}: the loss became {loss_values[-1]} (lower optim.lr?)")
+        self.position.update(chunks_done=self.position["chunks_done"] + 1, chunk=-1, epoch=0, step=0)
+        return ChunkReport(
+            chunk=chunk,
+            steps=len(loss_values),
+            samples=samples,
+            seconds=time.perf_counter() - started,
+            losses=loss_values,
+            final_loss=loss_values[-1] if loss_values else float("nan"),
+        )
+
+
+def views_from_spec_dicts(image_size: int, count: int, options: dict[str, Any]) -> tuple[AugmentConfig, ...]:
+    """`count` identical view configs from a flat options dict (the spec's views.global block)."""
+    opts = dict(options)
+    size = opts.pop("size", None) or image_size
+    opts.pop("count", None)
+    if "scale" in opts:
+        opts["scale"] = tuple(opts["scale"])
+    return tuple(AugmentConfig(size=size, **opts) for _ in range(count))
+
+
+def run_line(
+    trainer: LineTrainer,
+    chunks: Sequence[int],
+    batches: Callable[[int, int], Iterable[torch.Tensor]],
+    steps_per_epoch: Callable[[int], int],
+    on_chunk_end: Callable[[ChunkReport], None] | None = None,
+    on_step: Callable[[StepInfo], None] | None = None,
+) -> list[ChunkReport]:
+    """Train the chunks still to do (from `trainer.position`), calling `on_chunk_end` after each."""
+    reports = []
+    for chunk in chunks[trainer.position["chunks_done"] :]:
+        report = trainer.train_chunk(
+            chunk, lambda epoch, c=chunk: batches(c, epoch), steps_per_epoch(chunk), on_step=on_step
+        )
+        reports.append(report)
+        if on_chunk_end:
+            on_chunk_end(report)
+    return reports

@@ -1,0 +1,150 @@
+"""SimCLR (Chen et al., 2020, "A Simple Framework for Contrastive Learning of Visual Representations").
+
+Each view goes through the encoder and a projection MLP; the NT-Xent loss pulls the two projections of an
+image together and pushes them away from every other projection in the (global) batch.
+
+Usage::
+
+    from trainers.methods import METHODS
+    method = METHODS["simclr"](backbone, temperature=0.2)
+    out = method([view1, view2])        # views: float [B, 3, S, S] from trainers.views.make_views
+    out["loss"].backward(); optimizer.step(); method.momentum_update(progress)   # the last is a no-op here
+
+Under torch.distributed every worker's projections are gathered (with gradient) to serve as negatives, so the
+effective batch for the contrastive task is the global batch; each worker's loss is the mean over its own
+anchors, and DDP's gradient averaging then gives the gradient of the global mean.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import combinations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_REDUCTIONS = ("mean", "none")
+
+
+def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float = 0.1, reduction: str = "mean") -> Tensor:
+    """Normalised temperature-scaled cross entropy (SimCLR eq. 1), averaged over both views of each image.
+
+    With z = [z1; z2] L2-normalised and sim(a, b) = z_a . z_b, the term of anchor i whose positive is j is
+    l(i, j) = -log( exp(sim(i, j) / t) / sum_{k != i} exp(sim(i, k) / t) ), the k running over all 2N
+    projections of the global batch (N = B * world_size when torch.distributed is initialised).
+
+    Args:
+        z1, z2: projections `[B, D]` of two views of the same B images (row i of each is image i).
+        temperature: t > 0.
+        reduction: "mean" -> scalar; "none" -> `[B]`, (l(i, i + B) + l(i + B, i)) / 2 per local image,
+            whose mean is the "mean" loss.
+
+    Under torch.distributed every worker must pass the same B (all_gather needs equal shapes); drop the last
+    incomplete batch.
+    """
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if z1.dim() != 2 or z1.shape != z2.shape:
+        raise ValueError(
+            f"z1 and z2 must both be [B, D] with equal shapes, got {tuple(z1.shape)} and {tuple(z2.shape)}"
+        )
+    b = z1.shape[0]
+    if b == 0:
+        raise ValueError("nt_xent_loss needs a non-empty batch")
+    # Similarities and log-sum-exp in at least float32, autocast or not: half precision loses the 1/t-scaled logits.
+    with torch.autocast(z1.device.type, enabled=False):
+        return _nt_xent(z1, z2, temperature, reduction)
+
+
+def _nt_xent(z1: Tensor, z2: Tensor, temperature: float, reduction: str) -> Tensor:
+    """nt_xent_loss after validation."""
+    b = z1.shape[0]
+    dtype = torch.promote_types(z1.dtype, torch.float32)
+    z1 = F.normalize(z1.to(dtype), dim=1)
+    z2 = F.normalize(z2.to(dtype), dim=1)
+
+    rank, world = 0, 1
+    k1, k2 = z1, z2
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # The autograd-aware all_gather sends gradients back to the worker that owns each projection.
+        from torch.distributed.nn.functional import all_gather
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+        k1 = torch.cat(all_gather(z1), dim=0)
+        k2 = torch.cat(all_gather(z2), dim=0)
+    n = b * world
+
+    queries = torch.cat([z1, z2], dim=0)  # [2B, D]
+    keys = torch.cat([k1, k2], dim=0)  # [2N, D]: all view-1 projections, then all view-2 projections
+    logits = queries @ keys.T / temperature  # [2B, 2N]
+    local = torch.arange(b, device=z1.device) + rank * b
+    self_index = torch.cat([local, local + n])
+    positive = torch.cat([local + n, local])
+    rows = torch.arange(2 * b, device=z1.device)
+    logits = logits.index_put((rows, self_index), torch.tensor(-math.inf, dtype=dtype, device=z1.device))
+    terms = F.cross_entropy(logits, positive, reduction="none")  # [2B]
+    per_sample = (terms[:b] + terms[b:]) / 2
+    return per_sample.mean() if reduction == "mean" else per_sample
+
+
+class SimCLR(nn.Module):
+    """Encoder + projection MLP trained with NT-Xent.
+
+    Args:
+        backbone: encoder with `.out_dim`, float `[B, 3, H, W]` -> `[B, out_dim]`.
+        proj_hidden: hidden width of the projector (2048 as in the paper's ResNet-50 runs).
+        proj_out: projection size the loss sees (128).
+        temperature: NT-Xent temperature (> 0); 0.1 for large batches, 0.2 to 0.5 for small ones.
+    """
+
+    def __init__(
+        self, backbone: nn.Module, *, proj_hidden: int = 2048, proj_out: int = 128, temperature: float = 0.1
+    ) -> None:
+        super().__init__()
+        in_dim = getattr(backbone, "out_dim", None)
+        if isinstance(in_dim, bool) or not isinstance(in_dim, int) or in_dim < 1:
+            raise ValueError(f"backbone must have a positive int out_dim, got {in_dim!r}")
+        for name, value in (("proj_hidden", proj_hidden), ("proj_out", proj_out)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            temperature > 0 and math.isfinite(temperature)
+        ):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        self.backbone = backbone
+        self.temperature = float(temperature)
+        # SimCLR v2's projector: the BN in the hidden layer speeds up and steadies training.
+        self.projector = nn.Sequential(
+            nn.Linear(in_dim, proj_hidden, bias=False),
+            nn.BatchNorm1d(proj_hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(proj_hidden, proj_out),
+        )
+
+    def forward(self, views: list[Tensor]) -> dict[str, Tensor]:
+        """Views: >= 2 float `[B, 3, S, S]` (S may differ between views).
+
+        Returns:
+            "loss": scalar, NT-Xent averaged over all unordered view pairs;
+            "per_sample": `[B]`, each image's loss averaged over pairs; its mean is "loss".
+        """
+        if len(views) < 2:
+            raise ValueError(f"SimCLR needs at least 2 views, got {len(views)}")
+        batch = views[0].shape[0]
+        for i, v in enumerate(views):
+            if v.dim() != 4 or v.shape[0] != batch:
+                raise ValueError(f"view {i} must be [{batch}, 3, S, S] like view 0, got {tuple(v.shape)}")
+        # One encoder pass per view keeps BN statistics per view and allows views of different sizes.
+        z = [self.projector(self.backbone(v)) for v in views]
+        pairs = [nt_xent_loss(z[a], z[b], self.temperature, "none") for a, b in combinations(range(len(z)), 2)]
+        per_sample = torch.stack(pairs).mean(dim=0)
+        return {"loss": per_sample.mean(), "per_sample": per_sample}
+
+    def momentum_update(self, progress: float) -> None:
+        """No target network in SimCLR; present so the training loop treats all methods alike."""
+        if not 0.0 <= progress <= 1.0:
+            raise ValueError(f"progress must be in [0, 1], got {progress!r}")

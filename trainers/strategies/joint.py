@@ -1,0 +1,28 @@
+"""Joint training (JT): chunk t trains on the union of chunks 0..t — the offline reference ST is compared with.
+
+With `from_scratch` (the default, as in the streaming-SSL studies) every chunk restarts from the random
+initialisation, so JT of chunk t is exactly "train on everything seen so far"; without it, JT warm-starts from
+chunk t-1's weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Joint:
+    from_scratch: bool = True
+    name = "joint"
+
+    def training_chunks(self, chunk: int) -> list[int]:
+        return list(range(chunk + 1))
+
+    def reset_weights_at(self, chunk: int) -> bool:
+        return self.from_scratch and chunk > 0
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None

@@ -1,0 +1,22 @@
+"""Sequential training (ST): chunk t trains on chunk t only, starting from chunk t-1's weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Sequential:
+    name = "sequential"
+
+    def training_chunks(self, chunk: int) -> list[int]:
+        return [chunk]
+
+    def reset_weights_at(self, chunk: int) -> bool:
+        return False
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
