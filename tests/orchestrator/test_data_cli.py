@@ -1,0 +1,105 @@
+"""`streamssl data synth|prepare|verify` through Typer's CliRunner: exit codes and what they print.
+
+    cd /work/main && .venv/bin/python -m pytest tests/orchestrator/test_data_cli.py -q
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import typer
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli.data import app, parse_storage_options
+from orchestrator import shards
+
+runner = CliRunner()
+WIDE = {"COLUMNS": "200"}  # keep rich tables on one line per row
+
+
+def _invoke(*args: str):
+    return runner.invoke(app, list(args), env=WIDE)
+
+
+def _jpeg(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_synth_then_verify(tmp_path):
+    dst = str(tmp_path / "synth")
+    result = _invoke("synth", dst, "--train", "200", "--val", "40", "--image-size", "16", "--groups", "4",
+                     "--domains", "3", "--shard-rows", "100")
+    assert result.exit_code == 0, result.output
+    manifest = shards.load_manifest(dst)
+    assert {k: v.rows for k, v in manifest.splits.items()} == {"train": 200, "val": 40}
+    assert len(manifest.groups) == 4 and len(manifest.domains) == 3 and manifest.num_classes == 8
+    for text in ("train rows", "200", "val rows", "classes", "digest", manifest.digest, "photo, sketch, negative"):
+        assert text in result.output
+
+    result = _invoke("verify", dst)
+    assert result.exit_code == 0, result.output
+    assert "ok" in result.output and "all 3 shards match their sha256" in result.output and manifest.digest in result.output
+    result = _invoke("verify", dst, "--quick")
+    assert result.exit_code == 0 and "present with the recorded sizes" in result.output
+
+    result = _invoke("synth", dst, "--train", "10")
+    assert result.exit_code == 3 and "already holds a data set" in result.output and "--overwrite" in result.output
+    result = _invoke("synth", dst, "--groups", "9")
+    assert result.exit_code == 2  # typer's range check: a usage error, before any work
+
+
+def test_verify_bad_data_exits_3_naming_the_shard(tmp_path):
+    dst = str(tmp_path / "synth")
+    assert _invoke("synth", dst, "--train", "60", "--val", "0", "--image-size", "8", "--shard-rows", "30").exit_code == 0
+    path = os.path.join(dst, "train-00001.parquet")
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x01
+    open(path, "wb").write(bytes(data))
+    result = _invoke("verify", dst)
+    assert result.exit_code == 3
+    assert "train-00001.parquet: sha256 mismatch" in result.output and "train-00000" not in result.output
+    assert "Traceback" not in result.output
+    result = _invoke("verify", str(tmp_path / "nothing-here"))
+    assert result.exit_code == 3 and "no data set at" in result.output
+
+
+def test_prepare_with_skipped_file_groups_and_failure_modes(tmp_path):
+    src = tmp_path / "src"
+    for cls in ("ant", "bee"):
+        os.makedirs(src / cls)
+        for i in range(5):
+            (src / cls / f"{i}.jpg").write_bytes(_jpeg(i))
+    (src / "bee" / "broken.jpg").write_bytes(_jpeg(9)[:60])
+    groups = tmp_path / "groups.json"
+    groups.write_text(json.dumps({"ant": "insect", "bee": "insect"}))
+
+    dst = str(tmp_path / "out")
+    result = _invoke("prepare", str(src), dst, "--groups", str(groups), "--val-fraction", "0.2", "--shard-rows", "4")
+    assert result.exit_code == 0, result.output
+    assert "skipped bee/broken.jpg" in result.output and "classes" in result.output
+    manifest = shards.load_manifest(dst)
+    assert manifest.skipped.count == 1 and [g.name for g in manifest.groups] == ["insect"]
+    assert sum(s.rows for s in manifest.splits.values()) == 10
+
+    result = _invoke("prepare", str(src), str(tmp_path / "out2"), "--on-corrupt", "fail")
+    assert result.exit_code == 3 and "broken.jpg" in result.output
+    assert not os.path.exists(tmp_path / "out2" / "manifest.json")
+    result = _invoke("prepare", str(tmp_path / "missing"), str(tmp_path / "out3"))
+    assert result.exit_code == 3 and "does not exist" in result.output
+    result = _invoke("prepare", str(src), str(tmp_path / "out4"), "--storage-option", "novalue")
+    assert result.exit_code == 2 and "KEY=VALUE" in result.output
+
+
+def test_parse_storage_options():
+    assert parse_storage_options(None) is None
+    parsed = parse_storage_options(["client_kwargs.endpoint_url=http://127.0.0.1:9000", "anon=false", "max=3", "key=k=v"])
+    assert parsed == {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}, "anon": False, "max": 3, "key": "k=v"}
+    with pytest.raises(typer.BadParameter):
+        parse_storage_options(["=x"])
