@@ -1,0 +1,1 @@
+"""The `streamssl` command line (Typer). Commands only parse and call `orchestrator`."""

@@ -1,0 +1,1 @@
+"""streamssl orchestration: spec, data, streams, Ray Train/Data/Tune and MLflow lineage."""

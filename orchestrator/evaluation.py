@@ -1,0 +1,117 @@
+"""Evaluation after every chunk: frozen-backbone kNN and linear probe, overall and per task.
+
+`evaluate_backbone` is plain PyTorch over in-memory arrays (tests call it directly). `EvalActor` is the Ray actor
+the driver uses: it decodes the evaluation bank (training split, optionally capped per class) and the held-out
+queries once, then evaluates checkpoints as they are persisted while training goes on with the next chunk.
+A task is the held-out rows of one chunk (its classes, or its domains), so the per-task accuracies after every
+chunk form the line's accuracy matrix.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator
+
+import torch
+
+from evaluators.features import extract_features
+from evaluators.knn import knn_predict
+from evaluators.linear import linear_probe
+from orchestrator.ingest import SplitArrays, load_split_arrays
+from orchestrator.streams import StreamPlan
+from trainers.loop import LineTrainer, LoopConfig
+
+PROTOCOL_VERSION = "1"
+
+
+def _batches(arrays: SplitArrays, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    labels = torch.from_numpy(arrays.labels)
+    for start in range(0, len(labels), batch_size):
+        yield arrays.images[start : start + batch_size], labels[start : start + batch_size]
+
+
+def protocol(eval_spec: dict[str, Any], data_spec: dict[str, Any]) -> dict[str, Any]:
+    """What defines the numbers an evaluation produces (recorded with every evaluation run)."""
+    return {
+        "version": PROTOCOL_VERSION,
+        "bank_split": data_spec["train_split"],
+        "query_split": data_spec["eval_split"],
+        "image_size": data_spec["image_size"],
+        "features": "frozen backbone, global pooled, eval mode",
+        "knn": {"k": eval_spec["knn_k"], "temperature": eval_spec["knn_temperature"], "weighting": "exp(cos/T)"},
+        "linear": {"epochs": eval_spec["linear_epochs"], "lr": eval_spec["linear_lr"],
+                   "weight_decay": eval_spec["linear_weight_decay"], "features": "standardised"},
+        "max_train_per_class": eval_spec["max_train_per_class"],
+        "tasks": "held-out rows of each chunk's classes/domains (all rows for instance streams)",
+    }
+
+
+def evaluate_backbone(
+    backbone: torch.nn.Module,
+    bank: SplitArrays,
+    queries: SplitArrays,
+    plan: StreamPlan,
+    eval_spec: dict[str, Any],
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Returns `{protocol}_top1` overall and `{protocol}_task_acc` (one accuracy per chunk's task)."""
+    started = time.perf_counter()
+    bank_feats, bank_labels = extract_features(backbone, _batches(bank, eval_spec["batch_size"]), device=device)
+    query_feats, query_labels = extract_features(backbone, _batches(queries, eval_spec["batch_size"]), device=device)
+    truth = query_labels.numpy()
+    masks = [plan.task_mask(t, queries.labels, queries.domains) for t in range(plan.num_chunks)]
+    out: dict[str, Any] = {}
+    for name in eval_spec["every_chunk"]:
+        if name == "knn":
+            pred = knn_predict(bank_feats, bank_labels, query_feats, k=eval_spec["knn_k"],
+                               temperature=eval_spec["knn_temperature"])
+        elif name == "linear":
+            pred = linear_probe(bank_feats, bank_labels, query_feats, epochs=eval_spec["linear_epochs"],
+                                lr=eval_spec["linear_lr"], weight_decay=eval_spec["linear_weight_decay"], seed=seed)
+        else:
+            raise ValueError(f"eval.every_chunk: unknown protocol {name!r}")
+        correct = pred.numpy() == truth
+        out[f"{name}_top1"] = float(correct.mean())
+        out[f"{name}_task_acc"] = [float(correct[m].mean()) if m.any() else float("nan") for m in masks]
+    out["eval_seconds"] = time.perf_counter() - started
+    return out
+
+
+def backbone_from_state(config: LoopConfig, state: dict[str, Any] | None) -> torch.nn.Module:
+    """The trained encoder of a checkpoint (or the seeded random initialisation when `state` is None)."""
+    trainer = LineTrainer(config, device="cpu")
+    if state is not None:
+        trainer.load_state_dict(state)
+    return trainer.backbone
+
+
+class EvalActor:
+    """Wrapped with `ray.remote` by the driver; holds decoded evaluation data between calls."""
+
+    def __init__(self, plan: StreamPlan, manifest, data_spec: dict[str, Any], eval_spec: dict[str, Any],
+                 storage_options: dict[str, Any], seed: int):
+        torch.set_num_threads(1)
+        self.plan, self.eval_spec, self.seed = plan, eval_spec, seed
+        self.bank = load_split_arrays(manifest, data_spec["url"], data_spec["train_split"], data_spec["image_size"],
+                                      storage_options, max_per_class=eval_spec["max_train_per_class"])
+        self.queries = load_split_arrays(manifest, data_spec["url"], data_spec["eval_split"],
+                                         data_spec["image_size"], storage_options)
+
+    def sizes(self) -> dict[str, int]:
+        return {"bank": len(self.bank.labels), "queries": len(self.queries.labels)}
+
+    def evaluate(self, config: LoopConfig, checkpoint_uri: str | None, checkpoint_fs=None) -> dict[str, Any]:
+        from trainers.checkpoint import load_state
+
+        state = None
+        if checkpoint_uri is not None:
+            import ray.train
+
+            fs, path = checkpoint_fs(checkpoint_uri)
+            with ray.train.Checkpoint(path, filesystem=fs).as_directory() as folder:
+                state = load_state(folder)
+        backbone = backbone_from_state(config, state)
+        result = evaluate_backbone(backbone, self.bank, self.queries, self.plan, self.eval_spec, seed=self.seed)
+        result["bank_size"], result["query_size"] = len(self.bank.labels), len(self.queries.labels)
+        return result

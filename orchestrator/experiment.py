@@ -1,0 +1,398 @@
+"""The driver of `streamssl run`: plan -> Ray Train per line group -> evaluation per chunk -> MLflow lineage.
+
+    summary = run_experiment(load_spec("examples/quickstart.yaml"))
+
+Only this process talks to MLflow. Chunk runs are logged as soon as a chunk's checkpoint is persisted, and each
+is evaluated by a Ray actor while training goes on; at the end every line gets its accuracy matrix, continual
+metrics (average accuracy, BWT, FWT, forgetting), plots, and the ST-JT gap per method.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from evaluators.continual import AccuracyMatrix, continual_metrics, st_jt_gap
+from evaluators.report import plot_accuracy_matrix, plot_metric_curves, results_table
+from orchestrator import tracking as tr
+from orchestrator.errors import TrainingError
+from orchestrator.evaluation import EvalActor, protocol
+from orchestrator.planner import ExperimentPlan, Job, build_plan
+from orchestrator.runner import LineTask, _CheckpointFs, line_groups, loop_config, ray_run_name, train_group
+from orchestrator.spec import Spec, flatten
+from orchestrator.tracking import Tracker, versions
+
+EVAL_COLUMNS = ("knn_top1", "linear_top1")
+
+
+@dataclass
+class ExperimentSummary:
+    parent_run_id: str | None
+    plan_key: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    lines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    gaps: dict[str, dict[str, float]] = field(default_factory=dict)
+    baseline: dict[str, Any] = field(default_factory=dict)
+    skipped_jobs: int = 0
+    restarts: int = 0
+
+
+def init_ray(address: str | None, spec: Spec) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return
+    # Declare more logical CPUs than cores: training workers hold fractional CPUs and Ray Data's read/decode tasks
+    # and the evaluation actor need slots beside them, or the pipeline stalls on a 2-core machine.
+    num_cpus = spec.resources.num_cpus or max(4, os.cpu_count() or 1)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
+
+
+def _artifact_root(spec: Spec) -> str | None:
+    if spec.tracking.uri is None:  # embedded default: artifacts next to the SQLite file
+        return (spec.workdir / "artifacts").as_uri()
+    return None
+
+
+def _plan_tags(plan: ExperimentPlan) -> dict[str, str]:
+    tags = {
+        tr.RUN_TYPE: "plan",
+        tr.PLAN_KEY: plan.key,
+        tr.TAG + "data_url": plan.data_url,
+        tr.TAG + "data_digest": plan.data_digest,
+        tr.TAG + "stream_digest": plan.stream.digest,
+        tr.TAG + "stream_kind": plan.stream.kind,
+        tr.TAG + "spec_name": plan.spec.name,
+    }
+    tags.update({tr.TAG + f"version.{k}": v for k, v in versions().items()})
+    return tags
+
+
+class _Driver:
+    def __init__(self, plan: ExperimentPlan, tracker: Tracker, console: Console, address: str | None):
+        self.plan, self.tracker, self.console, self.address = plan, tracker, console, address
+        self.spec = plan.spec
+        self.use_gpu = self.spec.resources.gpus_per_worker > 0
+        self.protocol = protocol(self.spec.eval.model_dump(), self.spec.data.model_dump())
+        self.chunk_runs: dict[str, str] = {}  # job key -> chunk run id
+        self.chunk_rows: dict[str, dict[str, Any]] = {}  # job key -> table row
+        self.results: dict[str, dict[str, Any]] = {}  # job key -> evaluation result
+        self.pending: dict[Any, Job] = {}  # eval future -> job
+        self.jobs = {j.key: j for j in plan.jobs}
+        self.progress: Progress | None = None
+        self.progress_tasks: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------- parent run
+    def open_parent(self, resume: bool) -> str:
+        previous = self.tracker.plan_runs(self.plan.key) if resume else []
+        if previous:
+            run_id = previous[0].info.run_id
+            self.tracker.client.update_run(run_id, status="RUNNING")
+            # A dead driver leaves its runs RUNNING; they will never finish, so say so.
+            for child in self.tracker.children(run_id):
+                if child.info.status == "RUNNING":
+                    self.tracker.end_run(child.info.run_id, "FAILED")
+            self.console.print(f"resuming plan run [bold]{run_id}[/]")
+            return run_id
+        run_id = self.tracker.create_run(self.spec.name, _plan_tags(self.plan))
+        self.tracker.log_params(run_id, flatten(self.spec))
+        self.tracker.log_json(run_id, "stream_plan.json", self.plan.stream.to_dict())
+        self.tracker.log_json(run_id, "manifest.json", self.plan.manifest.model_dump(mode="json"))
+        self.tracker.log_json(run_id, "eval_protocol.json", self.protocol)
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "spec.yaml"
+            path.write_text(yaml.safe_dump(self.spec.to_dict(), sort_keys=False))
+            self.tracker.log_file(run_id, path)
+            assignment = Path(folder) / "stream_assignment.parquet"
+            import pyarrow.parquet as pq
+
+            pq.write_table(self.plan.stream.assignment_table(), assignment)
+            self.tracker.log_file(run_id, assignment)
+        self.tracker.log_dataset(run_id, self.plan.data_url, f"{self.spec.name}-data", self.plan.data_digest, "train")
+        return run_id
+
+    # ---------------------------------------------------------------- chunk + eval runs
+    def log_chunk(self, event: dict[str, Any]) -> None:
+        job = self.jobs[event["job_key"]]
+        if job.key in self.chunk_runs:  # already logged (a replayed event after a restart)
+            return
+        report = event["report"]
+        started_ms, ended_ms = int(event["started"] * 1000), int(event["ended"] * 1000)
+        tags = {
+            tr.RUN_TYPE: "chunk",
+            tr.PARENT: self.parent,
+            tr.PLAN_KEY: self.plan.key,
+            tr.JOB_KEY: job.key,
+            tr.LINE: job.line.id,
+            tr.CHUNK: str(job.chunk),
+            tr.CHECKPOINT: event["checkpoint_uri"],
+            tr.TAG + "method": job.line.method,
+            tr.TAG + "strategy": job.line.strategy,
+            tr.TAG + "training_chunks": json.dumps(list(job.training_chunks)),
+            tr.TAG + "data_digest": self.plan.data_digest,
+            tr.TAG + "stream_digest": self.plan.stream.digest,
+        }
+        run_id = self.tracker.create_run(job.name, tags, start_ms=started_ms)
+        params = flatten(self.spec)
+        params.update({"line.method": job.line.method, "line.strategy": job.line.strategy, "chunk": str(job.chunk)})
+        self.tracker.log_params(run_id, params)
+        self.tracker.log_metric_series(run_id, "train_loss", report["losses"], started_ms, ended_ms)
+        world = event.get("world_size", 1)
+        samples_per_s = report["samples"] * world / max(report["seconds"], 1e-9)  # rank 0 saw 1/world of them
+        self.tracker.log_metrics(run_id, {
+            "final_loss": report["final_loss"], "steps": report["steps"], "samples": report["samples"] * world,
+            "train_seconds": report["seconds"], "samples_per_s": samples_per_s, "world_size": world,
+            "training_rows": sum(self.plan.stream.chunks[c].rows for c in job.training_chunks),
+        })
+        self.tracker.log_dataset(run_id, self.plan.data_url, f"{self.plan.stream.kind}-chunks-{'-'.join(map(str, job.training_chunks))}",
+                                 f"{self.plan.stream.digest}:{job.training_chunks}", "train")
+        self.tracker.end_run(run_id, "FINISHED", end_ms=ended_ms)
+        self.chunk_runs[job.key] = run_id
+        self.chunk_rows[job.key] = {"line": job.line.id, "chunk": job.chunk, "loss": report["final_loss"],
+                                    "train_s": report["seconds"], "samples/s": samples_per_s}
+        if self.spec.eval.every_chunk:
+            future = self.evaluator.evaluate.remote(loop_config(self.spec, job.line, False), event["checkpoint_uri"],
+                                                    _CheckpointFs(self.spec.storage.storage_options))
+            self.pending[future] = job
+
+    def log_eval(self, job: Job, result: dict[str, Any]) -> None:
+        chunk_run = self.chunk_runs[job.key]
+        tags = {
+            tr.RUN_TYPE: "eval",
+            tr.PARENT: self.parent,
+            tr.PLAN_KEY: self.plan.key,
+            tr.EVALUATES: chunk_run,
+            tr.JOB_KEY: job.key,
+            tr.LINE: job.line.id,
+            tr.CHUNK: str(job.chunk),
+            tr.TAG + "eval_protocol": json.dumps(self.protocol, sort_keys=True),
+            tr.TAG + "eval_split": self.spec.data.eval_split,
+        }
+        run_id = self.tracker.create_run(f"{job.name}/eval", tags)
+        metrics = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+        for name in self.spec.eval.every_chunk:
+            for task, value in enumerate(result[f"{name}_task_acc"]):
+                metrics[f"{name}_task{task}"] = value
+        self.tracker.log_metrics(run_id, metrics)
+        self.tracker.log_json(run_id, "eval_result.json", result)
+        self.tracker.end_run(run_id, "FINISHED")
+        # The chunk run also carries its headline numbers, so the compare view lines chunks up directly.
+        self.tracker.log_metrics(chunk_run, {k: result[k] for k in result if k.endswith("_top1")})
+        self.tracker.set_tags(chunk_run, {tr.TAG + "eval_run": run_id})
+        self.results[job.key] = result
+
+    def collect(self, block: bool) -> None:
+        import ray
+
+        while self.pending:
+            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=None if block else 0)
+            if not ready:
+                return
+            job = self.pending.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except Exception as exc:
+                raise TrainingError(f"evaluation of {job.name} failed: {exc}") from exc
+            self.log_eval(job, result)
+
+    # ---------------------------------------------------------------- events from training
+    def on_event(self, event: dict[str, Any]) -> None:
+        if event["type"] == "step" and self.progress is not None:
+            task = self.progress_tasks.get(event["line"])
+            if task is not None:
+                done = self.chunk_offsets[event["line"]].get(event["chunk"], 0) + event["step"]
+                self.progress.update(task, completed=done,
+                                     description=f"{event['line']} chunk {event['chunk']}",
+                                     loss=f"{event['loss']:.3f}", speed=f"{event['samples_per_s']:.0f}")
+        elif event["type"] == "chunk":
+            if self.progress is not None and event["line"] in self.progress_tasks:
+                offsets = self.chunk_offsets[event["line"]]
+                self.progress.update(self.progress_tasks[event["line"]],
+                                     completed=offsets[event["chunk"]] + event["report"]["steps"],
+                                     loss=f"{event['report']['final_loss']:.3f}")
+            self.log_chunk(event)
+            self.collect(block=False)
+
+    # ---------------------------------------------------------------- the whole run
+    def run(self, resume: bool) -> ExperimentSummary:
+        import ray
+
+        self.parent = self.open_parent(resume)
+        summary = ExperimentSummary(self.parent, self.plan.key)
+        finished = self.tracker.finished_chunk_runs(self.plan.key) if resume else {}
+        for key, run in finished.items():
+            if key in self.jobs:
+                self.chunk_runs[key] = run.info.run_id
+                job = self.jobs[key]
+                m = run.data.metrics
+                self.chunk_rows[key] = {"line": job.line.id, "chunk": job.chunk, "loss": m.get("final_loss"),
+                                        "train_s": m.get("train_seconds"), "samples/s": m.get("samples_per_s")}
+                evals = [e for e in self.tracker.evaluation_of(run.info.run_id) if e.info.status == "FINISHED"]
+                if evals:
+                    em = evals[0].data.metrics
+                    result = {k: v for k, v in em.items() if k.endswith("_top1")}
+                    for name in self.spec.eval.every_chunk:
+                        result[f"{name}_task_acc"] = [em.get(f"{name}_task{t}", float("nan"))
+                                                      for t in range(self.plan.stream.num_chunks)]
+                    self.results[key] = result
+        summary.skipped_jobs = len(self.chunk_runs)
+        try:
+            init_ray(self.address, self.spec)
+            self.evaluator = ray.remote(num_cpus=1)(EvalActor).remote(
+                self.plan.stream, self.plan.manifest, self.spec.data.model_dump(), self.spec.eval.model_dump(),
+                self.spec.data.storage_options, self.spec.seed)
+            if self.spec.eval.baseline and self.spec.eval.every_chunk:
+                first = self.plan.lines[0]
+                summary.baseline = ray.get(self.evaluator.evaluate.remote(loop_config(self.spec, first, False), None))
+                self.tracker.log_metrics(self.parent, {f"baseline_{k}": v for k, v in summary.baseline.items()
+                                                       if k.endswith("_top1")})
+            summary.restarts = self._train_all()
+            self.collect(block=True)
+            self._summarise(summary)
+        except BaseException:
+            self.tracker.end_run(self.parent, "FAILED")
+            raise
+        self.tracker.end_run(self.parent, "FINISHED")
+        return summary
+
+    def _train_all(self) -> int:
+        restarts = 0
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} samples/s"),
+                   TimeElapsedColumn()]
+        self.chunk_offsets: dict[str, dict[int, int]] = {}
+        with Progress(*columns, console=self.console, transient=False) as progress:
+            self.progress = progress
+            for group_index, lines in enumerate(line_groups(self.plan)):
+                tasks = []
+                for line in lines:
+                    todo = [j for j in self.plan.jobs_of(line) if j.key not in self.chunk_runs]
+                    done = [j for j in self.plan.jobs_of(line) if j.key in self.chunk_runs]
+                    resume_uri = None
+                    if done:
+                        last = max(done, key=lambda j: j.chunk)
+                        resume_uri = self.tracker.get_run(self.chunk_runs[last.key]).data.tags[tr.CHECKPOINT]
+                    tasks.append(LineTask(line, loop_config(self.spec, line, self.use_gpu), todo, resume_uri))
+                    offsets, total = {}, 0
+                    for job in self.plan.jobs_of(line):
+                        offsets[job.chunk] = total
+                        rows = sum(self.plan.stream.chunks[c].rows for c in job.training_chunks)
+                        total += self.spec.optim.epochs_per_chunk * (rows // self.spec.optim.batch_size)
+                    self.chunk_offsets[line.id] = offsets
+                    done_steps = offsets[todo[0].chunk] if todo else total
+                    self.progress_tasks[line.id] = progress.add_task(
+                        f"{line.id}", total=total, completed=done_steps, loss="-", speed="-")
+                if not any(t.jobs for t in tasks):
+                    continue
+                result = train_group(self.plan, tasks, ray_run_name(self.plan, self.parent, group_index), self.on_event)
+                restarts += result.restarts
+        self.progress = None
+        return restarts
+
+    def _summarise(self, summary: ExperimentSummary) -> None:
+        T = self.plan.stream.num_chunks
+        for job in self.plan.jobs:
+            row = dict(self.chunk_rows.get(job.key, {"line": job.line.id, "chunk": job.chunk}))
+            row.update({k: self.results.get(job.key, {}).get(k) for k in EVAL_COLUMNS})
+            summary.rows.append(row)
+        with tempfile.TemporaryDirectory() as folder:
+            matrices: dict[tuple[str, str], AccuracyMatrix] = {}
+            for line in self.plan.lines:
+                for name in self.spec.eval.every_chunk:
+                    matrix = AccuracyMatrix(T)
+                    for job in self.plan.jobs_of(line):
+                        if job.key in self.results:
+                            matrix.record_row(job.chunk, self.results[job.key][f"{name}_task_acc"])
+                    matrices[(line.id, name)] = matrix
+                    if matrix.completed_rows < T:
+                        continue
+                    baseline = summary.baseline.get(f"{name}_task_acc")
+                    metrics = continual_metrics(matrix, baseline=baseline)
+                    summary.lines.setdefault(line.id, {})[name] = metrics
+                    self.tracker.log_metrics(self.parent, {f"{line.id}.{name}.{k}": v for k, v in metrics.items()
+                                                           if v is not None and np.isfinite(v)})
+                    self.tracker.log_json(self.parent, f"accuracy_matrix.{line.id}.{name}.json", matrix.to_dict())
+                    png = plot_accuracy_matrix(matrix, Path(folder) / f"accuracy_matrix.{line.id}.{name}.png",
+                                               title=f"{line.id} — {name} accuracy")
+                    self.tracker.log_file(self.parent, png, "plots")
+            for method in self.spec.lines.method:
+                for name in self.spec.eval.every_chunk:
+                    st, jt = matrices.get((f"{method}-sequential", name)), matrices.get((f"{method}-joint", name))
+                    if st is None or jt is None or st.completed_rows < T or jt.completed_rows < T:
+                        continue
+                    gap = st_jt_gap(st, jt)
+                    summary.gaps.setdefault(method, {})[name] = gap.final
+                    self.tracker.log_metrics(self.parent, {f"{method}.{name}.st_jt_gap": gap.final})
+            curves = {line.id: [self.results.get(j.key, {}).get("knn_top1", float("nan"))
+                                for j in self.plan.jobs_of(line)] for line in self.plan.lines}
+            if "knn" in self.spec.eval.every_chunk:
+                png = plot_metric_curves(curves, Path(folder) / "knn_top1_by_chunk.png",
+                                         title="kNN top-1 after each chunk", ylabel="kNN top-1")
+                self.tracker.log_file(self.parent, png, "plots")
+            self.tracker.log_json(self.parent, "summary.json",
+                                  {"rows": summary.rows, "lines": summary.lines, "gaps": summary.gaps,
+                                   "baseline": {k: v for k, v in summary.baseline.items()}})
+
+
+def print_summary(summary: ExperimentSummary, console: Console, spec: Spec) -> None:
+    columns = ["line", "chunk", "loss", *[c for c in EVAL_COLUMNS if c.split("_")[0] in spec.eval.every_chunk],
+               "train_s", "samples/s"]
+    console.print(results_table(summary.rows, columns, title=f"{spec.name}: after each chunk (held-out split)"))
+    if summary.lines:
+        rows = [{"line": line, "eval": name, **metrics} for line, per in summary.lines.items()
+                for name, metrics in per.items()]
+        columns = ["line", "eval", "avg_acc", "bwt", "fwt", "forgetting"]
+        console.print(results_table(rows, columns, title="continual metrics after the last chunk"))
+    if summary.baseline:
+        console.print("random-init baseline: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in summary.baseline.items() if k.endswith("_top1")))
+    for method, per in summary.gaps.items():
+        console.print(f"ST-JT gap ({method}): " + ", ".join(f"{k} {v:+.3f}" for k, v in per.items()))
+
+
+def dry_run(plan: ExperimentPlan, console: Console, tracker: Tracker | None) -> list[dict[str, Any]]:
+    finished = tracker.finished_chunk_runs(plan.key) if tracker else {}
+    rows = []
+    for job in plan.jobs:
+        rows.append({"job": job.name, "key": job.key, "training_chunks": ",".join(map(str, job.training_chunks)),
+                     "rows": sum(plan.stream.chunks[c].rows for c in job.training_chunks),
+                     "state": "FINISHED" if job.key in finished else "PENDING"})
+    console.print(results_table(rows, ["job", "key", "training_chunks", "rows", "state"],
+                                title=f"plan {plan.key}: {plan.stream.kind} stream, {plan.stream.num_chunks} chunks"))
+    return rows
+
+
+def run_experiment(
+    spec: Spec,
+    resume: bool = False,
+    dry: bool = False,
+    address: str | None = None,
+    console: Console | None = None,
+) -> ExperimentSummary:
+    console = console or Console()
+    started = time.time()
+    plan = build_plan(spec)
+    tracker = Tracker(spec.tracking_uri, spec.experiment_name, _artifact_root(spec))
+    if dry:
+        dry_run(plan, console, tracker)
+        return ExperimentSummary(None, plan.key)
+    summary = _Driver(plan, tracker, console, address).run(resume)
+    print_summary(summary, console, spec)
+    console.print(f"done in {time.time() - started:.0f} s — parent run {summary.parent_run_id}; "
+                  f"`streamssl ui` shows it; `streamssl lineage {summary.parent_run_id}` walks it")
+    return summary
+

@@ -1,0 +1,108 @@
+"""Reading the lineage back: `streamssl lineage RUN_ID` and `streamssl status`.
+
+    tree = lineage_tree(tracker, run_id)   # rich Tree: plan -> chunk runs -> checkpoints -> eval runs, or back up
+    rows = job_states(tracker, plan)       # one row per job: FINISHED / RUNNING / FAILED / PENDING
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.tree import Tree
+
+from orchestrator import tracking as tr
+from orchestrator.errors import TrackingError
+from orchestrator.planner import ExperimentPlan
+from orchestrator.tracking import Tracker
+
+
+def _metrics(run, keys: tuple[str, ...] = ("knn_top1", "linear_top1", "final_loss")) -> str:
+    found = [f"{k}={run.data.metrics[k]:.3f}" for k in keys if k in run.data.metrics]
+    return ", ".join(found)
+
+
+def _chunk_node(tracker: Tracker, node: Tree, run) -> None:
+    tags = run.data.tags
+    chunk = node.add(f"[bold]chunk run[/] {run.info.run_id} {tags.get(tr.LINE)} chunk {tags.get(tr.CHUNK)} "
+                     f"[{run.info.status}] {_metrics(run)}")
+    chunk.add(f"data: training chunks {tags.get(tr.TAG + 'training_chunks')} of stream {tags.get(tr.TAG + 'stream_digest', '')[:12]}")
+    ckpt = chunk.add(f"checkpoint: {tags.get(tr.CHECKPOINT)}")
+    for ev in tracker.evaluation_of(run.info.run_id):
+        ckpt.add(f"[bold]eval run[/] {ev.info.run_id} [{ev.info.status}] {_metrics(ev)}")
+
+
+def lineage_tree(tracker: Tracker, run_id: str) -> Tree:
+    run = tracker.get_run(run_id)
+    kind = run.data.tags.get(tr.RUN_TYPE)
+    if kind is None:
+        raise TrackingError(f"run {run_id} is not a streamssl run (no {tr.RUN_TYPE} tag)")
+    chain: list = []  # from the plan down to `run`
+    current = run
+    while current is not None:
+        chain.insert(0, current)
+        parent_id = current.data.tags.get(tr.EVALUATES) or current.data.tags.get(tr.PARENT)
+        current = tracker.get_run(parent_id) if parent_id else None
+    root = chain[0]
+    rt = root.data.tags
+    tree = Tree(f"[bold]plan run[/] {root.info.run_id} ({rt.get(tr.TAG + 'spec_name')}) [{root.info.status}]")
+    tree.add(f"data: {rt.get(tr.TAG + 'data_url')} digest {rt.get(tr.TAG + 'data_digest')}")
+    tree.add(f"stream: {rt.get(tr.TAG + 'stream_kind')} plan digest {rt.get(tr.TAG + 'stream_digest')}")
+    tree.add("versions: " + ", ".join(f"{k.split('.')[-1]} {v}" for k, v in sorted(rt.items())
+                                     if k.startswith(tr.TAG + "version.")))
+    if kind == "plan":
+        for chunk_run in sorted(tracker.children(run_id, "chunk"),
+                                key=lambda r: (r.data.tags.get(tr.LINE), int(r.data.tags.get(tr.CHUNK, 0)))):
+            _chunk_node(tracker, tree, chunk_run)
+        return tree
+    chunk_run = chain[1] if len(chain) > 1 else run
+    if chunk_run.data.tags.get(tr.RUN_TYPE) == "chunk":
+        _chunk_node(tracker, tree, chunk_run)
+    if kind == "eval":
+        protocol = json.loads(run.data.tags.get(tr.TAG + "eval_protocol", "{}"))
+        tree.add(f"evaluated run {run_id} with protocol v{protocol.get('version')}: "
+                 f"bank {protocol.get('bank_split')}, queries {protocol.get('query_split')}")
+    return tree
+
+
+def lineage_dict(tracker: Tracker, run_id: str) -> dict[str, Any]:
+    """The same chain as data: {'plan': id, 'chunk': id|None, 'checkpoint_uri': ..., 'evals': [...]}."""
+    run = tracker.get_run(run_id)
+    kind = run.data.tags.get(tr.RUN_TYPE)
+    out: dict[str, Any] = {"run_type": kind}
+    chunk = run if kind == "chunk" else None
+    if kind == "eval":
+        chunk = tracker.get_run(run.data.tags[tr.EVALUATES])
+    if chunk is not None:
+        out["chunk"] = chunk.info.run_id
+        out["checkpoint_uri"] = chunk.data.tags.get(tr.CHECKPOINT)
+        out["plan"] = chunk.data.tags.get(tr.PARENT)
+        out["evals"] = [e.info.run_id for e in tracker.evaluation_of(chunk.info.run_id)]
+    else:
+        out["plan"] = run_id
+        out["chunks"] = [r.info.run_id for r in tracker.children(run_id, "chunk")]
+    return out
+
+
+def job_states(tracker: Tracker, plan: ExperimentPlan) -> list[dict[str, Any]]:
+    """Every job of the plan with the state of its newest chunk run (PENDING when it has none)."""
+    runs = tracker.runs(f"tags.`{tr.RUN_TYPE}` = 'chunk' and tags.`{tr.PLAN_KEY}` = '{plan.key}'")
+    newest: dict[str, Any] = {}
+    for run in runs:
+        key = run.data.tags.get(tr.JOB_KEY)
+        if key not in newest or (run.info.start_time or 0) > (newest[key].info.start_time or 0):
+            if key in newest and newest[key].info.status == "FINISHED":
+                continue
+            newest[key] = run
+    rows = []
+    for job in plan.jobs:
+        run = newest.get(job.key)
+        rows.append({
+            "job": job.name,
+            "key": job.key,
+            "state": run.info.status if run else "PENDING",
+            "run": run.info.run_id if run else None,
+            "knn_top1": run.data.metrics.get("knn_top1") if run else None,
+            "linear_top1": run.data.metrics.get("linear_top1") if run else None,
+        })
+    return rows

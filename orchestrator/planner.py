@@ -1,0 +1,102 @@
+"""From a validated spec to the experiment plan: data, stream plan, lines and jobs, each with a stable key.
+
+    plan = build_plan(spec)          # reads the manifest (making the synthetic set first if the spec asks)
+    for job in plan.jobs: ...        # one job per (line, chunk); job.key is the same on every re-run
+
+A key hashes what decides the job's numbers (spec identity, data digest, stream-plan digest, line, chunk), so a
+re-run with `--resume` recognises finished jobs, and a changed spec or data set never reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator import storage
+from orchestrator.errors import DataError
+from orchestrator.shards import Manifest, load_manifest, read_index
+from orchestrator.spec import Spec, identity_digest
+from orchestrator.streams import StreamPlan, make_plan
+from trainers.strategies import build_strategy
+
+
+@dataclass(frozen=True)
+class Line:
+    method: str
+    strategy: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.method}-{self.strategy}"
+
+
+@dataclass(frozen=True)
+class Job:
+    line: Line
+    chunk: int
+    training_chunks: tuple[int, ...]
+    key: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.line.id}/chunk-{self.chunk}"
+
+
+@dataclass
+class ExperimentPlan:
+    spec: Spec
+    data_url: str
+    manifest: Manifest
+    stream: StreamPlan
+    lines: list[Line]
+    jobs: list[Job]
+    key: str  # identifies the whole plan (parent MLflow run)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def data_digest(self) -> str:
+        return self.manifest.digest
+
+    def jobs_of(self, line: Line) -> list[Job]:
+        return [j for j in self.jobs if j.line == line]
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
+
+
+def ensure_data(spec: Spec, progress: bool = True) -> Manifest:
+    """Load the manifest at data.url, generating the synthetic set there first when the spec says so."""
+    url, options = spec.data.url, spec.data.storage_options
+    if spec.data.synthetic is not None and not storage.exists(storage.join(url, "manifest.json"), options):
+        from orchestrator.synth import generate_synthetic
+
+        s = spec.data.synthetic
+        generate_synthetic(
+            url, train=s.train, val=s.val, image_size=s.image_size, groups=s.groups,
+            classes_per_group=s.classes_per_group, domains=s.domains, seed=s.seed,
+            storage_options=options, progress=progress,
+        )
+    return load_manifest(url, storage_options=options)
+
+
+def build_plan(spec: Spec, progress: bool = True) -> ExperimentPlan:
+    manifest = ensure_data(spec, progress=progress)
+    for split in (spec.data.train_split, spec.data.eval_split):
+        if split not in manifest.splits:
+            raise DataError(
+                f"{spec.data.url}: split {split!r} (data.train_split / data.eval_split) is not in the manifest; "
+                f"it has {sorted(manifest.splits)}"
+            )
+    index = read_index(spec.data.url, spec.data.train_split, storage_options=spec.data.storage_options)
+    stream = make_plan(index, manifest, spec.stream.kind, spec.stream.chunks, spec.stream.seed)
+    identity = identity_digest(spec)
+    plan_key = _digest(identity, manifest.digest, stream.digest)
+    lines = [Line(m, s) for m in spec.lines.method for s in spec.lines.strategy]
+    jobs = []
+    for line in lines:
+        strategy = build_strategy(line.strategy)
+        for t in range(stream.num_chunks):
+            jobs.append(Job(line, t, tuple(strategy.training_chunks(t)), _digest(plan_key, line.id, str(t))))
+    return ExperimentPlan(spec, spec.data.url, manifest, stream, lines, jobs, plan_key)

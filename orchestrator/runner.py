@@ -1,0 +1,290 @@
+"""Ray Train jobs: one TorchTrainer (one DDP worker group) trains a group of lines chunk after chunk.
+
+A worker group costs ~20-30 s to start on a 2-core machine, so the lines of a plan share groups
+(`resources.lines_per_worker_group`, 0 = all in one). Inside the group every chunk boundary is a checkpoint and a
+`ray.train.report`; rank 0 also sends small events (steps, chunk ends) to the driver through a Ray queue so the
+driver can show progress and log each chunk's MLflow run as soon as its checkpoint is persisted.
+
+Restarts: after a worker dies, Ray Train restarts the group (FailureConfig) and `ray.train.get_checkpoint()`
+returns the latest checkpoint, which records the line and the position inside it; the train function resumes there.
+Re-running a plan with the same Ray Train run name (`--resume`) restores the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from orchestrator import storage
+from orchestrator.errors import TrainingError
+from orchestrator.ingest import chunk_dataset, chunk_rows, shard_refs
+from orchestrator.planner import ExperimentPlan, Job, Line
+from orchestrator.spec import Spec
+from trainers.loop import LoopConfig, views_from_spec_dicts
+
+
+def loop_config(spec: Spec, line: Line, use_gpu: bool) -> LoopConfig:
+    views = spec.views.global_.model_dump()
+    precision = spec.resources.precision
+    if precision == "auto":
+        precision = "bf16" if use_gpu else "fp32"
+    return LoopConfig(
+        method=line.method,
+        strategy=line.strategy,
+        image_size=spec.data.image_size,
+        views=views_from_spec_dicts(spec.view_size, spec.views.global_.count, views),
+        backbone=spec.backbone.name,
+        backbone_width=spec.backbone.width,
+        cifar_stem=spec.backbone.cifar_stem,
+        method_options=dict(spec.methods.get(line.method, {})),
+        strategy_options=spec.strategy.joint.model_dump() if line.strategy == "joint" else {},
+        optimizer=spec.optim.name,
+        lr=spec.optim.lr,
+        momentum=spec.optim.momentum,
+        weight_decay=spec.optim.weight_decay,
+        epochs_per_chunk=spec.optim.epochs_per_chunk,
+        batch_size=spec.optim.batch_size // spec.resources.workers,
+        warmup_epochs=spec.optim.warmup_epochs,
+        schedule=spec.optim.schedule,
+        seed=spec.seed,
+        precision=precision,
+        channels_last=use_gpu,
+        checkpoint_every_steps=spec.resources.checkpoint_every_steps,
+    )
+
+
+@dataclass
+class LineTask:
+    """What one line of a worker group must do: its jobs (chunks) still to train."""
+
+    line: Line
+    config: LoopConfig
+    jobs: list[Job]
+    resume_uri: str | None = None  # checkpoint of the last finished chunk, when resuming without Ray's own state
+
+
+@dataclass
+class GroupResult:
+    restarts: int = 0
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+def checkpoint_dir_name(line: Line | str, chunk: int, step: int | None = None) -> str:
+    line_id = line.id if isinstance(line, Line) else line
+    base = f"{line_id}.chunk-{chunk:03d}"
+    return base if step is None else f"{base}.step-{step:07d}"
+
+
+def _dataset_name(strategy: str, chunk: int) -> str:
+    return f"{strategy}-{chunk}"
+
+
+def _train_fn(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from trainers.checkpoint import load_state, save_state
+    from trainers.loop import LineTrainer
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    events = config["events"]
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(config["threads_per_worker"])))
+
+    def send(event: dict[str, Any]) -> None:
+        if rank == 0:
+            events.put(event)
+
+    def wrap(model):
+        return ray.train.torch.prepare_model(model, move_to_device=False)
+
+    restored_line, restored_state = -1, None
+    latest = ray.train.get_checkpoint()
+    if latest is not None:
+        with latest.as_directory() as folder:
+            restored_state = load_state(folder)
+        restored_line = restored_state["line_index"]
+    send({"type": "start", "restored_from": latest.path if latest is not None else None, "time": time.time()})
+
+    for line_index, task in enumerate(config["tasks"]):
+        if line_index < restored_line:
+            continue
+        trainer = LineTrainer(task.config, device=device, wrap_model=wrap, rank=rank)
+        if line_index == restored_line:
+            trainer.load_state_dict(restored_state)
+        elif task.resume_uri:
+            fs, path = config["checkpoint_fs"](task.resume_uri)
+            with ray.train.Checkpoint(path, filesystem=fs).as_directory() as folder:
+                trainer.load_state_dict(load_state(folder))
+        chunk_jobs = {job.chunk: job for job in task.jobs}
+
+        def report(dir_name: str, metrics: dict[str, Any]) -> str:
+            with tempfile.TemporaryDirectory() as folder:
+                checkpoint = None
+                if rank == 0:
+                    save_state(folder, {**trainer.state_dict(), "line_index": line_index, "line_id": task.line.id})
+                    checkpoint = ray.train.Checkpoint.from_directory(folder)
+                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=dir_name)
+            return f"{config['storage_uri'].rstrip('/')}/{config['run_name']}/{dir_name}"
+
+        while trainer.position["chunks_done"] < config["num_chunks"]:
+            chunk = trainer.position["chunks_done"]
+            job = chunk_jobs.get(chunk)
+            if job is None:  # finished before a resume but the checkpoint predates it: nothing to redo
+                raise RuntimeError(f"{task.line.id}: chunk {chunk} is neither done nor scheduled")
+            shard = ray.train.get_dataset_shard(_dataset_name(task.line.strategy, chunk))
+            steps_per_epoch = config["steps_per_epoch"][_dataset_name(task.line.strategy, chunk)]
+
+            def batches(epoch: int):
+                for batch in shard.iter_torch_batches(
+                    batch_size=task.config.batch_size, dtypes=torch.uint8, drop_last=True,
+                    local_shuffle_buffer_size=task.config.batch_size * 4, local_shuffle_seed=epoch + 1000 * chunk,
+                ):
+                    yield batch["image"].permute(0, 3, 1, 2)
+
+            def on_step(info) -> None:
+                send({"type": "step", "line": task.line.id, "chunk": info.chunk, "step": info.step,
+                      "steps_total": info.steps_total, "loss": info.loss, "lr": info.lr,
+                      "samples_per_s": info.samples_per_s * ctx.get_world_size()})
+
+            def on_checkpoint() -> None:
+                report(checkpoint_dir_name(task.line, chunk, trainer.position["step"]),
+                       {"line": task.line.id, "chunk": chunk, "step": trainer.position["step"], "chunk_end": False})
+
+            started = time.time()
+            result = trainer.train_chunk(chunk, batches, steps_per_epoch, on_step=on_step, on_checkpoint=on_checkpoint)
+            uri = report(checkpoint_dir_name(task.line, chunk),
+                         {"line": task.line.id, "chunk": chunk, "loss": result.final_loss, "chunk_end": True})
+            send({"type": "chunk", "line": task.line.id, "chunk": chunk, "job_key": job.key,
+                  "checkpoint_uri": uri, "started": started, "ended": time.time(), "report": result.as_dict(),
+                  "world_size": ctx.get_world_size()})
+
+
+class _CheckpointFs:
+    """Picklable: checkpoint URL -> (pyarrow filesystem, path), with the spec's storage options."""
+
+    def __init__(self, storage_options: dict[str, Any]):
+        self.storage_options = storage_options
+
+    def __call__(self, url: str):
+        return storage.pyarrow_filesystem(url, self.storage_options)
+
+
+def ray_run_name(plan: ExperimentPlan, parent_run_id: str, group_index: int) -> str:
+    return f"{plan.spec.name}-{plan.key}-{parent_run_id[:8]}-g{group_index}"
+
+
+def line_groups(plan: ExperimentPlan) -> list[list[Line]]:
+    """A fixed partition of the plan's lines (independent of progress, so resumed runs keep their names)."""
+    size = plan.spec.resources.lines_per_worker_group or len(plan.lines)
+    return [plan.lines[i : i + size] for i in range(0, len(plan.lines), size)]
+
+
+def train_group(
+    plan: ExperimentPlan,
+    tasks: list[LineTask],
+    run_name: str,
+    on_event: Callable[[dict[str, Any]], None],
+) -> GroupResult:
+    """Train `tasks` in one TorchTrainer; `on_event` gets every rank-0 event on the calling thread."""
+    import ray.train
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Empty, Queue
+
+    spec = plan.spec
+    res = spec.resources
+    use_gpu = res.gpus_per_worker > 0
+    refs = shard_refs(plan.manifest, plan.data_url, spec.data.train_split)
+    datasets, steps_per_epoch = {}, {}
+    for task in tasks:
+        for job in task.jobs:
+            name = _dataset_name(task.line.strategy, job.chunk)
+            if name in datasets:
+                continue
+            rows = chunk_rows(plan.stream, job.training_chunks)
+            steps = rows // spec.optim.batch_size
+            if steps < 1:
+                raise TrainingError(
+                    f"{job.name}: {rows} training rows but optim.batch_size is {spec.optim.batch_size}; "
+                    "lower the batch size or use fewer chunks"
+                )
+            datasets[name] = chunk_dataset(refs, plan.stream, job.training_chunks, spec.data.image_size,
+                                           spec.data.storage_options)
+            steps_per_epoch[name] = steps
+
+    storage_fs, storage_path = storage.pyarrow_filesystem(spec.checkpoint_url, spec.storage.storage_options)
+    events: Queue = Queue(actor_options={"num_cpus": 0})
+    resources = {"CPU": res.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = res.gpus_per_worker
+    trainer = TorchTrainer(
+        _train_fn,
+        train_loop_config={
+            "tasks": tasks,
+            "events": events,
+            "num_chunks": plan.stream.num_chunks,
+            "steps_per_epoch": steps_per_epoch,
+            "storage_uri": spec.checkpoint_url,
+            "run_name": run_name,
+            "checkpoint_fs": _CheckpointFs(spec.storage.storage_options),
+            "threads_per_worker": max(1, int(res.cpus_per_worker)),
+        },
+        scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split="all"),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=res.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
+        ),
+    )
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # surfaced on the calling thread below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name=f"fit-{run_name}", daemon=True)
+    thread.start()
+    result = GroupResult()
+    starts = 0
+
+    def drain(block: bool) -> None:
+        nonlocal starts
+        while True:
+            try:
+                event = events.get(block=block, timeout=0.5) if block else events.get_nowait()
+            except Empty:
+                return
+            if event["type"] == "start":
+                starts += 1
+            result.events.append(event)
+            on_event(event)
+            block = False
+
+    while thread.is_alive():
+        drain(block=True)
+    thread.join()
+    drain(block=False)
+    result.restarts = max(0, starts - 1)
+    try:
+        events.shutdown()
+    except Exception:
+        pass
+    if "error" in outcome:
+        raise TrainingError(f"training of {', '.join(t.line.id for t in tasks)} failed: {outcome['error']}") from (
+            outcome["error"]
+        )
+    return result

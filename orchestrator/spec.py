@@ -1,0 +1,329 @@
+"""The experiment spec: typed, frozen, validated once at the edge.
+
+    spec = load_spec("examples/quickstart.yaml", overrides=["optim.lr=0.1"])
+
+Every invalid value becomes a `SpecError` whose message lists each offending field by its dotted path, so the
+CLI stops before Ray starts. `flatten(spec)` is the single source of what MLflow records as params.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator.errors import SpecError
+
+METHOD_NAMES = ("simclr", "byol")
+STRATEGY_NAMES = ("sequential", "joint")
+STREAM_KIND_NAMES = ("instance", "random_class", "distant_class", "domain")
+EVAL_NAMES = ("knn", "linear")
+# Keys whose values are credentials or may carry them; never recorded anywhere.
+SECRET_KEY_PATTERN = re.compile(r"(secret|password|token|key|credential|session)", re.IGNORECASE)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class SyntheticSpec(_Strict):
+    """Generate the built-in synthetic set at `data.url` when no manifest is there yet."""
+
+    train: int = Field(4000, ge=10, description="training images")
+    val: int = Field(1000, ge=10, description="held-out images (evaluation)")
+    image_size: int = Field(32, ge=8, le=512, description="side of the stored images in pixels")
+    groups: int = Field(6, ge=1, description="coarse groups (distant_class chunks take whole groups)")
+    classes_per_group: int = Field(2, ge=1, description="fine classes inside each group")
+    domains: int = Field(2, ge=1, description="visual domains (domain streams cut by these)")
+    seed: int = Field(0, description="generator seed: same seed, byte-identical shards")
+
+
+class DataSpec(_Strict):
+    url: str = Field(description="folder (fsspec URL or local path) holding manifest.json and the Parquet shards")
+    image_size: int = Field(32, ge=8, le=1024, description="side images are decoded and resized to before views")
+    train_split: str = Field("train", description="split the stream is cut from")
+    eval_split: str = Field("val", description="held-out split for evaluation")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options (credentials, endpoint)")
+    synthetic: SyntheticSpec | None = Field(None, description="make the synthetic set at `url` if it is missing")
+
+
+class StreamSpec(_Strict):
+    kind: Literal["instance", "random_class", "distant_class", "domain"] = Field(description="how the data is cut")
+    chunks: int = Field(ge=1, le=1000, description="number of chunks T")
+    seed: int = Field(0, description="seed of the plan (same seed, same plan)")
+
+
+class LinesSpec(_Strict):
+    method: list[Literal["simclr", "byol"]] = Field(min_length=1, description="SSL methods; one line each")
+    strategy: list[Literal["sequential", "joint"]] = Field(
+        min_length=1, description="sequential: chunk t from chunk t-1's weights; joint: chunks 1..t together"
+    )
+
+    @field_validator("method", "strategy")
+    @classmethod
+    def _unique(cls, values: list[str]) -> list[str]:
+        if len(set(values)) != len(values):
+            raise ValueError(f"entries must be unique, got {values}")
+        return values
+
+
+class BackboneSpec(_Strict):
+    name: Literal["resnet18", "resnet50"] = "resnet18"
+    width: int = Field(64, ge=4, le=256, description="base channels (64 is the standard ResNet; lower for CPU runs)")
+    cifar_stem: bool | None = Field(None, description="3x3 stem without max-pool; default: on at image_size <= 64")
+
+
+class ViewSpec(_Strict):
+    count: int = Field(2, ge=0, le=16)
+    size: int | None = Field(None, ge=8, description="output side; default data.image_size")
+    scale: tuple[float, float] = Field((0.08, 1.0), description="random resized crop area range")
+    flip_p: float = Field(0.5, ge=0, le=1)
+    jitter_p: float = Field(0.8, ge=0, le=1)
+    brightness: float = Field(0.4, ge=0)
+    contrast: float = Field(0.4, ge=0)
+    saturation: float = Field(0.2, ge=0)
+    hue: float = Field(0.1, ge=0, le=0.5)
+    gray_p: float = Field(0.2, ge=0, le=1)
+    blur_p: float = Field(0.5, ge=0, le=1)
+    solarize_p: float = Field(0.2, ge=0, le=1)
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"scale must satisfy 0 < low <= high <= 1, got {list(value)}")
+        return value
+
+
+class ViewsSpec(_Strict):
+    global_: ViewSpec = Field(default_factory=ViewSpec, alias="global", description="global views (all methods)")
+
+
+class OptimSpec(_Strict):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.3, gt=0, description="peak learning rate for the global batch")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    epochs_per_chunk: int = Field(1, ge=1, description="passes over each chunk's training data")
+    batch_size: int = Field(256, ge=2, description="global batch (split across workers)")
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up at the start of every chunk")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="LR schedule inside each chunk")
+
+
+class JointSpec(_Strict):
+    from_scratch: bool = Field(True, description="JT of chunk t restarts from random weights (the usual upper bound)")
+
+
+class StrategyOptionsSpec(_Strict):
+    joint: JointSpec = Field(default_factory=JointSpec)
+
+
+class EvalSpec(_Strict):
+    every_chunk: list[Literal["knn", "linear"]] = Field(default_factory=lambda: ["knn", "linear"])
+    knn_k: int = Field(20, ge=1)
+    knn_temperature: float = Field(0.07, gt=0)
+    linear_epochs: int = Field(100, ge=1)
+    linear_lr: float = Field(0.1, gt=0)
+    linear_weight_decay: float = Field(1e-4, ge=0)
+    max_train_per_class: int | None = Field(None, ge=1, description="cap the kNN/linear training bank per class")
+    batch_size: int = Field(256, ge=1)
+    baseline: bool = Field(True, description="also evaluate the random initialisation (for FWT and as a floor)")
+
+
+class ResourcesSpec(_Strict):
+    workers: int = Field(2, ge=1, description="DDP workers (Ray Train)")
+    cpus_per_worker: float = Field(0.5, gt=0, description="fractional CPUs leave slots for Ray Data's decode tasks")
+    gpus_per_worker: float = Field(0.0, ge=0)
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    lines_per_worker_group: int = Field(
+        0, ge=0, description="lines trained inside one worker group (0: all); a group start costs ~20-30 s"
+    )
+    checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint inside a chunk (0: chunk ends only)")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts Ray Train may make")
+    num_cpus: int | None = Field(None, ge=1, description="logical CPUs for the embedded local Ray")
+
+
+class TrackingSpec(_Strict):
+    uri: str | None = Field(None, description="MLflow tracking URI; default sqlite under storage.workdir")
+    experiment: str | None = Field(None, description="MLflow experiment; default the spec name")
+
+
+class StorageSpec(_Strict):
+    workdir: str = Field("streamssl-runs", description="local working folder (embedded default)")
+    checkpoints: str | None = Field(None, description="checkpoint storage URL; default <workdir>/checkpoints")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for checkpoints")
+
+
+class Spec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="experiment name")
+    seed: int = Field(0, description="seed for weights and views")
+    data: DataSpec
+    stream: StreamSpec
+    lines: LinesSpec
+    backbone: BackboneSpec = Field(default_factory=BackboneSpec)
+    views: ViewsSpec = Field(default_factory=ViewsSpec)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    methods: dict[str, dict[str, Any]] = Field(default_factory=dict, description="hyper-parameters per method")
+    strategy: StrategyOptionsSpec = Field(default_factory=StrategyOptionsSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        unknown = sorted(set(value) - set(METHOD_NAMES))
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; known: {list(METHOD_NAMES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Spec":
+        if self.optim.batch_size % self.resources.workers:
+            raise ValueError(
+                f"optim.batch_size ({self.optim.batch_size}) must be divisible by resources.workers "
+                f"({self.resources.workers}) so every DDP worker gets the same batch"
+            )
+        if self.views.global_.count < 2:
+            raise ValueError("views.global.count must be >= 2: the methods compare two views of each image")
+        return self
+
+    @property
+    def view_size(self) -> int:
+        return self.views.global_.size or self.data.image_size
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or self.name
+
+    @property
+    def workdir(self) -> Path:
+        return Path(self.storage.workdir).expanduser().resolve()
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.tracking.uri or f"sqlite:///{self.workdir / 'mlflow.db'}"
+
+    @property
+    def checkpoint_url(self) -> str:
+        return self.storage.checkpoints or str(self.workdir / "checkpoints")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict with the YAML field names (aliases), secrets redacted."""
+        return redact(self.model_dump(mode="json", by_alias=True))
+
+
+def redact(value: Any) -> Any:
+    """Copy of a JSON-like value with credential-looking keys' values replaced by '***'."""
+    if isinstance(value, dict):
+        return {
+            k: ("***" if SECRET_KEY_PATTERN.search(str(k)) and not isinstance(v, (dict, list)) else redact(v))
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+def flatten(spec: Spec) -> dict[str, str]:
+    """Dotted-key params for MLflow (`optim.lr` -> '0.3'); the same keys for every run of every spec."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, sub in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), sub)
+        else:
+            out[prefix] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+    walk("", spec.to_dict())
+    return out
+
+
+def identity_digest(spec: Spec) -> str:
+    """Hash of everything that changes the numbers a job produces (not where they are stored or tracked)."""
+    data = spec.to_dict()
+    for key in ("tracking", "storage", "name"):
+        data.pop(key, None)
+    data["resources"] = {"workers": spec.resources.workers}  # world size changes BN statistics; the rest does not
+    data["data"].pop("storage_options", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_location(loc: tuple[Any, ...]) -> str:
+    parts = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "(spec)"
+
+
+def validate_spec(raw: Any, source: str = "spec") -> Spec:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: the spec must be a mapping of fields, got {type(raw).__name__}")
+    try:
+        return Spec.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = _format_location(tuple(err["loc"]))
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field (check the spelling; see examples/quickstart.yaml)"
+            lines.append(f"  {loc}: {msg}")
+        raise SpecError(f"{source}: invalid spec\n" + "\n".join(lines)) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'optim.lr=0.1' -> (['optim', 'lr'], 0.1); the value is read as YAML so lists and numbers work."""
+    if "=" not in text:
+        raise SpecError(f"--set {text!r}: expected key=value, e.g. optim.lr=0.1")
+    key, raw_value = text.split("=", 1)
+    path = [p for p in key.strip().split(".")]
+    if not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", p) for p in path):
+        raise SpecError(f"--set {text!r}: {key!r} is not a dotted field path")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError as exc:
+        raise SpecError(f"--set {text!r}: value is not valid YAML ({exc})") from None
+    return path, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = json.loads(json.dumps(raw))  # deep copy of plain data
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise SpecError(f"--set {text!r}: {'.'.join(path[: i + 1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> Spec:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    if raw is None:
+        raise SpecError(f"{path}: the spec is empty")
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: the spec must be a mapping of fields, got {type(raw).__name__}")
+    return validate_spec(apply_overrides(raw, overrides or []), source=str(path))

@@ -1,0 +1,112 @@
+"""Every command answers --help; bad input exits with its own code and a message naming what is wrong; `ui`
+serves the MLflow UI on loopback at the runs table."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from cli.app import app
+from tests.orchestrator.s3_server import free_port
+
+COMMANDS = [["run"], ["status"], ["lineage"], ["ui"], ["data"], ["data", "synth"], ["data", "prepare"], ["data", "verify"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c))
+def test_help(command: list[str]) -> None:
+    result = CliRunner().invoke(app, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def write_spec(tmp_path: Path, **changes) -> Path:
+    spec = {"name": "t", "data": {"url": str(tmp_path / "nothing-here")},
+            "stream": {"kind": "instance", "chunks": 2}, "lines": {"method": ["simclr"], "strategy": ["joint"]},
+            "storage": {"workdir": str(tmp_path / "runs")}}
+    spec.update(changes)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_bad_spec_exits_2_naming_the_field(tmp_path: Path) -> None:
+    path = write_spec(tmp_path, optim={"lr": -1, "momentun": 0.9})
+    result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 2
+    assert "optim.lr" in result.output and "optim.momentun" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()  # stopped before anything was written
+
+
+def test_bad_override_exits_2(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["run", str(write_spec(tmp_path)), "--set", "stream.chunks=many"])
+    assert result.exit_code == 2 and "stream.chunks" in result.output
+
+
+def test_missing_data_exits_3_naming_the_url(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["run", str(write_spec(tmp_path)), "--dry-run"])
+    assert result.exit_code == 3
+    assert "nothing-here" in result.output
+
+
+def test_dry_run_lists_jobs_without_training(tmp_path: Path, synthetic_url: str) -> None:
+    path = write_spec(tmp_path, data={"url": synthetic_url}, stream={"kind": "distant_class", "chunks": 3})
+    result = CliRunner().invoke(app, ["run", str(path), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("PENDING") == 3 and "simclr-joint/chunk-2" in result.output
+
+
+def test_unreachable_tracking_server_exits_5_before_training(tmp_path: Path, synthetic_url: str) -> None:
+    path = write_spec(tmp_path, data={"url": synthetic_url})
+    env_before = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        result = CliRunner().invoke(app, ["run", str(path), "--tracking-uri", f"http://127.0.0.1:{free_port()}"])
+    finally:
+        if env_before is None:
+            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+        else:
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = env_before
+    assert result.exit_code == 5, result.output
+    assert "cannot be reached" in result.output
+
+
+@pytest.mark.slow
+def test_ui_serves_the_runs_table_on_loopback(tmp_path: Path) -> None:
+    from orchestrator.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment_id = Tracker(uri, "ui-check").experiment_id
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cli.app", "ui", "--tracking-uri", uri, "--experiment", "ui-check",
+         "--port", str(port), "--no-open"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).resolve().parents[2],
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)
+    reader.start()
+    expected = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs"
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and not any(expected in line for line in lines):
+            time.sleep(0.5)
+        assert any(expected in line for line in lines), "".join(lines)
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
+        assert "MLflow" in page
+        listening = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
+        assert f"127.0.0.1:{port}" in listening and f"0.0.0.0:{port}" not in listening
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+        reader.join(timeout=5)

@@ -1,0 +1,44 @@
+"""Shared fixtures: small synthetic shards, an in-process Ray, the real data set when STREAMSSL_REAL_DATA is set."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REAL_DATA_ENV = "STREAMSSL_REAL_DATA"
+
+
+@pytest.fixture(scope="session")
+def synthetic_url(tmp_path_factory) -> str:
+    """A small synthetic data set (12 classes in 6 groups, 2 domains, 32 px) on local disk."""
+    from orchestrator.synth import generate_synthetic
+
+    folder = tmp_path_factory.mktemp("synthetic")
+    generate_synthetic(str(folder), train=1200, val=360, image_size=32, seed=0, shard_rows=300, progress=False)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """Ray started in this process with 4 logical CPUs on the 2 real cores (workers hold fractions)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """The imagenette ImageFolder tree; tests using it run only when STREAMSSL_REAL_DATA is set."""
+    value = os.environ.get(REAL_DATA_ENV)
+    if not value:
+        pytest.skip(f"{REAL_DATA_ENV} is not set (CI sets it to ../shared/datasets/imagenette)")
+    path = Path(value)
+    if not (path / "train").is_dir():
+        pytest.fail(f"{REAL_DATA_ENV}={value} but {path / 'train'} does not exist: fix the path or unset it")
+    return path

@@ -1,0 +1,149 @@
+"""End to end through the CLI: S3 shards (moto on 127.0.0.1) -> Ray Data -> 2-worker DDP (gloo) per chunk ->
+evaluation -> MLflow lineage in SQLite, read back with MlflowClient. Then status, lineage and a --resume that
+has nothing left to do. Runs a shrunken examples/quickstart.yaml."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from cli.app import app
+from orchestrator import tracking as tr
+from orchestrator.synth import generate_synthetic
+from tests.orchestrator.s3_server import DUMMY_SECRET, S3Server
+from trainers.checkpoint import load_state
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, s3, ray_local):
+    work = tmp_path_factory.mktemp("e2e")
+    data_url = s3.url("synthetic")
+    generate_synthetic(data_url, train=480, val=160, image_size=32, seed=1, shard_rows=160,
+                       storage_options=s3.storage_options, progress=False)
+    spec = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    spec["data"] = {"url": data_url, "image_size": 16, "storage_options": s3.storage_options}
+    spec["stream"] = {"kind": "random_class", "chunks": 2, "seed": 0}
+    spec["backbone"] = {"name": "resnet18", "width": 8}
+    spec["methods"] = {"simclr": {"proj_hidden": 64}, "byol": {"proj_hidden": 64, "pred_hidden": 64}}
+    spec["optim"].update(epochs_per_chunk=1, batch_size=32)
+    spec["eval"].update(linear_epochs=5)
+    spec["storage"] = {"workdir": str(work / "runs")}
+    path = work / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    uri = f"sqlite:///{work / 'runs' / 'mlflow.db'}"
+    return {"path": path, "work": work, "output": result.output, "uri": uri, "client": MlflowClient(uri)}
+
+
+def _runs(client: MlflowClient, run_type: str):
+    exp = client.get_experiment_by_name("quickstart")
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.`{tr.RUN_TYPE}` = '{run_type}'")
+
+
+def test_every_chunk_has_a_finished_run_checkpoint_and_evaluation(finished_run) -> None:
+    client = finished_run["client"]
+    plans = _runs(client, "plan")
+    assert len(plans) == 1 and plans[0].info.status == "FINISHED"
+    plan = plans[0]
+    chunks = _runs(client, "chunk")
+    evals = _runs(client, "eval")
+    lines = {"simclr-sequential", "simclr-joint", "byol-sequential", "byol-joint"}
+    assert sorted((r.data.tags[tr.LINE], r.data.tags[tr.CHUNK]) for r in chunks) == sorted(
+        (line, str(c)) for line in lines for c in range(2))
+    assert all(r.info.status == "FINISHED" for r in chunks + evals)
+    assert len(evals) == len(chunks)
+    by_chunk = {e.data.tags[tr.EVALUATES]: e for e in evals}
+    for run in chunks:
+        assert run.data.tags[tr.PARENT] == plan.info.run_id
+        assert run.data.tags[tr.PLAN_KEY] == plan.data.tags[tr.PLAN_KEY]
+        assert run.data.params["optim.lr"] == "0.1" and run.data.params["line.method"] in ("simclr", "byol")
+        assert run.data.metrics["world_size"] == 2  # both DDP workers trained
+        history = client.get_metric_history(run.info.run_id, "train_loss")
+        assert len(history) == run.data.metrics["steps"] > 0
+        state = load_state(run.data.tags[tr.CHECKPOINT])
+        assert state["position"]["chunks_done"] == int(run.data.tags[tr.CHUNK]) + 1
+        assert state["line_id"] == run.data.tags[tr.LINE]
+        ev = by_chunk[run.info.run_id]
+        for name in ("knn_top1", "linear_top1"):
+            assert 0.0 <= ev.data.metrics[name] <= 1.0
+            assert run.data.metrics[name] == ev.data.metrics[name]
+        assert {f"knn_task{t}" for t in range(2)} <= set(ev.data.metrics)
+        assert json.loads(ev.data.tags[tr.TAG + "eval_protocol"])["knn"]["k"] == 20
+    joint_chunk1 = [r for r in chunks if r.data.tags[tr.LINE] == "simclr-joint" and r.data.tags[tr.CHUNK] == "1"][0]
+    seq_chunk1 = [r for r in chunks if r.data.tags[tr.LINE] == "simclr-sequential" and r.data.tags[tr.CHUNK] == "1"][0]
+    assert joint_chunk1.data.metrics["training_rows"] == 480 > seq_chunk1.data.metrics["training_rows"]
+
+
+def test_plan_run_records_what_makes_numbers_reproducible(finished_run) -> None:
+    client = finished_run["client"]
+    plan = _runs(client, "plan")[0]
+    tags = plan.data.tags
+    for key in ("data_digest", "stream_digest", "version.torch", "version.torchvision", "version.pillow",
+                "version.streamssl"):
+        assert tags[tr.TAG + key] and tags[tr.TAG + key] != "not installed", key
+    artifacts = {a.path for a in client.list_artifacts(plan.info.run_id)}
+    assert {"spec.yaml", "stream_plan.json", "manifest.json", "eval_protocol.json", "summary.json", "plots"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(plan.info.run_id, "plots")}
+    assert "plots/accuracy_matrix.simclr-sequential.knn.png" in plots
+    for line in ("simclr", "byol"):
+        assert f"{line}-sequential.knn.bwt" in plan.data.metrics
+        assert f"{line}.knn.st_jt_gap" in plan.data.metrics
+    assert plan.inputs.dataset_inputs[0].dataset.digest == tags[tr.TAG + "data_digest"][:36]
+    # Credentials given in storage_options never reach MLflow.
+    local = Path(client.download_artifacts(plan.info.run_id, "spec.yaml"))
+    assert DUMMY_SECRET not in local.read_text()
+    assert all(DUMMY_SECRET not in v for v in plan.data.params.values())
+    assert all(DUMMY_SECRET not in v for v in tags.values())
+
+
+def test_results_table_printed(finished_run) -> None:
+    out = finished_run["output"]
+    assert "after each chunk" in out and "knn_top1" in out and "continual metrics" in out
+    assert "simclr-sequential" in out and "ST-JT gap (byol)" in out
+
+
+def test_lineage_walks_both_ways(finished_run) -> None:
+    client, uri = finished_run["client"], finished_run["uri"]
+    ev = _runs(client, "eval")[0]
+    chunk_id = ev.data.tags[tr.EVALUATES]
+    up = CliRunner().invoke(app, ["lineage", ev.info.run_id, "--tracking-uri", uri, "--json"])
+    assert up.exit_code == 0, up.output
+    chain = json.loads(up.output)
+    assert chain["chunk"] == chunk_id and ev.info.run_id in chain["evals"]
+    assert chain["checkpoint_uri"] == client.get_run(chunk_id).data.tags[tr.CHECKPOINT]
+    plan_id = chain["plan"]
+    down = CliRunner().invoke(app, ["lineage", plan_id, "--tracking-uri", uri])
+    assert down.exit_code == 0, down.output
+    assert chunk_id in down.output.replace("\n", "") or chunk_id[:20] in down.output
+    assert "data:" in down.output and "checkpoint:" in down.output
+    missing = CliRunner().invoke(app, ["lineage", "0" * 32, "--tracking-uri", uri])
+    assert missing.exit_code == 5 and "not found" in missing.output
+
+
+def test_status_and_resume_skip_finished_jobs(finished_run) -> None:
+    client, path = finished_run["client"], str(finished_run["path"])
+    status = CliRunner().invoke(app, ["status", path])
+    assert status.exit_code == 0, status.output
+    assert "8 FINISHED" in status.output
+    before = len(_runs(client, "chunk"))
+    again = CliRunner().invoke(app, ["run", path, "--resume"])
+    assert again.exit_code == 0, again.output
+    assert len(_runs(client, "chunk")) == before
+    assert len(_runs(client, "plan")) == 1  # the same plan run continued
+    dry = CliRunner().invoke(app, ["run", path, "--dry-run"])
+    assert dry.exit_code == 0 and dry.output.count("FINISHED") == 8
