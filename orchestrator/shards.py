@@ -690,6 +690,9 @@ def _scan(src: str, val_fraction: float, max_per_class: int | None) -> tuple[lis
                 per_split[s] = per_split.get(s, 0) + 1
                 path = os.path.join(folder, rel)
                 items.append(_Source(s, label_of[cls], cls, rel, path, os.path.relpath(path, src)))
+    # Rows go into shards in a fixed pseudo-random order, not class by class: a reader streaming a few shards at a
+    # time (Ray Data blocks, a local shuffle buffer) then sees every class in every batch.
+    items.sort(key=lambda item: _hash_fraction("order/" + item.shown))
     return classes, items, layout
 
 
