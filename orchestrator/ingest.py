@@ -4,14 +4,25 @@ Training: `chunk_dataset(...)` is a Ray Dataset of decoded uint8 images (`image`
 given chunks. Each shard is read once per pass by one task that checks its sha256 against the manifest, keeps the
 chunk's rows and hands them on; decoding runs in parallel tasks beside the training workers.
 Evaluation: `load_split_arrays(...)` decodes a split (optionally capped per class) into one tensor.
+
+Bad rows: a row whose image bytes do not decode (corrupt or truncated JPEG from an older or foreign tool) is
+left out and counted (`on_corrupt="skip"`, the default) or stops the read with a DataError naming the shard and
+the row key (`on_corrupt="fail"`). Skipped keys come back from `decode_table` and `load_split_arrays`; in a Ray
+Data pipeline, pass a `CorruptRowCounter` actor to `chunk_dataset(..., counter=...)` and read its `totals()`:
+
+    counter = start_corrupt_row_counter()
+    ds = chunk_dataset(refs, plan, [0], 64, counter=counter)
+    ...                                         # train over ds
+    totals = ray.get(counter.totals.remote())   # {"rows": 2, "per_shard": {...}, "keys": [...]}
 """
 
 from __future__ import annotations
 
 import io
+import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -22,12 +33,26 @@ from orchestrator.errors import DataError
 from orchestrator.shards import Manifest, read_shard
 from orchestrator.streams import StreamPlan
 
+logger = logging.getLogger(__name__)
 INDEX_COLUMNS = ["key", "label", "group", "domain"]
+OnCorrupt = Literal["skip", "fail"]
+SHARD_COLUMN = "shard"  # the (redacted) shard URL each row came from, so a bad row's message can name its shard
 
 
-def decode_image(data: bytes, size: int, key: str = "?") -> np.ndarray:
-    """Encoded bytes -> uint8 [size, size, 3]: shorter side resized to `size`, then centre-cropped."""
+def _check_on_corrupt(on_corrupt: str) -> None:
+    if on_corrupt not in ("skip", "fail"):
+        raise ValueError(f"on_corrupt must be 'skip' or 'fail', got {on_corrupt!r}")
+
+
+def decode_image(data: bytes, size: int, key: str = "?", shard: str | None = None) -> np.ndarray:
+    """Encoded bytes -> uint8 [size, size, 3]: shorter side resized to `size`, then centre-cropped.
+
+    Bytes that do not decode (corrupt, truncated, not an image, empty) raise DataError naming the row key and,
+    when given, its shard.
+    """
     try:
+        if not data:
+            raise ValueError("no image bytes")
         with Image.open(io.BytesIO(data)) as img:
             if img.format == "JPEG":
                 img.draft("RGB", (size, size))  # DCT-domain downscale: decoding a 224 px JPEG for 64 px is ~4x cheaper
@@ -40,17 +65,44 @@ def decode_image(data: bytes, size: int, key: str = "?") -> np.ndarray:
                 left, top = (nw - size) // 2, (nh - size) // 2
                 img = img.crop((left, top, left + size, top + size))
             return np.asarray(img, dtype=np.uint8)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"row {key}: image cannot be decoded ({exc})") from exc
+    # Decoders raise many types for bad bytes (OSError "image file is truncated", UnidentifiedImageError,
+    # SyntaxError, ValueError, struct.error, DecompressionBombError...): each means "this row is not an image".
+    except Exception as exc:  # noqa: BLE001
+        where = f"shard {shard}, row {key}" if shard else f"row {key}"
+        raise DataError(f"{where}: image cannot be decoded ({type(exc).__name__}: {exc})") from exc
 
 
-def decode_table(table: pa.Table, size: int) -> np.ndarray:
+def decode_table(
+    table: pa.Table, size: int, on_corrupt: OnCorrupt = "skip"
+) -> tuple[np.ndarray, list[str]]:
+    """Decode the `image` column: (uint8 [M, size, size, 3] for the rows that decode, keys of the rows that did not).
+
+    Rows keep their order; a skipped row adds nothing, so M = num_rows - len(skipped). With a `shard` column
+    (see ReadChunkRows) messages name each row's shard. `on_corrupt="fail"` raises the first row's DataError.
+    """
+    images, ok = _decode_rows(table, size, on_corrupt)
+    keys = table.column("key").to_pylist()
+    return images, [k for k, good in zip(keys, ok) if not good]
+
+
+def _decode_rows(table: pa.Table, size: int, on_corrupt: OnCorrupt) -> tuple[np.ndarray, np.ndarray]:
+    """(images of the rows that decode, bool mask [num_rows] of those rows)."""
+    _check_on_corrupt(on_corrupt)
     keys = table.column("key").to_pylist()
     images = table.column("image").to_pylist()
+    shards = table.column(SHARD_COLUMN).to_pylist() if SHARD_COLUMN in table.column_names else [None] * len(keys)
     out = np.empty((len(images), size, size, 3), dtype=np.uint8)
-    for i, (key, data) in enumerate(zip(keys, images)):
-        out[i] = decode_image(data, size, key)
-    return out
+    ok = np.ones(len(images), dtype=bool)
+    n = 0
+    for i, (key, data, shard) in enumerate(zip(keys, images, shards)):
+        try:
+            out[n] = decode_image(data, size, key, shard)
+            n += 1
+        except DataError:
+            if on_corrupt == "fail":
+                raise
+            ok[i] = False
+    return out[:n], ok
 
 
 @dataclass(frozen=True)
@@ -68,7 +120,10 @@ def shard_refs(manifest: Manifest, data_url: str, split: str) -> list[ShardRef]:
 
 
 class ReadChunkRows:
-    """Ray Data UDF: one shard reference in, that shard's rows of the wanted chunks out (sha256-verified)."""
+    """Ray Data UDF: one shard reference in, that shard's rows of the wanted chunks out (sha256-verified).
+
+    Rows carry a `shard` column (the redacted URL) so the decode step can name a bad row's shard.
+    """
 
     def __init__(self, plan: StreamPlan, chunks: Sequence[int], storage_options: dict[str, Any]):
         self.plan = plan
@@ -80,18 +135,71 @@ class ReadChunkRows:
         for url, sha in zip(batch["url"], batch["sha256"]):
             table = read_shard(str(url), expected_sha256=str(sha), columns=["key", "image", "label", "domain"],
                                storage_options=self.storage_options)
-            tables.append(self.plan.select(table, self.chunks))
+            table = self.plan.select(table, self.chunks)
+            tables.append(table.append_column(SHARD_COLUMN, pa.array([storage.redact(str(url))] * table.num_rows,
+                                                                     pa.string())))
         return pa.concat_tables(tables)
 
 
-class DecodeImages:
-    """Ray Data UDF: encoded `image` bytes -> uint8 [N, size, size, 3] (only the image goes on to training)."""
+class CorruptRowCounter:
+    """Tally of rows left out as undecodable, shared by every decode task (run it as a Ray actor).
 
-    def __init__(self, size: int):
+    `add([(shard_url, key), ...])` records rows; `totals()` gives {"rows": n, "per_shard": {url: n},
+    "keys": first `keep_keys` keys}. Start one with :func:`start_corrupt_row_counter`.
+    """
+
+    def __init__(self, keep_keys: int = 1000):
+        self.keep_keys = keep_keys
+        self.rows = 0
+        self.per_shard: dict[str, int] = {}
+        self.keys: list[str] = []
+
+    def add(self, rows: Sequence[tuple[str, str]]) -> int:
+        for shard, key in rows:
+            self.rows += 1
+            self.per_shard[shard] = self.per_shard.get(shard, 0) + 1
+            if len(self.keys) < self.keep_keys:
+                self.keys.append(key)
+        return self.rows
+
+    def totals(self) -> dict[str, Any]:
+        return {"rows": self.rows, "per_shard": dict(self.per_shard), "keys": list(self.keys)}
+
+
+def start_corrupt_row_counter(keep_keys: int = 1000):
+    """A CorruptRowCounter Ray actor (no CPU reserved) for `chunk_dataset(..., counter=...)`; Ray must be started."""
+    import ray
+
+    return ray.remote(num_cpus=0)(CorruptRowCounter).remote(keep_keys)
+
+
+class DecodeImages:
+    """Ray Data UDF: encoded `image` bytes -> uint8 [N, size, size, 3] (only the image goes on to training).
+
+    Undecodable rows: left out (`on_corrupt="skip"`), each (shard, key) reported to the `counter` actor when one
+    is given, or a DataError naming the shard and row key (`"fail"`).
+    """
+
+    def __init__(self, size: int, on_corrupt: OnCorrupt = "skip", counter: Any = None):
+        _check_on_corrupt(on_corrupt)
         self.size = size
+        self.on_corrupt = on_corrupt
+        self.counter = counter
 
     def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
-        return {"image": decode_table(table, self.size)}
+        images, ok = _decode_rows(table, self.size, self.on_corrupt)
+        if not ok.all():
+            bad = np.flatnonzero(~ok)
+            keys = table.column("key").take(pa.array(bad)).to_pylist()
+            shards = (table.column(SHARD_COLUMN).take(pa.array(bad)).to_pylist() if SHARD_COLUMN in table.column_names
+                      else ["?"] * len(keys))
+            logger.warning("left out %d undecodable rows, e.g. shard %s, row %s", len(keys), shards[0], keys[0])
+            if self.counter is not None:
+                import ray
+
+                # Waited for: rare, and the tally must be complete once the dataset has been consumed.
+                ray.get(self.counter.add.remote(list(zip(shards, keys))))
+        return {"image": images}
 
 
 def chunk_dataset(
@@ -101,17 +209,31 @@ def chunk_dataset(
     image_size: int,
     storage_options: dict[str, Any] | None = None,
     decode_cpus: float = 0.5,
+    *,
+    on_corrupt: OnCorrupt = "skip",
+    counter: Any = None,
 ):
-    """A Ray Dataset of the decoded training images of `chunks` (a union for joint training)."""
+    """A Ray Dataset of the decoded training images of `chunks` (a union for joint training).
+
+    `on_corrupt` and `counter` (a :func:`start_corrupt_row_counter` actor) go to DecodeImages. A DataError raised
+    while reading (missing shard, sha256 mismatch, storage unreachable) or decoding reaches the consumer of the
+    dataset as a ``RayTaskError(DataError)``: an instance of DataError whose message holds the original text.
+    """
     import ray.data
 
+    _check_on_corrupt(on_corrupt)
     items = [{"url": s.url, "sha256": s.sha256} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.randomize_block_order()
     ds = ds.map_batches(
         ReadChunkRows(plan, chunks, storage_options or {}), batch_size=1, batch_format="numpy", num_cpus=decode_cpus
     )
-    return ds.map_batches(DecodeImages(image_size), batch_size=256, batch_format="pyarrow", num_cpus=decode_cpus)
+    ds = ds.map_batches(DecodeImages(image_size, on_corrupt, counter), batch_size=256, batch_format="pyarrow",
+                        num_cpus=decode_cpus)
+    # A DataError from a read or decode task then reaches the consumer as RayTaskError(DataError), an instance of
+    # DataError (exit code 3), instead of being wrapped in Ray Data's UserCodeException.
+    ds.context.raise_original_map_exception = True
+    return ds
 
 
 def chunk_rows(plan: StreamPlan, chunks: Sequence[int]) -> int:
@@ -124,6 +246,7 @@ class SplitArrays:
     labels: np.ndarray  # int64 [N]
     domains: np.ndarray  # int64 [N]
     keys: list[str]
+    skipped: list[str] = field(default_factory=list)  # keys left out as undecodable (on_corrupt="skip")
 
 
 def load_split_arrays(
@@ -134,12 +257,22 @@ def load_split_arrays(
     storage_options: dict[str, Any] | None = None,
     max_per_class: int | None = None,
     threads: int = 4,
+    on_corrupt: OnCorrupt = "skip",
 ) -> SplitArrays:
-    """Read and decode a whole split in this process (evaluation banks and queries)."""
+    """Read and decode a whole split in this process (evaluation banks and queries).
+
+    Rows whose image does not decode are left out (images, labels, domains and keys stay aligned) and their keys
+    listed in `skipped`, or raise a DataError naming shard and key with `on_corrupt="fail"`. `max_per_class`
+    caps before decoding, so a class with bad rows may end up with fewer.
+    """
     import torch
 
+    _check_on_corrupt(on_corrupt)
     refs = shard_refs(manifest, data_url, split)
-    tables = [read_shard(r.url, expected_sha256=r.sha256, storage_options=storage_options) for r in refs]
+    tables = []
+    for r in refs:
+        t = read_shard(r.url, expected_sha256=r.sha256, storage_options=storage_options)
+        tables.append(t.append_column(SHARD_COLUMN, pa.array([storage.redact(r.url)] * t.num_rows, pa.string())))
     table = pa.concat_tables(tables).sort_by("key")
     if max_per_class is not None:
         labels = table.column("label").to_numpy()
@@ -147,14 +280,22 @@ def load_split_arrays(
         for label in np.unique(labels):
             keep[np.flatnonzero(labels == label)[:max_per_class]] = True
         table = table.filter(pa.array(keep))
-    parts = np.array_split(np.arange(table.num_rows), max(1, threads * 4))
+    parts = [p for p in np.array_split(np.arange(table.num_rows), max(1, threads * 4)) if len(p)]
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        decoded = list(pool.map(lambda idx: decode_table(table.take(pa.array(idx)), image_size),
-                                [p for p in parts if len(p)]))
-    images = np.concatenate(decoded) if decoded else np.zeros((0, image_size, image_size, 3), np.uint8)
+        decoded = list(pool.map(lambda idx: _decode_rows(table.take(pa.array(idx)), image_size, on_corrupt), parts))
+    images = (np.concatenate([d[0] for d in decoded]) if decoded
+              else np.zeros((0, image_size, image_size, 3), np.uint8))
+    ok = np.concatenate([d[1] for d in decoded]) if decoded else np.zeros(0, dtype=bool)
+    keys = table.column("key").to_pylist()
+    skipped = [k for k, good in zip(keys, ok) if not good]
+    if skipped:
+        logger.warning("%s split %s: left out %d undecodable rows, e.g. %s", storage.redact(data_url), split,
+                       len(skipped), skipped[0])
+        table = table.filter(pa.array(ok))
     return SplitArrays(
         images=torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
         labels=table.column("label").to_numpy().astype(np.int64),
         domains=table.column("domain").to_numpy().astype(np.int64),
         keys=table.column("key").to_pylist(),
+        skipped=skipped,
     )

@@ -211,14 +211,15 @@ def load_manifest(url: str, storage_options: Mapping[str, Any] | None = None) ->
     """Read and validate the manifest of the data set at `url` (the folder or its manifest.json)."""
     murl = storage.join(dataset_root(url), MANIFEST_NAME)
     shown = storage.redact(murl)
-    fs, path = storage.resolve(murl, storage_options)
     try:
-        raw = fs.cat_file(path)
+        raw = storage.fetch(murl, storage_options)  # transient errors retried; gives up with a DataError
+    except DataError:
+        raise
     except FileNotFoundError:
         raise DataError(f"no data set at {storage.redact(dataset_root(url))}: {shown} does not exist "
                         "(prepare one with `streamssl data prepare` or `streamssl data synth`)") from None
-    except OSError as exc:
-        raise DataError(f"cannot read manifest {shown}: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # permission denied, bad credentials...: botocore messages hold no secrets
+        raise DataError(f"cannot read manifest {shown}: {type(exc).__name__}: {storage.scrub(str(exc), murl)}") from None
     try:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -281,16 +282,18 @@ def read_shard(
     """One shard as a pyarrow Table, its bytes read once and checked against `expected_sha256`.
 
     Raises DataError naming the shard when it is missing, its sha256 differs from the manifest's, or it is not
-    readable Parquet with the shard schema.
+    readable Parquet with the shard schema; transient storage errors are retried (``storage.RetryPolicy``) and,
+    when storage stays unreachable, end in ``storage.StorageUnavailableError`` naming the shard's URL.
     """
     shown = storage.redact(url)
-    fs, path = storage.resolve(url, storage_options)
     try:
-        data = fs.cat_file(path)
+        data = storage.fetch(url, storage_options)  # transient errors retried; gives up with a DataError
+    except DataError:
+        raise
     except FileNotFoundError:
         raise DataError(f"shard {shown}: missing (the manifest lists it)") from None
-    except OSError as exc:
-        raise DataError(f"shard {shown}: cannot read: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # permission denied, bad credentials...: botocore messages hold no secrets
+        raise DataError(f"shard {shown}: cannot read: {type(exc).__name__}: {storage.scrub(str(exc), url)}") from None
     if expected_sha256 is not None:
         found = _sha256(data)
         if found != expected_sha256:
@@ -420,13 +423,15 @@ def verify(
         problems: list[str] = []
         try:
             if deep:
-                data = fs.cat_file(path)
+                data = storage.fetch(shard_url, storage_options)
                 size = len(data)
             else:
-                data, size = None, int(fs.info(path)["size"])
+                data, size = None, int(storage.call_with_retry(lambda: fs.info(path), shard_url)["size"])
         except FileNotFoundError:
             return ShardCheck(entry.path, entry.split, False, None, None, None, None, ("missing",)), None
-        except OSError as exc:
+        except storage.StorageUnavailableError as exc:
+            return ShardCheck(entry.path, entry.split, False, None, None, None, None, (str(exc),)), None
+        except Exception as exc:  # noqa: BLE001 - permission denied, bad credentials: reported per shard
             return ShardCheck(entry.path, entry.split, False, None, None, None, None,
                               (f"cannot read: {type(exc).__name__}: {exc}",)), None
         if size != entry.bytes:

@@ -12,14 +12,29 @@ fsspec ``storage_options``, e.g. for MinIO or moto::
 
 Credentials never appear in messages: errors name the URL with any ``user:password@`` part removed, and
 storage options are never formatted into text.
+
+Object storage goes away now and then (a restarted MinIO, a throttled or failing S3 endpoint). Reads
+(:func:`fetch`, :func:`read_bytes`, and through them every shard and manifest read) and the object-store write in
+:func:`write_bytes_atomic` retry transient errors — connection refused or reset, timeouts, HTTP 5xx and
+throttling — with exponential backoff and full jitter under a :class:`RetryPolicy` (by default about a minute
+in all; ``STREAMSSL_STORAGE_RETRY_SECONDS=N`` sets the total, ``0`` turns retries off). A missing object is not
+transient: it fails at once. When the policy runs out, :class:`StorageUnavailableError` (a DataError) names the
+URL and says that ``streamssl run --resume`` continues once storage is back. Each retry logs a warning on the
+``orchestrator.storage`` logger and is counted in :func:`retry_stats`.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import random
 import re
 import tempfile
-from typing import Any, Mapping
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, TypeVar
 
 import fsspec
 import pyarrow.fs as pafs
@@ -28,14 +43,28 @@ from fsspec.implementations.local import LocalFileSystem
 
 from orchestrator.errors import DataError
 
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+RETRY_ENV = "STREAMSSL_STORAGE_RETRY_SECONDS"
+
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*)://")
 # "s3://user:secret@bucket/x" → "s3://bucket/x": fsspec accepts credentials inside URLs.
 _USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*://)[^/@]*@")
+_USERINFO_PART = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*://)([^/@]*)@")
 
 
 def redact(url: str) -> str:
     """The URL as it may be shown to a user: without any ``user:password@`` part."""
     return _USERINFO.sub(r"\1", str(url))
+
+
+def scrub(text: str, url: str) -> str:
+    """`text` (an error message from a library that saw `url`) without the URL's ``user:password@`` part."""
+    match = _USERINFO_PART.match(str(url))
+    if not match:
+        return text
+    userinfo = match.group(2)
+    return text.replace(userinfo + "@", "").replace(userinfo, "***")
 
 
 def is_local(url: str) -> bool:
@@ -61,6 +90,228 @@ def resolve(url: str | os.PathLike, storage_options: Mapping[str, Any] | None = 
     return fs, path
 
 
+# ---------------------------------------------------------------------------------------------- retries
+
+
+class StorageUnavailableError(DataError):
+    """Object storage stayed unreachable (transient errors) for longer than the retry policy allows."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long to keep trying an object-store call that fails with a transient error.
+
+    Attempt n (from 1) that fails waits a uniformly random time in [0, min(max_delay, initial_delay * 2**(n-1))]
+    ("full jitter", so many readers hitting a restarted endpoint do not come back in lockstep), then tries
+    again, until `attempts` calls have failed or `deadline` seconds have passed since the first one. No new
+    attempt starts after the deadline, but one in flight is not cut short: with s3fs's defaults a single call to
+    a refused endpoint already takes several seconds (botocore retries it inside), so a read gives up at about
+    deadline + one call. The defaults ride out an outage of about a minute.
+    """
+
+    attempts: int = 30
+    initial_delay: float = 0.5
+    max_delay: float = 8.0
+    deadline: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"attempts must be >= 1, got {self.attempts}")
+        if self.initial_delay < 0 or self.max_delay < self.initial_delay:
+            raise ValueError(f"need 0 <= initial_delay <= max_delay, got {self.initial_delay} and {self.max_delay}")
+        if self.deadline < 0:
+            raise ValueError(f"deadline must be >= 0 seconds, got {self.deadline}")
+
+    @classmethod
+    def from_env(cls) -> "RetryPolicy":
+        """The default policy, with its deadline from ``STREAMSSL_STORAGE_RETRY_SECONDS`` when set (0: no retries).
+
+        Tests shorten it; Ray workers inherit it when the variable is in the job's runtime_env.
+        """
+        value = os.environ.get(RETRY_ENV, "").strip()
+        if not value:
+            return cls()
+        try:
+            seconds = float(value)
+        except ValueError:
+            raise DataError(f"{RETRY_ENV}={value!r} is not a number of seconds") from None
+        if seconds < 0:
+            raise DataError(f"{RETRY_ENV}={value!r} must be >= 0 seconds")
+        if seconds == 0:
+            return cls(attempts=1, deadline=0.0)
+        return cls(initial_delay=min(0.5, seconds / 8), max_delay=min(8.0, max(seconds / 4, 0.1)), deadline=seconds)
+
+    def delay(self, failures: int) -> float:
+        """Seconds to wait after the `failures`-th failed attempt (random, full jitter)."""
+        return random.uniform(0.0, min(self.max_delay, self.initial_delay * 2 ** (failures - 1)))
+
+
+_stats_lock = threading.Lock()
+_stats = {"retries": 0, "recovered": 0, "gave_up": 0}
+
+
+def retry_stats() -> dict[str, int]:
+    """Counts in this process since it started (or since :func:`reset_retry_stats`): `retries` (failed attempts
+    that were retried), `recovered` (calls that succeeded after at least one retry), `gave_up` (calls that ran out
+    of the policy). Ray tasks count in their own worker processes."""
+    with _stats_lock:
+        return dict(_stats)
+
+
+def reset_retry_stats() -> None:
+    with _stats_lock:
+        for name in _stats:
+            _stats[name] = 0
+
+
+def _count(name: str) -> None:
+    with _stats_lock:
+        _stats[name] += 1
+
+
+# Errors whose names say "the endpoint did not answer properly this time", from the libraries behind fsspec:
+# botocore (EndpointConnectionError, ConnectionClosedError, ReadTimeoutError, ConnectTimeoutError, ProxyConnectionError
+# are ConnectionError/HTTPClientError subclasses), aiohttp (ClientConnectorError, ServerDisconnectedError,
+# ClientPayloadError, ServerTimeoutError), fsspec (FSTimeoutError), requests/urllib3 (gcsfs, http).
+_TRANSIENT_NAMES = frozenset({
+    "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
+    "ProxyConnectionError", "HTTPClientError", "ResponseStreamingError", "IncompleteReadError",
+    "ClientConnectionError", "ClientConnectorError", "ClientOSError", "ServerDisconnectedError",
+    "ServerTimeoutError", "ServerConnectionError", "ClientPayloadError", "ClientConnectionResetError",
+    "FSTimeoutError", "IncompleteRead", "RemoteDisconnected", "ProtocolError", "ChunkedEncodingError",
+    "ReadTimeout", "ConnectTimeout", "NewConnectionError", "MaxRetryError", "TransportError",
+})
+_TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, name) for name in ("ECONNREFUSED", "ECONNRESET", "ECONNABORTED", "ETIMEDOUT", "EHOSTUNREACH",
+                                      "ENETUNREACH", "ENETDOWN", "EPIPE", "EAGAIN", "EREMOTEIO")
+    if hasattr(errno, name)
+)
+# S3 error codes for throttling and server-side failures (s3fs turns some into OSError(EIO) with this cause).
+_TRANSIENT_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling",
+                              "ThrottlingException", "RequestTimeTooSkewed", "503", "500", "502", "504"})
+
+
+def _http_status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)  # botocore ClientError
+    if isinstance(response, Mapping):
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if isinstance(status, int):
+            return status
+    for attr in ("status", "status_code", "code"):  # aiohttp ClientResponseError, requests, gcsfs HttpError
+        value = getattr(exc, attr, None)
+        if isinstance(value, int) and 100 <= value <= 599:
+            return value
+    return None
+
+
+def _error_code(exc: BaseException) -> str | None:
+    response = getattr(exc, "response", None)
+    if isinstance(response, Mapping):
+        code = response.get("Error", {}).get("Code")
+        return str(code) if code is not None else None
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when `exc` (or an exception it was raised from) means "try again later", not "this is wrong".
+
+    Missing objects, folders, permissions and bad requests are never transient; connection refused/reset,
+    timeouts, HTTP 5xx and throttling are.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        err = todo.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, DataError)):
+            return False
+        if isinstance(err, (ConnectionError, TimeoutError)):  # builtins: refused, reset, aborted, broken pipe
+            return True
+        if isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS:
+            return True
+        if any(cls.__name__ in _TRANSIENT_NAMES for cls in type(err).__mro__):
+            return True
+        status = _http_status(err)
+        if status is not None and (status >= 500 or status in (408, 429)):
+            return True
+        if _error_code(err) in _TRANSIENT_CODES:
+            return True
+        todo.extend((err.__cause__, err.__context__))
+    return False
+
+
+def _describe(exc: BaseException, url: str = "") -> str:
+    text = scrub(str(exc).strip() or repr(exc), url)
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+def call_with_retry(
+    fn: Callable[[], T],
+    url: str,
+    *,
+    what: str = "read",
+    policy: RetryPolicy | None = None,
+    on_retry: Callable[[], None] | None = None,
+) -> T:
+    """`fn()`, retried under `policy` (default :meth:`RetryPolicy.from_env`) while it raises transient errors.
+
+    Anything not transient (a missing object, a permission error, a DataError) propagates at once, unchanged.
+    When the policy runs out: StorageUnavailableError naming the redacted `url`. `on_retry` runs before each
+    retry (e.g. to drop a filesystem's cached listings).
+    """
+    policy = policy or RetryPolicy.from_env()
+    start = time.monotonic()
+    failures = 0
+    while True:
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 - classified right below; non-transient errors re-raise unchanged
+            if not is_transient(exc):
+                raise
+            failures += 1
+            elapsed = time.monotonic() - start
+            wait = policy.delay(failures)
+            if failures >= policy.attempts or elapsed + wait > policy.deadline:
+                _count("gave_up")
+                logger.error("storage: giving up on %s %s after %d attempts in %.1f s: %s",
+                             what, redact(url), failures, elapsed, _describe(exc, url))
+                raise StorageUnavailableError(
+                    f"storage unreachable: cannot {what} {redact(url)} ({failures} attempts in {elapsed:.0f} s, "
+                    f"last error {_describe(exc, url)}); once the storage endpoint is back, `streamssl run --resume` "
+                    f"continues where this stopped (retry time: {RETRY_ENV}, now {policy.deadline:g} s)"
+                ) from exc
+            _count("retries")
+            logger.warning("storage: %s %s failed (%s); retry %d in %.2f s", what, redact(url), _describe(exc, url),
+                           failures, wait)
+            time.sleep(wait)
+            if on_retry is not None:
+                try:
+                    on_retry()
+                except Exception:  # noqa: BLE001 - a cache drop that fails must not hide the real error
+                    pass
+            continue
+        if failures:
+            _count("recovered")
+            logger.warning("storage: %s %s succeeded after %d retries (%.1f s)", what, redact(url), failures,
+                           time.monotonic() - start)
+        return result
+
+
+def fetch(url: str, storage_options: Mapping[str, Any] | None = None, *, policy: RetryPolicy | None = None) -> bytes:
+    """The whole object at `url`, retrying transient errors (see :class:`RetryPolicy`).
+
+    Raises FileNotFoundError / IsADirectoryError / other non-transient errors unchanged, so each caller words
+    them (a shard, a manifest); StorageUnavailableError when storage stays unreachable. Local files are read once.
+    """
+    fs, path = resolve(url, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        return fs.cat_file(path)
+    return call_with_retry(lambda: fs.cat_file(path), url, what="read", policy=policy,
+                           on_retry=lambda: fs.invalidate_cache(path))
+
+
 def join(url: str | os.PathLike, *parts: str) -> str:
     """`url` with `parts` appended as path components (``join("s3://b/x/", "a", "b.json")`` → ``s3://b/x/a/b.json``)."""
     url = os.fspath(url)
@@ -75,23 +326,25 @@ def join(url: str | os.PathLike, *parts: str) -> str:
 
 
 def read_bytes(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
-    """The whole object at `url`. A missing object raises DataError naming the URL."""
-    fs, path = resolve(url, storage_options)
+    """The whole object at `url`, transient errors retried. A missing object raises DataError naming the URL."""
     try:
-        return fs.cat_file(path)
+        return fetch(url, storage_options)
+    except DataError:  # StorageUnavailableError: already names the URL
+        raise
     except FileNotFoundError:
         raise DataError(f"{redact(url)} does not exist") from None
     except IsADirectoryError:
         raise DataError(f"{redact(url)} is a folder, not a file") from None
-    except OSError as exc:  # permission denied, endpoint unreachable...: botocore messages hold no secrets
-        raise DataError(f"cannot read {redact(url)}: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # permission denied, bad credentials...: botocore messages hold no secrets
+        raise DataError(f"cannot read {redact(url)}: {type(exc).__name__}: {scrub(str(exc), url)}") from None
 
 
 def write_bytes_atomic(url: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
     """Write `data` to `url` so that readers see either the old object or the whole new one.
 
     Local files: a temporary file in the same folder, fsynced, then ``os.replace`` (atomic on POSIX).
-    Object stores (S3, GCS, memory): a single PUT is already atomic.
+    Object stores (S3, GCS, memory): a single PUT is already atomic, and repeating it is harmless, so transient
+    errors are retried like reads (StorageUnavailableError when the policy runs out).
     """
     fs, path = resolve(url, storage_options)
     if isinstance(fs, LocalFileSystem):
@@ -109,7 +362,8 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: Mapping[str, Any]
                 os.unlink(tmp)
             raise
         return
-    fs.pipe_file(path, bytes(data))
+    payload = bytes(data)
+    call_with_retry(lambda: fs.pipe_file(path, payload), url, what="write", on_retry=lambda: fs.invalidate_cache(path))
 
 
 def exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:

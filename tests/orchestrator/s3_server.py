@@ -85,6 +85,21 @@ class S3Server:
                     raise RuntimeError(f"moto server did not listen on 127.0.0.1:{self.port} within {timeout} s")
                 time.sleep(0.05)
 
+    def restart(self) -> "S3Server":
+        """Start moto again on the same port after stop(): what a restarted MinIO looks like to a client.
+
+        moto keeps its buckets and objects in this process, so everything written before stop() is there again.
+        """
+        from moto.server import ThreadedMotoServer
+
+        if self.port == 0:
+            raise RuntimeError("restart() needs a server that was started once")
+        self.stop()
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+        self._wait_until_listening()
+        return self
+
     def stop(self) -> None:
         if self._server is not None:
             self._server.stop()
