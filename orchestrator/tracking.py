@@ -4,16 +4,60 @@ Experiment = spec name. One parent run per plan (`streamssl.run_type=plan`), a c
 (`chunk`), and an evaluation run per evaluated chunk run (`eval`, tagged `streamssl.evaluates=<chunk run id>`).
 Tags carry the lineage (data digest, stream-plan digest, job key, checkpoint URI, evaluation protocol, versions),
 so `streamssl lineage RUN_ID` can walk it either way. Only the driver talks to MLflow, through one MlflowClient.
+
+Surviving a tracking-server outage
+----------------------------------
+* Start-up: for an ``http(s)://`` URI, ``Tracker(uri)`` probes ``<uri>/health`` (urllib, short timeouts, at most
+  ``STREAMSSL_TRACKING_CONNECT_SECONDS``, default 5 s) before anything else and raises ``TrackingError`` naming
+  the URI — seconds, not MLflow's minutes of built-in retries. SQLite and file stores are not probed.
+* During a run: every call through ``Tracker.client`` (a wrapper around the one MlflowClient; the Tracker's own
+  methods use it too, as may callers that reach for ``tracker.client.update_run``...) runs in a retry loop with
+  exponential backoff (0.5 s doubling to 5 s) that rides out an outage of up to
+  ``STREAMSSL_TRACKING_RETRY_SECONDS`` (default 300 s), measured from the first failed attempt of the outage.
+  MLflow's own HTTP retries are switched off for these calls (``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`` while a call
+  runs) so that this loop alone decides how long to wait; a per-attempt timeout
+  (``MLFLOW_HTTP_REQUEST_TIMEOUT`` if set, else ``STREAMSSL_TRACKING_REQUEST_TIMEOUT``, default 30 s) keeps a hung
+  server from holding one attempt for MLflow's default 120 s. One warning is logged when an outage starts and
+  one when the server answers again. A call that still fails at the deadline raises ``TrackingError`` naming the
+  URI; later calls in the same outage try once and fail fast instead of waiting the whole deadline again.
+  Errors the server returns for a bad request (4xx) are not retried. Calls are synchronous: when a method
+  returns, what it logged is stored, so ``flush()`` has nothing to do.
+* Exactly once: a failed attempt may still have landed (the response was lost, or the request timed out while
+  the server went on). So a retry never blindly re-sends what is not idempotent:
+  - ``log_batch``: before re-sending, the run's metric history for the batch's keys is read back and the points
+    already stored (same key, step, timestamp, value) are dropped; params (same value) and tags (overwrite) are
+    idempotent in MLflow. SQL stores would also drop an exact duplicate point, file stores would not; this check
+    does not depend on the backend. Metric points are built (with their timestamps) once, before the first
+    attempt, so a re-sent point is identical to the one that may have landed.
+  - ``create_run``: every run gets a unique ``streamssl.client_token`` tag; a retry first searches for a run with
+    that token and returns it instead of creating a second run.
+  - ``set_terminated``, ``update_run``, ``set_tag``, ``log_inputs`` (datasets and inputs are de-duplicated by
+    MLflow) and ``log_artifact`` (same path overwritten) are idempotent and simply re-sent.
+  Remaining window: a request that is still queued inside a hung (not dead) server and lands after the
+  read-back check; SQL stores drop the duplicate point, and run creation is then still one per token.
+* ``fail_running(parent)`` marks every RUNNING run under a plan run FAILED (after a crash, before a resume).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import logging
+import math
+import os
 import platform
+import random
+import sys
 import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from orchestrator.errors import TrackingError
 
@@ -25,7 +69,22 @@ LINE = TAG + "line"
 CHUNK = TAG + "chunk"
 CHECKPOINT = TAG + "checkpoint_uri"
 EVALUATES = TAG + "evaluates"
+CLIENT_TOKEN = TAG + "client_token"
 PARENT = "mlflow.parentRunId"
+
+RETRY_ENV = "STREAMSSL_TRACKING_RETRY_SECONDS"
+CONNECT_ENV = "STREAMSSL_TRACKING_CONNECT_SECONDS"
+REQUEST_TIMEOUT_ENV = "STREAMSSL_TRACKING_REQUEST_TIMEOUT"
+DEFAULT_RETRY_SECONDS = 300.0
+DEFAULT_CONNECT_SECONDS = 5.0
+DEFAULT_REQUEST_TIMEOUT = 30
+FIRST_BACKOFF = 0.5
+MAX_BACKOFF = 5.0
+SERVER_ERROR_ATTEMPTS = 3  # a 500 the server answers with (not an outage) is retried this many times at most
+
+log = logging.getLogger("streamssl.tracking")
+_ENV_LOCK = threading.RLock()
+_TRANSIENT_STATUS = {408, 429, 502, 503, 504}
 
 
 def versions() -> dict[str, str]:
@@ -43,27 +102,273 @@ def _chunks(items: list, size: int) -> Iterable[list]:
         yield items[i : i + size]
 
 
-class Tracker:
-    """Writes and reads the lineage of one experiment through an MlflowClient."""
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise TrackingError(f"{name}={value!r} is not a number of seconds") from None
 
-    def __init__(self, uri: str, experiment: str | None = None, artifact_root: str | None = None):
+
+def _is_http(uri: str) -> bool:
+    return uri.split(":", 1)[0].lower() in ("http", "https")
+
+
+@contextlib.contextmanager
+def _mlflow_http_env(timeout: int):
+    """MLflow reads its HTTP retry settings per request: no built-in retries (ours decide), a bounded timeout."""
+    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout)}
+    with _ENV_LOCK:
+        saved = {k: os.environ.get(k) for k in settings}
+        os.environ.update(settings)
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def _classify(exc: BaseException) -> str:
+    """'outage' (server unreachable / overloaded: retry until the deadline), 'server' (it answered 5xx: retry a
+    few times) or 'fatal' (it answered that the request is wrong, or a local error: do not retry)."""
+    try:
+        import requests
+    except ImportError:  # pragma: no cover - mlflow depends on requests
+        requests = None
+    if requests is not None:
+        if isinstance(exc, requests.exceptions.HTTPError) and exc.response is not None:
+            status = exc.response.status_code
+            return "outage" if status in _TRANSIENT_STATUS else "server" if status >= 500 else "fatal"
+        if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+            return "outage"
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return "outage"
+    from mlflow.exceptions import MlflowException, RestException
+
+    if isinstance(exc, MlflowException):
+        text = str(exc)
+        if not isinstance(exc, RestException) and text.startswith("API request to") and (
+            "failed with exception" in text or "failed with timeout exception" in text
+        ):
+            return "outage"  # mlflow.utils.rest_utils wraps connection errors and timeouts like this
+        status = exc.get_http_status_code()
+        if status in _TRANSIENT_STATUS:
+            return "outage"
+        return "server" if status >= 500 else "fatal"
+    return "fatal"
+
+
+def _point(metric) -> tuple:
+    value = float(metric.value)
+    if math.isnan(value):
+        value = "nan"
+    elif math.isinf(value):  # SQL stores keep +-inf as +-max float
+        value = math.copysign(sys.float_info.max, value)
+    return metric.key, int(metric.step), int(metric.timestamp), value
+
+
+class _RetryingClient:
+    """The MlflowClient, with every public method run through the Tracker's retry loop.
+
+    `create_run` and `log_batch` are made safe to re-send (see the module docstring); everything else MLflow
+    offers is passed through as is (reads and idempotent writes).
+    """
+
+    def __init__(self, client, tracker: "Tracker"):
+        self._client = client
+        self._tracker = tracker
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if name.startswith("_") or not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args, **kwargs):
+            return self._tracker._call(name, functools.partial(attr, *args, **kwargs))
+
+        return call
+
+    def create_run(self, experiment_id: str, start_time: int | None = None, tags: dict[str, Any] | None = None,
+                   run_name: str | None = None, *, retry_seconds: float | None = None):
+        from mlflow.entities import ViewType
+
+        tags = dict(tags or {})
+        token = tags.setdefault(CLIENT_TOKEN, uuid.uuid4().hex)
+        attempts = 0
+
+        def attempt():
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:  # the previous attempt may have created the run before its answer got lost
+                found = self._client.search_runs([experiment_id], filter_string=f"tags.`{CLIENT_TOKEN}` = '{token}'",
+                                                 run_view_type=ViewType.ALL, max_results=2)
+                if found:
+                    return found[0]
+            return self._client.create_run(experiment_id, start_time=start_time, tags=tags, run_name=run_name)
+
+        return self._tracker._call("create_run", attempt, retry_seconds)
+
+    def log_batch(self, run_id: str, metrics=(), params=(), tags=(), synchronous: bool | None = None, *,
+                  retry_seconds: float | None = None):
+        pending = list(metrics)
+        attempts = 0
+
+        def attempt():
+            nonlocal attempts, pending
+            attempts += 1
+            if attempts > 1 and pending:  # drop the points an earlier attempt may have stored already
+                pending = self._tracker._missing_metrics(run_id, pending)
+            if not (pending or params or tags):
+                return None
+            return self._client.log_batch(run_id, metrics=pending, params=list(params), tags=list(tags),
+                                          synchronous=synchronous)
+
+        return self._tracker._call("log_batch", attempt, retry_seconds)
+
+    def __repr__(self) -> str:
+        return f"<retrying {self._client!r}>"
+
+
+class Tracker:
+    """Writes and reads the lineage of one experiment through an MlflowClient (wrapped: see the module docstring).
+
+    `retry_seconds` (default: env STREAMSSL_TRACKING_RETRY_SECONDS, else 300) is how long an outage is ridden out;
+    `connect_seconds` (env STREAMSSL_TRACKING_CONNECT_SECONDS, else 5) bounds the start-up check.
+    `outages` lists the length in seconds of every outage this tracker rode out (for reports and tests).
+    """
+
+    def __init__(self, uri: str, experiment: str | None = None, artifact_root: str | None = None, *,
+                 retry_seconds: float | None = None, connect_seconds: float | None = None):
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
+        self.retry_seconds = _env_float(RETRY_ENV, DEFAULT_RETRY_SECONDS) if retry_seconds is None else retry_seconds
+        self.connect_seconds = (_env_float(CONNECT_ENV, DEFAULT_CONNECT_SECONDS)
+                                if connect_seconds is None else connect_seconds)
+        self.request_timeout = max(1, int(_env_float("MLFLOW_HTTP_REQUEST_TIMEOUT",
+                                                     _env_float(REQUEST_TIMEOUT_ENV, DEFAULT_REQUEST_TIMEOUT))))
+        self.outages: list[float] = []
+        self.retries = 0
+        self._outage_since: float | None = None
+        self._outage_warned = False
         if uri.startswith("sqlite:///"):
             Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=uri)
+        if _is_http(uri):
+            self._probe()
+        self.client = _RetryingClient(MlflowClient(tracking_uri=uri), self)
         try:
-            self.client.search_experiments(max_results=1)
-        except Exception as exc:
-            raise TrackingError(f"MLflow tracking store {uri} cannot be reached: {exc}") from None
+            self._call("search_experiments", lambda: self.client._client.search_experiments(max_results=1),
+                       self.connect_seconds)
+        except TrackingError as exc:
+            raise TrackingError(f"MLflow tracking store {uri} cannot be reached: {exc.__cause__ or exc}") from None
         self.experiment_id = None
         if experiment is not None:
-            found = self.client.get_experiment_by_name(experiment)
+            found = self._call("get_experiment_by_name",
+                               lambda: self.client._client.get_experiment_by_name(experiment), self.connect_seconds)
             if found is None:
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_root)
+                try:
+                    self.experiment_id = self._call(
+                        "create_experiment",
+                        lambda: self.client._client.create_experiment(experiment, artifact_location=artifact_root),
+                        self.connect_seconds)
+                except TrackingError:  # created meanwhile by another driver (or by an attempt that timed out)
+                    found = self._call("get_experiment_by_name",
+                                       lambda: self.client._client.get_experiment_by_name(experiment),
+                                       self.connect_seconds)
+                    if found is None:
+                        raise
+                    self.experiment_id = found.experiment_id
             else:
                 self.experiment_id = found.experiment_id
+
+    # ---------------------------------------------------------------- reaching the server
+    def _probe(self) -> None:
+        """Fail in seconds, naming the URI, when nothing answers at an HTTP tracking URI."""
+        url = self.uri.rstrip("/") + "/health"
+        deadline = time.monotonic() + self.connect_seconds
+        reason: Any = None
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                with urllib.request.urlopen(url, timeout=max(0.5, min(3.0, remaining))):
+                    return
+            except urllib.error.HTTPError:
+                return  # something answers (auth proxy, path prefix without /health): the client will tell more
+            except (urllib.error.URLError, OSError, ValueError) as exc:
+                reason = getattr(exc, "reason", exc)
+            if time.monotonic() + 0.5 >= deadline:
+                break
+            time.sleep(0.5)
+        raise TrackingError(
+            f"MLflow tracking server {self.uri} cannot be reached: {reason} (GET {url} for "
+            f"{self.connect_seconds:g}s). Start the server, or set tracking.uri / --tracking-uri to one that runs."
+        )
+
+    def _call(self, op: str, fn: Callable[[], Any], retry_seconds: float | None = None) -> Any:
+        """Run `fn` (one MLflow call), retrying with backoff through an outage of up to `retry_seconds`."""
+        budget = self.retry_seconds if retry_seconds is None else retry_seconds
+        delay = FIRST_BACKOFF
+        server_errors = 0
+        while True:
+            try:
+                with _mlflow_http_env(self.request_timeout):
+                    result = fn()
+            except Exception as exc:
+                kind = _classify(exc)
+                if kind == "fatal":
+                    self._answered(op)
+                    if isinstance(exc, TrackingError):
+                        raise
+                    raise TrackingError(f"MLflow tracking store {self.uri} refused {op}: {exc}") from exc
+                now = time.monotonic()
+                if kind == "server":
+                    server_errors += 1
+                if self._outage_since is None:
+                    self._outage_since = now
+                if not self._outage_warned:
+                    self._outage_warned = True
+                    log.warning("MLflow tracking store %s is not answering (%s: %s); retrying %s with backoff for "
+                                "up to %.0fs (%s). Training goes on meanwhile.",
+                                self.uri, type(exc).__name__, _short(exc), op, budget, RETRY_ENV)
+                elapsed = now - self._outage_since
+                if elapsed >= budget or server_errors >= SERVER_ERROR_ATTEMPTS:
+                    raise TrackingError(
+                        f"MLflow tracking store {self.uri} unreachable for {elapsed:.0f}s (limit {budget:g}s, set "
+                        f"{RETRY_ENV} to wait longer); {op} failed: {_short(exc)}") from exc
+                self.retries += 1
+                time.sleep(max(0.05, min(delay * random.uniform(0.8, 1.2), budget - elapsed)))
+                delay = min(delay * 2, MAX_BACKOFF)
+                continue
+            self._answered(op)
+            return result
+
+    def _answered(self, op: str) -> None:
+        if self._outage_since is not None:
+            took = time.monotonic() - self._outage_since
+            self.outages.append(took)
+            log.warning("MLflow tracking store %s answers again after %.1fs; %s went through.", self.uri, took, op)
+        self._outage_since = None
+        self._outage_warned = False
+
+    def _missing_metrics(self, run_id: str, metrics: list) -> list:
+        """The points of `metrics` that the run does not hold yet (read back from the store)."""
+        stored: set[tuple] = set()
+        for key in {m.key for m in metrics}:
+            stored.update(_point(m) for m in self.client._client.get_metric_history(run_id, key))
+        missing = [m for m in metrics if _point(m) not in stored]
+        if len(missing) < len(metrics):
+            log.info("%d of %d metric points for run %s were stored before the failure; not re-sent",
+                     len(metrics) - len(missing), len(metrics), run_id)
+        return missing
+
+    def flush(self) -> None:
+        """Nothing is buffered: every method returns once MLflow stored what it was given (or raised)."""
 
     # ---------------------------------------------------------------- writing
     def log_params(self, run_id: str, params: dict[str, str]) -> None:
@@ -75,7 +380,6 @@ class Tracker:
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0, timestamp_ms: int | None = None) -> None:
         from mlflow.entities import Metric
-        import time
 
         ts = timestamp_ms or int(time.time() * 1000)
         items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
@@ -115,12 +419,32 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags, start_time=start_ms)
         return run.info.run_id
 
-    def end_run(self, run_id: str, status: str = "FINISHED", end_ms: int | None = None) -> None:
-        self.client.set_terminated(run_id, status=status, end_time=end_ms)
+    def end_run(self, run_id: str, status: str = "FINISHED", end_ms: int | None = None, *,
+                retry_seconds: float | None = None) -> None:
+        """Retried like every write, so a transient outage does not leave the run RUNNING. In a failure path
+        pass a short `retry_seconds` not to hold a dying driver for the whole outage deadline."""
+        self._call("set_terminated",
+                   lambda: self.client._client.set_terminated(run_id, status=status, end_time=end_ms), retry_seconds)
+
+    def update_run(self, run_id: str, status: str | None = None, name: str | None = None) -> None:
+        """E.g. `update_run(plan_run, status="RUNNING")` when a resume reopens a plan run."""
+        self.client.update_run(run_id, status=status, name=name)
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         for key, value in tags.items():
             self.client.set_tag(run_id, key, value)
+
+    def fail_running(self, parent_run_id: str, include_parent: bool = False, end_ms: int | None = None) -> list[str]:
+        """Mark every RUNNING run under `parent_run_id` (chunk and eval runs; the plan run too with
+        `include_parent`) FAILED, e.g. after a driver crash and before a resume. Returns their ids."""
+        ids = [r.info.run_id for r in self.runs(f"tags.`{PARENT}` = '{parent_run_id}' and attributes.status = 'RUNNING'")]
+        if include_parent and self.get_run(parent_run_id).info.status == "RUNNING":
+            ids.append(parent_run_id)
+        for run_id in ids:
+            self.end_run(run_id, "FAILED", end_ms=end_ms)
+        if ids:
+            log.warning("marked %d RUNNING run(s) under %s FAILED: %s", len(ids), parent_run_id, ", ".join(ids))
+        return ids
 
     # ---------------------------------------------------------------- reading
     def runs(self, filter_string: str, experiment_ids: list[str] | None = None) -> list:
@@ -157,5 +481,12 @@ class Tracker:
     def get_run(self, run_id: str):
         try:
             return self.client.get_run(run_id)
-        except Exception as exc:
-            raise TrackingError(f"run {run_id} not found in {self.uri}: {exc}") from None
+        except TrackingError as exc:
+            if exc.__cause__ is not None and _classify(exc.__cause__) == "fatal":
+                raise TrackingError(f"run {run_id} not found in {self.uri}: {exc.__cause__}") from None
+            raise
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
