@@ -114,4 +114,5 @@ class EvalActor:
         backbone = backbone_from_state(config, state)
         result = evaluate_backbone(backbone, self.bank, self.queries, self.plan, self.eval_spec, seed=self.seed)
         result["bank_size"], result["query_size"] = len(self.bank.labels), len(self.queries.labels)
+        result["corrupt_rows_skipped"] = len(self.bank.skipped) + len(self.queries.skipped)
         return result

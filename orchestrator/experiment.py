@@ -27,6 +27,7 @@ from evaluators.report import plot_accuracy_matrix, plot_metric_curves, results_
 from orchestrator import tracking as tr
 from orchestrator.errors import TrainingError
 from orchestrator.evaluation import EvalActor, protocol
+from orchestrator.ingest import start_corrupt_row_counter
 from orchestrator.planner import ExperimentPlan, Job, build_plan
 from orchestrator.runner import LineTask, _CheckpointFs, line_groups, loop_config, ray_run_name, train_group
 from orchestrator.spec import Spec, flatten
@@ -95,17 +96,17 @@ class _Driver:
         self.jobs = {j.key: j for j in plan.jobs}
         self.progress: Progress | None = None
         self.progress_tasks: dict[str, Any] = {}
+        self.starts = 0  # worker-group starts seen in the current group (restarts = starts - 1)
+        self.restarts_in_chunk = 0
 
     # ---------------------------------------------------------------- parent run
     def open_parent(self, resume: bool) -> str:
         previous = self.tracker.plan_runs(self.plan.key) if resume else []
         if previous:
             run_id = previous[0].info.run_id
-            self.tracker.client.update_run(run_id, status="RUNNING")
+            self.tracker.update_run(run_id, status="RUNNING")
             # A dead driver leaves its runs RUNNING; they will never finish, so say so.
-            for child in self.tracker.children(run_id):
-                if child.info.status == "RUNNING":
-                    self.tracker.end_run(child.info.run_id, "FAILED")
+            self.tracker.fail_running(run_id)
             self.console.print(f"resuming plan run [bold]{run_id}[/]")
             return run_id
         run_id = self.tracker.create_run(self.spec.name, _plan_tags(self.plan))
@@ -156,18 +157,27 @@ class _Driver:
         self.tracker.log_metrics(run_id, {
             "final_loss": report["final_loss"], "steps": report["steps"], "samples": report["samples"] * world,
             "train_seconds": report["seconds"], "samples_per_s": samples_per_s, "world_size": world,
+            "restarts": self.restarts_in_chunk, "resumed_from_step": report.get("first_step", 0),
+            # Undecodable rows skipped by the training reader so far (cumulative over the plan's readers).
+            "corrupt_rows_skipped_total": self._corrupt_rows(),
             "training_rows": sum(self.plan.stream.chunks[c].rows for c in job.training_chunks),
         })
         self.tracker.log_dataset(run_id, self.plan.data_url, f"{self.plan.stream.kind}-chunks-{'-'.join(map(str, job.training_chunks))}",
                                  f"{self.plan.stream.digest}:{job.training_chunks}", "train")
         self.tracker.end_run(run_id, "FINISHED", end_ms=ended_ms)
         self.chunk_runs[job.key] = run_id
+        self.restarts_in_chunk = 0
         self.chunk_rows[job.key] = {"line": job.line.id, "chunk": job.chunk, "loss": report["final_loss"],
                                     "train_s": report["seconds"], "samples/s": samples_per_s}
         if self.spec.eval.every_chunk:
             future = self.evaluator.evaluate.remote(loop_config(self.spec, job.line, False), event["checkpoint_uri"],
                                                     _CheckpointFs(self.spec.storage.storage_options))
             self.pending[future] = job
+
+    def _corrupt_rows(self) -> int:
+        import ray
+
+        return int(ray.get(self.corrupt_counter.totals.remote())["rows"])
 
     def log_eval(self, job: Job, result: dict[str, Any]) -> None:
         chunk_run = self.chunk_runs[job.key]
@@ -211,6 +221,11 @@ class _Driver:
 
     # ---------------------------------------------------------------- events from training
     def on_event(self, event: dict[str, Any]) -> None:
+        if event["type"] == "start":
+            self.starts += 1
+            if self.starts > 1:  # Ray Train restarted the worker group after a failure
+                self.restarts_in_chunk += 1
+                self.console.print(f"[yellow]worker group restarted[/] from {event.get('restored_from') or 'scratch'}")
         if event["type"] == "step" and self.progress is not None:
             task = self.progress_tasks.get(event["line"])
             if task is not None:
@@ -252,6 +267,7 @@ class _Driver:
         summary.skipped_jobs = len(self.chunk_runs)
         try:
             init_ray(self.address, self.spec)
+            self.corrupt_counter = start_corrupt_row_counter()
             self.evaluator = ray.remote(num_cpus=1)(EvalActor).remote(
                 self.plan.stream, self.plan.manifest, self.spec.data.model_dump(), self.spec.eval.model_dump(),
                 self.spec.data.storage_options, self.spec.seed)
@@ -264,7 +280,11 @@ class _Driver:
             self.collect(block=True)
             self._summarise(summary)
         except BaseException:
-            self.tracker.end_run(self.parent, "FAILED")
+            # Short retry: a Ctrl-C during a tracking outage must not hold the driver for the full deadline.
+            try:
+                self.tracker.fail_running(self.parent, include_parent=True)
+            except Exception:
+                pass  # the next --resume marks them
             raise
         self.tracker.end_run(self.parent, "FINISHED")
         return summary
@@ -298,7 +318,9 @@ class _Driver:
                         f"{line.id}", total=total, completed=done_steps, loss="-", speed="-")
                 if not any(t.jobs for t in tasks):
                     continue
-                result = train_group(self.plan, tasks, ray_run_name(self.plan, self.parent, group_index), self.on_event)
+                self.starts = 0
+                result = train_group(self.plan, tasks, ray_run_name(self.plan, self.parent, group_index), self.on_event,
+                                     corrupt_counter=self.corrupt_counter)
                 restarts += result.restarts
         self.progress = None
         return restarts

@@ -112,9 +112,13 @@ def _train_fn(config: dict[str, Any]) -> None:
             restored_state = load_state(folder)
         restored_line = restored_state["line_index"]
     send({"type": "start", "restored_from": latest.path if latest is not None else None, "time": time.time()})
+    if restored_state is not None and restored_state.get("chunk_event"):
+        # The group may have died between persisting a chunk's checkpoint and telling the driver: tell it again
+        # (the driver ignores a chunk it has already logged).
+        send(restored_state["chunk_event"])
 
     for line_index, task in enumerate(config["tasks"]):
-        if line_index < restored_line:
+        if line_index < restored_line or (line_index > restored_line and not task.jobs):
             continue
         trainer = LineTrainer(task.config, device=device, wrap_model=wrap, rank=rank)
         if line_index == restored_line:
@@ -125,14 +129,14 @@ def _train_fn(config: dict[str, Any]) -> None:
                 trainer.load_state_dict(load_state(folder))
         chunk_jobs = {job.chunk: job for job in task.jobs}
 
-        def report(dir_name: str, metrics: dict[str, Any]) -> str:
+        def report(dir_name: str, metrics: dict[str, Any], chunk_event: dict[str, Any] | None = None) -> None:
             with tempfile.TemporaryDirectory() as folder:
                 checkpoint = None
                 if rank == 0:
-                    save_state(folder, {**trainer.state_dict(), "line_index": line_index, "line_id": task.line.id})
+                    save_state(folder, {**trainer.state_dict(), "line_index": line_index, "line_id": task.line.id,
+                                        "chunk_event": chunk_event})
                     checkpoint = ray.train.Checkpoint.from_directory(folder)
                 ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=dir_name)
-            return f"{config['storage_uri'].rstrip('/')}/{config['run_name']}/{dir_name}"
 
         while trainer.position["chunks_done"] < config["num_chunks"]:
             chunk = trainer.position["chunks_done"]
@@ -160,11 +164,14 @@ def _train_fn(config: dict[str, Any]) -> None:
 
             started = time.time()
             result = trainer.train_chunk(chunk, batches, steps_per_epoch, on_step=on_step, on_checkpoint=on_checkpoint)
-            uri = report(checkpoint_dir_name(task.line, chunk),
-                         {"line": task.line.id, "chunk": chunk, "loss": result.final_loss, "chunk_end": True})
-            send({"type": "chunk", "line": task.line.id, "chunk": chunk, "job_key": job.key,
-                  "checkpoint_uri": uri, "started": started, "ended": time.time(), "report": result.as_dict(),
-                  "world_size": ctx.get_world_size()})
+            dir_name = checkpoint_dir_name(task.line, chunk)
+            event = {"type": "chunk", "line": task.line.id, "chunk": chunk, "job_key": job.key,
+                     "checkpoint_uri": f"{config['storage_uri'].rstrip('/')}/{config['run_name']}/{dir_name}",
+                     "started": started, "ended": time.time(), "report": result.as_dict(),
+                     "world_size": ctx.get_world_size()}
+            report(dir_name, {"line": task.line.id, "chunk": chunk, "loss": result.final_loss, "chunk_end": True},
+                   chunk_event=event)
+            send(event)
 
 
 class _CheckpointFs:
@@ -192,6 +199,7 @@ def train_group(
     tasks: list[LineTask],
     run_name: str,
     on_event: Callable[[dict[str, Any]], None],
+    corrupt_counter: Any = None,
 ) -> GroupResult:
     """Train `tasks` in one TorchTrainer; `on_event` gets every rank-0 event on the calling thread."""
     import ray.train
@@ -217,7 +225,7 @@ def train_group(
                     "lower the batch size or use fewer chunks"
                 )
             datasets[name] = chunk_dataset(refs, plan.stream, job.training_chunks, spec.data.image_size,
-                                           spec.data.storage_options)
+                                           spec.data.storage_options, counter=corrupt_counter)
             steps_per_epoch[name] = steps
 
     storage_fs, storage_path = storage.pyarrow_filesystem(spec.checkpoint_url, spec.storage.storage_options)

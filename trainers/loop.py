@@ -84,6 +84,7 @@ class ChunkReport:
     seconds: float
     losses: list[float]  # one per step, this worker
     final_loss: float
+    first_step: int = 0  # > 0 when the chunk resumed from a checkpoint taken inside it
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -192,6 +193,7 @@ class LineTrainer:
         self.method.train()
         losses: list[torch.Tensor] = []
         samples = 0
+        first_step = self.position["step"]
         started = time.perf_counter()
         interval_start, interval_samples = started, 0
         autocast = (
@@ -249,6 +251,7 @@ class LineTrainer:
             seconds=time.perf_counter() - started,
             losses=loss_values,
             final_loss=loss_values[-1] if loss_values else float("nan"),
+            first_step=first_step,
         )
 
 

@@ -71,7 +71,7 @@ def test_every_chunk_has_a_finished_run_checkpoint_and_evaluation(finished_run) 
     for run in chunks:
         assert run.data.tags[tr.PARENT] == plan.info.run_id
         assert run.data.tags[tr.PLAN_KEY] == plan.data.tags[tr.PLAN_KEY]
-        assert run.data.params["optim.lr"] == "0.1" and run.data.params["line.method"] in ("simclr", "byol")
+        assert run.data.params["optim.lr"] == "0.5" and run.data.params["line.method"] in ("simclr", "byol")
         assert run.data.metrics["world_size"] == 2  # both DDP workers trained
         history = client.get_metric_history(run.info.run_id, "train_loss")
         assert len(history) == run.data.metrics["steps"] > 0
