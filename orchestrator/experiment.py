@@ -97,6 +97,7 @@ class _Driver:
         self.progress: Progress | None = None
         self.progress_tasks: dict[str, Any] = {}
         self.starts = 0  # worker-group starts seen in the current group (restarts = starts - 1)
+        self.worker_nodes: list[str] = []  # Ray node id of each rank in the current worker group
         self.restarts_in_chunk = 0
 
     # ---------------------------------------------------------------- parent run
@@ -146,6 +147,7 @@ class _Driver:
             tr.TAG + "training_chunks": json.dumps(list(job.training_chunks)),
             tr.TAG + "data_digest": self.plan.data_digest,
             tr.TAG + "stream_digest": self.plan.stream.digest,
+            tr.TAG + "worker_nodes": json.dumps(self.worker_nodes),
         }
         run_id = self.tracker.create_run(job.name, tags, start_ms=started_ms)
         params = flatten(self.spec)
@@ -157,6 +159,7 @@ class _Driver:
         self.tracker.log_metrics(run_id, {
             "final_loss": report["final_loss"], "steps": report["steps"], "samples": report["samples"] * world,
             "train_seconds": report["seconds"], "samples_per_s": samples_per_s, "world_size": world,
+            "num_nodes": len(set(self.worker_nodes)) or 1,
             "restarts": self.restarts_in_chunk, "resumed_from_step": report.get("first_step", 0),
             # Undecodable rows skipped by the training reader so far (cumulative over the plan's readers).
             "corrupt_rows_skipped_total": self._corrupt_rows(),
@@ -223,6 +226,7 @@ class _Driver:
     def on_event(self, event: dict[str, Any]) -> None:
         if event["type"] == "start":
             self.starts += 1
+            self.worker_nodes = list(event.get("nodes") or [])
             if self.starts > 1:  # Ray Train restarted the worker group after a failure
                 self.restarts_in_chunk += 1
                 self.console.print(f"[yellow]worker group restarted[/] from {event.get('restored_from') or 'scratch'}")

@@ -13,6 +13,7 @@ Re-running a plan with the same Ray Train run name (`--resume`) restores the sam
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import threading
 import time
@@ -106,12 +107,11 @@ def _train_fn(config: dict[str, Any]) -> None:
         return ray.train.torch.prepare_model(model, move_to_device=False)
 
     restored_line, restored_state = -1, None
-    latest = ray.train.get_checkpoint()
-    if latest is not None:
-        with latest.as_directory() as folder:
-            restored_state = load_state(folder)
+    restored_from, restored_state = _restore_newest(config, ray.train.get_checkpoint(), load_state)
+    if restored_state is not None:
         restored_line = restored_state["line_index"]
-    send({"type": "start", "restored_from": latest.path if latest is not None else None, "time": time.time()})
+    send({"type": "start", "restored_from": restored_from, "time": time.time(),
+          "nodes": _gather(ray.get_runtime_context().get_node_id())})
     if restored_state is not None and restored_state.get("chunk_event"):
         # The group may have died between persisting a chunk's checkpoint and telling the driver: tell it again
         # (the driver ignores a chunk it has already logged).
@@ -172,6 +172,71 @@ def _train_fn(config: dict[str, Any]) -> None:
             report(dir_name, {"line": task.line.id, "chunk": chunk, "loss": result.final_loss, "chunk_end": True},
                    chunk_event=event)
             send(event)
+
+
+_CHECKPOINT_NAME = re.compile(r"(?P<line>.+)\.chunk-(?P<chunk>\d{3})(?:\.step-(?P<step>\d{7}))?")
+
+
+def checkpoint_order(name: str, line_ids: list[str]) -> tuple[int, int, int, int] | None:
+    """Sort key of a checkpoint folder name within a group's run: line, chunk, in-chunk step, chunk end last."""
+    match = _CHECKPOINT_NAME.fullmatch(name)
+    if match is None or match["line"] not in line_ids:
+        return None
+    step = match["step"]
+    return (line_ids.index(match["line"]), int(match["chunk"]), 0 if step else 1, int(step or 0))
+
+
+def _gather(value: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def _restore_newest(config: dict[str, Any], latest: Any, load_state: Callable) -> tuple[str | None, Any]:
+    """The newest complete checkpoint of this run: Ray's latest, or a newer one in the run's folder.
+
+    Ray Train 2.60 registers a reported checkpoint only when its controller next polls the workers, so after a
+    kill `get_checkpoint()` can be one behind what was already persisted. Rank 0 lists the run's folder, picks the
+    newest folder whose state verifies (a partial upload does not), and every rank loads that one.
+    """
+    import ray.train
+    import torch.distributed as dist
+
+    line_ids = [task.line.id for task in config["tasks"]]
+    run_url = f"{config['storage_uri'].rstrip('/')}/{config['run_name']}"
+    fs, run_path = config["checkpoint_fs"](run_url)
+    chosen: list[Any] = [None]
+    if ray.train.get_context().get_world_rank() == 0:
+        candidates = []
+        if latest is not None:
+            candidates.append(latest.path.rstrip("/"))
+        try:
+            import pyarrow.fs as pafs
+
+            infos = fs.get_file_info(pafs.FileSelector(run_path, allow_not_found=True))
+            candidates += [info.path for info in infos if info.type == pafs.FileType.Directory]
+        except OSError:
+            pass  # storage listing failed: fall back to Ray's own latest
+        ranked = sorted({c for c in candidates if checkpoint_order(c.rsplit("/", 1)[-1], line_ids)},
+                        key=lambda c: checkpoint_order(c.rsplit("/", 1)[-1], line_ids), reverse=True)
+        for path in ranked:
+            try:
+                with ray.train.Checkpoint(path, filesystem=fs).as_directory() as folder:
+                    load_state(folder)  # verifies the footer; the state itself is loaded by every rank below
+            except Exception:
+                continue  # partial upload or unreadable: an older one will do
+            chosen[0] = path
+            break
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(chosen, src=0)
+    if chosen[0] is None:
+        return None, None
+    with ray.train.Checkpoint(chosen[0], filesystem=fs).as_directory() as folder:
+        return chosen[0], load_state(folder)
 
 
 class _CheckpointFs:

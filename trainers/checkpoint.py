@@ -1,14 +1,20 @@
-"""Training state on disk: one `state.pt` per checkpoint folder, written atomically.
+"""Training state on disk: one self-verifying `state.pt` per checkpoint folder, written atomically.
 
-    save_state(folder, state)      # temp file + os.replace: a kill mid-save leaves the old file or none
-    state = load_state(folder)     # raises CheckpointError naming the folder when absent or unreadable
+    save_state(folder, state)      # temp file + fsync + os.replace: a kill mid-save leaves the old file or none
+    state = load_state(folder)     # raises CheckpointError naming the folder when absent, partial or unreadable
 
-The orchestrator hands the folder to Ray Train, which uploads it to the storage URL.
+The file is torch.save's bytes followed by a footer (magic, sha256 and length of those bytes). The orchestrator
+hands the folder to Ray Train, which uploads it to the storage URL; an upload cut short by a kill can leave a prefix
+of the file there, and the footer is what tells it from a complete checkpoint, so a resume never loads it. Keeping
+digest and payload in one file keeps the local overwrite a single atomic rename.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,6 +23,8 @@ import torch
 
 STATE_FILE = "state.pt"
 FORMAT_VERSION = 1
+_MAGIC = b"SSLCKPT1"
+_FOOTER = struct.Struct(f"<{len(_MAGIC)}s32sQ")  # magic, sha256 of the payload, payload length
 
 
 class CheckpointError(RuntimeError):
@@ -26,27 +34,54 @@ class CheckpointError(RuntimeError):
 def save_state(folder: str | Path, state: dict[str, Any]) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    payload = {"format_version": FORMAT_VERSION, **state}
+    buffer = io.BytesIO()
+    torch.save({"format_version": FORMAT_VERSION, **state}, buffer)
+    payload = buffer.getbuffer()
+    footer = _FOOTER.pack(_MAGIC, hashlib.sha256(payload).digest(), len(payload))
+    target = folder / STATE_FILE
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".state-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
+            fh.write(payload)
+            fh.write(footer)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, folder / STATE_FILE)
+        os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return folder / STATE_FILE
+    return target
+
+
+def _verified_payload(path: Path) -> memoryview:
+    data = path.read_bytes()
+    if len(data) < _FOOTER.size:
+        raise CheckpointError(f"checkpoint {path}: {len(data)} bytes, too short to be complete (partial upload?)")
+    magic, sha, length = _FOOTER.unpack_from(data, len(data) - _FOOTER.size)
+    if magic != _MAGIC:
+        raise CheckpointError(f"checkpoint {path}: no streamssl footer (partial upload, or not a streamssl checkpoint)")
+    payload = memoryview(data)[: len(data) - _FOOTER.size]
+    if length != len(payload) or hashlib.sha256(payload).digest() != sha:
+        raise CheckpointError(f"checkpoint {path}: payload does not match its sha256 (corrupted)")
+    return payload
+
+
+def verify_state(folder: str | Path) -> None:
+    """Raise CheckpointError unless `folder` holds a complete, untouched checkpoint."""
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {folder}: no {STATE_FILE} (incomplete or not a streamssl checkpoint)")
+    _verified_payload(path)
 
 
 def load_state(folder: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(folder) / STATE_FILE
     if not path.is_file():
         raise CheckpointError(f"checkpoint {folder}: no {STATE_FILE} (incomplete or not a streamssl checkpoint)")
+    payload = _verified_payload(path)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # truncated or foreign file
+        state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=False)
+    except Exception as exc:  # a foreign file that happens to carry a valid footer
         raise CheckpointError(f"checkpoint {path}: unreadable ({exc})") from exc
     if state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(

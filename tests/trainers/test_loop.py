@@ -107,9 +107,20 @@ def test_broken_checkpoints_are_refused(tmp_path) -> None:
     with pytest.raises(CheckpointError, match="no state.pt"):
         load_state(tmp_path)
     (tmp_path / "state.pt").write_bytes(b"truncated")
-    with pytest.raises(CheckpointError, match="unreadable"):
+    with pytest.raises(CheckpointError, match="too short"):
         load_state(tmp_path)
-    assert not list(tmp_path.glob(".state-*"))
+    # A complete save, then copies of it cut short (an upload killed midway) or with one byte flipped.
+    good = tmp_path / "good"
+    save_state(good, {"w": torch.arange(10_000)})
+    full = (good / "state.pt").read_bytes()
+    for name, content, error in [("partial", full[:-100], "no streamssl footer"),
+                                 ("flipped", full[:50] + bytes([full[50] ^ 1]) + full[51:], "sha256")]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "state.pt").write_bytes(content)
+        with pytest.raises(CheckpointError, match=error):
+            load_state(tmp_path / name)
+    assert torch.equal(load_state(good)["w"], torch.arange(10_000))
+    assert not list(good.glob(".state-*"))
 
 
 def test_byol_line_trains_and_moves_its_target() -> None:
