@@ -1,0 +1,83 @@
+"""The MLflow server dies in the middle of a whole `streamssl run` and comes back: training does not crash, the run
+finishes, and every chunk, evaluation and loss point is in the store exactly once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from orchestrator import tracking as tr
+from tests.faults.mlflow_server import MlflowServer
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+OUTAGE_S = 12.0
+
+
+def test_run_rides_out_a_tracking_server_restart(tmp_path: Path, synthetic_url: str) -> None:
+    spec = {
+        "name": "tracking-outage-run",
+        "data": {"url": synthetic_url, "image_size": 16},
+        "stream": {"kind": "instance", "chunks": 3, "seed": 0},
+        "lines": {"method": ["simclr"], "strategy": ["sequential"]},
+        "backbone": {"width": 8, "cifar_stem": False},
+        "methods": {"simclr": {"proj_hidden": 64}},
+        "optim": {"lr": 0.1, "epochs_per_chunk": 3, "batch_size": 32},
+        "eval": {"linear_epochs": 5, "baseline": False},
+        "resources": {"workers": 2},
+        "storage": {"workdir": str(tmp_path / "runs")},
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with MlflowServer(tmp_path / "mlflow") as server:
+        client = MlflowClient(server.uri)
+        command = [sys.executable, "-m", "cli.app", "run", str(path), "--tracking-uri", server.uri]
+        log = open(tmp_path / "driver.log", "w")
+        driver = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 400
+            while time.time() < deadline:
+                assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+                exp = client.get_experiment_by_name("tracking-outage-run")
+                if exp and client.search_runs([exp.experiment_id], f"tags.`{tr.RUN_TYPE}` = 'chunk'"):
+                    break
+                time.sleep(0.5)
+            else:
+                pytest.fail("no chunk run appeared in time")
+            server.stop()  # the outage: connection refused while chunks 1 and 2 train and chunk 0 evaluates
+            down_at = time.time()
+            time.sleep(OUTAGE_S)
+            assert driver.poll() is None, "the driver gave up during the outage:\n" + (
+                tmp_path / "driver.log").read_text()[-3000:]
+            server.start()
+            rc = driver.wait(timeout=600)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+            log.close()
+        output = (tmp_path / "driver.log").read_text()
+        assert rc == 0, output[-4000:]
+        print(f"finished {time.time() - down_at:.0f} s after the server went down for {OUTAGE_S:.0f} s")
+
+        exp = client.get_experiment_by_name("tracking-outage-run")
+        runs = client.search_runs([exp.experiment_id])
+        assert not [r for r in runs if r.info.status != "FINISHED"]
+        by_type: dict[str, list] = {}
+        for run in runs:
+            by_type.setdefault(run.data.tags.get(tr.RUN_TYPE), []).append(run)
+        assert len(by_type["plan"]) == 1
+        assert sorted(r.data.tags[tr.CHUNK] for r in by_type["chunk"]) == ["0", "1", "2"]
+        assert sorted(r.data.tags[tr.CHUNK] for r in by_type["eval"]) == ["0", "1", "2"]
+        for run in by_type["chunk"]:
+            history = client.get_metric_history(run.info.run_id, "train_loss")
+            assert len(history) == run.data.metrics["steps"]  # every loss point once
+            assert sorted(m.step for m in history) == list(range(len(history)))
+            assert 0 <= run.data.metrics["knn_top1"] <= 1
+        plan = by_type["plan"][0]
+        assert 0 <= plan.data.metrics["simclr-sequential.knn.avg_acc"] <= 1, sorted(plan.data.metrics)
