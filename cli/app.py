@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import lineage, run, status, ui
+from cli import lineage, logs, run, status, submit, ui
 
 app = typer.Typer(
     name="streamssl",
@@ -14,7 +14,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("run")(run.run)
+app.command("submit")(submit.submit)
 app.command("status")(status.status)
+app.command("logs")(logs.logs)
 app.command("lineage")(lineage.lineage)
 app.command("ui")(ui.ui)
 

@@ -15,6 +15,10 @@ TrackingUri = typer.Option(
          "(the embedded default). Point it at an `mlflow server` to share runs.",
 )
 SpecArg = typer.Argument(..., exists=False, help="Experiment spec (YAML), e.g. examples/quickstart.yaml.")
+Address = typer.Option(
+    None, "--address",
+    help="Ray Jobs API of the cluster, http://HEAD:8265 (default: $RAY_ADDRESS).",
+)
 Sets = typer.Option(
     [], "--set", "-s",
     help="Override a spec field: --set optim.lr=0.1 --set stream.chunks=5 (values are read as YAML).",

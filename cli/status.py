@@ -1,17 +1,31 @@
-"""`streamssl status SPEC`: every job of the spec's plan and the state of its newest MLflow run."""
+"""`streamssl status SPEC`: every job of the spec's plan and the state of its newest MLflow run.
+`streamssl status --job ID`: the state of a Ray job submitted with `streamssl submit`."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional
 
+import typer
+
 from cli.common import console, exits_cleanly
-from cli.options import Sets, SpecArg, TrackingUri
+from cli.options import Address, Sets, TrackingUri
 
 
 @exits_cleanly
-def status(spec: Path = SpecArg, sets: list[str] = Sets, tracking_uri: Optional[str] = TrackingUri) -> None:
-    """List the plan's jobs (line x chunk) with FINISHED / RUNNING / FAILED / PENDING."""
+def status(
+    spec: Optional[Path] = typer.Argument(None, help="Experiment spec (YAML); not needed with --job."),
+    sets: list[str] = Sets,
+    tracking_uri: Optional[str] = TrackingUri,
+    job: Optional[str] = typer.Option(None, "--job", help="A job id from `streamssl submit`: show that job instead."),
+    address: Optional[str] = Address,
+) -> None:
+    """List the plan's jobs (line x chunk) with FINISHED / RUNNING / FAILED / PENDING, or one submitted job."""
+    if job:
+        return _job_status(job, address)
+    if spec is None:
+        raise typer.BadParameter("give a SPEC, or --job ID for a submitted job", param_hint="SPEC")
     from evaluators.report import results_table
     from orchestrator.lineage import job_states
     from orchestrator.planner import build_plan
@@ -29,3 +43,16 @@ def status(spec: Path = SpecArg, sets: list[str] = Sets, tracking_uri: Optional[
     for row in rows:
         counts[row["state"]] = counts.get(row["state"], 0) + 1
     console.print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+
+
+def _job_status(job_id: str, address: Optional[str]) -> None:
+    from orchestrator.jobs import job_info
+
+    info = job_info(address, job_id)
+    when = lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"  # noqa: E731
+    elapsed = ((info.end_time or time.time()) - info.start_time) if info.start_time else None
+    console.print(f"job {info.job_id}: [bold]{info.status}[/]", highlight=False)
+    console.print(f"  started {when(info.start_time)}, ended {when(info.end_time)}"
+                  + (f", {elapsed:.0f} s" if elapsed is not None else ""), highlight=False)
+    if info.message:
+        console.print(f"  {info.message}", highlight=False)

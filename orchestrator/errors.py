@@ -35,3 +35,9 @@ class TrackingError(StreamsslError):
     """The MLflow tracking store cannot be reached or refused a write."""
 
     exit_code = 5
+
+
+class ClusterError(StreamsslError):
+    """The Ray cluster (Jobs API) cannot be reached, refused a request, or a submitted job failed."""
+
+    exit_code = 6

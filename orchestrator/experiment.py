@@ -59,7 +59,9 @@ def init_ray(address: str | None, spec: Spec) -> None:
     # Declare more logical CPUs than cores: training workers hold fractional CPUs and Ray Data's read/decode tasks
     # and the evaluation actor need slots beside them, or the pipeline stalls on a 2-core machine.
     num_cpus = spec.resources.num_cpus or max(4, os.cpu_count() or 1)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+    # address="local": always a fresh Ray of our own, never whatever cluster happens to run on this machine
+    # (plain ray.init() would join it, and $RAY_ADDRESS would redirect it).
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
 
 
