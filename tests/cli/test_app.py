@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from cli.app import app
 from tests.orchestrator.s3_server import free_port
 
-COMMANDS = [["run"], ["status"], ["lineage"], ["ui"], ["data"], ["data", "synth"], ["data", "prepare"], ["data", "verify"]]
+COMMANDS = [["run"], ["submit"], ["status"], ["logs"], ["lineage"], ["ui"], ["data"], ["data", "synth"], ["data", "prepare"], ["data", "verify"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c))
@@ -110,3 +110,38 @@ def test_ui_serves_the_runs_table_on_loopback(tmp_path: Path) -> None:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=30)
         reader.join(timeout=5)
+
+
+def test_submit_without_a_cluster_exits_6_naming_the_address(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    spec = Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
+    result = CliRunner().invoke(app, ["submit", str(spec)])
+    assert result.exit_code == 6 and "RAY_ADDRESS" in result.output
+    port = free_port()  # nothing listens there
+    result = CliRunner().invoke(app, ["submit", str(spec), "--address", f"127.0.0.1:{port}"])
+    assert result.exit_code == 6 and f"http://127.0.0.1:{port}" in result.output
+    result = CliRunner().invoke(app, ["logs", "some-job", "--address", "ray://127.0.0.1:10001"])
+    assert result.exit_code == 6 and "Jobs API" in result.output
+
+
+def test_submit_warns_about_local_paths_before_contacting_the_cluster(tmp_path: Path) -> None:
+    from orchestrator.jobs import cluster_warnings, stage
+    from orchestrator.spec import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml")
+    warnings = cluster_warnings(spec)
+    assert [w.split("=")[0].split(" ")[0] for w in warnings] == ["data.url", "storage.checkpoints", "tracking.uri"]
+    remote = load_spec(Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml", [
+        "data.url=s3://bucket/data", "storage.checkpoints=s3://bucket/ckpt", "tracking.uri=http://mlflow:5000",
+        "data.storage_options={key: AKIA, secret: hush}"])
+    assert cluster_warnings(remote) == []
+    # The staged working dir holds the packages and the spec as validated, secrets included (the job needs them).
+    staged = stage(remote, tmp_path)
+    assert (staged / "cli" / "app.py").is_file() and (staged / "orchestrator" / "jobs.py").is_file()
+    assert not list(staged.rglob("__pycache__"))
+    assert load_spec(staged / "spec.yaml").data.storage_options["secret"] == "hush"
+
+
+def test_status_needs_a_spec_or_a_job() -> None:
+    result = CliRunner().invoke(app, ["status"])
+    assert result.exit_code == 2 and "--job" in result.output
