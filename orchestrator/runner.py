@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from orchestrator import storage
 from orchestrator.errors import TrainingError
-from orchestrator.ingest import chunk_dataset, chunk_rows, shard_refs
+from orchestrator.ingest import DeviceBatchDecoder, chunk_dataset, chunk_rows, shard_refs
 from orchestrator.planner import ExperimentPlan, Job, Line
 from orchestrator.spec import Spec
 from trainers.loop import LoopConfig, views_from_spec_dicts
@@ -117,6 +117,7 @@ def _train_fn(config: dict[str, Any]) -> None:
         # (the driver ignores a chunk it has already logged).
         send(restored_state["chunk_event"])
 
+    device_decoder = DeviceBatchDecoder(config["image_size"], device, config["on_corrupt"], config["corrupt_counter"])
     for line_index, task in enumerate(config["tasks"]):
         if line_index < restored_line or (line_index > restored_line and not task.jobs):
             continue
@@ -147,9 +148,15 @@ def _train_fn(config: dict[str, Any]) -> None:
             steps_per_epoch = config["steps_per_epoch"][_dataset_name(task.line.strategy, chunk)]
 
             def batches(epoch: int):
+                shuffle = {"local_shuffle_buffer_size": task.config.batch_size * 4,
+                           "local_shuffle_seed": epoch + 1000 * chunk}
+                if config["decode"] == "device":
+                    for batch in shard.iter_batches(batch_size=task.config.batch_size, batch_format="numpy",
+                                                    drop_last=True, **shuffle):
+                        yield device_decoder(batch)
+                    return
                 for batch in shard.iter_torch_batches(
-                    batch_size=task.config.batch_size, dtypes=torch.uint8, drop_last=True,
-                    local_shuffle_buffer_size=task.config.batch_size * 4, local_shuffle_seed=epoch + 1000 * chunk,
+                    batch_size=task.config.batch_size, dtypes=torch.uint8, drop_last=True, **shuffle,
                 ):
                     yield batch["image"].permute(0, 3, 1, 2)
 
@@ -290,7 +297,8 @@ def train_group(
                     "lower the batch size or use fewer chunks"
                 )
             datasets[name] = chunk_dataset(refs, plan.stream, job.training_chunks, spec.data.image_size,
-                                           spec.data.storage_options, counter=corrupt_counter)
+                                           spec.data.storage_options, counter=corrupt_counter,
+                                           decode=spec.data.decode)
             steps_per_epoch[name] = steps
 
     storage_fs, storage_path = storage.pyarrow_filesystem(spec.checkpoint_url, spec.storage.storage_options)
@@ -309,6 +317,10 @@ def train_group(
             "run_name": run_name,
             "checkpoint_fs": _CheckpointFs(spec.storage.storage_options),
             "threads_per_worker": max(1, int(res.cpus_per_worker)),
+            "decode": spec.data.decode,
+            "image_size": spec.data.image_size,
+            "on_corrupt": "skip",
+            "corrupt_counter": corrupt_counter,
         },
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=resources),
         datasets=datasets,

@@ -50,6 +50,11 @@ class DataSpec(_Strict):
     eval_split: str = Field("val", description="held-out split for evaluation")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options (credentials, endpoint)")
     synthetic: SyntheticSpec | None = Field(None, description="make the synthetic set at `url` if it is missing")
+    decode: Literal["ray_data", "device"] = Field(
+        "ray_data",
+        description="where training JPEGs are decoded: 'ray_data' (CPU tasks beside the workers) or 'device' (each "
+                    "training worker decodes its batch on its own device: nvjpeg on a GPU, leaving the CPUs free)",
+    )
 
 
 class StreamSpec(_Strict):
