@@ -22,7 +22,7 @@ import io
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -125,20 +125,22 @@ class ReadChunkRows:
     Rows carry a `shard` column (the redacted URL) so the decode step can name a bad row's shard.
     """
 
-    def __init__(self, plan: StreamPlan, chunks: Sequence[int], storage_options: dict[str, Any]):
+    def __init__(self, plan: StreamPlan, chunks: Sequence[int], storage_options: dict[str, Any], block_rows: int = 64):
+        self.block_rows = block_rows
         self.plan = plan
         self.chunks = list(chunks)
         self.storage_options = storage_options
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        tables = []
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[pa.Table]:
         for url, sha in zip(batch["url"], batch["sha256"]):
             table = read_shard(str(url), expected_sha256=str(sha), columns=["key", "image", "label", "domain"],
                                storage_options=self.storage_options)
             table = self.plan.select(table, self.chunks)
-            tables.append(table.append_column(SHARD_COLUMN, pa.array([storage.redact(str(url))] * table.num_rows,
-                                                                     pa.string())))
-        return pa.concat_tables(tables)
+            table = table.append_column(SHARD_COLUMN, pa.array([storage.redact(str(url))] * table.num_rows, pa.string()))
+            # Small blocks, yielded as they are cut: decode starts on the first rows of a shard instead of waiting
+            # for the whole shard (the first batch of every epoch arrived ~1.4 s late with one block per shard).
+            for start in range(0, table.num_rows, self.block_rows):
+                yield table.slice(start, self.block_rows)
 
 
 class CorruptRowCounter:
@@ -237,7 +239,7 @@ def chunk_dataset(
         # ~10x fewer bytes through the object store than decoded pixels, and no CPU decode pool to keep up.
         ds = ds.select_columns(["key", "image", SHARD_COLUMN])
     elif decode == "ray_data":
-        ds = ds.map_batches(DecodeImages(image_size, on_corrupt, counter), batch_size=256, batch_format="pyarrow",
+        ds = ds.map_batches(DecodeImages(image_size, on_corrupt, counter), batch_size=None, batch_format="pyarrow",
                             num_cpus=decode_cpus)
     else:
         raise ValueError(f"decode must be 'ray_data' or 'device', got {decode!r}")
