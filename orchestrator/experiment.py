@@ -100,6 +100,8 @@ class _Driver:
         self.progress_tasks: dict[str, Any] = {}
         self.starts = 0  # worker-group starts seen in the current group (restarts = starts - 1)
         self.worker_nodes: list[str] = []  # Ray node id of each rank in the current worker group
+        self.started = time.time()  # driver start (after imports), for time_to_first_step_seconds
+        self.first_step_logged = False
         self.restarts_in_chunk = 0
 
     # ---------------------------------------------------------------- parent run
@@ -165,11 +167,21 @@ class _Driver:
             "restarts": self.restarts_in_chunk, "resumed_from_step": report.get("first_step", 0),
             # Undecodable rows skipped by the training reader so far (cumulative over the plan's readers).
             "corrupt_rows_skipped_total": self._corrupt_rows(),
+            # Where a chunk's wall time goes besides compute (rank 0's view).
+            "first_batch_seconds": report.get("first_batch_s", 0.0), "data_wait_seconds": report.get("data_wait_s", 0.0),
+            "checkpoint_in_chunk_seconds": report.get("checkpoint_s", 0.0),
+            "checkpoint_save_seconds": event.get("checkpoint_save_s", 0.0),
+            "checkpoint_report_seconds": event.get("checkpoint_report_s", 0.0),
             "training_rows": sum(self.plan.stream.chunks[c].rows for c in job.training_chunks),
         })
         self.tracker.log_dataset(run_id, self.plan.data_url, f"{self.plan.stream.kind}-chunks-{'-'.join(map(str, job.training_chunks))}",
                                  f"{self.plan.stream.digest}:{job.training_chunks}", "train")
         self.tracker.end_run(run_id, "FINISHED", end_ms=ended_ms)
+        if not self.first_step_logged and report.get("first_step", 0) == 0:
+            # The first chunk this driver trained: when did its first step start, counted from the driver's start?
+            self.first_step_logged = True
+            self.tracker.log_metrics(self.parent, {
+                "time_to_first_step_seconds": event["started"] + report.get("first_batch_s", 0.0) - self.started})
         self.chunk_runs[job.key] = run_id
         self.restarts_in_chunk = 0
         self.chunk_rows[job.key] = {"line": job.line.id, "chunk": job.chunk, "loss": report["final_loss"],
@@ -277,12 +289,15 @@ class _Driver:
             self.evaluator = ray.remote(num_cpus=1)(EvalActor).remote(
                 self.plan.stream, self.plan.manifest, self.spec.data.model_dump(), self.spec.eval.model_dump(),
                 self.spec.data.storage_options, self.spec.seed)
+            baseline = None
             if self.spec.eval.baseline and self.spec.eval.every_chunk:
-                first = self.plan.lines[0]
-                summary.baseline = ray.get(self.evaluator.evaluate.remote(loop_config(self.spec, first, False), None))
+                # Evaluated while the worker group starts, not before it: the driver only needs it at the end.
+                baseline = self.evaluator.evaluate.remote(loop_config(self.spec, self.plan.lines[0], False), None)
+            summary.restarts = self._train_all()
+            if baseline is not None:
+                summary.baseline = ray.get(baseline)
                 self.tracker.log_metrics(self.parent, {f"baseline_{k}": v for k, v in summary.baseline.items()
                                                        if k.endswith("_top1")})
-            summary.restarts = self._train_all()
             self.collect(block=True)
             self._summarise(summary)
         except BaseException:
@@ -328,6 +343,8 @@ class _Driver:
                 result = train_group(self.plan, tasks, ray_run_name(self.plan, self.parent, group_index), self.on_event,
                                      corrupt_counter=self.corrupt_counter)
                 restarts += result.restarts
+                self.tracker.log_metrics(self.parent, {"worker_group_start_seconds": result.start_s,
+                                                       "worker_group_stop_seconds": result.stop_s}, step=group_index)
         self.progress = None
         return restarts
 

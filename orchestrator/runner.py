@@ -72,6 +72,8 @@ class LineTask:
 class GroupResult:
     restarts: int = 0
     events: list[dict[str, Any]] = field(default_factory=list)
+    start_s: float = 0.0  # fit() called -> the first worker reported in (worker group and datasets up)
+    stop_s: float = 0.0  # the last chunk's event -> fit() returned (group teardown)
 
 
 def checkpoint_dir_name(line: Line | str, chunk: int, step: int | None = None) -> str:
@@ -130,14 +132,18 @@ def _train_fn(config: dict[str, Any]) -> None:
                 trainer.load_state_dict(load_state(folder))
         chunk_jobs = {job.chunk: job for job in task.jobs}
 
-        def report(dir_name: str, metrics: dict[str, Any], chunk_event: dict[str, Any] | None = None) -> None:
+        def report(dir_name: str, metrics: dict[str, Any], chunk_event: dict[str, Any] | None = None) -> dict:
+            """Save (rank 0) and persist a checkpoint; returns how long the save and the report took."""
             with tempfile.TemporaryDirectory() as folder:
                 checkpoint = None
+                started = time.perf_counter()
                 if rank == 0:
                     save_state(folder, {**trainer.state_dict(), "line_index": line_index, "line_id": task.line.id,
                                         "chunk_event": chunk_event})
                     checkpoint = ray.train.Checkpoint.from_directory(folder)
+                saved = time.perf_counter()
                 ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=dir_name)
+                return {"checkpoint_save_s": saved - started, "checkpoint_report_s": time.perf_counter() - saved}
 
         while trainer.position["chunks_done"] < config["num_chunks"]:
             chunk = trainer.position["chunks_done"]
@@ -176,9 +182,9 @@ def _train_fn(config: dict[str, Any]) -> None:
                      "checkpoint_uri": f"{config['storage_uri'].rstrip('/')}/{config['run_name']}/{dir_name}",
                      "started": started, "ended": time.time(), "report": result.as_dict(),
                      "world_size": ctx.get_world_size()}
-            report(dir_name, {"line": task.line.id, "chunk": chunk, "loss": result.final_loss, "chunk_end": True},
-                   chunk_event=event)
-            send(event)
+            timing = report(dir_name, {"line": task.line.id, "chunk": chunk, "loss": result.final_loss,
+                                       "chunk_end": True}, chunk_event=event)
+            send({**event, **timing})
 
 
 _CHECKPOINT_NAME = re.compile(r"(?P<line>.+)\.chunk-(?P<chunk>\d{3})(?:\.step-(?P<step>\d{7}))?")
@@ -342,12 +348,14 @@ def train_group(
             outcome["error"] = exc
 
     thread = threading.Thread(target=fit, name=f"fit-{run_name}", daemon=True)
+    fit_called = time.time()
     thread.start()
     result = GroupResult()
     starts = 0
+    first_start = last_chunk = None
 
     def drain(block: bool) -> None:
-        nonlocal starts
+        nonlocal starts, first_start, last_chunk
         while True:
             try:
                 event = events.get(block=block, timeout=0.5) if block else events.get_nowait()
@@ -355,6 +363,9 @@ def train_group(
                 return
             if event["type"] == "start":
                 starts += 1
+                first_start = first_start or event["time"]
+            elif event["type"] == "chunk":
+                last_chunk = time.time()
             result.events.append(event)
             on_event(event)
             block = False
@@ -362,8 +373,11 @@ def train_group(
     while thread.is_alive():
         drain(block=True)
     thread.join()
+    returned = time.time()
     drain(block=False)
     result.restarts = max(0, starts - 1)
+    result.start_s = (first_start - fit_called) if first_start else 0.0
+    result.stop_s = (returned - last_chunk) if last_chunk else 0.0
     try:
         events.shutdown()
     except Exception:

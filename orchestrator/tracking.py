@@ -119,7 +119,9 @@ def _is_http(uri: str) -> bool:
 @contextlib.contextmanager
 def _mlflow_http_env(timeout: int):
     """MLflow reads its HTTP retry settings per request: no built-in retries (ours decide), a bounded timeout."""
-    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout)}
+    # MLflow prints "View run ... at <url>" on every end_run against a server, fetching the run to do so.
+    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout),
+                "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
     with _ENV_LOCK:
         saved = {k: os.environ.get(k) for k in settings}
         os.environ.update(settings)

@@ -85,6 +85,9 @@ class ChunkReport:
     losses: list[float]  # one per step, this worker
     final_loss: float
     first_step: int = 0  # > 0 when the chunk resumed from a checkpoint taken inside it
+    first_batch_s: float = 0.0  # from the chunk's start to its first batch in hand (pipeline start-up)
+    data_wait_s: float = 0.0  # total time blocked waiting for batches (the input path's share of `seconds`)
+    checkpoint_s: float = 0.0  # total time in on_checkpoint (in-chunk checkpoints)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -196,6 +199,7 @@ class LineTrainer:
         first_step = self.position["step"]
         started = time.perf_counter()
         interval_start, interval_samples = started, 0
+        first_batch_s, data_wait_s, checkpoint_s = None, 0.0, 0.0
         autocast = (
             torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
             if cfg.precision == "bf16"
@@ -206,10 +210,15 @@ class LineTrainer:
             skip = self.position["step"] - epoch * steps_per_epoch  # steps of this epoch done before a resume
             iterator = iter(batches(epoch))
             for _ in range(max(0, steps_per_epoch - skip)):
+                waiting = time.perf_counter()
                 try:
                     images = next(iterator)
                 except StopIteration:
                     break
+                now = time.perf_counter()
+                data_wait_s += now - waiting
+                if first_batch_s is None:
+                    first_batch_s = now - started
                 step = self.position["step"]
                 lr = learning_rate(cfg, step, steps_total, steps_per_epoch)
                 for group in self.optimizer.param_groups:
@@ -238,7 +247,9 @@ class LineTrainer:
                     interval_start, interval_samples = now, 0
                 if on_checkpoint and cfg.checkpoint_every_steps and (step + 1) % cfg.checkpoint_every_steps == 0:
                     if step + 1 < steps_total:
+                        saving = time.perf_counter()
                         on_checkpoint()
+                        checkpoint_s += time.perf_counter() - saving
             self.position["epoch"] = epoch + 1
         loss_values = torch.stack(losses).cpu().tolist() if losses else []
         if loss_values and not all(math.isfinite(v) for v in loss_values):
@@ -252,6 +263,9 @@ class LineTrainer:
             losses=loss_values,
             final_loss=loss_values[-1] if loss_values else float("nan"),
             first_step=first_step,
+            first_batch_s=first_batch_s or 0.0,
+            data_wait_s=data_wait_s,
+            checkpoint_s=checkpoint_s,
         )
 
 

@@ -73,6 +73,9 @@ def test_every_chunk_has_a_finished_run_checkpoint_and_evaluation(finished_run) 
         assert run.data.tags[tr.PLAN_KEY] == plan.data.tags[tr.PLAN_KEY]
         assert run.data.params["optim.lr"] == "0.5" and run.data.params["line.method"] in ("simclr", "byol")
         assert run.data.metrics["world_size"] == 2  # both DDP workers trained
+        m = run.data.metrics  # where the chunk's time went, as logged for the overheads benchmark
+        assert 0 < m["first_batch_seconds"] <= m["data_wait_seconds"] < m["train_seconds"]
+        assert m["checkpoint_save_seconds"] > 0 and m["checkpoint_report_seconds"] > 0
         history = client.get_metric_history(run.info.run_id, "train_loss")
         assert len(history) == run.data.metrics["steps"] > 0
         state = load_state(run.data.tags[tr.CHECKPOINT])
@@ -84,6 +87,8 @@ def test_every_chunk_has_a_finished_run_checkpoint_and_evaluation(finished_run) 
             assert run.data.metrics[name] == ev.data.metrics[name]
         assert {f"knn_task{t}" for t in range(2)} <= set(ev.data.metrics)
         assert json.loads(ev.data.tags[tr.TAG + "eval_protocol"])["knn"]["k"] == 20
+    assert 0 < plan.data.metrics["time_to_first_step_seconds"] < 600
+    assert plan.data.metrics["worker_group_start_seconds"] > 0 and plan.data.metrics["worker_group_stop_seconds"] >= 0
     joint_chunk1 = [r for r in chunks if r.data.tags[tr.LINE] == "simclr-joint" and r.data.tags[tr.CHUNK] == "1"][0]
     seq_chunk1 = [r for r in chunks if r.data.tags[tr.LINE] == "simclr-sequential" and r.data.tags[tr.CHUNK] == "1"][0]
     assert joint_chunk1.data.metrics["training_rows"] == 480 > seq_chunk1.data.metrics["training_rows"]
