@@ -10,7 +10,9 @@
    steps wrapped to record timestamps (no orchestrator code edited). Figures come from the clock outside the
    process (launch, exit), from the MLflow store the run wrote (plan/chunk/eval run times and the metrics
    log_chunk writes: train_seconds, steps, eval_seconds) and from the wrappers' records (Ray start, worker group
-   start and stop, the driver's MLflow calls). What none of these can show is marked "needs hook".
+   start and stop, the driver's MLflow calls), and the timing metrics the driver logs on chunk and plan runs
+   (first_batch_seconds, data_wait_seconds, checkpoint_save/report_seconds, worker_group_start/stop_seconds,
+   time_to_first_step_seconds).
 2. Checkpoints: ``trainers.checkpoint.save_state`` / ``load_state`` of a full training state (model, optimizer
    with momentum buffers, strategy, position) on local disk, and persisted to / restored from ``memory://`` the
    way Ray Train and the evaluator do it (pyarrow ``copy_files`` up, ``ray.train.Checkpoint.as_directory`` down).
@@ -169,8 +171,12 @@ def analyse_run(run: dict[str, Any], checkpoint_save_s: float | None) -> dict[st
           worker_start.get("worker_time") if worker_start else None, "worker 'start' event time")
     stage("first chunk: train_chunk entered", first_chunk["start"] if first_chunk else None,
           "MLflow chunk run start_time", "= the chunk event's 'started' (worker clock)")
-    stage("first training step done", None, "needs hook",
-          "train_chunk does not report its first step / first batch time")
+    first_step_s = ml["plan"]["metrics"].get("time_to_first_step_seconds")
+    stage("first training step starts (its batch in hand)",
+          (first_chunk["start"] + first_chunk["metrics"].get("first_batch_seconds", 0.0)) if first_chunk else None,
+          "MLflow: chunk start + first_batch_seconds",
+          f"the driver's own figure: time_to_first_step_seconds = {first_step_s:.1f} s from the driver's start "
+          "(after imports)" if first_step_s is not None else "")
     stage(f"first step event (step {first_step_event['step']}) received" if first_step_event else "first step event",
           first_step_event["t"] if first_step_event else None, "driver receipt of the worker's step event")
     stage("last chunk ended", max((c["end"] or 0) for c in chunks) if chunks else None, "MLflow chunk run end_time")
@@ -241,8 +247,25 @@ def analyse_run(run: dict[str, Any], checkpoint_save_s: float | None) -> dict[st
         f"amortised over {n_chunks} chunks; overlaps the worker group teardown")
     row("checkpoint save_state of this model (local disk, micro-benchmark)", checkpoint_save_s, checkpoint_save_s,
         "section 2", "part of the between-chunks gap")
-    row("first-batch wait / data wait inside a chunk", None, None, "needs hook",
-        "ChunkReport has no data-wait time")
+    waits = [c["metrics"].get("data_wait_seconds") for c in chunks if "data_wait_seconds" in c["metrics"]]
+    firsts = [c["metrics"].get("first_batch_seconds") for c in chunks if "first_batch_seconds" in c["metrics"]]
+    saves = [c["metrics"].get("checkpoint_save_seconds") for c in chunks if "checkpoint_save_seconds" in c["metrics"]]
+    reports = [c["metrics"].get("checkpoint_report_seconds") for c in chunks
+               if "checkpoint_report_seconds" in c["metrics"]]
+    row("first batch of a chunk (Ray Data pipeline start)", median(firsts), median(firsts),
+        "MLflow metric first_batch_seconds", "inside chunk training")
+    row("data wait inside a chunk (all batches, first included)", median(waits), median(waits),
+        "MLflow metric data_wait_seconds", "inside chunk training: the input path's share")
+    row("chunk-end checkpoint: save_state on rank 0", median(saves), median(saves),
+        "MLflow metric checkpoint_save_seconds", "worker clock")
+    row("chunk-end checkpoint: ray.train.report (persist + sync)", median(reports), median(reports),
+        "MLflow metric checkpoint_report_seconds", "worker clock")
+    plan_m = ml["plan"]["metrics"]
+    if "worker_group_stop_seconds" in plan_m:
+        row("worker group teardown as the driver logs it", plan_m["worker_group_stop_seconds"],
+            plan_m["worker_group_stop_seconds"] / n_chunks if n_chunks else None,
+            "MLflow metric worker_group_stop_seconds",
+            "~12 s of it is Ray Train 2.60's PlacementGroupCleaner stop timing out (controller log)")
     return {"stages": stages, "per_chunk": per_chunk, "orchestration": rows,
             "run_wall_s": run["exited"] - t0, "synthetic_data_s": run["synthetic_data_s"]}
 
