@@ -165,8 +165,8 @@ def analyse_run(run: dict[str, Any], checkpoint_save_s: float | None) -> dict[st
     stage("MLflow plan run created (then params, spec, stream plan logged)", ml["plan"]["start"],
           "MLflow plan run start_time")
     stage("local Ray started", init_ray["start"] + init_ray["seconds"] if init_ray else None, "wrapper: init_ray")
-    stage("eval actor up + random-init baseline evaluated", group_call["t"] if group_call else None,
-          "wrapper: train_group call", "the driver waits for the baseline before training")
+    stage("worker group requested (eval actor started; the baseline evaluates meanwhile)",
+          group_call["t"] if group_call else None, "wrapper: train_group call")
     stage("Ray Train worker group up (train fn entered on rank 0)",
           worker_start.get("worker_time") if worker_start else None, "worker 'start' event time")
     stage("first chunk: train_chunk entered", first_chunk["start"] if first_chunk else None,
