@@ -21,6 +21,7 @@ from orchestrator.synth import generate_synthetic
 from tests.cluster.ray_cluster import LocalRayCluster
 from tests.cluster.services import PostgresMlflow, require_postgres
 from tests.orchestrator.s3_server import S3Server
+from tests.specs import tiny_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,20 +47,12 @@ def streamssl(cluster: LocalRayCluster, *args: str, timeout: float = 300) -> sub
 
 
 def write_spec(folder: Path, s3: S3Server, tracking_uri: str, name: str, data: str = "data") -> Path:
-    spec = {
-        "name": name,
-        "data": {"url": s3.url(data), "image_size": 16, "storage_options": s3.storage_options},
-        "stream": {"kind": "instance", "chunks": 2, "seed": 0},
-        "lines": {"method": ["simclr"], "strategy": ["sequential"]},
-        "backbone": {"width": 8, "cifar_stem": False},
-        "methods": {"simclr": {"proj_hidden": 64}},
-        "optim": {"lr": 0.1, "epochs_per_chunk": 2, "batch_size": 32},
-        "eval": {"linear_epochs": 5, "baseline": False},
+    spec = tiny_spec(
+        name, s3.url(data), data={"storage_options": s3.storage_options},
         # 2 CPUs per worker on nodes of 3: the two DDP workers cannot share a node.
-        "resources": {"workers": 2, "cpus_per_worker": 2},
-        "storage": {"checkpoints": s3.url("checkpoints", name), "storage_options": s3.storage_options},
-        "tracking": {"uri": tracking_uri},
-    }
+        resources={"cpus_per_worker": 2},
+        storage={"checkpoints": s3.url("checkpoints", name), "storage_options": s3.storage_options},
+        tracking={"uri": tracking_uri})
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path

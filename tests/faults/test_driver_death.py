@@ -15,6 +15,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator import tracking as tr
+from tests.specs import tiny_spec
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,18 +29,8 @@ def chunk_runs(client: MlflowClient, name: str) -> list:
 
 
 def test_resume_after_driver_kill(tmp_path: Path, synthetic_url: str) -> None:
-    spec = {
-        "name": "driver-death",
-        "data": {"url": synthetic_url, "image_size": 16},
-        "stream": {"kind": "instance", "chunks": 3, "seed": 0},
-        "lines": {"method": ["simclr"], "strategy": ["sequential"]},
-        "backbone": {"width": 8, "cifar_stem": False},
-        "methods": {"simclr": {"proj_hidden": 64}},
-        "optim": {"lr": 0.1, "epochs_per_chunk": 4, "batch_size": 32},
-        "eval": {"linear_epochs": 5, "baseline": False},
-        "resources": {"workers": 2, "checkpoint_every_steps": 4},
-        "storage": {"workdir": str(tmp_path / "runs")},
-    }
+    spec = tiny_spec("driver-death", synthetic_url, stream={"chunks": 3}, optim={"epochs_per_chunk": 4},
+                     resources={"checkpoint_every_steps": 4}, storage={"workdir": str(tmp_path / "runs")})
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator import tracking as tr
 from tests.faults.mlflow_server import MlflowServer
+from tests.specs import tiny_spec
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,18 +22,8 @@ OUTAGE_S = 12.0
 
 
 def test_run_rides_out_a_tracking_server_restart(tmp_path: Path, synthetic_url: str) -> None:
-    spec = {
-        "name": "tracking-outage-run",
-        "data": {"url": synthetic_url, "image_size": 16},
-        "stream": {"kind": "instance", "chunks": 3, "seed": 0},
-        "lines": {"method": ["simclr"], "strategy": ["sequential"]},
-        "backbone": {"width": 8, "cifar_stem": False},
-        "methods": {"simclr": {"proj_hidden": 64}},
-        "optim": {"lr": 0.1, "epochs_per_chunk": 3, "batch_size": 32},
-        "eval": {"linear_epochs": 5, "baseline": False},
-        "resources": {"workers": 2},
-        "storage": {"workdir": str(tmp_path / "runs")},
-    }
+    spec = tiny_spec("tracking-outage-run", synthetic_url, stream={"chunks": 3}, optim={"epochs_per_chunk": 3},
+                     storage={"workdir": str(tmp_path / "runs")})
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     with MlflowServer(tmp_path / "mlflow") as server:

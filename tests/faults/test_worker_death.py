@@ -18,6 +18,7 @@ from orchestrator import tracking as tr
 from orchestrator.experiment import run_experiment
 from orchestrator.spec import validate_spec
 from trainers.checkpoint import CheckpointError, load_state, verify_state
+from tests.specs import tiny_spec
 
 pytestmark = pytest.mark.slow
 
@@ -42,18 +43,9 @@ def wait_for(predicate, timeout: float, what: str):
 
 
 def test_killed_worker_resumes_inside_the_chunk(tmp_path: Path, synthetic_url: str, ray_local) -> None:
-    spec = validate_spec({
-        "name": "worker-death",
-        "data": {"url": synthetic_url, "image_size": 16},
-        "stream": {"kind": "instance", "chunks": 2, "seed": 0},
-        "lines": {"method": ["simclr"], "strategy": ["sequential"]},
-        "backbone": {"width": 8, "cifar_stem": False},
-        "methods": {"simclr": {"proj_hidden": 64}},
-        "optim": {"lr": 0.1, "epochs_per_chunk": 8, "batch_size": 32},
-        "eval": {"linear_epochs": 5, "baseline": False},
-        "resources": {"workers": 2, "checkpoint_every_steps": 4, "max_failures": 2},
-        "storage": {"workdir": str(tmp_path / "runs")},
-    })
+    spec = validate_spec(tiny_spec("worker-death", synthetic_url, optim={"epochs_per_chunk": 8},
+                                   resources={"checkpoint_every_steps": 4, "max_failures": 2},
+                                   storage={"workdir": str(tmp_path / "runs")}))
     outcome: dict = {}
     log = io.StringIO()
 

@@ -23,6 +23,7 @@ from orchestrator.ingest import (
 from orchestrator.shards import load_manifest, read_index
 from orchestrator.spec import validate_spec
 from orchestrator.streams import make_plan
+from tests.specs import tiny_spec
 
 pytestmark = pytest.mark.slow
 
@@ -69,18 +70,8 @@ def test_a_corrupt_row_is_replaced_and_counted_or_fails_by_policy(ray_local) -> 
 
 
 def test_a_run_with_device_decode_trains_and_evaluates(tmp_path, synthetic_url: str, ray_local) -> None:
-    spec = validate_spec({
-        "name": "device-decode",
-        "data": {"url": synthetic_url, "image_size": 16, "decode": "device"},
-        "stream": {"kind": "instance", "chunks": 1, "seed": 0},
-        "lines": {"method": ["simclr"], "strategy": ["sequential"]},
-        "backbone": {"width": 8, "cifar_stem": False},
-        "methods": {"simclr": {"proj_hidden": 64}},
-        "optim": {"lr": 0.1, "epochs_per_chunk": 2, "batch_size": 64},
-        "eval": {"linear_epochs": 5, "baseline": False},
-        "resources": {"workers": 2},
-        "storage": {"workdir": str(tmp_path / "runs")},
-    })
+    spec = validate_spec(tiny_spec("device-decode", synthetic_url, data={"decode": "device"}, stream={"chunks": 1},
+                                   optim={"batch_size": 64}, storage={"workdir": str(tmp_path / "runs")}))
     run_experiment(spec, console=Console(file=io.StringIO()))
     from mlflow.tracking import MlflowClient
 
