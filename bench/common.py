@@ -313,3 +313,24 @@ def init_ray(num_cpus: int) -> None:
         ctx.print_on_execution_start = False
     except Exception:
         pass
+
+
+def augmentation_ops(aug: Any, T: Any, solarize_threshold: float) -> list[Any]:
+    """The SimCLR recipe of one AugmentConfig as torchvision transforms, from module `T` (`torchvision.transforms`
+    for per-sample PIL pipelines, `torchvision.transforms.v2` for batches), without tensor conversion or
+    normalisation; `solarize_threshold` is in the input's units (128 for PIL uint8, 0.5 for float tensors)."""
+    from trainers.views import BLUR_SIGMA, _blur_kernel_size
+
+    ops: list[Any] = [T.RandomResizedCrop(aug.size, scale=aug.scale, ratio=aug.ratio, antialias=True)]
+    if aug.flip_p > 0:
+        ops.append(T.RandomHorizontalFlip(aug.flip_p))
+    if aug.jitter_p > 0:
+        ops.append(T.RandomApply([T.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue)],
+                                 p=aug.jitter_p))
+    if aug.gray_p > 0:
+        ops.append(T.RandomGrayscale(aug.gray_p))
+    if aug.blur_p > 0:
+        ops.append(T.RandomApply([T.GaussianBlur(_blur_kernel_size(aug.size), sigma=BLUR_SIGMA)], p=aug.blur_p))
+    if aug.solarize_p > 0:
+        ops.append(T.RandomSolarize(solarize_threshold, p=aug.solarize_p))
+    return ops

@@ -38,21 +38,11 @@ class TwoViews:
     def __init__(self, aug, count: int = 2):
         from torchvision import transforms as T
 
-        from trainers.views import BLUR_SIGMA, IMAGENET_MEAN, IMAGENET_STD, _blur_kernel_size
+        from bench.common import augmentation_ops
+        from trainers.views import IMAGENET_MEAN, IMAGENET_STD
 
-        ops: list[Any] = [T.RandomResizedCrop(aug.size, scale=aug.scale, ratio=aug.ratio, antialias=True)]
-        if aug.flip_p > 0:
-            ops.append(T.RandomHorizontalFlip(aug.flip_p))
-        if aug.jitter_p > 0:
-            ops.append(T.RandomApply([T.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue)],
-                                     p=aug.jitter_p))
-        if aug.gray_p > 0:
-            ops.append(T.RandomGrayscale(aug.gray_p))
-        if aug.blur_p > 0:
-            ops.append(T.RandomApply([T.GaussianBlur(_blur_kernel_size(aug.size), sigma=BLUR_SIGMA)], p=aug.blur_p))
-        if aug.solarize_p > 0:
-            ops.append(T.RandomSolarize(128, p=aug.solarize_p))  # PIL uint8: >= 128 is views.py's >= 0.5
-        ops += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        # PIL uint8: >= 128 is views.py's >= 0.5
+        ops = augmentation_ops(aug, T, 128) + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
         self.transform = T.Compose(ops)
         self.count = count
 

@@ -41,7 +41,8 @@ if __package__ in (None, ""):  # `python bench/step_throughput.py`
 
 import torch
 
-from bench.common import add_common_arguments, median, print_table, resolve_device, spread, sync, write_results
+from bench.common import (add_common_arguments, augmentation_ops, median, print_table, resolve_device, spread,
+                          sync, write_results)
 
 VARIANTS = ("streamssl", "bare", "bare+make_views")
 
@@ -119,21 +120,9 @@ def v2_view_transform(aug) -> Callable[[torch.Tensor], torch.Tensor]:
     """torchvision.transforms.v2 for one AugmentConfig, on a float [B,3,H,W] batch in [0,1] (one draw per call)."""
     from torchvision.transforms import v2
 
-    from trainers.views import BLUR_SIGMA, IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD, _blur_kernel_size
+    from trainers.views import IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD
 
-    ops: list[Any] = [v2.RandomResizedCrop(aug.size, scale=aug.scale, ratio=aug.ratio, antialias=True)]
-    if aug.flip_p > 0:
-        ops.append(v2.RandomHorizontalFlip(aug.flip_p))
-    if aug.jitter_p > 0:
-        ops.append(v2.RandomApply([v2.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue)],
-                                  p=aug.jitter_p))
-    if aug.gray_p > 0:
-        ops.append(v2.RandomGrayscale(aug.gray_p))
-    if aug.blur_p > 0:
-        ops.append(v2.RandomApply([v2.GaussianBlur(_blur_kernel_size(aug.size), sigma=BLUR_SIGMA)], p=aug.blur_p))
-    if aug.solarize_p > 0:
-        ops.append(v2.RandomSolarize(SOLARIZE_THRESHOLD, p=aug.solarize_p))
-    ops.append(v2.Normalize(IMAGENET_MEAN, IMAGENET_STD))
+    ops = augmentation_ops(aug, v2, SOLARIZE_THRESHOLD) + [v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     return v2.Compose(ops)
 
 
