@@ -65,8 +65,9 @@ def plot_accuracy_matrix(
     task_names: Sequence[str] | None = None,
 ) -> Path:
     """Heatmap of ``acc`` ``[T, T]`` (rows: after training chunk i; columns: evaluated on task j) with each
-    value written in its cell (for T <= 20; beyond that the numbers would not fit). NaN cells are grey and
-    blank. Accepts a numpy array or an ``AccuracyMatrix``. Writes a PNG at ``path`` and returns it."""
+    value written in its cell (for T <= 20; beyond that the numbers would not fit). NaN cells (unknown or not
+    measured) are grey and marked "—", like the tables. Accepts a numpy array or an ``AccuracyMatrix``. Writes a
+    PNG at ``path`` and returns it."""
     matrix = np.asarray(acc, dtype=np.float64)
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] == 0:
         raise ValueError(f"acc must be a non-empty square [T, T] matrix, found shape {list(matrix.shape)}")
@@ -91,7 +92,10 @@ def plot_accuracy_matrix(
         fontsize = max(6.0, 11.0 - 0.3 * size)
         for i in range(size):
             for j in range(size):
-                if not math.isnan(matrix[i, j]):
+                if math.isnan(matrix[i, j]):
+                    # Marked, so an unknown cell is not read as a rendering gap.
+                    ax.text(j, i, MISSING, ha="center", va="center", color="0.35", fontsize=fontsize)
+                else:
                     # Dark text on the bright (high) end of viridis, white on the dark end.
                     color = "black" if matrix[i, j] > 0.6 else "white"
                     ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", color=color, fontsize=fontsize)

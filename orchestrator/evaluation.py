@@ -9,6 +9,7 @@ chunk form the line's accuracy matrix.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Iterator
 
@@ -22,6 +23,7 @@ from orchestrator.streams import StreamPlan
 from trainers.loop import LineTrainer, LoopConfig
 
 PROTOCOL_VERSION = "1"
+logger = logging.getLogger(__name__)
 
 
 def _batches(arrays: SplitArrays, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -55,12 +57,20 @@ def evaluate_backbone(
     device: str | torch.device = "cpu",
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Returns `{protocol}_top1` overall and `{protocol}_task_acc` (one accuracy per chunk's task)."""
+    """Returns `{protocol}_top1` overall and `{protocol}_task_acc` (one accuracy per chunk's task).
+
+    A task with no query rows (none of its classes or domains in the query split) has no accuracy: its entry is
+    NaN, which `AccuracyMatrix` records as unknown, and a warning names the task.
+    """
     started = time.perf_counter()
     bank_feats, bank_labels = extract_features(backbone, _batches(bank, eval_spec["batch_size"]), device=device)
     query_feats, query_labels = extract_features(backbone, _batches(queries, eval_spec["batch_size"]), device=device)
     truth = query_labels.numpy()
     masks = [plan.task_mask(t, queries.labels, queries.domains) for t in range(plan.num_chunks)]
+    for t, mask in enumerate(masks):
+        if not mask.any():
+            logger.warning("task %d (%s) has no rows in the %d query rows: its accuracy is unknown (NaN)", t,
+                           _task_units(plan, t), len(truth))
     out: dict[str, Any] = {}
     for name in eval_spec["every_chunk"]:
         if name == "knn":
@@ -76,6 +86,16 @@ def evaluate_backbone(
         out[f"{name}_task_acc"] = [float(correct[m].mean()) if m.any() else float("nan") for m in masks]
     out["eval_seconds"] = time.perf_counter() - started
     return out
+
+
+def _task_units(plan: StreamPlan, task: int) -> str:
+    """What task `task` is made of, as task_mask reads it: its chunk's domains, classes, or every row."""
+    chunk = plan.chunks[task]
+    if plan.kind == "instance":
+        return f"chunk {task}: every row"
+    if plan.kind == "domain":
+        return f"chunk {task}: domains {list(chunk.domains)}"
+    return f"chunk {task}: classes {list(chunk.classes)}"
 
 
 def backbone_from_state(config: LoopConfig, state: dict[str, Any] | None) -> torch.nn.Module:

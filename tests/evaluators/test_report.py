@@ -95,3 +95,33 @@ def test_plot_metric_curves_validates(tmp_path):
         plot_metric_curves({"knn": []}, tmp_path / "c.png")
     with pytest.raises(ValueError, match=r"series\['knn'\] must be a sequence of numbers"):
         plot_metric_curves({"knn": ["high"]}, tmp_path / "c.png")
+
+
+def test_unknown_accuracies_show_as_a_dash_in_tables_and_plots(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from evaluators.continual import continual_metrics
+
+    # task 1 had no query rows: its column is unknown after every chunk
+    matrix = AccuracyMatrix(3)
+    for i, row in enumerate([[0.9, None, 0.1], [0.7, None, 0.3], [0.6, None, 0.85]]):
+        matrix.record_row(i, row)
+    metrics = continual_metrics(matrix, baseline=[0.1, None, 0.05])
+    text = _render(results_table([{"line": "simclr-sequential", **metrics}], ["line", "avg_acc", "bwt", "fwt"]))
+    (line,) = [ln for ln in text.splitlines() if "simclr-sequential" in ln]
+    assert [c.strip() for c in line.split("│")[1:-1]] == ["simclr-sequential", "—", "—", "—"]
+
+    figures = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), save(fig, *a, **k))[1])
+    out = plot_accuracy_matrix(matrix, tmp_path / "acc.png")
+    (fig,) = figures
+    (ax,) = [a for a in fig.axes if a.get_xlabel() == "evaluated on task"]
+    cells = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
+    assert cells == {(0, 0): "0.90", (0, 1): "—", (0, 2): "0.10", (1, 0): "0.70", (1, 1): "—", (1, 2): "0.30",
+                     (2, 0): "0.60", (2, 1): "—", (2, 2): "0.85"}
+    # an unknown cell is drawn in the colour map's grey (0.85 * 255 = 216.75), away from its dash
+    x, y = ax.transData.transform((1.3, 0.3))
+    with Image.open(out) as image:
+        r, g, b = image.convert("RGB").getpixel((int(x), image.height - int(y)))
+    assert r == g == b and abs(r - 216.75) < 1
