@@ -319,8 +319,9 @@ class DeviceBatchDecoder:
     worker's device, through `trainers.decode.decode_jpeg_batch` (nvjpeg on CUDA, libjpeg-turbo on CPU).
 
     An undecodable row must not shrink the batch (every DDP rank steps on equal batches, and SimCLR gathers them),
-    so under `on_corrupt="skip"` it is replaced by another image of the same batch and reported to `counter`;
-    under "fail" it raises DataError naming the shard and the row key.
+    so under `on_corrupt="skip"` each one is filled with a copy of a row of the same batch that did decode, and
+    every bad (shard, key) is reported to `counter` once; a batch with no good row left raises DataError. Under
+    "fail" the first bad row raises DataError naming its shard and key.
     """
 
     def __init__(self, size: int, device: Any, on_corrupt: OnCorrupt = "skip", counter: Any = None):
@@ -328,21 +329,28 @@ class DeviceBatchDecoder:
         self.size, self.device, self.on_corrupt, self.counter = size, device, on_corrupt, counter
 
     def __call__(self, batch: dict[str, np.ndarray]):
-        from trainers.decode import ImageDecodeError, decode_jpeg_batch
+        from trainers.decode import decode_jpeg_batch
 
-        items = list(batch["image"])
-        bad: list[int] = []
-        while True:
-            try:
-                return decode_jpeg_batch(items, self.size, self.device)
-            except ImageDecodeError as exc:
-                key, shard = str(batch["key"][exc.index]), str(batch[SHARD_COLUMN][exc.index])
-                if self.on_corrupt == "fail" or len(bad) + 1 >= len(items):
-                    raise DataError(f"shard {shard}, row {key}: image cannot be decoded ({exc.reason})") from None
-                bad.append(exc.index)
-                logger.warning("replaced undecodable row %s of shard %s by another row of its batch", key, shard)
-                if self.counter is not None:
-                    import ray
+        # One pass that reports every bad row: patching rows one at a time and re-decoding could copy a bad row
+        # that had not been checked yet into another slot.
+        images, bad = decode_jpeg_batch(list(batch["image"]), self.size, self.device, skip_bad=True)
+        if not bad:
+            return images
+        rows = sorted(bad)
+        keys = [str(batch["key"][i]) for i in rows]
+        shards = [str(batch[SHARD_COLUMN][i]) for i in rows]
+        good = [i for i in range(len(images)) if i not in bad]
+        if self.on_corrupt == "fail" or not good:
+            why = "" if self.on_corrupt == "fail" else f"; no row of its batch of {len(rows)} decodes"
+            raise DataError(f"shard {shards[0]}, row {keys[0]}: image cannot be decoded ({bad[rows[0]]}){why}")
+        # Cycle through the good rows so several bad rows do not all become copies of one image.
+        sources = [good[n % len(good)] for n in range(len(rows))]
+        images[rows] = images[sources]
+        logger.warning("replaced %d undecodable rows of a batch of %d by copies of decodable rows: %s", len(rows),
+                       len(images), ", ".join(f"shard {s}, row {k}" for s, k in zip(shards, keys)))
+        if self.counter is not None:
+            import ray
 
-                    ray.get(self.counter.add.remote([(shard, key)]))
-                items[exc.index] = items[next(i for i in range(len(items)) if i not in bad)]
+            # Waited for: rare, and the tally must be complete once the dataset has been consumed.
+            ray.get(self.counter.add.remote(list(zip(shards, keys))))
+        return images

@@ -9,7 +9,10 @@ so its shorter side is `size` (bilinear, antialiased) and centre-cropped to `siz
 as `orchestrator.ingest.decode_image` (the CPU path): images of one shape are resized together in one call.
 
 Anything `decode_jpeg` rejects (PNG and other formats, JPEG variants a decoder does not handle) is decoded with
-PIL instead. Bytes nothing can decode (empty, corrupt, truncated) raise `ImageDecodeError` naming the index.
+PIL instead. Bytes nothing can decode (empty, corrupt, truncated) raise `ImageDecodeError` naming the index, or,
+with `skip_bad=True`, are all reported at once so a caller can patch every bad row after a single pass:
+
+    images, bad = decode_jpeg_batch(items, size=224, skip_bad=True)   # bad: {index: reason}; those rows are zeros
 """
 
 from __future__ import annotations
@@ -131,28 +134,35 @@ def decode_jpeg_batch(
     items: Sequence[bytes | bytearray | memoryview | np.ndarray | Tensor],
     size: int,
     device: str | torch.device = "cpu",
-) -> Tensor:
+    *,
+    skip_bad: bool = False,
+) -> Tensor | tuple[Tensor, dict[int, str]]:
     """Decode encoded images (JPEG fast path, anything PIL reads otherwise) into one uint8 batch.
 
     Args:
         items: encoded images: bytes-like, 1-D uint8 numpy arrays or 1-D uint8 tensors (any device).
         size: output side; each image's shorter side is resized to it, then the centre is cropped.
         device: where to decode and where the batch lives ("cuda" decodes JPEGs with nvjpeg).
+        skip_bad: instead of raising on the first undecodable item, decode all the others and return
+            `(batch, bad)`, `bad` mapping the index of every undecodable item to the reason; those rows are zeros.
 
     Returns:
-        uint8 `[B, 3, size, size]`, contiguous, on `device`, in the order of `items`.
+        uint8 `[B, 3, size, size]`, contiguous, on `device`, in the order of `items` (with `skip_bad`, the
+        pair above; B is always `len(items)`).
 
     Raises:
-        ImageDecodeError: an item no decoder accepts (message and `.index` name its position).
-        TypeError: an item of an unsupported type.
+        ImageDecodeError: an item no decoder accepts (message and `.index` name its position); not with
+            `skip_bad`.
+        TypeError: an item of an unsupported type (a caller's bug, raised in both modes).
     """
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"size must be a positive int, got {size!r}")
     device = torch.device(device)
     data = [_as_byte_tensor(item, i) for i, item in enumerate(items)]
     out = torch.empty((len(data), 3, size, size), dtype=torch.uint8, device=device)
+    bad: dict[int, str] = {}
     if not data:
-        return out
+        return (out, bad) if skip_bad else out
 
     decoded: list[Tensor | None] = [None] * len(data)
     jpeg_index = [i for i, d in enumerate(data) if _is_jpeg(d)]
@@ -160,12 +170,20 @@ def decode_jpeg_batch(
         decoded[i] = image
     for i, image in enumerate(decoded):
         if image is None:  # not a JPEG, or a JPEG decode_jpeg refused
-            decoded[i] = _decode_pil(data[i], i, device)
+            try:
+                decoded[i] = _decode_pil(data[i], i, device)
+            except ImageDecodeError as exc:
+                if not skip_bad:
+                    raise
+                bad[i] = exc.reason
+    if bad:
+        out[torch.tensor(sorted(bad), device=device)] = 0  # defined content for rows the caller will patch
 
     # Resize the images of each shape together (one call per distinct shape; a data set of one shape -> one call).
     by_shape: dict[tuple[int, int], list[int]] = {}
     for i, image in enumerate(decoded):
-        by_shape.setdefault(tuple(image.shape[-2:]), []).append(i)
+        if image is not None:
+            by_shape.setdefault(tuple(image.shape[-2:]), []).append(i)
     for indices in by_shape.values():
         group = torch.stack([_to_rgb(decoded[i]) for i in indices])
         resized = _resize_crop(group, size)
@@ -173,7 +191,7 @@ def decode_jpeg_batch(
             out.copy_(resized)
         else:
             out[torch.tensor(indices, device=device)] = resized
-    return out
+    return (out, bad) if skip_bad else out
 
 
 __all__ = ["ImageDecodeError", "decode_jpeg_batch", "resized_shape"]

@@ -145,3 +145,28 @@ def test_cuda_matches_cpu(jpegs: list[bytes]) -> None:
     gpu = decode_jpeg_batch(items, 64, "cuda")
     assert gpu.device.type == "cuda" and gpu.shape == cpu.shape
     assert _mean_abs_diff(gpu.cpu(), cpu) < 2.0
+
+
+def test_skip_bad_reports_every_undecodable_index_in_one_pass(jpegs: list[bytes]) -> None:
+    truncated = jpegs[3][: len(jpegs[3]) // 3]
+    items = [b"", b"\xff\xd8 not really a jpeg", jpegs[0], truncated, jpegs[1], b"not an image"]
+    out, bad = decode_jpeg_batch(items, 32, skip_bad=True)
+    assert sorted(bad) == [0, 1, 3, 5]  # every bad item, adjacent ones included, not just the first
+    assert all(isinstance(reason, str) and reason for reason in bad.values())
+    assert out.shape == (6, 3, 32, 32) and out.dtype == torch.uint8 and out.is_contiguous()
+    reference = decode_jpeg_batch([jpegs[0], jpegs[1]], 32)  # the good items decoded on their own
+    assert torch.equal(out[2], reference[0]) and torch.equal(out[4], reference[1])
+    assert int(out[[0, 1, 3, 5]].count_nonzero()) == 0  # bad rows are zeros, not leftover memory
+    # the default still raises, on the first bad item
+    with pytest.raises(ImageDecodeError) as info:
+        decode_jpeg_batch(items, 32)
+    assert info.value.index == 0
+
+
+def test_skip_bad_on_a_clean_or_empty_batch(jpegs: list[bytes]) -> None:
+    out, bad = decode_jpeg_batch(jpegs[:3], 40, skip_bad=True)
+    assert bad == {} and torch.equal(out, decode_jpeg_batch(jpegs[:3], 40))
+    out, bad = decode_jpeg_batch([], 16, skip_bad=True)
+    assert bad == {} and out.shape == (0, 3, 16, 16)
+    out, bad = decode_jpeg_batch([b"", b"junk"], 16, skip_bad=True)
+    assert sorted(bad) == [0, 1] and int(out.count_nonzero()) == 0
