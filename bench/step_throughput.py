@@ -195,7 +195,7 @@ class StreamsslLoop:
 
     def run(self, batches: Iterable[torch.Tensor], steps: int) -> int:
         iterator = iter(batches)
-        report = self.trainer.train_chunk(self.chunk, lambda epoch: iterator, steps, on_step=self.infos.append)
+        report = self.trainer.train_chunk(self.chunk, lambda epoch, skip: iterator, steps, on_step=self.infos.append)
         self.chunk += 1
         self.reports.append(report)
         return report.samples

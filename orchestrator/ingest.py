@@ -215,8 +215,12 @@ def chunk_dataset(
     on_corrupt: OnCorrupt = "skip",
     counter: Any = None,
     decode: str = "ray_data",
+    seed: int | None = None,
 ):
     """A Ray Dataset of the decoded training images of `chunks` (a union for joint training).
+
+    Rows come out in the same order on every pass when `seed` is given (seeded shard order, order preserved
+    through the parallel read and decode tasks): what a data-exact resume inside a chunk needs.
 
     `decode="device"` leaves the JPEGs encoded (columns `key`, `image` bytes, `shard`): the consumer decodes each
     batch with :class:`DeviceBatchDecoder`.
@@ -230,7 +234,7 @@ def chunk_dataset(
     _check_on_corrupt(on_corrupt)
     items = [{"url": s.url, "sha256": s.sha256} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.randomize_block_order()
+    ds = ds.randomize_block_order(seed=seed)
     ds = ds.map_batches(
         ReadChunkRows(plan, chunks, storage_options or {}), batch_size=1, batch_format="numpy", num_cpus=decode_cpus
     )
@@ -246,6 +250,8 @@ def chunk_dataset(
     # A DataError from a read or decode task then reaches the consumer as RayTaskError(DataError), an instance of
     # DataError (exit code 3), instead of being wrapped in Ray Data's UserCodeException.
     ds.context.raise_original_map_exception = True
+    if seed is not None:
+        ds.context.execution_options.preserve_order = True
     return ds
 
 

@@ -12,6 +12,8 @@ Re-running a plan with the same Ray Train run name (`--resume`) restores the sam
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import re
 import tempfile
@@ -153,18 +155,17 @@ def _train_fn(config: dict[str, Any]) -> None:
             shard = ray.train.get_dataset_shard(_dataset_name(task.line.strategy, chunk))
             steps_per_epoch = config["steps_per_epoch"][_dataset_name(task.line.strategy, chunk)]
 
-            def batches(epoch: int):
-                shuffle = {"local_shuffle_buffer_size": task.config.batch_size * 4,
-                           "local_shuffle_seed": epoch + 1000 * chunk}
-                if config["decode"] == "device":
-                    for batch in shard.iter_batches(batch_size=task.config.batch_size, batch_format="numpy",
-                                                    drop_last=True, **shuffle):
+            def batches(epoch: int, skip: int):
+                # The same order on every pass of an epoch (seeded block order, preserve_order, seeded local
+                # shuffle), so the batches consumed before an in-chunk checkpoint are dropped here, before decoding.
+                source = shard.iter_batches(batch_size=task.config.batch_size, batch_format="numpy", drop_last=True,
+                                            local_shuffle_buffer_size=task.config.batch_size * 4,
+                                            local_shuffle_seed=epoch + 1000 * chunk)
+                for batch in itertools.islice(source, skip, None):
+                    if config["decode"] == "device":
                         yield device_decoder(batch)
-                    return
-                for batch in shard.iter_torch_batches(
-                    batch_size=task.config.batch_size, dtypes=torch.uint8, drop_last=True, **shuffle,
-                ):
-                    yield batch["image"].permute(0, 3, 1, 2)
+                    else:
+                        yield torch.from_numpy(batch["image"]).permute(0, 3, 1, 2)
 
             def on_step(info) -> None:
                 send({"type": "step", "line": task.line.id, "chunk": info.chunk, "step": info.step,
@@ -295,6 +296,8 @@ def train_group(
             name = _dataset_name(task.line.strategy, job.chunk)
             if name in datasets:
                 continue
+            # The planned epoch length; rows dropped as undecodable end an epoch earlier (the loop stops when the
+            # batches run out on any rank).
             rows = chunk_rows(plan.stream, job.training_chunks)
             steps = rows // spec.optim.batch_size
             if steps < 1:
@@ -304,7 +307,7 @@ def train_group(
                 )
             datasets[name] = chunk_dataset(refs, plan.stream, job.training_chunks, spec.data.image_size,
                                            spec.data.storage_options, counter=corrupt_counter,
-                                           decode=spec.data.decode)
+                                           decode=spec.data.decode, seed=spec.seed * 1009 + job.chunk)
             steps_per_epoch[name] = steps
 
     storage_fs, storage_path = storage.pyarrow_filesystem(spec.checkpoint_url, spec.storage.storage_options)

@@ -2,12 +2,16 @@
 
     trainer = LineTrainer(config, device="cpu")
     for chunk in chunks:
-        report = trainer.train_chunk(chunk, batches=lambda epoch: my_iterable_of_uint8_batches,
+        report = trainer.train_chunk(chunk, batches=lambda epoch, skip: my_uint8_batches[skip:],
                                      steps_per_epoch=rows // batch_size)
         save_state(folder, trainer.state_dict())
 
 Whoever drives it (Ray Train in `orchestrator/runner.py`, or a test with a plain iterable) supplies uint8 image
 batches `[B, 3, H, W]`, a `wrap_model` hook (DDP) and callbacks; the loop never knows where data comes from.
+
+Resuming inside a chunk is data-exact: `batches(epoch, skip)` must yield the same batches in the same order every
+time it is called for an epoch, starting at the `skip`-th (those were trained on before the checkpoint), so an
+interrupted and resumed chunk sees exactly the batches an uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from trainers.backbones import build_backbone
@@ -104,6 +109,9 @@ def learning_rate(cfg: LoopConfig, step: int, steps_total: int, steps_per_epoch:
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+_START_OF_LINE = {"chunks_done": 0, "chunk": -1, "epoch": 0, "step": 0, "epoch_step": 0}
+
+
 class LineTrainer:
     """Owns the model, optimizer and strategy of one line on one worker."""
 
@@ -122,8 +130,10 @@ class LineTrainer:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.seed * 1_000_003 + rank)
         self._build()
-        # Where the line stands: chunks finished, and inside the current chunk which epoch/step.
-        self.position: dict[str, int] = {"chunks_done": 0, "chunk": -1, "epoch": 0, "step": 0}
+        # Where the line stands: chunks finished, and inside the current chunk which epoch, which step of the chunk,
+        # and how many batches of the current epoch were consumed (epochs can be shorter than planned, so this is
+        # counted, not derived from the step).
+        self.position: dict[str, int] = dict(_START_OF_LINE)
 
     def _build(self) -> None:
         """(Re)create model and optimizer from the seed: every worker and every reset starts identically."""
@@ -162,7 +172,7 @@ class LineTrainer:
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.strategy.load_state_dict(state["strategy"])
-        self.position = dict(state["position"])
+        self.position = {**_START_OF_LINE, **state["position"]}
         if "generator" in state and self.device.type == "cpu":
             self.generator.set_state(state["generator"])
 
@@ -171,21 +181,23 @@ class LineTrainer:
         """Called before a chunk's first step (not when resuming inside it)."""
         if self.strategy.reset_weights_at(chunk):
             self._build()
-        self.position.update(chunk=chunk, epoch=0, step=0)
+        self.position.update(chunk=chunk, epoch=0, step=0, epoch_step=0)
 
     def train_chunk(
         self,
         chunk: int,
-        batches: Callable[[int], Iterable[torch.Tensor]],
+        batches: Callable[[int, int], Iterable[torch.Tensor]],
         steps_per_epoch: int,
         on_step: Callable[[StepInfo], None] | None = None,
         on_checkpoint: Callable[[], None] | None = None,
     ) -> ChunkReport:
-        """Train `epochs_per_chunk` passes; `batches(epoch)` yields uint8 `[B,3,H,W]` tensors.
+        """Train `epochs_per_chunk` passes; `batches(epoch, skip)` yields uint8 `[B,3,H,W]` tensors of an epoch from
+        its `skip`-th batch on (0 unless resuming inside that epoch), in the same order on every call.
 
-        Each epoch runs exactly `steps_per_epoch` steps (every DDP worker must step the same number of times);
-        an iterator that runs dry earlier ends the epoch early on this worker, which the caller must prevent.
-        Resumes inside the chunk when `self.position` says so (after `load_state_dict`).
+        An epoch runs at most `steps_per_epoch` steps (the planned length, which also shapes the LR schedule) and
+        ends early when the batches run out: rows dropped as undecodable make the real epoch shorter than the
+        manifest says. Under DDP the ranks agree at every step whether all of them still have a batch, so every
+        rank steps the same number of times. Resumes inside the chunk when `self.position` says so.
         """
         if steps_per_epoch < 1:
             raise ValueError(f"chunk {chunk}: steps_per_epoch must be >= 1 (too few rows for the batch size?)")
@@ -207,13 +219,12 @@ class LineTrainer:
         )
         for epoch in range(self.position["epoch"], cfg.epochs_per_chunk):
             self.position["epoch"] = epoch
-            skip = self.position["step"] - epoch * steps_per_epoch  # steps of this epoch done before a resume
-            iterator = iter(batches(epoch))
+            skip = self.position["epoch_step"]  # batches of this epoch trained on before a resume
+            iterator = iter(batches(epoch, skip))
             for _ in range(max(0, steps_per_epoch - skip)):
                 waiting = time.perf_counter()
-                try:
-                    images = next(iterator)
-                except StopIteration:
+                images = self._next_batch(iterator)
+                if images is None:  # this epoch's rows are used up (on some rank)
                     break
                 now = time.perf_counter()
                 data_wait_s += now - waiting
@@ -239,6 +250,7 @@ class LineTrainer:
                 samples += batch
                 interval_samples += batch
                 self.position["step"] = step + 1
+                self.position["epoch_step"] += 1
                 if on_step and (step + 1) % cfg.log_every == 0:
                     now = time.perf_counter()
                     recent = torch.stack(losses[-cfg.log_every :]).mean().item()
@@ -250,11 +262,11 @@ class LineTrainer:
                         saving = time.perf_counter()
                         on_checkpoint()
                         checkpoint_s += time.perf_counter() - saving
-            self.position["epoch"] = epoch + 1
+            self.position.update(epoch=epoch + 1, epoch_step=0)
         loss_values = torch.stack(losses).cpu().tolist() if losses else []
         if loss_values and not all(math.isfinite(v) for v in loss_values):
             raise FloatingPointError(f"chunk {chunk}: the loss became {loss_values[-1]} (lower optim.lr?)")
-        self.position.update(chunks_done=self.position["chunks_done"] + 1, chunk=-1, epoch=0, step=0)
+        self.position.update(chunks_done=self.position["chunks_done"] + 1, chunk=-1, epoch=0, step=0, epoch_step=0)
         return ChunkReport(
             chunk=chunk,
             steps=len(loss_values),
@@ -267,6 +279,17 @@ class LineTrainer:
             data_wait_s=data_wait_s,
             checkpoint_s=checkpoint_s,
         )
+
+
+    def _next_batch(self, iterator: Iterator[torch.Tensor]) -> torch.Tensor | None:
+        """The next batch, or None when this rank's iterator is dry or (under DDP) any other rank's is."""
+        images = next(iterator, None)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            have = torch.tensor([0 if images is None else 1], device=self.device)
+            dist.all_reduce(have, op=dist.ReduceOp.MIN)
+            if not have.item():
+                return None
+        return images
 
 
 def views_from_spec_dicts(image_size: int, count: int, options: dict[str, Any]) -> tuple[AugmentConfig, ...]:
@@ -282,7 +305,7 @@ def views_from_spec_dicts(image_size: int, count: int, options: dict[str, Any]) 
 def run_line(
     trainer: LineTrainer,
     chunks: Sequence[int],
-    batches: Callable[[int, int], Iterable[torch.Tensor]],
+    batches: Callable[[int, int, int], Iterable[torch.Tensor]],
     steps_per_epoch: Callable[[int], int],
     on_chunk_end: Callable[[ChunkReport], None] | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
@@ -291,7 +314,7 @@ def run_line(
     reports = []
     for chunk in chunks[trainer.position["chunks_done"] :]:
         report = trainer.train_chunk(
-            chunk, lambda epoch, c=chunk: batches(c, epoch), steps_per_epoch(chunk), on_step=on_step
+            chunk, lambda epoch, skip, c=chunk: batches(c, epoch, skip), steps_per_epoch(chunk), on_step=on_step
         )
         reports.append(report)
         if on_chunk_end:

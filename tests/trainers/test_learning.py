@@ -36,7 +36,7 @@ def test_short_simclr_pretraining_beats_random_init(tmp_path) -> None:
     trainer = LineTrainer(cfg)
     random_init = knn_top1(trainer.backbone, bank, queries)
 
-    def batches(epoch: int):
+    def batches(epoch: int, skip: int):
         order = torch.randperm(len(bank.labels), generator=torch.Generator().manual_seed(epoch))
         for i in range(0, len(order) - 127, 128):
             yield bank.images[order[i : i + 128]]

@@ -27,7 +27,23 @@ def data(n: int = 32, seed: int = 0) -> torch.Tensor:
 
 
 def batches_of(images: torch.Tensor, batch: int = 8):
-    return lambda epoch: (images[i : i + batch] for i in range(0, len(images) - batch + 1, batch))
+    """`batches(epoch, skip)` over `images`: a different, fixed order every epoch, from the `skip`-th batch on."""
+
+    def batches(epoch: int, skip: int):
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(epoch))
+        starts = range(0, len(images) - batch + 1, batch)
+        return (images[order[i : i + batch]] for i in list(starts)[skip:])
+
+    return batches
+
+
+class Interrupted(Exception):
+    pass
+
+
+def assert_same_weights(a: LineTrainer, b: LineTrainer) -> None:
+    for (name, x), y in zip(a.method.state_dict().items(), b.method.state_dict().values()):
+        assert torch.equal(x, y), f"{name} differs by {(x.float() - y.float()).abs().max().item()}"
 
 
 def test_learning_rate_warmup_then_cosine() -> None:
@@ -56,7 +72,7 @@ def test_chunk_report_and_position() -> None:
     report = trainer.train_chunk(0, batches_of(data()), steps_per_epoch=4, on_step=steps.append)
     assert report.steps == 8 and report.samples == 64 and len(report.losses) == 8
     assert all(math.isfinite(v) for v in report.losses)
-    assert trainer.position == {"chunks_done": 1, "chunk": -1, "epoch": 0, "step": 0}
+    assert trainer.position == {"chunks_done": 1, "chunk": -1, "epoch": 0, "step": 0, "epoch_step": 0}
     assert steps == []  # log_every (10) > 8 steps
 
 
@@ -76,31 +92,72 @@ def test_checkpoint_resume_is_exact(tmp_path) -> None:
     """Stopping after chunk 0 and resuming from its checkpoint gives bit-identical weights after chunk 1."""
     images = [data(seed=1), data(seed=2)]
     reference = LineTrainer(config())
-    run_line(reference, [0, 1], lambda c, e: batches_of(images[c])(e), lambda c: 4)
+    run_line(reference, [0, 1], lambda c, e, skip: batches_of(images[c])(e, skip), lambda c: 4)
 
     first = LineTrainer(config())
-    run_line(first, [0], lambda c, e: batches_of(images[c])(e), lambda c: 4)
+    run_line(first, [0], lambda c, e, skip: batches_of(images[c])(e, skip), lambda c: 4)
     save_state(tmp_path, first.state_dict())
     resumed = LineTrainer(config())
     resumed.load_state_dict(load_state(tmp_path))
     assert resumed.position["chunks_done"] == 1
-    run_line(resumed, [0, 1], lambda c, e: batches_of(images[c])(e), lambda c: 4)
+    run_line(resumed, [0, 1], lambda c, e, skip: batches_of(images[c])(e, skip), lambda c: 4)
     for (name, a), b in zip(reference.method.state_dict().items(), resumed.method.state_dict().values()):
         assert torch.equal(a, b), name
 
 
-def test_resume_inside_a_chunk_continues_the_step_count(tmp_path) -> None:
-    trainer = LineTrainer(config(checkpoint_every_steps=3))
-    saved = []
-    trainer.train_chunk(0, batches_of(data()), 4,
-                        on_checkpoint=lambda: saved.append(save_state(tmp_path / str(len(saved)), trainer.state_dict())))
-    assert len(saved) == 2  # steps 3 and 6 of 8 (never at the chunk's end: that is the chunk checkpoint)
-    state = load_state(saved[1].parent)
-    assert state["position"] == {"chunks_done": 0, "chunk": 0, "epoch": 1, "step": 6}
+@pytest.mark.parametrize("stop_at", [3, 6])  # inside epoch 0 and inside epoch 1 (4 steps per epoch)
+def test_resume_inside_a_chunk_is_exact(tmp_path, stop_at: int) -> None:
+    """Killed right after an in-chunk checkpoint, then resumed from it: the weights equal an uninterrupted chunk's
+    bit for bit (the resumed epoch continues with its unseen batches, not its first ones again)."""
+    images = data()
+    reference = LineTrainer(config(checkpoint_every_steps=3))
+    reference.train_chunk(0, batches_of(images), 4, on_checkpoint=lambda: None)
+
+    interrupted = LineTrainer(config(checkpoint_every_steps=3))
+
+    def checkpoint_then_die() -> None:
+        save_state(tmp_path, interrupted.state_dict())
+        if interrupted.position["step"] == stop_at:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        interrupted.train_chunk(0, batches_of(images), 4, on_checkpoint=checkpoint_then_die)
+    state = load_state(tmp_path)
+    assert state["position"] == {"chunks_done": 0, "chunk": 0, "epoch": stop_at // 4, "step": stop_at,
+                                 "epoch_step": stop_at % 4}
+    resumed = LineTrainer(config(checkpoint_every_steps=3))
+    resumed.load_state_dict(state)
+    report = resumed.train_chunk(0, batches_of(images), 4)
+    assert report.steps == 8 - stop_at and report.first_step == stop_at
+    assert_same_weights(reference, resumed)
+
+
+def test_short_epochs_end_when_batches_run_out_and_resume_exactly(tmp_path) -> None:
+    """An epoch with fewer batches than planned (rows dropped as corrupt) ends when they run out; a resume inside
+    the next epoch continues at its own position instead of a negative or oversized offset."""
+    images = data(n=24)  # 3 batches per epoch, though 4 are planned
+
+    def run(trainer: LineTrainer, on_checkpoint=None):
+        return trainer.train_chunk(0, batches_of(images), 4, on_checkpoint=on_checkpoint)
+
+    reference = LineTrainer(config(checkpoint_every_steps=4))
+    report = run(reference, on_checkpoint=lambda: None)
+    assert report.steps == 6 and report.samples == 48
+
+    interrupted = LineTrainer(config(checkpoint_every_steps=4))
+
+    def checkpoint_then_die() -> None:  # step 4 = the first step of epoch 1
+        save_state(tmp_path, interrupted.state_dict())
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run(interrupted, on_checkpoint=checkpoint_then_die)
+    state = load_state(tmp_path)
+    assert state["position"] == {"chunks_done": 0, "chunk": 0, "epoch": 1, "step": 4, "epoch_step": 1}
     resumed = LineTrainer(config())
     resumed.load_state_dict(state)
-    report = resumed.train_chunk(0, batches_of(data()), 4)
-    assert report.steps == 2  # only the two steps left
+    assert run(resumed).steps == 2
+    assert_same_weights(reference, resumed)
 
 
 def test_broken_checkpoints_are_refused(tmp_path) -> None:
