@@ -41,3 +41,9 @@ class ClusterError(StreamsslError):
     """The Ray cluster (Jobs API) cannot be reached, refused a request, or a submitted job failed."""
 
     exit_code = 6
+
+
+class IncompleteRecordError(StreamsslError):
+    """A run ended with chunks that have no chunk run or no evaluation run in MLflow (`--resume` completes it)."""
+
+    exit_code = 7

@@ -25,10 +25,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from evaluators.continual import AccuracyMatrix, continual_metrics, st_jt_gap
 from evaluators.report import plot_accuracy_matrix, plot_metric_curves, results_table
 from orchestrator import tracking as tr
-from orchestrator.errors import TrainingError
+from orchestrator.errors import IncompleteRecordError, TrainingError
 from orchestrator.evaluation import EvalActor, protocol
 from orchestrator.ingest import start_corrupt_row_counter
 from orchestrator.planner import ExperimentPlan, Job, build_plan
+from orchestrator.recovery import missing_records, persisted_unlogged_chunks, read_logged
 from orchestrator.runner import LineTask, _CheckpointFs, line_groups, loop_config, ray_run_name, train_group
 from orchestrator.spec import Spec, flatten
 from orchestrator.tracking import Tracker, versions
@@ -46,6 +47,9 @@ class ExperimentSummary:
     baseline: dict[str, Any] = field(default_factory=dict)
     skipped_jobs: int = 0
     restarts: int = 0
+    recovered_jobs: int = 0  # chunks found persisted on storage but not in MLflow, logged by this run
+    missing: list[str] = field(default_factory=list)  # what the record lacks (empty when complete)
+    unknown: list[str] = field(default_factory=list)  # accuracies that cannot be measured (a task without queries)
 
 
 def init_ray(address: str | None, spec: Spec) -> None:
@@ -132,7 +136,7 @@ class _Driver:
         return run_id
 
     # ---------------------------------------------------------------- chunk + eval runs
-    def log_chunk(self, event: dict[str, Any]) -> None:
+    def log_chunk(self, event: dict[str, Any], recovered: bool = False) -> None:
         job = self.jobs[event["job_key"]]
         if job.key in self.chunk_runs:  # already logged (a replayed event after a restart)
             return
@@ -177,7 +181,7 @@ class _Driver:
         self.tracker.log_dataset(run_id, self.plan.data_url, f"{self.plan.stream.kind}-chunks-{'-'.join(map(str, job.training_chunks))}",
                                  f"{self.plan.stream.digest}:{job.training_chunks}", "train")
         self.tracker.end_run(run_id, "FINISHED", end_ms=ended_ms)
-        if not self.first_step_logged and report.get("first_step", 0) == 0:
+        if not recovered and not self.first_step_logged and report.get("first_step", 0) == 0:
             # The first chunk this driver trained: when did its first step start, counted from the driver's start?
             self.first_step_logged = True
             self.tracker.log_metrics(self.parent, {
@@ -186,8 +190,12 @@ class _Driver:
         self.restarts_in_chunk = 0
         self.chunk_rows[job.key] = {"line": job.line.id, "chunk": job.chunk, "loss": report["final_loss"],
                                     "train_s": report["seconds"], "samples/s": samples_per_s}
+        self.evaluate(job, event["checkpoint_uri"])
+
+    def evaluate(self, job: Job, checkpoint_uri: str) -> None:
+        """Evaluate a logged chunk's checkpoint in the evaluation actor (collected by `collect`)."""
         if self.spec.eval.every_chunk:
-            future = self.evaluator.evaluate.remote(loop_config(self.spec, job.line, False), event["checkpoint_uri"],
+            future = self.evaluator.evaluate.remote(loop_config(self.spec, job.line, False), checkpoint_uri,
                                                     _CheckpointFs(self.spec.storage.storage_options))
             self.pending[future] = job
 
@@ -266,29 +274,18 @@ class _Driver:
 
         self.parent = self.open_parent(resume)
         summary = ExperimentSummary(self.parent, self.plan.key)
-        finished = self.tracker.finished_chunk_runs(self.plan.key) if resume else {}
-        for key, run in finished.items():
-            if key in self.jobs:
-                self.chunk_runs[key] = run.info.run_id
-                job = self.jobs[key]
-                m = run.data.metrics
-                self.chunk_rows[key] = {"line": job.line.id, "chunk": job.chunk, "loss": m.get("final_loss"),
-                                        "train_s": m.get("train_seconds"), "samples/s": m.get("samples_per_s")}
-                evals = [e for e in self.tracker.evaluation_of(run.info.run_id) if e.info.status == "FINISHED"]
-                if evals:
-                    em = evals[0].data.metrics
-                    result = {k: v for k, v in em.items() if k.endswith("_top1")}
-                    for name in self.spec.eval.every_chunk:
-                        result[f"{name}_task_acc"] = [em.get(f"{name}_task{t}", float("nan"))
-                                                      for t in range(self.plan.stream.num_chunks)]
-                    self.results[key] = result
-        summary.skipped_jobs = len(self.chunk_runs)
+        unevaluated = self.restore_logged() if resume else []
         try:
             init_ray(self.address, self.spec)
             self.corrupt_counter = start_corrupt_row_counter()
             self.evaluator = ray.remote(num_cpus=1)(EvalActor).remote(
                 self.plan.stream, self.plan.manifest, self.spec.data.model_dump(), self.spec.eval.model_dump(),
                 self.spec.data.storage_options, self.spec.seed)
+            if resume:
+                summary.recovered_jobs = self.recover_persisted_chunks()
+                for job in unevaluated:  # finished chunks whose evaluation died with the previous driver
+                    self.evaluate(job, self.tracker.get_run(self.chunk_runs[job.key]).data.tags[tr.CHECKPOINT])
+            summary.skipped_jobs = len(self.chunk_runs)
             baseline = None
             if self.spec.eval.baseline and self.spec.eval.every_chunk:
                 # Evaluated while the worker group starts, not before it: the driver only needs it at the end.
@@ -300,6 +297,7 @@ class _Driver:
                                                        if k.endswith("_top1")})
             self.collect(block=True)
             self._summarise(summary)
+            summary.missing = self.missing_records()
         except BaseException:
             # Short retry: a Ctrl-C during a tracking outage must not hold the driver for the full deadline.
             try:
@@ -307,8 +305,42 @@ class _Driver:
             except Exception:
                 pass  # the next --resume marks them
             raise
-        self.tracker.end_run(self.parent, "FINISHED")
+        if summary.missing:
+            # Not FINISHED: the record lacks runs, and `--resume` is what completes it.
+            self.tracker.set_tags(self.parent, {tr.TAG + "incomplete": "; ".join(summary.missing)[:5000]})
+            self.tracker.end_run(self.parent, "FAILED")
+        else:
+            self.tracker.end_run(self.parent, "FINISHED")
         return summary
+
+    # ---------------------------------------------------------------- resume
+    def restore_logged(self) -> list[Job]:
+        """Take up what earlier attempts of this plan logged; returns the finished chunks that lack an evaluation.
+
+        Runs an earlier driver began but did not end (marked FAILED by `open_parent`) are superseded by the ones
+        this run logs, so they are deleted (MLflow keeps deleted runs restorable).
+        """
+        record = read_logged(self.tracker, self.plan, list(self.spec.eval.every_chunk))
+        self.chunk_runs.update(record.chunk_runs)
+        self.chunk_rows.update(record.chunk_rows)
+        self.results.update(record.results)
+        if record.partial:
+            self.tracker.delete_runs(record.partial)
+            self.console.print(f"removed {len(record.partial)} run(s) an interrupted driver left unfinished")
+        return record.unevaluated
+
+    def recover_persisted_chunks(self) -> int:
+        """Log (and evaluate) every chunk whose end checkpoint is on storage but has no chunk run in MLflow."""
+        events = persisted_unlogged_chunks(self.plan, self.spec, self.parent, self.chunk_runs)
+        for event in events:
+            self.console.print(f"recovered {self.jobs[event['job_key']].name}: persisted, but not logged before "
+                               "the previous driver stopped")
+            self.log_chunk(event, recovered=True)
+        return len(events)
+
+    def missing_records(self) -> list[str]:
+        """What the plan's record lacks, one line per line of the plan (empty when every run is there)."""
+        return missing_records(self.plan, self.chunk_runs, self.results, list(self.spec.eval.every_chunk))
 
     def _train_all(self) -> int:
         restarts = 0
@@ -363,8 +395,13 @@ class _Driver:
                         if job.key in self.results:
                             matrix.record_row(job.chunk, self.results[job.key][f"{name}_task_acc"])
                     matrices[(line.id, name)] = matrix
+                    tasks = sorted({task for _, task in matrix.unknown_entries()})
+                    if tasks:
+                        summary.unknown.append(
+                            f"{line.id}: {name} accuracy on task(s) {', '.join(map(str, tasks))} is unknown (no "
+                            f"query rows in {self.spec.data.eval_split!r}); metrics that need it are unknown too")
                     if matrix.completed_rows < T:
-                        continue
+                        continue  # said by missing_records
                     baseline = summary.baseline.get(f"{name}_task_acc")
                     metrics = continual_metrics(matrix, baseline=baseline)
                     summary.lines.setdefault(line.id, {})[name] = metrics
@@ -381,7 +418,8 @@ class _Driver:
                         continue
                     gap = st_jt_gap(st, jt)
                     summary.gaps.setdefault(method, {})[name] = gap.final
-                    self.tracker.log_metrics(self.parent, {f"{method}.{name}.st_jt_gap": gap.final})
+                    if np.isfinite(gap.final):
+                        self.tracker.log_metrics(self.parent, {f"{method}.{name}.st_jt_gap": gap.final})
             curves = {line.id: [self.results.get(j.key, {}).get("knn_top1", float("nan"))
                                 for j in self.plan.jobs_of(line)] for line in self.plan.lines}
             if "knn" in self.spec.eval.every_chunk:
@@ -390,6 +428,7 @@ class _Driver:
                 self.tracker.log_file(self.parent, png, "plots")
             self.tracker.log_json(self.parent, "summary.json",
                                   {"rows": summary.rows, "lines": summary.lines, "gaps": summary.gaps,
+                                   "unknown": summary.unknown,
                                    "baseline": {k: v for k, v in summary.baseline.items()}})
 
 
@@ -406,7 +445,12 @@ def print_summary(summary: ExperimentSummary, console: Console, spec: Spec) -> N
         console.print("random-init baseline: " + ", ".join(
             f"{k} {v:.3f}" for k, v in summary.baseline.items() if k.endswith("_top1")))
     for method, per in summary.gaps.items():
-        console.print(f"ST-JT gap ({method}): " + ", ".join(f"{k} {v:+.3f}" for k, v in per.items()))
+        console.print(f"ST-JT gap ({method}): " + ", ".join(
+            f"{k} {v:+.3f}" if np.isfinite(v) else f"{k} unknown" for k, v in per.items()))
+    for line in summary.unknown:
+        console.print(f"[yellow]unknown[/] {line}")
+    for line in summary.missing:
+        console.print(f"[red]incomplete[/] {line}")
 
 
 def dry_run(plan: ExperimentPlan, console: Console, tracker: Tracker | None) -> list[dict[str, Any]]:
@@ -437,6 +481,10 @@ def run_experiment(
         return ExperimentSummary(None, plan.key)
     summary = _Driver(plan, tracker, console, address).run(resume)
     print_summary(summary, console, spec)
+    if summary.missing:
+        raise IncompleteRecordError(
+            f"plan run {summary.parent_run_id} is incomplete ({len(summary.missing)} line(s) lack runs, listed "
+            "above); `streamssl run SPEC --resume` trains, logs and evaluates what is missing")
     console.print(f"done in {time.time() - started:.0f} s — parent run {summary.parent_run_id}; "
                   f"`streamssl ui` shows it; `streamssl lineage {summary.parent_run_id}` walks it")
     return summary

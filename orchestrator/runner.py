@@ -88,6 +88,11 @@ def _dataset_name(strategy: str, chunk: int) -> str:
     return f"{strategy}-{chunk}"
 
 
+# Beside state.pt in every chunk-end checkpoint: the chunk's event, so that a driver resuming after a crash can log
+# (and evaluate) a chunk whose checkpoint was persisted but whose MLflow run never was, without loading the state.
+CHUNK_EVENT_FILE = "chunk_event.json"
+
+
 def _train_fn(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
@@ -142,6 +147,9 @@ def _train_fn(config: dict[str, Any]) -> None:
                 if rank == 0:
                     save_state(folder, {**trainer.state_dict(), "line_index": line_index, "line_id": task.line.id,
                                         "chunk_event": chunk_event})
+                    if chunk_event is not None:
+                        with open(os.path.join(folder, CHUNK_EVENT_FILE), "w") as f:
+                            json.dump(chunk_event, f)
                     checkpoint = ray.train.Checkpoint.from_directory(folder)
                 saved = time.perf_counter()
                 ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=dir_name)

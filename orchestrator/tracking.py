@@ -448,6 +448,11 @@ class Tracker:
             log.warning("marked %d RUNNING run(s) under %s FAILED: %s", len(ids), parent_run_id, ", ".join(ids))
         return ids
 
+    def delete_runs(self, run_ids: list[str]) -> None:
+        """Soft-delete runs (MLflow keeps them restorable; searches no longer return them)."""
+        for run_id in run_ids:
+            self.client.delete_run(run_id)
+
     # ---------------------------------------------------------------- reading
     def runs(self, filter_string: str, experiment_ids: list[str] | None = None) -> list:
         ids = experiment_ids or ([self.experiment_id] if self.experiment_id else None)
