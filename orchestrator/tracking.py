@@ -260,7 +260,7 @@ class Tracker:
         self._outage_since: float | None = None
         self._outage_warned = False
         if uri.startswith("sqlite:///"):
-            Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+            _create_sqlite_store(Path(uri[len("sqlite:///") :]))
         if _is_http(uri):
             self._probe()
         self.client = _RetryingClient(MlflowClient(tracking_uri=uri), self)
@@ -492,6 +492,32 @@ class Tracker:
             if exc.__cause__ is not None and _classify(exc.__cause__) == "fatal":
                 raise TrackingError(f"run {run_id} not found in {self.uri}: {exc.__cause__}") from None
             raise
+
+
+def _create_sqlite_store(path: Path) -> None:
+    """Create a new SQLite tracking store whole or not at all.
+
+    MLflow builds its schema with a few dozen migrations (seconds on a small machine); a driver killed meanwhile
+    would leave a half-migrated file that every later run refuses ("table ... already exists"). So the schema is
+    built in a private file beside it, which then replaces the path in one rename.
+    """
+    if path.exists():
+        return
+    from mlflow.tracking import MlflowClient
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.init-*"):  # left by a driver killed while creating the store
+        with contextlib.suppress(OSError):
+            if time.time() - stale.stat().st_mtime > 600:
+                stale.unlink()
+    building = path.parent / f".{path.name}.init-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        MlflowClient(tracking_uri=f"sqlite:///{building}").search_experiments(max_results=1)
+        if not path.exists():  # another driver may have won the race: keep its store
+            os.replace(building, path)
+    finally:
+        with contextlib.suppress(OSError):
+            building.unlink()
 
 
 def _short(exc: BaseException, limit: int = 300) -> str:
