@@ -225,10 +225,13 @@ class _Driver:
         self.tracker.log_metrics(run_id, metrics)
         self.tracker.log_json(run_id, "eval_result.json", result)
         self.tracker.end_run(run_id, "FINISHED")
-        # The chunk run also carries its headline numbers, so the compare view lines chunks up directly.
-        self.tracker.log_metrics(chunk_run, {k: result[k] for k in result if k.endswith("_top1")})
-        self.tracker.set_tags(chunk_run, {tr.TAG + "eval_run": run_id})
+        self.link_eval(chunk_run, run_id, {k: result[k] for k in result if k.endswith("_top1")})
         self.results[job.key] = result
+
+    def link_eval(self, chunk_run: str, eval_run: str, headline: dict[str, float]) -> None:
+        """The chunk run also carries its headline numbers, so the compare view lines chunks up directly."""
+        self.tracker.log_metrics(chunk_run, headline)
+        self.tracker.set_tags(chunk_run, {tr.TAG + "eval_run": eval_run})
 
     def collect(self, block: bool) -> None:
         import ray
@@ -324,6 +327,8 @@ class _Driver:
         self.chunk_runs.update(record.chunk_runs)
         self.chunk_rows.update(record.chunk_rows)
         self.results.update(record.results)
+        for chunk_run, (eval_run, headline) in record.unlinked.items():
+            self.link_eval(chunk_run, eval_run, headline)
         if record.partial:
             self.tracker.delete_runs(record.partial)
             self.console.print(f"removed {len(record.partial)} run(s) an interrupted driver left unfinished")

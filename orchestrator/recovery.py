@@ -31,6 +31,8 @@ class LoggedRecord:
     results: dict[str, dict[str, Any]] = field(default_factory=dict)  # job key -> evaluation result
     unevaluated: list[Job] = field(default_factory=list)  # finished chunks without a FINISHED evaluation run
     partial: list[str] = field(default_factory=list)  # unfinished (or duplicate) chunk and eval runs: superseded
+    # chunk run id -> (its FINISHED eval run, headline metrics) where the driver died before linking the two
+    unlinked: dict[str, tuple[str, dict[str, float]]] = field(default_factory=dict)
 
 
 def read_logged(tracker: Tracker, plan: ExperimentPlan, eval_names: list[str]) -> LoggedRecord:
@@ -59,6 +61,8 @@ def read_logged(tracker: Tracker, plan: ExperimentPlan, eval_names: list[str]) -
             continue
         em = done[0].data.metrics
         result: dict[str, Any] = {k: v for k, v in em.items() if k.endswith("_top1")}
+        if run.data.tags.get(tr.TAG + "eval_run") != done[0].info.run_id:
+            record.unlinked[run.info.run_id] = (done[0].info.run_id, dict(result))
         for name in eval_names:
             # A task that had no query rows has no metric: unknown (NaN), as in the live result.
             result[f"{name}_task_acc"] = [em.get(f"{name}_task{t}", float("nan")) for t in range(plan.stream.num_chunks)]
