@@ -144,9 +144,10 @@ def _train_fn(config: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory() as folder:
                 checkpoint = None
                 started = time.perf_counter()
+                generators = trainer.generator_states()  # every rank's, so each resumes its own
                 if rank == 0:
-                    save_state(folder, {**trainer.state_dict(), "line_index": line_index, "line_id": task.line.id,
-                                        "chunk_event": chunk_event})
+                    save_state(folder, {**trainer.state_dict(), "generators": generators, "line_index": line_index,
+                                        "line_id": task.line.id, "chunk_event": chunk_event})
                     if chunk_event is not None:
                         with open(os.path.join(folder, CHUNK_EVENT_FILE), "w") as f:
                             json.dump(chunk_event, f)

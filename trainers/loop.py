@@ -164,17 +164,32 @@ class LineTrainer:
             "optimizer": self.optimizer.state_dict(),
             "strategy": self.strategy.state_dict(),
             "position": dict(self.position),
-            "generator": self.generator.get_state(),
+            # Every rank's augmentation generator, by rank: this rank's only; under DDP the caller stores
+            # `generator_states()` (gathered from all ranks) here instead.
+            "generators": [self.generator.get_state()],
+            "generator_device": self.device.type,
             "config": asdict(self.cfg),
         }
+
+    def generator_states(self) -> list[torch.Tensor]:
+        """Every rank's generator state, by rank. Under DDP a collective: all ranks call it together."""
+        own = self.generator.get_state()
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return [own]
+        states: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(states, own)
+        return states
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.strategy.load_state_dict(state["strategy"])
         self.position = {**_START_OF_LINE, **state["position"]}
-        if "generator" in state and self.device.type == "cpu":
-            self.generator.set_state(state["generator"])
+        generators = state.get("generators") or ([state["generator"]] if "generator" in state else [])
+        # A rank restores its own stream of crops and colours; a state from another kind of device (a CUDA checkpoint
+        # evaluated on a CPU) cannot be set and is not needed there; a rank the checkpoint did not have keeps its seed.
+        if self.rank < len(generators) and state.get("generator_device", "cpu") == self.device.type:
+            self.generator.set_state(generators[self.rank])
 
     # ----------------------------------------------------------------- training
     def start_chunk(self, chunk: int) -> None:
