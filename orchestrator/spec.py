@@ -4,6 +4,13 @@
 
 Every invalid value becomes a `SpecError` whose message lists each offending field by its dotted path, so the
 CLI stops before Ray starts. `flatten(spec)` is the single source of what MLflow records as params.
+
+The component sections come from the records in `trainers.registry`: `lines.method` and `lines.strategy` accept
+the registered names; `methods.<name>` is validated against that method's `Config` and comes out as a plain dict
+with every default filled in (for every method the lines use, configured or not), so a spec that spells out a
+default and one that omits it are the same spec: same params, same identity, same plan key; `backbone` is
+discriminated on `name` with that backbone's `Config` as its other fields; `strategy.<name>` is each strategy's
+`Config`.
 """
 
 from __future__ import annotations
@@ -12,15 +19,28 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PlainSerializer,
+    Tag,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from typing_extensions import TypedDict
 
 from orchestrator.errors import SpecError
+from trainers.registry import BACKBONE_REGISTRY, METHOD_REGISTRY, STRATEGY_REGISTRY, Registry
 
-METHOD_NAMES = ("simclr", "byol")
-STRATEGY_NAMES = ("sequential", "joint")
 STREAM_KIND_NAMES = ("instance", "random_class", "distant_class", "domain")
 EVAL_NAMES = ("knn", "linear")
 # Keys whose values are credentials or may carry them; never recorded anywhere.
@@ -63,9 +83,13 @@ class StreamSpec(_Strict):
     seed: int = Field(0, description="seed of the plan (same seed, same plan)")
 
 
+MethodName = Literal[METHOD_REGISTRY.names]
+StrategyName = Literal[STRATEGY_REGISTRY.names]
+
+
 class LinesSpec(_Strict):
-    method: list[Literal["simclr", "byol"]] = Field(min_length=1, description="SSL methods; one line each")
-    strategy: list[Literal["sequential", "joint"]] = Field(
+    method: list[MethodName] = Field(min_length=1, description="SSL methods; one line each")
+    strategy: list[StrategyName] = Field(
         min_length=1, description="sequential: chunk t from chunk t-1's weights; joint: chunks 1..t together"
     )
 
@@ -77,10 +101,61 @@ class LinesSpec(_Strict):
         return values
 
 
-class BackboneSpec(_Strict):
-    name: Literal["resnet18", "resnet50"] = "resnet18"
-    width: int = Field(64, ge=4, le=256, description="base channels (64 is the standard ResNet; lower for CPU runs)")
-    cifar_stem: bool | None = Field(None, description="3x3 stem without max-pool; default: on at image_size <= 64")
+def _none_is_empty(value: Any) -> Any:
+    """`methods: {simclr: }` in YAML means "simclr with its defaults"."""
+    return {} if value is None else value
+
+
+def _options_section(registry: Registry) -> Any:
+    """`{name: options}` validated against each record's Config; plain dicts out, every default filled in.
+
+    A TypedDict keyed by the registered names (unknown names are `extra_forbidden` at `<section>.<name>`); each
+    value is that record's Config (so an error names `<section>.<name>.<option>`), dumped to a plain dict after
+    validation so callers get keyword arguments.
+    """
+    fields = {
+        record.name: Annotated[
+            record.config,
+            BeforeValidator(_none_is_empty),
+            AfterValidator(lambda config: config.model_dump()),
+            PlainSerializer(lambda options: options, return_type=dict[str, Any]),
+        ]
+        for record in registry.values()
+    }
+    section = TypedDict(f"{registry.kind.title()}Options", fields, total=False)  # type: ignore[misc]
+    section.__pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[attr-defined]
+    return section
+
+
+MethodOptions = _options_section(METHOD_REGISTRY)
+
+DEFAULT_BACKBONE = BACKBONE_REGISTRY.names[0]
+
+
+def _backbone_variant(record: Any) -> type[BaseModel]:
+    """The `backbone:` section for one backbone: `name` plus its Config's fields (frozen, strict, no extras)."""
+    return create_model(
+        f"BackboneSpec_{record.name}", __base__=record.config, __doc__=record.summary or None,
+        name=(Literal[record.name], Field(record.name, description=f"one of {list(BACKBONE_REGISTRY.names)}")),
+    )
+
+
+BACKBONE_VARIANTS: dict[str, type[BaseModel]] = {r.name: _backbone_variant(r) for r in BACKBONE_REGISTRY.values()}
+
+
+def _backbone_tag(value: Any) -> Any:
+    if isinstance(value, dict):
+        return value.get("name", DEFAULT_BACKBONE)
+    return getattr(value, "name", DEFAULT_BACKBONE)  # not a mapping: let the default variant report the type
+
+
+BackboneSpec = Annotated[
+    Union[tuple(Annotated[model, Tag(name)] for name, model in BACKBONE_VARIANTS.items())],
+    Discriminator(
+        _backbone_tag, custom_error_type="unknown_backbone",
+        custom_error_message=f"unknown backbone; known: {', '.join(BACKBONE_REGISTRY.names)}",
+    ),
+]
 
 
 class ViewSpec(_Strict):
@@ -121,12 +196,15 @@ class OptimSpec(_Strict):
     schedule: Literal["cosine", "constant"] = Field("cosine", description="LR schedule inside each chunk")
 
 
-class JointSpec(_Strict):
-    from_scratch: bool = Field(True, description="JT of chunk t restarts from random weights (the usual upper bound)")
-
-
-class StrategyOptionsSpec(_Strict):
-    joint: JointSpec = Field(default_factory=JointSpec)
+# One field per strategy that has options, each its record's Config with every default (they are few and cheap).
+StrategyOptionsSpec = create_model(
+    "StrategyOptionsSpec", __base__=_Strict,
+    **{
+        record.name: (record.config, Field(default_factory=record.config, description=record.summary or None))
+        for record in STRATEGY_REGISTRY.values()
+        if record.config.model_fields
+    },
+)
 
 
 class EvalSpec(_Strict):
@@ -171,33 +249,37 @@ class Spec(_Strict):
     data: DataSpec
     stream: StreamSpec
     lines: LinesSpec
-    backbone: BackboneSpec = Field(default_factory=BackboneSpec)
+    backbone: BackboneSpec = Field(default_factory=BACKBONE_VARIANTS[DEFAULT_BACKBONE])
     views: ViewsSpec = Field(default_factory=ViewsSpec)
     optim: OptimSpec = Field(default_factory=OptimSpec)
-    methods: dict[str, dict[str, Any]] = Field(default_factory=dict, description="hyper-parameters per method")
+    methods: MethodOptions = Field(
+        default_factory=dict,
+        description="options per method (each method's Config); filled with the defaults of every method in lines",
+    )
     strategy: StrategyOptionsSpec = Field(default_factory=StrategyOptionsSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
 
-    @field_validator("methods")
-    @classmethod
-    def _known_methods(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        unknown = sorted(set(value) - set(METHOD_NAMES))
-        if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; known: {list(METHOD_NAMES)}")
-        return value
-
     @model_validator(mode="after")
     def _consistent(self) -> "Spec":
+        # Normalise: every method a line trains gets its full options (defaults filled), so an omitted default and
+        # an explicit one give the same spec. The dict is this model's own (made by validation), not the input.
+        for method in self.lines.method:
+            if method not in self.methods:
+                self.methods[method] = METHOD_REGISTRY[method].defaults()
         if self.optim.batch_size % self.resources.workers:
             raise ValueError(
                 f"optim.batch_size ({self.optim.batch_size}) must be divisible by resources.workers "
                 f"({self.resources.workers}) so every DDP worker gets the same batch"
             )
-        if self.views.global_.count < 2:
-            raise ValueError("views.global.count must be >= 2: the methods compare two views of each image")
+        for method in self.lines.method:
+            needed = METHOD_REGISTRY[method].min_global_views
+            if self.views.global_.count < needed:
+                raise ValueError(
+                    f"views.global.count must be >= {needed}: {method} compares {needed} views of each image"
+                )
         return self
 
     @property
@@ -237,8 +319,19 @@ def redact(value: Any) -> Any:
     return value
 
 
+def _recorded(spec: Spec) -> dict[str, Any]:
+    """`spec.to_dict()` with only the methods the lines train: options of a method no line uses change no number."""
+    data = spec.to_dict()
+    data["methods"] = {name: data["methods"][name] for name in spec.lines.method}
+    return data
+
+
 def flatten(spec: Spec) -> dict[str, str]:
-    """Dotted-key params for MLflow (`optim.lr` -> '0.3'); the same keys for every run of every spec."""
+    """Dotted-key params for MLflow (`optim.lr` -> '0.3'); the same keys for every run of every spec.
+
+    Every option of every method the lines train is there with its default filled in (`methods.simclr.temperature`),
+    so runs that spell a default out and runs that omit it line up in MLflow's compare view.
+    """
     out: dict[str, str] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -248,18 +341,28 @@ def flatten(spec: Spec) -> dict[str, str]:
         else:
             out[prefix] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
-    walk("", spec.to_dict())
+    walk("", _recorded(spec))
     return out
 
 
 def identity_digest(spec: Spec) -> str:
     """Hash of everything that changes the numbers a job produces (not where they are stored or tracked)."""
-    data = spec.to_dict()
+    data = _recorded(spec)  # normalised: an explicit default and an omitted one hash alike
     for key in ("tracking", "storage", "name"):
         data.pop(key, None)
     data["resources"] = {"workers": spec.resources.workers}  # world size changes BN statistics; the rest does not
     data["data"].pop("storage_options", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Sections discriminated on `name`: pydantic puts the tag in the error location; the user's path has none.
+_TAGGED_SECTIONS: dict[str, dict[str, type[BaseModel]]] = {"backbone": BACKBONE_VARIANTS}
+
+
+def _user_location(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    if len(loc) >= 2 and loc[0] in _TAGGED_SECTIONS and loc[1] in _TAGGED_SECTIONS[loc[0]]:
+        return (loc[0], *loc[2:])
+    return loc
 
 
 def _format_location(loc: tuple[Any, ...]) -> str:
@@ -272,6 +375,40 @@ def _format_location(loc: tuple[Any, ...]) -> str:
     return "".join(parts) or "(spec)"
 
 
+def _fields_of(model: type[BaseModel]) -> list[str]:
+    return [info.alias or name for name, info in model.model_fields.items()]
+
+
+def _unknown_field_message(loc: tuple[Any, ...]) -> str:
+    """What to say about an unknown key at `loc` (pydantic's location, tags included): the names allowed there."""
+    parent = loc[:-1]
+    if parent == ("methods",):
+        return f"unknown method; known: {', '.join(METHOD_REGISTRY.names)}"
+    if len(parent) == 2 and parent[0] == "methods" and parent[1] in METHOD_REGISTRY:
+        return f"unknown option of {parent[1]}; allowed: {', '.join(METHOD_REGISTRY[parent[1]].option_names())}"
+    model: Any = Spec
+    if len(parent) >= 2 and parent[0] in _TAGGED_SECTIONS and parent[1] in _TAGGED_SECTIONS[parent[0]]:
+        model, parent = _TAGGED_SECTIONS[parent[0]][parent[1]], parent[2:]
+    for part in parent:
+        fields = {info.alias or name: info for name, info in model.model_fields.items()}
+        annotation = fields[part].annotation if part in fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            model = None
+            break
+        model = annotation
+    if model is None:
+        return "unknown field (check the spelling; see examples/quickstart.yaml)"
+    return f"unknown field; allowed: {', '.join(_fields_of(model))} (check the spelling)"
+
+
+def _shows_input(err: Any) -> bool:
+    """Echo the offending value when it is a short scalar and its field cannot hold a credential."""
+    value, loc = err.get("input"), err["loc"]
+    if not isinstance(value, (str, int, float)) or len(repr(value)) > 60:
+        return False
+    return not any(SECRET_KEY_PATTERN.search(str(part)) for part in loc)
+
+
 def validate_spec(raw: Any, source: str = "spec") -> Spec:
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: the spec must be a mapping of fields, got {type(raw).__name__}")
@@ -280,10 +417,14 @@ def validate_spec(raw: Any, source: str = "spec") -> Spec:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            loc = _format_location(tuple(err["loc"]))
-            msg = err["msg"]
+            loc = _format_location(_user_location(tuple(err["loc"])))
+            msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
-                msg = "unknown field (check the spelling; see examples/quickstart.yaml)"
+                msg = _unknown_field_message(tuple(err["loc"]))
+            elif err["type"] in ("model_type", "dict_type", "model_attributes_type"):
+                msg = "expected a mapping of fields (key: value)"
+            elif _shows_input(err):
+                msg = f"{msg} (got {err['input']!r})"
             lines.append(f"  {loc}: {msg}")
         raise SpecError(f"{source}: invalid spec\n" + "\n".join(lines)) from None
 

@@ -143,3 +143,139 @@ def test_fuzzed_specs_fail_only_with_spec_errors(raw: dict) -> None:
         assert "Traceback" not in message
     else:
         assert isinstance(result, Spec)
+
+
+# --- per-component options from the records in trainers.registry (issue 9, item 2) -------------------------------
+
+
+@pytest.mark.parametrize(
+    "methods, path, says",
+    [
+        ({"simclr": {"temprature": 0.2}}, "methods.simclr.temprature",
+         "unknown option of simclr; allowed: proj_hidden, proj_out, temperature"),
+        ({"simclr": {"temperature": "0.2"}}, "methods.simclr.temperature", "valid number (got '0.2')"),
+        ({"simclr": {"temperature": 0}}, "methods.simclr.temperature", "greater than 0"),
+        ({"simclr": {"proj_hidden": 1.5}}, "methods.simclr.proj_hidden", "valid integer (got 1.5)"),
+        ({"simclr": {"proj_out": True}}, "methods.simclr.proj_out", "valid integer"),
+        ({"simclr": 3}, "methods.simclr", "expected a mapping"),
+        ({"byol": {"base_momentum": 1.5}}, "methods.byol.base_momentum", "less than or equal to 1"),
+        ({"byol": {"base_momentum": 0.9, "final_momentum": 0.5}}, "methods.byol",
+         "final_momentum (0.5) must be >= base_momentum (0.9)"),
+        ({"swav": {}}, "methods.swav", "unknown method; known: simclr, byol"),
+    ],
+)
+def test_method_options_are_checked_against_the_methods_config(methods: dict, path: str, says: str) -> None:
+    with pytest.raises(SpecError) as err:
+        validate_spec({**minimal(), "methods": methods}, "s.yaml")
+    line = next(l for l in str(err.value).splitlines() if l.strip().startswith(path + ":"))
+    assert says in line, line
+
+
+def test_a_mistyped_option_on_the_command_line_fails_in_load_spec(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(minimal()))
+    with pytest.raises(SpecError, match=r"methods\.simclr\.temprature: unknown option of simclr; allowed: "):
+        load_spec(path, ["methods.simclr.temprature=0.2"])
+    assert load_spec(path, ["methods.simclr.temperature=0.2"]).methods["simclr"]["temperature"] == 0.2
+
+
+def test_allowed_names_come_from_the_registry() -> None:
+    import typing
+
+    from orchestrator.spec import LinesSpec
+    from trainers.registry import METHOD_REGISTRY, STRATEGY_REGISTRY
+
+    method_item = typing.get_args(LinesSpec.model_fields["method"].annotation)[0]
+    strategy_item = typing.get_args(LinesSpec.model_fields["strategy"].annotation)[0]
+    assert typing.get_args(method_item) == METHOD_REGISTRY.names
+    assert typing.get_args(strategy_item) == STRATEGY_REGISTRY.names
+    raw = {**minimal(), "lines": {"method": ["dino"], "strategy": ["sequential"]}}
+    with pytest.raises(SpecError, match=r"lines\.method\[0\]: Input should be 'simclr' or 'byol' \(got 'dino'\)"):
+        validate_spec(raw)
+
+
+def _tiny_backbone():
+    from trainers.backbones import build_backbone
+
+    return build_backbone("resnet18", image_size=16, width=4)
+
+
+def test_method_options_are_plain_dicts_with_every_default_filled_in() -> None:
+    from trainers.methods import METHODS
+    from trainers.registry import METHOD_REGISTRY
+
+    spec = validate_spec({**minimal(), "lines": {"method": ["simclr", "byol"], "strategy": ["joint"]},
+                          "methods": {"simclr": {"temperature": 1}, "byol": None}})
+    assert spec.methods == {
+        "simclr": {"proj_hidden": 2048, "proj_out": 128, "temperature": 1.0},
+        "byol": METHOD_REGISTRY["byol"].defaults(),
+    }
+    assert type(spec.methods) is dict and all(type(v) is dict for v in spec.methods.values())
+    # What the runner hands the workers, and what the loop then calls, unchanged.
+    options = dict(spec.methods.get("simclr", {}))
+    method = METHODS["simclr"](_tiny_backbone(), **options)
+    assert method.temperature == 1.0 and method.projector[0].out_features == 2048
+    assert validate_spec(spec.model_dump(mode="json", by_alias=True)) == spec  # the staged spec.yaml round-trips
+
+
+def test_explicit_and_omitted_defaults_flatten_and_hash_alike() -> None:
+    omitted = validate_spec(minimal())
+    explicit = validate_spec({**minimal(), "methods": {"simclr": {"temperature": 0.1, "proj_out": 128}}})
+    changed = validate_spec({**minimal(), "methods": {"simclr": {"temperature": 0.2}}})
+    params = flatten(omitted)
+    assert params == flatten(explicit)
+    assert {k: v for k, v in params.items() if k.startswith("methods.")} == {
+        "methods.simclr.proj_hidden": "2048", "methods.simclr.proj_out": "128", "methods.simclr.temperature": "0.1",
+    }
+    assert identity_digest(omitted) == identity_digest(explicit) != identity_digest(changed)
+    assert flatten(changed)["methods.simclr.temperature"] == "0.2"
+    # Options of a method no line trains are validated and kept, but change no number: not recorded, not hashed.
+    unused = validate_spec({**minimal(), "methods": {"byol": {"base_momentum": 0.9}}})
+    assert unused.methods["byol"]["base_momentum"] == 0.9
+    assert flatten(unused) == params and identity_digest(unused) == identity_digest(omitted)
+    with pytest.raises(SpecError, match=r"methods\.byol\.base_momentun"):
+        validate_spec({**minimal(), "methods": {"byol": {"base_momentun": 0.9}}})
+
+
+def test_plan_key_is_the_same_for_an_explicit_and_an_omitted_default(synthetic_url: str) -> None:
+    from orchestrator.planner import build_plan
+
+    base = {**minimal(), "data": {"url": synthetic_url}, "lines": {"method": ["simclr", "byol"], "strategy": ["joint"]}}
+    omitted = build_plan(validate_spec(base), progress=False)
+    explicit = build_plan(validate_spec({**base, "methods": {"byol": {"base_momentum": 0.99, "final_momentum": 1},
+                                                             "simclr": {"temperature": 0.1}}}), progress=False)
+    changed = build_plan(validate_spec({**base, "methods": {"byol": {"base_momentum": 0.996}}}), progress=False)
+    assert omitted.key == explicit.key != changed.key
+    assert [j.key for j in omitted.jobs] == [j.key for j in explicit.jobs]
+    assert not {j.key for j in omitted.jobs} & {j.key for j in changed.jobs}
+
+
+def test_backbone_section_is_discriminated_on_name() -> None:
+    assert validate_spec(minimal()).backbone.name == "resnet18"
+    spec = validate_spec({**minimal(), "backbone": {"name": "resnet50", "width": 8}})
+    assert (spec.backbone.name, spec.backbone.width, spec.backbone.cifar_stem) == ("resnet50", 8, None)
+    assert validate_spec({**minimal(), "backbone": {"width": 16}}).backbone.name == "resnet18"
+    with pytest.raises(Exception):
+        spec.backbone.width = 4  # frozen like every section
+    cases = [
+        ({"name": "vit"}, "  backbone: unknown backbone; known: resnet18, resnet50"),
+        ({"widht": 8}, "  backbone.widht: unknown field; allowed: width, cifar_stem, name"),
+        ({"name": "resnet50", "width": "8"}, "  backbone.width: Input should be a valid integer (got '8')"),
+        ({"width": 2}, "  backbone.width: Input should be greater than or equal to 4"),
+    ]
+    for section, line in cases:
+        with pytest.raises(SpecError) as err:
+            validate_spec({**minimal(), "backbone": section})
+        assert any(l.startswith(line) for l in str(err.value).splitlines()), str(err.value)
+
+
+def test_strategy_options_come_from_the_strategy_records() -> None:
+    from trainers.strategies import JointConfig
+
+    spec = validate_spec(minimal())
+    assert spec.strategy.joint == JointConfig() and spec.strategy.joint.model_dump() == {"from_scratch": True}
+    assert flatten(spec)["strategy.joint.from_scratch"] == "True"
+    with pytest.raises(SpecError, match=r"strategy\.joint\.from_scrach: unknown field; allowed: from_scratch"):
+        validate_spec({**minimal(), "strategy": {"joint": {"from_scrach": False}}})
+    with pytest.raises(SpecError, match=r"strategy\.joint\.from_scratch: Input should be a valid boolean"):
+        validate_spec({**minimal(), "strategy": {"joint": {"from_scratch": "no"}}})

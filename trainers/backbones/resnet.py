@@ -18,7 +18,24 @@ Usage::
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
+
+from trainers.config import ComponentConfig
+
+
+class ResNetConfig(ComponentConfig):
+    """The options `build_backbone` takes for a ResNet (the spec's `backbone:` section besides `name`)."""
+
+    width: int = Field(
+        64, ge=4, le=256,
+        description="channels of the first stage (64 is the paper's network; 16 or 32 keep CPU runs small)",
+    )
+    cifar_stem: bool | None = Field(
+        None,
+        description="3x3 stride-1 stem without max-pool (SimCLR's CIFAR-10 setting) instead of the ImageNet stem; "
+                    "None: on when the image side is <= 64 px",
+    )
 
 
 class BasicBlock(nn.Module):

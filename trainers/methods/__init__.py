@@ -1,20 +1,32 @@
-"""Self-supervised methods, by name: `METHODS` is the whole registry.
+"""Self-supervised methods; their records (class, `Config`, needs) are in `trainers.registry.METHOD_REGISTRY`.
 
-A method is an `nn.Module` built as `METHODS[name](backbone, **hparams)`; `forward(views)` returns
-`{"loss": scalar, "per_sample": [B]}`; `momentum_update(progress)` runs after every optimizer step;
-`.backbone` is the encoder that evaluation uses. Adding one: a file here, an entry below, its tests.
+A method is an `nn.Module` built as `METHODS[name](backbone, **options)`, the options being its `Config`'s
+fields; `forward(views)` returns `{"loss": scalar, "per_sample": [B]}`; `momentum_update(progress)` runs after
+every optimizer step; `.backbone` is the encoder that evaluation uses. Adding one: a file here with the module and
+its `Config` (defaults with the paper's values, the paper cited), a record in `trainers.registry`, its tests.
 
 Usage::
 
     from trainers.methods import METHODS
     method = METHODS["byol"](build_backbone("resnet18", 32), base_momentum=0.996)
+
+`METHODS` (name -> class) is a read-only view of the registry, kept for existing callers.
 """
 
 from __future__ import annotations
 
-from trainers.methods.byol import BYOL, byol_loss
-from trainers.methods.simclr import SimCLR, nt_xent_loss
+from typing import Any
 
-METHODS = {"simclr": SimCLR, "byol": BYOL}
+from trainers.methods.byol import BYOL, BYOLConfig, byol_loss
+from trainers.methods.simclr import SimCLR, SimCLRConfig, nt_xent_loss
 
-__all__ = ["BYOL", "METHODS", "SimCLR", "byol_loss", "nt_xent_loss"]
+
+def __getattr__(name: str) -> Any:
+    if name == "METHODS":  # resolved lazily: trainers.registry imports this package
+        from trainers.registry import METHOD_REGISTRY
+
+        return METHOD_REGISTRY.builders()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["BYOL", "BYOLConfig", "METHODS", "SimCLR", "SimCLRConfig", "byol_loss", "nt_xent_loss"]

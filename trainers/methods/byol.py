@@ -14,6 +14,12 @@ Usage::
 
 Only the online parameters need the optimizer; the target's are frozen (requires_grad False) and move by EMA.
 `state_dict()` holds the target too, so a checkpoint resumes exactly.
+
+Options (`BYOLConfig`, the single source of their defaults; the spec's `methods.byol` is validated against it):
+`proj_hidden`, `proj_out`, `pred_hidden`, `base_momentum`, `final_momentum`.
+
+Reference: J.-B. Grill et al., "Bootstrap Your Own Latent: A New Approach to Self-Supervised Learning",
+NeurIPS 2020, arXiv:2006.07733.
 """
 
 from __future__ import annotations
@@ -24,9 +30,41 @@ from itertools import permutations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from trainers.config import ComponentConfig
+
 _REDUCTIONS = ("mean", "none")
+
+
+class BYOLConfig(ComponentConfig):
+    """BYOL's hyper-parameters with the paper's defaults (Grill et al., 2020)."""
+
+    proj_hidden: int = Field(4096, ge=1, description="hidden width of the projector MLP (4096 in the paper)")
+    proj_out: int = Field(256, ge=1, description="projection size, also the predictor's output (256 in the paper)")
+    pred_hidden: int = Field(4096, ge=1, description="hidden width of the predictor MLP (4096 in the paper)")
+    base_momentum: float = Field(
+        0.99, ge=0, le=1, allow_inf_nan=False,
+        description="target EMA momentum at the start of the run, tau_base (0.99; the paper's 1000-epoch ImageNet "
+                    "runs use 0.996); it rises to final_momentum on a cosine over the run",
+    )
+    final_momentum: float = Field(
+        1.0, ge=0, le=1, allow_inf_nan=False,
+        description="target EMA momentum at the end of the run (1.0 in the paper: the target freezes)",
+    )
+
+    @model_validator(mode="after")
+    def _momentum_rises(self) -> "BYOLConfig":
+        if self.final_momentum < self.base_momentum:
+            raise ValueError(
+                f"final_momentum ({self.final_momentum}) must be >= base_momentum ({self.base_momentum}): "
+                "the target should slow down over the run, not speed up"
+            )
+        return self
+
+
+_DEFAULTS = BYOLConfig()
 
 
 def byol_loss(p: Tensor, z: Tensor, reduction: str = "mean") -> Tensor:
@@ -58,43 +96,38 @@ def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
 
 
 class BYOL(nn.Module):
-    """Online encoder + projector + predictor, EMA target encoder + projector.
+    """Online encoder + projector + predictor, EMA target encoder + projector (Grill et al., 2020).
 
     Args:
         backbone: encoder with `.out_dim`; its copy at construction starts the target.
-        proj_hidden, proj_out: projector hidden width and output size (4096, 256 in the paper).
-        pred_hidden: predictor hidden width (4096); the predictor maps proj_out -> proj_out.
-        base_momentum: EMA momentum at the start of the run (0.99; 0.996 for long ImageNet runs).
-        final_momentum: momentum at the end of the run (1.0: the target freezes).
+        proj_hidden, proj_out, pred_hidden, base_momentum, final_momentum: see `BYOLConfig` (their defaults and
+            bounds come from there); the predictor maps proj_out -> proj_out.
+
+    Attributes:
+        config: the validated `BYOLConfig`.
     """
 
     def __init__(
         self,
         backbone: nn.Module,
         *,
-        proj_hidden: int = 4096,
-        proj_out: int = 256,
-        pred_hidden: int = 4096,
-        base_momentum: float = 0.99,
-        final_momentum: float = 1.0,
+        proj_hidden: int = _DEFAULTS.proj_hidden,
+        proj_out: int = _DEFAULTS.proj_out,
+        pred_hidden: int = _DEFAULTS.pred_hidden,
+        base_momentum: float = _DEFAULTS.base_momentum,
+        final_momentum: float = _DEFAULTS.final_momentum,
     ) -> None:
         super().__init__()
         in_dim = getattr(backbone, "out_dim", None)
         if isinstance(in_dim, bool) or not isinstance(in_dim, int) or in_dim < 1:
             raise ValueError(f"backbone must have a positive int out_dim, got {in_dim!r}")
-        for name, value in (("proj_hidden", proj_hidden), ("proj_out", proj_out), ("pred_hidden", pred_hidden)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name, value in (("base_momentum", base_momentum), ("final_momentum", final_momentum)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-        if final_momentum < base_momentum:
-            raise ValueError(
-                f"final_momentum ({final_momentum}) must be >= base_momentum ({base_momentum}): "
-                "the target should slow down over the run, not speed up"
-            )
-        self.base_momentum = float(base_momentum)
-        self.final_momentum = float(final_momentum)
+        self.config = cfg = BYOLConfig.parse(
+            "BYOL", proj_hidden=proj_hidden, proj_out=proj_out, pred_hidden=pred_hidden,
+            base_momentum=base_momentum, final_momentum=final_momentum,
+        )
+        proj_hidden, proj_out, pred_hidden = cfg.proj_hidden, cfg.proj_out, cfg.pred_hidden
+        self.base_momentum = cfg.base_momentum
+        self.final_momentum = cfg.final_momentum
         self.momentum = self.base_momentum  # last value used by momentum_update, for logging
 
         self.backbone = backbone

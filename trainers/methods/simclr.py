@@ -13,6 +13,12 @@ Usage::
 Under torch.distributed every worker's projections are gathered (with gradient) to serve as negatives, so the
 effective batch for the contrastive task is the global batch; each worker's loss is the mean over its own
 anchors, and DDP's gradient averaging then gives the gradient of the global mean.
+
+Options (`SimCLRConfig`, the single source of their defaults; the spec's `methods.simclr` is validated against
+it): `proj_hidden`, `proj_out`, `temperature`.
+
+Reference: T. Chen, S. Kornblith, M. Norouzi, G. Hinton, "A Simple Framework for Contrastive Learning of Visual
+Representations", ICML 2020, arXiv:2002.05709.
 """
 
 from __future__ import annotations
@@ -23,12 +29,35 @@ from itertools import combinations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
+
+from trainers.config import ComponentConfig
 
 _REDUCTIONS = ("mean", "none")
 
 
-def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float = 0.1, reduction: str = "mean") -> Tensor:
+class SimCLRConfig(ComponentConfig):
+    """SimCLR's hyper-parameters with the paper's defaults (Chen et al., 2020)."""
+
+    proj_hidden: int = Field(
+        2048, ge=1,
+        description="hidden width of the projection MLP (2048 in the paper: the ResNet-50 feature size)",
+    )
+    proj_out: int = Field(128, ge=1, description="size of the projection the NT-Xent loss sees (128 in the paper)")
+    temperature: float = Field(
+        0.1, gt=0, allow_inf_nan=False,
+        description="NT-Xent temperature (0.1, the paper's ImageNet setting at large batch; 0.2 to 0.5 suit small "
+                    "batches)",
+    )
+
+
+_DEFAULTS = SimCLRConfig()
+
+
+def nt_xent_loss(
+    z1: Tensor, z2: Tensor, temperature: float = _DEFAULTS.temperature, reduction: str = "mean"
+) -> Tensor:
     """Normalised temperature-scaled cross entropy (SimCLR eq. 1), averaged over both views of each image.
 
     With z = [z1; z2] L2-normalised and sim(a, b) = z_a . z_b, the term of anchor i whose positive is j is
@@ -92,31 +121,34 @@ def _nt_xent(z1: Tensor, z2: Tensor, temperature: float, reduction: str) -> Tens
 
 
 class SimCLR(nn.Module):
-    """Encoder + projection MLP trained with NT-Xent.
+    """Encoder + projection MLP trained with NT-Xent (Chen et al., 2020).
 
     Args:
         backbone: encoder with `.out_dim`, float `[B, 3, H, W]` -> `[B, out_dim]`.
-        proj_hidden: hidden width of the projector (2048 as in the paper's ResNet-50 runs).
-        proj_out: projection size the loss sees (128).
-        temperature: NT-Xent temperature (> 0); 0.1 for large batches, 0.2 to 0.5 for small ones.
+        proj_hidden, proj_out, temperature: see `SimCLRConfig` (their defaults and bounds come from there).
+
+    Attributes:
+        config: the validated `SimCLRConfig`.
     """
 
     def __init__(
-        self, backbone: nn.Module, *, proj_hidden: int = 2048, proj_out: int = 128, temperature: float = 0.1
+        self,
+        backbone: nn.Module,
+        *,
+        proj_hidden: int = _DEFAULTS.proj_hidden,
+        proj_out: int = _DEFAULTS.proj_out,
+        temperature: float = _DEFAULTS.temperature,
     ) -> None:
         super().__init__()
         in_dim = getattr(backbone, "out_dim", None)
         if isinstance(in_dim, bool) or not isinstance(in_dim, int) or in_dim < 1:
             raise ValueError(f"backbone must have a positive int out_dim, got {in_dim!r}")
-        for name, value in (("proj_hidden", proj_hidden), ("proj_out", proj_out)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-            temperature > 0 and math.isfinite(temperature)
-        ):
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        self.config = cfg = SimCLRConfig.parse(
+            "SimCLR", proj_hidden=proj_hidden, proj_out=proj_out, temperature=temperature
+        )
+        proj_hidden, proj_out = cfg.proj_hidden, cfg.proj_out
         self.backbone = backbone
-        self.temperature = float(temperature)
+        self.temperature = cfg.temperature
         # SimCLR v2's projector: the BN in the hidden layer speeds up and steadies training.
         self.projector = nn.Sequential(
             nn.Linear(in_dim, proj_hidden, bias=False),

@@ -9,10 +9,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pydantic import Field
+
+from trainers.config import ComponentConfig
+
+
+class JointConfig(ComponentConfig):
+    """Joint training's options (the spec's `strategy.joint` section)."""
+
+    from_scratch: bool = Field(
+        True, description="JT of chunk t restarts from random weights (the usual upper bound); false: warm start"
+    )
+
 
 @dataclass(frozen=True)
 class Joint:
-    from_scratch: bool = True
+    from_scratch: bool = JointConfig().from_scratch
     name = "joint"
 
     def training_chunks(self, chunk: int) -> list[int]:

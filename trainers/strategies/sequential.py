@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trainers.config import ComponentConfig
+
+
+class SequentialConfig(ComponentConfig):
+    """Sequential training takes no options."""
+
 
 @dataclass(frozen=True)
 class Sequential:

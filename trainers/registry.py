@@ -1,0 +1,135 @@
+"""One record per component: the single source of the names, options and needs of methods, backbones, strategies.
+
+A `Record` holds a component's name, the class or builder that makes it, its `Config` (a `ComponentConfig`:
+every option with its type, bounds, default and description) and what it needs from the data and the views.
+The spec's allowed names, its typed per-component options, the flattened MLflow params (defaults included) and
+the error messages all come from here (see `orchestrator.spec`); `METHODS`, `BACKBONES` and `STRATEGIES` in the
+component packages are read-only views of these registries.
+
+Usage::
+
+    from trainers.registry import METHOD_REGISTRY
+    record = METHOD_REGISTRY["simclr"]
+    record.defaults()                      # {"proj_hidden": 2048, "proj_out": 128, "temperature": 0.1}
+    options = record.options({"temperature": 0.2})   # validated, defaults filled; ValueError on a bad option
+    method = record.build(backbone, **options)
+
+Adding a component: its module with a `Config` next to the code, then one `Record` in the list below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from trainers.backbones.resnet import ResNetConfig, resnet18, resnet50
+from trainers.config import ComponentConfig
+from trainers.methods.byol import BYOL, BYOLConfig
+from trainers.methods.simclr import SimCLR, SimCLRConfig
+from trainers.strategies.joint import Joint, JointConfig
+from trainers.strategies.sequential import Sequential, SequentialConfig
+
+
+@dataclass(frozen=True)
+class Record:
+    """A component: `build(**options)` (methods: `build(backbone, **options)`) with options from `config`.
+
+    Attributes:
+        name: the name the spec uses.
+        build: the class or builder function.
+        config: the `ComponentConfig` subclass listing every option.
+        needs_labels: trains on labels (the supervised baseline, replay with labels); the data must have them.
+        needs_local_views: consumes the small multi-crop views besides the global ones (SwAV, DINO).
+        min_global_views: global views per image the component needs in every batch.
+        summary: one line for listings and help.
+    """
+
+    name: str
+    build: Callable[..., Any]
+    config: type[ComponentConfig]
+    needs_labels: bool = False
+    needs_local_views: bool = False
+    min_global_views: int = 1
+    summary: str = ""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.config, type) and issubclass(self.config, ComponentConfig)):
+            raise TypeError(f"record {self.name!r}: config must be a ComponentConfig subclass, got {self.config!r}")
+
+    def defaults(self) -> dict[str, Any]:
+        """Every option at its default, as plain data."""
+        return self.config().model_dump()
+
+    def options(self, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """`given` validated by `config`, defaults filled in, as plain keyword arguments for `build`."""
+        return self.config.parse(self.name, **dict(given or {})).model_dump()
+
+    def option_names(self) -> tuple[str, ...]:
+        return self.config.option_names()
+
+
+class Registry(Mapping[str, Record]):
+    """Records of one kind of component by name, in declaration order; read-only."""
+
+    def __init__(self, kind: str, records: Iterable[Record]) -> None:
+        self.kind = kind
+        self._records: dict[str, Record] = {}
+        for record in records:
+            if record.name in self._records:
+                raise ValueError(f"duplicate {kind} record {record.name!r}")
+            self._records[record.name] = record
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._records)
+
+    def __getitem__(self, name: str) -> Record:
+        try:
+            return self._records[name]
+        except (KeyError, TypeError):
+            raise KeyError(self.unknown(name)) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._records)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, {list(self._records)})"
+
+    def unknown(self, name: Any) -> str:
+        """The message for a name that has no record."""
+        return f"unknown {self.kind} {name!r}; known: {', '.join(self._records)}"
+
+    def require(self, name: str) -> Record:
+        """The record `name`, or a ValueError listing the known names."""
+        if not isinstance(name, str) or name not in self._records:
+            raise ValueError(self.unknown(name))
+        return self._records[name]
+
+    def builders(self) -> Mapping[str, Callable[..., Any]]:
+        """name -> class or builder, read-only (what `METHODS` and friends used to be)."""
+        return MappingProxyType({name: record.build for name, record in self._records.items()})
+
+
+METHOD_REGISTRY = Registry("method", [
+    Record("simclr", SimCLR, SimCLRConfig, min_global_views=2,
+           summary="contrastive: NT-Xent over the global batch (Chen et al., 2020)"),
+    Record("byol", BYOL, BYOLConfig, min_global_views=2,
+           summary="online predictor regresses an EMA target's projection (Grill et al., 2020)"),
+])
+
+BACKBONE_REGISTRY = Registry("backbone", [
+    Record("resnet18", resnet18, ResNetConfig, summary="ResNet-18, BasicBlocks (2, 2, 2, 2); out_dim 8 x width"),
+    Record("resnet50", resnet50, ResNetConfig, summary="ResNet-50, Bottlenecks (3, 4, 6, 3); out_dim 32 x width"),
+])
+
+STRATEGY_REGISTRY = Registry("strategy", [
+    Record("sequential", Sequential, SequentialConfig, summary="ST: chunk t from chunk t-1's weights"),
+    Record("joint", Joint, JointConfig, summary="JT: chunks 0..t together"),
+])
+
+__all__ = ["BACKBONE_REGISTRY", "METHOD_REGISTRY", "Record", "Registry", "STRATEGY_REGISTRY"]
