@@ -6,13 +6,14 @@
         cluster.gcs_address     # 127.0.0.1:<port>, for ray.init(address=...)
         cluster.client_address  # ray://127.0.0.1:<port>, for `streamssl run --address`
 
-Stopping kills only this cluster's processes (found by its GCS port in their command lines): `ray stop` would
+Stopping kills only this cluster's processes (found by its GCS port in their command lines, and their children): `ray stop` would
 also take down any other Ray on the machine, such as the in-process one other tests use.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
 import socket
@@ -99,13 +100,22 @@ class LocalRayCluster:
         raise RuntimeError(f"the Jobs API on {self.dashboard_url} did not answer within {timeout} s")
 
     def processes(self) -> list[psutil.Process]:
-        marks = (f"127.0.0.1:{self.gcs_port}", f"--gcs_server_port={self.gcs_port}", f"--port={self.gcs_port}")
-        found = []
+        """This cluster's processes: any whose command line names its GCS port (at whatever address Ray bound:
+        on a host with several interfaces the raylets get `--gcs-address=<host ip>:<port>`, not 127.0.0.1), and
+        their children (agents)."""
+        port = re.compile(rf"(?<![\d]){self.gcs_port}(?![\d])")
+        marks = re.compile(rf"(:{port.pattern}|--gcs_server_port={port.pattern}|--port={port.pattern})")
+        found: dict[int, psutil.Process] = {}
         for proc in psutil.process_iter(["pid", "cmdline"]):
             cmdline = " ".join(proc.info.get("cmdline") or [])
-            if proc.pid != os.getpid() and any(mark in cmdline for mark in marks):
-                found.append(proc)
-        return found
+            if proc.pid != os.getpid() and marks.search(cmdline):
+                found[proc.pid] = proc
+                try:
+                    found.update({child.pid: child for child in proc.children(recursive=True)})
+                except psutil.NoSuchProcess:
+                    pass
+        found.pop(os.getpid(), None)
+        return list(found.values())
 
     def stop(self) -> None:
         procs = self.processes()
