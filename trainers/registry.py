@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from trainers.backbones.resnet import ResNetConfig, resnet18, resnet50
+from trainers.backbones.mobilenet import MobileNetV2Config, mobilenet_v2
+from trainers.backbones.resnet import ResNetConfig, resnet18, resnet34, resnet50
+from trainers.backbones.vit import ViTConfig, vit_tiny
 from trainers.config import ComponentConfig
 from trainers.methods.byol import BYOL, BYOLConfig
 from trainers.methods.simclr import SimCLR, SimCLRConfig
@@ -124,7 +126,12 @@ METHOD_REGISTRY = Registry("method", [
 
 BACKBONE_REGISTRY = Registry("backbone", [
     Record("resnet18", resnet18, ResNetConfig, summary="ResNet-18, BasicBlocks (2, 2, 2, 2); out_dim 8 x width"),
+    Record("resnet34", resnet34, ResNetConfig, summary="ResNet-34, BasicBlocks (3, 4, 6, 3); out_dim 8 x width"),
     Record("resnet50", resnet50, ResNetConfig, summary="ResNet-50, Bottlenecks (3, 4, 6, 3); out_dim 32 x width"),
+    Record("mobilenet_v2", mobilenet_v2, MobileNetV2Config,
+           summary="MobileNetV2, inverted residuals (torchvision); out_dim 1280 x max(1, width_mult)"),
+    Record("vit_tiny", vit_tiny, ViTConfig,
+           summary="ViT-Tiny: dim 192, depth 12, 3 heads (torchvision); patch from the image size; out_dim 192"),
 ])
 
 STRATEGY_REGISTRY = Registry("strategy", [

@@ -23,7 +23,7 @@ def _backbone() -> torch.nn.Module:
 
 def test_registries_hold_todays_components_and_the_old_maps_are_views_of_them() -> None:
     assert METHOD_REGISTRY.names == ("simclr", "byol")
-    assert BACKBONE_REGISTRY.names == ("resnet18", "resnet50")
+    assert BACKBONE_REGISTRY.names == ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "vit_tiny")
     assert STRATEGY_REGISTRY.names == ("sequential", "joint")
     assert dict(METHODS) == {"simclr": SimCLR, "byol": BYOL}
     assert dict(BACKBONES) == {name: r.build for name, r in BACKBONE_REGISTRY.items()}
@@ -40,7 +40,7 @@ def test_unknown_names_list_the_known_ones() -> None:
     assert "dino" not in METHOD_REGISTRY and ["x"] not in METHOD_REGISTRY and "simclr" in METHOD_REGISTRY
     with pytest.raises(KeyError, match="unknown method 'dino'; known: simclr, byol"):
         METHOD_REGISTRY["dino"]
-    with pytest.raises(ValueError, match="unknown backbone 'vit'; known: resnet18, resnet50"):
+    with pytest.raises(ValueError, match="unknown backbone 'vit'; known: resnet18, resnet34, resnet50, mobilenet_v2, vit_tiny"):
         BACKBONE_REGISTRY.require("vit")
     with pytest.raises(ValueError, match="unknown strategy 'replay'; known: sequential, joint"):
         build_strategy("replay")
@@ -123,7 +123,11 @@ def test_options_are_strict_and_errors_name_the_option() -> None:
 
 def test_backbone_options_come_from_the_record() -> None:
     assert BACKBONE_REGISTRY["resnet18"].defaults() == {"width": 64, "cifar_stem": None}
-    assert inspect.signature(build_backbone).parameters["width"].default == ResNetConfig().width
+    # build_backbone has no option defaults of its own: every omitted option takes its record's Config default.
+    assert [p.kind for p in inspect.signature(build_backbone).parameters.values()][-1] is inspect.Parameter.VAR_KEYWORD
+    assert build_backbone("resnet18", image_size=CIFAR_STEM_MAX_SIZE).width == ResNetConfig().width
+    assert BACKBONE_REGISTRY["mobilenet_v2"].defaults() == {"width_mult": 1.0, "cifar_stem": None}
+    assert BACKBONE_REGISTRY["vit_tiny"].defaults() == {"patch_size": None}
     net = build_backbone("resnet18", image_size=CIFAR_STEM_MAX_SIZE, width=8)
     assert net.cifar_stem is True and net.width == 8 and net.out_dim == 64
     assert build_backbone("resnet50", image_size=CIFAR_STEM_MAX_SIZE + 1, width=4).cifar_stem is False
