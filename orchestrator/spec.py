@@ -274,6 +274,13 @@ class Spec(_Strict):
                 f"optim.batch_size ({self.optim.batch_size}) must be divisible by resources.workers "
                 f"({self.resources.workers}) so every DDP worker gets the same batch"
             )
+        # The encoder is built for data.image_size (what evaluation feeds it) and trains on the global views.
+        try:
+            self.backbone.check(self.data.image_size, self.view_size)
+        except ValueError as exc:
+            raise ValueError(
+                f"backbone.{exc} (data.image_size {self.data.image_size}, views.global.size {self.view_size})"
+            ) from None
         for method in self.lines.method:
             needed = METHOD_REGISTRY[method].min_global_views
             if self.views.global_.count < needed:
@@ -409,6 +416,10 @@ def _shows_input(err: Any) -> bool:
     return not any(SECRET_KEY_PATTERN.search(str(part)) for part in loc)
 
 
+# "backbone.patch_size: ..." from a model validator: report it at that field rather than at the spec.
+_NAMED_MESSAGE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+): (.+)$", re.DOTALL)
+
+
 def validate_spec(raw: Any, source: str = "spec") -> Spec:
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: the spec must be a mapping of fields, got {type(raw).__name__}")
@@ -419,6 +430,9 @@ def validate_spec(raw: Any, source: str = "spec") -> Spec:
         for err in exc.errors():
             loc = _format_location(_user_location(tuple(err["loc"])))
             msg = err["msg"].removeprefix("Value error, ")
+            named = _NAMED_MESSAGE.match(msg) if not err["loc"] else None
+            if named:  # a check across sections whose message starts with the field it is about
+                loc, msg = named.group(1), named.group(2)
             if err["type"] == "extra_forbidden":
                 msg = _unknown_field_message(tuple(err["loc"]))
             elif err["type"] in ("model_type", "dict_type", "model_attributes_type"):

@@ -41,7 +41,8 @@ class LoopConfig:
     image_size: int
     views: tuple[AugmentConfig, ...]
     backbone: str = "resnet18"
-    backbone_width: int = 64
+    backbone_options: dict[str, Any] = field(default_factory=dict)  # the backbone record's Config options
+    backbone_width: int | None = None  # shorthands for backbone_options' `width` / `cifar_stem` (ResNets)
     cifar_stem: bool | None = None
     method_options: dict[str, Any] = field(default_factory=dict)
     strategy_options: dict[str, Any] = field(default_factory=dict)
@@ -68,6 +69,20 @@ class LoopConfig:
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if len(self.views) < 2:
             raise ValueError(f"views: need at least 2 view configs, got {len(self.views)}")
+        self.resolved_backbone_options()
+
+    def resolved_backbone_options(self) -> dict[str, Any]:
+        """`backbone_options` with the `backbone_width` / `cifar_stem` shorthands merged in (when set)."""
+        options = dict(self.backbone_options)
+        for key, value in (("width", self.backbone_width), ("cifar_stem", self.cifar_stem)):
+            if value is None:
+                continue
+            if key in options and options[key] != value:
+                raise ValueError(
+                    f"backbone {key} given twice: {value!r} and backbone_options[{key!r}]={options[key]!r}"
+                )
+            options[key] = value
+        return options
 
 
 @dataclass
@@ -138,9 +153,7 @@ class LineTrainer:
     def _build(self) -> None:
         """(Re)create model and optimizer from the seed: every worker and every reset starts identically."""
         torch.manual_seed(self.cfg.seed)
-        backbone = build_backbone(
-            self.cfg.backbone, self.cfg.image_size, width=self.cfg.backbone_width, cifar_stem=self.cfg.cifar_stem
-        )
+        backbone = build_backbone(self.cfg.backbone, self.cfg.image_size, **self.cfg.resolved_backbone_options())
         self.method = METHODS[self.cfg.method](backbone, **self.cfg.method_options).to(self.device)
         if self.cfg.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)

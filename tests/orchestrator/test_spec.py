@@ -258,7 +258,8 @@ def test_backbone_section_is_discriminated_on_name() -> None:
     with pytest.raises(Exception):
         spec.backbone.width = 4  # frozen like every section
     cases = [
-        ({"name": "vit"}, "  backbone: unknown backbone; known: resnet18, resnet50"),
+        ({"name": "vit"}, "  backbone: unknown backbone; known: resnet18, resnet34, resnet50, mobilenet_v2, vit_tiny"),
+        ({"name": "vit_tiny", "width": 8}, "  backbone.width: unknown field; allowed: patch_size, name"),
         ({"widht": 8}, "  backbone.widht: unknown field; allowed: width, cifar_stem, name"),
         ({"name": "resnet50", "width": "8"}, "  backbone.width: Input should be a valid integer (got '8')"),
         ({"width": 2}, "  backbone.width: Input should be greater than or equal to 4"),
@@ -267,6 +268,46 @@ def test_backbone_section_is_discriminated_on_name() -> None:
         with pytest.raises(SpecError) as err:
             validate_spec({**minimal(), "backbone": section})
         assert any(l.startswith(line) for l in str(err.value).splitlines()), str(err.value)
+
+
+def test_backbone_options_reach_the_workers_and_flatten_with_defaults() -> None:
+    from orchestrator.planner import Line
+    from orchestrator.runner import loop_config
+    from trainers.backbones import build_backbone
+
+    spec = validate_spec({**minimal(), "backbone": {"name": "mobilenet_v2", "width_mult": 0.5}})
+    assert {k: v for k, v in flatten(spec).items() if k.startswith("backbone.")} == {
+        "backbone.name": "mobilenet_v2", "backbone.width_mult": "0.5", "backbone.cifar_stem": "None",
+    }
+    line = Line(method="simclr", strategy="sequential")
+    config = loop_config(spec, line, use_gpu=False)
+    assert (config.backbone, config.resolved_backbone_options()) == (
+        "mobilenet_v2", {"width_mult": 0.5, "cifar_stem": None},
+    )
+    vit = validate_spec({**minimal(), "backbone": {"name": "vit_tiny", "patch_size": 8}})
+    config = loop_config(vit, line, use_gpu=False)
+    assert build_backbone(config.backbone, config.image_size, **config.resolved_backbone_options()).patch_size == 8
+
+
+def test_a_vit_patch_that_does_not_divide_the_images_is_a_spec_error_naming_it() -> None:
+    assert validate_spec({**minimal(), "backbone": {"name": "vit_tiny"}}).backbone.patch_size is None  # 4 at 32 px
+    cases = [
+        ({"name": "vit_tiny", "patch_size": 12}, {}, {},
+         "  backbone.patch_size: 12 does not divide the image side 32 px (data.image_size 32, views.global.size 32)"),
+        ({"name": "vit_tiny", "patch_size": 8}, {}, {"global": {"size": 36}},
+         "  backbone.patch_size: 8 does not divide the image side 36 px (data.image_size 32, views.global.size 36)"),
+        ({"name": "vit_tiny"}, {"image_size": 30}, {},
+         "  backbone.patch_size: 4 does not divide the image side 30 px; 4 is the default at 30 px"),
+    ]
+    for backbone, data, views, line in cases:
+        raw = {**minimal(), "backbone": backbone, "views": views}
+        raw["data"] = {**raw["data"], **data}
+        with pytest.raises(SpecError) as err:
+            validate_spec(raw)
+        assert any(l.startswith(line) for l in str(err.value).splitlines()), str(err.value)
+    # A ResNet takes any size; an explicit patch that divides both sizes passes.
+    validate_spec({**minimal(), "backbone": {"name": "resnet34"}, "views": {"global": {"size": 36}}})
+    validate_spec({**minimal(), "backbone": {"name": "vit_tiny", "patch_size": 8}, "views": {"global": {"size": 48}}})
 
 
 def test_strategy_options_come_from_the_strategy_records() -> None:
