@@ -97,8 +97,8 @@ class ViT(nn.Module):
         self.image_size, self.patch_size = image_size, patch_size
         self.grid = image_size // patch_size
         self.out_dim: int = hidden_dim
-        taps = [b for b in STAGE_BLOCKS if b <= num_layers] or [num_layers]
-        self._taps = {b - 1 for b in taps} | {num_layers - 1}
+        # 0-based indices of the tapped blocks; the last block is always one (its map follows the final LayerNorm).
+        self._taps = {b - 1 for b in STAGE_BLOCKS if b <= num_layers} | {num_layers - 1}
         self.stage_dims: tuple[int, ...] = (hidden_dim,) * len(self._taps)
 
     def _position_embedding(self, rows: int, cols: int) -> Tensor:
