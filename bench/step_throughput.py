@@ -111,8 +111,11 @@ def build_model(cfg: StepConfig, device: str) -> tuple[torch.nn.Module, torch.op
     method = METHODS[cfg.method](backbone, **cfg.method_options).to(device)
     if cfg.channels_last:
         method = method.to(memory_format=torch.channels_last)
-    params = [p for p in method.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    # torch's SGD over the same two groups the loop uses (no weight decay on biases and norm parameters).
+    from trainers.optim import param_groups
+
+    groups = param_groups(method, cfg.weight_decay)
+    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return method, optimizer
 
 

@@ -364,7 +364,7 @@ class _Driver:
                     if done:
                         last = max(done, key=lambda j: j.chunk)
                         resume_uri = self.tracker.get_run(self.chunk_runs[last.key]).data.tags[tr.CHECKPOINT]
-                    tasks.append(LineTask(line, loop_config(self.spec, line, self.use_gpu), todo, resume_uri))
+                    tasks.append(LineTask(line, loop_config(self.spec, line, self.use_gpu, self.plan), todo, resume_uri))
                     offsets, total = {}, 0
                     for job in self.plan.jobs_of(line):
                         offsets[job.chunk] = total

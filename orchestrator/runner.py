@@ -30,7 +30,19 @@ from orchestrator.spec import Spec
 from trainers.loop import LoopConfig, views_from_spec_dicts
 
 
-def loop_config(spec: Spec, line: Line, use_gpu: bool) -> LoopConfig:
+def planned_line_steps(plan: ExperimentPlan, line: Line) -> tuple[int, int]:
+    """(optimizer steps the plan gives `line` over all its chunks, steps of one epoch of its first chunk)."""
+    spec = plan.spec
+    per_epoch = [chunk_rows(plan.stream, job.training_chunks) // spec.optim.batch_size for job in plan.jobs_of(line)]
+    return spec.optim.epochs_per_chunk * sum(per_epoch), (per_epoch[0] if per_epoch else 0)
+
+
+def loop_config(spec: Spec, line: Line, use_gpu: bool, plan: ExperimentPlan | None = None) -> LoopConfig:
+    """The worker's config of `line`; with the `plan`, also the line's length (which `cosine_line` needs)."""
+    line_steps, line_warmup_steps = 0, 0
+    if plan is not None:
+        line_steps, first_epoch = planned_line_steps(plan, line)
+        line_warmup_steps = int(spec.optim.warmup_epochs * first_epoch)
     views = spec.views.global_.model_dump()
     precision = spec.resources.precision
     if precision == "auto":
@@ -48,10 +60,15 @@ def loop_config(spec: Spec, line: Line, use_gpu: bool) -> LoopConfig:
         lr=spec.optim.lr,
         momentum=spec.optim.momentum,
         weight_decay=spec.optim.weight_decay,
+        eeta=spec.optim.eeta,
+        lr_scaling=spec.optim.lr_scaling,
         epochs_per_chunk=spec.optim.epochs_per_chunk,
         batch_size=spec.optim.batch_size // spec.resources.workers,
+        global_batch=spec.optim.batch_size,
         warmup_epochs=spec.optim.warmup_epochs,
         schedule=spec.optim.schedule,
+        line_steps=line_steps,
+        line_warmup_steps=line_warmup_steps,
         seed=spec.seed,
         precision=precision,
         channels_last=use_gpu,

@@ -186,14 +186,29 @@ class ViewsSpec(_Strict):
 
 
 class OptimSpec(_Strict):
-    name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.3, gt=0, description="peak learning rate for the global batch")
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(1e-4, ge=0)
+    name: Literal["sgd", "adamw", "lars"] = Field(
+        "sgd", description="sgd (momentum), adamw, or lars (You et al. 2017; biases and norms not adapted)"
+    )
+    lr: float = Field(
+        0.3, gt=0, description="peak learning rate for the global batch; per 256 samples when lr_scaling is linear"
+    )
+    lr_scaling: Literal["none", "linear"] = Field(
+        "none", description="linear: the peak LR is lr x batch_size / 256 (Goyal et al. 2017); none: lr as given"
+    )
+    momentum: float = Field(0.9, ge=0, lt=1, description="momentum of sgd and lars")
+    weight_decay: float = Field(1e-4, ge=0, description="weight decay; never applied to biases and norm layers")
+    eeta: float = Field(0.001, gt=0, description="LARS trust coefficient (eta in You et al. 2017)")
     epochs_per_chunk: int = Field(1, ge=1, description="passes over each chunk's training data")
     batch_size: int = Field(256, ge=2, description="global batch (split across workers)")
-    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up at the start of every chunk")
-    schedule: Literal["cosine", "constant"] = Field("cosine", description="LR schedule inside each chunk")
+    warmup_epochs: float = Field(
+        0.0, ge=0,
+        description="linear warm-up, in epochs: at the start of every chunk (cosine, constant) or of the line "
+                    "(cosine_line, in epochs of the line's first chunk)",
+    )
+    schedule: Literal["cosine", "cosine_line", "constant"] = Field(
+        "cosine", description="cosine: warm-up + cosine inside each chunk; cosine_line: one warm-up + cosine over "
+                              "all chunks of a line; constant: warm-up then the peak LR"
+    )
 
 
 # One field per strategy that has options, each its record's Config with every default (they are few and cheap).
@@ -281,6 +296,11 @@ class Spec(_Strict):
             raise ValueError(
                 f"backbone.{exc} (data.image_size {self.data.image_size}, views.global.size {self.view_size})"
             ) from None
+        if self.optim.schedule == "cosine_line" and "joint" in self.lines.strategy and self.strategy.joint.from_scratch:
+            raise ValueError(
+                "optim.schedule cosine_line runs one schedule over all chunks of a line, but a joint line with "
+                "strategy.joint.from_scratch restarts every chunk from random weights; use cosine (per chunk)"
+            )
         for method in self.lines.method:
             needed = METHOD_REGISTRY[method].min_global_views
             if self.views.global_.count < needed:

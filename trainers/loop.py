@@ -28,6 +28,8 @@ from torch import nn
 
 from trainers.backbones import build_backbone
 from trainers.methods import METHODS
+from trainers.optim import LR_SCALING, OPTIMIZERS, build_optimizer, param_groups, scaled_lr, set_lr
+from trainers.schedules import SCHEDULES, SCOPE, build_schedule
 from trainers.strategies import build_strategy
 from trainers.views import AugmentConfig, make_views
 
@@ -46,14 +48,19 @@ class LoopConfig:
     cifar_stem: bool | None = None
     method_options: dict[str, Any] = field(default_factory=dict)
     strategy_options: dict[str, Any] = field(default_factory=dict)
-    optimizer: str = "sgd"
-    lr: float = 0.3
+    optimizer: str = "sgd"  # sgd | adamw | lars
+    lr: float = 0.3  # the peak LR, or the LR per 256 samples with lr_scaling "linear"
     momentum: float = 0.9
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-4  # never applied to biases and normalisation parameters
+    eeta: float = 0.001  # LARS trust coefficient
+    lr_scaling: str = "none"  # none | linear (lr x global_batch / 256)
     epochs_per_chunk: int = 1
     batch_size: int = 256  # per worker
+    global_batch: int = 0  # over all workers, for lr_scaling; 0: batch_size (one worker)
     warmup_epochs: float = 0.0
-    schedule: str = "cosine"
+    schedule: str = "cosine"  # cosine (per chunk) | cosine_line (over the line) | constant
+    line_steps: int = 0  # planned optimizer steps of the whole line (cosine_line needs it)
+    line_warmup_steps: int = 0  # warm-up steps at the line's start (cosine_line)
     seed: int = 0
     precision: str = "fp32"  # or "bf16" (autocast)
     channels_last: bool = False
@@ -65,8 +72,12 @@ class LoopConfig:
             raise ValueError(f"method {self.method!r} unknown; known: {sorted(METHODS)}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.lr_scaling not in LR_SCALING:
+            raise ValueError(f"lr_scaling must be one of {LR_SCALING}, got {self.lr_scaling!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if len(self.views) < 2:
             raise ValueError(f"views: need at least 2 view configs, got {len(self.views)}")
         self.resolved_backbone_options()
@@ -113,18 +124,29 @@ class ChunkReport:
         return asdict(self)
 
 
+def peak_lr(cfg: LoopConfig) -> float:
+    """The LR the schedule peaks at: `cfg.lr`, scaled by the global batch when `lr_scaling` is linear."""
+    return scaled_lr(cfg.lr, cfg.global_batch or cfg.batch_size, cfg.lr_scaling)
+
+
+def chunk_schedule(cfg: LoopConfig, steps_total: int, steps_per_epoch: int):
+    """The schedule object for a chunk of `steps_total` steps: per chunk (its steps), or the line's (`cosine_line`,
+    over `cfg.line_steps` steps counted from the line's start)."""
+    if SCOPE[cfg.schedule] == "line":
+        if cfg.line_steps < 1:
+            raise ValueError("schedule 'cosine_line' needs line_steps (the line's planned total steps)")
+        return build_schedule(cfg.schedule, peak_lr(cfg), cfg.line_steps, cfg.line_warmup_steps)
+    return build_schedule(cfg.schedule, peak_lr(cfg), steps_total, int(cfg.warmup_epochs * steps_per_epoch))
+
+
 def learning_rate(cfg: LoopConfig, step: int, steps_total: int, steps_per_epoch: int) -> float:
-    """Linear warm-up then cosine (or constant) decay inside one chunk."""
-    warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    if cfg.schedule == "constant":
-        return cfg.lr
-    progress = (step - warmup) / max(1, steps_total - warmup)
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    """The LR at `step` (of the chunk; of the line for `cosine_line`) of a chunk of `steps_total` steps."""
+    return chunk_schedule(cfg, steps_total, steps_per_epoch).lr(step)
 
 
-_START_OF_LINE = {"chunks_done": 0, "chunk": -1, "epoch": 0, "step": 0, "epoch_step": 0}
+# `line_step` counts optimizer steps from the line's start (across chunks and weight resets): the step of a
+# line-wide schedule.
+_START_OF_LINE = {"chunks_done": 0, "chunk": -1, "epoch": 0, "step": 0, "epoch_step": 0, "line_step": 0}
 
 
 class LineTrainer:
@@ -158,13 +180,14 @@ class LineTrainer:
         if self.cfg.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
         self.model = self.wrap_model(self.method)
-        params = [p for p in self.method.parameters() if p.requires_grad]
-        if self.cfg.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(
-                params, lr=self.cfg.lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay
-            )
-        else:
-            self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        # A method may bring its own groups (e.g. a predictor at a fixed LR); otherwise biases and norm
+        # parameters go to a group without weight decay (and without LARS adaptation).
+        own_groups = getattr(self.method, "param_groups", None)
+        groups = own_groups(self.cfg.weight_decay) if callable(own_groups) else param_groups(
+            self.method, self.cfg.weight_decay
+        )
+        self.optimizer = build_optimizer(self.cfg.optimizer, groups, lr=peak_lr(self.cfg), momentum=self.cfg.momentum,
+                                         weight_decay=self.cfg.weight_decay, eeta=self.cfg.eeta)
 
     @property
     def backbone(self) -> nn.Module:
@@ -233,6 +256,8 @@ class LineTrainer:
             self.start_chunk(chunk)
         cfg = self.cfg
         steps_total = cfg.epochs_per_chunk * steps_per_epoch
+        schedule = chunk_schedule(cfg, steps_total, steps_per_epoch)
+        line_scope = SCOPE[cfg.schedule] == "line"
         self.method.train()
         losses: list[torch.Tensor] = []
         samples = 0
@@ -259,9 +284,8 @@ class LineTrainer:
                 if first_batch_s is None:
                     first_batch_s = now - started
                 step = self.position["step"]
-                lr = learning_rate(cfg, step, steps_total, steps_per_epoch)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                lr = schedule.lr(self.position["line_step"] if line_scope else step)
+                set_lr(self.optimizer, lr)
                 images = images.to(self.device, non_blocking=True)
                 views = make_views(images, cfg.views, generator=self.generator)
                 if cfg.channels_last:
@@ -279,6 +303,7 @@ class LineTrainer:
                 interval_samples += batch
                 self.position["step"] = step + 1
                 self.position["epoch_step"] += 1
+                self.position["line_step"] += 1
                 if on_step and (step + 1) % cfg.log_every == 0:
                     now = time.perf_counter()
                     recent = torch.stack(losses[-cfg.log_every :]).mean().item()

@@ -320,3 +320,40 @@ def test_strategy_options_come_from_the_strategy_records() -> None:
         validate_spec({**minimal(), "strategy": {"joint": {"from_scrach": False}}})
     with pytest.raises(SpecError, match=r"strategy\.joint\.from_scratch: Input should be a valid boolean"):
         validate_spec({**minimal(), "strategy": {"joint": {"from_scratch": "no"}}})
+
+
+def test_optim_section_offers_lars_the_scaling_rule_and_a_line_schedule() -> None:
+    optim = validate_spec(minimal()).optim
+    assert (optim.name, optim.lr_scaling, optim.schedule, optim.eeta) == ("sgd", "none", "cosine", 0.001)
+    spec = validate_spec({**minimal(), "optim": {"name": "lars", "lr_scaling": "linear", "schedule": "cosine_line",
+                                                 "eeta": 0.02}})
+    assert (spec.optim.name, spec.optim.lr_scaling, spec.optim.schedule, spec.optim.eeta) == (
+        "lars", "linear", "cosine_line", 0.02)
+    assert flatten(spec)["optim.eeta"] == "0.02" and flatten(spec)["optim.lr_scaling"] == "linear"
+    for field, value in [("name", "adam"), ("lr_scaling", "sqrt"), ("schedule", "step"), ("eeta", 0)]:
+        with pytest.raises(SpecError, match=rf"optim\.{field}"):
+            validate_spec({**minimal(), "optim": {field: value}})
+    joint = {**minimal(), "lines": {"method": ["simclr"], "strategy": ["joint"]}, "optim": {"schedule": "cosine_line"}}
+    with pytest.raises(SpecError, match="cosine_line"):
+        validate_spec(joint)
+    assert validate_spec({**joint, "strategy": {"joint": {"from_scratch": False}}}).optim.schedule == "cosine_line"
+
+
+def test_loop_config_carries_the_optimiser_and_the_lines_length(synthetic_url: str) -> None:
+    from orchestrator.planner import build_plan
+    from orchestrator.runner import loop_config
+
+    raw = {**minimal(), "data": {"url": synthetic_url},
+           "optim": {"name": "lars", "lr": 0.2, "lr_scaling": "linear", "schedule": "cosine_line", "eeta": 0.01,
+                     "batch_size": 64, "epochs_per_chunk": 3, "warmup_epochs": 0.5},
+           "resources": {"workers": 2}}
+    plan = build_plan(validate_spec(raw), progress=False)
+    line = plan.lines[0]
+    cfg = loop_config(plan.spec, line, False, plan)
+    assert (cfg.optimizer, cfg.lr, cfg.lr_scaling, cfg.eeta, cfg.schedule) == ("lars", 0.2, "linear", 0.01,
+                                                                                "cosine_line")
+    assert (cfg.batch_size, cfg.global_batch) == (32, 64)
+    per_epoch = [sum(plan.stream.chunks[c].rows for c in job.training_chunks) // 64 for job in plan.jobs_of(line)]
+    assert per_epoch == [9, 9]  # 1200 rows in two chunks of 600, 64 a step
+    assert (cfg.line_steps, cfg.line_warmup_steps) == (54, 4)
+    assert loop_config(plan.spec, line, False).line_steps == 0  # without the plan (evaluation): not needed

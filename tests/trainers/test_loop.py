@@ -9,6 +9,7 @@ import torch
 
 from trainers.checkpoint import CheckpointError, load_state, save_state
 from trainers.loop import LineTrainer, LoopConfig, learning_rate, run_line
+from trainers.schedules import WarmupCosine
 from trainers.views import AugmentConfig
 
 
@@ -72,7 +73,7 @@ def test_chunk_report_and_position() -> None:
     report = trainer.train_chunk(0, batches_of(data()), steps_per_epoch=4, on_step=steps.append)
     assert report.steps == 8 and report.samples == 64 and len(report.losses) == 8
     assert all(math.isfinite(v) for v in report.losses)
-    assert trainer.position == {"chunks_done": 1, "chunk": -1, "epoch": 0, "step": 0, "epoch_step": 0}
+    assert trainer.position == {"chunks_done": 1, "chunk": -1, "epoch": 0, "step": 0, "epoch_step": 0, "line_step": 8}
     assert steps == []  # log_every (10) > 8 steps
 
 
@@ -124,7 +125,7 @@ def test_resume_inside_a_chunk_is_exact(tmp_path, stop_at: int) -> None:
         interrupted.train_chunk(0, batches_of(images), 4, on_checkpoint=checkpoint_then_die)
     state = load_state(tmp_path)
     assert state["position"] == {"chunks_done": 0, "chunk": 0, "epoch": stop_at // 4, "step": stop_at,
-                                 "epoch_step": stop_at % 4}
+                                 "epoch_step": stop_at % 4, "line_step": stop_at}
     resumed = LineTrainer(config(checkpoint_every_steps=3))
     resumed.load_state_dict(state)
     report = resumed.train_chunk(0, batches_of(images), 4)
@@ -153,7 +154,7 @@ def test_short_epochs_end_when_batches_run_out_and_resume_exactly(tmp_path) -> N
     with pytest.raises(Interrupted):
         run(interrupted, on_checkpoint=checkpoint_then_die)
     state = load_state(tmp_path)
-    assert state["position"] == {"chunks_done": 0, "chunk": 0, "epoch": 1, "step": 4, "epoch_step": 1}
+    assert state["position"] == {"chunks_done": 0, "chunk": 0, "epoch": 1, "step": 4, "epoch_step": 1, "line_step": 4}
     resumed = LineTrainer(config())
     resumed.load_state_dict(state)
     assert run(resumed).steps == 2
@@ -187,3 +188,73 @@ def test_byol_line_trains_and_moves_its_target() -> None:
     assert report.steps == 8
     moved = any(not torch.equal(a, b) for a, b in zip(before, trainer.method.target_backbone.parameters()))
     assert moved
+
+
+def test_lars_line_schedule_spans_chunks_and_resumes_exactly(tmp_path) -> None:
+    """`cosine_line`: one warm-up + cosine over the line's 16 steps (chunk 1 does not restart it), at the linearly
+    scaled peak; with LARS, dying inside chunk 1 and resuming gives the straight run's weights bit for bit."""
+    cfg = config(optimizer="lars", lr=0.4, lr_scaling="linear", global_batch=16, schedule="cosine_line",
+                 line_steps=16, line_warmup_steps=3, log_every=1, checkpoint_every_steps=3)
+    expected = [WarmupCosine(0.4 * 16 / 256, 16, 3).lr(s) for s in range(16)]
+    images = [data(seed=1), data(seed=2)]
+    reference, lrs = LineTrainer(cfg), []
+    for chunk in (0, 1):
+        reference.train_chunk(chunk, batches_of(images[chunk]), 4, on_step=lambda info: lrs.append(info.lr))
+    assert lrs == pytest.approx(expected)
+    assert expected[3] == pytest.approx(0.025) and lrs[8] < lrs[7]  # the peak at step 3, still decaying at 8
+    assert reference.position["line_step"] == 16
+
+    interrupted = LineTrainer(cfg)
+    interrupted.train_chunk(0, batches_of(images[0]), 4)
+
+    def checkpoint_then_die() -> None:
+        save_state(tmp_path, interrupted.state_dict())
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        interrupted.train_chunk(1, batches_of(images[1]), 4, on_checkpoint=checkpoint_then_die)
+    resumed, resumed_lrs = LineTrainer(cfg), []
+    resumed.load_state_dict(load_state(tmp_path))
+    assert resumed.position["line_step"] == 11
+    resumed.train_chunk(1, batches_of(images[1]), 4, on_step=lambda info: resumed_lrs.append(info.lr))
+    assert resumed_lrs == pytest.approx(expected[11:])
+    assert_same_weights(reference, resumed)
+
+
+def test_cosine_line_needs_the_lines_length() -> None:
+    trainer = LineTrainer(config(schedule="cosine_line"))
+    with pytest.raises(ValueError, match="line_steps"):
+        trainer.train_chunk(0, batches_of(data()), 4)
+    with pytest.raises(ValueError, match="schedule"):
+        config(schedule="step")
+    with pytest.raises(ValueError, match="lr_scaling"):
+        config(lr_scaling="sqrt")
+
+
+def test_a_methods_own_groups_are_used_and_fixed_lr_is_kept(monkeypatch) -> None:
+    """A method's `param_groups(weight_decay)` replaces the default split; the schedule skips `fixed_lr` groups."""
+    from trainers.methods.simclr import SimCLR
+
+    def groups(self, weight_decay):
+        return [{"params": list(self.backbone.parameters()), "weight_decay": weight_decay},
+                {"params": list(self.projector.parameters()), "weight_decay": 0.0, "fixed_lr": True, "lr": 0.0123}]
+
+    monkeypatch.setattr(SimCLR, "param_groups", groups, raising=False)
+    cfg = config(warmup_epochs=1, log_every=1)
+    trainer = LineTrainer(cfg)
+    assert len(trainer.optimizer.param_groups) == 2
+    lrs = []
+    trainer.train_chunk(0, batches_of(data()), 4, on_step=lambda info: lrs.append(info.lr))
+    assert lrs == pytest.approx([learning_rate(cfg, s, 8, 4) for s in range(8)])
+    assert lrs[0] == pytest.approx(0.05 / 4)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lrs[-1])
+    assert trainer.optimizer.param_groups[1]["lr"] == 0.0123
+
+
+def test_default_groups_keep_weight_decay_off_batch_norm() -> None:
+    trainer = LineTrainer(config(weight_decay=0.1))
+    decay, no_decay = trainer.optimizer.param_groups
+    bn_ids = {id(p) for m in trainer.method.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+              for p in m.parameters()}
+    assert bn_ids and bn_ids <= {id(p) for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
