@@ -78,11 +78,14 @@ class LocalRayCluster:
         self._ray("start", "--head", f"--port={self.gcs_port}", "--node-ip-address=127.0.0.1",
                   f"--num-cpus={self.cpus_per_node}", "--num-gpus=0", '--resources={"node_head": 1}',
                   f"--ray-client-server-port={self.client_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-                  "--disable-usage-stats")
+                  # Each node's agent on a port of its own: the default (52365) is taken by any other Ray on this
+                  # host, and then job submission finds "no available agent".
+                  f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats")
         for index in range(1, self.nodes):
             self._ray("start", f"--address={self.gcs_address}", "--node-ip-address=127.0.0.1",
                       f"--num-cpus={self.cpus_per_node}", "--num-gpus=0",
-                      f'--resources={{"node_{index}": 1}}', "--disable-usage-stats")
+                      f'--resources={{"node_{index}": 1}}', f"--dashboard-agent-listen-port={free_port()}",
+                      "--disable-usage-stats")
         self._wait_for_jobs_api()
         return self
 
