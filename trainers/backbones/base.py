@@ -40,7 +40,11 @@ class BackboneConfig(ComponentConfig):
         Raises:
             ValueError: starting with the option's name, when the options cannot work at `image_size`.
         """
-        return self.model_dump()
+        options = self.model_dump()
+        # The CNNs' `cifar_stem: None` means "decide from the image size": small images keep their resolution.
+        if "cifar_stem" in options and options["cifar_stem"] is None:
+            options["cifar_stem"] = image_size <= CIFAR_STEM_MAX_SIZE
+        return options
 
     def check(self, image_size: int, *other_sizes: int) -> None:
         """Raise a ValueError naming the option when the backbone built for `image_size` cannot also take

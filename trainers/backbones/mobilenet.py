@@ -21,7 +21,6 @@ Usage::
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from pydantic import Field
@@ -51,12 +50,6 @@ class MobileNetV2Config(BackboneConfig):
         description="stride 1 for the first convolution and the first stride-2 stage (network stride 8 instead of "
                     f"32); None: on when the image side is <= {CIFAR_STEM_MAX_SIZE} px",
     )
-
-    def resolve(self, image_size: int) -> dict[str, Any]:
-        options = self.model_dump()
-        if options["cifar_stem"] is None:
-            options["cifar_stem"] = image_size <= CIFAR_STEM_MAX_SIZE
-        return options
 
 
 class MobileNetV2(nn.Module):

@@ -23,7 +23,6 @@ Usage::
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from pydantic import Field
@@ -45,12 +44,6 @@ class ResNetConfig(BackboneConfig):
         description="3x3 stride-1 stem without max-pool (SimCLR's CIFAR-10 setting) instead of the ImageNet stem; "
                     f"None: on when the image side is <= {CIFAR_STEM_MAX_SIZE} px",
     )
-
-    def resolve(self, image_size: int) -> dict[str, Any]:
-        options = self.model_dump()
-        if options["cifar_stem"] is None:
-            options["cifar_stem"] = image_size <= CIFAR_STEM_MAX_SIZE
-        return options
 
 
 def residual_norm(block: nn.Module) -> nn.Module:
