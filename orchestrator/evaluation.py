@@ -20,7 +20,8 @@ from evaluators.knn import knn_predict
 from evaluators.linear import linear_probe
 from orchestrator.ingest import SplitArrays, load_split_arrays
 from orchestrator.streams import StreamPlan
-from trainers.loop import LineTrainer, LoopConfig
+from trainers.checkpoint import load_backbone
+from trainers.loop import LoopConfig, initial_backbone
 
 PROTOCOL_VERSION = "1"
 logger = logging.getLogger(__name__)
@@ -100,10 +101,9 @@ def _task_units(plan: StreamPlan, task: int) -> str:
 
 def backbone_from_state(config: LoopConfig, state: dict[str, Any] | None) -> torch.nn.Module:
     """The trained encoder of a checkpoint (or the seeded random initialisation when `state` is None)."""
-    trainer = LineTrainer(config, device="cpu")
-    if state is not None:
-        trainer.load_state_dict(state)
-    return trainer.backbone
+    if state is None:
+        return initial_backbone(config).eval()
+    return load_backbone(state)
 
 
 class EvalActor:

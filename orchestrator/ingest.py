@@ -18,6 +18,7 @@ Data pipeline, pass a `CorruptRowCounter` actor to `chunk_dataset(..., counter=.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -103,6 +104,22 @@ def _decode_rows(table: pa.Table, size: int, on_corrupt: OnCorrupt) -> tuple[np.
                 raise
             ok[i] = False
     return out[:n], ok
+
+
+def row_index(keys: Sequence[str]) -> np.ndarray:
+    """Stable int64 ids of row keys (63 bits of blake2b), the `index` of a training Batch (replay, RALS)."""
+    return np.array([int.from_bytes(hashlib.blake2b(str(k).encode(), digest_size=8).digest(), "little") >> 1
+                     for k in keys], dtype=np.int64)
+
+
+def _side_columns(table: pa.Table, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """label, domain and index of a table's rows (all, or the boolean mask `rows`), for the Batch."""
+    out = {
+        "label": table.column("label").to_numpy().astype(np.int64),
+        "domain": table.column("domain").to_numpy().astype(np.int64),
+        "index": row_index(table.column("key").to_pylist()),
+    }
+    return out if rows is None else {name: values[rows] for name, values in out.items()}
 
 
 @dataclass(frozen=True)
@@ -201,7 +218,7 @@ class DecodeImages:
 
                 # Waited for: rare, and the tally must be complete once the dataset has been consumed.
                 ray.get(self.counter.add.remote(list(zip(shards, keys))))
-        return {"image": images}
+        return {"image": images, **_side_columns(table, ok)}
 
 
 def chunk_dataset(
@@ -241,7 +258,7 @@ def chunk_dataset(
     if decode == "device":
         # The encoded bytes go on to the training workers, which decode on their own device (nvjpeg on a GPU):
         # ~10x fewer bytes through the object store than decoded pixels, and no CPU decode pool to keep up.
-        ds = ds.select_columns(["key", "image", SHARD_COLUMN])
+        ds = ds.select_columns(["key", "image", "label", "domain", SHARD_COLUMN])
     elif decode == "ray_data":
         ds = ds.map_batches(DecodeImages(image_size, on_corrupt, counter), batch_size=None, batch_format="pyarrow",
                             num_cpus=decode_cpus)
@@ -335,13 +352,20 @@ class DeviceBatchDecoder:
         self.size, self.device, self.on_corrupt, self.counter = size, device, on_corrupt, counter
 
     def __call__(self, batch: dict[str, np.ndarray]):
+        """The decoded uint8 `[B, 3, S, S]` images of `batch` (bad rows replaced as described above)."""
+        return self.decode(batch)[0]
+
+    def decode(self, batch: dict[str, np.ndarray]):
+        """(images, source rows): `source[i]` is the input row image i shows (itself, or the good row copied over
+        a bad one), so labels and ids can follow the pixels."""
         from trainers.decode import decode_jpeg_batch
 
         # One pass that reports every bad row: patching rows one at a time and re-decoding could copy a bad row
         # that had not been checked yet into another slot.
         images, bad = decode_jpeg_batch(list(batch["image"]), self.size, self.device, skip_bad=True)
+        source = np.arange(len(images))
         if not bad:
-            return images
+            return images, source
         rows = sorted(bad)
         keys = [str(batch["key"][i]) for i in rows]
         shards = [str(batch[SHARD_COLUMN][i]) for i in rows]
@@ -352,6 +376,7 @@ class DeviceBatchDecoder:
         # Cycle through the good rows so several bad rows do not all become copies of one image.
         sources = [good[n % len(good)] for n in range(len(rows))]
         images[rows] = images[sources]
+        source[rows] = sources
         logger.warning("replaced %d undecodable rows of a batch of %d by copies of decodable rows: %s", len(rows),
                        len(images), ", ".join(f"shard {s}, row {k}" for s, k in zip(shards, keys)))
         if self.counter is not None:
@@ -359,4 +384,4 @@ class DeviceBatchDecoder:
 
             # Waited for: rare, and the tally must be complete once the dataset has been consumed.
             ray.get(self.counter.add.remote(list(zip(shards, keys))))
-        return images
+        return images, source

@@ -24,10 +24,11 @@ from typing import Any, Callable
 
 from orchestrator import storage
 from orchestrator.errors import TrainingError
-from orchestrator.ingest import DeviceBatchDecoder, chunk_dataset, chunk_rows, shard_refs
+from orchestrator.ingest import DeviceBatchDecoder, chunk_dataset, chunk_rows, row_index, shard_refs
 from orchestrator.planner import ExperimentPlan, Job, Line
 from orchestrator.spec import Spec
-from trainers.loop import LoopConfig, views_from_spec_dicts
+from trainers.loop import LoopConfig
+from trainers.viewplan import ViewPlan, view_plan
 
 
 def planned_line_steps(plan: ExperimentPlan, line: Line) -> tuple[int, int]:
@@ -43,7 +44,7 @@ def loop_config(spec: Spec, line: Line, use_gpu: bool, plan: ExperimentPlan | No
     if plan is not None:
         line_steps, first_epoch = planned_line_steps(plan, line)
         line_warmup_steps = int(spec.optim.warmup_epochs * first_epoch)
-    views = spec.views.global_.model_dump()
+    views = spec_view_plan(spec)
     precision = spec.resources.precision
     if precision == "auto":
         precision = "bf16" if use_gpu else "fp32"
@@ -51,7 +52,7 @@ def loop_config(spec: Spec, line: Line, use_gpu: bool, plan: ExperimentPlan | No
         method=line.method,
         strategy=line.strategy,
         image_size=spec.data.image_size,
-        views=views_from_spec_dicts(spec.view_size, spec.views.global_.count, views),
+        views=views,
         backbone=spec.backbone.name,
         backbone_options=spec.backbone.model_dump(exclude={"name"}),
         method_options=dict(spec.methods.get(line.method, {})),
@@ -73,6 +74,17 @@ def loop_config(spec: Spec, line: Line, use_gpu: bool, plan: ExperimentPlan | No
         precision=precision,
         channels_last=use_gpu,
         checkpoint_every_steps=spec.resources.checkpoint_every_steps,
+        sync_bn=spec.optim.sync_bn,
+    )
+
+
+def spec_view_plan(spec: Spec) -> ViewPlan:
+    """The spec's `views` section as the workers' ViewPlan."""
+    g, local = spec.views.global_, spec.views.local
+    return view_plan(
+        global_count=g.count, global_size=spec.view_size, global_scale=tuple(g.scale),
+        local_count=local.count, local_size=spec.local_view_size, local_scale=tuple(local.scale),
+        preset=spec.views.preset, global_options=g.augment_options(), local_options=local.augment_options(),
     )
 
 
@@ -116,6 +128,7 @@ def _train_fn(config: dict[str, Any]) -> None:
     import torch
 
     from trainers.checkpoint import load_state, save_state
+    from trainers.engine.types import Batch
     from trainers.loop import LineTrainer
 
     ctx = ray.train.get_context()
@@ -188,9 +201,13 @@ def _train_fn(config: dict[str, Any]) -> None:
                                             local_shuffle_seed=epoch + 1000 * chunk)
                 for batch in itertools.islice(source, skip, None):
                     if config["decode"] == "device":
-                        yield device_decoder(batch)
+                        images, source = device_decoder.decode(batch)
+                        batch = {"label": batch["label"][source], "domain": batch["domain"][source],
+                                 "index": row_index(batch["key"][source])}
                     else:
-                        yield torch.from_numpy(batch["image"]).permute(0, 3, 1, 2)
+                        images = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2)
+                    yield Batch(images, *(torch.from_numpy(batch[c].astype("int64")) for c in ("label", "index",
+                                                                                                 "domain")))
 
             def on_step(info) -> None:
                 send({"type": "step", "line": task.line.id, "chunk": info.chunk, "step": info.step,

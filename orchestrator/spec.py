@@ -158,21 +158,22 @@ BackboneSpec = Annotated[
 ]
 
 
-class ViewSpec(_Strict):
-    count: int = Field(2, ge=0, le=16)
-    size: int | None = Field(None, ge=8, description="output side; default data.image_size")
-    scale: tuple[float, float] = Field((0.08, 1.0), description="random resized crop area range")
-    flip_p: float = Field(0.5, ge=0, le=1)
-    jitter_p: float = Field(0.8, ge=0, le=1)
-    brightness: float = Field(0.4, ge=0)
-    contrast: float = Field(0.4, ge=0)
-    saturation: float = Field(0.2, ge=0)
-    hue: float = Field(0.1, ge=0, le=0.5)
-    gray_p: float = Field(0.2, ge=0, le=1)
-    blur_p: float = Field(0.5, ge=0, le=1)
-    solarize_p: float = Field(0.2, ge=0, le=1)
+class _AugmentSpec(_Strict):
+    """Augmentation settings of a view set; None takes the value the preset gives each view."""
 
-    @field_validator("scale")
+    flip_p: float | None = Field(None, ge=0, le=1, description="horizontal flip probability (preset: 0.5)")
+    jitter_p: float | None = Field(None, ge=0, le=1, description="colour jitter probability (preset: 0.8)")
+    brightness: float | None = Field(None, ge=0, description="jitter brightness strength (preset: 0.4)")
+    contrast: float | None = Field(None, ge=0, description="jitter contrast strength (preset: 0.4)")
+    saturation: float | None = Field(None, ge=0, description="jitter saturation strength (preset: 0.2)")
+    hue: float | None = Field(None, ge=0, le=0.5, description="jitter hue strength, in turns (preset: 0.1)")
+    gray_p: float | None = Field(None, ge=0, le=1, description="grayscale probability (preset: 0.2)")
+    blur_p: float | None = Field(None, ge=0, le=1, description="gaussian blur probability (symmetric: 0.5; byol: "
+                                                                 "1.0 and 0.1)")
+    solarize_p: float | None = Field(None, ge=0, le=1, description="solarize probability (symmetric: 0.2; byol: "
+                                                                     "0.0 and 0.2)")
+
+    @field_validator("scale", check_fields=False)
     @classmethod
     def _scale_range(cls, value: tuple[float, float]) -> tuple[float, float]:
         low, high = value
@@ -180,9 +181,29 @@ class ViewSpec(_Strict):
             raise ValueError(f"scale must satisfy 0 < low <= high <= 1, got {list(value)}")
         return value
 
+    def augment_options(self) -> dict[str, Any]:
+        return self.model_dump(include=set(_AugmentSpec.model_fields), exclude_none=True)
+
+
+class ViewSpec(_AugmentSpec):
+    count: int = Field(2, ge=1, le=16, description="global views per image")
+    size: int | None = Field(None, ge=8, description="output side; default data.image_size")
+    scale: tuple[float, float] = Field((0.08, 1.0), description="random resized crop area range")
+
+
+class LocalViewSpec(_AugmentSpec):
+    count: int = Field(0, ge=0, le=16, description="local (multi-crop) views per image; SwAV and DINO need some")
+    size: int | None = Field(None, ge=8, description="output side; default 3/7 of the global size (96 at 224)")
+    scale: tuple[float, float] = Field((0.05, 0.14), description="random resized crop area range")
+
 
 class ViewsSpec(_Strict):
+    preset: Literal["symmetric", "byol"] = Field(
+        "symmetric", description="augmentation preset: symmetric (every view alike: crop, flip 0.5, jitter 0.8, "
+                                 "gray 0.2, blur 0.5, solarize 0.2) or byol (BYOL's asymmetric pair)",
+    )
     global_: ViewSpec = Field(default_factory=ViewSpec, alias="global", description="global views (all methods)")
+    local: LocalViewSpec = Field(default_factory=LocalViewSpec, description="local multi-crop views")
 
 
 class OptimSpec(_Strict):
@@ -204,6 +225,9 @@ class OptimSpec(_Strict):
         0.0, ge=0,
         description="linear warm-up, in epochs: at the start of every chunk (cosine, constant) or of the line "
                     "(cosine_line, in epochs of the line's first chunk)",
+    )
+    sync_bn: bool = Field(
+        False, description="SyncBatchNorm in the method's heads under DDP (global BN statistics, as SimCLR's paper)"
     )
     schedule: Literal["cosine", "cosine_line", "constant"] = Field(
         "cosine", description="cosine: warm-up + cosine inside each chunk; cosine_line: one warm-up + cosine over "
@@ -302,12 +326,29 @@ class Spec(_Strict):
                 "strategy.joint.from_scratch restarts every chunk from random weights; use cosine (per chunk)"
             )
         for method in self.lines.method:
-            needed = METHOD_REGISTRY[method].min_global_views
-            if self.views.global_.count < needed:
+            record = METHOD_REGISTRY[method]
+            if self.views.global_.count < record.min_global_views:
                 raise ValueError(
-                    f"views.global.count must be >= {needed}: {method} compares {needed} views of each image"
+                    f"views.global.count must be >= {record.min_global_views}: {method} compares "
+                    f"{record.min_global_views} views of each image"
                 )
+            if record.needs_local_views and self.views.local.count < 1:
+                raise ValueError(
+                    f"views.local.count must be >= 1: {method} trains on multi-crop local views besides the global "
+                    "ones (e.g. views.local: {count: 6, size: 96} at 224 px)"
+                )
+        if self.views.local.count and self.local_view_size > self.view_size:
+            raise ValueError(
+                f"views.local.size: local views ({self.local_view_size} px) must not be larger than the global ones "
+                f"({self.view_size} px)"
+            )
         return self
+
+    @property
+    def local_view_size(self) -> int:
+        from trainers.viewplan import default_local_size
+
+        return self.views.local.size or default_local_size(self.view_size)
 
     @property
     def view_size(self) -> int:

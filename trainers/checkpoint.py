@@ -88,3 +88,30 @@ def load_state(folder: str | Path, map_location: str | torch.device = "cpu") -> 
             f"checkpoint {path}: format_version {state.get('format_version')} but this streamssl reads {FORMAT_VERSION}"
         )
     return state
+
+
+def load_backbone(state: dict[str, Any], width: float | None = None) -> torch.nn.Module:
+    """The trained encoder of a checkpoint's state (as `load_state` returns it), in eval mode, on the CPU.
+
+    Evaluation and transfer need only the backbone: it is built from the state's own config (name, image size,
+    options) and given the `backbone.*` weights of the method; heads, targets and optimizer state are ignored.
+    `width` is reserved for slimmable backbones (evaluated at one of their widths); others take None.
+    """
+    from trainers.backbones import build_backbone
+    from trainers.loop import LoopConfig
+
+    if width is not None:
+        raise ValueError(f"width {width!r} given, but this checkpoint's backbone is not slimmable")
+    try:
+        config = state["config"]
+        weights = state["method"]
+    except KeyError as exc:
+        raise CheckpointError(f"checkpoint state has no {exc.args[0]!r}: not a training checkpoint") from None
+    cfg = LoopConfig(**config) if isinstance(config, dict) else config
+    backbone = build_backbone(cfg.backbone, cfg.image_size, **cfg.resolved_backbone_options())
+    prefix = "backbone."
+    own = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    if not own:
+        raise CheckpointError("checkpoint state has no backbone weights (keys backbone.*)")
+    backbone.load_state_dict(own)
+    return backbone.eval()

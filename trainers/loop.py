@@ -6,8 +6,11 @@
                                      steps_per_epoch=rows // batch_size)
         save_state(folder, trainer.state_dict())
 
-Whoever drives it (Ray Train in `orchestrator/runner.py`, or a test with a plain iterable) supplies uint8 image
-batches `[B, 3, H, W]`, a `wrap_model` hook (DDP) and callbacks; the loop never knows where data comes from.
+Whoever drives it (Ray Train in `orchestrator/runner.py`, or a test with a plain iterable) supplies `Batch`es
+(uint8 images with labels, row ids and domains; a bare uint8 `[B, 3, H, W]` tensor is taken as a Batch without
+labels), a `wrap_model` hook (DDP) and callbacks; the loop never knows where data comes from. Every step is the
+engine's `train_step` (trainers.engine.step): views from the config's ViewPlan, the method's training_step, the
+optimizer over the method's param_groups, the EMA of its momentum_pairs at the line's global progress.
 
 Resuming inside a chunk is data-exact: `batches(epoch, skip)` must yield the same batches in the same order every
 time it is called for an epoch, starting at the `skip`-th (those were trained on before the checkpoint), so an
@@ -16,22 +19,24 @@ interrupted and resumed chunk sees exactly the batches an uninterrupted one does
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from trainers.backbones import build_backbone
-from trainers.methods import METHODS
-from trainers.optim import LR_SCALING, OPTIMIZERS, build_optimizer, param_groups, scaled_lr, set_lr
+from trainers.engine.step import NonFiniteLossError, train_step
+from trainers.engine.types import Batch, StepContext
+from trainers.optim import LR_SCALING, OPTIMIZERS, build_optimizer, scaled_lr, set_lr
+from trainers.registry import METHOD_REGISTRY
 from trainers.schedules import SCHEDULES, SCOPE, build_schedule
 from trainers.strategies import build_strategy
-from trainers.views import AugmentConfig, make_views
+from trainers.viewplan import ViewPlan, make_view_set
+from trainers.views import AugmentConfig
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,7 @@ class LoopConfig:
     method: str
     strategy: str
     image_size: int
-    views: tuple[AugmentConfig, ...]
+    views: ViewPlan  # (a sequence of AugmentConfig is taken as the global views, no local ones)
     backbone: str = "resnet18"
     backbone_options: dict[str, Any] = field(default_factory=dict)  # the backbone record's Config options
     backbone_width: int | None = None  # shorthands for backbone_options' `width` / `cifar_stem` (ResNets)
@@ -66,10 +71,18 @@ class LoopConfig:
     channels_last: bool = False
     log_every: int = 10
     checkpoint_every_steps: int = 0
+    sync_bn: bool = False  # the method's heads (not the backbone) use SyncBatchNorm under DDP
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method {self.method!r} unknown; known: {sorted(METHODS)}")
+        if not isinstance(self.views, ViewPlan):
+            if isinstance(self.views, dict):  # a LoopConfig read back from a checkpoint's asdict()
+                plan = ViewPlan(tuple(AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                                       for k, v in c.items()}) for c in group)
+                                for group in (self.views["global_"], self.views["local"]))
+            else:
+                plan = ViewPlan(tuple(self.views))
+            object.__setattr__(self, "views", plan)
+        METHOD_REGISTRY.require(self.method)
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.optimizer not in OPTIMIZERS:
@@ -78,8 +91,12 @@ class LoopConfig:
             raise ValueError(f"lr_scaling must be one of {LR_SCALING}, got {self.lr_scaling!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if len(self.views) < 2:
-            raise ValueError(f"views: need at least 2 view configs, got {len(self.views)}")
+        needed = METHOD_REGISTRY[self.method].min_global_views
+        if len(self.views.global_) < needed:
+            raise ValueError(f"views: {self.method} needs at least {needed} global views, got "
+                             f"{len(self.views.global_)}")
+        if METHOD_REGISTRY[self.method].needs_local_views and not self.views.local:
+            raise ValueError(f"views: {self.method} needs local (multi-crop) views")
         self.resolved_backbone_options()
 
     def resolved_backbone_options(self) -> dict[str, Any]:
@@ -144,6 +161,12 @@ def learning_rate(cfg: LoopConfig, step: int, steps_total: int, steps_per_epoch:
     return chunk_schedule(cfg, steps_total, steps_per_epoch).lr(step)
 
 
+def initial_backbone(cfg: LoopConfig) -> nn.Module:
+    """The backbone a line starts from: the seeded random initialisation every worker and reset builds."""
+    torch.manual_seed(cfg.seed)
+    return build_backbone(cfg.backbone, cfg.image_size, **cfg.resolved_backbone_options())
+
+
 # `line_step` counts optimizer steps from the line's start (across chunks and weight resets): the step of a
 # line-wide schedule.
 _START_OF_LINE = {"chunks_done": 0, "chunk": -1, "epoch": 0, "step": 0, "epoch_step": 0, "line_step": 0}
@@ -174,19 +197,20 @@ class LineTrainer:
 
     def _build(self) -> None:
         """(Re)create model and optimizer from the seed: every worker and every reset starts identically."""
-        torch.manual_seed(self.cfg.seed)
-        backbone = build_backbone(self.cfg.backbone, self.cfg.image_size, **self.cfg.resolved_backbone_options())
-        self.method = METHODS[self.cfg.method](backbone, **self.cfg.method_options).to(self.device)
+        backbone = initial_backbone(self.cfg)
+        method = METHOD_REGISTRY[self.cfg.method].build(backbone, **self.cfg.method_options)
+        if self.cfg.sync_bn and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Global BN statistics in the heads, as SimCLR's paper: per-worker BN lets each worker's statistics
+            # leak which samples share a worker. The backbone keeps per-worker BN (the usual DDP recipe).
+            for name, child in list(method.named_children()):
+                if "backbone" not in name:
+                    setattr(method, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+        self.method = method.to(self.device)
         if self.cfg.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
         self.model = self.wrap_model(self.method)
-        # A method may bring its own groups (e.g. a predictor at a fixed LR); otherwise biases and norm
-        # parameters go to a group without weight decay (and without LARS adaptation).
-        own_groups = getattr(self.method, "param_groups", None)
-        groups = own_groups(self.cfg.weight_decay) if callable(own_groups) else param_groups(
-            self.method, self.cfg.weight_decay
-        )
-        self.optimizer = build_optimizer(self.cfg.optimizer, groups, lr=peak_lr(self.cfg), momentum=self.cfg.momentum,
+        self.optimizer = build_optimizer(self.cfg.optimizer, self.method.param_groups(self.cfg.weight_decay),
+                                         lr=peak_lr(self.cfg), momentum=self.cfg.momentum,
                                          weight_decay=self.cfg.weight_decay, eeta=self.cfg.eeta)
 
     @property
@@ -237,18 +261,22 @@ class LineTrainer:
     def train_chunk(
         self,
         chunk: int,
-        batches: Callable[[int, int], Iterable[torch.Tensor]],
+        batches: Callable[[int, int], Iterable[Batch | torch.Tensor]],
         steps_per_epoch: int,
         on_step: Callable[[StepInfo], None] | None = None,
         on_checkpoint: Callable[[], None] | None = None,
     ) -> ChunkReport:
-        """Train `epochs_per_chunk` passes; `batches(epoch, skip)` yields uint8 `[B,3,H,W]` tensors of an epoch from
-        its `skip`-th batch on (0 unless resuming inside that epoch), in the same order on every call.
+        """Train `epochs_per_chunk` passes; `batches(epoch, skip)` yields `Batch`es (or bare uint8 `[B,3,H,W]`
+        tensors) of an epoch from its `skip`-th batch on (0 unless resuming inside that epoch), in the same order
+        on every call.
 
         An epoch runs at most `steps_per_epoch` steps (the planned length, which also shapes the LR schedule) and
         ends early when the batches run out: rows dropped as undecodable make the real epoch shorter than the
         manifest says. Under DDP the ranks agree at every step whether all of them still have a batch, so every
         rank steps the same number of times. Resumes inside the chunk when `self.position` says so.
+
+        A loss that turns NaN or infinite raises NonFiniteLossError (naming the method, the step and the LR) at
+        the next log interval or checkpoint, before anything is saved: the newest checkpoint stays a good one.
         """
         if steps_per_epoch < 1:
             raise ValueError(f"chunk {chunk}: steps_per_epoch must be >= 1 (too few rows for the batch size?)")
@@ -258,8 +286,12 @@ class LineTrainer:
         steps_total = cfg.epochs_per_chunk * steps_per_epoch
         schedule = chunk_schedule(cfg, steps_total, steps_per_epoch)
         line_scope = SCOPE[cfg.schedule] == "line"
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
+            else (self.rank, 1)
         self.method.train()
         losses: list[torch.Tensor] = []
+        lrs: list[float] = []
+        checked = 0  # losses[:checked] are known finite
         samples = 0
         first_step = self.position["step"]
         started = time.perf_counter()
@@ -276,8 +308,8 @@ class LineTrainer:
             iterator = iter(batches(epoch, skip))
             for _ in range(max(0, steps_per_epoch - skip)):
                 waiting = time.perf_counter()
-                images = self._next_batch(iterator)
-                if images is None:  # this epoch's rows are used up (on some rank)
+                batch = self._next_batch(iterator)
+                if batch is None:  # this epoch's rows are used up (on some rank)
                     break
                 now = time.perf_counter()
                 data_wait_s += now - waiting
@@ -286,25 +318,24 @@ class LineTrainer:
                 step = self.position["step"]
                 lr = schedule.lr(self.position["line_step"] if line_scope else step)
                 set_lr(self.optimizer, lr)
-                images = images.to(self.device, non_blocking=True)
-                views = make_views(images, cfg.views, generator=self.generator)
+                batch = batch.to(self.device, non_blocking=True)
+                views = make_view_set(batch.images, cfg.views, generator=self.generator)
                 if cfg.channels_last:
-                    views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-                with autocast:
-                    out = self.model(views)
-                loss = out["loss"]
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                self.method.momentum_update((step + 1) / steps_total)
-                losses.append(loss.detach().float())
-                batch = images.shape[0]
-                samples += batch
-                interval_samples += batch
+                    views = views.map(lambda v: v.contiguous(memory_format=torch.channels_last))
+                ctx = StepContext(step=self.position["line_step"], total_steps=cfg.line_steps or None, chunk=chunk,
+                                  epoch=epoch, lr=lr, rank=rank, world_size=world,
+                                  steps_per_epoch=steps_per_epoch)
+                out = train_step(self.model, self.method, self.optimizer, views, batch, ctx, autocast=autocast)
+                losses.append(out.loss.detach().float())
+                lrs.append(lr)
+                size = len(batch)
+                samples += size
+                interval_samples += size
                 self.position["step"] = step + 1
                 self.position["epoch_step"] += 1
                 self.position["line_step"] += 1
                 if on_step and (step + 1) % cfg.log_every == 0:
+                    checked = self._check_finite(chunk, losses, lrs, checked, first_step)
                     now = time.perf_counter()
                     recent = torch.stack(losses[-cfg.log_every :]).mean().item()
                     on_step(StepInfo(chunk, epoch, step + 1, steps_total, recent, lr,
@@ -312,13 +343,16 @@ class LineTrainer:
                     interval_start, interval_samples = now, 0
                 if on_checkpoint and cfg.checkpoint_every_steps and (step + 1) % cfg.checkpoint_every_steps == 0:
                     if step + 1 < steps_total:
+                        checked = self._check_finite(chunk, losses, lrs, checked, first_step)
                         saving = time.perf_counter()
                         on_checkpoint()
                         checkpoint_s += time.perf_counter() - saving
             self.position.update(epoch=epoch + 1, epoch_step=0)
+            self.method.on_epoch_end(StepContext(step=self.position["line_step"], total_steps=cfg.line_steps or None,
+                                                 chunk=chunk, epoch=epoch, rank=rank, world_size=world,
+                                                 steps_per_epoch=steps_per_epoch))
+        self._check_finite(chunk, losses, lrs, checked, first_step)
         loss_values = torch.stack(losses).cpu().tolist() if losses else []
-        if loss_values and not all(math.isfinite(v) for v in loss_values):
-            raise FloatingPointError(f"chunk {chunk}: the loss became {loss_values[-1]} (lower optim.lr?)")
         self.position.update(chunks_done=self.position["chunks_done"] + 1, chunk=-1, epoch=0, step=0, epoch_step=0)
         return ChunkReport(
             chunk=chunk,
@@ -333,43 +367,37 @@ class LineTrainer:
             checkpoint_s=checkpoint_s,
         )
 
+    def _check_finite(self, chunk: int, losses: list[torch.Tensor], lrs: list[float], checked: int,
+                      first_step: int) -> int:
+        """Raise NonFiniteLossError if a loss since `losses[checked]` is not finite on any rank; else len(losses).
 
-    def _next_batch(self, iterator: Iterator[torch.Tensor]) -> torch.Tensor | None:
-        """The next batch, or None when this rank's iterator is dry or (under DDP) any other rank's is."""
-        images = next(iterator, None)
+        One small all-reduce per check keeps the ranks agreeing, so all of them stop at the same step.
+        """
+        if len(losses) == checked:
+            return checked
+        finite = torch.isfinite(torch.stack(losses[checked:]))
+        bad = (~finite).float().sum().reshape(1)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            have = torch.tensor([0 if images is None else 1], device=self.device)
+            dist.all_reduce(bad)
+        if bad.item() == 0:
+            return len(losses)
+        local = (~finite).nonzero()
+        index = checked + (int(local[0]) if len(local) else 0)
+        value = losses[index].item()
+        raise NonFiniteLossError(
+            f"{self.cfg.method}: the loss became {value} at step {first_step + index + 1} of chunk {chunk} "
+            f"(lr {lrs[index]:.4g}); stopped before saving, so the newest checkpoint is the last good one. "
+            f"Lower optim.lr, add optim.warmup_epochs, or check the data"
+        )
+
+    def _next_batch(self, iterator: Iterator[Batch | torch.Tensor]) -> Batch | None:
+        """The next batch, or None when this rank's iterator is dry or (under DDP) any other rank's is."""
+        item = next(iterator, None)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            have = torch.tensor([0 if item is None else 1], device=self.device)
             dist.all_reduce(have, op=dist.ReduceOp.MIN)
             if not have.item():
                 return None
-        return images
-
-
-def views_from_spec_dicts(image_size: int, count: int, options: dict[str, Any]) -> tuple[AugmentConfig, ...]:
-    """`count` identical view configs from a flat options dict (the spec's views.global block)."""
-    opts = dict(options)
-    size = opts.pop("size", None) or image_size
-    opts.pop("count", None)
-    if "scale" in opts:
-        opts["scale"] = tuple(opts["scale"])
-    return tuple(AugmentConfig(size=size, **opts) for _ in range(count))
-
-
-def run_line(
-    trainer: LineTrainer,
-    chunks: Sequence[int],
-    batches: Callable[[int, int, int], Iterable[torch.Tensor]],
-    steps_per_epoch: Callable[[int], int],
-    on_chunk_end: Callable[[ChunkReport], None] | None = None,
-    on_step: Callable[[StepInfo], None] | None = None,
-) -> list[ChunkReport]:
-    """Train the chunks still to do (from `trainer.position`), calling `on_chunk_end` after each."""
-    reports = []
-    for chunk in chunks[trainer.position["chunks_done"] :]:
-        report = trainer.train_chunk(
-            chunk, lambda epoch, skip, c=chunk: batches(c, epoch, skip), steps_per_epoch(chunk), on_step=on_step
-        )
-        reports.append(report)
-        if on_chunk_end:
-            on_chunk_end(report)
-    return reports
+        if item is None or isinstance(item, Batch):
+            return item
+        return Batch.from_images(item)

@@ -9,7 +9,9 @@ import torch
 
 from trainers.backbones import build_backbone
 from trainers.methods import BYOL, METHODS, byol_loss
-from trainers.views import default_view_configs, make_views
+from trainers.engine.step import ema_update
+from trainers.engine.types import ViewSet
+from tests.trainers.method_helpers import context, forward, step, view_set
 
 
 def _pairs(b: int = 4, d: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,10 +53,8 @@ def _method(**hparams) -> BYOL:
     return BYOL(_backbone(), **{"proj_hidden": 32, "proj_out": 8, "pred_hidden": 16, **hparams})
 
 
-def _views(b: int = 8, count: int = 2) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (b, 3, 16, 16), generator=g, dtype=torch.uint8)
-    return make_views(images, default_view_configs(16, count=count), generator=g)
+def _views(b: int = 8, count: int = 2) -> ViewSet:
+    return view_set(b=b, global_count=count)
 
 
 def test_registry_and_constructor_validation() -> None:
@@ -90,7 +90,7 @@ def test_momentum_schedule_endpoints() -> None:
     assert _method(base_momentum=0.9, final_momentum=0.95).momentum_at(1.0) == pytest.approx(0.95)
     for bad in (-0.1, 1.1):
         with pytest.raises(ValueError, match="progress"):
-            method.momentum_update(bad)
+            method.momentum_at(bad)
 
 
 def test_ema_update_moves_the_target_by_the_expected_amount() -> None:
@@ -101,9 +101,9 @@ def test_ema_update_moves_the_target_by_the_expected_amount() -> None:
     online = [p.detach().clone() for p in [*method.backbone.parameters(), *method.projector.parameters()]]
     target = [p.detach().clone() for p in [*method.target_backbone.parameters(), *method.target_projector.parameters()]]
 
-    method.momentum_update(0.3)
     m = 1.0 - 0.1 * (math.cos(math.pi * 0.3) + 1) / 2
-    assert method.momentum == pytest.approx(m)
+    assert method.momentum_at(0.3) == pytest.approx(m)
+    ema_update(method.momentum_pairs(), method.momentum_at(0.3))
     target_params = [*method.target_backbone.parameters(), *method.target_projector.parameters()]
     after = [p.detach().clone() for p in target_params]
     assert len(after) == len(online) > 0
@@ -113,26 +113,26 @@ def test_ema_update_moves_the_target_by_the_expected_amount() -> None:
     online_now = [*method.backbone.parameters(), *method.projector.parameters()]
     assert all(torch.equal(o, p) for o, p in zip(online, online_now))
     # At the end of the run the momentum is 1: the target no longer moves.
-    method.momentum_update(1.0)
+    ema_update(method.momentum_pairs(), method.momentum_at(1.0))
     assert all(torch.equal(t, p) for t, p in zip(after, target_params))
 
 
 def test_forward_is_the_symmetrised_loss_and_trains_only_the_online_network() -> None:
     method = _method()
     views = _views(b=6)
-    out = method(views)
-    assert out["loss"].shape == () and out["per_sample"].shape == (6,)
-    assert torch.allclose(out["per_sample"].mean(), out["loss"])
+    out = forward(method, views)
+    assert out.loss.shape == () and out.per_sample.shape == (6,)
+    assert torch.allclose(out.per_sample.mean(), out.loss)
     with torch.no_grad():  # train-mode BN: the same batch gives the same outputs
-        p = [method.predictor(method.projector(method.backbone(v))) for v in views]
-        z = [method.target_projector(method.target_backbone(v)) for v in views]
+        p = [method.predictor(method.projector(method.backbone(v))) for v in views.global_]
+        z = [method.target_projector(method.target_backbone(v)) for v in views.global_]
     expected = (byol_loss(p[0], z[1], "none") + byol_loss(p[1], z[0], "none")) / 2
-    assert torch.allclose(out["per_sample"].detach(), expected, atol=1e-6)
-    out["loss"].backward()
+    assert torch.allclose(out.per_sample.detach(), expected, atol=1e-6)
+    out.loss.backward()
     assert method.predictor[0].weight.grad is not None and method.backbone.stem[0].weight.grad is not None
     assert all(p.grad is None for p in method.target_backbone.parameters())
-    with pytest.raises(ValueError, match="at least 2 views"):
-        method(views[:1])
+    with pytest.raises(ValueError, match="at least 2 global views"):
+        forward(method, ViewSet(views.global_[:1]))
 
 
 def test_loss_falls_on_a_fixed_batch() -> None:
@@ -140,13 +140,8 @@ def test_loss_falls_on_a_fixed_batch() -> None:
     optimizer = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=3e-3)
     views = _views(b=16)
     losses = []
-    for step in range(20):
-        loss = method(views)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        method.momentum_update((step + 1) / 20)
-        losses.append(loss.item())
+    for i in range(20):
+        losses.append(step(method, optimizer, views, ctx=context(i, 20)).loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
 
 

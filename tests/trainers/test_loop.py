@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from trainers.checkpoint import CheckpointError, load_state, save_state
-from trainers.loop import LineTrainer, LoopConfig, learning_rate, run_line
+from trainers.loop import LineTrainer, LoopConfig, learning_rate
 from trainers.schedules import WarmupCosine
 from trainers.views import AugmentConfig
 
@@ -20,6 +20,12 @@ def config(**overrides) -> LoopConfig:
                 method_options={"proj_hidden": 32, "proj_out": 16})
     base.update(overrides)
     return LoopConfig(**base)
+
+
+def run_line(trainer: LineTrainer, chunks, batches, steps_per_epoch) -> None:
+    """The chunks still to do (from `trainer.position`), as the runner drives them."""
+    for chunk in chunks[trainer.position["chunks_done"]:]:
+        trainer.train_chunk(chunk, lambda epoch, skip, c=chunk: batches(c, epoch, skip), steps_per_epoch(chunk))
 
 
 def data(n: int = 32, seed: int = 0) -> torch.Tensor:

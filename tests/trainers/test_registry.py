@@ -13,6 +13,7 @@ from trainers.config import ComponentConfig
 from trainers.methods import BYOL, METHODS, BYOLConfig, SimCLR, SimCLRConfig, nt_xent_loss
 from trainers.registry import BACKBONE_REGISTRY, METHOD_REGISTRY, STRATEGY_REGISTRY, Record, Registry
 from trainers.strategies import STRATEGIES, Joint, JointConfig, build_strategy
+from tests.trainers.method_helpers import SMALL_OPTIONS as SMALL
 
 ALL_RECORDS = [r for registry in (METHOD_REGISTRY, BACKBONE_REGISTRY, STRATEGY_REGISTRY) for r in registry.values()]
 
@@ -66,9 +67,10 @@ def test_every_option_has_a_description_and_a_valid_default(record: Record) -> N
 
 @pytest.mark.parametrize("record", list(METHOD_REGISTRY.values()), ids=lambda r: r.name)
 def test_constructor_keywords_and_defaults_are_the_configs(record: Record) -> None:
-    params = inspect.signature(record.build).parameters
-    keywords = {n: p.default for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    assert keywords == record.defaults()  # same names, same defaults: nothing to drift
+    # A method takes its options through its Config alone: built without options it holds the Config's defaults.
+    built = record.build(_backbone(), **SMALL.get(record.name, {}))
+    assert built.config.model_dump() == record.options(SMALL.get(record.name, {}))
+    assert type(built.config) is record.config
 
 
 def test_simclr_built_without_options_has_the_configs_defaults() -> None:
@@ -115,10 +117,10 @@ def test_options_are_strict_and_errors_name_the_option() -> None:
     with pytest.raises(ValueError, match=r"final_momentum \(0.5\) must be >= base_momentum \(0.9\)"):
         METHOD_REGISTRY["byol"].options({"base_momentum": 0.9, "final_momentum": 0.5})
     # The constructor goes through the same Config: the same message, before any layer is built.
-    with pytest.raises(ValueError, match="SimCLR: temperature: Input should be a valid number"):
+    with pytest.raises(ValueError, match="simclr: temperature: Input should be a valid number"):
         SimCLR(_backbone(), temperature="0.2")
-    with pytest.raises(TypeError):
-        SimCLR(_backbone(), temprature=0.2)  # keyword arguments stay explicit
+    with pytest.raises(ValueError, match="simclr: temprature: unknown option"):
+        SimCLR(_backbone(), temprature=0.2)
 
 
 def test_backbone_options_come_from_the_record() -> None:

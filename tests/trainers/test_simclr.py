@@ -14,7 +14,8 @@ import torch.multiprocessing as mp
 
 from trainers.backbones import build_backbone
 from trainers.methods import METHODS, SimCLR, nt_xent_loss
-from trainers.views import default_view_configs, make_views
+from trainers.engine.types import ViewSet
+from tests.trainers.method_helpers import context, forward, step, view_set
 
 
 def _projections(b: int = 4, d: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,10 +104,8 @@ def _backbone() -> torch.nn.Module:
     return build_backbone("resnet18", image_size=16, width=4)
 
 
-def _views(b: int = 8, count: int = 2, seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (b, 3, 16, 16), generator=g, dtype=torch.uint8)
-    return make_views(images, default_view_configs(16, count=count), generator=g)
+def _views(b: int = 8, count: int = 2, seed: int = 0) -> ViewSet:
+    return view_set(b=b, global_count=count, seed=seed)
 
 
 def test_registry_and_constructor_validation() -> None:
@@ -126,26 +125,24 @@ def test_forward_outputs_and_view_checks() -> None:
     method = SimCLR(_backbone(), proj_hidden=32, proj_out=8, temperature=0.5)
     assert method.projector[-1].out_features == 8
     views = _views(b=6)
-    out = method(views)
-    assert out["loss"].shape == () and out["per_sample"].shape == (6,)
-    assert torch.allclose(out["per_sample"].mean(), out["loss"])
-    before = {k: v.clone() for k, v in method.state_dict().items()}
-    method.momentum_update(0.5)  # no target network: nothing moves
-    assert all(torch.equal(before[k], v) for k, v in method.state_dict().items())
-    with pytest.raises(ValueError, match="at least 2 views"):
-        method(views[:1])
-    with pytest.raises(ValueError, match="view 1"):
-        method([views[0], views[1][:4]])
+    out = forward(method, views)
+    assert out.loss.shape == () and out.per_sample.shape == (6,)
+    assert torch.allclose(out.per_sample.mean(), out.loss)
+    assert method.momentum_pairs() == []  # no target network
+    with pytest.raises(ValueError, match="at least 2 global views"):
+        forward(method, ViewSet(views.global_[:1]))
+    with pytest.raises(ValueError, match="global view 1"):
+        forward(method, ViewSet([views.global_[0], views.global_[1][:4]]))
 
 
 def test_more_than_two_views_average_over_pairs() -> None:
     torch.manual_seed(0)
     method = SimCLR(_backbone(), proj_hidden=32, proj_out=8, temperature=0.5)
     views = _views(b=6, count=3)
-    out = method(views)
-    z = [method.projector(method.backbone(v)) for v in views]  # train-mode BN: same batch, same outputs
+    out = forward(method, views)
+    z = [method.projector(method.backbone(v)) for v in views.global_]  # train-mode BN: same batch, same outputs
     pairs = [nt_xent_loss(z[a], z[b], 0.5, "none") for a, b in ((0, 1), (0, 2), (1, 2))]
-    assert torch.allclose(out["per_sample"], sum(pairs) / 3, atol=1e-6)
+    assert torch.allclose(out.per_sample, sum(pairs) / 3, atol=1e-6)
 
 
 def test_loss_falls_on_a_fixed_batch() -> None:
@@ -154,13 +151,8 @@ def test_loss_falls_on_a_fixed_batch() -> None:
     optimizer = torch.optim.Adam(method.parameters(), lr=3e-3)
     views = _views(b=16)
     losses = []
-    for step in range(20):
-        loss = method(views)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        method.momentum_update((step + 1) / 20)
-        losses.append(loss.item())
+    for i in range(20):
+        losses.append(step(method, optimizer, views, ctx=context(i, 20)).loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
 
 

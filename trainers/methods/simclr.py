@@ -5,10 +5,9 @@ image together and pushes them away from every other projection in the (global) 
 
 Usage::
 
-    from trainers.methods import METHODS
-    method = METHODS["simclr"](backbone, temperature=0.2)
-    out = method([view1, view2])        # views: float [B, 3, S, S] from trainers.views.make_views
-    out["loss"].backward(); optimizer.step(); method.momentum_update(progress)   # the last is a no-op here
+    method = SimCLR(backbone, temperature=0.2)
+    out = method.training_step(views, batch, ctx)     # views: a ViewSet from trainers.viewplan.make_view_set
+    out.loss.backward()
 
 Under torch.distributed every worker's projections are gathered (with gradient) to serve as negatives, so the
 effective batch for the contrastive task is the global batch; each worker's loss is the mean over its own
@@ -27,12 +26,16 @@ import math
 from itertools import combinations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
 from trainers.config import ComponentConfig
+from trainers.distributed import gather_with_grad
+from trainers.distributed import world as ranks
+from trainers.engine.types import Batch, StepContext, StepOutput, ViewSet
+from trainers.methods.base import Method, check_views
+from trainers.methods.heads import mlp
 
 _REDUCTIONS = ("mean", "none")
 
@@ -96,15 +99,9 @@ def _nt_xent(z1: Tensor, z2: Tensor, temperature: float, reduction: str) -> Tens
     z1 = F.normalize(z1.to(dtype), dim=1)
     z2 = F.normalize(z2.to(dtype), dim=1)
 
-    rank, world = 0, 1
-    k1, k2 = z1, z2
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        # The autograd-aware all_gather sends gradients back to the worker that owns each projection.
-        from torch.distributed.nn.functional import all_gather
-
-        rank, world = dist.get_rank(), dist.get_world_size()
-        k1 = torch.cat(all_gather(z1), dim=0)
-        k2 = torch.cat(all_gather(z2), dim=0)
+    # The gather sends gradients back to the worker that owns each projection.
+    rank, world = ranks()
+    k1, k2 = gather_with_grad(z1), gather_with_grad(z2)
     n = b * world
 
     queries = torch.cat([z1, z2], dim=0)  # [2B, D]
@@ -120,63 +117,27 @@ def _nt_xent(z1: Tensor, z2: Tensor, temperature: float, reduction: str) -> Tens
     return per_sample.mean() if reduction == "mean" else per_sample
 
 
-class SimCLR(nn.Module):
+class SimCLR(Method):
     """Encoder + projection MLP trained with NT-Xent (Chen et al., 2020).
 
-    Args:
-        backbone: encoder with `.out_dim`, float `[B, 3, H, W]` -> `[B, out_dim]`.
-        proj_hidden, proj_out, temperature: see `SimCLRConfig` (their defaults and bounds come from there).
-
-    Attributes:
-        config: the validated `SimCLRConfig`.
+    Every unordered pair of views (global and local alike) is a positive pair; the loss is the mean over pairs.
+    Options: `SimCLRConfig`.
     """
 
-    def __init__(
-        self,
-        backbone: nn.Module,
-        *,
-        proj_hidden: int = _DEFAULTS.proj_hidden,
-        proj_out: int = _DEFAULTS.proj_out,
-        temperature: float = _DEFAULTS.temperature,
-    ) -> None:
-        super().__init__()
-        in_dim = getattr(backbone, "out_dim", None)
-        if isinstance(in_dim, bool) or not isinstance(in_dim, int) or in_dim < 1:
-            raise ValueError(f"backbone must have a positive int out_dim, got {in_dim!r}")
-        self.config = cfg = SimCLRConfig.parse(
-            "SimCLR", proj_hidden=proj_hidden, proj_out=proj_out, temperature=temperature
-        )
-        proj_hidden, proj_out = cfg.proj_hidden, cfg.proj_out
-        self.backbone = backbone
+    Config = SimCLRConfig
+    name = "simclr"
+
+    def __init__(self, backbone: nn.Module, **options) -> None:
+        super().__init__(backbone, options)
+        cfg = self.config
         self.temperature = cfg.temperature
         # SimCLR v2's projector: the BN in the hidden layer speeds up and steadies training.
-        self.projector = nn.Sequential(
-            nn.Linear(in_dim, proj_hidden, bias=False),
-            nn.BatchNorm1d(proj_hidden),
-            nn.ReLU(inplace=True),
-            nn.Linear(proj_hidden, proj_out),
-        )
+        self.projector = mlp(self.feature_dim, cfg.proj_hidden, cfg.proj_out)
 
-    def forward(self, views: list[Tensor]) -> dict[str, Tensor]:
-        """Views: >= 2 float `[B, 3, S, S]` (S may differ between views).
-
-        Returns:
-            "loss": scalar, NT-Xent averaged over all unordered view pairs;
-            "per_sample": `[B]`, each image's loss averaged over pairs; its mean is "loss".
-        """
-        if len(views) < 2:
-            raise ValueError(f"SimCLR needs at least 2 views, got {len(views)}")
-        batch = views[0].shape[0]
-        for i, v in enumerate(views):
-            if v.dim() != 4 or v.shape[0] != batch:
-                raise ValueError(f"view {i} must be [{batch}, 3, S, S] like view 0, got {tuple(v.shape)}")
+    def training_step(self, views: ViewSet, batch: Batch, ctx: StepContext) -> StepOutput:
+        check_views("SimCLR", views)
         # One encoder pass per view keeps BN statistics per view and allows views of different sizes.
-        z = [self.projector(self.backbone(v)) for v in views]
+        z = [self.projector(self.backbone(v)) for v in views.all]
         pairs = [nt_xent_loss(z[a], z[b], self.temperature, "none") for a, b in combinations(range(len(z)), 2)]
         per_sample = torch.stack(pairs).mean(dim=0)
-        return {"loss": per_sample.mean(), "per_sample": per_sample}
-
-    def momentum_update(self, progress: float) -> None:
-        """No target network in SimCLR; present so the training loop treats all methods alike."""
-        if not 0.0 <= progress <= 1.0:
-            raise ValueError(f"progress must be in [0, 1], got {progress!r}")
+        return StepOutput(per_sample.mean(), per_sample.detach())

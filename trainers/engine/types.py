@@ -1,0 +1,157 @@
+"""What flows through the engine: the batch a worker receives, the views a method sees, what a step returns.
+
+    batch = Batch.from_images(images_uint8)              # labels -1, index 0..B-1, domain 0 when unknown
+    views = make_view_set(batch.images, plan, generator)  # trainers.views.plan: ViewSet(global_=[...], local=[...])
+    out = method.training_step(views, batch, ctx)         # StepOutput(loss, per_sample [B], terms {"loss/x": t})
+
+Plain dataclasses over tensors, so a test, the chunk loop, the online loop and a benchmark all build them alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Batch:
+    """One training batch as ingest hands it to a worker.
+
+    Attributes:
+        images: uint8 `[B, 3, H, W]`.
+        labels: int64 `[B]`, -1 where the data set has no label for the row.
+        index: int64 `[B]`, a stable integer id of each row (from its key), for replay buffers and RALS.
+        domain: int64 `[B]`, the row's domain (0 when the data set has one).
+    """
+
+    images: Tensor
+    labels: Tensor
+    index: Tensor
+    domain: Tensor
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4 or self.images.shape[1] != 3:
+            raise ValueError(f"Batch.images must be uint8 [B, 3, H, W], got {self.images.dtype} "
+                             f"{tuple(self.images.shape)}")
+        b = self.images.shape[0]
+        for name in ("labels", "index", "domain"):
+            value = getattr(self, name)
+            if value.shape != (b,):
+                raise ValueError(f"Batch.{name} must be [{b}] like images, got {tuple(value.shape)}")
+
+    @classmethod
+    def from_images(cls, images: Tensor, labels: Tensor | None = None, index: Tensor | None = None,
+                    domain: Tensor | None = None) -> "Batch":
+        """A batch of `images` with whatever else is known; the rest filled as unknown (-1 labels, 0 domain)."""
+        b, device = images.shape[0], images.device
+        return cls(
+            images=images,
+            labels=labels if labels is not None else torch.full((b,), -1, dtype=torch.long, device=device),
+            index=index if index is not None else torch.arange(b, device=device),
+            domain=domain if domain is not None else torch.zeros(b, dtype=torch.long, device=device),
+        )
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def has_labels(self) -> bool:
+        return bool((self.labels >= 0).all())
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        return Batch(*(t.to(device, non_blocking=non_blocking)
+                       for t in (self.images, self.labels, self.index, self.domain)))
+
+    def cat(self, other: "Batch") -> "Batch":
+        """This batch followed by `other` (images must have the same size): replay and RALS mix batches."""
+        return Batch(*(torch.cat([a, b]) for a, b in zip(
+            (self.images, self.labels, self.index, self.domain), (other.images, other.labels, other.index,
+                                                                  other.domain))))
+
+    def select(self, rows: Tensor) -> "Batch":
+        return Batch(self.images[rows], self.labels[rows], self.index[rows], self.domain[rows])
+
+
+@dataclass
+class ViewSet:
+    """The augmented views of one batch: `global_` (full-size crops) and `local` (small multi-crop crops).
+
+    Every tensor is float `[B, 3, S, S]`, normalised; sizes are equal within a list and may differ between them.
+    """
+
+    global_: list[Tensor]
+    local: list[Tensor] = field(default_factory=list)
+
+    @property
+    def all(self) -> list[Tensor]:
+        return [*self.global_, *self.local]
+
+    def __len__(self) -> int:
+        return len(self.global_) + len(self.local)
+
+    def map(self, fn) -> "ViewSet":
+        return ViewSet([fn(v) for v in self.global_], [fn(v) for v in self.local])
+
+
+@dataclass
+class StepOutput:
+    """What a method's `training_step` returns.
+
+    Attributes:
+        loss: the scalar to minimise (this rank's share; DDP averages gradients over ranks).
+        per_sample: `[B]`, each image's contribution (its mean is `loss` where the method's loss is a mean of
+            per-image terms); RALS and data-quality checks rank samples by it. Detached use only.
+        terms: named scalars to log, e.g. {"loss/invariance": ..., "momentum": ...}.
+    """
+
+    loss: Tensor
+    per_sample: Tensor
+    terms: dict[str, Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.loss.dim() != 0:
+            raise ValueError(f"StepOutput.loss must be a scalar, got shape {tuple(self.loss.shape)}")
+        if self.per_sample.dim() != 1:
+            raise ValueError(f"StepOutput.per_sample must be [B], got shape {tuple(self.per_sample.shape)}")
+
+    def with_extra(self, name: str, value: Tensor) -> "StepOutput":
+        """A copy whose loss adds `value` (a strategy's penalty), logged as `terms[name]`."""
+        return replace(self, loss=self.loss + value, terms={**self.terms, name: value.detach()})
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Where training stands at a step, for methods and strategies.
+
+    Attributes:
+        step: optimizer steps taken on the line before this one (counts across chunks; the global progress).
+        total_steps: the line's planned steps, or None when unbounded (online streams).
+        chunk: the chunk being trained (-1 online).
+        epoch: the epoch inside the chunk.
+        lr: the learning rate of this step (of the first parameter group).
+        rank, world_size: this worker's place under DDP.
+        stream_batch: the stream batch being learned (online), else None.
+        steps_per_epoch: optimizer steps per epoch of the current chunk, when known.
+    """
+
+    step: int
+    total_steps: int | None
+    chunk: int = 0
+    epoch: int = 0
+    lr: float = 0.0
+    rank: int = 0
+    world_size: int = 1
+    stream_batch: int | None = None
+    steps_per_epoch: int | None = None  # of the current chunk (epoch-based schedules: DINO's warm-ups)
+
+    @property
+    def progress(self) -> float:
+        """step / total_steps in [0, 1]; 0 when the total is unknown."""
+        if not self.total_steps:
+            return 0.0
+        return min(1.0, max(0.0, self.step / self.total_steps))
+
+
+__all__ = ["Batch", "StepContext", "StepOutput", "ViewSet"]

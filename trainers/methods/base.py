@@ -1,0 +1,102 @@
+"""The method protocol: what every self-supervised (or supervised) method gives the engine.
+
+    class MyMethod(Method):
+        Config = MyConfig                                   # pydantic, every field described, paper defaults
+        def __init__(self, backbone, **options): super().__init__(backbone, options); ...heads...
+        def training_step(self, views, batch, ctx) -> StepOutput: ...
+
+The engine (`trainers.engine.step.train_step`) calls `model(views, batch, ctx)` (DDP wraps `forward`, which is
+`training_step`), backpropagates `loss`, steps the optimizer over `param_groups(weight_decay)`, then moves every
+`momentum_pairs()` target towards its online module with the momentum of the line's global progress
+(`momentum_at`), so BYOL, MoCo and DINO share one EMA. Hooks run at fixed points of the step; the default ones do
+nothing.
+
+Loss buffers (MoCo's queue, DINO's centre, SwAV's queue) are registered buffers: the checkpoint holds them with
+the weights. Under DDP they must stay identical on every rank (DDP broadcasts rank 0's buffers before each
+forward), so every update uses gathered or all-reduced values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from torch import nn
+
+from trainers.config import ComponentConfig
+from trainers.engine.types import Batch, StepContext, StepOutput, ViewSet
+from trainers.optim import param_groups as default_param_groups
+
+
+class Method(nn.Module):
+    """Base of every method: holds the backbone and the validated config; `forward` is `training_step`.
+
+    Subclasses set `Config` and may set `needs_labels`, `needs_local_views`, `min_global_views` (the registry
+    record reads them). Methods with a target network set `base_momentum` / `final_momentum` from their config.
+    """
+
+    Config: ClassVar[type[ComponentConfig]]
+    name: ClassVar[str] = "method"
+
+    def __init__(self, backbone: nn.Module, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        in_dim = getattr(backbone, "out_dim", None)
+        if isinstance(in_dim, bool) or not isinstance(in_dim, int) or in_dim < 1:
+            raise ValueError(f"{self.name}: backbone must have a positive int out_dim, got {in_dim!r}")
+        self.config = self.Config.parse(self.name, **dict(options or {}))
+        self.backbone = backbone
+        self.feature_dim = in_dim
+
+    # ------------------------------------------------------------------ the step
+    def training_step(self, views: ViewSet, batch: Batch, ctx: StepContext) -> StepOutput:
+        raise NotImplementedError
+
+    def forward(self, views: ViewSet, batch: Batch, ctx: StepContext) -> StepOutput:
+        return self.training_step(views, batch, ctx)
+
+    # ------------------------------------------------------------------ optimisation
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimizer groups: by default weight decay and LARS adaptation off for biases and norm parameters."""
+        return default_param_groups(self, weight_decay)
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(online, target) pairs whose target the engine moves by EMA after every optimizer step."""
+        return []
+
+    base_momentum: float = 0.0
+    final_momentum: float = 0.0
+
+    def momentum_at(self, progress: float) -> float:
+        """Cosine from `base_momentum` (progress 0) to `final_momentum` (progress 1) (BYOL section 3.2)."""
+        if not 0.0 <= progress <= 1.0:
+            raise ValueError(f"progress must be in [0, 1], got {progress!r}")
+        gap = self.final_momentum - self.base_momentum
+        return self.final_momentum - gap * (math.cos(math.pi * progress) + 1) / 2
+
+    # ------------------------------------------------------------------ hooks
+    def on_after_backward(self, ctx: StepContext) -> None:
+        """After backward, before the optimizer step (e.g. DINO cancels the last layer's gradient)."""
+
+    def on_step_end(self, ctx: StepContext) -> None:
+        """After the optimizer step and the EMA (e.g. SwAV re-normalises its prototypes)."""
+
+    def on_epoch_end(self, ctx: StepContext) -> None:
+        """After the last step of an epoch."""
+
+
+def check_views(name: str, views: ViewSet, min_global: int = 2, need_local: bool = False) -> int:
+    """Validate a ViewSet for a method; returns the batch size."""
+    if len(views.global_) < min_global:
+        raise ValueError(f"{name} needs at least {min_global} global views, got {len(views.global_)}")
+    if need_local and not views.local:
+        raise ValueError(f"{name} needs local (multi-crop) views; set views.local.count >= 1")
+    batch = views.global_[0].shape[0]
+    for kind, group in (("global", views.global_), ("local", views.local)):
+        for i, v in enumerate(group):
+            if v.dim() != 4 or v.shape[0] != batch or v.shape[1] != 3:
+                raise ValueError(f"{name}: {kind} view {i} must be [{batch}, 3, S, S], got {tuple(v.shape)}")
+    return batch
+
+
+__all__ = ["Method", "check_views"]

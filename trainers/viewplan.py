@@ -1,0 +1,120 @@
+"""View plans: how many global and local (multi-crop) views each image gets, their sizes, crops and augmentations.
+
+    plan = view_plan(global_count=2, global_size=224, local_count=6, local_size=96, preset="symmetric")
+    views = make_view_set(images_uint8, plan, generator)    # ViewSet(global_=[2 x [B,3,224,224]], local=[6 x 96 px])
+
+Every view is produced batched on the images' device (`trainers.views.make_views`). A preset gives each view its
+augmentation probabilities; explicit settings override them for every view of a set.
+
+Presets:
+    symmetric: every view the same: crop scale (0.08, 1), flip 0.5, colour jitter 0.8 with (0.4, 0.4, 0.2, 0.1),
+        grayscale 0.2, blur 0.5 with sigma in (0.1, 2.0), solarize 0.2 (the set the critical-factors study of
+        MoCo-v2+ uses for both views).
+    byol: BYOL's asymmetric pair (Grill et al., 2020, table 6): the first view of each pair always blurred and
+        never solarized, the second blurred with 0.1 and solarized with 0.2; jitter and grayscale as above.
+        Views beyond two alternate between the two settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from trainers.engine.types import ViewSet
+from trainers.views import AugmentConfig, make_views
+
+PRESETS = ("symmetric", "byol")
+# Probabilities that differ between the two views of BYOL's pair; everything else is the symmetric set.
+_BYOL_PAIR = ({"blur_p": 1.0, "solarize_p": 0.0}, {"blur_p": 0.1, "solarize_p": 0.2})
+DEFAULT_LOCAL_SCALE = (0.05, 0.14)
+DEFAULT_GLOBAL_SCALE = (0.08, 1.0)
+
+
+def default_local_size(global_size: int) -> int:
+    """96 px beside 224 px global views: 3/7 of the global side (at least 8)."""
+    return max(8, round(global_size * 3 / 7))
+
+
+@dataclass(frozen=True)
+class ViewPlan:
+    """One `AugmentConfig` per global view and per local view."""
+
+    global_: tuple[AugmentConfig, ...]
+    local: tuple[AugmentConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "global_", tuple(self.global_))
+        object.__setattr__(self, "local", tuple(self.local))
+        if not self.global_:
+            raise ValueError("a view plan needs at least one global view")
+        for kind, group in (("global", self.global_), ("local", self.local)):
+            if len({c.size for c in group}) > 1:
+                raise ValueError(f"{kind} views must share one size, got {sorted({c.size for c in group})}")
+        if self.local and self.local[0].size > self.global_[0].size:
+            raise ValueError(f"local views ({self.local[0].size} px) must not be larger than the global ones "
+                             f"({self.global_[0].size} px)")
+
+    @property
+    def global_size(self) -> int:
+        return self.global_[0].size
+
+    @property
+    def local_size(self) -> int | None:
+        return self.local[0].size if self.local else None
+
+
+def preset_settings(preset: str, view: int) -> dict[str, float]:
+    """The augmentation probabilities preset `preset` gives the `view`-th view of a set."""
+    if preset not in PRESETS:
+        raise ValueError(f"view preset must be one of {PRESETS}, got {preset!r}")
+    if preset == "byol":
+        return dict(_BYOL_PAIR[view % 2])
+    return {}
+
+
+def _group(count: int, size: int, scale: tuple[float, float], preset: str,
+           overrides: Mapping[str, Any]) -> tuple[AugmentConfig, ...]:
+    extra = {k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items() if v is not None}
+    return tuple(AugmentConfig(size=size, scale=tuple(scale), **{**preset_settings(preset, i), **extra})
+                 for i in range(count))
+
+
+def view_plan(
+    global_count: int = 2,
+    global_size: int = 32,
+    global_scale: tuple[float, float] = DEFAULT_GLOBAL_SCALE,
+    local_count: int = 0,
+    local_size: int | None = None,
+    local_scale: tuple[float, float] = DEFAULT_LOCAL_SCALE,
+    preset: str = "symmetric",
+    global_options: Mapping[str, Any] | None = None,
+    local_options: Mapping[str, Any] | None = None,
+) -> ViewPlan:
+    """A ViewPlan from counts, sizes and scales; `*_options` (AugmentConfig fields) override the preset."""
+    if global_count < 1 or local_count < 0:
+        raise ValueError(f"need global_count >= 1 and local_count >= 0, got {global_count} and {local_count}")
+    local_size = local_size or default_local_size(global_size)
+    return ViewPlan(
+        _group(global_count, global_size, global_scale, preset, global_options or {}),
+        # Local crops always get the symmetric probabilities: the asymmetric pair is defined for global views.
+        _group(local_count, local_size, local_scale, "symmetric", local_options or {}),
+    )
+
+
+def make_view_set(images: Tensor, plan: ViewPlan, generator: torch.Generator | None = None) -> ViewSet:
+    """The views of uint8 `[B, 3, H, W]` images under `plan`, on the images' device."""
+    global_ = make_views(images, plan.global_, generator=generator)
+    local = make_views(images, plan.local, generator=generator) if plan.local else []
+    return ViewSet(global_, local)
+
+
+def with_size(plan: ViewPlan, global_size: int) -> ViewPlan:
+    """The plan with its global views at `global_size` (benchmarks sweep sizes)."""
+    return ViewPlan(tuple(replace(c, size=global_size) for c in plan.global_), plan.local)
+
+
+__all__ = ["PRESETS", "ViewPlan", "default_local_size", "make_view_set", "preset_settings", "view_plan", "with_size"]
