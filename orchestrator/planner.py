@@ -13,11 +13,14 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from orchestrator import storage
-from orchestrator.errors import DataError
+from orchestrator.errors import DataError, SpecError
 from orchestrator.shards import Manifest, load_manifest, read_index
 from orchestrator.spec import Spec, identity_digest
 from orchestrator.streams import StreamPlan, make_plan
+from trainers.registry import METHOD_REGISTRY
 from trainers.strategies import build_strategy
 
 
@@ -81,6 +84,25 @@ def ensure_data(spec: Spec, progress: bool = True) -> Manifest:
     return load_manifest(url, storage_options=options)
 
 
+def check_labels(spec: Spec, labels: np.ndarray) -> None:
+    """A method that trains on labels needs every training row labelled, and room for every class id."""
+    for method in spec.lines.method:
+        if not METHOD_REGISTRY[method].needs_labels:
+            continue
+        unlabelled = int((labels < 0).sum())
+        if unlabelled:
+            raise SpecError(
+                f"lines.method: {method} trains on labels, but {unlabelled} of {len(labels)} rows of "
+                f"{spec.data.url} split {spec.data.train_split!r} have none (label -1); use a self-supervised method"
+            )
+        classes = spec.methods[method].get("num_classes")
+        if classes is not None and len(labels) and int(labels.max()) >= classes:
+            raise SpecError(
+                f"methods.{method}.num_classes: {classes}, but the training split has label {int(labels.max())}; "
+                f"set it to at least {int(labels.max()) + 1}"
+            )
+
+
 def build_plan(spec: Spec, progress: bool = True) -> ExperimentPlan:
     manifest = ensure_data(spec, progress=progress)
     for split in (spec.data.train_split, spec.data.eval_split):
@@ -90,6 +112,7 @@ def build_plan(spec: Spec, progress: bool = True) -> ExperimentPlan:
                 f"it has {sorted(manifest.splits)}"
             )
     index = read_index(spec.data.url, spec.data.train_split, storage_options=spec.data.storage_options)
+    check_labels(spec, np.asarray(index.column("label").to_numpy()))
     stream = make_plan(index, manifest, spec.stream.kind, spec.stream.chunks, spec.stream.seed)
     identity = identity_digest(spec)
     plan_key = _digest(identity, manifest.digest, stream.digest)

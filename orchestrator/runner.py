@@ -44,7 +44,7 @@ def loop_config(spec: Spec, line: Line, use_gpu: bool, plan: ExperimentPlan | No
     if plan is not None:
         line_steps, first_epoch = planned_line_steps(plan, line)
         line_warmup_steps = int(spec.optim.warmup_epochs * first_epoch)
-    views = spec_view_plan(spec)
+    views = spec_view_plan(spec, line.method)
     precision = spec.resources.precision
     if precision == "auto":
         precision = "bf16" if use_gpu else "fp32"
@@ -78,12 +78,13 @@ def loop_config(spec: Spec, line: Line, use_gpu: bool, plan: ExperimentPlan | No
     )
 
 
-def spec_view_plan(spec: Spec) -> ViewPlan:
-    """The spec's `views` section as the workers' ViewPlan."""
+def spec_view_plan(spec: Spec, method: str | None = None) -> ViewPlan:
+    """The spec's `views` section as the workers' ViewPlan (of `method`'s lines: `views.local.methods` may leave
+    their local views out)."""
     g, local = spec.views.global_, spec.views.local
     return view_plan(
         global_count=g.count, global_size=spec.view_size, global_scale=tuple(g.scale),
-        local_count=local.count, local_size=spec.local_view_size, local_scale=tuple(local.scale),
+        local_count=local.count if method is None else spec.local_views_for(method), local_size=spec.local_view_size, local_scale=tuple(local.scale),
         preset=spec.views.preset, global_options=g.augment_options(), local_options=local.augment_options(),
     )
 

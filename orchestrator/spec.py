@@ -195,6 +195,10 @@ class LocalViewSpec(_AugmentSpec):
     count: int = Field(0, ge=0, le=16, description="local (multi-crop) views per image; SwAV and DINO need some")
     size: int | None = Field(None, ge=8, description="output side; default 3/7 of the global size (96 at 224)")
     scale: tuple[float, float] = Field((0.05, 0.14), description="random resized crop area range")
+    methods: list[str] | None = Field(
+        None, description="the methods whose lines get the local views (default: every line); lets one spec train "
+                          "multi-crop methods (SwAV, DINO) beside two-view ones",
+    )
 
 
 class ViewsSpec(_Strict):
@@ -332,17 +336,25 @@ class Spec(_Strict):
                     f"views.global.count must be >= {record.min_global_views}: {method} compares "
                     f"{record.min_global_views} views of each image"
                 )
-            if record.needs_local_views and self.views.local.count < 1:
+            if record.needs_local_views and self.local_views_for(method) < 1:
                 raise ValueError(
                     f"views.local.count must be >= 1: {method} trains on multi-crop local views besides the global "
                     "ones (e.g. views.local: {count: 6, size: 96} at 224 px)"
                 )
+        unknown = sorted(set(self.views.local.methods or ()) - set(self.lines.method))
+        if unknown:
+            raise ValueError(f"views.local.methods: {unknown} not among lines.method {list(self.lines.method)}")
         if self.views.local.count and self.local_view_size > self.view_size:
             raise ValueError(
                 f"views.local.size: local views ({self.local_view_size} px) must not be larger than the global ones "
                 f"({self.view_size} px)"
             )
         return self
+
+    def local_views_for(self, method: str) -> int:
+        """How many local views the lines of `method` get."""
+        chosen = self.views.local.methods
+        return self.views.local.count if chosen is None or method in chosen else 0
 
     @property
     def local_view_size(self) -> int:

@@ -108,3 +108,23 @@ def test_resume_continues_bit_for_bit(tmp_path, record) -> None:
     assert expected.keys() == got.keys()
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
+
+
+def test_load_backbone_gives_the_trained_encoder_from_a_checkpoint(tmp_path) -> None:
+    from dataclasses import asdict
+
+    from trainers.checkpoint import load_backbone
+
+    record = METHOD_REGISTRY["byol"]
+    cfg = _config(record, views=view_plan(global_count=2, global_size=16, local_count=2, local_size=8))
+    assert LoopConfig(**asdict(cfg)) == cfg  # the config a checkpoint stores reads back as the same config
+    trainer = LineTrainer(cfg)
+    trainer.train_chunk(0, _batches(2), 2)
+    save_state(tmp_path, trainer.state_dict())
+    backbone = load_backbone(load_state(tmp_path))
+    assert not backbone.training
+    x = torch.randn(2, 3, 16, 16)
+    trainer.backbone.eval()
+    assert torch.equal(backbone(x), trainer.backbone(x))
+    with pytest.raises(Exception, match="not a training checkpoint"):
+        load_backbone({"position": {}})
