@@ -19,6 +19,7 @@ interrupted and resumed chunk sees exactly the batches an uninterrupted one does
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -343,7 +344,7 @@ class LineTrainer:
                     interval_start, interval_samples = now, 0
                 if on_checkpoint and cfg.checkpoint_every_steps and (step + 1) % cfg.checkpoint_every_steps == 0:
                     if step + 1 < steps_total:
-                        checked = self._check_finite(chunk, losses, lrs, checked, first_step)
+                        checked = self._check_finite(chunk, losses, lrs, checked, first_step, weights=True)
                         saving = time.perf_counter()
                         on_checkpoint()
                         checkpoint_s += time.perf_counter() - saving
@@ -351,7 +352,7 @@ class LineTrainer:
             self.method.on_epoch_end(StepContext(step=self.position["line_step"], total_steps=cfg.line_steps or None,
                                                  chunk=chunk, epoch=epoch, rank=rank, world_size=world,
                                                  steps_per_epoch=steps_per_epoch))
-        self._check_finite(chunk, losses, lrs, checked, first_step)
+        self._check_finite(chunk, losses, lrs, checked, first_step, weights=True)
         loss_values = torch.stack(losses).cpu().tolist() if losses else []
         self.position.update(chunks_done=self.position["chunks_done"] + 1, chunk=-1, epoch=0, step=0, epoch_step=0)
         return ChunkReport(
@@ -368,22 +369,30 @@ class LineTrainer:
         )
 
     def _check_finite(self, chunk: int, losses: list[torch.Tensor], lrs: list[float], checked: int,
-                      first_step: int) -> int:
-        """Raise NonFiniteLossError if a loss since `losses[checked]` is not finite on any rank; else len(losses).
+                      first_step: int, weights: bool = False) -> int:
+        """Raise NonFiniteLossError if a loss since `losses[checked]` (or, with `weights`, a weight: before a
+        checkpoint) is not finite on any rank; else len(losses).
 
         One small all-reduce per check keeps the ranks agreeing, so all of them stop at the same step.
         """
-        if len(losses) == checked:
+        if len(losses) == checked and not weights:
             return checked
-        finite = torch.isfinite(torch.stack(losses[checked:]))
+        finite = torch.isfinite(torch.stack(losses[checked:])) if len(losses) > checked else torch.ones(0, dtype=bool)
         bad = (~finite).float().sum().reshape(1)
+        if weights:
+            broken = [name for name, p in self.method.named_parameters() if not torch.isfinite(p).all()]
+            bad += len(broken)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(bad)
         if bad.item() == 0:
             return len(losses)
         local = (~finite).nonzero()
-        index = checked + (int(local[0]) if len(local) else 0)
-        value = losses[index].item()
+        if not losses:
+            raise NonFiniteLossError(f"{self.cfg.method}: the weights are not finite at the start of chunk {chunk}")
+        index = max(0, checked + (int(local[0]) if len(local) else len(finite) - 1))
+        value: Any = losses[index].item()
+        if math.isfinite(value):
+            value = f"finite ({value:.4g}) but the weights did not stay finite"
         raise NonFiniteLossError(
             f"{self.cfg.method}: the loss became {value} at step {first_step + index + 1} of chunk {chunk} "
             f"(lr {lrs[index]:.4g}); stopped before saving, so the newest checkpoint is the last good one. "

@@ -264,3 +264,24 @@ def test_default_groups_keep_weight_decay_off_batch_norm() -> None:
               for p in m.parameters()}
     assert bn_ids and bn_ids <= {id(p) for p in no_decay["params"]}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+def test_a_loss_that_turns_nan_stops_the_chunk_naming_method_step_and_lr(tmp_path) -> None:
+    """An LR far too high blows the weights up: the chunk stops with a message naming the method, the step and the
+    LR, before the checkpoint after the bad step is written, so the newest checkpoint holds finite weights."""
+    from trainers.engine.step import NonFiniteLossError
+
+    trainer = LineTrainer(config(lr=1e12, optimizer="sgd", checkpoint_every_steps=1, log_every=1,
+                                 schedule="constant", epochs_per_chunk=4))
+    saved: list[int] = []
+
+    def checkpoint() -> None:
+        save_state(tmp_path, trainer.state_dict())
+        saved.append(trainer.position["step"])
+
+    with pytest.raises(NonFiniteLossError, match=r"simclr: the loss became (nan|inf) at step \d+ of chunk 0 "
+                                                 r"\(lr 1e\+12\).*newest checkpoint is the last good one"):
+        trainer.train_chunk(0, batches_of(data()), 4, on_step=lambda info: None, on_checkpoint=checkpoint)
+    state = load_state(tmp_path)
+    assert saved and state["position"]["step"] == saved[-1]
+    assert all(torch.isfinite(v).all() for v in state["method"].values() if v.is_floating_point())
