@@ -231,7 +231,8 @@ class OptimSpec(_Strict):
                     "(cosine_line, in epochs of the line's first chunk)",
     )
     sync_bn: bool = Field(
-        False, description="SyncBatchNorm in the method's heads under DDP (global BN statistics, as SimCLR's paper)"
+        False, description="the method's heads normalise over the global batch under DDP (as SimCLR's paper), on CPU "
+                           "and GPU alike; the backbone keeps per-worker BN"
     )
     schedule: Literal["cosine", "cosine_line", "constant"] = Field(
         "cosine", description="cosine: warm-up + cosine inside each chunk; cosine_line: one warm-up + cosine over "

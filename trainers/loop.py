@@ -32,6 +32,7 @@ from torch import nn
 from trainers.backbones import build_backbone
 from trainers.engine.step import NonFiniteLossError, train_step
 from trainers.engine.types import Batch, StepContext
+from trainers.methods.global_bn import convert_global_bn
 from trainers.optim import LR_SCALING, OPTIMIZERS, build_optimizer, scaled_lr, set_lr
 from trainers.registry import METHOD_REGISTRY
 from trainers.schedules import SCHEDULES, SCOPE, build_schedule
@@ -200,12 +201,12 @@ class LineTrainer:
         """(Re)create model and optimizer from the seed: every worker and every reset starts identically."""
         backbone = initial_backbone(self.cfg)
         method = METHOD_REGISTRY[self.cfg.method].build(backbone, **self.cfg.method_options)
-        if self.cfg.sync_bn and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if self.cfg.sync_bn:
             # Global BN statistics in the heads, as SimCLR's paper: per-worker BN lets each worker's statistics
             # leak which samples share a worker. The backbone keeps per-worker BN (the usual DDP recipe).
             for name, child in list(method.named_children()):
                 if "backbone" not in name:
-                    setattr(method, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+                    setattr(method, name, convert_global_bn(child))
         self.method = method.to(self.device)
         if self.cfg.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
