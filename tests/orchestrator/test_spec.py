@@ -60,7 +60,7 @@ def test_unknown_field_names_its_path() -> None:
         ({"views": {"global": {"scale": [0.9, 0.1]}}}, "views.global.scale"),
         ({"optim": {"lr": -1}}, "optim.lr"),
         ({"optim": {"batch_size": 3}}, "batch_size"),
-        ({"methods": {"swav": {}}}, "methods"),
+        ({"methods": {"nosuch": {}}}, "methods"),
         ({"name": "has space"}, "name"),
     ],
 )
@@ -161,7 +161,7 @@ def test_fuzzed_specs_fail_only_with_spec_errors(raw: dict) -> None:
         ({"byol": {"base_momentum": 1.5}}, "methods.byol.base_momentum", "less than or equal to 1"),
         ({"byol": {"base_momentum": 0.9, "final_momentum": 0.5}}, "methods.byol",
          "final_momentum (0.5) must be >= base_momentum (0.9)"),
-        ({"swav": {}}, "methods.swav", "unknown method; known: simclr, byol"),
+        ({"nosuch": {}}, "methods.nosuch", "unknown method; known: simclr, byol"),
     ],
 )
 def test_method_options_are_checked_against_the_methods_config(methods: dict, path: str, says: str) -> None:
@@ -190,7 +190,7 @@ def test_allowed_names_come_from_the_registry() -> None:
     assert typing.get_args(method_item) == METHOD_REGISTRY.names
     assert typing.get_args(strategy_item) == STRATEGY_REGISTRY.names
     raw = {**minimal(), "lines": {"method": ["dino"], "strategy": ["sequential"]}}
-    with pytest.raises(SpecError, match=r"lines\.method\[0\]: Input should be 'simclr' or 'byol' \(got 'dino'\)"):
+    with pytest.raises(SpecError, match=r"lines\.method\[0\]: Input should be 'simclr', 'byol'.* \(got 'dino'\)"):
         validate_spec(raw)
 
 

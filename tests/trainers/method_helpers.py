@@ -50,4 +50,7 @@ def step(method: torch.nn.Module, optimizer: torch.optim.Optimizer, views: ViewS
 SMALL_OPTIONS: dict[str, dict] = {
     "simclr": {"proj_hidden": 32, "proj_out": 16, "temperature": 0.5},
     "byol": {"proj_hidden": 32, "proj_out": 16, "pred_hidden": 16},
+    # The queue (2 steps of 8 to fill) and the prototype freeze (2 steps) are both live in the 6-step resume test.
+    "swav": {"proj_hidden": 32, "proj_out": 16, "n_prototypes": 10, "queue_length": 16, "epoch_queue_starts": 0,
+             "freeze_prototypes_iters": 2},
 }

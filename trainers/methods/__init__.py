@@ -19,6 +19,7 @@ from typing import Any
 
 from trainers.methods.byol import BYOL, BYOLConfig, byol_loss
 from trainers.methods.simclr import SimCLR, SimCLRConfig, nt_xent_loss
+from trainers.methods.swav import SwAV, SwAVConfig, sinkhorn_knopp, swapped_prediction, swav_loss
 
 
 def __getattr__(name: str) -> Any:
@@ -29,4 +30,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["BYOL", "BYOLConfig", "METHODS", "SimCLR", "SimCLRConfig", "byol_loss", "nt_xent_loss"]
+__all__ = ["BYOL", "BYOLConfig", "METHODS", "SimCLR", "SimCLRConfig", "SwAV", "SwAVConfig", "byol_loss",
+           "nt_xent_loss", "sinkhorn_knopp", "swapped_prediction", "swav_loss"]
