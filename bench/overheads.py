@@ -65,8 +65,8 @@ def tiny_overrides(args: argparse.Namespace, data_url: str, workdir: str) -> lis
 
 def make_data(args: argparse.Namespace, data_url: str) -> float:
     """The spec's synthetic set, generated before the run (timed on its own: a first run only)."""
+    from orchestrator.data.synth import generate_synthetic
     from orchestrator.spec import load_spec
-    from orchestrator.synth import generate_synthetic
 
     spec = load_spec(QUICKSTART, tiny_overrides(args, data_url, "unused"))
     s = spec.data.synthetic

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator import storage
+from orchestrator.data.manifest import Manifest, load_manifest
+from orchestrator.data.shards import read_index
 from orchestrator.errors import DataError
-from orchestrator.shards import Manifest, load_manifest, read_index
 from orchestrator.spec import Spec, identity_digest
 from orchestrator.streams import StreamPlan, make_plan
 from trainers.strategies import build_strategy
@@ -70,7 +71,7 @@ def ensure_data(spec: Spec, progress: bool = True) -> Manifest:
     """Load the manifest at data.url, generating the synthetic set there first when the spec says so."""
     url, options = spec.data.url, spec.data.storage_options
     if spec.data.synthetic is not None and not storage.exists(storage.join(url, "manifest.json"), options):
-        from orchestrator.synth import generate_synthetic
+        from orchestrator.data.synth import generate_synthetic
 
         s = spec.data.synthetic
         generate_synthetic(

@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 
 from cli.app import app
 from orchestrator import tracking as tr
+from orchestrator.data.manifest import load_manifest
+from orchestrator.data.shards import read_index
 from orchestrator.planner import build_plan
-from orchestrator.shards import load_manifest, read_index
 from orchestrator.spec import load_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_data]

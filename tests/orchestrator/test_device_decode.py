@@ -11,6 +11,8 @@ import pytest
 import torch
 from rich.console import Console
 
+from orchestrator.data.manifest import load_manifest
+from orchestrator.data.shards import read_index
 from orchestrator.errors import DataError
 from orchestrator.experiment import run_experiment
 from orchestrator.ingest import (
@@ -20,7 +22,6 @@ from orchestrator.ingest import (
     shard_refs,
     start_corrupt_row_counter,
 )
-from orchestrator.shards import load_manifest, read_index
 from orchestrator.spec import validate_spec
 from orchestrator.streams import make_plan
 from tests.specs import tiny_spec

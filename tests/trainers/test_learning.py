@@ -7,9 +7,9 @@ import torch
 
 from evaluators.features import extract_features
 from evaluators.knn import knn_predict
+from orchestrator.data.manifest import load_manifest
+from orchestrator.data.synth import generate_synthetic
 from orchestrator.ingest import load_split_arrays
-from orchestrator.shards import load_manifest
-from orchestrator.synth import generate_synthetic
 from trainers.loop import LineTrainer, LoopConfig
 from trainers.views import AugmentConfig
 
