@@ -24,7 +24,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from evaluators.continual import AccuracyMatrix, continual_metrics, st_jt_gap
 from evaluators.report import plot_accuracy_matrix, plot_metric_curves, results_table
-from orchestrator import tracking as tr
 from orchestrator.errors import IncompleteRecordError, TrainingError
 from orchestrator.evaluation import EvalActor, protocol
 from orchestrator.ingest import start_corrupt_row_counter
@@ -32,7 +31,9 @@ from orchestrator.planner import ExperimentPlan, Job, build_plan
 from orchestrator.recovery import missing_records, persisted_unlogged_chunks, read_logged
 from orchestrator.runner import LineTask, _CheckpointFs, line_groups, loop_config, ray_run_name, train_group
 from orchestrator.spec import Spec, flatten
-from orchestrator.tracking import Tracker, versions
+from orchestrator.tracking import lineage as tr
+from orchestrator.tracking.lineage import versions
+from orchestrator.tracking.tracker import Tracker
 
 EVAL_COLUMNS = ("knn_top1", "linear_top1")
 

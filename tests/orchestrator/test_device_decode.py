@@ -122,7 +122,7 @@ def test_a_run_with_device_decode_trains_and_evaluates(tmp_path, synthetic_url: 
     run_experiment(spec, console=Console(file=io.StringIO()))
     from mlflow.tracking import MlflowClient
 
-    from orchestrator import tracking as tr
+    from orchestrator.tracking import lineage as tr
 
     client = MlflowClient(spec.tracking_uri)
     (chunk,) = client.search_runs([client.get_experiment_by_name("device-decode").experiment_id],

@@ -1,17 +1,15 @@
-"""MLflow lineage: plan run -> chunk runs -> evaluation runs, linked by tags both ways.
+"""The retrying MLflow client: every call rides out a tracking-server outage, and writes land exactly once.
 
-Experiment = spec name. One parent run per plan (`streamssl.run_type=plan`), a child run per (line, chunk)
-(`chunk`), and an evaluation run per evaluated chunk run (`eval`, tagged `streamssl.evaluates=<chunk run id>`).
-Tags carry the lineage (data digest, stream-plan digest, job key, checkpoint URI, evaluation protocol, versions),
-so `streamssl lineage RUN_ID` can walk it either way. Only the driver talks to MLflow, through one MlflowClient.
+    client = RetryingClient("http://127.0.0.1:5000")      # probes <uri>/health first: TrackingError in seconds
+    client.log_batch(run_id, metrics=[...])                # retried through an outage, never stored twice
+    client.call("set_terminated", lambda: client._client.set_terminated(run_id))   # any call, same loop
 
-Surviving a tracking-server outage
 ----------------------------------
-* Start-up: for an ``http(s)://`` URI, ``Tracker(uri)`` probes ``<uri>/health`` (urllib, short timeouts, at most
+* Start-up: for an ``http(s)://`` URI, ``RetryingClient(uri)`` (and so ``Tracker(uri)``) probes ``<uri>/health`` (urllib, short timeouts, at most
   ``STREAMSSL_TRACKING_CONNECT_SECONDS``, default 5 s) before anything else and raises ``TrackingError`` naming
   the URI — seconds, not MLflow's minutes of built-in retries. SQLite and file stores are not probed.
-* During a run: every call through ``Tracker.client`` (a wrapper around the one MlflowClient; the Tracker's own
-  methods use it too, as may callers that reach for ``tracker.client.update_run``...) runs in a retry loop with
+* During a run: every call through the client (``Tracker.client``, a wrapper around the one MlflowClient; the
+  Tracker's own methods use it too, as may callers that reach for ``tracker.client.update_run``...) runs in a retry loop with
   exponential backoff (0.5 s doubling to 5 s) that rides out an outage of up to
   ``STREAMSSL_TRACKING_RETRY_SECONDS`` (default 300 s), measured from the first failed attempt of the outage.
   MLflow's own HTTP retries are switched off for these calls (``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`` while a call
@@ -33,44 +31,27 @@ Surviving a tracking-server outage
     that token and returns it instead of creating a second run.
   - ``set_terminated``, ``update_run``, ``set_tag``, ``log_inputs`` (datasets and inputs are de-duplicated by
     MLflow) and ``log_artifact`` (same path overwritten) are idempotent and simply re-sent.
-  Remaining window: a request that is still queued inside a hung (not dead) server and lands after the
-  read-back check; SQL stores drop the duplicate point, and run creation is then still one per token.
-* ``fail_running(parent)`` marks every RUNNING run under a plan run FAILED (after a crash, before a resume).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import math
 import os
-import platform
 import random
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
-from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from orchestrator.errors import TrackingError
-
-TAG = "streamssl."
-RUN_TYPE = TAG + "run_type"
-PLAN_KEY = TAG + "plan_key"
-JOB_KEY = TAG + "job_key"
-LINE = TAG + "line"
-CHUNK = TAG + "chunk"
-CHECKPOINT = TAG + "checkpoint_uri"
-EVALUATES = TAG + "evaluates"
-CLIENT_TOKEN = TAG + "client_token"
-PARENT = "mlflow.parentRunId"
+from orchestrator.tracking.lineage import CLIENT_TOKEN
 
 RETRY_ENV = "STREAMSSL_TRACKING_RETRY_SECONDS"
 CONNECT_ENV = "STREAMSSL_TRACKING_CONNECT_SECONDS"
@@ -85,21 +66,6 @@ SERVER_ERROR_ATTEMPTS = 3  # a 500 the server answers with (not an outage) is re
 log = logging.getLogger("streamssl.tracking")
 _ENV_LOCK = threading.RLock()
 _TRANSIENT_STATUS = {408, 429, 502, 503, 504}
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for dist in ("streamssl", "torch", "torchvision", "pillow", "ray", "mlflow", "pyarrow"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
-
-
-def _chunks(items: list, size: int) -> Iterable[list]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
 
 
 def _env_float(name: str, default: float) -> float:
@@ -135,7 +101,7 @@ def _mlflow_http_env(timeout: int):
                     os.environ[key] = value
 
 
-def _classify(exc: BaseException) -> str:
+def classify(exc: BaseException) -> str:
     """'outage' (server unreachable / overloaded: retry until the deadline), 'server' (it answered 5xx: retry a
     few times) or 'fatal' (it answered that the request is wrong, or a local error: do not retry)."""
     try:
@@ -174,16 +140,38 @@ def _point(metric) -> tuple:
     return metric.key, int(metric.step), int(metric.timestamp), value
 
 
-class _RetryingClient:
-    """The MlflowClient, with every public method run through the Tracker's retry loop.
+class RetryingClient:
+    """The MlflowClient, with every public method run through one retry loop (see the module docstring).
 
-    `create_run` and `log_batch` are made safe to re-send (see the module docstring); everything else MLflow
-    offers is passed through as is (reads and idempotent writes).
+    `create_run` and `log_batch` are made safe to re-send; everything else MLflow offers is passed through as is
+    (reads and idempotent writes). `retry_seconds` (default: env STREAMSSL_TRACKING_RETRY_SECONDS, else 300) is how
+    long an outage is ridden out; `connect_seconds` (env STREAMSSL_TRACKING_CONNECT_SECONDS, else 5) bounds the
+    start-up check. `outages` lists the length in seconds of every outage ridden out (for reports and tests),
+    `retries` counts the attempts that were retried.
     """
 
-    def __init__(self, client, tracker: "Tracker"):
-        self._client = client
-        self._tracker = tracker
+    def __init__(self, uri: str, *, retry_seconds: float | None = None, connect_seconds: float | None = None):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.retry_seconds = _env_float(RETRY_ENV, DEFAULT_RETRY_SECONDS) if retry_seconds is None else retry_seconds
+        self.connect_seconds = (_env_float(CONNECT_ENV, DEFAULT_CONNECT_SECONDS)
+                                if connect_seconds is None else connect_seconds)
+        self.request_timeout = max(1, int(_env_float("MLFLOW_HTTP_REQUEST_TIMEOUT",
+                                                     _env_float(REQUEST_TIMEOUT_ENV, DEFAULT_REQUEST_TIMEOUT))))
+        self.outages: list[float] = []
+        self.retries = 0
+        self._outage_since: float | None = None
+        self._outage_warned = False
+        if uri.startswith("sqlite:///"):
+            _create_sqlite_store(Path(uri[len("sqlite:///") :]))
+        if _is_http(uri):
+            self._probe()
+        self._client = MlflowClient(tracking_uri=uri)
+        try:
+            self.call("search_experiments", lambda: self._client.search_experiments(max_results=1), self.connect_seconds)
+        except TrackingError as exc:
+            raise TrackingError(f"MLflow tracking store {uri} cannot be reached: {exc.__cause__ or exc}") from None
 
     def __getattr__(self, name: str):
         attr = getattr(self._client, name)
@@ -192,7 +180,7 @@ class _RetryingClient:
 
         @functools.wraps(attr)
         def call(*args, **kwargs):
-            return self._tracker._call(name, functools.partial(attr, *args, **kwargs))
+            return self.call(name, functools.partial(attr, *args, **kwargs))
 
         return call
 
@@ -214,7 +202,7 @@ class _RetryingClient:
                     return found[0]
             return self._client.create_run(experiment_id, start_time=start_time, tags=tags, run_name=run_name)
 
-        return self._tracker._call("create_run", attempt, retry_seconds)
+        return self.call("create_run", attempt, retry_seconds)
 
     def log_batch(self, run_id: str, metrics=(), params=(), tags=(), synchronous: bool | None = None, *,
                   retry_seconds: float | None = None):
@@ -225,71 +213,17 @@ class _RetryingClient:
             nonlocal attempts, pending
             attempts += 1
             if attempts > 1 and pending:  # drop the points an earlier attempt may have stored already
-                pending = self._tracker._missing_metrics(run_id, pending)
+                pending = self._missing_metrics(run_id, pending)
             if not (pending or params or tags):
                 return None
             return self._client.log_batch(run_id, metrics=pending, params=list(params), tags=list(tags),
                                           synchronous=synchronous)
 
-        return self._tracker._call("log_batch", attempt, retry_seconds)
+        return self.call("log_batch", attempt, retry_seconds)
 
     def __repr__(self) -> str:
         return f"<retrying {self._client!r}>"
 
-
-class Tracker:
-    """Writes and reads the lineage of one experiment through an MlflowClient (wrapped: see the module docstring).
-
-    `retry_seconds` (default: env STREAMSSL_TRACKING_RETRY_SECONDS, else 300) is how long an outage is ridden out;
-    `connect_seconds` (env STREAMSSL_TRACKING_CONNECT_SECONDS, else 5) bounds the start-up check.
-    `outages` lists the length in seconds of every outage this tracker rode out (for reports and tests).
-    """
-
-    def __init__(self, uri: str, experiment: str | None = None, artifact_root: str | None = None, *,
-                 retry_seconds: float | None = None, connect_seconds: float | None = None):
-        from mlflow.tracking import MlflowClient
-
-        self.uri = uri
-        self.retry_seconds = _env_float(RETRY_ENV, DEFAULT_RETRY_SECONDS) if retry_seconds is None else retry_seconds
-        self.connect_seconds = (_env_float(CONNECT_ENV, DEFAULT_CONNECT_SECONDS)
-                                if connect_seconds is None else connect_seconds)
-        self.request_timeout = max(1, int(_env_float("MLFLOW_HTTP_REQUEST_TIMEOUT",
-                                                     _env_float(REQUEST_TIMEOUT_ENV, DEFAULT_REQUEST_TIMEOUT))))
-        self.outages: list[float] = []
-        self.retries = 0
-        self._outage_since: float | None = None
-        self._outage_warned = False
-        if uri.startswith("sqlite:///"):
-            _create_sqlite_store(Path(uri[len("sqlite:///") :]))
-        if _is_http(uri):
-            self._probe()
-        self.client = _RetryingClient(MlflowClient(tracking_uri=uri), self)
-        try:
-            self._call("search_experiments", lambda: self.client._client.search_experiments(max_results=1),
-                       self.connect_seconds)
-        except TrackingError as exc:
-            raise TrackingError(f"MLflow tracking store {uri} cannot be reached: {exc.__cause__ or exc}") from None
-        self.experiment_id = None
-        if experiment is not None:
-            found = self._call("get_experiment_by_name",
-                               lambda: self.client._client.get_experiment_by_name(experiment), self.connect_seconds)
-            if found is None:
-                try:
-                    self.experiment_id = self._call(
-                        "create_experiment",
-                        lambda: self.client._client.create_experiment(experiment, artifact_location=artifact_root),
-                        self.connect_seconds)
-                except TrackingError:  # created meanwhile by another driver (or by an attempt that timed out)
-                    found = self._call("get_experiment_by_name",
-                                       lambda: self.client._client.get_experiment_by_name(experiment),
-                                       self.connect_seconds)
-                    if found is None:
-                        raise
-                    self.experiment_id = found.experiment_id
-            else:
-                self.experiment_id = found.experiment_id
-
-    # ---------------------------------------------------------------- reaching the server
     def _probe(self) -> None:
         """Fail in seconds, naming the URI, when nothing answers at an HTTP tracking URI."""
         url = self.uri.rstrip("/") + "/health"
@@ -312,7 +246,7 @@ class Tracker:
             f"{self.connect_seconds:g}s). Start the server, or set tracking.uri / --tracking-uri to one that runs."
         )
 
-    def _call(self, op: str, fn: Callable[[], Any], retry_seconds: float | None = None) -> Any:
+    def call(self, op: str, fn: Callable[[], Any], retry_seconds: float | None = None) -> Any:
         """Run `fn` (one MLflow call), retrying with backoff through an outage of up to `retry_seconds`."""
         budget = self.retry_seconds if retry_seconds is None else retry_seconds
         delay = FIRST_BACKOFF
@@ -322,7 +256,7 @@ class Tracker:
                 with _mlflow_http_env(self.request_timeout):
                     result = fn()
             except Exception as exc:
-                kind = _classify(exc)
+                kind = classify(exc)
                 if kind == "fatal":
                     self._answered(op)
                     if isinstance(exc, TrackingError):
@@ -362,136 +296,12 @@ class Tracker:
         """The points of `metrics` that the run does not hold yet (read back from the store)."""
         stored: set[tuple] = set()
         for key in {m.key for m in metrics}:
-            stored.update(_point(m) for m in self.client._client.get_metric_history(run_id, key))
+            stored.update(_point(m) for m in self._client.get_metric_history(run_id, key))
         missing = [m for m in metrics if _point(m) not in stored]
         if len(missing) < len(metrics):
             log.info("%d of %d metric points for run %s were stored before the failure; not re-sent",
                      len(metrics) - len(missing), len(metrics), run_id)
         return missing
-
-    def flush(self) -> None:
-        """Nothing is buffered: every method returns once MLflow stored what it was given (or raised)."""
-
-    # ---------------------------------------------------------------- writing
-    def log_params(self, run_id: str, params: dict[str, str]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, v[:6000]) for k, v in params.items()]
-        for batch in _chunks(items, 100):
-            self.client.log_batch(run_id, params=batch)
-
-    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0, timestamp_ms: int | None = None) -> None:
-        from mlflow.entities import Metric
-
-        ts = timestamp_ms or int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
-        for batch in _chunks(items, 1000):
-            self.client.log_batch(run_id, metrics=batch)
-
-    def log_metric_series(self, run_id: str, name: str, values: list[float], start_ms: int, end_ms: int) -> None:
-        """A per-step curve in one batch call (cheap: one request per 1000 points)."""
-        from mlflow.entities import Metric
-
-        span = max(1, end_ms - start_ms)
-        n = max(1, len(values))
-        items = [Metric(name, float(v), start_ms + span * i // n, i) for i, v in enumerate(values)]
-        for batch in _chunks(items, 1000):
-            self.client.log_batch(run_id, metrics=batch)
-
-    def log_json(self, run_id: str, name: str, payload: Any) -> None:
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / name
-            path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-            self.client.log_artifact(run_id, str(path))
-
-    def log_file(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(run_id, str(path), artifact_path)
-
-    def log_dataset(self, run_id: str, url: str, name: str, digest: str, context: str) -> None:
-        from mlflow.data.http_dataset_source import HTTPDatasetSource
-        from mlflow.data.meta_dataset import MetaDataset
-        from mlflow.entities import DatasetInput, InputTag
-
-        dataset = MetaDataset(HTTPDatasetSource(url), name=name, digest=digest[:36])
-        self.client.log_inputs(
-            run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])]
-        )
-
-    def create_run(self, run_name: str, tags: dict[str, str], start_ms: int | None = None) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags, start_time=start_ms)
-        return run.info.run_id
-
-    def end_run(self, run_id: str, status: str = "FINISHED", end_ms: int | None = None, *,
-                retry_seconds: float | None = None) -> None:
-        """Retried like every write, so a transient outage does not leave the run RUNNING. In a failure path
-        pass a short `retry_seconds` not to hold a dying driver for the whole outage deadline."""
-        self._call("set_terminated",
-                   lambda: self.client._client.set_terminated(run_id, status=status, end_time=end_ms), retry_seconds)
-
-    def update_run(self, run_id: str, status: str | None = None, name: str | None = None) -> None:
-        """E.g. `update_run(plan_run, status="RUNNING")` when a resume reopens a plan run."""
-        self.client.update_run(run_id, status=status, name=name)
-
-    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(run_id, key, value)
-
-    def fail_running(self, parent_run_id: str, include_parent: bool = False, end_ms: int | None = None) -> list[str]:
-        """Mark every RUNNING run under `parent_run_id` (chunk and eval runs; the plan run too with
-        `include_parent`) FAILED, e.g. after a driver crash and before a resume. Returns their ids."""
-        ids = [r.info.run_id for r in self.runs(f"tags.`{PARENT}` = '{parent_run_id}' and attributes.status = 'RUNNING'")]
-        if include_parent and self.get_run(parent_run_id).info.status == "RUNNING":
-            ids.append(parent_run_id)
-        for run_id in ids:
-            self.end_run(run_id, "FAILED", end_ms=end_ms)
-        if ids:
-            log.warning("marked %d RUNNING run(s) under %s FAILED: %s", len(ids), parent_run_id, ", ".join(ids))
-        return ids
-
-    def delete_runs(self, run_ids: list[str]) -> None:
-        """Soft-delete runs (MLflow keeps them restorable; searches no longer return them)."""
-        for run_id in run_ids:
-            self.client.delete_run(run_id)
-
-    # ---------------------------------------------------------------- reading
-    def runs(self, filter_string: str, experiment_ids: list[str] | None = None) -> list:
-        ids = experiment_ids or ([self.experiment_id] if self.experiment_id else None)
-        if ids is None:
-            ids = [e.experiment_id for e in self.client.search_experiments()]
-        out, token = [], None
-        while True:
-            page = self.client.search_runs(ids, filter_string=filter_string, max_results=1000, page_token=token)
-            out.extend(page)
-            token = page.token
-            if not token:
-                return out
-
-    def plan_runs(self, plan_key: str) -> list:
-        runs = self.runs(f"tags.`{RUN_TYPE}` = 'plan' and tags.`{PLAN_KEY}` = '{plan_key}'")
-        return sorted(runs, key=lambda r: r.info.start_time or 0, reverse=True)
-
-    def children(self, parent_run_id: str, run_type: str | None = None) -> list:
-        query = f"tags.`{PARENT}` = '{parent_run_id}'"
-        if run_type:
-            query += f" and tags.`{RUN_TYPE}` = '{run_type}'"
-        return self.runs(query)
-
-    def finished_chunk_runs(self, plan_key: str) -> dict[str, Any]:
-        """job key -> the FINISHED chunk run of any earlier attempt of this plan."""
-        runs = self.runs(f"tags.`{RUN_TYPE}` = 'chunk' and tags.`{PLAN_KEY}` = '{plan_key}' "
-                         "and attributes.status = 'FINISHED'")
-        return {r.data.tags[JOB_KEY]: r for r in runs}
-
-    def evaluation_of(self, chunk_run_id: str) -> list:
-        return self.runs(f"tags.`{EVALUATES}` = '{chunk_run_id}'")
-
-    def get_run(self, run_id: str):
-        try:
-            return self.client.get_run(run_id)
-        except TrackingError as exc:
-            if exc.__cause__ is not None and _classify(exc.__cause__) == "fatal":
-                raise TrackingError(f"run {run_id} not found in {self.uri}: {exc.__cause__}") from None
-            raise
 
 
 def _create_sqlite_store(path: Path) -> None:
