@@ -105,7 +105,7 @@ def read_shard(
     """One shard as a pyarrow Table, its bytes read once and checked against `expected_sha256`.
 
     Raises DataError naming the shard when it is missing, its sha256 differs from the manifest's, or it is not
-    readable Parquet with the shard schema; transient storage errors are retried (``storage.RetryPolicy``) and,
+    readable Parquet with the shard schema; transient storage errors are retried (``storage.retry_policy()``) and,
     when storage stays unreachable, end in ``storage.StorageUnavailableError`` naming the shard's URL.
     """
     shown = storage.redact(url)

@@ -5,15 +5,16 @@
     client.call("set_terminated", lambda: client._client.set_terminated(run_id))   # any call, same loop
 
 ----------------------------------
-* Start-up: for an ``http(s)://`` URI, ``RetryingClient(uri)`` (and so ``Tracker(uri)``) probes ``<uri>/health`` (urllib, short timeouts, at most
-  ``STREAMSSL_TRACKING_CONNECT_SECONDS``, default 5 s) before anything else and raises ``TrackingError`` naming
-  the URI — seconds, not MLflow's minutes of built-in retries. SQLite and file stores are not probed.
+* Start-up: for an ``http(s)://`` URI, ``RetryingClient(uri)`` (and so ``Tracker(uri)``) probes ``<uri>/health``
+  (urllib, short timeouts, at most ``STREAMSSL_TRACKING_CONNECT_SECONDS``, default 5 s) before anything else and
+  raises ``TrackingError`` naming the URI — seconds, not MLflow's minutes of built-in retries. SQLite and file
+  stores are not probed.
 * During a run: every call through the client (``Tracker.client``, a wrapper around the one MlflowClient; the
-  Tracker's own methods use it too, as may callers that reach for ``tracker.client.update_run``...) runs in a retry loop with
-  exponential backoff (0.5 s doubling to 5 s) that rides out an outage of up to
+  Tracker's own methods use it too, as may callers that reach for ``tracker.client.update_run``...) runs in a retry
+  loop with exponential backoff (0.5 s doubling to 5 s) that rides out an outage of up to
   ``STREAMSSL_TRACKING_RETRY_SECONDS`` (default 300 s), measured from the first failed attempt of the outage.
   MLflow's own HTTP retries are switched off for these calls (``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`` while a call
-  runs) so that this loop alone decides how long to wait; a per-attempt timeout
+  runs) so that this loop (:mod:`orchestrator.retry`) alone decides how long to wait; a per-attempt timeout
   (``MLFLOW_HTTP_REQUEST_TIMEOUT`` if set, else ``STREAMSSL_TRACKING_REQUEST_TIMEOUT``, default 30 s) keeps a hung
   server from holding one attempt for MLflow's default 120 s. One warning is logged when an outage starts and
   one when the server answers again. A call that still fails at the deadline raises ``TrackingError`` naming the
@@ -40,17 +41,19 @@ import functools
 import logging
 import math
 import os
-import random
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
+from orchestrator import retry
 from orchestrator.errors import TrackingError
+from orchestrator.retry import RetryPolicy
 from orchestrator.tracking.lineage import CLIENT_TOKEN
 
 RETRY_ENV = "STREAMSSL_TRACKING_RETRY_SECONDS"
@@ -59,9 +62,10 @@ REQUEST_TIMEOUT_ENV = "STREAMSSL_TRACKING_REQUEST_TIMEOUT"
 DEFAULT_RETRY_SECONDS = 300.0
 DEFAULT_CONNECT_SECONDS = 5.0
 DEFAULT_REQUEST_TIMEOUT = 30
-FIRST_BACKOFF = 0.5
-MAX_BACKOFF = 5.0
 SERVER_ERROR_ATTEMPTS = 3  # a 500 the server answers with (not an outage) is retried this many times at most
+# 0.5 s doubling to 5 s, +-20 %, at least 50 ms apart; the deadline is the call's retry_seconds.
+_POLICY = RetryPolicy(attempts=None, initial_delay=0.5, max_delay=5.0, deadline=DEFAULT_RETRY_SECONDS,
+                      jitter=(0.8, 1.2), min_delay=0.05)
 
 log = logging.getLogger("streamssl.tracking")
 _ENV_LOCK = threading.RLock()
@@ -161,7 +165,7 @@ class RetryingClient:
                                                      _env_float(REQUEST_TIMEOUT_ENV, DEFAULT_REQUEST_TIMEOUT))))
         self.outages: list[float] = []
         self.retries = 0
-        self._outage_since: float | None = None
+        self._outage = retry.Outage()  # shared by every call: later calls in one outage fail fast
         self._outage_warned = False
         if uri.startswith("sqlite:///"):
             _create_sqlite_store(Path(uri[len("sqlite:///") :]))
@@ -249,47 +253,50 @@ class RetryingClient:
     def call(self, op: str, fn: Callable[[], Any], retry_seconds: float | None = None) -> Any:
         """Run `fn` (one MLflow call), retrying with backoff through an outage of up to `retry_seconds`."""
         budget = self.retry_seconds if retry_seconds is None else retry_seconds
-        delay = FIRST_BACKOFF
         server_errors = 0
-        while True:
-            try:
-                with _mlflow_http_env(self.request_timeout):
-                    result = fn()
-            except Exception as exc:
-                kind = classify(exc)
-                if kind == "fatal":
-                    self._answered(op)
-                    if isinstance(exc, TrackingError):
-                        raise
-                    raise TrackingError(f"MLflow tracking store {self.uri} refused {op}: {exc}") from exc
-                now = time.monotonic()
-                if kind == "server":
-                    server_errors += 1
-                if self._outage_since is None:
-                    self._outage_since = now
-                if not self._outage_warned:
-                    self._outage_warned = True
-                    log.warning("MLflow tracking store %s is not answering (%s: %s); retrying %s with backoff for "
-                                "up to %.0fs (%s). Training goes on meanwhile.",
-                                self.uri, type(exc).__name__, _short(exc), op, budget, RETRY_ENV)
-                elapsed = now - self._outage_since
-                if elapsed >= budget or server_errors >= SERVER_ERROR_ATTEMPTS:
-                    raise TrackingError(
-                        f"MLflow tracking store {self.uri} unreachable for {elapsed:.0f}s (limit {budget:g}s, set "
-                        f"{RETRY_ENV} to wait longer); {op} failed: {_short(exc)}") from exc
-                self.retries += 1
-                time.sleep(max(0.05, min(delay * random.uniform(0.8, 1.2), budget - elapsed)))
-                delay = min(delay * 2, MAX_BACKOFF)
-                continue
+
+        def attempt() -> Any:
+            with _mlflow_http_env(self.request_timeout):
+                return fn()
+
+        def verdict(exc: Exception) -> retry.Verdict:
+            nonlocal server_errors
+            kind = classify(exc)
+            if kind == "fatal":
+                return retry.FATAL
+            if not self._outage_warned:
+                self._outage_warned = True
+                log.warning("MLflow tracking store %s is not answering (%s: %s); retrying %s with backoff for "
+                            "up to %.0fs (%s). Training goes on meanwhile.",
+                            self.uri, type(exc).__name__, _short(exc), op, budget, RETRY_ENV)
+            if kind == "server":
+                server_errors += 1
+                if server_errors >= SERVER_ERROR_ATTEMPTS:
+                    return retry.GIVE_UP
+            return retry.RETRY
+
+        def refused(exc: Exception) -> Exception:
             self._answered(op)
-            return result
+            return exc if isinstance(exc, TrackingError) else TrackingError(
+                f"MLflow tracking store {self.uri} refused {op}: {exc}")
+
+        def give_up(exc: Exception, failures: int, elapsed: float) -> Exception:
+            return TrackingError(f"MLflow tracking store {self.uri} unreachable for {elapsed:.0f}s (limit {budget:g}s, "
+                                 f"set {RETRY_ENV} to wait longer); {op} failed: {_short(exc)}")
+
+        def retrying(exc: Exception, failures: int, wait: float) -> None:
+            self.retries += 1
+
+        result = retry.call(attempt, replace(_POLICY, deadline=max(0.0, budget)), classify=verdict, give_up=give_up,
+                            fatal=refused, on_retry=retrying, outage=self._outage)
+        self._answered(op)
+        return result
 
     def _answered(self, op: str) -> None:
-        if self._outage_since is not None:
-            took = time.monotonic() - self._outage_since
+        took = self._outage.end()
+        if took is not None:
             self.outages.append(took)
             log.warning("MLflow tracking store %s answers again after %.1fs; %s went through.", self.uri, took, op)
-        self._outage_since = None
         self._outage_warned = False
 
     def _missing_metrics(self, run_id: str, metrics: list) -> list:

@@ -22,6 +22,7 @@ from orchestrator.data.manifest import ShardEntry, load_manifest
 from orchestrator.data.shards import read_index, read_shard
 from orchestrator.data.synth import generate_synthetic
 from orchestrator.errors import DataError
+from orchestrator.retry import RetryPolicy
 from tests.orchestrator.s3_server import DUMMY_SECRET, S3Server
 
 
@@ -158,19 +159,19 @@ def test_missing_object_fails_at_once_without_retries(s3_data, monkeypatch):
 
 def test_retry_policy_from_env(monkeypatch):
     monkeypatch.delenv(storage.RETRY_ENV, raising=False)
-    assert storage.RetryPolicy.from_env() == storage.RetryPolicy()
-    assert storage.RetryPolicy().deadline >= 30
+    assert storage.retry_policy() == RetryPolicy()
+    assert RetryPolicy().deadline >= 30
     monkeypatch.setenv(storage.RETRY_ENV, "4")
-    policy = storage.RetryPolicy.from_env()
+    policy = storage.retry_policy()
     assert policy.deadline == 4 and policy.max_delay <= 4
     monkeypatch.setenv(storage.RETRY_ENV, "0")
-    assert storage.RetryPolicy.from_env().attempts == 1
+    assert storage.retry_policy().attempts == 1
     monkeypatch.setenv(storage.RETRY_ENV, "soon")
     with pytest.raises(DataError, match=storage.RETRY_ENV):
-        storage.RetryPolicy.from_env()
+        storage.retry_policy()
     with pytest.raises(ValueError, match="attempts"):
-        storage.RetryPolicy(attempts=0)
-    delays = [storage.RetryPolicy(initial_delay=0.5, max_delay=2).delay(n) for n in range(1, 10)]
+        RetryPolicy(attempts=0)
+    delays = [RetryPolicy(initial_delay=0.5, max_delay=2).delay(n) for n in range(1, 10)]
     assert all(0 <= d <= 2 for d in delays)
 
 
