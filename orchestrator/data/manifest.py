@@ -155,12 +155,6 @@ def dataset_root(url: str) -> str:
     return url
 
 
-def shard_urls(url: str, manifest: Manifest, split: str) -> list[str]:
-    """Full URLs of the shards of `split` (what ``ray.data.read_parquet`` takes with ``pyarrow_filesystem``)."""
-    root = dataset_root(url)
-    return [storage.join(root, s.path) for s in manifest.shard_entries(split)]
-
-
 def load_manifest(url: str, storage_options: Mapping[str, Any] | None = None) -> Manifest:
     """Read and validate the manifest of the data set at `url` (the folder or its manifest.json)."""
     murl = storage.join(dataset_root(url), MANIFEST_NAME)

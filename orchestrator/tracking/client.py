@@ -20,7 +20,7 @@
   one when the server answers again. A call that still fails at the deadline raises ``TrackingError`` naming the
   URI; later calls in the same outage try once and fail fast instead of waiting the whole deadline again.
   Errors the server returns for a bad request (4xx) are not retried. Calls are synchronous: when a method
-  returns, what it logged is stored, so ``flush()`` has nothing to do.
+  returns, what it logged is stored (nothing is buffered).
 * Exactly once: a failed attempt may still have landed (the response was lost, or the request timed out while
   the server went on). So a retry never blindly re-sends what is not idempotent:
   - ``log_batch``: before re-sending, the run's metric history for the batch's keys is read back and the points

@@ -71,9 +71,6 @@ class Tracker:
     def retries(self) -> int:
         return self.client.retries
 
-    def flush(self) -> None:
-        """Nothing is buffered: every method returns once MLflow stored what it was given (or raised)."""
-
     # ---------------------------------------------------------------- writing
     def log_params(self, run_id: str, params: dict[str, str]) -> None:
         from mlflow.entities import Param
