@@ -233,7 +233,7 @@ def prepare_data(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     Shards go to --workdir when given (and are reused when the same source and settings made them), else to
     `scratch`. The source tree is read in place, never copied.
     """
-    from orchestrator.shards import load_manifest
+    from orchestrator.data.manifest import load_manifest
 
     root = Path(args.workdir) if args.workdir else scratch
     if args.synthetic:
@@ -247,13 +247,13 @@ def prepare_data(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         manifest = load_manifest(url)
         reused = True
     elif args.synthetic:
-        from orchestrator.synth import generate_synthetic
+        from orchestrator.data.synth import generate_synthetic
 
         manifest = generate_synthetic(url, train=args.synthetic_train, val=max(10, args.synthetic_train // 10),
                                       image_size=args.synthetic_size, seed=args.seed, shard_rows=args.shard_rows,
                                       progress=False)
     else:
-        from orchestrator.shards import prepare_imagefolder
+        from orchestrator.data.prepare import prepare_imagefolder
 
         if not Path(args.data).is_dir():
             raise SystemExit(f"--data {args.data}: no such folder (or pass --synthetic)")
@@ -270,7 +270,7 @@ def prepare_data(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
 
 def single_chunk_plan(url: str, manifest, split: str = "train"):
     """A one-chunk instance stream over the whole split: chunk 0 = every row (what a joint pass reads)."""
-    from orchestrator.shards import read_index
+    from orchestrator.data.shards import read_index
     from orchestrator.streams import make_plan
 
     return make_plan(read_index(url, split), manifest, "instance", 1, 0)
@@ -278,7 +278,7 @@ def single_chunk_plan(url: str, manifest, split: str = "train"):
 
 def source_files(source_root: Path, max_per_class: int | None) -> list[tuple[str, int]]:
     """(path, label) of the ImageFolder files the shards were made from (same cap per class, same order rule)."""
-    from orchestrator.shards import IMAGE_EXTENSIONS
+    from orchestrator.data.prepare import IMAGE_EXTENSIONS
 
     classes = sorted(d.name for d in source_root.iterdir() if d.is_dir() and not d.name.startswith("."))
     out = []

@@ -16,7 +16,7 @@
 2. Checkpoints: ``trainers.checkpoint.save_state`` / ``load_state`` of a full training state (model, optimizer
    with momentum buffers, strategy, position) on local disk, and persisted to / restored from ``memory://`` the
    way Ray Train and the evaluator do it (pyarrow ``copy_files`` up, ``ray.train.Checkpoint.as_directory`` down).
-3. MLflow logging through ``orchestrator.tracking.Tracker``: N calls logging one step's metrics, and the calls
+3. MLflow logging through ``orchestrator.tracking.tracker.Tracker``: N calls logging one step's metrics, and the calls
    ``_Driver.log_chunk`` makes per chunk, against a SQLite store and against a real ``mlflow server`` on
    127.0.0.1 (its own SQLite store); per-call costs are divided by a measured step time.
 """
@@ -65,8 +65,8 @@ def tiny_overrides(args: argparse.Namespace, data_url: str, workdir: str) -> lis
 
 def make_data(args: argparse.Namespace, data_url: str) -> float:
     """The spec's synthetic set, generated before the run (timed on its own: a first run only)."""
+    from orchestrator.data.synth import generate_synthetic
     from orchestrator.spec import load_spec
-    from orchestrator.synth import generate_synthetic
 
     spec = load_spec(QUICKSTART, tiny_overrides(args, data_url, "unused"))
     s = spec.data.synthetic
@@ -104,9 +104,10 @@ def run_cli(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
 
 def read_mlflow(uri: str) -> dict[str, Any]:
     """Plan, chunk and evaluation runs of the experiment, as plain dicts (times in seconds since the epoch)."""
-    from orchestrator import tracking as tr
+    from orchestrator.tracking import lineage as tr
+    from orchestrator.tracking.tracker import Tracker
 
-    tracker = tr.Tracker(uri, EXPERIMENT)
+    tracker = Tracker(uri, EXPERIMENT)
     plans = tracker.runs(f"tags.`{tr.RUN_TYPE}` = 'plan'")
     if not plans:
         raise SystemExit(f"no plan run in {uri}")
@@ -126,7 +127,7 @@ def read_mlflow(uri: str) -> dict[str, Any]:
 
 def analyse_run(run: dict[str, Any], checkpoint_save_s: float | None) -> dict[str, Any]:
     """Start-up stages and per-chunk fractions from the outside clock, MLflow, and the wrappers' records."""
-    from orchestrator import tracking as tr
+    from orchestrator.tracking import lineage as tr
 
     t0 = run["launched"]
     ev = run["events"]
@@ -392,10 +393,11 @@ class LocalMlflowServer:
 def logging_costs(uri: str, calls: int, chunks: int, steps_per_chunk: int, spec, artifact_root: str | None = None
                   ) -> dict[str, Any]:
     """Per-call cost of logging one step's metrics, and of the calls log_chunk makes for one chunk."""
-    from orchestrator import tracking as tr
     from orchestrator.spec import flatten
+    from orchestrator.tracking import lineage as tr
+    from orchestrator.tracking.tracker import Tracker
 
-    tracker = tr.Tracker(uri, "bench-logging", artifact_root)
+    tracker = Tracker(uri, "bench-logging", artifact_root)
     run_id = tracker.create_run("per-step-logging", {tr.RUN_TYPE: "bench"})
     tracker.log_metrics(run_id, {"loss": 1.0}, step=0)  # warm: connection, tables
     per_call = []

@@ -19,7 +19,11 @@ import typer
 from rich.table import Table
 
 from cli.common import console, exits_cleanly
-from orchestrator import shards, storage, synth
+from orchestrator import storage
+from orchestrator.data.manifest import Manifest
+from orchestrator.data.prepare import prepare_imagefolder
+from orchestrator.data.synth import DOMAINS, SHAPES, TEXTURES, generate_synthetic
+from orchestrator.data.verify import verify
 
 app = typer.Typer(help="Make, prepare and verify sharded data sets (Parquet shards + manifest.json).",
                   no_args_is_help=True)
@@ -67,7 +71,7 @@ def parse_storage_options(pairs: Optional[List[str]]) -> dict[str, Any] | None:
     return options
 
 
-def summary_table(manifest: shards.Manifest, url: str) -> Table:
+def summary_table(manifest: Manifest, url: str) -> Table:
     """Rows per split, classes, groups, domains, shards, skipped files and digest of a data set."""
     table = Table(title=f"{manifest.name} at {storage.redact(url)}", show_header=False, title_justify="left")
     table.add_column("what", style="bold")
@@ -85,7 +89,7 @@ def summary_table(manifest: shards.Manifest, url: str) -> Table:
     return table
 
 
-def _print_skipped(manifest: shards.Manifest, limit: int = 10) -> None:
+def _print_skipped(manifest: Manifest, limit: int = 10) -> None:
     for item in manifest.skipped.files[:limit]:
         console.print(f"[yellow]skipped[/] {item.file}: {item.reason}", highlight=False, soft_wrap=True)
     if manifest.skipped.count > limit:
@@ -100,16 +104,16 @@ def synth_command(
     val: int = typer.Option(2000, min=0, help="Validation images (what kNN/linear evaluation scores on)."),
     image_size: int = typer.Option(32, min=8, max=1024, help="Side in pixels. Raise it only to test larger backbones/crops."),
     seed: int = typer.Option(0, help="Data seed. Change it for a different draw of the same design."),
-    groups: int = typer.Option(6, min=1, max=len(synth.SHAPES), help="Coarse groups (shapes). distant_class streams need at least one per chunk."),
-    classes_per_group: int = typer.Option(2, min=1, max=len(synth.TEXTURES), help="Classes (textures) per group."),
-    domains: int = typer.Option(2, min=1, max=len(synth.DOMAINS), help="Domains (styles). domain streams need at least one per chunk."),
+    groups: int = typer.Option(6, min=1, max=len(SHAPES), help="Coarse groups (shapes). distant_class streams need at least one per chunk."),
+    classes_per_group: int = typer.Option(2, min=1, max=len(TEXTURES), help="Classes (textures) per group."),
+    domains: int = typer.Option(2, min=1, max=len(DOMAINS), help="Domains (styles). domain streams need at least one per chunk."),
     image_format: ImageFormat = typer.Option(ImageFormat.jpeg, "--format", help="Encoding. PNG is lossless but larger and slower to decode."),
     shard_rows: int = typer.Option(2500, min=1, help="Rows per shard. Aim for shards of tens to hundreds of MB on object stores."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a data set already at DST."),
     storage_option: Optional[List[str]] = typer.Option(None, "--storage-option", "-o", help=STORAGE_OPTION_HELP),
 ) -> None:
     """Write the built-in synthetic data set: shapes (groups) x textures (classes) x styles (domains)."""
-    manifest = synth.generate_synthetic(
+    manifest = generate_synthetic(
         dst,
         train=train,
         val=val,
@@ -142,7 +146,7 @@ def prepare_command(
     storage_option: Optional[List[str]] = typer.Option(None, "--storage-option", "-o", help=STORAGE_OPTION_HELP),
 ) -> None:
     """Turn an ImageFolder tree (ImageNet layout) into verified Parquet shards; every image is decoded once."""
-    manifest = shards.prepare_imagefolder(
+    manifest = prepare_imagefolder(
         src,
         dst,
         groups_file=groups,
@@ -167,7 +171,7 @@ def verify_command(
     storage_option: Optional[List[str]] = typer.Option(None, "--storage-option", "-o", help=STORAGE_OPTION_HELP),
 ) -> None:
     """Check every shard against the manifest (sha256, rows, schema, labels); exit 3 naming each bad shard."""
-    report = shards.verify(url, parse_storage_options(storage_option), deep=not quick, raise_on_error=True)
+    report = verify(url, parse_storage_options(storage_option), deep=not quick, raise_on_error=True)
     console.print(summary_table(report.manifest, url))
     what = "present with the recorded sizes" if quick else "match their sha256, rows and schema"
     console.print(f"[green]ok[/]: all {len(report.shards)} shards {what}")

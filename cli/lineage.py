@@ -18,8 +18,9 @@ def lineage(
     as_json: bool = typer.Option(False, "--json", help="Print the chain as JSON (for scripts)."),
 ) -> None:
     """Walk a run's lineage: down from a plan run, or up from a chunk or evaluation run."""
-    from orchestrator.lineage import lineage_dict, lineage_tree
-    from orchestrator.tracking import Tracker
+    from cli.render import lineage_tree
+    from orchestrator.tracking.lineage import lineage_dict
+    from orchestrator.tracking.tracker import Tracker
 
     tracker = Tracker(resolve_tracking_uri(tracking_uri))
     if as_json:

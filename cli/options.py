@@ -25,11 +25,8 @@ Sets = typer.Option(
 )
 
 
-def resolve_tracking_uri(tracking_uri: Optional[str], spec_path: Optional[Path] = None, sets: list[str] | None = None) -> str:
+def resolve_tracking_uri(tracking_uri: Optional[str]) -> str:
+    """`--tracking-uri` when given, else the embedded default (sqlite:///streamssl-runs/mlflow.db)."""
     if tracking_uri:
         return tracking_uri
-    if spec_path is not None:
-        from orchestrator.spec import load_spec
-
-        return load_spec(spec_path, sets or []).tracking_uri
     return f"sqlite:///{(Path(DEFAULT_WORKDIR) / 'mlflow.db').resolve()}"

@@ -27,10 +27,10 @@ def status(
     if spec is None:
         raise typer.BadParameter("give a SPEC, or --job ID for a submitted job", param_hint="SPEC")
     from evaluators.report import results_table
-    from orchestrator.lineage import job_states
     from orchestrator.planner import build_plan
     from orchestrator.spec import load_spec
-    from orchestrator.tracking import Tracker
+    from orchestrator.tracking.lineage import job_states
+    from orchestrator.tracking.tracker import Tracker
 
     overrides = list(sets) + ([f"tracking.uri={tracking_uri}"] if tracking_uri else [])
     loaded = load_spec(spec, overrides)

@@ -25,7 +25,7 @@ def ui(
     open_browser: bool = typer.Option(True, "--open/--no-open", help="Open the runs table in a browser."),
 ) -> None:
     """Start `mlflow ui` on the streamssl tracking store (Ctrl-C stops it)."""
-    from orchestrator.tracking import Tracker
+    from orchestrator.tracking.tracker import Tracker
 
     uri = resolve_tracking_uri(tracking_uri)
     tracker = Tracker(uri)

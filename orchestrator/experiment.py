@@ -13,18 +13,13 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from evaluators.continual import AccuracyMatrix, continual_metrics, st_jt_gap
-from evaluators.report import plot_accuracy_matrix, plot_metric_curves, results_table
-from orchestrator import tracking as tr
+from orchestrator.display import TrainingProgress, dry_run, print_summary
 from orchestrator.errors import IncompleteRecordError, TrainingError
 from orchestrator.evaluation import EvalActor, protocol
 from orchestrator.ingest import start_corrupt_row_counter
@@ -32,24 +27,10 @@ from orchestrator.planner import ExperimentPlan, Job, build_plan
 from orchestrator.recovery import missing_records, persisted_unlogged_chunks, read_logged
 from orchestrator.runner import LineTask, _CheckpointFs, line_groups, loop_config, ray_run_name, train_group
 from orchestrator.spec import Spec, flatten
-from orchestrator.tracking import Tracker, versions
-
-EVAL_COLUMNS = ("knn_top1", "linear_top1")
-
-
-@dataclass
-class ExperimentSummary:
-    parent_run_id: str | None
-    plan_key: str
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    lines: dict[str, dict[str, Any]] = field(default_factory=dict)
-    gaps: dict[str, dict[str, float]] = field(default_factory=dict)
-    baseline: dict[str, Any] = field(default_factory=dict)
-    skipped_jobs: int = 0
-    restarts: int = 0
-    recovered_jobs: int = 0  # chunks found persisted on storage but not in MLflow, logged by this run
-    missing: list[str] = field(default_factory=list)  # what the record lacks (empty when complete)
-    unknown: list[str] = field(default_factory=list)  # accuracies that cannot be measured (a task without queries)
+from orchestrator.summary import ExperimentSummary, summarise
+from orchestrator.tracking import lineage as tr
+from orchestrator.tracking.lineage import versions
+from orchestrator.tracking.tracker import Tracker
 
 
 def init_ray(address: str | None, spec: Spec) -> None:
@@ -100,8 +81,7 @@ class _Driver:
         self.results: dict[str, dict[str, Any]] = {}  # job key -> evaluation result
         self.pending: dict[Any, Job] = {}  # eval future -> job
         self.jobs = {j.key: j for j in plan.jobs}
-        self.progress: Progress | None = None
-        self.progress_tasks: dict[str, Any] = {}
+        self.progress: TrainingProgress | None = None
         self.starts = 0  # worker-group starts seen in the current group (restarts = starts - 1)
         self.worker_nodes: list[str] = []  # Ray node id of each rank in the current worker group
         self.started = time.time()  # driver start (after imports), for time_to_first_step_seconds
@@ -256,18 +236,10 @@ class _Driver:
                 self.restarts_in_chunk += 1
                 self.console.print(f"[yellow]worker group restarted[/] from {event.get('restored_from') or 'scratch'}")
         if event["type"] == "step" and self.progress is not None:
-            task = self.progress_tasks.get(event["line"])
-            if task is not None:
-                done = self.chunk_offsets[event["line"]].get(event["chunk"], 0) + event["step"]
-                self.progress.update(task, completed=done,
-                                     description=f"{event['line']} chunk {event['chunk']}",
-                                     loss=f"{event['loss']:.3f}", speed=f"{event['samples_per_s']:.0f}")
+            self.progress.step(event)
         elif event["type"] == "chunk":
-            if self.progress is not None and event["line"] in self.progress_tasks:
-                offsets = self.chunk_offsets[event["line"]]
-                self.progress.update(self.progress_tasks[event["line"]],
-                                     completed=offsets[event["chunk"]] + event["report"]["steps"],
-                                     loss=f"{event['report']['final_loss']:.3f}")
+            if self.progress is not None:
+                self.progress.chunk_done(event)
             self.log_chunk(event)
             self.collect(block=False)
 
@@ -299,7 +271,7 @@ class _Driver:
                 self.tracker.log_metrics(self.parent, {f"baseline_{k}": v for k, v in summary.baseline.items()
                                                        if k.endswith("_top1")})
             self.collect(block=True)
-            self._summarise(summary)
+            summarise(summary, self.plan, self.tracker, self.chunk_rows, self.results)
             summary.missing = self.missing_records()
         except BaseException:
             # Short retry: a Ctrl-C during a tracking outage must not hold the driver for the full deadline.
@@ -349,11 +321,7 @@ class _Driver:
 
     def _train_all(self) -> int:
         restarts = 0
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} samples/s"),
-                   TimeElapsedColumn()]
-        self.chunk_offsets: dict[str, dict[int, int]] = {}
-        with Progress(*columns, console=self.console, transient=False) as progress:
+        with TrainingProgress(self.console) as progress:
             self.progress = progress
             for group_index, lines in enumerate(line_groups(self.plan)):
                 tasks = []
@@ -370,10 +338,7 @@ class _Driver:
                         offsets[job.chunk] = total
                         rows = sum(self.plan.stream.chunks[c].rows for c in job.training_chunks)
                         total += self.spec.optim.epochs_per_chunk * (rows // self.spec.optim.batch_size)
-                    self.chunk_offsets[line.id] = offsets
-                    done_steps = offsets[todo[0].chunk] if todo else total
-                    self.progress_tasks[line.id] = progress.add_task(
-                        f"{line.id}", total=total, completed=done_steps, loss="-", speed="-")
+                    progress.add_line(line.id, offsets, total, offsets[todo[0].chunk] if todo else total)
                 if not any(t.jobs for t in tasks):
                     continue
                 self.starts = 0
@@ -384,90 +349,6 @@ class _Driver:
                                                        "worker_group_stop_seconds": result.stop_s}, step=group_index)
         self.progress = None
         return restarts
-
-    def _summarise(self, summary: ExperimentSummary) -> None:
-        T = self.plan.stream.num_chunks
-        for job in self.plan.jobs:
-            row = dict(self.chunk_rows.get(job.key, {"line": job.line.id, "chunk": job.chunk}))
-            row.update({k: self.results.get(job.key, {}).get(k) for k in EVAL_COLUMNS})
-            summary.rows.append(row)
-        with tempfile.TemporaryDirectory() as folder:
-            matrices: dict[tuple[str, str], AccuracyMatrix] = {}
-            for line in self.plan.lines:
-                for name in self.spec.eval.every_chunk:
-                    matrix = AccuracyMatrix(T)
-                    for job in self.plan.jobs_of(line):
-                        if job.key in self.results:
-                            matrix.record_row(job.chunk, self.results[job.key][f"{name}_task_acc"])
-                    matrices[(line.id, name)] = matrix
-                    tasks = sorted({task for _, task in matrix.unknown_entries()})
-                    if tasks:
-                        summary.unknown.append(
-                            f"{line.id}: {name} accuracy on task(s) {', '.join(map(str, tasks))} is unknown (no "
-                            f"query rows in {self.spec.data.eval_split!r}); metrics that need it are unknown too")
-                    if matrix.completed_rows < T:
-                        continue  # said by missing_records
-                    baseline = summary.baseline.get(f"{name}_task_acc")
-                    metrics = continual_metrics(matrix, baseline=baseline)
-                    summary.lines.setdefault(line.id, {})[name] = metrics
-                    self.tracker.log_metrics(self.parent, {f"{line.id}.{name}.{k}": v for k, v in metrics.items()
-                                                           if v is not None and np.isfinite(v)})
-                    self.tracker.log_json(self.parent, f"accuracy_matrix.{line.id}.{name}.json", matrix.to_dict())
-                    png = plot_accuracy_matrix(matrix, Path(folder) / f"accuracy_matrix.{line.id}.{name}.png",
-                                               title=f"{line.id} — {name} accuracy")
-                    self.tracker.log_file(self.parent, png, "plots")
-            for method in self.spec.lines.method:
-                for name in self.spec.eval.every_chunk:
-                    st, jt = matrices.get((f"{method}-sequential", name)), matrices.get((f"{method}-joint", name))
-                    if st is None or jt is None or st.completed_rows < T or jt.completed_rows < T:
-                        continue
-                    gap = st_jt_gap(st, jt)
-                    summary.gaps.setdefault(method, {})[name] = gap.final
-                    if np.isfinite(gap.final):
-                        self.tracker.log_metrics(self.parent, {f"{method}.{name}.st_jt_gap": gap.final})
-            curves = {line.id: [self.results.get(j.key, {}).get("knn_top1", float("nan"))
-                                for j in self.plan.jobs_of(line)] for line in self.plan.lines}
-            if "knn" in self.spec.eval.every_chunk:
-                png = plot_metric_curves(curves, Path(folder) / "knn_top1_by_chunk.png",
-                                         title="kNN top-1 after each chunk", ylabel="kNN top-1")
-                self.tracker.log_file(self.parent, png, "plots")
-            self.tracker.log_json(self.parent, "summary.json",
-                                  {"rows": summary.rows, "lines": summary.lines, "gaps": summary.gaps,
-                                   "unknown": summary.unknown,
-                                   "baseline": {k: v for k, v in summary.baseline.items()}})
-
-
-def print_summary(summary: ExperimentSummary, console: Console, spec: Spec) -> None:
-    columns = ["line", "chunk", "loss", *[c for c in EVAL_COLUMNS if c.split("_")[0] in spec.eval.every_chunk],
-               "train_s", "samples/s"]
-    console.print(results_table(summary.rows, columns, title=f"{spec.name}: after each chunk (held-out split)"))
-    if summary.lines:
-        rows = [{"line": line, "eval": name, **metrics} for line, per in summary.lines.items()
-                for name, metrics in per.items()]
-        columns = ["line", "eval", "avg_acc", "bwt", "fwt", "forgetting"]
-        console.print(results_table(rows, columns, title="continual metrics after the last chunk"))
-    if summary.baseline:
-        console.print("random-init baseline: " + ", ".join(
-            f"{k} {v:.3f}" for k, v in summary.baseline.items() if k.endswith("_top1")))
-    for method, per in summary.gaps.items():
-        console.print(f"ST-JT gap ({method}): " + ", ".join(
-            f"{k} {v:+.3f}" if np.isfinite(v) else f"{k} unknown" for k, v in per.items()))
-    for line in summary.unknown:
-        console.print(f"[yellow]unknown[/] {line}")
-    for line in summary.missing:
-        console.print(f"[red]incomplete[/] {line}")
-
-
-def dry_run(plan: ExperimentPlan, console: Console, tracker: Tracker | None) -> list[dict[str, Any]]:
-    finished = tracker.finished_chunk_runs(plan.key) if tracker else {}
-    rows = []
-    for job in plan.jobs:
-        rows.append({"job": job.name, "key": job.key, "training_chunks": ",".join(map(str, job.training_chunks)),
-                     "rows": sum(plan.stream.chunks[c].rows for c in job.training_chunks),
-                     "state": "FINISHED" if job.key in finished else "PENDING"})
-    console.print(results_table(rows, ["job", "key", "training_chunks", "rows", "state"],
-                                title=f"plan {plan.key}: {plan.stream.kind} stream, {plan.stream.num_chunks} chunks"))
-    return rows
 
 
 def run_experiment(

@@ -30,8 +30,9 @@ import pyarrow as pa
 from PIL import Image
 
 from orchestrator import storage
+from orchestrator.data.manifest import Manifest
+from orchestrator.data.shards import read_shard
 from orchestrator.errors import DataError
-from orchestrator.shards import Manifest, read_shard
 from orchestrator.streams import StreamPlan
 
 logger = logging.getLogger(__name__)

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from orchestrator import storage
+from orchestrator.data.manifest import Manifest, load_manifest
+from orchestrator.data.shards import read_index
 from orchestrator.errors import DataError, SpecError
-from orchestrator.shards import Manifest, load_manifest, read_index
 from orchestrator.spec import Spec, identity_digest
 from orchestrator.streams import StreamPlan, make_plan
 from trainers.registry import METHOD_REGISTRY
@@ -73,7 +74,7 @@ def ensure_data(spec: Spec, progress: bool = True) -> Manifest:
     """Load the manifest at data.url, generating the synthetic set there first when the spec says so."""
     url, options = spec.data.url, spec.data.storage_options
     if spec.data.synthetic is not None and not storage.exists(storage.join(url, "manifest.json"), options):
-        from orchestrator.synth import generate_synthetic
+        from orchestrator.data.synth import generate_synthetic
 
         s = spec.data.synthetic
         generate_synthetic(

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator import storage
-from orchestrator import tracking as tr
 from orchestrator.planner import ExperimentPlan, Job
 from orchestrator.runner import CHUNK_EVENT_FILE, checkpoint_order, line_groups, ray_run_name
 from orchestrator.spec import Spec
-from orchestrator.tracking import Tracker
+from orchestrator.tracking import lineage as tr
+from orchestrator.tracking.tracker import Tracker
 
 
 @dataclass

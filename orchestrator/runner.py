@@ -324,7 +324,6 @@ def train_group(
     corrupt_counter: Any = None,
 ) -> GroupResult:
     """Train `tasks` in one TorchTrainer; `on_event` gets every rank-0 event on the calling thread."""
-    import ray.train
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Empty, Queue

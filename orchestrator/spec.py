@@ -41,8 +41,6 @@ from typing_extensions import TypedDict
 from orchestrator.errors import SpecError
 from trainers.registry import BACKBONE_REGISTRY, METHOD_REGISTRY, STRATEGY_REGISTRY, Registry
 
-STREAM_KIND_NAMES = ("instance", "random_class", "distant_class", "domain")
-EVAL_NAMES = ("knn", "linear")
 # Keys whose values are credentials or may carry them; never recorded anywhere.
 SECRET_KEY_PATTERN = re.compile(r"(secret|password|token|key|credential|session)", re.IGNORECASE)
 

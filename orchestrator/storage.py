@@ -16,8 +16,9 @@ storage options are never formatted into text.
 Object storage goes away now and then (a restarted MinIO, a throttled or failing S3 endpoint). Reads
 (:func:`fetch`, :func:`read_bytes`, and through them every shard and manifest read) and the object-store write in
 :func:`write_bytes_atomic` retry transient errors — connection refused or reset, timeouts, HTTP 5xx and
-throttling — with exponential backoff and full jitter under a :class:`RetryPolicy` (by default about a minute
-in all; ``STREAMSSL_STORAGE_RETRY_SECONDS=N`` sets the total, ``0`` turns retries off). A missing object is not
+throttling — with exponential backoff and full jitter under a :class:`~orchestrator.retry.RetryPolicy` (the
+loop in :mod:`orchestrator.retry`; by default about a minute in all; ``STREAMSSL_STORAGE_RETRY_SECONDS=N`` sets the
+total, ``0`` turns retries off). A missing object is not
 transient: it fails at once. When the policy runs out, :class:`StorageUnavailableError` (a DataError) names the
 URL and says that ``streamssl run --resume`` continues once storage is back. Each retry logs a warning on the
 ``orchestrator.storage`` logger and is counted in :func:`retry_stats`.
@@ -28,12 +29,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import random
 import re
 import tempfile
 import threading
-import time
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping, TypeVar
 
 import fsspec
@@ -41,7 +39,9 @@ import pyarrow.fs as pafs
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+from orchestrator import retry
 from orchestrator.errors import DataError
+from orchestrator.retry import RetryPolicy
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -97,53 +97,26 @@ class StorageUnavailableError(DataError):
     """Object storage stayed unreachable (transient errors) for longer than the retry policy allows."""
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How long to keep trying an object-store call that fails with a transient error.
+def retry_policy() -> RetryPolicy:
+    """The storage retry policy: the defaults of :class:`RetryPolicy` (about a minute), with the deadline from
+    ``STREAMSSL_STORAGE_RETRY_SECONDS`` when set (0: no retries).
 
-    Attempt n (from 1) that fails waits a uniformly random time in [0, min(max_delay, initial_delay * 2**(n-1))]
-    ("full jitter", so many readers hitting a restarted endpoint do not come back in lockstep), then tries
-    again, until `attempts` calls have failed or `deadline` seconds have passed since the first one. No new
-    attempt starts after the deadline, but one in flight is not cut short: with s3fs's defaults a single call to
-    a refused endpoint already takes several seconds (botocore retries it inside), so a read gives up at about
-    deadline + one call. The defaults ride out an outage of about a minute.
+    With s3fs's defaults a single call to a refused endpoint already takes several seconds (botocore retries it
+    inside), so a read gives up at about deadline + one call. Tests shorten it; Ray workers inherit it when the
+    variable is in the job's runtime_env.
     """
-
-    attempts: int = 30
-    initial_delay: float = 0.5
-    max_delay: float = 8.0
-    deadline: float = 60.0
-
-    def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise ValueError(f"attempts must be >= 1, got {self.attempts}")
-        if self.initial_delay < 0 or self.max_delay < self.initial_delay:
-            raise ValueError(f"need 0 <= initial_delay <= max_delay, got {self.initial_delay} and {self.max_delay}")
-        if self.deadline < 0:
-            raise ValueError(f"deadline must be >= 0 seconds, got {self.deadline}")
-
-    @classmethod
-    def from_env(cls) -> "RetryPolicy":
-        """The default policy, with its deadline from ``STREAMSSL_STORAGE_RETRY_SECONDS`` when set (0: no retries).
-
-        Tests shorten it; Ray workers inherit it when the variable is in the job's runtime_env.
-        """
-        value = os.environ.get(RETRY_ENV, "").strip()
-        if not value:
-            return cls()
-        try:
-            seconds = float(value)
-        except ValueError:
-            raise DataError(f"{RETRY_ENV}={value!r} is not a number of seconds") from None
-        if seconds < 0:
-            raise DataError(f"{RETRY_ENV}={value!r} must be >= 0 seconds")
-        if seconds == 0:
-            return cls(attempts=1, deadline=0.0)
-        return cls(initial_delay=min(0.5, seconds / 8), max_delay=min(8.0, max(seconds / 4, 0.1)), deadline=seconds)
-
-    def delay(self, failures: int) -> float:
-        """Seconds to wait after the `failures`-th failed attempt (random, full jitter)."""
-        return random.uniform(0.0, min(self.max_delay, self.initial_delay * 2 ** (failures - 1)))
+    value = os.environ.get(RETRY_ENV, "").strip()
+    if not value:
+        return RetryPolicy()
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise DataError(f"{RETRY_ENV}={value!r} is not a number of seconds") from None
+    if seconds < 0:
+        raise DataError(f"{RETRY_ENV}={value!r} must be >= 0 seconds")
+    if seconds == 0:
+        return RetryPolicy(attempts=1, deadline=0.0)
+    return RetryPolicy(initial_delay=min(0.5, seconds / 8), max_delay=min(8.0, max(seconds / 4, 0.1)), deadline=seconds)
 
 
 _stats_lock = threading.Lock()
@@ -255,52 +228,44 @@ def call_with_retry(
     policy: RetryPolicy | None = None,
     on_retry: Callable[[], None] | None = None,
 ) -> T:
-    """`fn()`, retried under `policy` (default :meth:`RetryPolicy.from_env`) while it raises transient errors.
+    """`fn()`, retried under `policy` (default :func:`retry_policy`) while it raises transient errors.
 
     Anything not transient (a missing object, a permission error, a DataError) propagates at once, unchanged.
     When the policy runs out: StorageUnavailableError naming the redacted `url`. `on_retry` runs before each
     retry (e.g. to drop a filesystem's cached listings).
     """
-    policy = policy or RetryPolicy.from_env()
-    start = time.monotonic()
-    failures = 0
-    while True:
-        try:
-            result = fn()
-        except Exception as exc:  # noqa: BLE001 - classified right below; non-transient errors re-raise unchanged
-            if not is_transient(exc):
-                raise
-            failures += 1
-            elapsed = time.monotonic() - start
-            wait = policy.delay(failures)
-            if failures >= policy.attempts or elapsed + wait > policy.deadline:
-                _count("gave_up")
-                logger.error("storage: giving up on %s %s after %d attempts in %.1f s: %s",
-                             what, redact(url), failures, elapsed, _describe(exc, url))
-                raise StorageUnavailableError(
-                    f"storage unreachable: cannot {what} {redact(url)} ({failures} attempts in {elapsed:.0f} s, "
-                    f"last error {_describe(exc, url)}); once the storage endpoint is back, `streamssl run --resume` "
-                    f"continues where this stopped (retry time: {RETRY_ENV}, now {policy.deadline:g} s)"
-                ) from exc
-            _count("retries")
-            logger.warning("storage: %s %s failed (%s); retry %d in %.2f s", what, redact(url), _describe(exc, url),
-                           failures, wait)
-            time.sleep(wait)
-            if on_retry is not None:
-                try:
-                    on_retry()
-                except Exception:  # noqa: BLE001 - a cache drop that fails must not hide the real error
-                    pass
-            continue
-        if failures:
-            _count("recovered")
-            logger.warning("storage: %s %s succeeded after %d retries (%.1f s)", what, redact(url), failures,
-                           time.monotonic() - start)
-        return result
+    policy = policy or retry_policy()
+
+    def give_up(exc: Exception, failures: int, elapsed: float) -> Exception:
+        _count("gave_up")
+        logger.error("storage: giving up on %s %s after %d attempts in %.1f s: %s",
+                     what, redact(url), failures, elapsed, _describe(exc, url))
+        return StorageUnavailableError(
+            f"storage unreachable: cannot {what} {redact(url)} ({failures} attempts in {elapsed:.0f} s, "
+            f"last error {_describe(exc, url)}); once the storage endpoint is back, `streamssl run --resume` "
+            f"continues where this stopped (retry time: {RETRY_ENV}, now {policy.deadline:g} s)"
+        )
+
+    def retrying(exc: Exception, failures: int, wait: float) -> None:
+        _count("retries")
+        logger.warning("storage: %s %s failed (%s); retry %d in %.2f s", what, redact(url), _describe(exc, url),
+                       failures, wait)
+        if on_retry is not None:
+            try:
+                on_retry()
+            except Exception:  # noqa: BLE001 - a cache drop that fails must not hide the real error
+                pass
+
+    def recovered(failures: int, seconds: float) -> None:
+        _count("recovered")
+        logger.warning("storage: %s %s succeeded after %d retries (%.1f s)", what, redact(url), failures, seconds)
+
+    return retry.call(fn, policy, classify=lambda exc: retry.RETRY if is_transient(exc) else retry.FATAL,
+                      give_up=give_up, on_retry=retrying, on_recovered=recovered)
 
 
 def fetch(url: str, storage_options: Mapping[str, Any] | None = None, *, policy: RetryPolicy | None = None) -> bytes:
-    """The whole object at `url`, retrying transient errors (see :class:`RetryPolicy`).
+    """The whole object at `url`, retrying transient errors (see :func:`retry_policy`).
 
     Raises FileNotFoundError / IsADirectoryError / other non-transient errors unchanged, so each caller words
     them (a shard, a manifest); StorageUnavailableError when storage stays unreachable. Local files are read once.

@@ -1,8 +1,10 @@
 """Stream plans: which rows of the training index make up each chunk, deterministically from (kind, chunks, seed).
 
-    from orchestrator import shards, streams
-    manifest = shards.load_manifest(url)
-    index = shards.read_index(url, "train")                      # key, label, group, domain
+    from orchestrator import streams
+    from orchestrator.data.manifest import load_manifest
+    from orchestrator.data.shards import read_index
+    manifest = load_manifest(url)
+    index = read_index(url, "train")                      # key, label, group, domain
     plan = streams.make_plan(index, manifest, "distant_class", num_chunks=3, seed=0)
     chunk0 = plan.select(index, [0])                              # rows of chunk 0
     joint = plan.select(index, [0, 1])                            # joint training up to chunk 1
@@ -30,8 +32,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
+from orchestrator.data.manifest import Manifest
 from orchestrator.errors import DataError, SpecError
-from orchestrator.shards import Manifest
 
 STREAM_KINDS = ("instance", "random_class", "distant_class", "domain")
 _DIGEST_VERSION = "streamssl-stream-plan-v1"

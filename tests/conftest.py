@@ -13,7 +13,7 @@ REAL_DATA_ENV = "STREAMSSL_REAL_DATA"
 @pytest.fixture(scope="session")
 def synthetic_url(tmp_path_factory) -> str:
     """A small synthetic data set (12 classes in 6 groups, 2 domains, 32 px) on local disk."""
-    from orchestrator.synth import generate_synthetic
+    from orchestrator.data.synth import generate_synthetic
 
     folder = tmp_path_factory.mktemp("synthetic")
     generate_synthetic(str(folder), train=1200, val=360, image_size=32, seed=0, shard_rows=300, progress=False)

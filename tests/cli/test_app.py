@@ -83,7 +83,7 @@ def test_unreachable_tracking_server_exits_5_before_training(tmp_path: Path, syn
 
 @pytest.mark.slow
 def test_ui_serves_the_runs_table_on_loopback(tmp_path: Path) -> None:
-    from orchestrator.tracking import Tracker
+    from orchestrator.tracking.tracker import Tracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     experiment_id = Tracker(uri, "ui-check").experiment_id

@@ -16,10 +16,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator import storage
-from orchestrator import tracking as tr
+from orchestrator.data.synth import generate_synthetic
 from orchestrator.planner import build_plan
 from orchestrator.spec import load_spec
-from orchestrator.synth import generate_synthetic
+from orchestrator.tracking import lineage as tr
 from tests.cluster.ray_cluster import LocalRayCluster
 from tests.cluster.services import PostgresMlflow, require_postgres
 from tests.orchestrator.s3_server import S3Server

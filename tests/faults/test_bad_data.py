@@ -20,7 +20,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator import shards, storage
+from orchestrator import storage
+from orchestrator.data.manifest import MANIFEST_NAME, compute_digest, load_manifest
+from orchestrator.data.shards import read_index, read_shard, read_split
+from orchestrator.data.synth import generate_synthetic
+from orchestrator.data.verify import verify
 from orchestrator.errors import DataError
 from orchestrator.ingest import (
     SHARD_COLUMN,
@@ -36,7 +40,6 @@ from orchestrator.ingest import (
     start_corrupt_row_counter,
 )
 from orchestrator.streams import make_plan
-from orchestrator.synth import generate_synthetic
 
 SIZE = 16
 BAD_ROWS = {3: "truncated", 7: "garbage", 11: "empty"}  # row index in train-00000.parquet -> what is wrong
@@ -47,15 +50,15 @@ def _rewrite_shard(root: str, name: str, table: pa.Table) -> None:
     path = os.path.join(root, name)
     pq.write_table(table, path)
     data = open(path, "rb").read()
-    manifest = shards.load_manifest(root)
+    manifest = load_manifest(root)
     entries = tuple(
         e.model_copy(update={"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}) if e.path == name else e
         for e in manifest.shards
     )
     doc = json.loads(manifest.to_json())
     doc["shards"] = [e.model_dump() for e in entries]
-    doc["digest"] = shards.compute_digest(entries)
-    with open(os.path.join(root, shards.MANIFEST_NAME), "w") as fh:
+    doc["digest"] = compute_digest(entries)
+    with open(os.path.join(root, MANIFEST_NAME), "w") as fh:
         json.dump(doc, fh)
 
 
@@ -64,14 +67,14 @@ def corrupt_data(tmp_path_factory):
     """(data set folder, keys of the bad rows): 60 train rows in 2 shards, 3 bad rows in train-00000."""
     root = str(tmp_path_factory.mktemp("corrupt"))
     generate_synthetic(root, train=60, val=20, image_size=SIZE, shard_rows=30, progress=False)
-    table = shards.read_shard(os.path.join(root, "train-00000.parquet"))
+    table = read_shard(os.path.join(root, "train-00000.parquet"))
     images = table.column("image").to_pylist()
     for row, kind in BAD_ROWS.items():
         good = images[row]
         images[row] = {"truncated": good[: len(good) * 3 // 4], "garbage": b"\x89 not an image", "empty": b""}[kind]
     table = table.set_column(table.schema.get_field_index("image"), "image", pa.array(images, pa.binary()))
     _rewrite_shard(root, "train-00000.parquet", table)
-    assert shards.verify(root).ok  # the shards themselves are sound: only some rows' bytes are bad
+    assert verify(root).ok  # the shards themselves are sound: only some rows' bytes are bad
     bad_keys = [table.column("key")[r].as_py() for r in sorted(BAD_ROWS)]
     return root, bad_keys
 
@@ -95,7 +98,7 @@ def test_decode_image_names_the_row_and_shard():
 
 def test_decode_table_skips_exactly_the_bad_rows(corrupt_data):
     root, bad_keys = corrupt_data
-    table = shards.read_shard(os.path.join(root, "train-00000.parquet"))
+    table = read_shard(os.path.join(root, "train-00000.parquet"))
     images, skipped = decode_table(table, SIZE)
     assert skipped == bad_keys and images.shape == (30 - len(bad_keys), SIZE, SIZE, 3)
     good = table.filter(pa.array([k not in bad_keys for k in table.column("key").to_pylist()]))
@@ -111,7 +114,7 @@ def test_decode_table_skips_exactly_the_bad_rows(corrupt_data):
 def test_decode_images_udf_adds_nothing_for_a_bad_row(corrupt_data):
     root, bad_keys = corrupt_data
     url = os.path.join(root, "train-00000.parquet")
-    table = shards.read_shard(url)
+    table = read_shard(url)
     table = table.append_column(SHARD_COLUMN, pa.array([url] * table.num_rows))
     out = DecodeImages(SIZE)(table)
     assert list(out) == ["image"] and len(out["image"]) == 30 - len(bad_keys)
@@ -131,12 +134,12 @@ def test_corrupt_row_counter_tallies():
 
 def test_load_split_arrays_skips_and_keeps_rows_aligned(corrupt_data):
     root, bad_keys = corrupt_data
-    manifest = shards.load_manifest(root)
+    manifest = load_manifest(root)
     arrays = load_split_arrays(manifest, root, "train", SIZE, threads=2)
     assert sorted(arrays.skipped) == sorted(bad_keys)
     assert len(arrays.keys) == len(arrays.labels) == len(arrays.domains) == arrays.images.shape[0] == 60 - 3
     assert not set(arrays.keys) & set(bad_keys)
-    rows = shards.read_split(root, "train").to_pylist()
+    rows = read_split(root, "train").to_pylist()
     by_key = {r["key"]: r for r in rows}
     for i, key in enumerate(arrays.keys):  # each image, label and domain belongs to its key
         assert arrays.labels[i] == by_key[key]["label"] and arrays.domains[i] == by_key[key]["domain"]
@@ -151,7 +154,7 @@ def test_load_split_arrays_skips_and_keeps_rows_aligned(corrupt_data):
 def test_load_split_arrays_fail_names_shard_and_key(corrupt_data):
     root, bad_keys = corrupt_data
     with pytest.raises(DataError) as err:
-        load_split_arrays(shards.load_manifest(root), root, "train", SIZE, on_corrupt="fail")
+        load_split_arrays(load_manifest(root), root, "train", SIZE, on_corrupt="fail")
     message = str(err.value)
     assert message.startswith(f"shard {os.path.join(root, 'train-00000.parquet')}, row ")
     assert any(f"row {k}:" in message for k in bad_keys)
@@ -161,7 +164,7 @@ def test_load_split_arrays_fail_names_shard_and_key(corrupt_data):
 
 
 def test_broken_shards_and_manifest_are_named_by_the_ingest_path(data_copy):
-    manifest = shards.load_manifest(data_copy)
+    manifest = load_manifest(data_copy)
     # sha256 mismatch: a flipped byte
     path = os.path.join(data_copy, "train-00001.parquet")
     data = bytearray(open(path, "rb").read())
@@ -174,25 +177,25 @@ def test_broken_shards_and_manifest_are_named_by_the_ingest_path(data_copy):
     short = open(val, "rb").read()[:500]
     open(val, "wb").write(short)
     with pytest.raises(DataError, match=r"shard .*val-00000\.parquet: not a readable Parquet file"):
-        shards.read_shard(val, hashlib.sha256(short).hexdigest())
+        read_shard(val, hashlib.sha256(short).hexdigest())
     # missing shard
     os.remove(os.path.join(data_copy, "train-00000.parquet"))
     with pytest.raises(DataError, match=r"shard .*train-00000\.parquet: missing \(the manifest lists it\)"):
         load_split_arrays(manifest, data_copy, "train", SIZE)
     # manifest from another streamssl
-    mpath = os.path.join(data_copy, shards.MANIFEST_NAME)
+    mpath = os.path.join(data_copy, MANIFEST_NAME)
     doc = json.load(open(mpath))
     json.dump({**doc, "schema_version": 7}, open(mpath, "w"))
     with pytest.raises(DataError, match=rf"manifest {mpath} has schema_version 7, but this streamssl"):
-        shards.read_index(data_copy, "train")
+        read_index(data_copy, "train")
 
 
 # ------------------------------------------------------------------------------------------ through Ray Data
 
 
 def _plan(root: str):
-    manifest = shards.load_manifest(root)
-    return manifest, make_plan(shards.read_index(root, "train"), manifest, "random_class", 2, seed=0)
+    manifest = load_manifest(root)
+    return manifest, make_plan(read_index(root, "train"), manifest, "random_class", 2, seed=0)
 
 
 def _consume(ds) -> int:

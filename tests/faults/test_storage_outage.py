@@ -17,9 +17,12 @@ import time
 
 import pytest
 
-from orchestrator import shards, storage
+from orchestrator import storage
+from orchestrator.data.manifest import ShardEntry, load_manifest
+from orchestrator.data.shards import read_index, read_shard
+from orchestrator.data.synth import generate_synthetic
 from orchestrator.errors import DataError
-from orchestrator.synth import generate_synthetic
+from orchestrator.retry import RetryPolicy
 from tests.orchestrator.s3_server import DUMMY_SECRET, S3Server
 
 
@@ -53,15 +56,15 @@ def test_reads_ride_out_a_restart(s3_data, monkeypatch):
     s3, url, manifest = s3_data
     monkeypatch.setenv(storage.RETRY_ENV, "30")
     opts = _fast_fail_options(s3)
-    shards.read_index(url, "train", opts)  # warm: connections in s3fs's pool now point at the old server
+    read_index(url, "train", opts)  # warm: connections in s3fs's pool now point at the old server
     before = storage.retry_stats()
 
     s3.stop()
     results: dict[str, object] = {}
 
-    def read(entry: shards.ShardEntry) -> None:
+    def read(entry: ShardEntry) -> None:
         try:
-            table = shards.read_shard(storage.join(url, entry.path), entry.sha256, storage_options=opts)
+            table = read_shard(storage.join(url, entry.path), entry.sha256, storage_options=opts)
             results[entry.path] = table.num_rows
         except Exception as exc:  # reported below with the shard's name
             results[entry.path] = exc
@@ -72,7 +75,7 @@ def test_reads_ride_out_a_restart(s3_data, monkeypatch):
         t.start()
     restarter = _restart_after(s3, 2.5)
     index: list = []
-    index_reader = threading.Thread(target=lambda: index.append(shards.read_index(url, "val", opts)))
+    index_reader = threading.Thread(target=lambda: index.append(read_index(url, "val", opts)))
     index_reader.start()
     for t in [*readers, index_reader, restarter]:
         t.join(timeout=60)
@@ -97,7 +100,7 @@ def test_default_botocore_retries_also_recover(s3_data, monkeypatch):
     s3.stop()
     restarter = _restart_after(s3, 2.0)
     start = time.monotonic()
-    table = shards.read_shard(storage.join(url, entry.path), entry.sha256, storage_options=s3.storage_options)
+    table = read_shard(storage.join(url, entry.path), entry.sha256, storage_options=s3.storage_options)
     restarter.join()
     assert table.num_rows == entry.rows and time.monotonic() - start >= 2.0
 
@@ -113,10 +116,10 @@ def test_outage_past_the_deadline_names_the_url_without_credentials(s3_data, mon
     try:
         start = time.monotonic()
         with pytest.raises(DataError) as err:
-            shards.read_shard(shard_url, entry.sha256, storage_options=opts)
+            read_shard(shard_url, entry.sha256, storage_options=opts)
         elapsed = time.monotonic() - start
         with pytest.raises(storage.StorageUnavailableError, match=r"manifest\.json"):
-            shards.load_manifest(url, opts)
+            load_manifest(url, opts)
         with pytest.raises(storage.StorageUnavailableError, match=r"cannot write .*new\.bin"):
             storage.write_bytes_atomic(storage.join(url, "new.bin"), b"x", opts)
     finally:
@@ -129,7 +132,7 @@ def test_outage_past_the_deadline_names_the_url_without_credentials(s3_data, mon
     assert elapsed < 2 + 3, elapsed  # the deadline plus at most one (fast-failing) call
     assert storage.retry_stats()["gave_up"] - before["gave_up"] == 3
     # and the data are all there again once the endpoint is back
-    assert shards.read_shard(shard_url, entry.sha256, storage_options=opts).num_rows == entry.rows
+    assert read_shard(shard_url, entry.sha256, storage_options=opts).num_rows == entry.rows
 
 
 def test_credentials_in_a_url_stay_out_of_messages(s3_data):
@@ -137,7 +140,7 @@ def test_credentials_in_a_url_stay_out_of_messages(s3_data):
     entry = manifest.shards[0]
     secret_url = storage.join(url, entry.path).replace("s3://", f"s3://{DUMMY_SECRET}:{DUMMY_SECRET}@")
     with pytest.raises(DataError) as err:  # s3fs does not take credentials from an s3:// URL: a bad request
-        shards.read_shard(secret_url, entry.sha256, storage_options=s3.storage_options)
+        read_shard(secret_url, entry.sha256, storage_options=s3.storage_options)
     assert DUMMY_SECRET not in str(err.value) and storage.join(url, entry.path) in str(err.value)
 
 
@@ -147,7 +150,7 @@ def test_missing_object_fails_at_once_without_retries(s3_data, monkeypatch):
     before = storage.retry_stats()
     start = time.monotonic()
     with pytest.raises(DataError, match=r"shard s3://.*/d/train-00099\.parquet: missing"):
-        shards.read_shard(storage.join(url, "train-00099.parquet"), storage_options=s3.storage_options)
+        read_shard(storage.join(url, "train-00099.parquet"), storage_options=s3.storage_options)
     with pytest.raises(DataError, match=r"/d/nope\.bin does not exist"):
         storage.read_bytes(storage.join(url, "nope.bin"), s3.storage_options)
     assert time.monotonic() - start < 5
@@ -156,19 +159,19 @@ def test_missing_object_fails_at_once_without_retries(s3_data, monkeypatch):
 
 def test_retry_policy_from_env(monkeypatch):
     monkeypatch.delenv(storage.RETRY_ENV, raising=False)
-    assert storage.RetryPolicy.from_env() == storage.RetryPolicy()
-    assert storage.RetryPolicy().deadline >= 30
+    assert storage.retry_policy() == RetryPolicy()
+    assert RetryPolicy().deadline >= 30
     monkeypatch.setenv(storage.RETRY_ENV, "4")
-    policy = storage.RetryPolicy.from_env()
+    policy = storage.retry_policy()
     assert policy.deadline == 4 and policy.max_delay <= 4
     monkeypatch.setenv(storage.RETRY_ENV, "0")
-    assert storage.RetryPolicy.from_env().attempts == 1
+    assert storage.retry_policy().attempts == 1
     monkeypatch.setenv(storage.RETRY_ENV, "soon")
     with pytest.raises(DataError, match=storage.RETRY_ENV):
-        storage.RetryPolicy.from_env()
+        storage.retry_policy()
     with pytest.raises(ValueError, match="attempts"):
-        storage.RetryPolicy(attempts=0)
-    delays = [storage.RetryPolicy(initial_delay=0.5, max_delay=2).delay(n) for n in range(1, 10)]
+        RetryPolicy(attempts=0)
+    delays = [RetryPolicy(initial_delay=0.5, max_delay=2).delay(n) for n in range(1, 10)]
     assert all(0 <= d <= 2 for d in delays)
 
 
@@ -198,7 +201,7 @@ def test_ray_data_read_recovers_from_an_outage(s3_data, ray_local):
 
     s3, url, manifest = s3_data
     opts = _fast_fail_options(s3)
-    plan = make_plan(shards.read_index(url, "train", opts), manifest, "random_class", 2, seed=0)
+    plan = make_plan(read_index(url, "train", opts), manifest, "random_class", 2, seed=0)
     ds = chunk_dataset(shard_refs(manifest, url, "train"), plan, [0, 1], 16, opts)
     s3.stop()
     restarter = _restart_after(s3, 3.0)

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from orchestrator.tracking import Tracker
+from orchestrator.tracking.tracker import Tracker
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_killed_store_creation_leaves_a_usable_workdir(tmp_path: Path) -> None:
     db = tmp_path / "runs" / "mlflow.db"
     creator = subprocess.Popen(
-        [sys.executable, "-c", f"from orchestrator.tracking import Tracker; Tracker('sqlite:///{db}', 'exp')"],
+        [sys.executable, "-c", f"from orchestrator.tracking.tracker import Tracker; Tracker('sqlite:///{db}', 'exp')"],
         cwd=ROOT, start_new_session=True, stderr=subprocess.PIPE, text=True)
     # Kill it once the migrations have begun (MLflow logs "Creating initial MLflow database tables...").
     deadline = time.time() + 60

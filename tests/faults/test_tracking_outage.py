@@ -13,9 +13,10 @@ import time
 
 import pytest
 
-from orchestrator import tracking as tr
 from orchestrator.errors import TrackingError
-from orchestrator.tracking import Tracker
+from orchestrator.tracking import lineage as tr
+from orchestrator.tracking.client import CONNECT_ENV, REQUEST_TIMEOUT_ENV, RETRY_ENV
+from orchestrator.tracking.tracker import Tracker
 from tests.faults.mlflow_server import MlflowServer, free_port
 
 pytestmark = pytest.mark.slow
@@ -82,7 +83,7 @@ def _check_chunk_run(client, run_id: str, i: int) -> None:
 
 
 def test_server_down_at_start_fails_fast_naming_the_uri(monkeypatch):
-    monkeypatch.delenv(tr.CONNECT_ENV, raising=False)
+    monkeypatch.delenv(CONNECT_ENV, raising=False)
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     started = time.monotonic()
     with pytest.raises(TrackingError, match=uri.replace(".", r"\.")) as info:
@@ -93,7 +94,7 @@ def test_server_down_at_start_fails_fast_naming_the_uri(monkeypatch):
 
 
 def test_outage_mid_run_loses_and_duplicates_nothing(live, tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv(tr.RETRY_ENV, "240")  # restarting the server takes 10-50 s on a busy 2-core machine
+    monkeypatch.setenv(RETRY_ENV, "240")  # restarting the server takes 10-50 s on a busy 2-core machine
     caplog.set_level(logging.WARNING, logger="streamssl.tracking")
     tracker = Tracker(live.uri, "outage-mid-run")
     parent = tracker.create_run("plan", {tr.RUN_TYPE: "plan"})
@@ -185,7 +186,7 @@ class _LosesFirstAnswer:
 def test_landed_write_whose_answer_was_lost_is_not_repeated(store, live, tmp_path, monkeypatch):
     """A write can land while its answer is lost (timeout, reset); the retry must not store it twice. A file
     store keeps exact duplicate metric points (SQL stores drop them), so it shows the read-back check works."""
-    monkeypatch.setenv(tr.RETRY_ENV, "30")
+    monkeypatch.setenv(RETRY_ENV, "30")
     if store == "file":
         monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
         uri = f"file://{tmp_path / 'mlruns'}"
@@ -228,8 +229,8 @@ def test_fail_running_marks_children_failed(live, monkeypatch):
 def test_hung_server_times_out_and_resumes_without_duplicates(live, monkeypatch):
     """A hung server (SIGSTOP) accepts connections and answers nothing: attempts time out (the request may still
     be processed once the server wakes up), are retried, and every point ends up stored exactly once."""
-    monkeypatch.setenv(tr.RETRY_ENV, "60")
-    monkeypatch.setenv(tr.REQUEST_TIMEOUT_ENV, "2")
+    monkeypatch.setenv(RETRY_ENV, "60")
+    monkeypatch.setenv(REQUEST_TIMEOUT_ENV, "2")
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
     tracker = Tracker(live.uri, "hung-server")
     run_id = tracker.create_run("chunk", {})
@@ -254,7 +255,7 @@ def test_hung_server_times_out_and_resumes_without_duplicates(live, monkeypatch)
 
 def test_outage_longer_than_deadline_raises_naming_the_uri(live, monkeypatch):
     """Runs last in the module: leaves the server stopped (the fixture's teardown is then a no-op)."""
-    monkeypatch.setenv(tr.RETRY_ENV, "3")
+    monkeypatch.setenv(RETRY_ENV, "3")
     tracker = Tracker(live.uri, "outage-too-long")
     run_id = tracker.create_run("chunk", {})
     live.stop()
@@ -263,7 +264,7 @@ def test_outage_longer_than_deadline_raises_naming_the_uri(live, monkeypatch):
         tracker.log_metrics(run_id, {"loss": 1.0})
     took = time.monotonic() - started
     assert 2.5 <= took < 15, f"gave up after {took:.1f}s with a 3 s deadline"
-    assert "unreachable" in str(info.value) and tr.RETRY_ENV in str(info.value)
+    assert "unreachable" in str(info.value) and RETRY_ENV in str(info.value)
     started = time.monotonic()  # the same outage: the next write fails fast instead of waiting again
     with pytest.raises(TrackingError, match=live.uri.replace(".", r"\.")):
         tracker.end_run(run_id, "FAILED")

@@ -12,9 +12,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from orchestrator import tracking as tr
 from orchestrator.planner import build_plan
 from orchestrator.spec import validate_spec
+from orchestrator.tracking import lineage as tr
 from tests.faults.mlflow_server import MlflowServer
 from tests.specs import tiny_spec
 

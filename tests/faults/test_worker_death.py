@@ -14,12 +14,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
-from orchestrator import tracking as tr
 from orchestrator.experiment import run_experiment
 from orchestrator.planner import build_plan
 from orchestrator.spec import validate_spec
-from trainers.checkpoint import CheckpointError, load_state, verify_state
+from orchestrator.tracking import lineage as tr
 from tests.specs import tiny_spec
+from trainers.checkpoint import CheckpointError, load_state, verify_state
 
 pytestmark = pytest.mark.slow
 KILL_AFTER_STEP = 12  # the in-chunk checkpoint of chunk 0 whose completion triggers the kill

@@ -13,11 +13,11 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from cli.app import app
-from orchestrator import tracking as tr
+from orchestrator.data.shards import read_index
+from orchestrator.data.synth import generate_synthetic
 from orchestrator.planner import build_plan
-from orchestrator.shards import read_index
 from orchestrator.spec import load_spec
-from orchestrator.synth import generate_synthetic
+from orchestrator.tracking import lineage as tr
 from tests.orchestrator.s3_server import DUMMY_SECRET, S3Server
 from trainers.checkpoint import load_state
 

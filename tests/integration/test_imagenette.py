@@ -14,10 +14,11 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from cli.app import app
-from orchestrator import tracking as tr
+from orchestrator.data.manifest import load_manifest
+from orchestrator.data.shards import read_index
 from orchestrator.planner import build_plan
-from orchestrator.shards import load_manifest, read_index
 from orchestrator.spec import load_spec
+from orchestrator.tracking import lineage as tr
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_data]
 ROOT = Path(__file__).resolve().parents[2]

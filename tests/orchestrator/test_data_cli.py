@@ -16,7 +16,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli.data import app, parse_storage_options
-from orchestrator import shards
+from orchestrator.data.manifest import load_manifest
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "200"}  # keep rich tables on one line per row
@@ -37,7 +37,7 @@ def test_synth_then_verify(tmp_path):
     result = _invoke("synth", dst, "--train", "200", "--val", "40", "--image-size", "16", "--groups", "4",
                      "--domains", "3", "--shard-rows", "100")
     assert result.exit_code == 0, result.output
-    manifest = shards.load_manifest(dst)
+    manifest = load_manifest(dst)
     assert {k: v.rows for k, v in manifest.splits.items()} == {"train": 200, "val": 40}
     assert len(manifest.groups) == 4 and len(manifest.domains) == 3 and manifest.num_classes == 8
     for text in ("train rows", "200", "val rows", "classes", "digest", manifest.digest, "photo, sketch, negative"):
@@ -84,7 +84,7 @@ def test_prepare_with_skipped_file_groups_and_failure_modes(tmp_path):
     result = _invoke("prepare", str(src), dst, "--groups", str(groups), "--val-fraction", "0.2", "--shard-rows", "4")
     assert result.exit_code == 0, result.output
     assert "skipped bee/broken.jpg" in result.output and "classes" in result.output
-    manifest = shards.load_manifest(dst)
+    manifest = load_manifest(dst)
     assert manifest.skipped.count == 1 and [g.name for g in manifest.groups] == ["insect"]
     assert sum(s.rows for s in manifest.splits.values()) == 10
 

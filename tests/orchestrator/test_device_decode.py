@@ -11,6 +11,8 @@ import pytest
 import torch
 from rich.console import Console
 
+from orchestrator.data.manifest import load_manifest
+from orchestrator.data.shards import read_index
 from orchestrator.errors import DataError
 from orchestrator.experiment import run_experiment
 from orchestrator.ingest import (
@@ -20,7 +22,6 @@ from orchestrator.ingest import (
     shard_refs,
     start_corrupt_row_counter,
 )
-from orchestrator.shards import load_manifest, read_index
 from orchestrator.spec import validate_spec
 from orchestrator.streams import make_plan
 from tests.specs import tiny_spec
@@ -121,7 +122,7 @@ def test_a_run_with_device_decode_trains_and_evaluates(tmp_path, synthetic_url: 
     run_experiment(spec, console=Console(file=io.StringIO()))
     from mlflow.tracking import MlflowClient
 
-    from orchestrator import tracking as tr
+    from orchestrator.tracking import lineage as tr
 
     client = MlflowClient(spec.tracking_uri)
     (chunk,) = client.search_runs([client.get_experiment_by_name("device-decode").experiment_id],

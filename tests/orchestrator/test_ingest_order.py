@@ -7,8 +7,9 @@ import itertools
 
 import pytest
 
+from orchestrator.data.manifest import load_manifest
+from orchestrator.data.shards import read_index
 from orchestrator.ingest import chunk_dataset, shard_refs
-from orchestrator.shards import load_manifest, read_index
 from orchestrator.streams import make_plan
 
 pytestmark = pytest.mark.slow

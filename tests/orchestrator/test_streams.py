@@ -12,9 +12,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from orchestrator import shards, streams
+from orchestrator import streams
+from orchestrator.data.shards import read_index
+from orchestrator.data.synth import generate_synthetic
 from orchestrator.errors import DataError, SpecError
-from orchestrator.synth import generate_synthetic
 
 CASES = [("instance", 4), ("random_class", 5), ("distant_class", 4), ("domain", 3)]
 
@@ -25,7 +26,7 @@ def data(tmp_path_factory):
     url = str(tmp_path_factory.mktemp("streams") / "ds")
     manifest = generate_synthetic(url, train=480, val=96, image_size=8, groups=6, classes_per_group=2, domains=4,
                                   shard_rows=200, progress=False)
-    return manifest, shards.read_index(url, "train"), shards.read_index(url, "val")
+    return manifest, read_index(url, "train"), read_index(url, "val")
 
 
 @pytest.mark.parametrize("kind,chunks", CASES)

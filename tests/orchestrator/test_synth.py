@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from orchestrator import shards
-from orchestrator.synth import DOMAINS, SHAPES, TEXTURES, generate_synthetic
+from orchestrator.data.shards import read_index, read_split
+from orchestrator.data.synth import DOMAINS, SHAPES, TEXTURES, generate_synthetic
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_manifest_structure(synth):
 def test_rows_are_balanced_and_consistent(synth):
     url, m = synth
     for split, n in (("train", 960), ("val", 240)):
-        index = shards.read_index(url, split)
+        index = read_index(url, split)
         labels = index.column("label").to_numpy()
         domains = index.column("domain").to_numpy()
         assert np.array_equal(index.column("group").to_numpy(), labels // 2)
@@ -69,7 +69,7 @@ def test_rows_are_balanced_and_consistent(synth):
 
 def test_images_decode_to_the_stored_size(synth, tmp_path):
     url, _ = synth
-    table = shards.read_split(url, "val")
+    table = read_split(url, "val")
     for data, h, w in zip(table.column("image").to_pylist()[:20], table.column("height").to_pylist(), table.column("width").to_pylist()):
         img = Image.open(io.BytesIO(data))
         assert img.format == "JPEG" and img.mode == "RGB" and img.size == (32, 32) == (w, h)
@@ -77,14 +77,14 @@ def test_images_decode_to_the_stored_size(synth, tmp_path):
     m = generate_synthetic(png_url, train=12, val=0, image_size=20, groups=8, classes_per_group=4, domains=4,
                            image_format="png", progress=False)
     assert list(m.splits) == ["train"] and m.num_classes == 32 and len(m.domains) == 4
-    table = shards.read_split(png_url, "train")
+    table = read_split(png_url, "train")
     images = [Image.open(io.BytesIO(b)) for b in table.column("image").to_pylist()]
     assert all(img.format == "PNG" and img.size == (20, 20) for img in images)
     assert len({np.asarray(img).tobytes() for img in images}) == 12
 
 
 def _pixels(url: str, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    table = shards.read_split(url, split)
+    table = read_split(url, split)
     images = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in table.column("image").to_pylist()])
     return images.astype(np.float32) / 255.0, table.column("label").to_numpy(), table.column("domain").to_numpy()
 

@@ -15,8 +15,8 @@ import torch
 from evaluators.features import extract_features
 from evaluators.knn import knn_predict
 from orchestrator.ingest import load_split_arrays
-from orchestrator.shards import load_manifest
-from orchestrator.synth import generate_synthetic
+from orchestrator.data.manifest import load_manifest
+from orchestrator.data.synth import generate_synthetic
 from trainers.engine.types import Batch
 from trainers.loop import ChunkReport, LineTrainer, LoopConfig
 from trainers.viewplan import view_plan

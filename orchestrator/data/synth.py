@@ -2,7 +2,7 @@
 
     streamssl data synth file:///tmp/synth --train 10000 --val 2000 --image-size 32
 
-    from orchestrator.synth import generate_synthetic
+    from orchestrator.data.synth import generate_synthetic
     manifest = generate_synthetic("memory://synth", train=2000, val=400, groups=6, domains=2, seed=0)
 
 What carries the label, and what does not:
@@ -34,7 +34,9 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from orchestrator.shards import SHARD_SCHEMA, ClassEntry, DomainEntry, GroupEntry, Manifest, progress_bar, write_shards
+from orchestrator.data.manifest import ClassEntry, DomainEntry, GroupEntry, Manifest
+from orchestrator.data.prepare import progress_bar
+from orchestrator.data.shards import SHARD_SCHEMA, write_shards
 
 SHAPES = ("disc", "square", "triangle", "ring", "cross", "diamond", "hexagon", "crescent")
 TEXTURES = ("solid", "stripes", "checker", "rings")

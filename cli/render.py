@@ -1,20 +1,17 @@
-"""Reading the lineage back: `streamssl lineage RUN_ID` and `streamssl status`.
+"""Rendering for the terminal: the lineage tree of `streamssl lineage`.
 
-    tree = lineage_tree(tracker, run_id)   # rich Tree: plan -> chunk runs -> checkpoints -> eval runs, or back up
-    rows = job_states(tracker, plan)       # one row per job: FINISHED / RUNNING / FAILED / PENDING
+    console.print(lineage_tree(tracker, run_id))   # plan -> chunk runs -> checkpoints -> eval runs, or back up
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from rich.tree import Tree
 
-from orchestrator import tracking as tr
 from orchestrator.errors import TrackingError
-from orchestrator.planner import ExperimentPlan
-from orchestrator.tracking import Tracker
+from orchestrator.tracking import lineage as tr
+from orchestrator.tracking.tracker import Tracker
 
 
 def _metrics(run, keys: tuple[str, ...] = ("knn_top1", "linear_top1", "final_loss")) -> str:
@@ -63,46 +60,3 @@ def lineage_tree(tracker: Tracker, run_id: str) -> Tree:
         tree.add(f"evaluated run {run_id} with protocol v{protocol.get('version')}: "
                  f"bank {protocol.get('bank_split')}, queries {protocol.get('query_split')}")
     return tree
-
-
-def lineage_dict(tracker: Tracker, run_id: str) -> dict[str, Any]:
-    """The same chain as data: {'plan': id, 'chunk': id|None, 'checkpoint_uri': ..., 'evals': [...]}."""
-    run = tracker.get_run(run_id)
-    kind = run.data.tags.get(tr.RUN_TYPE)
-    out: dict[str, Any] = {"run_type": kind}
-    chunk = run if kind == "chunk" else None
-    if kind == "eval":
-        chunk = tracker.get_run(run.data.tags[tr.EVALUATES])
-    if chunk is not None:
-        out["chunk"] = chunk.info.run_id
-        out["checkpoint_uri"] = chunk.data.tags.get(tr.CHECKPOINT)
-        out["plan"] = chunk.data.tags.get(tr.PARENT)
-        out["evals"] = [e.info.run_id for e in tracker.evaluation_of(chunk.info.run_id)]
-    else:
-        out["plan"] = run_id
-        out["chunks"] = [r.info.run_id for r in tracker.children(run_id, "chunk")]
-    return out
-
-
-def job_states(tracker: Tracker, plan: ExperimentPlan) -> list[dict[str, Any]]:
-    """Every job of the plan with the state of its newest chunk run (PENDING when it has none)."""
-    runs = tracker.runs(f"tags.`{tr.RUN_TYPE}` = 'chunk' and tags.`{tr.PLAN_KEY}` = '{plan.key}'")
-    newest: dict[str, Any] = {}
-    for run in runs:
-        key = run.data.tags.get(tr.JOB_KEY)
-        if key not in newest or (run.info.start_time or 0) > (newest[key].info.start_time or 0):
-            if key in newest and newest[key].info.status == "FINISHED":
-                continue
-            newest[key] = run
-    rows = []
-    for job in plan.jobs:
-        run = newest.get(job.key)
-        rows.append({
-            "job": job.name,
-            "key": job.key,
-            "state": run.info.status if run else "PENDING",
-            "run": run.info.run_id if run else None,
-            "knn_top1": run.data.metrics.get("knn_top1") if run else None,
-            "linear_top1": run.data.metrics.get("linear_top1") if run else None,
-        })
-    return rows
