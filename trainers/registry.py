@@ -29,6 +29,7 @@ from trainers.backbones.resnet import ResNetConfig, resnet18, resnet34, resnet50
 from trainers.backbones.vit import ViTConfig, vit_tiny
 from trainers.config import ComponentConfig
 from trainers.methods.byol import BYOL, BYOLConfig
+from trainers.methods.dino import DINO, DINOConfig
 from trainers.methods.simclr import SimCLR, SimCLRConfig
 from trainers.strategies.joint import Joint, JointConfig
 from trainers.strategies.sequential import Sequential, SequentialConfig
@@ -122,6 +123,9 @@ METHOD_REGISTRY = Registry("method", [
            summary="contrastive: NT-Xent over the global batch (Chen et al., 2020)"),
     Record("byol", BYOL, BYOLConfig, min_global_views=2,
            summary="online predictor regresses an EMA target's projection (Grill et al., 2020)"),
+    Record("dino", DINO, DINOConfig, needs_local_views=True, min_global_views=2,
+           summary="self-distillation: student matches a centred, sharpened EMA teacher over multi-crop views "
+                   "(Caron et al., 2021)"),
 ])
 
 BACKBONE_REGISTRY = Registry("backbone", [

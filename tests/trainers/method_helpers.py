@@ -50,4 +50,5 @@ def step(method: torch.nn.Module, optimizer: torch.optim.Optimizer, views: ViewS
 SMALL_OPTIONS: dict[str, dict] = {
     "simclr": {"proj_hidden": 32, "proj_out": 16, "temperature": 0.5},
     "byol": {"proj_hidden": 32, "proj_out": 16, "pred_hidden": 16},
+    "dino": {"out_dim": 32, "hidden_dim": 32, "bottleneck_dim": 16},
 }

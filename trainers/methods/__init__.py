@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from trainers.methods.byol import BYOL, BYOLConfig, byol_loss
+from trainers.methods.dino import DINO, DINOConfig, dino_loss
 from trainers.methods.simclr import SimCLR, SimCLRConfig, nt_xent_loss
 
 
@@ -29,4 +30,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["BYOL", "BYOLConfig", "METHODS", "SimCLR", "SimCLRConfig", "byol_loss", "nt_xent_loss"]
+__all__ = ["BYOL", "BYOLConfig", "DINO", "DINOConfig", "METHODS", "SimCLR", "SimCLRConfig", "byol_loss", "dino_loss", "nt_xent_loss"]
