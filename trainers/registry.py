@@ -29,6 +29,7 @@ from trainers.backbones.resnet import ResNetConfig, resnet18, resnet34, resnet50
 from trainers.backbones.vit import ViTConfig, vit_tiny
 from trainers.config import ComponentConfig
 from trainers.methods.byol import BYOL, BYOLConfig
+from trainers.methods.dino import DINO, DINOConfig
 from trainers.methods.simclr import SimCLR, SimCLRConfig
 from trainers.methods.swav import SwAV, SwAVConfig
 from trainers.strategies.joint import Joint, JointConfig
@@ -125,6 +126,9 @@ METHOD_REGISTRY = Registry("method", [
            summary="online predictor regresses an EMA target's projection (Grill et al., 2020)"),
     Record("swav", SwAV, SwAVConfig, needs_local_views=True, min_global_views=2,
            summary="swapped prediction of Sinkhorn cluster codes over multi-crop views (Caron et al., 2020)"),
+    Record("dino", DINO, DINOConfig, needs_local_views=True, min_global_views=2,
+           summary="self-distillation: student matches a centred, sharpened EMA teacher over multi-crop views "
+                   "(Caron et al., 2021)"),
 ])
 
 BACKBONE_REGISTRY = Registry("backbone", [

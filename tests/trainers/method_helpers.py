@@ -53,4 +53,5 @@ SMALL_OPTIONS: dict[str, dict] = {
     # The queue (2 steps of 8 to fill) and the prototype freeze (2 steps) are both live in the 6-step resume test.
     "swav": {"proj_hidden": 32, "proj_out": 16, "n_prototypes": 10, "queue_length": 16, "epoch_queue_starts": 0,
              "freeze_prototypes_iters": 2},
+    "dino": {"out_dim": 32, "hidden_dim": 32, "bottleneck_dim": 16},
 }

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from trainers.methods.byol import BYOL, BYOLConfig, byol_loss
+from trainers.methods.dino import DINO, DINOConfig, dino_loss
 from trainers.methods.simclr import SimCLR, SimCLRConfig, nt_xent_loss
 from trainers.methods.swav import SwAV, SwAVConfig, sinkhorn_knopp, swapped_prediction, swav_loss
 
@@ -29,6 +30,5 @@ def __getattr__(name: str) -> Any:
         return METHOD_REGISTRY.builders()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-
-__all__ = ["BYOL", "BYOLConfig", "METHODS", "SimCLR", "SimCLRConfig", "SwAV", "SwAVConfig", "byol_loss",
-           "nt_xent_loss", "sinkhorn_knopp", "swapped_prediction", "swav_loss"]
+__all__ = ["BYOL", "BYOLConfig", "DINO", "DINOConfig", "METHODS", "SimCLR", "SimCLRConfig", "SwAV", "SwAVConfig",
+    "byol_loss", "dino_loss", "nt_xent_loss", "sinkhorn_knopp", "swapped_prediction", "swav_loss"]
