@@ -102,8 +102,10 @@ def result_path(name: str, device: str, out_dir: Path | None = None) -> Path:
     return (out_dir or RESULTS_DIR) / f"{name}-{_slug(tag or socket.gethostname())}.json"
 
 
-def write_results(name: str, device: str, payload: dict[str, Any], out_dir: Path | None = None) -> Path:
-    path = result_path(name, device, out_dir)
+def write_results(name: str, device: str, payload: dict[str, Any], out_dir: Path | None = None,
+                  path: Path | None = None) -> Path:
+    """The JSON document at `path`, by default `result_path(name, device, out_dir)`."""
+    path = Path(path) if path is not None else result_path(name, device, out_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": name, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": _command(),
            "hardware": hardware(), **payload}
