@@ -29,6 +29,8 @@ from trainers.backbones.resnet import ResNetConfig, resnet18, resnet34, resnet50
 from trainers.backbones.vit import ViTConfig, vit_tiny
 from trainers.config import ComponentConfig
 from trainers.methods.byol import BYOL, BYOLConfig
+from trainers.methods.moco_v2 import MoCoV2, MoCoV2Config
+from trainers.methods.moco_v2_plus import MoCoV2Plus, MoCoV2PlusConfig
 from trainers.methods.simclr import SimCLR, SimCLRConfig
 from trainers.strategies.joint import Joint, JointConfig
 from trainers.strategies.sequential import Sequential, SequentialConfig
@@ -122,6 +124,11 @@ METHOD_REGISTRY = Registry("method", [
            summary="contrastive: NT-Xent over the global batch (Chen et al., 2020)"),
     Record("byol", BYOL, BYOLConfig, min_global_views=2,
            summary="online predictor regresses an EMA target's projection (Grill et al., 2020)"),
+    Record("moco_v2", MoCoV2, MoCoV2Config, min_global_views=2,
+           summary="contrastive: InfoNCE against an EMA key encoder's key and a queue of past keys "
+                   "(Chen et al., 2020)"),
+    Record("moco_v2_plus", MoCoV2Plus, MoCoV2PlusConfig, min_global_views=2,
+           summary="MoCo-v2 with the symmetric loss, BYOL's heads and a cosine momentum (Huang et al., 2022)"),
 ])
 
 BACKBONE_REGISTRY = Registry("backbone", [

@@ -50,4 +50,6 @@ def step(method: torch.nn.Module, optimizer: torch.optim.Optimizer, views: ViewS
 SMALL_OPTIONS: dict[str, dict] = {
     "simclr": {"proj_hidden": 32, "proj_out": 16, "temperature": 0.5},
     "byol": {"proj_hidden": 32, "proj_out": 16, "pred_hidden": 16},
+    "moco_v2": {"proj_hidden": 32, "proj_out": 16, "queue_size": 20},
+    "moco_v2_plus": {"proj_hidden": 32, "proj_out": 16, "pred_hidden": 16, "queue_size": 20},
 }

@@ -18,6 +18,8 @@ from __future__ import annotations
 from typing import Any
 
 from trainers.methods.byol import BYOL, BYOLConfig, byol_loss
+from trainers.methods.moco_v2 import MoCoV2, MoCoV2Config, moco_infonce_loss
+from trainers.methods.moco_v2_plus import MoCoV2Plus, MoCoV2PlusConfig
 from trainers.methods.simclr import SimCLR, SimCLRConfig, nt_xent_loss
 
 
@@ -29,4 +31,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["BYOL", "BYOLConfig", "METHODS", "SimCLR", "SimCLRConfig", "byol_loss", "nt_xent_loss"]
+__all__ = ["BYOL", "BYOLConfig", "METHODS", "MoCoV2", "MoCoV2Config", "MoCoV2Plus", "MoCoV2PlusConfig", "SimCLR",
+           "SimCLRConfig", "byol_loss", "moco_infonce_loss", "nt_xent_loss"]
