@@ -10,7 +10,7 @@ import torch
 from trainers.backbones import BACKBONES, CIFAR_STEM_MAX_SIZE, build_backbone
 from trainers.backbones.resnet import ResNetConfig
 from trainers.config import ComponentConfig
-from trainers.methods import BYOL, METHODS, BYOLConfig, SimCLR, SimCLRConfig, nt_xent_loss
+from trainers.methods import BYOL, METHODS, BYOLConfig, MoCoV2, MoCoV2Plus, SimCLR, SimCLRConfig, nt_xent_loss
 from trainers.registry import BACKBONE_REGISTRY, METHOD_REGISTRY, STRATEGY_REGISTRY, Record, Registry
 from trainers.strategies import STRATEGIES, Joint, JointConfig, build_strategy
 from tests.trainers.method_helpers import SMALL_OPTIONS as SMALL
@@ -23,10 +23,10 @@ def _backbone() -> torch.nn.Module:
 
 
 def test_registries_hold_todays_components_and_the_old_maps_are_views_of_them() -> None:
-    assert METHOD_REGISTRY.names == ("simclr", "byol")
+    assert METHOD_REGISTRY.names == ("simclr", "byol", "moco_v2", "moco_v2_plus")
     assert BACKBONE_REGISTRY.names == ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "vit_tiny")
     assert STRATEGY_REGISTRY.names == ("sequential", "joint")
-    assert dict(METHODS) == {"simclr": SimCLR, "byol": BYOL}
+    assert dict(METHODS) == {"simclr": SimCLR, "byol": BYOL, "moco_v2": MoCoV2, "moco_v2_plus": MoCoV2Plus}
     assert dict(BACKBONES) == {name: r.build for name, r in BACKBONE_REGISTRY.items()}
     assert dict(STRATEGIES) == {"sequential": STRATEGY_REGISTRY["sequential"].build, "joint": Joint}
     assert METHOD_REGISTRY["simclr"].config is SimCLRConfig and METHOD_REGISTRY["byol"].config is BYOLConfig
