@@ -25,8 +25,8 @@ rank's own batch with per-rank BN (or SyncBN in the heads with `sync_bn`), witho
 permutation broadcast plus an all-gather of the images themselves, outside the engine's collectives
 (`gather`, `all_reduce`), and it is a no-op on one worker, where the whole batch is one BN batch anyway. The
 query and key of an image are still computed in separate forward passes (each view its own BN batch). The
-critical-factors study (MoCo-v2+, `moco_v2_plus`) and solo-learn train MoCo without shuffle-BN and report no
-collapse; with small batches the leak is a known, mild optimism of the contrastive accuracy, not of the kNN.
+critical-factors study's code (MoCo-v2+, `moco_v2_plus`) and solo-learn train MoCo without shuffle-BN (SyncBN or
+per-GPU BN instead). Expect the cheat to matter most with small per-rank batches; `sync_bn` dilutes it.
 
 Options (`MoCoV2Config`, the single source of their defaults): `proj_hidden`, `proj_out`, `proj_bn`,
 `temperature`, `queue_size`, `base_momentum`, `final_momentum`, `symmetric`. The paper's optimisation (SGD, LR
