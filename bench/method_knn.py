@@ -30,7 +30,7 @@ CPU_OPTIONS: dict[str, dict[str, Any]] = {
     "moco_v2_plus": {"proj_hidden": 512, "queue_size": 4096},
     "barlow_twins": {"proj_hidden": 1024, "proj_out": 1024},
     "simsiam": {"proj_hidden": 512, "pred_hidden": 128},
-    "swav": {"proj_hidden": 512, "num_prototypes": 100, "queue_length": 0},
+    "swav": {"proj_hidden": 512, "n_prototypes": 100, "queue_length": 0},
     "dino": {"hidden_dim": 512, "bottleneck_dim": 128, "out_dim": 1024},
     "supervised": {"num_classes": 10},
 }

@@ -30,6 +30,8 @@ from trainers.backbones.vit import ViTConfig, vit_tiny
 from trainers.config import ComponentConfig
 from trainers.methods.byol import BYOL, BYOLConfig
 from trainers.methods.dino import DINO, DINOConfig
+from trainers.methods.moco_v2 import MoCoV2, MoCoV2Config
+from trainers.methods.moco_v2_plus import MoCoV2Plus, MoCoV2PlusConfig
 from trainers.methods.simclr import SimCLR, SimCLRConfig
 from trainers.methods.swav import SwAV, SwAVConfig
 from trainers.strategies.joint import Joint, JointConfig
@@ -129,6 +131,11 @@ METHOD_REGISTRY = Registry("method", [
     Record("dino", DINO, DINOConfig, needs_local_views=True, min_global_views=2,
            summary="self-distillation: student matches a centred, sharpened EMA teacher over multi-crop views "
                    "(Caron et al., 2021)"),
+    Record("moco_v2", MoCoV2, MoCoV2Config, min_global_views=2,
+           summary="contrastive: InfoNCE against an EMA key encoder's key and a queue of past keys "
+                   "(Chen et al., 2020)"),
+    Record("moco_v2_plus", MoCoV2Plus, MoCoV2PlusConfig, min_global_views=2,
+           summary="MoCo-v2 with the symmetric loss, BYOL's heads and a cosine momentum (Huang et al., 2022)"),
 ])
 
 BACKBONE_REGISTRY = Registry("backbone", [

@@ -54,4 +54,6 @@ SMALL_OPTIONS: dict[str, dict] = {
     "swav": {"proj_hidden": 32, "proj_out": 16, "n_prototypes": 10, "queue_length": 16, "epoch_queue_starts": 0,
              "freeze_prototypes_iters": 2},
     "dino": {"out_dim": 32, "hidden_dim": 32, "bottleneck_dim": 16},
+    "moco_v2": {"proj_hidden": 32, "proj_out": 16, "queue_size": 20},
+    "moco_v2_plus": {"proj_hidden": 32, "proj_out": 16, "pred_hidden": 16, "queue_size": 20},
 }

@@ -19,6 +19,8 @@ from typing import Any
 
 from trainers.methods.byol import BYOL, BYOLConfig, byol_loss
 from trainers.methods.dino import DINO, DINOConfig, dino_loss
+from trainers.methods.moco_v2 import MoCoV2, MoCoV2Config, moco_infonce_loss
+from trainers.methods.moco_v2_plus import MoCoV2Plus, MoCoV2PlusConfig
 from trainers.methods.simclr import SimCLR, SimCLRConfig, nt_xent_loss
 from trainers.methods.swav import SwAV, SwAVConfig, sinkhorn_knopp, swapped_prediction, swav_loss
 
@@ -30,5 +32,6 @@ def __getattr__(name: str) -> Any:
         return METHOD_REGISTRY.builders()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = ["BYOL", "BYOLConfig", "DINO", "DINOConfig", "METHODS", "SimCLR", "SimCLRConfig", "SwAV", "SwAVConfig",
-    "byol_loss", "dino_loss", "nt_xent_loss", "sinkhorn_knopp", "swapped_prediction", "swav_loss"]
+__all__ = ["BYOL", "BYOLConfig", "DINO", "DINOConfig", "METHODS", "MoCoV2", "MoCoV2Config", "MoCoV2Plus",
+    "MoCoV2PlusConfig", "SimCLR", "SimCLRConfig", "SwAV", "SwAVConfig", "byol_loss", "dino_loss",
+    "moco_infonce_loss", "nt_xent_loss", "sinkhorn_knopp", "swapped_prediction", "swav_loss"]
