@@ -1,16 +1,19 @@
-"""Self-supervised methods; their records (class, `Config`, needs) are in `trainers.registry.METHOD_REGISTRY`.
+"""Training methods, one file each; their records (class, `Config`, needs) are in `trainers.registry.METHOD_REGISTRY`.
 
-A method is an `nn.Module` built as `METHODS[name](backbone, **options)`, the options being its `Config`'s
-fields; `forward(views)` returns `{"loss": scalar, "per_sample": [B]}`; `momentum_update(progress)` runs after
-every optimizer step; `.backbone` is the encoder that evaluation uses. Adding one: a file here with the module and
-its `Config` (defaults with the paper's values, the paper cited), a record in `trainers.registry`, its tests.
+A method is a `trainers.methods.base.Method`: built as `METHODS[name](backbone, **options)` (the options are its
+`Config`'s fields, validated there), it implements `training_step(views, batch, ctx) -> StepOutput`, and may give
+`param_groups`, `momentum_pairs` (EMA targets the engine moves) and hooks; `.backbone` is the encoder evaluation
+uses. Adding one: a file here with the module and its `Config` (the paper's defaults, the paper cited), a record in
+`trainers.registry`, its tests (and an entry in tests/trainers/method_helpers.SMALL_OPTIONS: the contract tests
+then cover it).
 
 Usage::
 
     from trainers.methods import METHODS
     method = METHODS["byol"](build_backbone("resnet18", 32), base_momentum=0.996)
+    out = train_step(method, method, optimizer, views, batch, ctx)     # trainers.engine.step
 
-`METHODS` (name -> class) is a read-only view of the registry, kept for existing callers.
+`METHODS` (name -> class) is a read-only view of the registry.
 """
 
 from __future__ import annotations
