@@ -50,4 +50,7 @@ def step(method: torch.nn.Module, optimizer: torch.optim.Optimizer, views: ViewS
 SMALL_OPTIONS: dict[str, dict] = {
     "simclr": {"proj_hidden": 32, "proj_out": 16, "temperature": 0.5},
     "byol": {"proj_hidden": 32, "proj_out": 16, "pred_hidden": 16},
+    "barlow_twins": {"proj_hidden": 32, "proj_out": 32},
+    "simsiam": {"proj_hidden": 32, "proj_out": 32, "pred_hidden": 8},
+    "supervised": {"num_classes": 4},
 }

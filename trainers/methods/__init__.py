@@ -17,8 +17,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from trainers.methods.barlow_twins import BarlowTwins, BarlowTwinsConfig, barlow_twins_loss
 from trainers.methods.byol import BYOL, BYOLConfig, byol_loss
 from trainers.methods.simclr import SimCLR, SimCLRConfig, nt_xent_loss
+from trainers.methods.simsiam import SimSiam, SimSiamConfig, simsiam_loss
+from trainers.methods.supervised import Supervised, SupervisedConfig, supervised_loss
 
 
 def __getattr__(name: str) -> Any:
@@ -29,4 +32,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["BYOL", "BYOLConfig", "METHODS", "SimCLR", "SimCLRConfig", "byol_loss", "nt_xent_loss"]
+__all__ = ["BYOL", "BYOLConfig", "BarlowTwins", "BarlowTwinsConfig", "METHODS", "SimCLR", "SimCLRConfig", "SimSiam",
+           "SimSiamConfig", "Supervised", "SupervisedConfig", "barlow_twins_loss", "byol_loss", "nt_xent_loss",
+           "simsiam_loss", "supervised_loss"]
