@@ -186,8 +186,11 @@ def test_two_ranks_give_the_loss_and_gradients_of_one_process_with_the_whole_bat
 
 def test_short_pretraining_improves_knn(tmp_path) -> None:
     started = time.perf_counter()
-    random_init, trained, report = short_pretraining(tmp_path, "barlow_twins", {"proj_hidden": 512, "proj_out": 512},
-                                                     lr=0.1, epochs=8)
-    # 12 classes: chance 0.083. Measured: random init FIXME -> FIXME after 56 steps (FIXME s on the loaded CPU).
+    # scale_loss 0.025: the early official code's factor (0.024 for the released model); with plain SGD the loss
+    # scale multiplies the effective LR (LARS's trust ratio would cancel most of it).
+    random_init, trained, report = short_pretraining(
+        tmp_path, "barlow_twins", {"proj_hidden": 512, "proj_out": 512, "scale_loss": 0.025}, lr=0.3, epochs=8)
+    # 12 classes: chance 0.083. Measured: random init 0.085 -> 0.320 after 56 steps (loss 9.72 -> 5.15), 1259 s
+    # wall on this 2-core machine under a load average of ~20 (other engineers' runs).
     assert report.losses[-1] < report.losses[0], report.losses
-    assert trained > random_init + 0.05, (random_init, trained, time.perf_counter() - started)
+    assert trained > random_init + 0.12, (random_init, trained, time.perf_counter() - started)

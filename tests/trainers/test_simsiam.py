@@ -133,7 +133,9 @@ def test_the_predictor_lr_survives_the_cosine_schedule_through_line_trainer() ->
 def test_short_pretraining_improves_knn(tmp_path) -> None:
     started = time.perf_counter()
     random_init, trained, report = short_pretraining(
-        tmp_path, "simsiam", {"proj_hidden": 512, "proj_out": 512, "pred_hidden": 128}, lr=0.1, epochs=8)
-    # 12 classes: chance 0.083. Measured: random init FIXME -> FIXME after 56 steps (FIXME s on the loaded CPU).
-    assert report.losses[-1] < report.losses[0], report.losses
-    assert trained > random_init + 0.05, (random_init, trained, time.perf_counter() - started)
+        tmp_path, "simsiam", {"proj_hidden": 512, "proj_out": 512, "pred_hidden": 128}, lr=0.5, epochs=8)
+    # 12 classes: chance 0.083. Measured: random init 0.085 -> 0.205 after 56 steps (loss -0.001 -> -0.555),
+    # 606 s wall / 194 s CPU on this 2-core machine under a load average of ~7 (other engineers' runs).
+    # At lr 0.1 the loss fell as far (-0.45) but kNN stayed at 0.080: too slow to learn features in 56 steps.
+    assert report.losses[-1] < report.losses[0] - 0.2, report.losses
+    assert trained > random_init + 0.07, (random_init, trained, time.perf_counter() - started)

@@ -96,8 +96,11 @@ def test_loss_is_float32_under_bfloat16_autocast() -> None:
 
 def test_short_training_beats_the_ssl_methods(tmp_path) -> None:
     started = time.perf_counter()
-    random_init, trained, report = short_pretraining(tmp_path, "supervised", {"num_classes": 12}, lr=0.1, epochs=8)
-    # 12 classes: chance 0.083. Measured: random init FIXME -> FIXME after 56 steps (FIXME s on the loaded CPU);
-    # the SSL methods' tests reach FIXME.
-    assert report.losses[-1] < report.losses[0], report.losses
-    assert trained > random_init + 0.2, (random_init, trained, time.perf_counter() - started)
+    random_init, trained, report = short_pretraining(tmp_path, "supervised", {"num_classes": 12}, lr=0.5, epochs=8)
+    # 12 classes: chance 0.083. Measured: random init 0.085 -> 0.472 after 56 steps (loss 2.53 -> 2.09), 596 s
+    # wall / 184 s CPU on this 2-core machine under a load average of ~7; at lr 0.1 only 0.233 (loss 2.53 -> 2.41).
+    # The SSL methods' tests, the same 56 steps: Barlow Twins 0.085 -> 0.320, SimSiam 0.085 -> 0.205 (SimCLR's
+    # test, 160 steps: 0.09 -> 0.22). Labels are the strongest signal: the SL baseline must beat them all.
+    assert report.losses[-1] < report.losses[0] - 0.2, report.losses
+    assert trained > random_init + 0.25, (random_init, trained, time.perf_counter() - started)
+    assert trained > 0.36, (random_init, trained)

@@ -47,7 +47,8 @@ class SimSiamConfig(ComponentConfig):
     predictor_lr: float | None = Field(
         None, gt=0, allow_inf_nan=False,
         description="the predictor's fixed LR when fix_pred_lr is set; None (the paper): the optimiser's peak "
-                    "LR, the `init_lr` = lr x batch / 256 of the official code, set when the optimiser is built",
+                    "LR, the `init_lr` = lr x batch / 256 of the official code, set when the optimiser is built and kept from "
+                    "the first step (a warm-up does not apply to it)",
     )
 
 
