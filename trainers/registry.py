@@ -28,12 +28,15 @@ from trainers.backbones.mobilenet import MobileNetV2Config, mobilenet_v2
 from trainers.backbones.resnet import ResNetConfig, resnet18, resnet34, resnet50
 from trainers.backbones.vit import ViTConfig, vit_tiny
 from trainers.config import ComponentConfig
+from trainers.methods.barlow_twins import BarlowTwins, BarlowTwinsConfig
 from trainers.methods.byol import BYOL, BYOLConfig
 from trainers.methods.dino import DINO, DINOConfig
 from trainers.methods.moco_v2 import MoCoV2, MoCoV2Config
 from trainers.methods.moco_v2_plus import MoCoV2Plus, MoCoV2PlusConfig
 from trainers.methods.simclr import SimCLR, SimCLRConfig
 from trainers.methods.swav import SwAV, SwAVConfig
+from trainers.methods.simsiam import SimSiam, SimSiamConfig
+from trainers.methods.supervised import Supervised, SupervisedConfig
 from trainers.strategies.joint import Joint, JointConfig
 from trainers.strategies.sequential import Sequential, SequentialConfig
 
@@ -126,16 +129,22 @@ METHOD_REGISTRY = Registry("method", [
            summary="contrastive: NT-Xent over the global batch (Chen et al., 2020)"),
     Record("byol", BYOL, BYOLConfig, min_global_views=2,
            summary="online predictor regresses an EMA target's projection (Grill et al., 2020)"),
-    Record("swav", SwAV, SwAVConfig, needs_local_views=True, min_global_views=2,
-           summary="swapped prediction of Sinkhorn cluster codes over multi-crop views (Caron et al., 2020)"),
-    Record("dino", DINO, DINOConfig, needs_local_views=True, min_global_views=2,
-           summary="self-distillation: student matches a centred, sharpened EMA teacher over multi-crop views "
-                   "(Caron et al., 2021)"),
     Record("moco_v2", MoCoV2, MoCoV2Config, min_global_views=2,
            summary="contrastive: InfoNCE against an EMA key encoder's key and a queue of past keys "
                    "(Chen et al., 2020)"),
     Record("moco_v2_plus", MoCoV2Plus, MoCoV2PlusConfig, min_global_views=2,
            summary="MoCo-v2 with the symmetric loss, BYOL's heads and a cosine momentum (Huang et al., 2022)"),
+    Record("barlow_twins", BarlowTwins, BarlowTwinsConfig, min_global_views=2,
+           summary="cross-correlation of two views' embeddings pushed to the identity (Zbontar et al., 2021)"),
+    Record("simsiam", SimSiam, SimSiamConfig, min_global_views=2,
+           summary="predictor regresses the other view's stop-gradient projection (Chen & He, 2021)"),
+    Record("swav", SwAV, SwAVConfig, needs_local_views=True, min_global_views=2,
+           summary="swapped prediction of Sinkhorn cluster codes over multi-crop views (Caron et al., 2020)"),
+    Record("dino", DINO, DINOConfig, needs_local_views=True, min_global_views=2,
+           summary="self-distillation: student matches a centred, sharpened EMA teacher over multi-crop views "
+                   "(Caron et al., 2021)"),
+    Record("supervised", Supervised, SupervisedConfig, needs_labels=True, min_global_views=1,
+           summary="SL baseline: linear classifier + cross-entropy on the labels (He et al., 2016)"),
 ])
 
 BACKBONE_REGISTRY = Registry("backbone", [

@@ -56,4 +56,7 @@ SMALL_OPTIONS: dict[str, dict] = {
     "dino": {"out_dim": 32, "hidden_dim": 32, "bottleneck_dim": 16},
     "moco_v2": {"proj_hidden": 32, "proj_out": 16, "queue_size": 20},
     "moco_v2_plus": {"proj_hidden": 32, "proj_out": 16, "pred_hidden": 16, "queue_size": 20},
+    "barlow_twins": {"proj_hidden": 32, "proj_out": 32},
+    "simsiam": {"proj_hidden": 32, "proj_out": 32, "pred_hidden": 8},
+    "supervised": {"num_classes": 4},
 }

@@ -20,12 +20,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from trainers.methods.barlow_twins import BarlowTwins, BarlowTwinsConfig, barlow_twins_loss
 from trainers.methods.byol import BYOL, BYOLConfig, byol_loss
 from trainers.methods.dino import DINO, DINOConfig, dino_loss
 from trainers.methods.moco_v2 import MoCoV2, MoCoV2Config, moco_infonce_loss
 from trainers.methods.moco_v2_plus import MoCoV2Plus, MoCoV2PlusConfig
 from trainers.methods.simclr import SimCLR, SimCLRConfig, nt_xent_loss
 from trainers.methods.swav import SwAV, SwAVConfig, sinkhorn_knopp, swapped_prediction, swav_loss
+from trainers.methods.simsiam import SimSiam, SimSiamConfig, simsiam_loss
+from trainers.methods.supervised import Supervised, SupervisedConfig, supervised_loss
 
 
 def __getattr__(name: str) -> Any:
@@ -35,6 +38,8 @@ def __getattr__(name: str) -> Any:
         return METHOD_REGISTRY.builders()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = ["BYOL", "BYOLConfig", "DINO", "DINOConfig", "METHODS", "MoCoV2", "MoCoV2Config", "MoCoV2Plus",
-    "MoCoV2PlusConfig", "SimCLR", "SimCLRConfig", "SwAV", "SwAVConfig", "byol_loss", "dino_loss",
-    "moco_infonce_loss", "nt_xent_loss", "sinkhorn_knopp", "swapped_prediction", "swav_loss"]
+__all__ = ["BYOL", "BYOLConfig", "BarlowTwins", "BarlowTwinsConfig", "DINO", "DINOConfig", "METHODS", "MoCoV2",
+    "MoCoV2Config", "MoCoV2Plus", "MoCoV2PlusConfig", "SimCLR", "SimCLRConfig", "SimSiam", "SimSiamConfig",
+    "Supervised", "SupervisedConfig", "SwAV", "SwAVConfig", "barlow_twins_loss", "byol_loss", "dino_loss",
+    "moco_infonce_loss", "nt_xent_loss", "simsiam_loss", "sinkhorn_knopp", "supervised_loss", "swapped_prediction",
+    "swav_loss"]
