@@ -36,6 +36,7 @@ from orchestrator.ingest import (
     decode_image,
     decode_table,
     load_split_arrays,
+    row_index,
     shard_refs,
     start_corrupt_row_counter,
 )
@@ -117,7 +118,12 @@ def test_decode_images_udf_adds_nothing_for_a_bad_row(corrupt_data):
     table = read_shard(url)
     table = table.append_column(SHARD_COLUMN, pa.array([url] * table.num_rows))
     out = DecodeImages(SIZE)(table)
-    assert list(out) == ["image"] and len(out["image"]) == 30 - len(bad_keys)
+    assert sorted(out) == ["domain", "image", "index", "label"]
+    assert all(len(column) == 30 - len(bad_keys) for column in out.values())
+    # Labels, domains and row ids stay with their pixels: the rows that decode, in order.
+    good = [i for i, key in enumerate(table.column("key").to_pylist()) if key not in bad_keys]
+    assert out["label"].tolist() == [table.column("label")[i].as_py() for i in good]
+    assert out["index"].tolist() == row_index([table.column("key")[i].as_py() for i in good]).tolist()
     with pytest.raises(DataError, match=rf"shard {url}, row {bad_keys[0]}: image cannot be decoded"):
         DecodeImages(SIZE, on_corrupt="fail")(table)
     with pytest.raises(ValueError, match="on_corrupt"):
