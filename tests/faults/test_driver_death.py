@@ -95,7 +95,10 @@ def test_resume_after_driver_kill(tmp_path: Path, synthetic_url: str) -> None:
     command = [sys.executable, "-m", "cli.app", "run", str(path)]
     driver = start_driver(command, tmp_path / "driver.log")
     try:
-        wait_for("a chunk run", lambda: bool(runs_of(client, "driver-death", "chunk")), driver)
+        # A finished one: a chunk run is created, then its curve and artifacts logged, then ended; killing inside that
+        # window (a loaded machine stretches it) would leave no finished chunk to check the resume against.
+        wait_for("a finished chunk run", lambda: any(r.info.status == "FINISHED"
+                                                     for r in runs_of(client, "driver-death", "chunk")), driver)
         before = runs_of(client, "driver-death", "chunk")
     finally:
         kill(driver)
