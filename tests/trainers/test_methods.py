@@ -128,3 +128,13 @@ def test_load_backbone_gives_the_trained_encoder_from_a_checkpoint(tmp_path) -> 
     assert torch.equal(backbone(x), trainer.backbone(x))
     with pytest.raises(Exception, match="not a training checkpoint"):
         load_backbone({"position": {}})
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=lambda r: r.name)
+def test_a_record_and_its_class_agree_on_what_the_method_needs(record) -> None:
+    # The spec checks the record; a method class that declares its needs must say the same.
+    for need, default in (("needs_labels", False), ("needs_local_views", False), ("min_global_views", None)):
+        declared = getattr(record.build, need, default)
+        if declared is not None:
+            assert getattr(record, need) == declared, (record.name, need)
+    assert record.config is record.build.Config and record.build.name == record.name
