@@ -242,6 +242,8 @@ class _Driver:
                 self.progress.chunk_done(event)
             self.log_chunk(event)
             self.collect(block=False)
+        elif event["type"] == "diverged":
+            self.console.print(f"[red]{event['line']} diverged in chunk {event['chunk']}[/]: {event['message']}")
 
     # ---------------------------------------------------------------- the whole run
     def run(self, resume: bool) -> ExperimentSummary:

@@ -129,6 +129,7 @@ def _train_fn(config: dict[str, Any]) -> None:
     import torch
 
     from trainers.checkpoint import load_state, save_state
+    from trainers.engine.step import NonFiniteLossError
     from trainers.engine.types import Batch
     from trainers.loop import LineTrainer
 
@@ -220,7 +221,14 @@ def _train_fn(config: dict[str, Any]) -> None:
                        {"line": task.line.id, "chunk": chunk, "step": trainer.position["step"], "chunk_end": False})
 
             started = time.time()
-            result = trainer.train_chunk(chunk, batches, steps_per_epoch, on_step=on_step, on_checkpoint=on_checkpoint)
+            try:
+                result = trainer.train_chunk(chunk, batches, steps_per_epoch, on_step=on_step,
+                                             on_checkpoint=on_checkpoint)
+            except NonFiniteLossError as exc:
+                # Deterministic: a restarted group would diverge again from the same checkpoint, so the group ends
+                # here without Ray Train's retries (every rank raises: the finiteness check is all-reduced).
+                send({"type": "diverged", "line": task.line.id, "chunk": chunk, "message": str(exc)})
+                return
             dir_name = checkpoint_dir_name(task.line, chunk)
             event = {"type": "chunk", "line": task.line.id, "chunk": chunk, "job_key": job.key,
                      "checkpoint_uri": f"{config['storage_uri'].rstrip('/')}/{config['run_name']}/{dir_name}",
@@ -431,4 +439,8 @@ def train_group(
         raise TrainingError(f"training of {', '.join(t.line.id for t in tasks)} failed: {outcome['error']}") from (
             outcome["error"]
         )
+    diverged = [event for event in result.events if event["type"] == "diverged"]
+    if diverged:
+        raise TrainingError(f"training of {diverged[0]['line']} stopped at chunk {diverged[0]['chunk']} "
+                            f"(not retried): {diverged[0]['message']}")
     return result
