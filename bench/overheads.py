@@ -55,7 +55,7 @@ def tiny_overrides(args: argparse.Namespace, data_url: str, workdir: str) -> lis
         f"name={EXPERIMENT}", f"storage.workdir={workdir}", f"data.url={data_url}",
         f"data.synthetic.train={args.train}", f"data.synthetic.val={args.val}",
         "lines.method=[simclr]", "lines.strategy=[sequential]", f"stream.chunks={args.chunks}",
-        f"optim.epochs_per_chunk={args.epochs}", f"eval.linear_epochs={args.linear_epochs}",
+        f"optim.epochs_per_chunk={args.epochs}", f"eval.linear.epochs={args.linear_epochs}",
     ]
     return sets + list(args.set or [])
 

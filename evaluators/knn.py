@@ -27,9 +27,19 @@ import math
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
-__all__ = ["knn_accuracy", "knn_predict"]
+from trainers.config import ComponentConfig
+
+__all__ = ["KnnConfig", "knn_accuracy", "knn_predict"]
+
+
+class KnnConfig(ComponentConfig):
+    """The spec's `eval.knn` options."""
+
+    k: int = Field(20, ge=1, description="neighbours per query (clamped to the bank size)")
+    temperature: float = Field(0.07, gt=0, allow_inf_nan=False, description="T in the vote weight exp(cos / T)")
 
 # Bound on chunk_rows * N_train so the similarity block and its temporaries fit in a few hundred MiB.
 _MAX_BLOCK_ELEMENTS = 2**24

@@ -22,9 +22,21 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
-__all__ = ["LinearProbe", "fit_linear_probe", "linear_accuracy", "linear_probe"]
+from trainers.config import ComponentConfig
+
+__all__ = ["LinearConfig", "LinearProbe", "fit_linear_probe", "linear_accuracy", "linear_probe"]
+
+
+class LinearConfig(ComponentConfig):
+    """The spec's `eval.linear` options (the probe trains on standardised frozen features)."""
+
+    epochs: int = Field(100, ge=1, description="passes over the bank")
+    lr: float = Field(0.1, gt=0, allow_inf_nan=False, description="peak Adam LR, cosine-decayed to 0")
+    weight_decay: float = Field(1e-4, ge=0, allow_inf_nan=False, description="L2 on the probe's weights")
+    batch_size: int | None = Field(256, ge=1, description="minibatch rows; null trains full-batch")
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,7 @@ from typing import Any, Iterator
 import torch
 
 from evaluators.features import extract_features
-from evaluators.knn import knn_predict
-from evaluators.linear import linear_probe
+from evaluators.registry import EVALUATOR_REGISTRY
 from orchestrator.ingest import SplitArrays, load_split_arrays
 from orchestrator.streams import StreamPlan
 from trainers.checkpoint import load_backbone
@@ -41,9 +40,8 @@ def protocol(eval_spec: dict[str, Any], data_spec: dict[str, Any]) -> dict[str, 
         "query_split": data_spec["eval_split"],
         "image_size": data_spec["image_size"],
         "features": "frozen backbone, global pooled, eval mode",
-        "knn": {"k": eval_spec["knn_k"], "temperature": eval_spec["knn_temperature"], "weighting": "exp(cos/T)"},
-        "linear": {"epochs": eval_spec["linear_epochs"], "lr": eval_spec["linear_lr"],
-                   "weight_decay": eval_spec["linear_weight_decay"], "features": "standardised"},
+        "knn": {**eval_spec["knn"], "weighting": "exp(cos/T)"},
+        "linear": {**eval_spec["linear"], "features": "standardised", "optimizer": "adam, cosine"},
         "max_train_per_class": eval_spec["max_train_per_class"],
         "tasks": "held-out rows of each chunk's classes/domains (all rows for instance streams)",
     }
@@ -74,14 +72,8 @@ def evaluate_backbone(
                            _task_units(plan, t), len(truth))
     out: dict[str, Any] = {}
     for name in eval_spec["every_chunk"]:
-        if name == "knn":
-            pred = knn_predict(bank_feats, bank_labels, query_feats, k=eval_spec["knn_k"],
-                               temperature=eval_spec["knn_temperature"])
-        elif name == "linear":
-            pred = linear_probe(bank_feats, bank_labels, query_feats, epochs=eval_spec["linear_epochs"],
-                                lr=eval_spec["linear_lr"], weight_decay=eval_spec["linear_weight_decay"], seed=seed)
-        else:
-            raise ValueError(f"eval.every_chunk: unknown protocol {name!r}")
+        record = EVALUATOR_REGISTRY.require(name)
+        pred = record.build(bank_feats, bank_labels, query_feats, seed=seed, **record.options(eval_spec.get(name)))
         correct = pred.numpy() == truth
         out[f"{name}_top1"] = float(correct.mean())
         out[f"{name}_task_acc"] = [float(correct[m].mean()) if m.any() else float("nan") for m in masks]

@@ -38,7 +38,9 @@ from pydantic import (
 )
 from typing_extensions import TypedDict
 
+from evaluators.registry import EVALUATOR_REGISTRY
 from orchestrator.errors import SpecError
+from orchestrator.streams import STREAM_REGISTRY
 from orchestrator.spec_views import LocalViewSpec, ViewSpec, ViewsSpec  # noqa: F401  (re-exported)
 from trainers.registry import BACKBONE_REGISTRY, METHOD_REGISTRY, STRATEGY_REGISTRY, Registry
 
@@ -77,7 +79,7 @@ class DataSpec(_Strict):
 
 
 class StreamSpec(_Strict):
-    kind: Literal["instance", "random_class", "distant_class", "domain"] = Field(description="how the data is cut")
+    kind: Literal[STREAM_REGISTRY.names] = Field(description=f"how the data is cut: one of {list(STREAM_REGISTRY.names)}")
     chunks: int = Field(ge=1, le=1000, description="number of chunks T")
     seed: int = Field(0, description="seed of the plan (same seed, same plan)")
 
@@ -198,16 +200,35 @@ StrategyOptionsSpec = create_model(
 )
 
 
-class EvalSpec(_Strict):
-    every_chunk: list[Literal["knn", "linear"]] = Field(default_factory=lambda: ["knn", "linear"])
-    knn_k: int = Field(20, ge=1)
-    knn_temperature: float = Field(0.07, gt=0)
-    linear_epochs: int = Field(100, ge=1)
-    linear_lr: float = Field(0.1, gt=0)
-    linear_weight_decay: float = Field(1e-4, ge=0)
+EvaluatorName = Literal[EVALUATOR_REGISTRY.names]
+
+
+class _EvalSpecBase(_Strict):
+    every_chunk: list[EvaluatorName] = Field(
+        default_factory=lambda: list(EVALUATOR_REGISTRY.names),
+        description=f"protocols run after every chunk; one of {list(EVALUATOR_REGISTRY.names)} each",
+    )
     max_train_per_class: int | None = Field(None, ge=1, description="cap the kNN/linear training bank per class")
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, description="rows per forward pass when extracting features")
     baseline: bool = Field(True, description="also evaluate the random initialisation (for FWT and as a floor)")
+
+    @field_validator("every_chunk")
+    @classmethod
+    def _unique(cls, values: list[str]) -> list[str]:
+        if len(set(values)) != len(values):
+            raise ValueError(f"entries must be unique, got {values}")
+        return values
+
+
+# `eval.<evaluator>`: each registered evaluator's Config (`eval.knn.k`, `eval.linear.lr`), defaults filled in.
+EvalSpec = create_model(
+    "EvalSpec", __base__=_EvalSpecBase,
+    **{
+        record.name: (Annotated[record.config, BeforeValidator(_none_is_empty)],
+                      Field(default_factory=record.config, description=record.summary))
+        for record in EVALUATOR_REGISTRY.values()
+    },
+)
 
 
 class ResourcesSpec(_Strict):

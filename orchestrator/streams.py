@@ -10,7 +10,7 @@
     joint = plan.select(index, [0, 1])                            # joint training up to chunk 1
     on_task = plan.task_mask(1, val_labels, val_domains)         # evaluation rows of task 1
 
-Kinds (STREAM_KINDS):
+Kinds (`STREAM_REGISTRY`, one record each):
 - ``instance``: the rows (sorted by key) in a seeded random order, cut into near-equal chunks; every chunk
   draws from the same distribution (mild shift), so every evaluation row belongs to every task;
 - ``random_class``: the classes in a seeded random order, cut into near-equal sets, one per chunk;
@@ -34,8 +34,9 @@ import pyarrow as pa
 
 from orchestrator.data.manifest import Manifest
 from orchestrator.errors import DataError, SpecError
+from trainers.config import ComponentConfig
+from trainers.registry import Record, Registry
 
-STREAM_KINDS = ("instance", "random_class", "distant_class", "domain")
 _DIGEST_VERSION = "streamssl-stream-plan-v1"
 
 
@@ -190,14 +191,115 @@ def _too_many(kind: str, num_chunks: int, units: int, unit: str, units_name: str
     )
 
 
+@dataclass(frozen=True)
+class _Units:
+    """What a kind's partition reads: every row's label and domain (index sorted by key), the manifest, the rng."""
+
+    labels: np.ndarray
+    domains: np.ndarray
+    manifest: Manifest
+    rng: np.random.Generator
+
+    @property
+    def all_classes(self) -> tuple[int, ...]:
+        return tuple(range(self.manifest.num_classes))
+
+    @property
+    def all_domains(self) -> tuple[int, ...]:
+        return tuple(range(len(self.manifest.domains)))
+
+
+@dataclass(frozen=True)
+class _Partition:
+    """A kind's cut: the chunk of every row, of every class/domain (None when rows are the unit), and per chunk
+    the (classes, domains) it holds."""
+
+    row_chunk: np.ndarray
+    unit_chunk: np.ndarray | None
+    units: list[tuple[tuple[int, ...], tuple[int, ...]]]
+
+
+def _instance_partition(data: _Units, num_chunks: int) -> _Partition:
+    rows = len(data.labels)
+    if num_chunks > rows:
+        raise _too_many("instance", num_chunks, rows, "row", "rows")
+    row_chunk = np.empty(rows, dtype=np.int64)
+    for c, part in enumerate(np.array_split(data.rng.permutation(rows), num_chunks)):
+        row_chunk[part] = c
+    return _Partition(row_chunk, None, [(data.all_classes, data.all_domains)] * num_chunks)
+
+
+def _by_class(parts: list[np.ndarray], data: _Units) -> _Partition:
+    unit_chunk = np.full(data.manifest.num_classes, -1, dtype=np.int64)
+    for c, part in enumerate(parts):
+        unit_chunk[part] = c
+    units = [(tuple(int(x) for x in p), data.all_domains) for p in parts]
+    return _Partition(unit_chunk[data.labels], unit_chunk, units)
+
+
+def _random_class_partition(data: _Units, num_chunks: int) -> _Partition:
+    num_classes = data.manifest.num_classes
+    if num_chunks > num_classes:
+        raise _too_many("random_class", num_chunks, num_classes, "class", "classes")
+    return _by_class([np.sort(p) for p in np.array_split(data.rng.permutation(num_classes), num_chunks)], data)
+
+
+def _distant_class_partition(data: _Units, num_chunks: int) -> _Partition:
+    manifest = data.manifest
+    if not manifest.groups:
+        raise DataError(
+            f"data set {manifest.name!r} has no coarse groups, which a distant_class stream needs: "
+            "prepare it with --groups FILE (or use streamssl data synth)"
+        )
+    num_groups = len(manifest.groups)
+    if num_chunks > num_groups:
+        raise _too_many("distant_class", num_chunks, num_groups, "group", "groups",
+                        " (make more with `streamssl data synth --groups N`, or a groups file with more groups)")
+    class_group = np.array([c.group for c in manifest.classes], dtype=np.int64)
+    chunk_of_group = np.empty(num_groups, dtype=np.int64)
+    chunk_of_group[data.rng.permutation(num_groups)] = np.arange(num_groups) % num_chunks  # round-robin deal
+    return _by_class([np.flatnonzero(chunk_of_group[class_group] == c) for c in range(num_chunks)], data)
+
+
+def _domain_partition(data: _Units, num_chunks: int) -> _Partition:
+    num_domains = len(data.manifest.domains)
+    if num_chunks > num_domains:
+        raise _too_many("domain", num_chunks, num_domains, "domain", "domains",
+                        " (make more with `streamssl data synth --domains N`)")
+    parts = [np.sort(p) for p in np.array_split(data.rng.permutation(num_domains), num_chunks)]
+    unit_chunk = np.full(num_domains, -1, dtype=np.int64)
+    for c, part in enumerate(parts):
+        unit_chunk[part] = c
+    return _Partition(unit_chunk[data.domains], unit_chunk, [(data.all_classes, tuple(int(x) for x in p))
+                                                             for p in parts])
+
+
+class StreamKindConfig(ComponentConfig):
+    """Options of a stream kind (none of today's kinds has any; `stream.chunks` and `stream.seed` are common)."""
+
+
+# The order is part of every plan: each kind's rng is seeded with its position here, so append, never reorder.
+STREAM_REGISTRY = Registry("stream kind", [
+    Record("instance", _instance_partition, StreamKindConfig,
+           summary="rows in a seeded random order, cut into near-equal chunks (mild shift)"),
+    Record("random_class", _random_class_partition, StreamKindConfig,
+           summary="classes in a seeded random order, cut into near-equal sets, one per chunk"),
+    Record("distant_class", _distant_class_partition, StreamKindConfig,
+           summary="whole coarse groups per chunk: consecutive chunks are semantically far apart"),
+    Record("domain", _domain_partition, StreamKindConfig,
+           summary="domains in a seeded order, cut into near-equal sets, one per chunk"),
+])
+STREAM_KINDS = STREAM_REGISTRY.names
+
+
 def make_plan(index: pa.Table, manifest: Manifest, kind: str, num_chunks: int, seed: int) -> StreamPlan:
     """Partition the rows of `index` (key, label, domain; usually the train split) into `num_chunks` chunks.
 
     Raises SpecError naming ``stream.kind`` / ``stream.chunks`` for an unknown kind or a chunk count the data
     cannot fill, and DataError when the data lacks what the kind needs (groups) or a chunk would be empty.
     """
-    if kind not in STREAM_KINDS:
-        raise SpecError(f"stream.kind {kind!r} is not one of {list(STREAM_KINDS)}")
+    if kind not in STREAM_REGISTRY:
+        raise SpecError(f"stream.kind: {STREAM_REGISTRY.unknown(kind)}")
     if isinstance(num_chunks, bool) or not isinstance(num_chunks, (int, np.integer)) or num_chunks < 1:
         raise SpecError(f"stream.chunks must be an integer >= 1, got {num_chunks!r}")
     num_chunks = int(num_chunks)
@@ -217,57 +319,17 @@ def make_plan(index: pa.Table, manifest: Manifest, kind: str, num_chunks: int, s
     if domains.min() < 0 or domains.max() >= len(manifest.domains):
         raise DataError(f"index domains outside 0..{len(manifest.domains) - 1}: the index is not from this manifest")
     rng = np.random.default_rng(np.random.SeedSequence([seed, STREAM_KINDS.index(kind)]))
-    num_classes, num_domains = manifest.num_classes, len(manifest.domains)
-    all_classes = tuple(range(num_classes))
-    all_domains = tuple(range(num_domains))
 
-    unit_chunk = key_hashes = key_chunks = None
-    if kind == "instance":
-        if num_chunks > len(keys):
-            raise _too_many(kind, num_chunks, len(keys), "row", "rows")
-        row_chunk = np.empty(len(keys), dtype=np.int64)
-        for c, part in enumerate(np.array_split(rng.permutation(len(keys)), num_chunks)):
-            row_chunk[part] = c
+    record = STREAM_REGISTRY.require(kind)
+    part = record.build(_Units(labels, domains, manifest, rng), num_chunks)
+    row_chunk, unit_chunk, specs_units = part.row_chunk, part.unit_chunk, part.units
+    key_hashes = key_chunks = None
+    if unit_chunk is None:  # rows, not classes or domains, are the unit: look rows up by key hash
         hashes = _key_hashes(keys)
         by_hash = np.argsort(hashes, kind="stable")
         key_hashes, key_chunks = hashes[by_hash], row_chunk[by_hash].astype(np.int32)  # 12 bytes a row
         if len(key_hashes) > 1 and np.any(key_hashes[1:] == key_hashes[:-1]):
             raise DataError("two keys of the index share a 64-bit hash; rename one (vanishingly rare)")
-        specs_units = [(all_classes, all_domains)] * num_chunks
-    elif kind in ("random_class", "distant_class"):
-        if kind == "random_class":
-            if num_chunks > num_classes:
-                raise _too_many(kind, num_chunks, num_classes, "class", "classes")
-            parts = [np.sort(p) for p in np.array_split(rng.permutation(num_classes), num_chunks)]
-        else:
-            if not manifest.groups:
-                raise DataError(
-                    f"data set {manifest.name!r} has no coarse groups, which a distant_class stream needs: "
-                    "prepare it with --groups FILE (or use streamssl data synth)"
-                )
-            num_groups = len(manifest.groups)
-            if num_chunks > num_groups:
-                raise _too_many(kind, num_chunks, num_groups, "group", "groups",
-                                " (make more with `streamssl data synth --groups N`, or a groups file with more groups)")
-            class_group = np.array([c.group for c in manifest.classes], dtype=np.int64)
-            chunk_of_group = np.empty(num_groups, dtype=np.int64)
-            chunk_of_group[rng.permutation(num_groups)] = np.arange(num_groups) % num_chunks  # round-robin deal
-            parts = [np.flatnonzero(chunk_of_group[class_group] == c) for c in range(num_chunks)]
-        unit_chunk = np.full(num_classes, -1, dtype=np.int64)
-        for c, part in enumerate(parts):
-            unit_chunk[part] = c
-        row_chunk = unit_chunk[labels]
-        specs_units = [(tuple(int(x) for x in p), all_domains) for p in parts]
-    else:  # domain
-        if num_chunks > num_domains:
-            raise _too_many(kind, num_chunks, num_domains, "domain", "domains",
-                            " (make more with `streamssl data synth --domains N`)")
-        parts = [np.sort(p) for p in np.array_split(rng.permutation(num_domains), num_chunks)]
-        unit_chunk = np.full(num_domains, -1, dtype=np.int64)
-        for c, part in enumerate(parts):
-            unit_chunk[part] = c
-        row_chunk = unit_chunk[domains]
-        specs_units = [(all_classes, tuple(int(x) for x in p)) for p in parts]
 
     counts = np.bincount(row_chunk[row_chunk >= 0], minlength=num_chunks)
     empty = [c for c in range(num_chunks) if counts[c] == 0]

@@ -22,7 +22,7 @@ def tiny_spec(name: str, data_url: str, **sections: Any) -> dict[str, Any]:
         "backbone": {"width": 8, "cifar_stem": False},
         "methods": {"simclr": {"proj_hidden": 64}},
         "optim": {"lr": 0.1, "epochs_per_chunk": 2, "batch_size": 32},
-        "eval": {"linear_epochs": 5, "baseline": False},
+        "eval": {"linear": {"epochs": 5}, "baseline": False},
         "resources": {"workers": 2},
     }
     for key, value in sections.items():

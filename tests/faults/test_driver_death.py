@@ -149,7 +149,7 @@ def test_repeated_kills_leave_every_chunk_logged_and_evaluated_once(tmp_path: Pa
     lines = ["simclr-sequential", "simclr-joint"]
     path = write_spec(tmp_path, "driver-death-repeated", data_url=synthetic_url, stream={"chunks": 3},
                       lines={"method": ["simclr"], "strategy": ["sequential", "joint"]},
-                      optim={"epochs_per_chunk": 2}, eval={"linear_epochs": 30, "baseline": True})
+                      optim={"epochs_per_chunk": 2}, eval={"linear": {"epochs": 30}, "baseline": True})
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     command = [sys.executable, "-m", "cli.app", "run", str(path)]
     name = "driver-death-repeated"

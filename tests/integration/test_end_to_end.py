@@ -43,7 +43,7 @@ def finished_run(tmp_path_factory, s3, ray_local):
     spec["backbone"] = {"name": "resnet18", "width": 8}
     spec["methods"] = {"simclr": {"proj_hidden": 64}, "byol": {"proj_hidden": 64, "pred_hidden": 64}}
     spec["optim"].update(epochs_per_chunk=1, batch_size=32)
-    spec["eval"].update(linear_epochs=5)
+    spec["eval"].update(linear={"epochs": 5})
     spec["storage"] = {"workdir": str(work / "runs")}
     path = work / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))

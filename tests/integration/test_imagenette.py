@@ -46,7 +46,7 @@ def test_prepare_and_run_distant_class_stream(real_data: Path, tmp_path: Path, r
     path = tmp_path / "imagenette.yaml"
     path.write_text(yaml.safe_dump(spec))
     overrides = ["data.image_size=32", "backbone.width=8", "optim.epochs_per_chunk=1", "optim.batch_size=16",
-                 "eval.linear_epochs=5"]
+                 "eval.linear.epochs=5"]
     result = CliRunner().invoke(app, ["run", str(path), *[arg for o in overrides for arg in ("--set", o)]])
     assert result.exit_code == 0, result.output
     plan_of_spec = build_plan(load_spec(path, overrides), progress=False)  # what each job must do

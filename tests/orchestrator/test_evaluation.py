@@ -31,7 +31,7 @@ def test_a_task_without_query_rows_is_unknown_and_named(caplog) -> None:
     plan = StreamPlan("random_class", 0, chunks, "digest")
     bank = _split([c for c in range(4) for _ in range(5)])
     queries = _split([0, 0, 1, 2, 2, 2])
-    eval_spec = {"batch_size": 8, "every_chunk": ["knn"], "knn_k": 3, "knn_temperature": 0.07}
+    eval_spec = {"batch_size": 8, "every_chunk": ["knn"], "knn": {"k": 3, "temperature": 0.07}}
     backbone = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
     with caplog.at_level(logging.WARNING, logger="orchestrator.evaluation"):
         result = evaluate_backbone(backbone, bank, queries, plan, eval_spec)

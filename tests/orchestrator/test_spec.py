@@ -426,3 +426,31 @@ def test_local_views_can_go_to_some_methods_only() -> None:
     raw["views"]["local"]["methods"] = ["dino"]
     with pytest.raises(SpecError, match=r"views.local.methods: \['dino'\] not among lines.method"):
         validate_spec(raw)
+
+
+def test_evaluators_and_stream_kinds_come_from_their_records() -> None:
+    import typing
+
+    from evaluators.registry import EVALUATOR_REGISTRY
+    from orchestrator.spec import StreamSpec
+    from orchestrator.streams import STREAM_REGISTRY
+
+    assert typing.get_args(StreamSpec.model_fields["kind"].annotation) == STREAM_REGISTRY.names
+    spec = validate_spec(minimal())
+    assert spec.eval.every_chunk == list(EVALUATOR_REGISTRY.names) == ["knn", "linear"]
+    params = flatten(spec)
+    assert {k: v for k, v in params.items() if k.startswith(("eval.knn.", "eval.linear."))} == {
+        "eval.knn.k": "20", "eval.knn.temperature": "0.07", "eval.linear.epochs": "100", "eval.linear.lr": "0.1",
+        "eval.linear.weight_decay": "0.0001", "eval.linear.batch_size": "256",
+    }
+    explicit = validate_spec({**minimal(), "eval": {"knn": {"k": 20}, "linear": None}})
+    assert flatten(explicit) == params and identity_digest(explicit) == identity_digest(spec)
+    assert validate_spec({**minimal(), "eval": {"knn": {"k": 200}}}).eval.knn.k == 200
+    with pytest.raises(SpecError, match=r"eval\.knn\.kk"):
+        validate_spec({**minimal(), "eval": {"knn": {"kk": 5}}})
+    with pytest.raises(SpecError, match=r"eval\.linear\.epochs: .*got '5'"):
+        validate_spec({**minimal(), "eval": {"linear": {"epochs": "5"}}})
+    with pytest.raises(SpecError, match=r"eval\.every_chunk\[0\]: Input should be 'knn' or 'linear'"):
+        validate_spec({**minimal(), "eval": {"every_chunk": ["fewshot"]}})
+    with pytest.raises(SpecError, match=r"stream\.kind: Input should be 'instance', 'random_class'"):
+        validate_spec({**minimal(), "stream": {"kind": "online_class", "chunks": 2}})

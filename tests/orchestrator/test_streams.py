@@ -141,7 +141,7 @@ def test_errors_name_stream_chunks(data):
             assert "--groups" in str(err.value)
     with pytest.raises(SpecError, match=r"stream\.chunks must be an integer >= 1, got 0"):
         streams.make_plan(index, manifest, "instance", 0, seed=0)
-    with pytest.raises(SpecError, match=r"stream\.kind 'online_class' is not one of"):
+    with pytest.raises(SpecError, match=r"stream\.kind: unknown stream kind 'online_class'; known: instance, random_class"):
         streams.make_plan(index, manifest, "online_class", 2, seed=0)
     no_groups = manifest.model_copy(update={"groups": (), "classes": tuple(c.model_copy(update={"group": -1}) for c in manifest.classes)})
     with pytest.raises(DataError, match="no coarse groups.*--groups FILE"):
