@@ -40,13 +40,10 @@ from typing_extensions import TypedDict
 
 from evaluators.registry import EVALUATOR_REGISTRY
 from orchestrator.errors import SpecError
+from orchestrator.spec_errors import SECRET_KEY_PATTERN, describe_validation_error
 from orchestrator.streams import STREAM_REGISTRY
 from orchestrator.spec_views import LocalViewSpec, ViewSpec, ViewsSpec  # noqa: F401  (re-exported)
 from trainers.registry import BACKBONE_REGISTRY, METHOD_REGISTRY, STRATEGY_REGISTRY, Registry
-
-# Keys whose values are credentials or may carry them; never recorded anywhere.
-SECRET_KEY_PATTERN = re.compile(r"(secret|password|token|key|credential|session)", re.IGNORECASE)
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -404,85 +401,14 @@ def identity_digest(spec: Spec) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# Sections discriminated on `name`: pydantic puts the tag in the error location; the user's path has none.
-_TAGGED_SECTIONS: dict[str, dict[str, type[BaseModel]]] = {"backbone": BACKBONE_VARIANTS}
-
-
-def _user_location(loc: tuple[Any, ...]) -> tuple[Any, ...]:
-    if len(loc) >= 2 and loc[0] in _TAGGED_SECTIONS and loc[1] in _TAGGED_SECTIONS[loc[0]]:
-        return (loc[0], *loc[2:])
-    return loc
-
-
-def _format_location(loc: tuple[Any, ...]) -> str:
-    parts = []
-    for item in loc:
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-        else:
-            parts.append(("." if parts else "") + str(item))
-    return "".join(parts) or "(spec)"
-
-
-def _fields_of(model: type[BaseModel]) -> list[str]:
-    return [info.alias or name for name, info in model.model_fields.items()]
-
-
-def _unknown_field_message(loc: tuple[Any, ...]) -> str:
-    """What to say about an unknown key at `loc` (pydantic's location, tags included): the names allowed there."""
-    parent = loc[:-1]
-    if parent == ("methods",):
-        return f"unknown method; known: {', '.join(METHOD_REGISTRY.names)}"
-    if len(parent) == 2 and parent[0] == "methods" and parent[1] in METHOD_REGISTRY:
-        return f"unknown option of {parent[1]}; allowed: {', '.join(METHOD_REGISTRY[parent[1]].option_names())}"
-    model: Any = Spec
-    if len(parent) >= 2 and parent[0] in _TAGGED_SECTIONS and parent[1] in _TAGGED_SECTIONS[parent[0]]:
-        model, parent = _TAGGED_SECTIONS[parent[0]][parent[1]], parent[2:]
-    for part in parent:
-        fields = {info.alias or name: info for name, info in model.model_fields.items()}
-        annotation = fields[part].annotation if part in fields else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            model = None
-            break
-        model = annotation
-    if model is None:
-        return "unknown field (check the spelling; see examples/quickstart.yaml)"
-    return f"unknown field; allowed: {', '.join(_fields_of(model))} (check the spelling)"
-
-
-def _shows_input(err: Any) -> bool:
-    """Echo the offending value when it is a short scalar and its field cannot hold a credential."""
-    value, loc = err.get("input"), err["loc"]
-    if not isinstance(value, (str, int, float)) or len(repr(value)) > 60:
-        return False
-    return not any(SECRET_KEY_PATTERN.search(str(part)) for part in loc)
-
-
-# "backbone.patch_size: ..." from a model validator: report it at that field rather than at the spec.
-_NAMED_MESSAGE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+): (.+)$", re.DOTALL)
-
-
 def validate_spec(raw: Any, source: str = "spec") -> Spec:
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: the spec must be a mapping of fields, got {type(raw).__name__}")
     try:
         return Spec.model_validate(raw)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            loc = _format_location(_user_location(tuple(err["loc"])))
-            msg = err["msg"].removeprefix("Value error, ")
-            named = _NAMED_MESSAGE.match(msg) if not err["loc"] else None
-            if named:  # a check across sections whose message starts with the field it is about
-                loc, msg = named.group(1), named.group(2)
-            if err["type"] == "extra_forbidden":
-                msg = _unknown_field_message(tuple(err["loc"]))
-            elif err["type"] in ("model_type", "dict_type", "model_attributes_type"):
-                msg = "expected a mapping of fields (key: value)"
-            elif _shows_input(err):
-                msg = f"{msg} (got {err['input']!r})"
-            lines.append(f"  {loc}: {msg}")
-        raise SpecError(f"{source}: invalid spec\n" + "\n".join(lines)) from None
+        lines = describe_validation_error(exc, Spec, {"backbone": BACKBONE_VARIANTS})
+        raise SpecError(f"{source}: invalid spec\n" + "\n".join(f"  {line}" for line in lines)) from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
