@@ -27,22 +27,20 @@ import argparse
 import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # `python bench/overheads.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
 
+from bench.checkpoint_costs import checkpoint_costs
 from bench.common import REPO_ROOT, add_common_arguments, median, print_table, resolve_device, write_results
+from bench.logging_costs import LocalMlflowServer, logging_costs
 
 QUICKSTART = REPO_ROOT / "examples" / "quickstart.yaml"
 EXPERIMENT = "bench-overheads"
@@ -270,163 +268,6 @@ def analyse_run(run: dict[str, Any], checkpoint_save_s: float | None) -> dict[st
             if plan_m["worker_group_stop_seconds"] > 10 else "")
     return {"stages": stages, "per_chunk": per_chunk, "orchestration": rows,
             "run_wall_s": run["exited"] - t0, "synthetic_data_s": run["synthetic_data_s"]}
-
-
-# ---------------------------------------------------------------------------------------------- 2. checkpoints
-
-
-def checkpoint_state(cfg) -> dict[str, Any]:
-    """A LineTrainer's full state as the runner saves it, with SGD momentum buffers as after a first step."""
-    from bench.step_throughput import loop_config
-    from trainers.loop import LineTrainer
-
-    trainer = LineTrainer(loop_config(cfg), device="cpu")
-    for group in trainer.optimizer.param_groups:
-        for p in group["params"]:
-            trainer.optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
-    return {**trainer.state_dict(), "line_index": 0, "line_id": f"{cfg.method}-sequential",
-            "chunk_event": {"type": "chunk", "chunk": 0}}
-
-
-def checkpoint_costs(models: list[tuple[str, Any]], reps: int, scratch: Path) -> list[dict[str, Any]]:
-    import pyarrow.fs as pafs
-    import ray.train
-
-    from orchestrator.storage import pyarrow_filesystem
-    from trainers.checkpoint import load_state, save_state
-
-    out = []
-    for label, cfg in models:
-        state = checkpoint_state(cfg)
-        params = sum(p.numel() for p in state["method"].values() if torch.is_tensor(p))
-        times: dict[str, list[float]] = {"local_save": [], "local_load": [], "memory_save": [], "memory_load": []}
-        size = 0
-        for rep in range(reps):
-            folder = scratch / f"ckpt-{label}-{rep}"
-            t = time.perf_counter()
-            path = save_state(folder, state)
-            times["local_save"].append(time.perf_counter() - t)
-            size = path.stat().st_size
-            t = time.perf_counter()
-            load_state(folder)
-            times["local_load"].append(time.perf_counter() - t)
-            # memory://: what a persisted checkpoint costs: save locally, copy up (as ray.train.report persists it)
-            fs, mem_path = pyarrow_filesystem(f"memory://bench-ckpt/{label}-{rep}")
-            with tempfile.TemporaryDirectory(dir=scratch) as tmp:
-                t = time.perf_counter()
-                save_state(tmp, state)
-                pafs.copy_files(tmp, mem_path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-                times["memory_save"].append(time.perf_counter() - t)
-            t = time.perf_counter()
-            with ray.train.Checkpoint(mem_path, filesystem=fs).as_directory() as restored:
-                load_state(restored)
-            times["memory_load"].append(time.perf_counter() - t)
-            for p in folder.iterdir():
-                p.unlink()
-            folder.rmdir()
-            fs.delete_dir(mem_path)
-        out.append({"model": label, "model_tensors_M": params / 1e6, "file_mb": size / 2**20, "reps": reps, "seconds": times,
-                    **{f"median_{k}_s": median(v) for k, v in times.items()}})
-        del state
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- 3. MLflow logging
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class LocalMlflowServer:
-    """`mlflow server` on 127.0.0.1 with its own SQLite store, in its own process group (stopped by that group id)."""
-
-    def __init__(self, folder: Path, timeout: float = 120.0):
-        self.folder, self.timeout = folder, timeout
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-        self.start_s: float | None = None
-
-    def __enter__(self) -> "LocalMlflowServer":
-        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
-               "--artifacts-destination", str(self.folder / "artifacts"), "--serve-artifacts",
-               "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
-        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-        log = open(self.folder / "server.log", "ab")
-        started = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.folder,
-                                     start_new_session=True)
-        log.close()
-        while time.perf_counter() - started < self.timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {self.proc.returncode}: "
-                                   f"{(self.folder / 'server.log').read_text(errors='replace')[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=1):
-                    self.start_s = time.perf_counter() - started
-                    return self
-            except OSError:
-                time.sleep(0.3)
-        self.__exit__()
-        raise RuntimeError(f"mlflow server on {self.uri} did not answer within {self.timeout:.0f} s")
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.proc is None:
-            return
-        proc, self.proc = self.proc, None
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)  # the group this server's Popen created, nothing else
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-
-
-def logging_costs(uri: str, calls: int, chunks: int, steps_per_chunk: int, spec, artifact_root: str | None = None
-                  ) -> dict[str, Any]:
-    """Per-call cost of logging one step's metrics, and of the calls log_chunk makes for one chunk."""
-    from orchestrator.spec import flatten
-    from orchestrator.tracking import lineage as tr
-    from orchestrator.tracking.tracker import Tracker
-
-    tracker = Tracker(uri, "bench-logging", artifact_root)
-    run_id = tracker.create_run("per-step-logging", {tr.RUN_TYPE: "bench"})
-    tracker.log_metrics(run_id, {"loss": 1.0}, step=0)  # warm: connection, tables
-    per_call = []
-    for i in range(calls):
-        t = time.perf_counter()
-        tracker.log_metrics(run_id, {"loss": 5.0 - i * 1e-3, "lr": 0.3, "samples_per_s": 1000.0 + i}, step=i + 1)
-        per_call.append(time.perf_counter() - t)
-    tracker.end_run(run_id)
-    params = flatten(spec)
-    per_chunk = []
-    for k in range(chunks):
-        t = time.perf_counter()
-        now_ms = int(time.time() * 1000)
-        chunk_run = tracker.create_run(f"bench/chunk-{k}", {tr.RUN_TYPE: "chunk", tr.CHUNK: str(k)}, start_ms=now_ms)
-        tracker.log_params(chunk_run, {**params, "line.method": "simclr", "line.strategy": "sequential",
-                                       "chunk": str(k)})
-        tracker.log_metric_series(chunk_run, "train_loss", [5.0 - 0.01 * s for s in range(steps_per_chunk)],
-                                  now_ms - 1000, now_ms)
-        tracker.log_metrics(chunk_run, {"final_loss": 4.0, "steps": steps_per_chunk, "samples": 128 * steps_per_chunk,
-                                        "train_seconds": 1.0, "samples_per_s": 100.0, "world_size": 2, "restarts": 0,
-                                        "resumed_from_step": 0, "corrupt_rows_skipped_total": 0,
-                                        "training_rows": 800})
-        tracker.log_dataset(chunk_run, "file:///bench/data", "bench-chunks", f"digest-{k:032d}", "train")
-        tracker.end_run(chunk_run, "FINISHED")
-        per_chunk.append(time.perf_counter() - t)
-    return {"uri": uri if not uri.startswith("sqlite") else "sqlite (local file)", "calls": calls,
-            "per_call_s": per_call, "median_per_call_s": median(per_call),
-            "log_chunk_equivalent_s": per_chunk, "median_log_chunk_s": median(per_chunk),
-            "params_per_chunk_run": len(params) + 3, "steps_per_chunk": steps_per_chunk}
 
 
 def measured_step_s(spec, reps: int = 5) -> dict[str, Any]:
