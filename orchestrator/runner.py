@@ -56,7 +56,7 @@ def loop_config(spec: Spec, line: Line, use_gpu: bool, plan: ExperimentPlan | No
         backbone=spec.backbone.name,
         backbone_options=spec.backbone.model_dump(exclude={"name"}),
         method_options=dict(spec.methods.get(line.method, {})),
-        strategy_options=spec.strategy.joint.model_dump() if line.strategy == "joint" else {},
+        strategy_options=spec.strategy_options(line.strategy),
         optimizer=spec.optim.name,
         lr=spec.optim.lr,
         momentum=spec.optim.momentum,
@@ -175,9 +175,9 @@ def _train_fn(config: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory() as folder:
                 checkpoint = None
                 started = time.perf_counter()
-                generators = trainer.generator_states()  # every rank's, so each resumes its own
+                ranks = trainer.rank_states()  # every rank's generator and strategy shard, so each resumes its own
                 if rank == 0:
-                    save_state(folder, {**trainer.state_dict(), "generators": generators, "line_index": line_index,
+                    save_state(folder, {**trainer.state_dict(), **ranks, "line_index": line_index,
                                         "line_id": task.line.id, "chunk_event": chunk_event})
                     if chunk_event is not None:
                         with open(os.path.join(folder, CHUNK_EVENT_FILE), "w") as f:

@@ -36,7 +36,7 @@ from trainers.methods.global_bn import convert_global_bn
 from trainers.optim import LR_SCALING, OPTIMIZERS, build_optimizer, scaled_lr, set_lr
 from trainers.registry import METHOD_REGISTRY
 from trainers.schedules import SCHEDULES, SCOPE, build_schedule
-from trainers.strategies import build_strategy
+from trainers.strategies import ChunkEnd, build_strategy
 from trainers.viewplan import ViewPlan, make_view_set
 from trainers.views import AugmentConfig
 
@@ -188,7 +188,7 @@ class LineTrainer:
         self.device = torch.device(device)
         self.wrap_model = wrap_model or (lambda m: m)
         self.rank = rank
-        self.strategy = build_strategy(cfg.strategy, **cfg.strategy_options)
+        self.strategy = build_strategy(cfg.strategy, cfg.strategy_options)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.seed * 1_000_003 + rank)
         self._build()
@@ -224,10 +224,10 @@ class LineTrainer:
         return {
             "method": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "strategy": self.strategy.state_dict(),
+            # Every rank's strategy state and augmentation generator, by rank: this rank's only; under DDP the
+            # caller stores `rank_states()` (gathered from all ranks) here instead.
+            "strategy": [self.strategy.state_dict()],
             "position": dict(self.position),
-            # Every rank's augmentation generator, by rank: this rank's only; under DDP the caller stores
-            # `generator_states()` (gathered from all ranks) here instead.
             "generators": [self.generator.get_state()],
             "generator_device": self.device.type,
             "config": asdict(self.cfg),
@@ -235,17 +235,27 @@ class LineTrainer:
 
     def generator_states(self) -> list[torch.Tensor]:
         """Every rank's generator state, by rank. Under DDP a collective: all ranks call it together."""
-        own = self.generator.get_state()
+        return self.rank_states()["generators"]
+
+    def rank_states(self) -> dict[str, list[Any]]:
+        """What each rank holds alone (its generator, its strategy state: a replay shard), gathered by rank, as
+        `state_dict()`'s "generators" and "strategy". Under DDP a collective: all ranks call it together."""
+        own = (self.generator.get_state(), self.strategy.state_dict())
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return [own]
-        states: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(states, own)
-        return states
+            states = [own]
+        else:
+            states = [None] * dist.get_world_size()
+            dist.all_gather_object(states, own)
+        return {"generators": [g for g, _ in states], "strategy": [st for _, st in states]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.strategy.load_state_dict(state["strategy"])
+        strategy_states = state["strategy"]
+        if isinstance(strategy_states, dict):  # a checkpoint from before per-rank strategy state
+            strategy_states = [strategy_states]
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.strategy.load_state_dict(strategy_states, self.rank, world)
         self.position = {**_START_OF_LINE, **state["position"]}
         generators = state.get("generators") or ([state["generator"]] if "generator" in state else [])
         # A rank restores its own stream of crops and colours; a state from another kind of device (a CUDA checkpoint
@@ -290,6 +300,8 @@ class LineTrainer:
         line_scope = SCOPE[cfg.schedule] == "line"
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
             else (self.rank, 1)
+        self.strategy.setup(rank, world)
+        extra_losses = self.strategy.extra_losses(self.method)
         self.method.train()
         losses: list[torch.Tensor] = []
         lrs: list[float] = []
@@ -321,13 +333,16 @@ class LineTrainer:
                 lr = schedule.lr(self.position["line_step"] if line_scope else step)
                 set_lr(self.optimizer, lr)
                 batch = batch.to(self.device, non_blocking=True)
-                views = make_view_set(batch.images, cfg.views, generator=self.generator)
-                if cfg.channels_last:
-                    views = views.map(lambda v: v.contiguous(memory_format=torch.channels_last))
                 ctx = StepContext(step=self.position["line_step"], total_steps=cfg.line_steps or None, chunk=chunk,
                                   epoch=epoch, lr=lr, rank=rank, world_size=world,
                                   steps_per_epoch=steps_per_epoch)
-                out = train_step(self.model, self.method, self.optimizer, views, batch, ctx, autocast=autocast)
+                mixed = self.strategy.prepare_batch(batch, ctx)  # replay's rows join here
+                views = make_view_set(mixed.images, cfg.views, generator=self.generator)
+                if cfg.channels_last:
+                    views = views.map(lambda v: v.contiguous(memory_format=torch.channels_last))
+                out = train_step(self.model, self.method, self.optimizer, views, mixed, ctx, autocast=autocast,
+                                 extra_losses=extra_losses)
+                self.strategy.after_step(batch, ctx)
                 losses.append(out.loss.detach().float())
                 lrs.append(lr)
                 size = len(batch)
@@ -354,6 +369,9 @@ class LineTrainer:
                                                  chunk=chunk, epoch=epoch, rank=rank, world_size=world,
                                                  steps_per_epoch=steps_per_epoch))
         self._check_finite(chunk, losses, lrs, checked, first_step, weights=True)
+        # Importances, buffer merges: on every rank, before the chunk-end checkpoint the caller writes.
+        self.strategy.on_chunk_end(ChunkEnd(self.method, chunk, lambda: batches(0, 0), self.device, rank, world,
+                                            max_batches=steps_per_epoch))
         loss_values = torch.stack(losses).cpu().tolist() if losses else []
         self.position.update(chunks_done=self.position["chunks_done"] + 1, chunk=-1, epoch=0, step=0, epoch_step=0)
         return ChunkReport(

@@ -1,24 +1,39 @@
-"""Continual strategies: which data a chunk trains on, how its weights start, and any state they carry.
+"""Continual strategies: which data a chunk trains on, how its weights start, what the steps add, their state.
 
-A strategy has `training_chunks(t) -> list[int]`, `reset_weights_at(t) -> bool`, and `state_dict()` /
-`load_state_dict()` for what goes into a checkpoint (replay buffers, importances, ...). Its records (class,
-`Config`, needs) are in `trainers.registry.STRATEGY_REGISTRY`; `STRATEGIES` (name -> class) is a read-only view.
+A line's strategy is a base (`sequential`, `joint`) and any aids (`replay`, `mas`) written `sequential+replay+mas`;
+`build_strategy` makes the `StrategyStack` of them (the protocol is in `trainers.strategies.base`). Their
+records (class, `Config`) are in `trainers.registry.STRATEGY_REGISTRY`; `STRATEGIES` (name -> class) is a
+read-only view.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+from trainers.strategies.base import ChunkEnd, Strategy, StrategyStack
 from trainers.strategies.joint import Joint, JointConfig
+from trainers.strategies.mas import MAS, MASConfig
+from trainers.strategies.replay import Replay, ReplayConfig
 from trainers.strategies.sequential import Sequential, SequentialConfig
 
 
-def build_strategy(name: str, **options: Any):
-    """The strategy `name` with `options` validated (defaults filled in) by its record's `Config`."""
+def strategy_parts(name: str) -> list[str]:
+    """'sequential+replay+mas' -> ['sequential', 'replay', 'mas']."""
+    return [part.strip() for part in name.split("+")]
+
+
+def build_strategy(name: str, options: Mapping[str, Mapping[str, Any]] | None = None) -> StrategyStack:
+    """The line strategy `name` (`base+aid+...`), each part with its `options[part]` validated (defaults filled
+    in) by its record's `Config`."""
     from trainers.registry import STRATEGY_REGISTRY
 
-    record = STRATEGY_REGISTRY.require(name)
-    return record.build(**record.options(options))
+    options = options or {}
+    parts = []
+    for part in strategy_parts(name):
+        record = STRATEGY_REGISTRY.require(part)
+        parts.append(record.build(**record.options(options.get(part))))
+    return StrategyStack(parts)
 
 
 def __getattr__(name: str) -> Any:
@@ -29,4 +44,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["STRATEGIES", "Joint", "JointConfig", "Sequential", "SequentialConfig", "build_strategy"]
+__all__ = ["MAS", "STRATEGIES", "ChunkEnd", "Joint", "JointConfig", "MASConfig", "Replay", "ReplayConfig", "Sequential",
+           "SequentialConfig", "Strategy", "StrategyStack", "build_strategy", "strategy_parts"]

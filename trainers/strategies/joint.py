@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pydantic import Field
 
 from trainers.config import ComponentConfig
+from trainers.strategies.base import Strategy
 
 
 class JointConfig(ComponentConfig):
@@ -23,18 +24,13 @@ class JointConfig(ComponentConfig):
 
 
 @dataclass(frozen=True)
-class Joint:
+class Joint(Strategy):
     from_scratch: bool = JointConfig().from_scratch
     name = "joint"
+    is_base = True
 
     def training_chunks(self, chunk: int) -> list[int]:
         return list(range(chunk + 1))
 
     def reset_weights_at(self, chunk: int) -> bool:
         return self.from_scratch and chunk > 0
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        return None

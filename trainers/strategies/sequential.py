@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from trainers.config import ComponentConfig
+from trainers.strategies.base import Strategy
 
 
 class SequentialConfig(ComponentConfig):
@@ -12,17 +13,12 @@ class SequentialConfig(ComponentConfig):
 
 
 @dataclass(frozen=True)
-class Sequential:
+class Sequential(Strategy):
     name = "sequential"
+    is_base = True
 
     def training_chunks(self, chunk: int) -> list[int]:
         return [chunk]
 
     def reset_weights_at(self, chunk: int) -> bool:
         return False
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        return None
