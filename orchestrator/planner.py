@@ -32,7 +32,8 @@ class Line:
 
     @property
     def id(self) -> str:
-        return f"{self.method}-{self.strategy}"
+        """`simclr-sequential`, `simclr-sequential-replay-mas`: usable in MLflow metric keys (no '+')."""
+        return "-".join([self.method, *self.strategy.split("+")])
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,17 @@ def check_labels(spec: Spec, labels: np.ndarray) -> None:
             )
 
 
+def check_strategies(spec: Spec, stream) -> None:
+    """Strategy options the stream cannot satisfy, as SpecErrors before anything trains."""
+    if "replay" in spec.strategies_used and stream.num_chunks > 1:
+        seen = sum(chunk.rows for chunk in stream.chunks[:-1])  # what the buffer can have taken in before the last chunk
+        if spec.strategy.replay.size > seen:
+            raise SpecError(
+                f"strategy.replay.size: {spec.strategy.replay.size} rows, but the stream delivers only {seen} rows "
+                f"before its last chunk, so the buffer could never fill; use at most {seen}"
+            )
+
+
 def build_plan(spec: Spec, progress: bool = True) -> ExperimentPlan:
     manifest = ensure_data(spec, progress=progress)
     for split in (spec.data.train_split, spec.data.eval_split):
@@ -115,6 +127,7 @@ def build_plan(spec: Spec, progress: bool = True) -> ExperimentPlan:
     index = read_index(spec.data.url, spec.data.train_split, storage_options=spec.data.storage_options)
     check_labels(spec, np.asarray(index.column("label").to_numpy()))
     stream = make_plan(index, manifest, spec.stream.kind, spec.stream.chunks, spec.stream.seed)
+    check_strategies(spec, stream)
     identity = identity_digest(spec)
     plan_key = _digest(identity, manifest.digest, stream.digest)
     lines = [Line(m, s) for m in spec.lines.method for s in spec.lines.strategy]

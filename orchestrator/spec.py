@@ -82,14 +82,39 @@ class StreamSpec(_Strict):
 
 
 MethodName = Literal[METHOD_REGISTRY.names]
-StrategyName = Literal[STRATEGY_REGISTRY.names]
+
+
+def line_strategy(entry: Any, where: str) -> str:
+    """A `lines.strategy` entry (`sequential`, `sequential+replay`, or `[sequential, replay, mas]`) as the line's
+    strategy name `base+aid+...`: known parts, one base (sequential or joint) first, no part twice."""
+    parts = entry if isinstance(entry, list) else str(entry).split("+") if isinstance(entry, str) else None
+    if not parts or not all(isinstance(p, str) and p.strip() for p in parts):
+        raise ValueError(f"{where}: expected a strategy name or a list of them, got {entry!r}")
+    parts = [p.strip() for p in parts]
+    unknown = [p for p in parts if p not in STRATEGY_REGISTRY]
+    if unknown:
+        raise ValueError(f"{where}: unknown strategy {unknown[0]!r}; known: {', '.join(STRATEGY_REGISTRY.names)}")
+    bases = [p for p in parts if STRATEGY_REGISTRY[p].build.is_base]
+    if len(bases) != 1 or parts[0] != bases[0]:
+        raise ValueError(f"{where}: {parts} needs exactly one base strategy (sequential or joint), first, then "
+                         "the aids (e.g. [sequential, replay, mas])")
+    if len(set(parts)) != len(parts):
+        raise ValueError(f"{where}: a strategy is listed twice in {parts}")
+    return "+".join(parts)
 
 
 class LinesSpec(_Strict):
     method: list[MethodName] = Field(min_length=1, description="SSL methods; one line each")
-    strategy: list[StrategyName] = Field(
-        min_length=1, description="sequential: chunk t from chunk t-1's weights; joint: chunks 1..t together"
+    strategy: list[Union[str, list[str]]] = Field(
+        min_length=1,
+        description="one line per entry: a base (sequential: chunk t from chunk t-1's weights; joint: chunks 0..t "
+                    "together) and any aids after it, as a list or joined with '+': [sequential, replay, mas]",
     )
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategies(cls, values: list[Any]) -> list[str]:
+        return [line_strategy(value, f"lines.strategy[{i}]") for i, value in enumerate(values)]
 
     @field_validator("method", "strategy")
     @classmethod
@@ -290,7 +315,8 @@ class Spec(_Strict):
             raise ValueError(
                 f"backbone.{exc} (data.image_size {self.data.image_size}, views.global.size {self.view_size})"
             ) from None
-        if self.optim.schedule == "cosine_line" and "joint" in self.lines.strategy and self.strategy.joint.from_scratch:
+        joint_lines = any(s.split("+")[0] == "joint" for s in self.lines.strategy)
+        if self.optim.schedule == "cosine_line" and joint_lines and self.strategy.joint.from_scratch:
             raise ValueError(
                 "optim.schedule cosine_line runs one schedule over all chunks of a line, but a joint line with "
                 "strategy.joint.from_scratch restarts every chunk from random weights; use cosine (per chunk)"
@@ -348,6 +374,17 @@ class Spec(_Strict):
     def checkpoint_url(self) -> str:
         return self.storage.checkpoints or str(self.workdir / "checkpoints")
 
+    def strategy_options(self, line_strategy: str) -> dict[str, dict[str, Any]]:
+        """`{part: options}` for each part of a line's strategy (`sequential+replay`) that has options."""
+        return {part: getattr(self.strategy, part).model_dump() for part in line_strategy.split("+")
+                if part in StrategyOptionsSpec.model_fields}
+
+    @property
+    def strategies_used(self) -> list[str]:
+        """Every strategy some line uses, base or aid, in registry order."""
+        used = {part for line in self.lines.strategy for part in line.split("+")}
+        return [name for name in STRATEGY_REGISTRY.names if name in used]
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict with the YAML field names (aliases), secrets redacted."""
         return redact(self.model_dump(mode="json", by_alias=True))
@@ -366,9 +403,11 @@ def redact(value: Any) -> Any:
 
 
 def _recorded(spec: Spec) -> dict[str, Any]:
-    """`spec.to_dict()` with only the methods the lines train: options of a method no line uses change no number."""
+    """`spec.to_dict()` with only the methods and strategies the lines use: options of a component no line uses
+    change no number."""
     data = spec.to_dict()
     data["methods"] = {name: data["methods"][name] for name in spec.lines.method}
+    data["strategy"] = {name: options for name, options in data["strategy"].items() if name in spec.strategies_used}
     return data
 
 

@@ -38,6 +38,8 @@ from trainers.methods.swav import SwAV, SwAVConfig
 from trainers.methods.simsiam import SimSiam, SimSiamConfig
 from trainers.methods.supervised import Supervised, SupervisedConfig
 from trainers.strategies.joint import Joint, JointConfig
+from trainers.strategies.mas import MAS, MASConfig
+from trainers.strategies.replay import Replay, ReplayConfig
 from trainers.strategies.sequential import Sequential, SequentialConfig
 
 
@@ -160,6 +162,9 @@ BACKBONE_REGISTRY = Registry("backbone", [
 STRATEGY_REGISTRY = Registry("strategy", [
     Record("sequential", Sequential, SequentialConfig, summary="ST: chunk t from chunk t-1's weights"),
     Record("joint", Joint, JointConfig, summary="JT: chunks 0..t together"),
+    Record("replay", Replay, ReplayConfig, summary="aid: a buffer of past chunks' rows mixed into every batch"),
+    Record("mas", MAS, MASConfig,
+           summary="aid: penalty on moving the weights the past representation depends on (Aljundi et al., 2018)"),
 ])
 
 __all__ = ["BACKBONE_REGISTRY", "METHOD_REGISTRY", "Record", "Registry", "STRATEGY_REGISTRY"]

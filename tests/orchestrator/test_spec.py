@@ -186,9 +186,10 @@ def test_allowed_names_come_from_the_registry() -> None:
     from trainers.registry import METHOD_REGISTRY, STRATEGY_REGISTRY
 
     method_item = typing.get_args(LinesSpec.model_fields["method"].annotation)[0]
-    strategy_item = typing.get_args(LinesSpec.model_fields["strategy"].annotation)[0]
     assert typing.get_args(method_item) == METHOD_REGISTRY.names
-    assert typing.get_args(strategy_item) == STRATEGY_REGISTRY.names
+    known = ", ".join(STRATEGY_REGISTRY.names)
+    with pytest.raises(SpecError, match=rf"lines\.strategy: .*lines\.strategy\[1\]: unknown strategy 'ewc'; known: {known}"):
+        validate_spec({**minimal(), "lines": {"method": ["simclr"], "strategy": ["sequential", ["sequential", "ewc"]]}})
     raw = {**minimal(), "lines": {"method": ["nosuch"], "strategy": ["sequential"]}}
     with pytest.raises(SpecError, match=r"lines\.method\[0\]: Input should be 'simclr', 'byol'.* \(got 'nosuch'\)"):
         validate_spec(raw)
@@ -315,7 +316,9 @@ def test_strategy_options_come_from_the_strategy_records() -> None:
 
     spec = validate_spec(minimal())
     assert spec.strategy.joint == JointConfig() and spec.strategy.joint.model_dump() == {"from_scratch": True}
-    assert flatten(spec)["strategy.joint.from_scratch"] == "True"
+    assert "strategy.joint.from_scratch" not in flatten(spec)  # minimal() trains no joint line
+    joint = validate_spec({**minimal(), "lines": {"method": ["simclr"], "strategy": ["sequential", "joint"]}})
+    assert flatten(joint)["strategy.joint.from_scratch"] == "True"
     with pytest.raises(SpecError, match=r"strategy\.joint\.from_scrach: unknown field; allowed: from_scratch"):
         validate_spec({**minimal(), "strategy": {"joint": {"from_scrach": False}}})
     with pytest.raises(SpecError, match=r"strategy\.joint\.from_scratch: Input should be a valid boolean"):
@@ -454,3 +457,28 @@ def test_evaluators_and_stream_kinds_come_from_their_records() -> None:
         validate_spec({**minimal(), "eval": {"every_chunk": ["fewshot"]}})
     with pytest.raises(SpecError, match=r"stream\.kind: Input should be 'instance', 'random_class'"):
         validate_spec({**minimal(), "stream": {"kind": "online_class", "chunks": 2}})
+
+
+def test_lines_compose_a_base_strategy_with_aids() -> None:
+    spec = validate_spec({**minimal(), "lines": {"method": ["simclr"],
+                                                 "strategy": ["sequential", ["sequential", "replay", "mas"],
+                                                              "sequential+replay", "joint"]},
+                          "strategy": {"replay": {"size": 500, "ratio": 1.0}}})
+    assert spec.lines.strategy == ["sequential", "sequential+replay+mas", "sequential+replay", "joint"]
+    assert spec.strategy_options("sequential+replay+mas") == {
+        "replay": {"size": 500, "ratio": 1.0, "policy": "reservoir", "seed": 0}, "mas": {"lambd": 1.0, "batches": 20}}
+    params = flatten(spec)
+    assert params["strategy.replay.size"] == "500" and params["strategy.mas.lambd"] == "1.0"
+    # Options of a strategy no line uses are not recorded (they change no number).
+    assert not any(k.startswith("strategy.replay") for k in flatten(validate_spec(minimal())))
+    assert validate_spec(spec.model_dump(mode="json", by_alias=True)) == spec
+    for entry, says in [(["replay", "sequential"], "exactly one base strategy"),
+                        (["sequential", "joint"], "exactly one base strategy"),
+                        (["sequential", "mas", "mas"], "listed twice"), ([], "expected a strategy name")]:
+        with pytest.raises(SpecError, match=rf"lines\.strategy\[0\]: .*{says}"):
+            validate_spec({**minimal(), "lines": {"method": ["simclr"], "strategy": [entry]}})
+    for options, path in [({"replay": {"ratio": 1.5}}, r"strategy\.replay\.ratio"),
+                          ({"replay": {"sise": 5}}, r"strategy\.replay\.sise"),
+                          ({"mas": {"lambd": -1}}, r"strategy\.mas\.lambd")]:
+        with pytest.raises(SpecError, match=path):
+            validate_spec({**minimal(), "strategy": options})

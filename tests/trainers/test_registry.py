@@ -12,7 +12,7 @@ from trainers.backbones.resnet import ResNetConfig
 from trainers.config import ComponentConfig
 from trainers.methods import BYOL, METHODS, BYOLConfig, SimCLR, SimCLRConfig, nt_xent_loss
 from trainers.registry import BACKBONE_REGISTRY, METHOD_REGISTRY, STRATEGY_REGISTRY, Record, Registry
-from trainers.strategies import STRATEGIES, Joint, JointConfig, build_strategy
+from trainers.strategies import MAS, Replay, STRATEGIES, Joint, JointConfig, build_strategy
 from tests.trainers.method_helpers import SMALL_OPTIONS as SMALL
 
 ALL_RECORDS = [r for registry in (METHOD_REGISTRY, BACKBONE_REGISTRY, STRATEGY_REGISTRY) for r in registry.values()]
@@ -25,11 +25,12 @@ def _backbone() -> torch.nn.Module:
 def test_registries_hold_todays_components_and_the_old_maps_are_views_of_them() -> None:
     assert METHOD_REGISTRY.names[:2] == ("simclr", "byol")  # later methods are appended
     assert BACKBONE_REGISTRY.names == ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "vit_tiny")
-    assert STRATEGY_REGISTRY.names == ("sequential", "joint")
+    assert STRATEGY_REGISTRY.names == ("sequential", "joint", "replay", "mas")
     assert dict(METHODS) == {name: r.build for name, r in METHOD_REGISTRY.items()}
     assert METHODS["simclr"] is SimCLR and METHODS["byol"] is BYOL
     assert dict(BACKBONES) == {name: r.build for name, r in BACKBONE_REGISTRY.items()}
-    assert dict(STRATEGIES) == {"sequential": STRATEGY_REGISTRY["sequential"].build, "joint": Joint}
+    assert dict(STRATEGIES) == {"sequential": STRATEGY_REGISTRY["sequential"].build, "joint": Joint,
+                                "replay": Replay, "mas": MAS}
     assert METHOD_REGISTRY["simclr"].config is SimCLRConfig and METHOD_REGISTRY["byol"].config is BYOLConfig
     assert BACKBONE_REGISTRY["resnet50"].config is ResNetConfig
     for record in (METHOD_REGISTRY["simclr"], METHOD_REGISTRY["byol"]):
@@ -44,8 +45,8 @@ def test_unknown_names_list_the_known_ones() -> None:
         METHOD_REGISTRY["nosuch"]
     with pytest.raises(ValueError, match="unknown backbone 'vit'; known: resnet18, resnet34, resnet50, mobilenet_v2, vit_tiny"):
         BACKBONE_REGISTRY.require("vit")
-    with pytest.raises(ValueError, match="unknown strategy 'replay'; known: sequential, joint"):
-        build_strategy("replay")
+    with pytest.raises(ValueError, match="unknown strategy 'ewc'; known: sequential, joint, replay, mas"):
+        build_strategy("sequential+ewc")
 
 
 def test_a_registry_rejects_duplicates_and_a_record_needs_a_component_config() -> None:
@@ -141,11 +142,20 @@ def test_backbone_options_come_from_the_record() -> None:
 
 
 def test_strategy_options_come_from_the_record() -> None:
-    assert build_strategy("joint") == Joint(from_scratch=JointConfig().from_scratch) == Joint()
-    assert build_strategy("joint", from_scratch=False).reset_weights_at(1) is False
+    assert build_strategy("joint").base == Joint(from_scratch=JointConfig().from_scratch) == Joint()
+    assert build_strategy("joint", {"joint": {"from_scratch": False}}).reset_weights_at(1) is False
     assert build_strategy("joint").reset_weights_at(1) is True
     assert STRATEGY_REGISTRY["sequential"].defaults() == {}
     with pytest.raises(ValueError, match="joint: from_scrach: unknown option; allowed: from_scratch"):
-        build_strategy("joint", from_scrach=True)
+        build_strategy("joint", {"joint": {"from_scrach": True}})
     with pytest.raises(ValueError, match="sequential: x: unknown option"):
-        build_strategy("sequential", x=1)
+        build_strategy("sequential", {"sequential": {"x": 1}})
+    stack = build_strategy("sequential+replay+mas", {"replay": {"size": 10}, "mas": {"lambd": 2.0}})
+    assert [s.name for s in stack.strategies] == ["sequential", "replay", "mas"] and stack.name == "sequential+replay+mas"
+    assert stack.strategies[1].size == 10 and stack.strategies[2].lambd == 2.0 and stack.training_chunks(2) == [2]
+    with pytest.raises(ValueError, match="exactly one base strategy"):
+        build_strategy("replay+sequential")
+    with pytest.raises(ValueError, match="exactly one base strategy"):
+        build_strategy("sequential+joint")
+    with pytest.raises(ValueError, match="listed twice"):
+        build_strategy("sequential+mas+mas")

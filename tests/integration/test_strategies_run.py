@@ -1,0 +1,62 @@
+"""Continual aids through the real driver: a `sequential+replay+mas` line on 2 DDP workers (gloo) under Ray Train.
+Each rank holds a shard of the replay buffer: the chunk-end checkpoint stores both shards, their union is the
+buffer (no row twice), and MAS's importances are the same on both ranks."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from rich.console import Console
+
+from orchestrator.errors import SpecError
+from orchestrator.experiment import run_experiment
+from orchestrator.planner import build_plan
+from orchestrator.spec import validate_spec
+from orchestrator.tracking import lineage as tr
+from tests.specs import tiny_spec
+from trainers.checkpoint import load_state
+
+
+def test_a_replay_buffer_larger_than_the_stream_before_its_last_chunk_is_refused(synthetic_url: str) -> None:
+    spec = validate_spec(tiny_spec("too-big", synthetic_url,
+                                   lines={"method": ["simclr"], "strategy": [["sequential", "replay"]]},
+                                   strategy={"replay": {"size": 100_000}}))
+    with pytest.raises(SpecError, match=r"strategy\.replay\.size: 100000 rows, but the stream delivers only 600 rows"):
+        build_plan(spec, progress=False)
+
+
+@pytest.mark.slow
+def test_replay_and_mas_under_ddp(tmp_path: Path, synthetic_url: str, ray_local) -> None:
+    line = "simclr-sequential-replay-mas"
+    spec = validate_spec(tiny_spec(
+        "aids", synthetic_url,
+        lines={"method": ["simclr"], "strategy": [["sequential", "replay", "mas"]]},
+        strategy={"replay": {"size": 201, "ratio": 0.5}, "mas": {"lambd": 0.5, "batches": 3}},
+        optim={"epochs_per_chunk": 1}, storage={"workdir": str(tmp_path / "runs")},
+    ))
+    summary = run_experiment(spec, console=Console(file=io.StringIO(), width=120))
+    client = MlflowClient(spec.tracking_uri)
+    exp = client.get_experiment_by_name(spec.experiment_name)
+    chunks = client.search_runs([exp.experiment_id], filter_string=f"tags.`{tr.RUN_TYPE}` = 'chunk'")
+    assert sorted(int(r.data.params["chunk"]) for r in chunks) == [0, 1]
+    assert {r.data.params["line.strategy"] for r in chunks} == {"sequential+replay+mas"}
+    assert summary is not None
+    folders = sorted((tmp_path / "runs" / "checkpoints").glob(f"*/{line}.chunk-001"))
+    assert len(folders) == 1
+    state = load_state(folders[0])
+    shards = [rank_state["replay"] for rank_state in state["strategy"]]
+    assert len(shards) == 2  # both ranks' shards, gathered into the checkpoint
+    sizes = [len(shard["buffer"]["index"]) for shard in shards]
+    assert sizes == [101, 100]  # 201 split over 2 ranks, full after two chunks of 600 rows
+    union = torch.cat([shard["buffer"]["index"] for shard in shards])
+    assert len(set(union.tolist())) == 201  # no row held by both ranks
+    assert set(torch.cat([s["buffer"]["chunk"] for s in shards]).tolist()) == {0, 1}
+    masses = [rank_state["mas"] for rank_state in state["strategy"]]
+    assert masses[0]["chunks"] == 2
+    for name, omega in masses[0]["omega"].items():
+        assert torch.equal(omega, masses[1]["omega"][name]), name  # averaged over ranks: identical
+    assert any(v.abs().sum() > 0 for v in masses[0]["omega"].values())
