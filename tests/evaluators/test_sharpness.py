@@ -11,13 +11,8 @@ from torch import nn
 
 from evaluators.features import extract_features
 from evaluators.knn import knn_accuracy
-from evaluators.sharpness import (
-    InterpolationCurve,
-    SharpnessConfig,
-    interpolate_state,
-    interpolation_curve,
-    sharpness,
-)
+from evaluators.interpolation import InterpolationCurve, interpolate_state, interpolation_curve
+from evaluators.sharpness import SharpnessConfig, sharpness
 from trainers.backbones import build_backbone
 
 K = 5  # neighbours: the bank has 6 rows per class
