@@ -15,7 +15,6 @@ discriminated on `name` with that backbone's `Config` as its other fields; `stra
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -402,44 +401,6 @@ def redact(value: Any) -> Any:
     return value
 
 
-def _recorded(spec: Spec) -> dict[str, Any]:
-    """`spec.to_dict()` with only the methods and strategies the lines use: options of a component no line uses
-    change no number."""
-    data = spec.to_dict()
-    data["methods"] = {name: data["methods"][name] for name in spec.lines.method}
-    data["strategy"] = {name: options for name, options in data["strategy"].items() if name in spec.strategies_used}
-    return data
-
-
-def flatten(spec: Spec) -> dict[str, str]:
-    """Dotted-key params for MLflow (`optim.lr` -> '0.3'); the same keys for every run of every spec.
-
-    Every option of every method the lines train is there with its default filled in (`methods.simclr.temperature`),
-    so runs that spell a default out and runs that omit it line up in MLflow's compare view.
-    """
-    out: dict[str, str] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict) and value:
-            for key, sub in value.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), sub)
-        else:
-            out[prefix] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-
-    walk("", _recorded(spec))
-    return out
-
-
-def identity_digest(spec: Spec) -> str:
-    """Hash of everything that changes the numbers a job produces (not where they are stored or tracked)."""
-    data = _recorded(spec)  # normalised: an explicit default and an omitted one hash alike
-    for key in ("tracking", "storage", "name"):
-        data.pop(key, None)
-    data["resources"] = {"workers": spec.resources.workers}  # world size changes BN statistics; the rest does not
-    data["data"].pop("storage_options", None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def validate_spec(raw: Any, source: str = "spec") -> Spec:
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: the spec must be a mapping of fields, got {type(raw).__name__}")
@@ -494,3 +455,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> Spec:
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: the spec must be a mapping of fields, got {type(raw).__name__}")
     return validate_spec(apply_overrides(raw, overrides or []), source=str(path))
+
+
+# Re-exported: what MLflow records of a spec, and its identity (orchestrator.spec_params).
+from orchestrator.spec_params import flatten, identity_digest  # noqa: E402,F401
