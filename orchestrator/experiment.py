@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 from rich.console import Console
 
+from orchestrator.accounting import chunk_resources, device_kind
 from orchestrator.display import TrainingProgress, dry_run, print_summary
 from orchestrator.errors import IncompleteRecordError, TrainingError
 from orchestrator.evaluation import EvalActor, protocol
@@ -136,6 +137,7 @@ class _Driver:
             tr.TAG + "data_digest": self.plan.data_digest,
             tr.TAG + "stream_digest": self.plan.stream.digest,
             tr.TAG + "worker_nodes": json.dumps(self.worker_nodes),
+            tr.TAG + "device_kind": device_kind(self.spec.resources),
         }
         run_id = self.tracker.create_run(job.name, tags, start_ms=started_ms)
         params = flatten(self.spec)
@@ -157,6 +159,7 @@ class _Driver:
             "checkpoint_save_seconds": event.get("checkpoint_save_s", 0.0),
             "checkpoint_report_seconds": event.get("checkpoint_report_s", 0.0),
             "training_rows": sum(self.plan.stream.chunks[c].rows for c in job.training_chunks),
+            **chunk_resources(event, self.spec.resources),
         })
         self.tracker.log_dataset(run_id, self.plan.data_url, f"{self.plan.stream.kind}-chunks-{'-'.join(map(str, job.training_chunks))}",
                                  f"{self.plan.stream.digest}:{job.training_chunks}", "train")

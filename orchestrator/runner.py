@@ -128,7 +128,7 @@ def _train_fn(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from trainers.checkpoint import load_state, save_state
+    from trainers.checkpoint import folder_bytes, load_state, save_state, tensor_bytes
     from trainers.engine.step import NonFiniteLossError
     from trainers.engine.types import Batch
     from trainers.loop import LineTrainer
@@ -171,9 +171,10 @@ def _train_fn(config: dict[str, Any]) -> None:
         chunk_jobs = {job.chunk: job for job in task.jobs}
 
         def report(dir_name: str, metrics: dict[str, Any], chunk_event: dict[str, Any] | None = None) -> dict:
-            """Save (rank 0) and persist a checkpoint; returns how long the save and the report took."""
+            """Save (rank 0) and persist a checkpoint; returns how long the save and the report took, and what the
+            checkpoint stores (its bytes; the strategies' state over all ranks, a replay buffer's rows, in it)."""
             with tempfile.TemporaryDirectory() as folder:
-                checkpoint = None
+                checkpoint, stored = None, {}
                 started = time.perf_counter()
                 ranks = trainer.rank_states()  # every rank's generator and strategy shard, so each resumes its own
                 if rank == 0:
@@ -183,9 +184,11 @@ def _train_fn(config: dict[str, Any]) -> None:
                         with open(os.path.join(folder, CHUNK_EVENT_FILE), "w") as f:
                             json.dump(chunk_event, f)
                     checkpoint = ray.train.Checkpoint.from_directory(folder)
+                    stored = {"checkpoint_bytes": folder_bytes(folder), "buffer_bytes": tensor_bytes(ranks["strategy"])}
                 saved = time.perf_counter()
                 ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=dir_name)
-                return {"checkpoint_save_s": saved - started, "checkpoint_report_s": time.perf_counter() - saved}
+                return {"checkpoint_save_s": saved - started, "checkpoint_report_s": time.perf_counter() - saved,
+                        **stored}
 
         while trainer.position["chunks_done"] < config["num_chunks"]:
             chunk = trainer.position["chunks_done"]

@@ -53,6 +53,22 @@ def save_state(folder: str | Path, state: dict[str, Any]) -> Path:
     return target
 
 
+def tensor_bytes(value: Any) -> int:
+    """Bytes held by the tensors in a nested state (dicts, lists, tuples): what a replay buffer costs to store."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
+
+
+def folder_bytes(folder: str | Path) -> int:
+    """Total size of the files under `folder` (a checkpoint as it is uploaded)."""
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
 def _verified_payload(path: Path) -> memoryview:
     data = path.read_bytes()
     if len(data) < _FOOTER.size:

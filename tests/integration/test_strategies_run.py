@@ -18,7 +18,7 @@ from orchestrator.planner import build_plan
 from orchestrator.spec import validate_spec
 from orchestrator.tracking import lineage as tr
 from tests.specs import tiny_spec
-from trainers.checkpoint import load_state
+from trainers.checkpoint import folder_bytes, load_state, tensor_bytes
 
 
 def test_a_replay_buffer_larger_than_the_stream_before_its_last_chunk_is_refused(synthetic_url: str) -> None:
@@ -60,3 +60,9 @@ def test_replay_and_mas_under_ddp(tmp_path: Path, synthetic_url: str, ray_local)
     for name, omega in masses[0]["omega"].items():
         assert torch.equal(omega, masses[1]["omega"][name]), name  # averaged over ranks: identical
     assert any(v.abs().sum() > 0 for v in masses[0]["omega"].values())
+    # What the chunk cost, on its run: the checkpoint's bytes as written, the strategies' state over both ranks.
+    last = next(r for r in chunks if r.data.params["chunk"] == "1").data.metrics
+    assert last["stored_bytes"] == last["checkpoint_bytes"] == folder_bytes(folders[0])
+    assert last["buffer_bytes"] == tensor_bytes(state["strategy"]) > 201 * 3 * 16 * 16  # the buffer's images alone
+    assert last["wall_seconds"] >= last["train_seconds"] > 0
+    assert last["device_hours"] == pytest.approx(last["wall_seconds"] * 2 * spec.resources.cpus_per_worker / 3600)
