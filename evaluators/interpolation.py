@@ -19,11 +19,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from evaluators.sharpness import BatchesFn, KnnEvaluator, SharpnessConfig, check_callable
+from trainers.config import ComponentConfig
 
-__all__ = ["InterpolationCurve", "interpolate_state", "interpolation_curve"]
+__all__ = ["InterpolationConfig", "InterpolationCurve", "interpolate_state", "interpolation_curve"]
+
+
+class InterpolationConfig(ComponentConfig):
+    """The spec's `eval.interpolation` options (the kNN settings are `eval.knn`'s)."""
+
+    points: int = Field(11, ge=2, description="evenly spaced alphas in [0, 1], both ends included")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import torch
 
 from evaluators.features import extract_features
 from evaluators.registry import EVALUATOR_REGISTRY
+from orchestrator.evaluation_studies import study_metrics
 from orchestrator.ingest import SplitArrays, load_split_arrays
 from orchestrator.streams import StreamPlan
 from trainers.checkpoint import load_backbone
@@ -113,18 +114,29 @@ class EvalActor:
     def sizes(self) -> dict[str, int]:
         return {"bank": len(self.bank.labels), "queries": len(self.queries.labels)}
 
-    def evaluate(self, config: LoopConfig, checkpoint_uri: str | None, checkpoint_fs=None) -> dict[str, Any]:
-        from trainers.checkpoint import load_state
-
-        state = None
-        if checkpoint_uri is not None:
-            import ray.train
-
-            fs, path = checkpoint_fs(checkpoint_uri)
-            with ray.train.Checkpoint(path, filesystem=fs).as_directory() as folder:
-                state = load_state(folder)
-        backbone = backbone_from_state(config, state)
+    def evaluate(self, config: LoopConfig, checkpoint_uri: str | None, checkpoint_fs=None,
+                 previous_uri: str | None = None) -> dict[str, Any]:
+        """Every-chunk protocols and the studies the spec turns on; `previous_uri` (the line's previous chunk's
+        checkpoint) is what the interpolation starts from."""
+        backbone = backbone_from_state(config, self._load(checkpoint_uri, checkpoint_fs))
         result = evaluate_backbone(backbone, self.bank, self.queries, self.plan, self.eval_spec, seed=self.seed)
+        previous = None
+        if previous_uri is not None and self.eval_spec.get("interpolation") is not None:
+            previous = backbone_from_state(config, self._load(previous_uri, checkpoint_fs)).state_dict()
+        result.update(study_metrics(backbone, self.bank, self.queries, self.eval_spec, seed=self.seed,
+                                    previous_state=previous, make_backbone=lambda: initial_backbone(config)))
         result["bank_size"], result["query_size"] = len(self.bank.labels), len(self.queries.labels)
         result["corrupt_rows_skipped"] = len(self.bank.skipped) + len(self.queries.skipped)
         return result
+
+    @staticmethod
+    def _load(checkpoint_uri: str | None, checkpoint_fs) -> dict[str, Any] | None:
+        if checkpoint_uri is None:
+            return None
+        import ray.train
+
+        from trainers.checkpoint import load_state
+
+        fs, path = checkpoint_fs(checkpoint_uri)
+        with ray.train.Checkpoint(path, filesystem=fs).as_directory() as folder:
+            return load_state(folder)

@@ -179,8 +179,17 @@ class _Driver:
         """Evaluate a logged chunk's checkpoint in the evaluation actor (collected by `collect`)."""
         if self.spec.eval.every_chunk:
             future = self.evaluator.evaluate.remote(loop_config(self.spec, job.line, False), checkpoint_uri,
-                                                    _CheckpointFs(self.spec.storage.storage_options))
+                                                    _CheckpointFs(self.spec.storage.storage_options),
+                                                    self._previous_checkpoint(job))
             self.pending[future] = job
+
+    def _previous_checkpoint(self, job: Job) -> str | None:
+        """The checkpoint of the line's previous chunk, where the interpolation study starts (when it is on)."""
+        if self.spec.eval.interpolation is None or job.chunk == 0:
+            return None
+        previous = self.plan.jobs_of(job.line)[job.chunk - 1]
+        run_id = self.chunk_runs.get(previous.key)
+        return None if run_id is None else self.tracker.get_run(run_id).data.tags.get(tr.CHECKPOINT)
 
     def _corrupt_rows(self) -> int:
         import ray

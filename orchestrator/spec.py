@@ -40,6 +40,7 @@ from typing_extensions import TypedDict
 from evaluators.registry import EVALUATOR_REGISTRY
 from orchestrator.errors import SpecError
 from orchestrator.spec_errors import SECRET_KEY_PATTERN, describe_validation_error
+from orchestrator.spec_eval import EvalSpec, _none_is_empty
 from orchestrator.streams import STREAM_REGISTRY
 from orchestrator.spec_views import LocalViewSpec, ViewSpec, ViewsSpec  # noqa: F401  (re-exported)
 from trainers.registry import BACKBONE_REGISTRY, METHOD_REGISTRY, STRATEGY_REGISTRY, Registry
@@ -121,11 +122,6 @@ class LinesSpec(_Strict):
         if len(set(values)) != len(values):
             raise ValueError(f"entries must be unique, got {values}")
         return values
-
-
-def _none_is_empty(value: Any) -> Any:
-    """`methods: {simclr: }` in YAML means "simclr with its defaults"."""
-    return {} if value is None else value
 
 
 def _options_section(registry: Registry) -> Any:
@@ -217,37 +213,6 @@ StrategyOptionsSpec = create_model(
         record.name: (record.config, Field(default_factory=record.config, description=record.summary or None))
         for record in STRATEGY_REGISTRY.values()
         if record.config.model_fields
-    },
-)
-
-
-EvaluatorName = Literal[EVALUATOR_REGISTRY.names]
-
-
-class _EvalSpecBase(_Strict):
-    every_chunk: list[EvaluatorName] = Field(
-        default_factory=lambda: list(EVALUATOR_REGISTRY.names),
-        description=f"protocols run after every chunk; one of {list(EVALUATOR_REGISTRY.names)} each",
-    )
-    max_train_per_class: int | None = Field(None, ge=1, description="cap the kNN/linear training bank per class")
-    batch_size: int = Field(256, ge=1, description="rows per forward pass when extracting features")
-    baseline: bool = Field(True, description="also evaluate the random initialisation (for FWT and as a floor)")
-
-    @field_validator("every_chunk")
-    @classmethod
-    def _unique(cls, values: list[str]) -> list[str]:
-        if len(set(values)) != len(values):
-            raise ValueError(f"entries must be unique, got {values}")
-        return values
-
-
-# `eval.<evaluator>`: each registered evaluator's Config (`eval.knn.k`, `eval.linear.lr`), defaults filled in.
-EvalSpec = create_model(
-    "EvalSpec", __base__=_EvalSpecBase,
-    **{
-        record.name: (Annotated[record.config, BeforeValidator(_none_is_empty)],
-                      Field(default_factory=record.config, description=record.summary))
-        for record in EVALUATOR_REGISTRY.values()
     },
 )
 

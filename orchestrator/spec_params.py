@@ -10,12 +10,19 @@ if TYPE_CHECKING:
     from orchestrator.spec import Spec
 
 
+OPTIONAL_STUDIES = ("fewshot", "sharpness", "interpolation")
+
+
 def _recorded(spec: Spec) -> dict[str, Any]:
     """`spec.to_dict()` with only the methods and strategies the lines use: options of a component no line uses
     change no number."""
     data = spec.to_dict()
     data["methods"] = {name: data["methods"][name] for name in spec.lines.method}
     data["strategy"] = {name: options for name, options in data["strategy"].items() if name in spec.strategies_used}
+    # An optional study that is off (few-shot, sharpness, interpolation) is not recorded, so turning none on keeps
+    # the identity (and plan key) of specs written before the studies existed.
+    data["eval"] = {key: value for key, value in data["eval"].items()
+                    if not (key in OPTIONAL_STUDIES and value is None)}
     return data
 
 

@@ -37,6 +37,8 @@ def test_replay_and_mas_under_ddp(tmp_path: Path, synthetic_url: str, ray_local)
         lines={"method": ["simclr"], "strategy": [["sequential", "replay", "mas"]]},
         strategy={"replay": {"size": 201, "ratio": 0.5}, "mas": {"lambd": 0.5, "batches": 3}},
         optim={"epochs_per_chunk": 1}, storage={"workdir": str(tmp_path / "runs")},
+        # the optional studies through the real actor: few-shot each chunk, interpolation from chunk 0's weights
+        eval={"fewshot": {"way": 3, "shot": 2, "query": 3, "episodes": 20}, "interpolation": {"points": 3}},
     ))
     summary = run_experiment(spec, console=Console(file=io.StringIO(), width=120))
     client = MlflowClient(spec.tracking_uri)
@@ -66,3 +68,9 @@ def test_replay_and_mas_under_ddp(tmp_path: Path, synthetic_url: str, ray_local)
     assert last["buffer_bytes"] == tensor_bytes(state["strategy"]) > 201 * 3 * 16 * 16  # the buffer's images alone
     assert last["wall_seconds"] >= last["train_seconds"] > 0
     assert last["device_hours"] == pytest.approx(last["wall_seconds"] * 2 * spec.resources.cpus_per_worker / 3600)
+    evals = {r.data.tags[tr.CHUNK]: r.data.metrics
+             for r in client.search_runs([exp.experiment_id], filter_string=f"tags.`{tr.RUN_TYPE}` = 'eval'")}
+    assert sorted(evals) == ["0", "1"]
+    assert all(0 < m["fewshot_mean"] <= 1 and m["fewshot_ci95"] > 0 for m in evals.values())
+    assert "interpolation_barrier" not in evals["0"]  # nothing to start from before the first chunk
+    assert evals["1"]["interpolation_barrier"] >= 0 and 0 <= evals["1"]["interpolation_min_accuracy"] <= 1

@@ -1,0 +1,63 @@
+"""The spec's `eval` section: the protocols run after every chunk, and the optional studies of a representation.
+
+Split from `orchestrator.spec` (which imports `EvalSpec` into `Spec`). `eval.<protocol>` holds each registered
+evaluator's Config (`eval.knn.k`, `eval.linear.lr`), defaults filled in. The optional studies are off unless their
+section is given (`eval.fewshot: {}` turns few-shot on with its defaults; null or absent: off): `fewshot`, `sharpness` and
+`interpolation` (the kNN accuracy between consecutive chunks' weights), evaluated by
+`orchestrator.evaluation_studies` on the same bank and queries.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, create_model, field_validator
+
+from evaluators.fewshot import FewShotConfig
+from evaluators.interpolation import InterpolationConfig
+from evaluators.registry import EVALUATOR_REGISTRY
+from evaluators.sharpness import SharpnessConfig
+from orchestrator.spec_views import _Strict
+
+
+def _none_is_empty(value: Any) -> Any:
+    """`methods: {simclr: }` in YAML means "simclr with its defaults"."""
+    return {} if value is None else value
+
+
+EvaluatorName = Literal[EVALUATOR_REGISTRY.names]
+
+
+class _EvalSpecBase(_Strict):
+    every_chunk: list[EvaluatorName] = Field(
+        default_factory=lambda: list(EVALUATOR_REGISTRY.names),
+        description=f"protocols run after every chunk; one of {list(EVALUATOR_REGISTRY.names)} each",
+    )
+    max_train_per_class: int | None = Field(None, ge=1, description="cap the kNN/linear training bank per class")
+    batch_size: int = Field(256, ge=1, description="rows per forward pass when extracting features")
+    baseline: bool = Field(True, description="also evaluate the random initialisation (for FWT and as a floor)")
+    fewshot: FewShotConfig | None = Field(
+        None, description="N-way K-shot episodes on the held-out features after every chunk (off when absent)")
+    sharpness: SharpnessConfig | None = Field(
+        None, description="relative kNN drop under the worst bounded weight perturbation found, after every chunk "
+                          "(off when absent; costs about (search_steps + restarts) evaluations per eps)")
+    interpolation: InterpolationConfig | None = Field(
+        None, description="kNN accuracy along the straight line from the previous chunk's weights to this chunk's "
+                          "(off when absent)")
+
+    @field_validator("every_chunk")
+    @classmethod
+    def _unique(cls, values: list[str]) -> list[str]:
+        if len(set(values)) != len(values):
+            raise ValueError(f"entries must be unique, got {values}")
+        return values
+
+
+EvalSpec = create_model(
+    "EvalSpec", __base__=_EvalSpecBase,
+    **{
+        record.name: (Annotated[record.config, BeforeValidator(_none_is_empty)],
+                      Field(default_factory=record.config, description=record.summary))
+        for record in EVALUATOR_REGISTRY.values()
+    },
+)
