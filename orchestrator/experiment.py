@@ -21,6 +21,7 @@ from rich.console import Console
 
 from orchestrator.accounting import chunk_resources, device_kind
 from orchestrator.display import TrainingProgress, dry_run, print_summary
+from orchestrator.epoch_evals import EpochCheckpoint, log_by_epoch, log_epoch_eval
 from orchestrator.errors import IncompleteRecordError, TrainingError
 from orchestrator.evaluation import EvalActor, protocol
 from orchestrator.ingest import start_corrupt_row_counter
@@ -80,7 +81,7 @@ class _Driver:
         self.chunk_runs: dict[str, str] = {}  # job key -> chunk run id
         self.chunk_rows: dict[str, dict[str, Any]] = {}  # job key -> table row
         self.results: dict[str, dict[str, Any]] = {}  # job key -> evaluation result
-        self.pending: dict[Any, Job] = {}  # eval future -> job
+        self.pending: dict[Any, Job | EpochCheckpoint] = {}  # eval future -> job (or mid-chunk checkpoint)
         self.jobs = {j.key: j for j in plan.jobs}
         self.progress: TrainingProgress | None = None
         self.starts = 0  # worker-group starts seen in the current group (restarts = starts - 1)
@@ -237,7 +238,12 @@ class _Driver:
                 result = ray.get(ready[0])
             except Exception as exc:
                 raise TrainingError(f"evaluation of {job.name} failed: {exc}") from exc
+            if isinstance(job, EpochCheckpoint):  # a mid-chunk checkpoint (eval.every_epochs)
+                log_epoch_eval(self.tracker, self.parent, self.plan, job, result)
+                continue
             self.log_eval(job, result)
+            if self.spec.eval.every_epochs:  # the chunk end closes the chunk's accuracy-against-epochs curve
+                log_by_epoch(self.tracker, self.parent, self.plan, job, self.spec.optim.epochs_per_chunk, result)
 
     # ---------------------------------------------------------------- events from training
     def on_event(self, event: dict[str, Any]) -> None:
@@ -253,6 +259,12 @@ class _Driver:
             if self.progress is not None:
                 self.progress.chunk_done(event)
             self.log_chunk(event)
+            self.collect(block=False)
+        elif event["type"] == "epoch_checkpoint":
+            point = EpochCheckpoint(self.jobs[event["job_key"]], event["epoch"], event["step"], event["checkpoint_uri"])
+            future = self.evaluator.evaluate.remote(loop_config(self.spec, point.job.line, False), point.checkpoint_uri,
+                                                    _CheckpointFs(self.spec.storage.storage_options))
+            self.pending[future] = point
             self.collect(block=False)
         elif event["type"] == "diverged":
             self.console.print(f"[red]{event['line']} diverged in chunk {event['chunk']}[/]: {event['message']}")

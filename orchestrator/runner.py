@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import re
 import tempfile
 import threading
 import time
@@ -24,6 +23,9 @@ from typing import Any, Callable
 
 from orchestrator import storage
 from orchestrator.errors import TrainingError
+# Re-exported: the driver, recovery and tests name checkpoints through the runner.
+from orchestrator.checkpoints import CHUNK_EVENT_FILE, checkpoint_dir_name, checkpoint_order, restore_newest  # noqa: F401
+from orchestrator.checkpoints import CheckpointFs as _CheckpointFs
 from orchestrator.ingest import DeviceBatchDecoder, chunk_dataset, chunk_rows, row_index, shard_refs
 from orchestrator.planner import ExperimentPlan, Job, Line
 from orchestrator.spec import Spec
@@ -107,19 +109,8 @@ class GroupResult:
     stop_s: float = 0.0  # the last chunk's event -> fit() returned (group teardown)
 
 
-def checkpoint_dir_name(line: Line | str, chunk: int, step: int | None = None) -> str:
-    line_id = line.id if isinstance(line, Line) else line
-    base = f"{line_id}.chunk-{chunk:03d}"
-    return base if step is None else f"{base}.step-{step:07d}"
-
-
 def _dataset_name(strategy: str, chunk: int) -> str:
     return f"{strategy}-{chunk}"
-
-
-# Beside state.pt in every chunk-end checkpoint: the chunk's event, so that a driver resuming after a crash can log
-# (and evaluate) a chunk whose checkpoint was persisted but whose MLflow run never was, without loading the state.
-CHUNK_EVENT_FILE = "chunk_event.json"
 
 
 def _train_fn(config: dict[str, Any]) -> None:
@@ -147,7 +138,7 @@ def _train_fn(config: dict[str, Any]) -> None:
         return ray.train.torch.prepare_model(model, move_to_device=False)
 
     restored_line, restored_state = -1, None
-    restored_from, restored_state = _restore_newest(config, ray.train.get_checkpoint(), load_state)
+    restored_from, restored_state = restore_newest(config, ray.train.get_checkpoint(), load_state)
     if restored_state is not None:
         restored_line = restored_state["line_index"]
     send({"type": "start", "restored_from": restored_from, "time": time.time(),
@@ -195,6 +186,7 @@ def _train_fn(config: dict[str, Any]) -> None:
             job = chunk_jobs.get(chunk)
             if job is None:  # finished before a resume but the checkpoint predates it: nothing to redo
                 raise RuntimeError(f"{task.line.id}: chunk {chunk} is neither done nor scheduled")
+            reported: list[str] = []  # in-chunk checkpoint folders written so far
             shard = ray.train.get_dataset_shard(_dataset_name(task.line.strategy, chunk))
             steps_per_epoch = config["steps_per_epoch"][_dataset_name(task.line.strategy, chunk)]
 
@@ -220,13 +212,25 @@ def _train_fn(config: dict[str, Any]) -> None:
                       "samples_per_s": info.samples_per_s * ctx.get_world_size()})
 
             def on_checkpoint() -> None:
-                report(checkpoint_dir_name(task.line, chunk, trainer.position["step"]),
-                       {"line": task.line.id, "chunk": chunk, "step": trainer.position["step"], "chunk_end": False})
+                reported.append(checkpoint_dir_name(task.line, chunk, trainer.position["step"]))
+                report(reported[-1], {"line": task.line.id, "chunk": chunk, "step": trainer.position["step"],
+                                      "chunk_end": False})
+
+            def on_epoch_end(epochs_done: int) -> None:
+                # eval.every_epochs: a mid-chunk checkpoint the driver evaluates (saturation with longer training)
+                if not config["eval_every_epochs"] or epochs_done % config["eval_every_epochs"]:
+                    return
+                dir_name = checkpoint_dir_name(task.line, chunk, trainer.position["step"])
+                if dir_name not in reported:  # the step interval may have just saved this very state
+                    on_checkpoint()
+                send({"type": "epoch_checkpoint", "line": task.line.id, "chunk": chunk, "job_key": job.key,
+                      "epoch": epochs_done, "step": trainer.position["step"],
+                      "checkpoint_uri": f"{config['storage_uri'].rstrip('/')}/{config['run_name']}/{dir_name}"})
 
             started = time.time()
             try:
                 result = trainer.train_chunk(chunk, batches, steps_per_epoch, on_step=on_step,
-                                             on_checkpoint=on_checkpoint)
+                                             on_checkpoint=on_checkpoint, on_epoch_end=on_epoch_end)
             except NonFiniteLossError as exc:
                 # Deterministic: a restarted group would diverge again from the same checkpoint, so the group ends
                 # here without Ray Train's retries (every rank raises: the finiteness check is all-reduced).
@@ -242,18 +246,6 @@ def _train_fn(config: dict[str, Any]) -> None:
             send({**event, **timing})
 
 
-_CHECKPOINT_NAME = re.compile(r"(?P<line>.+)\.chunk-(?P<chunk>\d{3})(?:\.step-(?P<step>\d{7}))?")
-
-
-def checkpoint_order(name: str, line_ids: list[str]) -> tuple[int, int, int, int] | None:
-    """Sort key of a checkpoint folder name within a group's run: line, chunk, in-chunk step, chunk end last."""
-    match = _CHECKPOINT_NAME.fullmatch(name)
-    if match is None or match["line"] not in line_ids:
-        return None
-    step = match["step"]
-    return (line_ids.index(match["line"]), int(match["chunk"]), 0 if step else 1, int(step or 0))
-
-
 def _gather(value: Any) -> list[Any]:
     import torch.distributed as dist
 
@@ -262,59 +254,6 @@ def _gather(value: Any) -> list[Any]:
     values: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
     return values
-
-
-def _restore_newest(config: dict[str, Any], latest: Any, load_state: Callable) -> tuple[str | None, Any]:
-    """The newest complete checkpoint of this run: Ray's latest, or a newer one in the run's folder.
-
-    Ray Train 2.60 registers a reported checkpoint only when its controller next polls the workers, so after a
-    kill `get_checkpoint()` can be one behind what was already persisted. Rank 0 lists the run's folder, picks the
-    newest folder whose state verifies (a partial upload does not), and every rank loads that one.
-    """
-    import ray.train
-    import torch.distributed as dist
-
-    line_ids = [task.line.id for task in config["tasks"]]
-    run_url = f"{config['storage_uri'].rstrip('/')}/{config['run_name']}"
-    fs, run_path = config["checkpoint_fs"](run_url)
-    chosen: list[Any] = [None]
-    if ray.train.get_context().get_world_rank() == 0:
-        candidates = []
-        if latest is not None:
-            candidates.append(latest.path.rstrip("/"))
-        try:
-            import pyarrow.fs as pafs
-
-            infos = fs.get_file_info(pafs.FileSelector(run_path, allow_not_found=True))
-            candidates += [info.path for info in infos if info.type == pafs.FileType.Directory]
-        except OSError:
-            pass  # storage listing failed: fall back to Ray's own latest
-        ranked = sorted({c for c in candidates if checkpoint_order(c.rsplit("/", 1)[-1], line_ids)},
-                        key=lambda c: checkpoint_order(c.rsplit("/", 1)[-1], line_ids), reverse=True)
-        for path in ranked:
-            try:
-                with ray.train.Checkpoint(path, filesystem=fs).as_directory() as folder:
-                    load_state(folder)  # verifies the footer; the state itself is loaded by every rank below
-            except Exception:
-                continue  # partial upload or unreadable: an older one will do
-            chosen[0] = path
-            break
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(chosen, src=0)
-    if chosen[0] is None:
-        return None, None
-    with ray.train.Checkpoint(chosen[0], filesystem=fs).as_directory() as folder:
-        return chosen[0], load_state(folder)
-
-
-class _CheckpointFs:
-    """Picklable: checkpoint URL -> (pyarrow filesystem, path), with the spec's storage options."""
-
-    def __init__(self, storage_options: dict[str, Any]):
-        self.storage_options = storage_options
-
-    def __call__(self, url: str):
-        return storage.pyarrow_filesystem(url, self.storage_options)
 
 
 def ray_run_name(plan: ExperimentPlan, parent_run_id: str, group_index: int) -> str:
@@ -378,6 +317,7 @@ def train_group(
             "storage_uri": spec.checkpoint_url,
             "run_name": run_name,
             "checkpoint_fs": _CheckpointFs(spec.storage.storage_options),
+            "eval_every_epochs": spec.eval.every_epochs if spec.eval.every_chunk else 0,
             "threads_per_worker": max(1, int(res.cpus_per_worker)),
             "decode": spec.data.decode,
             "image_size": spec.data.image_size,

@@ -36,6 +36,9 @@ class _EvalSpecBase(_Strict):
     max_train_per_class: int | None = Field(None, ge=1, description="cap the kNN/linear training bank per class")
     batch_size: int = Field(256, ge=1, description="rows per forward pass when extracting features")
     baseline: bool = Field(True, description="also evaluate the random initialisation (for FWT and as a floor)")
+    every_epochs: int = Field(
+        0, ge=0, description="also checkpoint and evaluate every k epochs inside a chunk, to see accuracy saturate "
+                             "or decline with longer pre-training (0: at chunk ends only)")
     fewshot: FewShotConfig | None = Field(
         None, description="N-way K-shot episodes on the held-out features after every chunk (off when absent)")
     sharpness: SharpnessConfig | None = Field(

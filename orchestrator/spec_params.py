@@ -10,7 +10,8 @@ if TYPE_CHECKING:
     from orchestrator.spec import Spec
 
 
-OPTIONAL_STUDIES = ("fewshot", "sharpness", "interpolation")
+# Evaluation settings that are off by default, with their off value: recorded only when on.
+OFF_BY_DEFAULT = {"fewshot": None, "sharpness": None, "interpolation": None, "every_epochs": 0}
 
 
 def _recorded(spec: Spec) -> dict[str, Any]:
@@ -19,10 +20,10 @@ def _recorded(spec: Spec) -> dict[str, Any]:
     data = spec.to_dict()
     data["methods"] = {name: data["methods"][name] for name in spec.lines.method}
     data["strategy"] = {name: options for name, options in data["strategy"].items() if name in spec.strategies_used}
-    # An optional study that is off (few-shot, sharpness, interpolation) is not recorded, so turning none on keeps
-    # the identity (and plan key) of specs written before the studies existed.
+    # An optional evaluation that is off (few-shot, sharpness, interpolation, mid-chunk evaluations) is not
+    # recorded, so a spec that turns none on keeps the identity (and plan key) it had before they existed.
     data["eval"] = {key: value for key, value in data["eval"].items()
-                    if not (key in OPTIONAL_STUDIES and value is None)}
+                    if not (key in OFF_BY_DEFAULT and value == OFF_BY_DEFAULT[key])}
     return data
 
 

@@ -277,6 +277,7 @@ class LineTrainer:
         steps_per_epoch: int,
         on_step: Callable[[StepInfo], None] | None = None,
         on_checkpoint: Callable[[], None] | None = None,
+        on_epoch_end: Callable[[int], None] | None = None,
     ) -> ChunkReport:
         """Train `epochs_per_chunk` passes; `batches(epoch, skip)` yields `Batch`es (or bare uint8 `[B,3,H,W]`
         tensors) of an epoch from its `skip`-th batch on (0 unless resuming inside that epoch), in the same order
@@ -286,6 +287,9 @@ class LineTrainer:
         ends early when the batches run out: rows dropped as undecodable make the real epoch shorter than the
         manifest says. Under DDP the ranks agree at every step whether all of them still have a batch, so every
         rank steps the same number of times. Resumes inside the chunk when `self.position` says so.
+
+        `on_epoch_end(epochs_done)` is called after every epoch but the chunk's last (whose state the chunk-end
+        checkpoint holds), with the weights checked finite, so the caller can checkpoint and evaluate mid-chunk.
 
         A loss that turns NaN or infinite raises NonFiniteLossError (naming the method, the step and the LR) at
         the next log interval or checkpoint, before anything is saved: the newest checkpoint stays a good one.
@@ -368,6 +372,11 @@ class LineTrainer:
             self.method.on_epoch_end(StepContext(step=self.position["line_step"], total_steps=cfg.line_steps or None,
                                                  chunk=chunk, epoch=epoch, rank=rank, world_size=world,
                                                  steps_per_epoch=steps_per_epoch))
+            if on_epoch_end is not None and epoch + 1 < cfg.epochs_per_chunk:
+                checked = self._check_finite(chunk, losses, lrs, checked, first_step, weights=True)
+                saving = time.perf_counter()
+                on_epoch_end(epoch + 1)
+                checkpoint_s += time.perf_counter() - saving
         self._check_finite(chunk, losses, lrs, checked, first_step, weights=True)
         # Importances, buffer merges: on every rank, before the chunk-end checkpoint the caller writes.
         self.strategy.on_chunk_end(ChunkEnd(self.method, chunk, lambda: batches(0, 0), self.device, rank, world,

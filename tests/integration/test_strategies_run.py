@@ -36,9 +36,11 @@ def test_replay_and_mas_under_ddp(tmp_path: Path, synthetic_url: str, ray_local)
         "aids", synthetic_url,
         lines={"method": ["simclr"], "strategy": [["sequential", "replay", "mas"]]},
         strategy={"replay": {"size": 201, "ratio": 0.5}, "mas": {"lambd": 0.5, "batches": 3}},
-        optim={"epochs_per_chunk": 1}, storage={"workdir": str(tmp_path / "runs")},
-        # the optional studies through the real actor: few-shot each chunk, interpolation from chunk 0's weights
-        eval={"fewshot": {"way": 3, "shot": 2, "query": 3, "episodes": 20}, "interpolation": {"points": 3}},
+        optim={"epochs_per_chunk": 2}, storage={"workdir": str(tmp_path / "runs")},
+        # the optional studies through the real actor: few-shot each chunk, interpolation from chunk 0's weights,
+        # and an evaluation after the first of each chunk's two epochs
+        eval={"fewshot": {"way": 3, "shot": 2, "query": 3, "episodes": 20}, "interpolation": {"points": 3},
+              "every_epochs": 1},
     ))
     summary = run_experiment(spec, console=Console(file=io.StringIO(), width=120))
     client = MlflowClient(spec.tracking_uri)
@@ -74,3 +76,14 @@ def test_replay_and_mas_under_ddp(tmp_path: Path, synthetic_url: str, ray_local)
     assert all(0 < m["fewshot_mean"] <= 1 and m["fewshot_ci95"] > 0 for m in evals.values())
     assert "interpolation_barrier" not in evals["0"]  # nothing to start from before the first chunk
     assert evals["1"]["interpolation_barrier"] >= 0 and 0 <= evals["1"]["interpolation_min_accuracy"] <= 1
+    # eval.every_epochs: one mid-chunk evaluation per chunk, of a checkpoint written after its first epoch
+    mids = client.search_runs([exp.experiment_id], filter_string=f"tags.`{tr.RUN_TYPE}` = 'epoch_eval'")
+    assert sorted((r.data.tags[tr.CHUNK], r.data.tags["streamssl.epoch"]) for r in mids) == [("0", "1"), ("1", "1")]
+    for run in mids:
+        assert load_state(run.data.tags[tr.CHECKPOINT])["position"]["epoch"] == 1
+        assert 0 < run.data.metrics["knn_top1"] <= 1 and run.data.metrics["epoch"] == 1
+    plan = client.search_runs([exp.experiment_id], filter_string=f"tags.`{tr.RUN_TYPE}` = 'plan'")[0]
+    curve = client.get_metric_history(plan.info.run_id, f"{line}.knn_top1_by_epoch")
+    assert sorted(m.step for m in curve) == [1, 2, 3, 4]  # epochs the line has trained: mid and end of each chunk
+    ends = {m.step: m.value for m in curve}
+    assert ends[2] == evals["0"]["knn_top1"] and ends[4] == evals["1"]["knn_top1"]

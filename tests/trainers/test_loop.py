@@ -285,3 +285,29 @@ def test_a_loss_that_turns_nan_stops_the_chunk_naming_method_step_and_lr(tmp_pat
     state = load_state(tmp_path)
     assert saved and state["position"]["step"] == saved[-1]
     assert all(torch.isfinite(v).all() for v in state["method"].values() if v.is_floating_point())
+
+
+def test_epoch_end_callbacks_come_after_every_epoch_but_the_last_and_resume_from_them(tmp_path) -> None:
+    """`on_epoch_end` (eval.every_epochs) sees each finished epoch but the chunk's last; a state saved there resumes
+    at the next epoch and ends with the uninterrupted chunk's weights."""
+    images = data()
+    reference = LineTrainer(config(epochs_per_chunk=3))
+    seen: list[tuple[int, dict]] = []
+    reference.train_chunk(0, batches_of(images), 4, on_epoch_end=lambda done: seen.append((done, dict(reference.position))))
+    assert [done for done, _ in seen] == [1, 2]
+    assert seen[0][1] == {"chunks_done": 0, "chunk": 0, "epoch": 1, "step": 4, "epoch_step": 0, "line_step": 4}
+
+    first = LineTrainer(config(epochs_per_chunk=3))
+
+    def save_then_die(done: int) -> None:
+        save_state(tmp_path, first.state_dict())
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        first.train_chunk(0, batches_of(images), 4, on_epoch_end=save_then_die)
+    resumed = LineTrainer(config(epochs_per_chunk=3))
+    resumed.load_state_dict(load_state(tmp_path))
+    later: list[int] = []
+    report = resumed.train_chunk(0, batches_of(images), 4, on_epoch_end=later.append)
+    assert later == [2] and report.first_step == 4 and report.steps == 8
+    assert_same_weights(reference, resumed)
