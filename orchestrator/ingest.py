@@ -277,6 +277,11 @@ def chunk_rows(plan: StreamPlan, chunks: Sequence[int]) -> int:
     return sum(plan.chunks[c].rows for c in chunks)
 
 
+def planned_chunk_rows(plan: StreamPlan, chunks: Sequence[int]) -> int:
+    """The rows the steps are planned on: the chunks' rows before data.class_fraction dropped classes."""
+    return sum(plan.chunks[c].planned_rows for c in chunks)
+
+
 @dataclass
 class SplitArrays:
     images: Any  # torch uint8 [N, 3, H, W]

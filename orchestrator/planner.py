@@ -18,6 +18,7 @@ import numpy as np
 from orchestrator import storage
 from orchestrator.data.manifest import Manifest, load_manifest
 from orchestrator.data.shards import read_index
+from orchestrator.data_factors import group_label_map
 from orchestrator.errors import DataError, SpecError
 from orchestrator.spec import Spec, identity_digest
 from orchestrator.streams import StreamPlan, make_plan
@@ -125,8 +126,12 @@ def build_plan(spec: Spec, progress: bool = True) -> ExperimentPlan:
                 f"it has {sorted(manifest.splits)}"
             )
     index = read_index(spec.data.url, spec.data.train_split, storage_options=spec.data.storage_options)
-    check_labels(spec, np.asarray(index.column("label").to_numpy()))
-    stream = make_plan(index, manifest, spec.stream.kind, spec.stream.chunks, spec.stream.seed)
+    labels = np.asarray(index.column("label").to_numpy())
+    if spec.data.labels == "group":  # supervised lines train on the groups (every class needs one: a SpecError)
+        labels = np.where(labels >= 0, group_label_map(manifest)[np.maximum(labels, 0)], -1)
+    check_labels(spec, labels)
+    stream = make_plan(index, manifest, spec.stream.kind, spec.stream.chunks, spec.stream.seed,
+                       class_fraction=spec.data.class_fraction)
     check_strategies(spec, stream)
     identity = identity_digest(spec)
     plan_key = _digest(identity, manifest.digest, stream.digest)

@@ -21,12 +21,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
+
 from orchestrator import storage
 from orchestrator.errors import TrainingError
 # Re-exported: the driver, recovery and tests name checkpoints through the runner.
 from orchestrator.checkpoints import CHUNK_EVENT_FILE, checkpoint_dir_name, checkpoint_order, restore_newest  # noqa: F401
 from orchestrator.checkpoints import CheckpointFs as _CheckpointFs
-from orchestrator.ingest import DeviceBatchDecoder, chunk_dataset, chunk_rows, row_index, shard_refs
+from orchestrator.data_factors import group_label_map
+from orchestrator.ingest import (DeviceBatchDecoder, chunk_dataset, chunk_rows, planned_chunk_rows, row_index,
+                                 shard_refs)
 from orchestrator.planner import ExperimentPlan, Job, Line
 from orchestrator.spec import Spec
 from trainers.loop import LoopConfig
@@ -36,7 +40,8 @@ from trainers.viewplan import ViewPlan, view_plan
 def planned_line_steps(plan: ExperimentPlan, line: Line) -> tuple[int, int]:
     """(optimizer steps the plan gives `line` over all its chunks, steps of one epoch of its first chunk)."""
     spec = plan.spec
-    per_epoch = [chunk_rows(plan.stream, job.training_chunks) // spec.optim.batch_size for job in plan.jobs_of(line)]
+    per_epoch = [planned_chunk_rows(plan.stream, job.training_chunks) // spec.optim.batch_size
+                 for job in plan.jobs_of(line)]
     return spec.optim.epochs_per_chunk * sum(per_epoch), (per_epoch[0] if per_epoch else 0)
 
 
@@ -148,6 +153,7 @@ def _train_fn(config: dict[str, Any]) -> None:
         # (the driver ignores a chunk it has already logged).
         send(restored_state["chunk_event"])
 
+    label_map = config["label_map"]
     device_decoder = DeviceBatchDecoder(config["image_size"], device, config["on_corrupt"], config["corrupt_counter"])
     for line_index, task in enumerate(config["tasks"]):
         if line_index < restored_line or (line_index > restored_line and not task.jobs):
@@ -193,10 +199,22 @@ def _train_fn(config: dict[str, Any]) -> None:
             def batches(epoch: int, skip: int):
                 # The same order on every pass of an epoch (seeded block order, preserve_order, seeded local
                 # shuffle), so the batches consumed before an in-chunk checkpoint are dropped here, before decoding.
-                source = shard.iter_batches(batch_size=task.config.batch_size, batch_format="numpy", drop_last=True,
-                                            local_shuffle_buffer_size=task.config.batch_size * 4,
-                                            local_shuffle_seed=epoch + 1000 * chunk)
-                for batch in itertools.islice(source, skip, None):
+                def passes():
+                    for n in itertools.count():  # one pass, or (data.class_fraction) as many as the epoch takes
+                        rows = 0
+                        for batch in shard.iter_batches(
+                                batch_size=task.config.batch_size, batch_format="numpy", drop_last=True,
+                                local_shuffle_buffer_size=task.config.batch_size * 4,
+                                local_shuffle_seed=epoch + 1000 * chunk + 1_000_003 * n):
+                            rows += 1
+                            yield batch
+                        if not repeat or rows == 0:
+                            return
+
+                repeat = config["cycle"][_dataset_name(task.line.strategy, chunk)]
+                for batch in itertools.islice(passes(), skip, None):
+                    if label_map is not None:  # data.labels: group
+                        batch["label"] = np.where(batch["label"] >= 0, label_map[np.maximum(batch["label"], 0)], -1)
                     if config["decode"] == "device":
                         images, source = device_decoder.decode(batch)
                         batch = {"label": batch["label"][source], "domain": batch["domain"][source],
@@ -282,21 +300,24 @@ def train_group(
     res = spec.resources
     use_gpu = res.gpus_per_worker > 0
     refs = shard_refs(plan.manifest, plan.data_url, spec.data.train_split)
-    datasets, steps_per_epoch = {}, {}
+    datasets, steps_per_epoch, cycle = {}, {}, {}
     for task in tasks:
         for job in task.jobs:
             name = _dataset_name(task.line.strategy, job.chunk)
             if name in datasets:
                 continue
             # The planned epoch length; rows dropped as undecodable end an epoch earlier (the loop stops when the
-            # batches run out on any rank).
-            rows = chunk_rows(plan.stream, job.training_chunks)
+            # batches run out on any rank). With data.class_fraction the steps stay the full chunk's and the
+            # reader cycles the kept rows.
+            rows, kept = planned_chunk_rows(plan.stream, job.training_chunks), chunk_rows(plan.stream, job.training_chunks)
             steps = rows // spec.optim.batch_size
-            if steps < 1:
+            if steps < 1 or kept // (spec.optim.batch_size * res.workers) < 1:
+                field_hint = "data.class_fraction (raise it), " if kept < rows else ""
                 raise TrainingError(
-                    f"{job.name}: {rows} training rows but optim.batch_size is {spec.optim.batch_size}; "
-                    "lower the batch size or use fewer chunks"
+                    f"{job.name}: {kept} training rows over {res.workers} workers but optim.batch_size is "
+                    f"{spec.optim.batch_size}; raise {field_hint}lower the batch size or use fewer chunks"
                 )
+            cycle[name] = kept < rows
             datasets[name] = chunk_dataset(refs, plan.stream, job.training_chunks, spec.data.image_size,
                                            spec.data.storage_options, counter=corrupt_counter,
                                            decode=spec.data.decode, seed=spec.seed * 1009 + job.chunk)
@@ -318,6 +339,8 @@ def train_group(
             "run_name": run_name,
             "checkpoint_fs": _CheckpointFs(spec.storage.storage_options),
             "eval_every_epochs": spec.eval.every_epochs if spec.eval.every_chunk else 0,
+            "cycle": cycle,  # datasets whose kept rows repeat within an epoch (data.class_fraction)
+            "label_map": group_label_map(plan.manifest) if spec.data.labels == "group" else None,
             "threads_per_worker": max(1, int(res.cpus_per_worker)),
             "decode": spec.data.decode,
             "image_size": spec.data.image_size,

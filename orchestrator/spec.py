@@ -68,6 +68,12 @@ class DataSpec(_Strict):
     eval_split: str = Field("val", description="held-out split for evaluation")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options (credentials, endpoint)")
     synthetic: SyntheticSpec | None = Field(None, description="make the synthetic set at `url` if it is missing")
+    class_fraction: float = Field(
+        1.0, gt=0, le=1, allow_inf_nan=False,
+        description="train on this share of each chunk's classes (seeded by stream.seed), as many steps as the "
+                    "full chunk would take; evaluation keeps every class")
+    labels: Literal["class", "group"] = Field(
+        "class", description="what supervised methods train on: the classes, or the manifest's coarse groups")
     decode: Literal["ray_data", "device"] = Field(
         "ray_data",
         description="where training JPEGs are decoded: 'ray_data' (CPU tasks beside the workers) or 'device' (each "

@@ -10,8 +10,11 @@ if TYPE_CHECKING:
     from orchestrator.spec import Spec
 
 
-# Evaluation settings that are off by default, with their off value: recorded only when on.
-OFF_BY_DEFAULT = {"fewshot": None, "sharpness": None, "interpolation": None, "every_epochs": 0}
+# Settings that are off by default, with their off value, by section: recorded only when on.
+OFF_BY_DEFAULT = {
+    "eval": {"fewshot": None, "sharpness": None, "interpolation": None, "every_epochs": 0},
+    "data": {"class_fraction": 1.0, "labels": "class"},
+}
 
 
 def _recorded(spec: Spec) -> dict[str, Any]:
@@ -20,10 +23,11 @@ def _recorded(spec: Spec) -> dict[str, Any]:
     data = spec.to_dict()
     data["methods"] = {name: data["methods"][name] for name in spec.lines.method}
     data["strategy"] = {name: options for name, options in data["strategy"].items() if name in spec.strategies_used}
-    # An optional evaluation that is off (few-shot, sharpness, interpolation, mid-chunk evaluations) is not
-    # recorded, so a spec that turns none on keeps the identity (and plan key) it had before they existed.
-    data["eval"] = {key: value for key, value in data["eval"].items()
-                    if not (key in OFF_BY_DEFAULT and value == OFF_BY_DEFAULT[key])}
+    # A setting that is off (few-shot, sharpness, interpolation, mid-chunk evaluations, class subsampling, coarse
+    # labels) is not recorded, so a spec that turns none on keeps the identity (and plan key) it had before.
+    for section, off in OFF_BY_DEFAULT.items():
+        data[section] = {key: value for key, value in data[section].items()
+                         if not (key in off and value == off[key])}
     return data
 
 

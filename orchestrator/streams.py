@@ -48,6 +48,12 @@ class ChunkSpec:
     classes: tuple[int, ...]
     domains: tuple[int, ...]
     rows: int
+    # Rows before `data.class_fraction` dropped classes from training: the steps are planned on these.
+    unsampled_rows: int | None = None
+
+    @property
+    def planned_rows(self) -> int:
+        return self.rows if self.unsampled_rows is None else self.unsampled_rows
 
 
 def _column(table: pa.Table | Mapping[str, Any], name: str) -> Any:
@@ -83,6 +89,7 @@ class StreamPlan:
         key_hashes: np.ndarray | None = None,
         key_chunks: np.ndarray | None = None,
         assignment: pa.Table | None = None,
+        trained_classes: np.ndarray | None = None,
     ):
         self.kind = kind
         self.seed = seed
@@ -96,6 +103,8 @@ class StreamPlan:
         self._key_chunks = key_chunks
         # (key, chunk) of the index the plan was made from; not pickled (see __getstate__).
         self._assignment = assignment
+        # data.class_fraction: bool per class, the classes training keeps (None: all); rows of others are in no chunk.
+        self.trained_classes = trained_classes
 
     def __getstate__(self) -> dict[str, Any]:
         # Ship the rule, not the row list: a plan pickled into Ray tasks stays a few bytes per row at most.
@@ -116,10 +125,17 @@ class StreamPlan:
             hashes = _key_hashes(_column(table, "key"))
             pos = np.minimum(np.searchsorted(self._key_hashes, hashes), len(self._key_hashes) - 1)
             found = self._key_hashes[pos] == hashes
-            return np.where(found, self._key_chunks[pos], -1).astype(np.int64)
-        values = np.asarray(_column(table, "domain" if self.kind == "domain" else "label"), dtype=np.int64)
-        inside = (values >= 0) & (values < len(self._unit_chunk))
-        return np.where(inside, self._unit_chunk[np.clip(values, 0, len(self._unit_chunk) - 1)], -1).astype(np.int64)
+            chunks = np.where(found, self._key_chunks[pos], -1).astype(np.int64)
+        else:
+            values = np.asarray(_column(table, "domain" if self.kind == "domain" else "label"), dtype=np.int64)
+            inside = (values >= 0) & (values < len(self._unit_chunk))
+            chunks = np.where(inside, self._unit_chunk[np.clip(values, 0, len(self._unit_chunk) - 1)], -1)
+            chunks = chunks.astype(np.int64)
+        if self.trained_classes is not None:
+            labels = np.asarray(_column(table, "label"), dtype=np.int64)
+            known = (labels >= 0) & (labels < len(self.trained_classes))
+            chunks[~(known & self.trained_classes[np.clip(labels, 0, len(self.trained_classes) - 1)])] = -1
+        return chunks
 
     def select(self, table: pa.Table | Mapping[str, np.ndarray], chunks: Sequence[int]):
         """Rows that belong to any of `chunks`, in their original order (same type as `table`)."""
@@ -155,9 +171,12 @@ class StreamPlan:
             "num_chunks": self.num_chunks,
             "digest": self.digest,
             "chunks": [
-                {"index": c.index, "classes": list(c.classes), "domains": list(c.domains), "rows": c.rows}
+                {"index": c.index, "classes": list(c.classes), "domains": list(c.domains), "rows": c.rows,
+                 **({} if c.unsampled_rows is None else {"unsampled_rows": c.unsampled_rows})}
                 for c in self.chunks
             ],
+            **({} if self.trained_classes is None
+               else {"trained_classes": np.flatnonzero(self.trained_classes).tolist()}),
         }
 
     def assignment_table(self, index: pa.Table | None = None) -> pa.Table:
@@ -292,8 +311,12 @@ STREAM_REGISTRY = Registry("stream kind", [
 STREAM_KINDS = STREAM_REGISTRY.names
 
 
-def make_plan(index: pa.Table, manifest: Manifest, kind: str, num_chunks: int, seed: int) -> StreamPlan:
+def make_plan(index: pa.Table, manifest: Manifest, kind: str, num_chunks: int, seed: int,
+              class_fraction: float = 1.0) -> StreamPlan:
     """Partition the rows of `index` (key, label, domain; usually the train split) into `num_chunks` chunks.
+
+    `class_fraction` < 1 keeps that share of each chunk's classes for training (`orchestrator.data_factors`): the
+    other rows are in no chunk, and each chunk remembers its unsampled row count, on which its steps are planned.
 
     Raises SpecError naming ``stream.kind`` / ``stream.chunks`` for an unknown kind or a chunk count the data
     cannot fill, and DataError when the data lacks what the kind needs (groups) or a chunk would be empty.
@@ -331,16 +354,26 @@ def make_plan(index: pa.Table, manifest: Manifest, kind: str, num_chunks: int, s
         if len(key_hashes) > 1 and np.any(key_hashes[1:] == key_hashes[:-1]):
             raise DataError("two keys of the index share a 64-bit hash; rename one (vanishingly rare)")
 
+    trained = unsampled = None
+    if class_fraction < 1:
+        from orchestrator.data_factors import kept_classes
+
+        unsampled = np.bincount(row_chunk[row_chunk >= 0], minlength=num_chunks)
+        trained = kept_classes([units[0] for units in specs_units], manifest.num_classes, class_fraction, seed)
+        row_chunk = np.where(trained[labels], row_chunk, -1)
+        if key_chunks is not None:
+            key_chunks = row_chunk[by_hash].astype(np.int32)
     counts = np.bincount(row_chunk[row_chunk >= 0], minlength=num_chunks)
     empty = [c for c in range(num_chunks) if counts[c] == 0]
     if empty:
         raise DataError(f"{kind} stream with {num_chunks} chunks (seed {seed}): chunks {empty} hold no rows of the "
                         f"index ({len(keys)} rows); use fewer chunks (stream.chunks)")
     chunks = [
-        ChunkSpec(index=c, classes=units[0], domains=units[1], rows=int(counts[c]))
+        ChunkSpec(index=c, classes=units[0], domains=units[1], rows=int(counts[c]),
+                  unsampled_rows=None if unsampled is None else int(unsampled[c]))
         for c, units in enumerate(specs_units)
     ]
     digest = _plan_digest(kind, seed, num_chunks, keys, row_chunk)
     assignment = pa.table({"key": pa.array(keys, pa.string()), "chunk": pa.array(row_chunk, pa.int64())})
     return StreamPlan(kind, seed, chunks, digest, unit_chunk=unit_chunk, key_hashes=key_hashes,
-                      key_chunks=key_chunks, assignment=assignment)
+                      key_chunks=key_chunks, assignment=assignment, trained_classes=trained)
