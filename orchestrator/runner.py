@@ -311,11 +311,11 @@ def train_group(
             # reader cycles the kept rows.
             rows, kept = planned_chunk_rows(plan.stream, job.training_chunks), chunk_rows(plan.stream, job.training_chunks)
             steps = rows // spec.optim.batch_size
-            if steps < 1 or kept // (spec.optim.batch_size * res.workers) < 1:
-                field_hint = "data.class_fraction (raise it), " if kept < rows else ""
+            if steps < 1 or kept // spec.optim.batch_size < 1:  # (a cycled pass needs one full batch)
+                hint = "raise data.class_fraction, " if kept < rows else ""
                 raise TrainingError(
-                    f"{job.name}: {kept} training rows over {res.workers} workers but optim.batch_size is "
-                    f"{spec.optim.batch_size}; raise {field_hint}lower the batch size or use fewer chunks"
+                    f"{job.name}: {kept} training rows but optim.batch_size is {spec.optim.batch_size}; "
+                    f"{hint}lower the batch size or use fewer chunks"
                 )
             cycle[name] = kept < rows
             datasets[name] = chunk_dataset(refs, plan.stream, job.training_chunks, spec.data.image_size,
