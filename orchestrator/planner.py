@@ -22,8 +22,9 @@ from orchestrator.data_factors import group_label_map
 from orchestrator.errors import DataError, SpecError
 from orchestrator.spec import Spec, identity_digest
 from orchestrator.streams import StreamPlan, make_plan
-from trainers.registry import METHOD_REGISTRY
+from trainers.registry import METHOD_REGISTRY, STRATEGY_REGISTRY
 from trainers.strategies import build_strategy
+from trainers.strategies.buffer import RowBuffer
 
 
 @dataclass(frozen=True)
@@ -108,11 +109,16 @@ def check_labels(spec: Spec, labels: np.ndarray) -> None:
 
 def check_strategies(spec: Spec, stream) -> None:
     """Strategy options the stream cannot satisfy, as SpecErrors before anything trains."""
-    if "replay" in spec.strategies_used and stream.num_chunks > 1:
-        seen = sum(chunk.rows for chunk in stream.chunks[:-1])  # what the buffer can have taken in before the last chunk
-        if spec.strategy.replay.size > seen:
+    if stream.num_chunks < 2:
+        return
+    seen = sum(chunk.rows for chunk in stream.chunks[:-1])  # what a buffer can have taken in before the last chunk
+    for name in spec.strategies_used:
+        if not issubclass(STRATEGY_REGISTRY[name].build, RowBuffer):  # replay, lump: a buffer of past rows
+            continue
+        size = getattr(spec.strategy, name).size
+        if size > seen:
             raise SpecError(
-                f"strategy.replay.size: {spec.strategy.replay.size} rows, but the stream delivers only {seen} rows "
+                f"strategy.{name}.size: {size} rows, but the stream delivers only {seen} rows "
                 f"before its last chunk, so the buffer could never fill; use at most {seen}"
             )
 

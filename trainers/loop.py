@@ -23,6 +23,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -306,6 +307,7 @@ class LineTrainer:
             else (self.rank, 1)
         self.strategy.setup(rank, world)
         extra_losses = self.strategy.extra_losses(self.method)
+        augment = partial(make_view_set, plan=cfg.views, generator=self.generator)  # a strategy's extra rows' views
         self.method.train()
         losses: list[torch.Tensor] = []
         lrs: list[float] = []
@@ -342,6 +344,7 @@ class LineTrainer:
                                   steps_per_epoch=steps_per_epoch)
                 mixed = self.strategy.prepare_batch(batch, ctx)  # replay's rows join here
                 views = make_view_set(mixed.images, cfg.views, generator=self.generator)
+                views, mixed = self.strategy.prepare_views(views, mixed, ctx, augment)  # LUMP mixes views
                 if cfg.channels_last:
                     views = views.map(lambda v: v.contiguous(memory_format=torch.channels_last))
                 out = train_step(self.model, self.method, self.optimizer, views, mixed, ctx, autocast=autocast,

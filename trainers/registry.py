@@ -38,6 +38,7 @@ from trainers.methods.swav import SwAV, SwAVConfig
 from trainers.methods.simsiam import SimSiam, SimSiamConfig
 from trainers.methods.supervised import Supervised, SupervisedConfig
 from trainers.strategies.joint import Joint, JointConfig
+from trainers.strategies.lump import Lump, LumpConfig
 from trainers.strategies.mas import MAS, MASConfig
 from trainers.strategies.replay import Replay, ReplayConfig
 from trainers.strategies.sequential import Sequential, SequentialConfig
@@ -165,6 +166,8 @@ STRATEGY_REGISTRY = Registry("strategy", [
     Record("replay", Replay, ReplayConfig, summary="aid: a buffer of past chunks' rows mixed into every batch"),
     Record("mas", MAS, MASConfig,
            summary="aid: penalty on moving the weights the past representation depends on (Aljundi et al., 2018)"),
+    Record("lump", Lump, LumpConfig,
+           summary="aid: mixup of every batch with a buffer of past rows (LUMP, Madaan et al., 2022); sequential only"),
 ])
 
 __all__ = ["BACKBONE_REGISTRY", "METHOD_REGISTRY", "Record", "Registry", "STRATEGY_REGISTRY"]

@@ -251,6 +251,36 @@ def test_plan_key_is_the_same_for_an_explicit_and_an_omitted_default(synthetic_u
     assert not {j.key for j in omitted.jobs} & {j.key for j in changed.jobs}
 
 
+def test_lump_lines_validate_their_options_and_compose_with_sequential_only() -> None:
+    spec = validate_spec({**minimal(), "lines": {"method": ["simclr", "supervised"],
+                                                 "strategy": ["sequential+lump", ["sequential", "replay", "lump"]]},
+                          "strategy": {"lump": {"size": 300, "alpha": 0.4}}})
+    assert spec.lines.strategy == ["sequential+lump", "sequential+replay+lump"]
+    assert spec.strategy_options("sequential+lump") == {
+        "lump": {"size": 300, "alpha": 0.4, "policy": "reservoir", "seed": 0}}
+    assert flatten(spec)["strategy.lump.alpha"] == "0.4"
+    with pytest.raises(SpecError, match=r"lines\.strategy\[0\]: lump composes only with the base sequential, not joint"):
+        validate_spec({**minimal(), "lines": {"method": ["simclr"], "strategy": ["joint+lump"]}})
+    for options, path in [({"lump": {"alpha": 0}}, r"strategy\.lump\.alpha"),
+                          ({"lump": {"size": 0}}, r"strategy\.lump\.size"),
+                          ({"lump": {"mixup": 1}}, r"strategy\.lump\.mixup")]:
+        with pytest.raises(SpecError, match=path):
+            validate_spec({**minimal(), "strategy": options})
+
+
+def test_a_buffer_larger_than_the_rows_before_the_last_chunk_is_refused(synthetic_url: str) -> None:
+    from orchestrator.planner import build_plan
+    from orchestrator.runner import loop_config
+
+    base = {**minimal(), "data": {"url": synthetic_url}}  # 1200 rows in two chunks of 600
+    for name in ("replay", "lump"):
+        lines = {"method": ["simclr"], "strategy": [f"sequential+{name}"]}
+        with pytest.raises(SpecError, match=rf"strategy\.{name}\.size: 601 rows, .* only 600 rows"):
+            build_plan(validate_spec({**base, "lines": lines, "strategy": {name: {"size": 601}}}), progress=False)
+        plan = build_plan(validate_spec({**base, "lines": lines, "strategy": {name: {"size": 600}}}), progress=False)
+        assert loop_config(plan.spec, plan.lines[0], False, plan).strategy_options[name]["size"] == 600
+
+
 def test_backbone_section_is_discriminated_on_name() -> None:
     assert validate_spec(minimal()).backbone.name == "resnet18"
     spec = validate_spec({**minimal(), "backbone": {"name": "resnet50", "width": 8}})

@@ -24,12 +24,16 @@ class Batch:
         labels: int64 `[B]`, -1 where the data set has no label for the row.
         index: int64 `[B]`, a stable integer id of each row (from its key), for replay buffers and RALS.
         domain: int64 `[B]`, the row's domain (0 when the data set has one).
+        mix: set when a strategy trains on mixed inputs (LUMP's mixup): the views are
+            `mix.weight x` this batch's views `+ (1 - mix.weight) x` those of `mix.labels`' rows; a method that
+            uses labels weighs its loss the same way. None for plain batches.
     """
 
     images: Tensor
     labels: Tensor
     index: Tensor
     domain: Tensor
+    mix: LabelMix | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4 or self.images.shape[1] != 3:
@@ -40,6 +44,8 @@ class Batch:
             value = getattr(self, name)
             if value.shape != (b,):
                 raise ValueError(f"Batch.{name} must be [{b}] like images, got {tuple(value.shape)}")
+        if self.mix is not None and self.mix.labels.shape != (b,):
+            raise ValueError(f"Batch.mix.labels must be [{b}] like images, got {tuple(self.mix.labels.shape)}")
 
     @classmethod
     def from_images(cls, images: Tensor, labels: Tensor | None = None, index: Tensor | None = None,
@@ -61,17 +67,30 @@ class Batch:
         return bool((self.labels >= 0).all())
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        mix = None if self.mix is None else LabelMix(self.mix.labels.to(device, non_blocking=non_blocking),
+                                                    self.mix.weight)
         return Batch(*(t.to(device, non_blocking=non_blocking)
-                       for t in (self.images, self.labels, self.index, self.domain)))
+                       for t in (self.images, self.labels, self.index, self.domain)), mix=mix)
 
     def cat(self, other: "Batch") -> "Batch":
         """This batch followed by `other` (images must have the same size): replay and RALS mix batches."""
+        if self.mix is not None or other.mix is not None:
+            raise ValueError("Batch.cat: a mixed batch (Batch.mix) cannot be joined: its rows share one weight")
         return Batch(*(torch.cat([a, b]) for a, b in zip(
             (self.images, self.labels, self.index, self.domain), (other.images, other.labels, other.index,
                                                                   other.domain))))
 
     def select(self, rows: Tensor) -> "Batch":
-        return Batch(self.images[rows], self.labels[rows], self.index[rows], self.domain[rows])
+        mix = None if self.mix is None else LabelMix(self.mix.labels[rows], self.mix.weight)
+        return Batch(self.images[rows], self.labels[rows], self.index[rows], self.domain[rows], mix=mix)
+
+
+@dataclass(frozen=True)
+class LabelMix:
+    """A mixed batch's partner labels and weight: its inputs are `weight x own + (1 - weight) x partner's`."""
+
+    labels: Tensor  # int64 [B], the partner rows' labels (-1 where unknown)
+    weight: float  # in [0, 1]
 
 
 @dataclass
@@ -154,4 +173,4 @@ class StepContext:
         return min(1.0, max(0.0, self.step / self.total_steps))
 
 
-__all__ = ["Batch", "StepContext", "StepOutput", "ViewSet"]
+__all__ = ["Batch", "LabelMix", "StepContext", "StepOutput", "ViewSet"]

@@ -13,7 +13,9 @@ Usage::
     out = method.training_step(views, batch, ctx)      # batch.labels must all be known (>= 0)
 
 Every global view is an augmented copy of its image; each view is classified and the loss is the mean of the
-cross-entropy over the views and the images. Local (multi-crop) views are not used.
+cross-entropy over the views and the images. Local (multi-crop) views are not used. On a mixed batch
+(`Batch.mix`, LUMP's mixup: inputs `w x + (1 - w) x'`) each image's loss is `w CE(y) + (1 - w) CE(y')` (mixup,
+Zhang et al., ICLR 2018, arXiv:1710.09412).
 
 Options (`SupervisedConfig`): `num_classes`, `label_smoothing`.
 """
@@ -104,7 +106,16 @@ class Supervised(Method):
         if len(batch) != b:
             raise ValueError(f"supervised: the batch has {len(batch)} labels for {b} images per view")
         check_labels(batch.labels, self.config.num_classes)
-        terms = [supervised_loss(self.classifier(self.backbone(v)), batch.labels, self.config.label_smoothing,
-                                 reduction="none") for v in views.global_]
+        if batch.mix is not None:  # mixed inputs (LUMP): mixup's loss, each label weighed as its image
+            check_labels(batch.mix.labels, self.config.num_classes)
+        terms = [self._view_loss(self.classifier(self.backbone(v)), batch) for v in views.global_]
         per_sample = torch.stack(terms).mean(dim=0)
         return StepOutput(per_sample.mean(), per_sample.detach())
+
+    def _view_loss(self, logits: Tensor, batch: Batch) -> Tensor:
+        """`[B]` cross-entropy of one view; `w CE(y) + (1 - w) CE(y_partner)` when the batch is mixed."""
+        loss = supervised_loss(logits, batch.labels, self.config.label_smoothing, reduction="none")
+        if batch.mix is None:
+            return loss
+        partner = supervised_loss(logits, batch.mix.labels, self.config.label_smoothing, reduction="none")
+        return batch.mix.weight * loss + (1.0 - batch.mix.weight) * partner

@@ -6,6 +6,8 @@ no-op default, so each strategy implements only what it changes; `StrategyStack`
 
     stack = build_strategy("sequential+replay+mas", {"replay": {"size": 2000}, "mas": {"lambd": 1.0}})
     batch = stack.prepare_batch(batch, ctx)            # replay mixes buffer rows in
+    views = make_view_set(batch.images, plan, generator)
+    views, batch = stack.prepare_views(views, batch, ctx, augment)   # LUMP mixes buffer rows' views in
     out = train_step(..., extra_losses=stack.extra_losses(method))   # MAS penalty
     stack.after_step(batch_before_mixing, ctx)          # replay stages the new rows
     stack.on_chunk_end(context)                         # MAS importances, replay merges the staged rows
@@ -25,6 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from trainers.engine.types import Batch, StepContext, StepOutput, ViewSet
+
+Augment = Callable[[Tensor], ViewSet]  # uint8 [B, 3, H, W] -> their views under the line's view plan
 
 
 @dataclass
@@ -49,6 +53,7 @@ class Strategy:
 
     name = "strategy"
     is_base = False  # sequential and joint decide the chunks and the weight resets; aids do not
+    bases: tuple[str, ...] | None = None  # the base strategies an aid composes with (None: any)
 
     def training_chunks(self, chunk: int) -> list[int]:
         raise NotImplementedError(f"{self.name} is not a base strategy: it does not choose the training chunks")
@@ -62,6 +67,12 @@ class Strategy:
     def prepare_batch(self, batch: Batch, ctx: StepContext) -> Batch:
         """The batch the step trains on (on the training device)."""
         return batch
+
+    def prepare_views(self, views: ViewSet, batch: Batch, ctx: StepContext,
+                      augment: Augment) -> tuple[ViewSet, Batch]:
+        """The views (and their batch) the step trains on, given the augmented views of `batch`; `augment` makes
+        the views of other rows (e.g. a buffer's) with the same plan and generator."""
+        return views, batch
 
     def extra_loss(self, method: nn.Module, out: StepOutput, views: ViewSet, batch: Batch,
                    ctx: StepContext) -> dict[str, Tensor]:
@@ -92,6 +103,10 @@ class StrategyStack(Strategy):
         names = [s.name for s in strategies]
         if len(set(names)) != len(names):
             raise ValueError(f"a strategy is listed twice: {names}")
+        for aid in strategies[1:]:
+            if aid.bases is not None and strategies[0].name not in aid.bases:
+                raise ValueError(f"{aid.name} composes only with {' or '.join(aid.bases)}, not "
+                                 f"{strategies[0].name}")
         self.strategies = list(strategies)
         self.base = strategies[0]
         self.name = "+".join(names)
@@ -111,6 +126,12 @@ class StrategyStack(Strategy):
         for strategy in self.strategies:
             batch = strategy.prepare_batch(batch, ctx)
         return batch
+
+    def prepare_views(self, views: ViewSet, batch: Batch, ctx: StepContext,
+                      augment: Augment) -> tuple[ViewSet, Batch]:
+        for strategy in self.strategies:
+            views, batch = strategy.prepare_views(views, batch, ctx, augment)
+        return views, batch
 
     def extra_losses(self, method: nn.Module) -> list[Callable[[StepOutput, ViewSet, Batch, StepContext],
                                                                dict[str, Tensor]]]:
@@ -134,4 +155,4 @@ class StrategyStack(Strategy):
             strategy.load_state_dict([state.get(strategy.name, {}) for state in states], rank, world_size)
 
 
-__all__ = ["ChunkEnd", "Strategy", "StrategyStack"]
+__all__ = ["Augment", "ChunkEnd", "Strategy", "StrategyStack"]
