@@ -201,18 +201,18 @@ def _train_fn(config: dict[str, Any]) -> None:
                 # shuffle), so the batches consumed before an in-chunk checkpoint are dropped here, before decoding.
                 def passes():
                     for n in itertools.count():  # one pass, or (data.class_fraction) as many as the epoch takes
-                        rows = 0
+                        delivered = 0
                         for batch in shard.iter_batches(
                                 batch_size=task.config.batch_size, batch_format="numpy", drop_last=True,
                                 local_shuffle_buffer_size=task.config.batch_size * 4,
                                 local_shuffle_seed=epoch + 1000 * chunk + 1_000_003 * n):
-                            rows += 1
-                            yield batch
-                        if not repeat or rows == 0:
+                            delivered += 1
+                            yield n > 0, batch
+                        if not repeat or delivered == 0:
                             return
 
                 repeat = config["cycle"][_dataset_name(task.line.strategy, chunk)]
-                for batch in itertools.islice(passes(), skip, None):
+                for repeated, batch in itertools.islice(passes(), skip, None):
                     if label_map is not None:  # data.labels: group
                         batch["label"] = np.where(batch["label"] >= 0, label_map[np.maximum(batch["label"], 0)], -1)
                     if config["decode"] == "device":
@@ -222,7 +222,8 @@ def _train_fn(config: dict[str, Any]) -> None:
                     else:
                         images = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2)
                     yield Batch(images, *(torch.from_numpy(batch[c].astype("int64")) for c in ("label", "index",
-                                                                                                 "domain")))
+                                                                                                 "domain")),
+                                repeated=repeated)
 
             def on_step(info) -> None:
                 send({"type": "step", "line": task.line.id, "chunk": info.chunk, "step": info.step,

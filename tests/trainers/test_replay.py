@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -52,6 +54,18 @@ def test_later_epochs_do_not_stage_rows_twice() -> None:
     replay = Replay(size=500)
     stream_chunk(replay, 0, 0, 300, epochs=3)
     assert len(replay) == 300 and sorted(replay.buffer["index"].tolist()) == list(range(300))
+
+
+def test_repeated_passes_of_a_cycled_epoch_do_not_stage_rows_twice() -> None:
+    """data.class_fraction cycles a chunk's kept rows within an epoch; the reader marks the repeats."""
+    replay = Replay(size=500)
+    ctx = StepContext(step=0, total_steps=None, chunk=0, epoch=0)
+    for repeat in (False, True, True):
+        for s in range(0, 300, 50):
+            replay.after_step(dataclasses.replace(rows(s, 50), repeated=repeat), ctx)
+    replay.on_chunk_end(ChunkEnd(method=None, chunk=0, batches=lambda: [], device=torch.device("cpu")))
+    assert sorted(replay.buffer["index"].tolist()) == list(range(300))
+    assert replay.rows_seen == 300
 
 
 def test_the_reservoir_is_uniform_over_a_chunk() -> None:

@@ -27,6 +27,8 @@ class Batch:
         mix: set when a strategy trains on mixed inputs (LUMP's mixup): the views are
             `mix.weight x` this batch's views `+ (1 - mix.weight) x` those of `mix.labels`' rows; a method that
             uses labels weighs its loss the same way. None for plain batches.
+        repeated: the epoch has delivered these rows before (the reader cycles a class-subsampled chunk to keep
+            its planned steps): buffers do not offer them to their reservoir again.
     """
 
     images: Tensor
@@ -34,6 +36,7 @@ class Batch:
     index: Tensor
     domain: Tensor
     mix: LabelMix | None = None
+    repeated: bool = False
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4 or self.images.shape[1] != 3:
@@ -70,7 +73,8 @@ class Batch:
         mix = None if self.mix is None else LabelMix(self.mix.labels.to(device, non_blocking=non_blocking),
                                                     self.mix.weight)
         return Batch(*(t.to(device, non_blocking=non_blocking)
-                       for t in (self.images, self.labels, self.index, self.domain)), mix=mix)
+                       for t in (self.images, self.labels, self.index, self.domain)), mix=mix,
+                     repeated=self.repeated)
 
     def cat(self, other: "Batch") -> "Batch":
         """This batch followed by `other` (images must have the same size): replay and RALS mix batches."""
@@ -82,7 +86,8 @@ class Batch:
 
     def select(self, rows: Tensor) -> "Batch":
         mix = None if self.mix is None else LabelMix(self.mix.labels[rows], self.mix.weight)
-        return Batch(self.images[rows], self.labels[rows], self.index[rows], self.domain[rows], mix=mix)
+        return Batch(self.images[rows], self.labels[rows], self.index[rows], self.domain[rows], mix=mix,
+                     repeated=self.repeated)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """A bounded buffer of past chunks' rows, sharded over DDP ranks: the state replay and LUMP share.
 
 Rows of the chunk being trained are *staged* while its first epoch streams by (a reservoir over that chunk, so
-repeated epochs do not add duplicates) and join the buffer only when the chunk ends: the buffer holds the past,
+repeated epochs, and the repeated passes of a class-subsampled chunk (`Batch.repeated`), do not add duplicates) and join the buffer only when the chunk ends: the buffer holds the past,
 never the present. Merging keeps
 
 * ``reservoir``: a uniform sample of every row seen so far (each chunk's share proportional to its rows);
@@ -98,7 +98,7 @@ class RowBuffer(Strategy):
 
     # ---------------------------------------------------------------- filling
     def after_step(self, batch: Batch, ctx: StepContext) -> None:
-        if ctx.epoch != 0:  # later epochs repeat the chunk's rows: the first pass has offered them all
+        if ctx.epoch != 0 or batch.repeated:  # repeats of the chunk's rows: the first pass has offered them all
             return
         self._stage(batch, ctx.chunk)
 
