@@ -17,6 +17,7 @@ import torch
 
 from evaluators.features import extract_features
 from evaluators.registry import EVALUATOR_REGISTRY
+from orchestrator.downstream import evaluate_downstream
 from orchestrator.evaluation_studies import study_metrics
 from orchestrator.ingest import SplitArrays, load_split_arrays
 from orchestrator.streams import StreamPlan
@@ -82,6 +83,19 @@ def evaluate_backbone(
     return out
 
 
+def protocol_scores(backbone: torch.nn.Module, bank: SplitArrays, queries: SplitArrays, eval_spec: dict[str, Any],
+                    seed: int = 0, device: str | torch.device = "cpu") -> dict[str, float]:
+    """`{protocol}_top1` of every every-chunk protocol on `queries` against `bank` (a downstream set: no tasks)."""
+    bank_feats, bank_labels = extract_features(backbone, _batches(bank, eval_spec["batch_size"]), device=device)
+    query_feats, query_labels = extract_features(backbone, _batches(queries, eval_spec["batch_size"]), device=device)
+    out = {}
+    for name in eval_spec["every_chunk"]:
+        record = EVALUATOR_REGISTRY.require(name)
+        pred = record.build(bank_feats, bank_labels, query_feats, seed=seed, **record.options(eval_spec.get(name)))
+        out[f"{name}_top1"] = float((pred.numpy() == query_labels.numpy()).mean())
+    return out
+
+
 def _task_units(plan: StreamPlan, task: int) -> str:
     """What task `task` is made of, as task_mask reads it: its chunk's domains, classes, or every row."""
     chunk = plan.chunks[task]
@@ -103,13 +117,18 @@ class EvalActor:
     """Wrapped with `ray.remote` by the driver; holds decoded evaluation data between calls."""
 
     def __init__(self, plan: StreamPlan, manifest, data_spec: dict[str, Any], eval_spec: dict[str, Any],
-                 storage_options: dict[str, Any], seed: int):
+                 storage_options: dict[str, Any], seed: int, downstream: tuple = ()):
         torch.set_num_threads(1)
         self.plan, self.eval_spec, self.seed = plan, eval_spec, seed
-        self.bank = load_split_arrays(manifest, data_spec["url"], data_spec["train_split"], data_spec["image_size"],
+        size = data_spec["image_size"]
+        self.bank = load_split_arrays(manifest, data_spec["url"], data_spec["train_split"], size,
                                       storage_options, max_per_class=eval_spec["max_train_per_class"])
-        self.queries = load_split_arrays(manifest, data_spec["url"], data_spec["eval_split"],
-                                         data_spec["image_size"], storage_options)
+        self.queries = load_split_arrays(manifest, data_spec["url"], data_spec["eval_split"], size, storage_options)
+        self.downstream = {  # eval.downstream: (bank, queries) of each set, at the pre-training image size
+            d.name: (load_split_arrays(d.manifest, d.url, d.train_split, size, d.storage_options,
+                                       max_per_class=d.max_train_per_class),
+                     load_split_arrays(d.manifest, d.url, d.eval_split, size, d.storage_options))
+            for d in downstream}
 
     def sizes(self) -> dict[str, int]:
         return {"bank": len(self.bank.labels), "queries": len(self.queries.labels)}
@@ -125,6 +144,7 @@ class EvalActor:
             previous = backbone_from_state(config, self._load(previous_uri, checkpoint_fs)).state_dict()
         result.update(study_metrics(backbone, self.bank, self.queries, self.eval_spec, seed=self.seed,
                                     previous_state=previous, make_backbone=lambda: initial_backbone(config)))
+        result.update(evaluate_downstream(backbone, self.downstream, self.eval_spec, seed=self.seed))
         result["bank_size"], result["query_size"] = len(self.bank.labels), len(self.queries.labels)
         result["corrupt_rows_skipped"] = len(self.bank.skipped) + len(self.queries.skipped)
         return result

@@ -281,7 +281,7 @@ class _Driver:
             self.corrupt_counter = start_corrupt_row_counter()
             self.evaluator = ray.remote(num_cpus=1)(EvalActor).remote(
                 self.plan.stream, self.plan.manifest, self.spec.data.model_dump(), self.spec.eval.model_dump(),
-                self.spec.data.storage_options, self.spec.seed)
+                self.spec.data.storage_options, self.spec.seed, self.plan.downstream)
             if resume:
                 summary.recovered_jobs = self.recover_persisted_chunks()
                 for job in unevaluated:  # finished chunks whose evaluation died with the previous driver

@@ -19,6 +19,7 @@ from orchestrator import storage
 from orchestrator.data.manifest import Manifest, load_manifest
 from orchestrator.data.shards import read_index
 from orchestrator.data_factors import group_label_map
+from orchestrator.downstream import DownstreamSet, resolve_downstream
 from orchestrator.errors import DataError, SpecError
 from orchestrator.spec import Spec, identity_digest
 from orchestrator.streams import StreamPlan, make_plan
@@ -59,6 +60,7 @@ class ExperimentPlan:
     lines: list[Line]
     jobs: list[Job]
     key: str  # identifies the whole plan (parent MLflow run)
+    downstream: tuple[DownstreamSet, ...] = ()  # eval.downstream, resolved to shards
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -147,4 +149,5 @@ def build_plan(spec: Spec, progress: bool = True) -> ExperimentPlan:
         strategy = build_strategy(line.strategy)
         for t in range(stream.num_chunks):
             jobs.append(Job(line, t, tuple(strategy.training_chunks(t)), _digest(plan_key, line.id, str(t))))
-    return ExperimentPlan(spec, spec.data.url, manifest, stream, lines, jobs, plan_key)
+    return ExperimentPlan(spec, spec.data.url, manifest, stream, lines, jobs, plan_key,
+                          downstream=resolve_downstream(spec, progress=progress))

@@ -28,6 +28,18 @@ def _none_is_empty(value: Any) -> Any:
 EvaluatorName = Literal[EVALUATOR_REGISTRY.names]
 
 
+class DownstreamSpec(_Strict):
+    """An `eval.downstream` entry: a data set the frozen backbone is evaluated on after every chunk."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="names its metrics: `<name>.knn_top1`")
+    url: str = Field(description="prepared shards (a folder with manifest.json; any fsspec URL) or a local "
+                                 "ImageFolder tree, prepared once into the workdir")
+    train_split: str = Field("train", description="the kNN bank / linear probe's training rows")
+    eval_split: str = Field("val", description="the rows accuracy is measured on")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for `url`")
+    max_train_per_class: int | None = Field(None, ge=1, description="cap the training rows per class")
+
+
 class _EvalSpecBase(_Strict):
     every_chunk: list[EvaluatorName] = Field(
         default_factory=lambda: list(EVALUATOR_REGISTRY.names),
@@ -39,6 +51,9 @@ class _EvalSpecBase(_Strict):
     every_epochs: int = Field(
         0, ge=0, description="also checkpoint and evaluate every k epochs inside a chunk, to see accuracy saturate "
                              "or decline with longer pre-training (0: at chunk ends only)")
+    downstream: list[DownstreamSpec] = Field(
+        default_factory=list, description="more data sets evaluated after every chunk (held-out classes, other "
+                                          "domains, other data), each with the every-chunk protocols")
     fewshot: FewShotConfig | None = Field(
         None, description="N-way K-shot episodes on the held-out features after every chunk (off when absent)")
     sharpness: SharpnessConfig | None = Field(
@@ -53,6 +68,14 @@ class _EvalSpecBase(_Strict):
     def _unique(cls, values: list[str]) -> list[str]:
         if len(set(values)) != len(values):
             raise ValueError(f"entries must be unique, got {values}")
+        return values
+
+    @field_validator("downstream")
+    @classmethod
+    def _unique_names(cls, values: list[DownstreamSpec]) -> list[DownstreamSpec]:
+        names = [v.name for v in values]
+        if len(set(names)) != len(names):
+            raise ValueError(f"names must be unique, got {names}")
         return values
 
 

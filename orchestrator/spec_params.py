@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 # Settings that are off by default, with their off value, by section: recorded only when on.
 OFF_BY_DEFAULT = {
-    "eval": {"fewshot": None, "sharpness": None, "interpolation": None, "every_epochs": 0},
+    "eval": {"fewshot": None, "sharpness": None, "interpolation": None, "every_epochs": 0, "downstream": []},
     "data": {"class_fraction": 1.0, "labels": "class"},
 }
 
@@ -57,6 +57,8 @@ def identity_digest(spec: Spec) -> str:
         data.pop(key, None)
     data["resources"] = {"workers": spec.resources.workers}  # world size changes BN statistics; the rest does not
     data["data"].pop("storage_options", None)
+    for entry in data["eval"].get("downstream", []):
+        entry.pop("storage_options", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

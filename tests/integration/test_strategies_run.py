@@ -40,7 +40,9 @@ def test_replay_and_mas_under_ddp(tmp_path: Path, synthetic_url: str, ray_local)
         # the optional studies through the real actor: few-shot each chunk, interpolation from chunk 0's weights,
         # and an evaluation after the first of each chunk's two epochs
         eval={"fewshot": {"way": 3, "shot": 2, "query": 3, "episodes": 20}, "interpolation": {"points": 3},
-              "every_epochs": 1},
+              "every_epochs": 1,
+              # a downstream set that is the training data itself: its numbers must equal the held-out ones
+              "downstream": [{"name": "again", "url": synthetic_url}]},
     ))
     summary = run_experiment(spec, console=Console(file=io.StringIO(), width=120))
     client = MlflowClient(spec.tracking_uri)
@@ -74,6 +76,8 @@ def test_replay_and_mas_under_ddp(tmp_path: Path, synthetic_url: str, ray_local)
              for r in client.search_runs([exp.experiment_id], filter_string=f"tags.`{tr.RUN_TYPE}` = 'eval'")}
     assert sorted(evals) == ["0", "1"]
     assert all(0 < m["fewshot_mean"] <= 1 and m["fewshot_ci95"] > 0 for m in evals.values())
+    assert all(m["again.knn_top1"] == m["knn_top1"] and m["again.linear_top1"] == m["linear_top1"]
+               for m in evals.values())
     assert "interpolation_barrier" not in evals["0"]  # nothing to start from before the first chunk
     assert evals["1"]["interpolation_barrier"] >= 0 and 0 <= evals["1"]["interpolation_min_accuracy"] <= 1
     # eval.every_epochs: one mid-chunk evaluation per chunk, of a checkpoint written after its first epoch

@@ -1,0 +1,77 @@
+"""eval.downstream: more data sets evaluated after every chunk; prepared shards or an ImageFolder tree, checked
+before training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from orchestrator.downstream import evaluate_downstream, resolve_downstream
+from orchestrator.errors import SpecError
+from orchestrator.ingest import SplitArrays
+from orchestrator.planner import build_plan
+from orchestrator.spec import validate_spec
+from orchestrator.spec_params import identity_digest
+from tests.specs import tiny_spec
+
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+
+
+def _split(labels: list[int]) -> SplitArrays:
+    images = torch.tensor([COLOURS[c] for c in labels], dtype=torch.uint8)[:, :, None, None].expand(-1, -1, 8, 8)
+    return SplitArrays(images=images.contiguous(), labels=np.array(labels, dtype=np.int64),
+                       domains=np.zeros(len(labels), dtype=np.int64), keys=[str(i) for i in range(len(labels))])
+
+
+def _spec(url: str, tmp_path: Path, downstream: list[dict]) -> dict:
+    return tiny_spec("downstream", url, eval={"downstream": downstream}, storage={"workdir": str(tmp_path / "w")})
+
+
+def test_every_set_gets_each_protocols_accuracy_under_its_name() -> None:
+    backbone = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())  # one direction per colour: kNN is exact
+    loaded = {"colours": (_split([0, 1, 2] * 4), _split([2, 1, 0, 0])), "two": (_split([0, 1] * 3), _split([1, 1]))}
+    eval_spec = {"batch_size": 4, "every_chunk": ["knn"], "knn": {"k": 3, "temperature": 0.07}}
+    assert evaluate_downstream(backbone, loaded, eval_spec) == {"colours.knn_top1": 1.0, "two.knn_top1": 1.0}
+    blind = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 1, bias=False))
+    nn.init.zeros_(blind[2].weight)  # every feature equal: ties go to the smallest class id
+    assert evaluate_downstream(blind, {"two": loaded["two"]}, eval_spec) == {"two.knn_top1": 0.0}
+
+
+def test_prepared_shards_resolve_and_bad_entries_name_their_field(synthetic_url: str, tmp_path: Path) -> None:
+    spec = validate_spec(_spec(synthetic_url, tmp_path, [{"name": "same", "url": synthetic_url}]))
+    (resolved,) = resolve_downstream(spec)
+    assert resolved.url == synthetic_url and resolved.manifest.num_classes == 12
+    missing = validate_spec(_spec(synthetic_url, tmp_path, [{"name": "gone", "url": str(tmp_path / "nothing")}]))
+    with pytest.raises(SpecError, match=r"eval\.downstream\[0\] \('gone'\)\.url: .* neither prepared shards"):
+        build_plan(missing, progress=False)
+    wrong = validate_spec(_spec(synthetic_url, tmp_path, [{"name": "s", "url": synthetic_url, "eval_split": "test"}]))
+    with pytest.raises(SpecError, match=r"eval\.downstream\[0\] \('s'\)\.eval_split: split 'test' is not in"):
+        resolve_downstream(wrong)
+    with pytest.raises(SpecError, match=r"eval\.downstream"):
+        validate_spec(_spec(synthetic_url, tmp_path, [{"name": "a", "url": "x"}, {"name": "a", "url": "y"}]))
+    none = validate_spec(_spec(synthetic_url, tmp_path, []))
+    assert identity_digest(none) == identity_digest(validate_spec(tiny_spec("downstream", synthetic_url)))
+    assert identity_digest(none) != identity_digest(spec)
+
+
+def test_an_imagefolder_tree_is_prepared_once_into_the_workdir(synthetic_url: str, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    for split in ("train", "val"):
+        for c, colour in enumerate(COLOURS):
+            folder = tree / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (12, 12), colour).save(folder / f"{i}.jpg")
+    spec = validate_spec(_spec(synthetic_url, tmp_path, [{"name": "folder", "url": str(tree)}]))
+    (resolved,) = resolve_downstream(spec)
+    assert resolved.url == str(tmp_path / "w" / "downstream" / "folder")
+    assert resolved.manifest.num_classes == 3 and set(resolved.manifest.splits) >= {"train", "val"}
+    manifest = Path(resolved.url) / "manifest.json"
+    stamp = manifest.stat().st_mtime_ns
+    assert resolve_downstream(spec)[0].manifest.digest == resolved.manifest.digest
+    assert manifest.stat().st_mtime_ns == stamp  # not prepared again
