@@ -29,33 +29,40 @@ def report(
 
     Exits 1 (after writing) when a run is missing or unfinished or a cell lacks its number; the report lists them.
     """
-    from evaluators.report import results_table
-    from orchestrator.report import make_report
-    from orchestrator.tracking.tracker import Tracker
+    from rich.markup import escape
 
-    tracker = Tracker(resolve_tracking_uri(tracking_uri))
+    from evaluators.report import results_table
+    from orchestrator.report import make_report, open_store
+
+    tracker = open_store(resolve_tracking_uri(tracking_uri))
     folder = out or Path(f"report-{experiment}")
     built, paths = make_report(tracker, experiment, folder, fmt.value)
     for table in built.tables:
         for note in table.notes:
-            console.print(f"[dim]{table.name}: {note}[/]", highlight=False)
+            console.print(f"[dim]{escape(f'{table.name}: {note}')}[/]", highlight=False)
         if not table.rows:
             continue
-        columns = [*table.index_columns, *table.value_columns, "sources"]
-        rows = [{**row.index, **{c: cell.text() for c, cell in row.cells.items()},
-                 "sources": " ".join(r[:8] for r in row.runs)} for row in table.rows]
-        console.print(results_table(rows, columns, title=table.title))
+        # One table per stream kind, rows named "simclr ST+replay", missing cells short (their reasons follow).
+        keys = ["line", *(["chunk"] if "chunk" in table.index_columns else [])]
+        for stream in dict.fromkeys(row.index["stream"] for row in table.rows):
+            rows = [{"line": f"{row.index['method']} {row.index['strategy']}", "chunk": row.index.get("chunk"),
+                     **{c: "missing" if cell.missing else cell.text() for c, cell in row.cells.items()},
+                     "sources": " ".join(r[:8] for r in row.runs)}
+                    for row in table.rows if row.index["stream"] == stream]
+            console.print(results_table(rows, [*keys, *table.value_columns, "sources"],
+                                        title=f"{table.title} — stream {stream}"))
     for note in built.notes:
-        console.print(f"[dim]{note}[/]", highlight=False)
+        console.print(f"[dim]{escape(note)}[/]", highlight=False)
     console.print(f"wrote {len(paths)} file(s) to {folder}: " + ", ".join(p.name for p in paths[:6])
                   + (", ..." if len(paths) > 6 else ""), highlight=False)
     if not built.complete:
         for problem in built.problems:
-            err_console.print(f"[yellow]missing run:[/] {problem.text}", highlight=False, soft_wrap=True)
+            err_console.print(f"[yellow]missing run:[/] {escape(problem.text)}", highlight=False, soft_wrap=True)
         cells = built.missing_cells()
         for cell in cells:
             row = ", ".join(f"{k} {v}" for k, v in cell["row"].items())
-            err_console.print(f"[yellow]missing cell:[/] {cell['table']} [{row}] {cell['column']}: {cell['reason']}",
+            err_console.print("[yellow]missing cell:[/] " + escape(f"{cell['table']} [{row}] {cell['column']}: "
+                                                                    f"{cell['reason']}"),
                               highlight=False, soft_wrap=True)
         err_console.print(f"[bold red]the report is incomplete[/]: {len(built.problems)} problem(s) with runs, "
                           f"{len(cells)} missing cell(s); written anyway, with those cells marked", highlight=False)

@@ -15,12 +15,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from orchestrator.errors import ReportError
 from orchestrator.report.collect import collect
 from orchestrator.report.figures import draw_figures
 from orchestrator.report.model import Cell, ReportTable, Row, StudyReport
 from orchestrator.report.tables import build_tables, record_problems
 from orchestrator.report.writers import FORMATS, write
 from orchestrator.tracking.tracker import Tracker
+
+
+def open_store(uri: str) -> Tracker:
+    """The tracking store to report from; a SQLite file that does not exist is an error (not a new empty store)."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise ReportError(f"no MLflow store at {uri}: the file does not exist (give --tracking-uri, e.g. "
+                          "sqlite:///<storage.workdir>/mlflow.db)")
+    return Tracker(uri)
 
 
 def build_report(tracker: Tracker, experiment: str) -> tuple[StudyReport, object]:
@@ -42,4 +51,4 @@ def make_report(tracker: Tracker, experiment: str, out: Path, fmt: str = "markdo
     return report, paths + list(dict.fromkeys(out / f["path"] for f in report.figures))
 
 
-__all__ = ["FORMATS", "Cell", "ReportTable", "Row", "StudyReport", "build_report", "make_report"]
+__all__ = ["FORMATS", "Cell", "ReportTable", "Row", "StudyReport", "build_report", "make_report", "open_store"]

@@ -44,11 +44,10 @@ def _chunk_run_cell(entry: Entry, chunk: int, key: str) -> Cell:
 
 def resources_table(study: Study) -> ReportTable:
     table = ReportTable("resources", "Time and storage per chunk (chunk runs)",
-                        ["stream", "line", "strategy", "chunk"], list(RESOURCE_COLUMNS))
+                        ["method", "paradigm", "stream", "line", "strategy", "chunk"], list(RESOURCE_COLUMNS))
     for entry in study.entries:
         for chunk in range(entry.plan.num_chunks):
-            index = {"stream": entry.stream_kind, "line": entry.line.id, "strategy": entry.line.label,
-                     "chunk": str(chunk)}
+            index = {**_line_index(entry), "chunk": str(chunk)}
             table.rows.append(Row(index, {k: _chunk_run_cell(entry, chunk, k) for k in RESOURCE_COLUMNS}))
     return table
 

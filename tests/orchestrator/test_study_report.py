@@ -211,7 +211,8 @@ def test_a_partial_record_names_its_missing_runs_and_cells(partial_study_store) 
     assert missing == expected
     # What the record does hold is still reported, from the runs that hold it.
     resources = report.table("resources")
-    row = next(r for r in resources.rows if r.index == {"stream": "distant_class", "line": "supervised-joint",
+    row = next(r for r in resources.rows if r.index == {"method": "supervised", "paradigm": "SL",
+                                                         "stream": "distant_class", "line": "supervised-joint",
                                                          "strategy": "JT", "chunk": "1"})
     run = partial_study_store.chunk_runs[("distant_class", "supervised-joint", 1)]
     assert row.cells["train_seconds"].value == MlflowClient(partial_study_store.uri).get_run(run).data.metrics["train_seconds"]
