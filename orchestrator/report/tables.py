@@ -16,6 +16,7 @@ import re
 from evaluators.continual import st_jt_gap
 from orchestrator.report.collect import Entry, PlanRecord, Study
 from orchestrator.report.model import Cell, Problem, ReportTable, Row
+from orchestrator.tracking import lineage as tr
 
 RESOURCE_COLUMNS = ("train_seconds", "wall_seconds", "device_hours", "checkpoint_bytes", "buffer_bytes",
                     "stored_bytes")
@@ -192,7 +193,7 @@ def record_problems(study: Study) -> list[Problem]:
     problems = []
     for plan in study.plans:
         if plan.status != "FINISHED":
-            why = plan.run.data.tags.get("streamssl.incomplete")
+            why = plan.run.data.tags.get(tr.TAG + "incomplete")
             problems.append(Problem(f"plan run {plan.run_id} (stream {plan.stream_kind}) is {plan.status}"
                                     + (f": {why}" if why else ""), (plan.run_id,)))
     for entry in study.entries:
