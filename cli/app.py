@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import lineage, logs, run, status, submit, ui
+from cli import lineage, logs, report, run, status, submit, ui
 
 app = typer.Typer(
     name="streamssl",
@@ -18,6 +18,7 @@ app.command("submit")(submit.submit)
 app.command("status")(status.status)
 app.command("logs")(logs.logs)
 app.command("lineage")(lineage.lineage)
+app.command("report")(report.report)
 app.command("ui")(ui.ui)
 
 

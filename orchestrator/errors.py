@@ -47,3 +47,9 @@ class IncompleteRecordError(StreamsslError):
     """A run ended with chunks that have no chunk run or no evaluation run in MLflow (`--resume` completes it)."""
 
     exit_code = 7
+
+
+class ReportError(StreamsslError):
+    """`streamssl report` cannot be built: the experiment is unknown, or holds no streamssl plan run."""
+
+    exit_code = 8

@@ -65,8 +65,10 @@ def _plan_tags(plan: ExperimentPlan) -> dict[str, str]:
         tr.TAG + "data_url": plan.data_url,
         tr.TAG + "data_digest": plan.data_digest,
         tr.TAG + "stream_digest": plan.stream.digest,
-        tr.TAG + "stream_kind": plan.stream.kind,
+        tr.STREAM_KIND: plan.stream.kind,
         tr.TAG + "spec_name": plan.spec.name,
+        tr.LINES: json.dumps([{"id": line.id, "method": line.method, "strategy": line.strategy} for line in plan.lines]),
+        tr.NUM_CHUNKS: str(plan.stream.num_chunks),
     }
     tags.update({tr.TAG + f"version.{k}": v for k, v in versions().items()})
     return tags

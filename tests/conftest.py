@@ -42,3 +42,23 @@ def real_data() -> Path:
     if not (path / "train").is_dir():
         pytest.fail(f"{REAL_DATA_ENV}={value} but {path / 'train'} does not exist: fix the path or unset it")
     return path
+
+
+@pytest.fixture(scope="session")
+def study_store(tmp_path_factory):
+    """A finished study record in MLflow/SQLite (tests/orchestrator/study_store.py): 2 stream kinds x 5 lines x 3
+    chunks, shared by the report's orchestrator and CLI tests (building it takes tens of seconds)."""
+    from tests.orchestrator.study_store import build_study
+
+    return build_study(tmp_path_factory.mktemp("study") / "mlflow.db")
+
+
+@pytest.fixture(scope="session")
+def partial_study_store(tmp_path_factory):
+    """The same study with one chunk run FAILED (random_class simclr-sequential-replay chunk 2, so its line and plan
+    lack their metrics) and one metric never logged (distant_class supervised-joint chunk 1 wall_seconds)."""
+    from tests.orchestrator.study_store import build_study
+
+    return build_study(tmp_path_factory.mktemp("partial-study") / "mlflow.db",
+                       unfinished=("random_class", "simclr-sequential-replay", 2),
+                       absent=("distant_class", "supervised-joint", 1, "wall_seconds"))

@@ -28,6 +28,10 @@ CHECKPOINT = TAG + "checkpoint_uri"
 EVALUATES = TAG + "evaluates"
 CLIENT_TOKEN = TAG + "client_token"
 PARENT = "mlflow.parentRunId"
+# On plan runs: what the plan holds, so `streamssl report` knows which runs should exist without the spec.
+STREAM_KIND = TAG + "stream_kind"
+LINES = TAG + "lines"  # JSON list of {"id", "method", "strategy"}
+NUM_CHUNKS = TAG + "num_chunks"
 
 
 def versions() -> dict[str, str]:

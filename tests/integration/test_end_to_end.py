@@ -5,6 +5,7 @@ has nothing left to do. Runs a shrunken examples/quickstart.yaml."""
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from cli.app import app
+from evaluators.continual import AccuracyMatrix, st_jt_gap
 from orchestrator.data.shards import read_index
 from orchestrator.data.synth import generate_synthetic
 from orchestrator.planner import build_plan
@@ -204,3 +206,57 @@ def test_status_and_resume_skip_finished_jobs(finished_run) -> None:
     assert len(_runs(client, "plan")) == 1  # the same plan run continued
     dry = CliRunner().invoke(app, ["run", path, "--dry-run"])
     assert dry.exit_code == 0 and dry.output.count("FINISHED") == 8
+
+
+def _report_cell_is_logged(client: MlflowClient, table: str, row: dict, column: str, cell: dict) -> None:
+    """A report cell's number is what the run it names logged under its source key (or the arithmetic the source
+    names on logged numbers); a missing cell's key is absent from that run."""
+    source, runs = cell["source"], cell["runs"]
+    if cell["value"] is None:
+        if runs and " " not in source:
+            run = client.get_run(runs[0])
+            assert run.info.status != "FINISHED" or source not in run.data.metrics, (table, row["index"], column)
+        return
+    if "accuracy_matrix." in source:  # the ST-JT gap from the logged matrices (no per-chunk metric logged)
+        jt_name, st_name = source.split(" - ")
+        with tempfile.TemporaryDirectory() as folder:
+            read = lambda run, name: AccuracyMatrix.from_dict(  # noqa: E731
+                json.loads(Path(client.download_artifacts(run, name, folder)).read_text()))
+            gap = st_jt_gap(read(runs[0], st_name), read(runs[-1], jt_name))
+        expected = gap.final if column == "final" else gap.per_chunk[int(column.split()[1])]
+    elif source == "checkpoint_bytes + buffer_bytes":
+        metrics = client.get_run(runs[0]).data.metrics
+        expected = metrics["checkpoint_bytes"] + metrics["buffer_bytes"]
+    elif source.endswith(".st_jt_gap_by_chunk"):
+        history = {m.step: m.value for m in client.get_metric_history(runs[0], source)}
+        expected = history[int(column.split()[1])]
+    else:
+        expected = client.get_run(runs[0]).data.metrics[source]
+    assert cell["value"] == pytest.approx(expected, abs=1e-12), (table, row["index"], column)
+
+
+def test_report_on_the_finished_run_reads_its_numbers_back(finished_run, tmp_path: Path) -> None:
+    client, out = finished_run["client"], tmp_path / "report"
+    result = CliRunner().invoke(app, ["report", "quickstart", "--format", "json", "--out", str(out),
+                                      "--tracking-uri", finished_run["uri"]])
+    data = json.loads((out / "report.json").read_text())
+    assert result.exit_code == (0 if data["complete"] else 1), result.output
+    tables = {t["name"]: t for t in data["tables"]}
+    for table in tables.values():
+        for row in table["rows"]:
+            for column, cell in row["cells"].items():
+                _report_cell_is_logged(client, table["name"], row, column, cell)
+    # What this run logs whatever else is added: training time per chunk, the continual metrics, the ST-JT gap.
+    lines = {"simclr-sequential", "simclr-joint", "byol-sequential", "byol-joint"}
+    resources = tables["resources"]["rows"]
+    assert {(r["index"]["line"], r["index"]["chunk"]) for r in resources} == {(l, str(c)) for l in lines for c in range(2)}
+    assert all(r["cells"]["train_seconds"]["value"] > 0 for r in resources)
+    for name in ("knn", "linear"):
+        continual = {r["index"]["line"]: r["cells"] for r in tables[f"continual.{name}"]["rows"]}
+        assert set(continual) == lines and all(c["bwt"]["value"] is not None for c in continual.values())
+        gaps = {r["index"]["line"]: r["cells"] for r in tables[f"st_jt_gap.{name}"]["rows"]}
+        assert set(gaps) == {"simclr-sequential", "byol-sequential"}
+        assert all(g["final"]["value"] is not None and g["chunk 1"]["value"] is not None for g in gaps.values())
+    plan = _runs(client, "plan")[0].info.run_id
+    logged = {a.path for a in client.list_artifacts(plan, "report")}
+    assert {f"report/accuracy_matrix.{l}.knn.png" for l in lines} | {"report/accuracy_by_chunk.knn.png"} <= logged

@@ -1,0 +1,69 @@
+"""`streamssl report EXPERIMENT`: the study's tables and plots from MLflow alone, written to a folder and printed."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cli.common import console, err_console, exits_cleanly
+from cli.options import TrackingUri, resolve_tracking_uri
+
+
+class ReportFormat(str, Enum):
+    markdown = "markdown"
+    csv = "csv"
+    json = "json"
+
+
+@exits_cleanly
+def report(
+    experiment: str = typer.Argument(..., help="MLflow experiment: the spec's `name` (or its tracking.experiment)."),
+    fmt: ReportFormat = typer.Option(ReportFormat.markdown, "--format", help="report.md, one CSV per table, or report.json."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder to write into (default ./report-EXPERIMENT)."),
+    tracking_uri: Optional[str] = TrackingUri,
+) -> None:
+    """Time/storage per chunk, ST-JT gap, BWT/FWT, sharpness and plots of every plan run of EXPERIMENT.
+
+    Exits 1 (after writing) when a run is missing or unfinished or a cell lacks its number; the report lists them.
+    """
+    from rich.markup import escape
+
+    from evaluators.report import results_table
+    from orchestrator.report import make_report, open_store
+
+    tracker = open_store(resolve_tracking_uri(tracking_uri))
+    folder = out or Path(f"report-{experiment}")
+    built, paths = make_report(tracker, experiment, folder, fmt.value)
+    for table in built.tables:
+        for note in table.notes:
+            console.print(f"[dim]{escape(f'{table.name}: {note}')}[/]", highlight=False)
+        if not table.rows:
+            continue
+        # One table per stream kind, rows named "simclr ST+replay", missing cells short (their reasons follow).
+        keys = ["line", *(["chunk"] if "chunk" in table.index_columns else [])]
+        for stream in dict.fromkeys(row.index["stream"] for row in table.rows):
+            rows = [{"line": f"{row.index['method']} {row.index['strategy']}", "chunk": row.index.get("chunk"),
+                     **{c: "missing" if cell.missing else cell.text() for c, cell in row.cells.items()},
+                     "sources": " ".join(r[:8] for r in row.runs)}
+                    for row in table.rows if row.index["stream"] == stream]
+            console.print(results_table(rows, [*keys, *table.value_columns, "sources"],
+                                        title=f"{table.title} — stream {stream}"))
+    for note in built.notes:
+        console.print(f"[dim]{escape(note)}[/]", highlight=False)
+    console.print(f"wrote {len(paths)} file(s) to {folder}: " + ", ".join(p.name for p in paths[:6])
+                  + (", ..." if len(paths) > 6 else ""), highlight=False)
+    if not built.complete:
+        for problem in built.problems:
+            err_console.print(f"[yellow]missing run:[/] {escape(problem.text)}", highlight=False, soft_wrap=True)
+        cells = built.missing_cells()
+        for cell in cells:
+            row = ", ".join(f"{k} {v}" for k, v in cell["row"].items())
+            err_console.print("[yellow]missing cell:[/] " + escape(f"{cell['table']} [{row}] {cell['column']}: "
+                                                                    f"{cell['reason']}"),
+                              highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]the report is incomplete[/]: {len(built.problems)} problem(s) with runs, "
+                          f"{len(cells)} missing cell(s); written anyway, with those cells marked", highlight=False)
+        raise typer.Exit(code=1)

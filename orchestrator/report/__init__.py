@@ -1,0 +1,54 @@
+"""`streamssl report EXPERIMENT`: the study's tables and plots, built from MLflow alone (nothing is recomputed
+but arithmetic on logged numbers: sums of bytes, the ST-JT gap from logged accuracy matrices when its metric is
+absent).
+
+    report, paths = make_report(Tracker(uri), "quickstart", Path("report"), "markdown")
+    report.complete          # False when a run is missing or unfinished or a cell lacks its number
+
+- :mod:`~orchestrator.report.collect`: the experiment's plan runs (one per stream kind), chunk and eval runs;
+- :mod:`~orchestrator.report.tables`: time/storage per chunk, ST-JT gap, BWT/FWT, sharpness; what is missing;
+- :mod:`~orchestrator.report.figures`: accuracy-matrix heatmaps and accuracy-vs-chunk curves (logged to the plan runs);
+- :mod:`~orchestrator.report.writers`: markdown, CSV and JSON.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from orchestrator.errors import ReportError
+from orchestrator.report.collect import collect
+from orchestrator.report.figures import draw_figures
+from orchestrator.report.model import Cell, ReportTable, Row, StudyReport
+from orchestrator.report.tables import build_tables, record_problems
+from orchestrator.report.writers import FORMATS, write
+from orchestrator.tracking.tracker import Tracker
+
+
+def open_store(uri: str) -> Tracker:
+    """The tracking store to report from; a SQLite file that does not exist is an error (not a new empty store)."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise ReportError(f"no MLflow store at {uri}: the file does not exist (give --tracking-uri, e.g. "
+                          "sqlite:///<storage.workdir>/mlflow.db)")
+    return Tracker(uri)
+
+
+def build_report(tracker: Tracker, experiment: str) -> tuple[StudyReport, object]:
+    """The report's tables and the record they come from (ReportError for an unknown experiment)."""
+    study = collect(tracker, experiment)
+    report = StudyReport(study.experiment, study.experiment_id, study.uri, [p.describe() for p in study.plans],
+                         build_tables(study), record_problems(study), list(study.notes))
+    return report, study
+
+
+def make_report(tracker: Tracker, experiment: str, out: Path, fmt: str = "markdown") -> tuple[StudyReport, list[Path]]:
+    """Build the report, draw its figures into `out` (and log them to the plan runs), write it as `fmt`."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
+    report, study = build_report(tracker, experiment)
+    out = Path(out)
+    report.figures = draw_figures(tracker, study, out)
+    paths = write(report, out, fmt)
+    return report, paths + list(dict.fromkeys(out / f["path"] for f in report.figures))
+
+
+__all__ = ["FORMATS", "Cell", "ReportTable", "Row", "StudyReport", "build_report", "make_report", "open_store"]

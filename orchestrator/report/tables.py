@@ -1,0 +1,222 @@
+"""The study's tables from the record (no model is run): time and storage per chunk, the ST-JT gap, the continual
+metrics (BWT/FWT), sharpness; and the problems with the record (runs missing or unfinished).
+
+    tables = build_tables(study); problems = record_problems(study)
+
+Keys follow the naming contract: chunk runs `train_seconds`, `wall_seconds`, `device_hours`, `checkpoint_bytes`,
+`buffer_bytes`, `stored_bytes`; plan runs `{line}.{name}.{avg_acc|bwt|fwt|forgetting}` (+ `{name}_top5`),
+`{line}.{name}.st_jt_gap` and `{line}.{name}.st_jt_gap_by_chunk` (step = chunk); eval runs `sharpness_eps{e}`.
+A key the runs lack is a missing cell, never a zero.
+"""
+
+from __future__ import annotations
+
+import re
+
+from evaluators.continual import st_jt_gap
+from orchestrator.report.collect import Entry, PlanRecord, Study
+from orchestrator.report.model import Cell, Problem, ReportTable, Row
+from orchestrator.tracking import lineage as tr
+
+RESOURCE_COLUMNS = ("train_seconds", "wall_seconds", "device_hours", "checkpoint_bytes", "buffer_bytes",
+                    "stored_bytes")
+CONTINUAL_METRICS = ("avg_acc", "bwt", "fwt", "forgetting")
+SHARPNESS_KEYS = ("sharpness_eps0.1", "sharpness_eps0.3")
+_SHARPNESS = re.compile(r"^sharpness_eps(\d+(?:\.\d+)?)$")
+
+
+def _line_index(entry: Entry) -> dict[str, str]:
+    return {"method": entry.line.method, "paradigm": entry.line.paradigm, "stream": entry.stream_kind,
+            "line": entry.line.id, "strategy": entry.line.label}
+
+
+def _chunk_run_cell(entry: Entry, chunk: int, key: str) -> Cell:
+    run = entry.plan.slot(entry.line.id, chunk).chunk_run
+    if run is None:
+        return Cell(source=key, missing="no chunk run")
+    runs = (run.info.run_id,)
+    if run.info.status != "FINISHED":
+        return Cell(runs=runs, source=key, missing=f"chunk run {run.info.status}")
+    metrics = run.data.metrics
+    if key == "stored_bytes" and key not in metrics and {"checkpoint_bytes", "buffer_bytes"} <= set(metrics):
+        return Cell(metrics["checkpoint_bytes"] + metrics["buffer_bytes"], runs, "checkpoint_bytes + buffer_bytes")
+    return Cell.of(metrics.get(key), runs, key, "not logged")
+
+
+def resources_table(study: Study) -> ReportTable:
+    table = ReportTable("resources", "Time and storage per chunk (chunk runs)",
+                        ["method", "paradigm", "stream", "line", "strategy", "chunk"], list(RESOURCE_COLUMNS))
+    for entry in study.entries:
+        for chunk in range(entry.plan.num_chunks):
+            index = {**_line_index(entry), "chunk": str(chunk)}
+            table.rows.append(Row(index, {k: _chunk_run_cell(entry, chunk, k) for k in RESOURCE_COLUMNS}))
+    return table
+
+
+def _plan_missing(plan: PlanRecord, line_id: str) -> str:
+    """Why a plan-run metric of a line is absent, as far as the record tells."""
+    gaps = plan.line_gaps(line_id)
+    if gaps:
+        return f"line lacks chunk(s) {', '.join(map(str, gaps))}"
+    if plan.status != "FINISHED":
+        return f"not logged, plan run {plan.status}"
+    return "not logged"
+
+
+def _max_chunks(study: Study) -> int:
+    return max((e.plan.num_chunks for e in study.entries), default=0)
+
+
+def gap_table(study: Study, name: str) -> ReportTable:
+    T = _max_chunks(study)
+    columns = [f"chunk {c}" for c in range(T)] + ["final"]
+    table = ReportTable(f"st_jt_gap.{name}", f"ST-JT gap, {name} top-1 (JT minus ST average accuracy over the "
+                        "tasks seen)", ["method", "paradigm", "stream", "line", "strategy"], columns)
+    for entry in study.entries:
+        line, plan = entry.line, entry.plan
+        if line.base == "joint" or name not in plan.protocols:
+            continue
+        joint = study.entry(entry.stream_kind, f"{line.method}-joint")
+        if joint is None:
+            table.notes.append(f"{entry.stream_kind} {line.id}: no {line.method}-joint line to compare with")
+            continue
+        table.rows.append(Row(_line_index(entry), _gap_cells(entry, joint, name, T)))
+    return table
+
+
+def _gap_cells(entry: Entry, joint: Entry, name: str, T: int) -> dict[str, Cell]:
+    line, plan = entry.line, entry.plan
+    by_chunk_key, final_key = f"{line.id}.{name}.st_jt_gap_by_chunk", f"{line.id}.{name}.st_jt_gap"
+    by_chunk = plan.history(by_chunk_key)
+    final = plan.metric(final_key)
+    if final is None and line.strategy == "sequential" and plan.metric(f"{line.method}.{name}.st_jt_gap") is not None:
+        final_key = f"{line.method}.{name}.st_jt_gap"  # the key the plain sequential line had first
+        final = plan.metric(final_key)
+    st_name, jt_name = f"accuracy_matrix.{line.id}.{name}.json", f"accuracy_matrix.{joint.line.id}.{name}.json"
+    fallback_runs = tuple(dict.fromkeys([plan.run_id, joint.plan.run_id]))
+    fallback_source = f"{jt_name} - {st_name}"
+    fallback = None
+    if final is None or any(c not in by_chunk for c in range(plan.num_chunks)):
+        st, jt = plan.matrix(st_name), joint.plan.matrix(jt_name)
+        if st is not None and jt is not None and st.num_tasks == jt.num_tasks:
+            fallback = st_jt_gap(st, jt)
+    why = _plan_missing(plan, line.id)
+    if joint.plan.line_gaps(joint.line.id) and why == "not logged":
+        why = f"{joint.line.id} lacks chunk(s) {', '.join(map(str, joint.plan.line_gaps(joint.line.id)))}"
+
+    def cell(value, key, from_matrix):
+        if value is not None:
+            return Cell.of(value, (plan.run_id,), key, "logged as NaN")
+        if from_matrix is not None:
+            return Cell.of(from_matrix, fallback_runs, fallback_source, "unknown (accuracy-matrix entries unknown)")
+        return Cell(runs=(plan.run_id,), source=f"{key} or {fallback_source}", missing=why)
+
+    cells = {}
+    for c in range(T):
+        if c >= plan.num_chunks:
+            cells[f"chunk {c}"] = Cell(na=f"the plan has {plan.num_chunks} chunks")
+        else:
+            cells[f"chunk {c}"] = cell(by_chunk.get(c), by_chunk_key, fallback.per_chunk[c] if fallback else None)
+    cells["final"] = cell(final, final_key, fallback.final if fallback else None)
+    return cells
+
+
+def continual_table(study: Study, name: str) -> ReportTable:
+    columns = [*CONTINUAL_METRICS, *(f"{m}_top5" for m in CONTINUAL_METRICS)]
+    table = ReportTable(f"continual.{name}", f"Continual metrics, {name} (top-1, and top-5 as *_top5)",
+                        ["method", "paradigm", "stream", "line", "strategy"], columns)
+    for entry in study.entries:
+        plan, line = entry.plan, entry.line
+        if name not in plan.protocols:
+            continue
+        cells = {}
+        for column in columns:
+            metric, top5 = column.removesuffix("_top5"), column.endswith("_top5")
+            key = f"{line.id}.{name}{'_top5' if top5 else ''}.{metric}"
+            if metric == "fwt" and not plan.baseline:
+                cells[column] = Cell(runs=(plan.run_id,), source=key, na="eval.baseline is off")
+            else:
+                cells[column] = Cell.of(plan.metric(key), (plan.run_id,), key, _plan_missing(plan, line.id))
+        table.rows.append(Row(_line_index(entry), cells))
+    return table
+
+
+def _sharpness_keys(run) -> list[str]:
+    return [k for k in run.data.metrics if _SHARPNESS.match(k)] if run is not None else []
+
+
+def sharpness_table(study: Study) -> ReportTable:
+    """Per line and chunk, from the eval runs; only the chunks (of plans) where some line was measured."""
+    evaluated: dict[str, set[int]] = {}  # plan run -> chunks with sharpness measured on some line
+    keys: set[str] = set()
+    for entry in study.entries:
+        for chunk in range(entry.plan.num_chunks):
+            found = _sharpness_keys(entry.plan.slot(entry.line.id, chunk).eval_run)
+            if found:
+                keys.update(found)
+                evaluated.setdefault(entry.plan.run_id, set()).add(chunk)
+    columns = sorted(keys | set(SHARPNESS_KEYS), key=lambda k: float(_SHARPNESS.match(k).group(1))) if keys else []
+    table = ReportTable("sharpness", "Sharpness: relative accuracy drop under the worst weight perturbation "
+                        "||z|| <= eps ||theta|| (eval runs)", ["method", "paradigm", "stream", "line", "strategy",
+                                                              "chunk"], columns)
+    for plan in study.plans:
+        if plan.run_id not in evaluated:
+            table.notes.append(f"stream {plan.stream_kind} (plan run {plan.run_id}): sharpness was not evaluated "
+                               "(no eval run logs sharpness_eps*)")
+    for entry in study.entries:
+        for chunk in sorted(evaluated.get(entry.plan.run_id, ())):
+            slot = entry.plan.slot(entry.line.id, chunk)
+            cells = {}
+            for key in columns:
+                if slot.chunk_run is None:
+                    cells[key] = Cell(source=key, missing="no chunk run")
+                elif slot.eval_run is None:
+                    cells[key] = Cell(runs=(slot.chunk_run.info.run_id,), source=key, missing="no eval run")
+                elif slot.eval_run.info.status != "FINISHED":
+                    cells[key] = Cell(runs=(slot.eval_run.info.run_id,), source=key,
+                                      missing=f"eval run {slot.eval_run.info.status}")
+                else:
+                    cells[key] = Cell.of(slot.eval_run.data.metrics.get(key), (slot.eval_run.info.run_id,), key,
+                                         "not logged")
+            table.rows.append(Row({**_line_index(entry), "chunk": str(chunk)}, cells))
+    return table
+
+
+def build_tables(study: Study) -> list[ReportTable]:
+    names = list(dict.fromkeys(n for plan in study.plans for n in plan.protocols))
+    return [resources_table(study), *(gap_table(study, n) for n in names), *(continual_table(study, n) for n in names),
+            sharpness_table(study)]
+
+
+def record_problems(study: Study) -> list[Problem]:
+    """The runs the record lacks or that did not finish, for the lines reported."""
+    problems = []
+    for plan in study.plans:
+        if plan.status != "FINISHED":
+            why = plan.run.data.tags.get(tr.TAG + "incomplete")
+            problems.append(Problem(f"plan run {plan.run_id} (stream {plan.stream_kind}) is {plan.status}"
+                                    + (f": {why}" if why else ""), (plan.run_id,)))
+    for entry in study.entries:
+        plan, line = entry.plan, entry.line
+        finished, parts, runs = 0, [], []
+        for chunk in range(plan.num_chunks):
+            slot = plan.slot(line.id, chunk)
+            if slot.chunk_run is None:
+                parts.append(f"chunk {chunk}: no chunk run")
+                continue
+            runs.append(slot.chunk_run.info.run_id)
+            if slot.chunk_run.info.status != "FINISHED":
+                parts.append(f"chunk {chunk}: chunk run {slot.chunk_run.info.run_id} is {slot.chunk_run.info.status}")
+                continue
+            finished += 1
+            if plan.protocols and slot.eval_run is None:
+                parts.append(f"chunk {chunk}: chunk run {slot.chunk_run.info.run_id} has no evaluation run")
+            elif plan.protocols and slot.eval_run.info.status != "FINISHED":
+                runs.append(slot.eval_run.info.run_id)
+                parts.append(f"chunk {chunk}: evaluation run {slot.eval_run.info.run_id} is "
+                             f"{slot.eval_run.info.status}")
+        if parts:
+            problems.append(Problem(f"stream {entry.stream_kind}, line {line.id} (plan run {plan.run_id}): "
+                                    f"{finished} of {plan.num_chunks} chunk runs FINISHED; " + "; ".join(parts),
+                                    tuple(runs)))
+    return problems

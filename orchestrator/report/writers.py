@@ -1,0 +1,129 @@
+"""Writing a study report: `report.md` (every table, figures, what is missing), one CSV per table (+ `missing.csv`,
+`plans.csv`), or `report.json` (each cell with its value, runs, source key and why it is missing).
+
+    paths = write(report, Path("out"), "markdown")
+
+Markdown rounds to 4 decimals (small values in 3 significant digits); CSV and JSON keep the logged float exactly.
+Each table row names the runs its numbers come from (`sources`); a missing cell reads `missing: <why>`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from orchestrator.report.model import ReportTable, StudyReport
+
+FORMATS = ("markdown", "csv", "json")
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(map(_md_escape, header)) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(map(_md_escape, row)) + " |" for row in rows]
+    return out
+
+
+def _table_rows(table: ReportTable, exact: bool) -> list[list[str]]:
+    return [[row.index.get(c, "") for c in table.index_columns]
+            + [row.cells[c].text(exact) if c in row.cells else "n/a" for c in table.value_columns]
+            + [" ".join(row.runs)] for row in table.rows]
+
+
+def _summary_line(report: StudyReport) -> str:
+    missing, problems = len(report.missing_cells()), len(report.problems)
+    if report.complete:
+        return "**Complete**: every cell has its number, and every run the plans need is FINISHED."
+    return (f"**Incomplete**: {missing} cell(s) missing and {problems} problem(s) with runs, listed under "
+            "\"Missing\" below; do not read these tables as whole.")
+
+
+def write_markdown(report: StudyReport, out: Path) -> list[Path]:
+    lines = [f"# Study report: {report.experiment}", "",
+             f"MLflow `{report.tracking_uri}`, experiment {report.experiment_id}. Built from the logged runs alone; "
+             "each row's `sources` are the runs its numbers come from.", "", _summary_line(report), "",
+             "## Plan runs", ""]
+    lines += _md_table(["stream", "plan run", "status", "chunks", "protocols", "lines"],
+                       [[p["stream_kind"], p["run"], p["status"], str(p["chunks"]), ", ".join(p["protocols"]),
+                         ", ".join(p["lines"])] for p in report.plans])
+    for table in report.tables:
+        lines += ["", f"## {table.title}", "", f"`{table.name}`", ""]
+        lines += [f"- {note}" for note in table.notes] + ([""] if table.notes else [])
+        if table.rows:
+            lines += _md_table([*table.index_columns, *table.value_columns, "sources"], _table_rows(table, False))
+        else:
+            lines.append("(no rows)")
+    if report.figures:
+        lines += ["", "## Figures", ""]
+        for path in dict.fromkeys(f["path"] for f in report.figures):
+            figure = next(f for f in report.figures if f["path"] == path)
+            runs = ", ".join(f["run"] for f in report.figures if f["path"] == path)
+            lines += [f"![{figure['what']}]({path})", f"{figure['what']} — logged to {runs} as `{figure['artifact']}`", ""]
+    if not report.complete:
+        lines += ["", "## Missing", ""]
+        if report.problems:
+            lines += ["Runs:", ""] + [f"- {p.text}" for p in report.problems] + [""]
+        cells = report.missing_cells()
+        if cells:
+            lines += ["Cells:", ""]
+            lines += _md_table(["table", "row", "column", "reason", "source", "runs"],
+                               [[c["table"], ", ".join(f"{k} {v}" for k, v in c["row"].items()), c["column"],
+                                 c["reason"], _source(report, c), " ".join(c["runs"])] for c in cells])
+    if report.notes:
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in report.notes]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return [path]
+
+
+def _source(report: StudyReport, missing: dict) -> str:
+    table = report.table(missing["table"])
+    row = next(r for r in table.rows if r.index == missing["row"])
+    return row.cells[missing["column"]].source
+
+
+def write_csv(report: StudyReport, out: Path) -> list[Path]:
+    paths = []
+    for table in report.tables:
+        path = out / f"{table.name}.csv"
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow([*table.index_columns, *table.value_columns, "sources"])
+            writer.writerows(_table_rows(table, True))
+        paths.append(path)
+    path = out / "missing.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["kind", "table", "row", "column", "reason", "source", "runs"])
+        for problem in report.problems:
+            writer.writerow(["run", "", "", "", problem.text, "", " ".join(problem.runs)])
+        for c in report.missing_cells():
+            writer.writerow(["cell", c["table"], "; ".join(f"{k}={v}" for k, v in c["row"].items()), c["column"],
+                             c["reason"], _source(report, c), " ".join(c["runs"])])
+    paths.append(path)
+    path = out / "plans.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["stream", "plan_run", "status", "chunks", "protocols", "lines"])
+        for p in report.plans:
+            writer.writerow([p["stream_kind"], p["run"], p["status"], p["chunks"], " ".join(p["protocols"]),
+                             " ".join(p["lines"])])
+    paths.append(path)
+    return paths
+
+
+def write_json(report: StudyReport, out: Path) -> list[Path]:
+    path = out / "report.json"
+    path.write_text(json.dumps(report.to_dict(), indent=2))
+    return [path]
+
+
+def write(report: StudyReport, out: Path, fmt: str) -> list[Path]:
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    return {"markdown": write_markdown, "csv": write_csv, "json": write_json}[fmt](report, out)

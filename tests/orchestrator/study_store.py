@@ -1,0 +1,153 @@
+"""A small study record in a real MLflow SQLite store, written through the Tracker with the driver's tags, metric
+keys and artifacts (the naming contract): two stream kinds, each with an SSL plan run (simclr: sequential,
+sequential+replay, joint) and an SL plan run (supervised: sequential, joint), 3 chunks, knn and linear.
+
+    store = build_study(tmp_path / "mlflow.db")                       # everything FINISHED
+    store = build_study(path, unfinished=("random_class", "simclr-sequential-replay", 2),
+                        absent=("distant_class", "supervised-joint", 1, "wall_seconds"))
+
+The accuracies are hand-chosen by a formula (distinct per stream, line, protocol, top-k, chunk, task); the plan
+metrics are the continual metrics of those matrices, as the driver's summary computes them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from evaluators.continual import AccuracyMatrix, continual_metrics, st_jt_gap
+from orchestrator.spec import Spec, flatten
+from orchestrator.tracking import lineage as tr
+from orchestrator.tracking.tracker import Tracker
+
+EXPERIMENT = "study"
+STREAMS = ("random_class", "distant_class")
+PLANS = {"ssl": ("simclr", ["sequential", "sequential+replay", "joint"]), "sl": ("supervised", ["sequential", "joint"])}
+T = 3
+PROTOCOLS = ("knn", "linear")
+BASELINE = [0.1, 0.12, 0.08]
+# This line logs its final gap but not the per-chunk one: the report takes that from the accuracy matrices.
+NO_GAP_BY_CHUNK = ("distant_class", "supervised-sequential")
+# This plan turns eval.baseline off, so its lines have no FWT (not applicable, not missing).
+NO_BASELINE = ("distant_class", "sl")
+# This chunk run logs checkpoint and buffer bytes but not their sum: the report adds them.
+NO_STORED_BYTES = ("random_class", "simclr-sequential-replay", 1)
+
+
+def line_id(method: str, strategy: str) -> str:
+    return "-".join([method, *strategy.split("+")])
+
+
+def accuracy(stream: int, line: int, protocol: str, top5: bool, chunk: int, task: int) -> float:
+    seen = task <= chunk
+    value = (0.20 + 0.02 * line + 0.02 * stream + (0.20 if seen else 0.0)
+             - ((0.01 + 0.004 * line) * (chunk - task) if seen else 0.0)
+             + (0.01 if protocol == "linear" else 0.0) + (0.25 if top5 else 0.0) + 0.004 * chunk + 0.003 * task)
+    return round(value, 4)
+
+
+@dataclass
+class Store:
+    uri: str
+    plan_runs: dict[tuple[str, str], str] = field(default_factory=dict)  # (stream, "ssl"|"sl") -> plan run id
+    chunk_runs: dict[tuple[str, str, int], str] = field(default_factory=dict)  # (stream, line, chunk) -> run id
+    eval_runs: dict[tuple[str, str, int], str] = field(default_factory=dict)
+    plan_of_line: dict[tuple[str, str], str] = field(default_factory=dict)  # (stream, line) -> plan run id
+
+
+def build_study(db: Path, unfinished: tuple[str, str, int] | None = None,
+                absent: tuple[str, str, int, str] | None = None) -> Store:
+    uri = f"sqlite:///{db}"
+    tracker = Tracker(uri, EXPERIMENT, (db.parent / "artifacts").as_uri())
+    store = Store(uri)
+    line_index = 0
+    for s, stream in enumerate(STREAMS):
+        for plan_name, (method, strategies) in PLANS.items():
+            baseline = (stream, plan_name) != NO_BASELINE
+            spec = Spec.model_validate({"name": EXPERIMENT, "data": {"url": "/data/synthetic"},
+                                        "stream": {"kind": stream, "chunks": T},
+                                        "lines": {"method": [method], "strategy": strategies},
+                                        "eval": {"baseline": baseline}})
+            lines = [line_id(method, strategy) for strategy in strategies]
+            plan_key = f"plan-{stream}-{plan_name}"
+            tags = {tr.RUN_TYPE: "plan", tr.PLAN_KEY: plan_key, tr.STREAM_KIND: stream, tr.TAG + "spec_name": EXPERIMENT}
+            if plan_name == "ssl":  # the SL plans are read like plan runs from before these tags: from their params
+                tags[tr.LINES] = json.dumps(
+                    [{"id": line_id(method, st), "method": method, "strategy": st} for st in strategies])
+                tags[tr.NUM_CHUNKS] = str(T)
+            plan = tracker.create_run(EXPERIMENT, tags)
+            tracker.log_params(plan, flatten(spec))
+            store.plan_runs[(stream, plan_name)] = plan
+            matrices: dict[tuple[str, str], AccuracyMatrix] = {}
+            plan_complete = True
+            for strategy, line in zip(strategies, lines):
+                store.plan_of_line[(stream, line)] = plan
+                line_index += 1
+                complete = True
+                for name in PROTOCOLS:
+                    for top5 in (False, True):
+                        key = name + ("_top5" if top5 else "")
+                        matrix = AccuracyMatrix(T)
+                        for chunk in range(T):
+                            matrix.record_row(chunk, [accuracy(s, line_index, name, top5, chunk, t) for t in range(T)])
+                        matrices[(line, key)] = matrix
+                for chunk in range(T):
+                    failed = unfinished == (stream, line, chunk)
+                    complete = complete and not failed
+                    chunk_run = tracker.create_run(f"{line}/chunk-{chunk}", {
+                        tr.RUN_TYPE: "chunk", tr.PARENT: plan, tr.PLAN_KEY: plan_key, tr.JOB_KEY: f"{plan_key}-{line}-{chunk}",
+                        tr.LINE: line, tr.CHUNK: str(chunk), tr.CHECKPOINT: f"/ckpt/{plan_key}/{line}/{chunk}",
+                        tr.TAG + "method": method, tr.TAG + "strategy": strategy})
+                    store.chunk_runs[(stream, line, chunk)] = chunk_run
+                    buffer = 4096.0 * (chunk + 1) if "replay" in strategy else 0.0
+                    checkpoint = 1_000_000.0 + 1000 * line_index + chunk
+                    metrics = {"final_loss": 1.0 - 0.1 * chunk, "steps": 10.0, "train_seconds": 10.5 + line_index + 0.25 * chunk,
+                               "wall_seconds": 12.75 + line_index + 0.25 * chunk,
+                               "device_hours": (12.75 + line_index + 0.25 * chunk) * 2 / 3600,
+                               "checkpoint_bytes": checkpoint, "buffer_bytes": buffer, "stored_bytes": checkpoint + buffer}
+                    if NO_STORED_BYTES == (stream, line, chunk):
+                        del metrics["stored_bytes"]
+                    if absent is not None and absent[:3] == (stream, line, chunk):
+                        del metrics[absent[3]]
+                    tracker.log_metrics(chunk_run, metrics)
+                    if failed:  # the driver died in this chunk: the run stays unfinished, nothing evaluates it
+                        tracker.end_run(chunk_run, "FAILED")
+                        continue
+                    tracker.end_run(chunk_run, "FINISHED")
+                    eval_run = tracker.create_run(f"{line}/chunk-{chunk}/eval", {
+                        tr.RUN_TYPE: "eval", tr.PARENT: plan, tr.PLAN_KEY: plan_key, tr.EVALUATES: chunk_run,
+                        tr.JOB_KEY: f"{plan_key}-{line}-{chunk}", tr.LINE: line, tr.CHUNK: str(chunk)})
+                    store.eval_runs[(stream, line, chunk)] = eval_run
+                    em: dict[str, float] = {}
+                    for name in PROTOCOLS:
+                        for top5 in (False, True):
+                            suffix = "_top5" if top5 else ""
+                            row = [matrices[(line, name + suffix)].get(chunk, t) for t in range(T)]
+                            em[f"{name}_top{5 if top5 else 1}"] = sum(row) / T
+                            em.update({f"{name}_task{t}{suffix}": v for t, v in enumerate(row)})
+                    em["sharpness_eps0.1"] = round(0.02 + 0.01 * line_index + 0.001 * chunk, 4)
+                    em["sharpness_eps0.3"] = round(0.10 + 0.02 * line_index + 0.002 * chunk, 4)
+                    tracker.log_metrics(eval_run, em)
+                    tracker.end_run(eval_run, "FINISHED")
+                    tracker.log_metrics(chunk_run, {k: em[k] for k in ("knn_top1", "linear_top1")})
+                if not complete:  # as the driver's summary: no metrics, no matrix for a line that lacks a chunk
+                    plan_complete = False
+                    continue
+                for key in [n + suffix for n in PROTOCOLS for suffix in ("", "_top5")]:
+                    metrics = continual_metrics(matrices[(line, key)], baseline=BASELINE if baseline else None)
+                    tracker.log_metrics(plan, {f"{line}.{key}.{m}": v for m, v in metrics.items()})
+                    tracker.log_json(plan, f"accuracy_matrix.{line}.{key}.json", matrices[(line, key)].to_dict())
+            for line in lines:
+                joint = line_id(method, "joint")
+                if line == joint or (unfinished is not None and (stream, line) == unfinished[:2]):
+                    continue
+                for name in PROTOCOLS:
+                    gap = st_jt_gap(matrices[(line, name)], matrices[(joint, name)])
+                    tracker.log_metrics(plan, {f"{line}.{name}.st_jt_gap": gap.final})
+                    if (stream, line) != NO_GAP_BY_CHUNK:
+                        for chunk, value in enumerate(gap.per_chunk):
+                            tracker.log_metrics(plan, {f"{line}.{name}.st_jt_gap_by_chunk": value}, step=chunk)
+            tracker.log_json(plan, "summary.json", {"lines": lines})
+            tracker.end_run(plan, "FINISHED" if plan_complete else "FAILED")
+    return store
