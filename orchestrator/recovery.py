@@ -21,6 +21,7 @@ from orchestrator.evaluation import headline, task_accuracies
 from orchestrator.planner import ExperimentPlan, Job
 from orchestrator.runner import CHUNK_EVENT_FILE, checkpoint_order, line_groups, ray_run_name
 from orchestrator.spec import Spec
+from orchestrator.summary import joint_reference
 from orchestrator.tracking import lineage as tr
 from orchestrator.tracking.tracker import Tracker
 
@@ -121,9 +122,9 @@ def missing_records(plan: ExperimentPlan, chunk_runs: dict[str, str], results: d
         if unevaluated:
             parts.append(f"no evaluation of chunk(s) {', '.join(map(str, unevaluated))}")
         if parts:
-            # Every non-joint line has an ST-JT gap against its method's plain joint line, which all of them need.
-            has_gap = any(other.method == line.method and other.strategy == "joint" for other in plan.lines) and (
-                line.strategy == "joint" or line.strategy.split("+")[0] != "joint")
+            # A line's own gap, or (for a joint line) the gaps of the lines measured against it.
+            pairs = [(other, joint_reference(other, plan.lines)) for other in plan.lines]
+            has_gap = any(joint is not None and line in (other, joint) for other, joint in pairs)
             lost = "its accuracy matrix (top-1 and top-5) and continual metrics (avg_acc, BWT, FWT, forgetting"
             lost += ", ST-JT gap)" if has_gap else ")"
             missing.append(f"{line.id}: {'; '.join(parts)}, so {lost} are not computed")
