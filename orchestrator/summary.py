@@ -31,8 +31,9 @@ from orchestrator.planner import ExperimentPlan, Line
 from orchestrator.tracking.tracker import Tracker
 
 EVAL_COLUMNS = ("knn_top1", "knn_top5", "linear_top1", "linear_top5")
-# (metric name suffix, result key suffix, words): top-1 keeps the protocol's bare name, as plans always logged it.
-ACCURACIES = (("", "", "top-1"), ("_top5", "_top5", "top-5"))
+# (suffix of the metric name and of the result's `{name}_task_acc` key, words): top-1 keeps the protocol's bare
+# name (`knn`), as plans always logged it; top-5 is `knn_top5`.
+ACCURACIES = (("", "top-1"), ("_top5", "top-5"))
 
 
 @dataclass
@@ -96,14 +97,14 @@ def _line_metrics(summary: ExperimentSummary, plan: ExperimentPlan, tracker: Tra
     matrices: dict[tuple[str, str], AccuracyMatrix] = {}
     for line in plan.lines:
         for name in spec.eval.every_chunk:
-            for suffix, key_suffix, words in ACCURACIES:
+            for suffix, words in ACCURACIES:
                 metric = f"{name}{suffix}"
                 matrix = AccuracyMatrix(T)
                 unrecorded = []  # evaluated chunks without this accuracy (runs logged before top-5 existed)
                 for job in plan.jobs_of(line):
                     if job.key not in results:
                         continue  # said by missing_records
-                    row = results[job.key].get(f"{name}_task_acc{key_suffix}")
+                    row = results[job.key].get(f"{name}_task_acc{suffix}")
                     if row is None:
                         unrecorded.append(job.chunk)
                     else:
@@ -121,7 +122,7 @@ def _line_metrics(summary: ExperimentSummary, plan: ExperimentPlan, tracker: Tra
                         "continual metrics are not computed")
                 if matrix.completed_rows < T:
                     continue
-                baseline = summary.baseline.get(f"{name}_task_acc{key_suffix}")
+                baseline = summary.baseline.get(f"{name}_task_acc{suffix}")
                 metrics = continual_metrics(matrix, baseline=baseline)
                 summary.lines.setdefault(line.id, {})[metric] = metrics
                 tracker.log_metrics(parent, {f"{line.id}.{metric}.{k}": v for k, v in metrics.items()
