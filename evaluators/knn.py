@@ -3,8 +3,9 @@ Non-Parametric Instance Discrimination"; the variant DINO reports).
 
 Usage::
 
-    from evaluators.knn import knn_accuracy, knn_predict
+    from evaluators.knn import knn_accuracy, knn_predict, knn_topk
     preds = knn_predict(train_x, train_y, test_x, k=20, temperature=0.07)     # int64 [N_test]
+    ranked = knn_topk(train_x, train_y, test_x, top=5, k=20)                 # int64 [N_test, min(5, C)]
     acc = knn_accuracy(train_x, train_y, test_x, test_y, k=20)               # float in [0, 1]
 
 Rule: features are L2-normalised, similarity is the cosine ``s = <x, t>``; each test row takes its ``k`` most
@@ -15,7 +16,9 @@ Behaviour at the edges (fixed so that results are reproducible):
 
 * ``k`` larger than the training set: every training row votes (``k`` is clamped to ``N_train``).
 * neighbours tied in similarity at the k-th place: the lower training index is taken.
-* classes tied in summed weight: the smaller class id is predicted.
+* classes tied in summed weight: the smaller class id is predicted (and ranked first by ``knn_topk``).
+* ``knn_topk`` ranks every class of the label space, those no neighbour voted for included (summed weight 0,
+  so after every voted class, in class-id order): column 0 is always ``knn_predict``'s prediction.
 
 Test rows are processed in chunks so that the ``[chunk, N_train]`` similarity block stays at about
 ``2**24`` elements (64 MiB in float32) whatever the sizes, unless ``chunk_size`` says otherwise.
@@ -24,6 +27,7 @@ Test rows are processed in chunks so that the ``[chunk, N_train]`` similarity bl
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +36,7 @@ from torch import Tensor
 
 from trainers.config import ComponentConfig
 
-__all__ = ["KnnConfig", "knn_accuracy", "knn_predict"]
+__all__ = ["KnnConfig", "knn_accuracy", "knn_predict", "knn_topk"]
 
 
 class KnnConfig(ComponentConfig):
@@ -68,29 +72,74 @@ def knn_predict(
     Returns:
         ``[N_test]`` int64 predictions on CPU. Computation runs on ``train_feats``' device.
     """
+    _, blocks = _vote_scores(train_feats, train_labels, test_feats, k, temperature, num_classes, chunk_size)
+    preds = [scores.argmax(dim=1) for scores in blocks]  # first maximum: smaller class id on ties
+    if not preds:
+        return torch.empty(0, dtype=torch.int64)
+    return torch.cat(preds).cpu()
+
+
+def knn_topk(
+    train_feats: Tensor,
+    train_labels: Tensor,
+    test_feats: Tensor,
+    top: int = 5,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """The ``top`` classes of every test row, by decreasing summed vote weight (the same vote as
+    :func:`knn_predict`; smaller class id first among equal weights).
+
+    Returns:
+        ``[N_test, min(top, num_classes)]`` int64 on CPU; column 0 equals :func:`knn_predict`.
+    """
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise ValueError(f"top must be an integer >= 1, got {top!r}")
+    classes, blocks = _vote_scores(train_feats, train_labels, test_feats, k, temperature, num_classes, chunk_size)
+    width = min(top, classes)
+    # A stable descending sort keeps equal scores in class-id order: the tie rule of argmax, at every rank.
+    ranked = [torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :width] for scores in blocks]
+    if not ranked:
+        return torch.empty(0, width, dtype=torch.int64)
+    return torch.cat(ranked).cpu()
+
+
+def _vote_scores(
+    train_feats: Tensor,
+    train_labels: Tensor,
+    test_feats: Tensor,
+    k: int,
+    temperature: float,
+    num_classes: int | None,
+    chunk_size: int | None,
+) -> tuple[int, Iterator[Tensor]]:
+    """Validates the arguments now, then ``(num_classes, blocks)``: per block of test rows, the
+    ``[r, num_classes]`` summed vote weights (on ``train_feats``' device), computed as the blocks are read."""
     train_feats, train_labels, test_feats, num_classes = _validate(
         train_feats, train_labels, test_feats, k, temperature, num_classes, chunk_size
     )
     n_train = train_feats.shape[0]
-    k = min(k, n_train)
     rows = chunk_size or max(1, _MAX_BLOCK_ELEMENTS // n_train)
+    return num_classes, _vote_blocks(train_feats, train_labels, test_feats, min(k, n_train), temperature,
+                                     num_classes, rows)
+
+
+def _vote_blocks(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, k: int, temperature: float,
+                 num_classes: int, rows: int) -> Iterator[Tensor]:
     train = F.normalize(train_feats.float(), dim=1)
     test = F.normalize(test_feats.to(train.device).float(), dim=1)
     labels = train_labels.to(train.device)
-
-    preds = []
     for start in range(0, test.shape[0], rows):
         sim = test[start : start + rows] @ train.T  # [r, N_train] cosine similarities
         values, index = _top_k_lowest_index_on_ties(sim, k)  # [r, k], sorted by decreasing similarity
-        # Subtracting the row maximum rescales every class score of the row by the same factor, so the argmax
+        # Subtracting the row maximum rescales every class score of the row by the same factor, so the ranking
         # is unchanged, and keeps exp() finite for small temperatures (exp(1/0.001) overflows float32).
         weights = torch.exp((values - values[:, :1]) / temperature)
         scores = torch.zeros(sim.shape[0], num_classes, device=sim.device, dtype=weights.dtype)
         scores.scatter_add_(1, labels[index], weights)
-        preds.append(scores.argmax(dim=1))  # first maximum: smaller class id on ties
-    if not preds:
-        return torch.empty(0, dtype=torch.int64)
-    return torch.cat(preds).cpu()
+        yield scores
 
 
 def knn_accuracy(

@@ -6,6 +6,7 @@ Usage::
     preds = linear_probe(train_x, train_y, test_x, epochs=100)          # int64 [N_test]
     probe = fit_linear_probe(train_x, train_y)                            # train once ...
     per_task = [probe.predict(x) for x in task_test_feats]                # ... evaluate on every task
+    ranked = probe.rank(test_x, top=5)                                    # int64 [N_test, min(5, C)]
 
 Features are standardised with the training set's per-dimension mean and std (test rows reuse them), so the
 probe's learning rate does not depend on the backbone's feature scale. The objective is
@@ -61,8 +62,17 @@ class LinearProbe:
         return x @ self.weight.T + self.bias
 
     def predict(self, feats: Tensor) -> Tensor:
-        """``[N, D]`` raw features -> ``[N]`` int64 predicted classes on CPU."""
+        """``[N, D]`` raw features -> ``[N]`` int64 predicted classes on CPU (the first maximum on tied logits:
+        the smaller class id)."""
         return self.logits(feats).argmax(dim=1).cpu()
+
+    def rank(self, feats: Tensor, top: int = 5) -> Tensor:
+        """``[N, D]`` raw features -> ``[N, min(top, C)]`` int64 classes on CPU by decreasing logit, the smaller
+        class id first among tied logits, so column 0 is :meth:`predict`."""
+        if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+            raise ValueError(f"top must be an integer >= 1, got {top!r}")
+        order = torch.sort(self.logits(feats), dim=1, descending=True, stable=True).indices
+        return order[:, : min(top, self.num_classes)].cpu()
 
 
 def fit_linear_probe(

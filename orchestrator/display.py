@@ -4,7 +4,7 @@
         progress.add_line("simclr-sequential", offsets={0: 0, 1: 40}, total=80, completed=0)
         progress.step(event)                 # a worker's "step" event: steps done, loss, samples/s
         progress.chunk_done(event)           # a "chunk" event: the chunk's steps are all done
-    print_summary(summary, console, spec)    # per-chunk table, continual metrics, baseline, ST-JT gaps
+    print_summary(summary, console, spec)    # per-chunk table, continual metrics, baseline, ST-JT gap per line
 
 It is rich output on the Console that `run_experiment` is given (the CLI's, or a test's); the driver owns it
 because it renders while training runs.
@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from evaluators.report import results_table
+from orchestrator.evaluation import headline
 from orchestrator.planner import ExperimentPlan
 from orchestrator.spec import Spec
 from orchestrator.summary import EVAL_COLUMNS, ExperimentSummary
@@ -73,10 +74,12 @@ def print_summary(summary: ExperimentSummary, console: Console, spec: Spec) -> N
         console.print(results_table(rows, columns, title="continual metrics after the last chunk"))
     if summary.baseline:
         console.print("random-init baseline: " + ", ".join(
-            f"{k} {v:.3f}" for k, v in summary.baseline.items() if k.endswith("_top1")))
-    for method, per in summary.gaps.items():
-        console.print(f"ST-JT gap ({method}): " + ", ".join(
+            f"{k} {v:.3f}" for k, v in headline(summary.baseline, spec.eval.every_chunk).items()))
+    for line, per in summary.gaps.items():  # line id -> protocol -> final gap (JT minus this line, top-1)
+        console.print(f"ST-JT gap ({line}): " + ", ".join(
             f"{k} {v:+.3f}" if np.isfinite(v) else f"{k} unknown" for k, v in per.items()))
+    for line in summary.notes:
+        console.print(f"note: {line}")
     for line in summary.unknown:
         console.print(f"[yellow]unknown[/] {line}")
     for line in summary.missing:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
 from evaluators.features import extract_features
-from evaluators.registry import EVALUATOR_REGISTRY
+from evaluators.registry import EVALUATOR_REGISTRY, TOP_K, topk_hits
 from orchestrator.downstream import evaluate_downstream
 from orchestrator.evaluation_studies import study_metrics
 from orchestrator.ingest import SplitArrays, load_split_arrays
@@ -58,8 +58,11 @@ def evaluate_backbone(
     device: str | torch.device = "cpu",
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Returns `{protocol}_top1` overall and `{protocol}_task_acc` (one accuracy per chunk's task).
+    """Returns, per protocol, `{protocol}_top1` and `{protocol}_top5` overall, `{protocol}_task_acc` (top-1 on
+    each chunk's task) and `{protocol}_task_acc_top5`.
 
+    Top-5 counts a query as right when its label is among the protocol's 5 best-ranked classes; with 5 classes
+    or fewer in the bank every class is ranked, so top-5 is 1.0 by construction (kept, so runs line up).
     A task with no query rows (none of its classes or domains in the query split) has no accuracy: its entry is
     NaN, which `AccuracyMatrix` records as unknown, and a warning names the task.
     """
@@ -67,6 +70,11 @@ def evaluate_backbone(
     bank_feats, bank_labels = extract_features(backbone, _batches(bank, eval_spec["batch_size"]), device=device)
     query_feats, query_labels = extract_features(backbone, _batches(queries, eval_spec["batch_size"]), device=device)
     truth = query_labels.numpy()
+    classes = int(bank_labels.max()) + 1
+    if classes <= TOP_K:
+        # Not a warning: nothing is wrong, and the driver's summary says it once for the whole plan.
+        logger.info("the evaluation bank has %d classes (<= %d): every class is ranked, so top-%d accuracy is 1.0 "
+                    "by construction", classes, TOP_K, TOP_K)
     masks = [plan.task_mask(t, queries.labels, queries.domains) for t in range(plan.num_chunks)]
     for t, mask in enumerate(masks):
         if not mask.any():
@@ -75,24 +83,61 @@ def evaluate_backbone(
     out: dict[str, Any] = {}
     for name in eval_spec["every_chunk"]:
         record = EVALUATOR_REGISTRY.require(name)
-        pred = record.build(bank_feats, bank_labels, query_feats, seed=seed, **record.options(eval_spec.get(name)))
-        correct = pred.numpy() == truth
-        out[f"{name}_top1"] = float(correct.mean())
-        out[f"{name}_task_acc"] = [float(correct[m].mean()) if m.any() else float("nan") for m in masks]
+        ranked = record.build(bank_feats, bank_labels, query_feats, seed=seed, **record.options(eval_spec.get(name)))
+        top1, top5 = topk_hits(ranked, query_labels)
+        for overall, per_task, correct in ((f"{name}_top1", f"{name}_task_acc", top1.numpy()),
+                                           (f"{name}_top5", f"{name}_task_acc_top5", top5.numpy())):
+            out[overall] = float(correct.mean())
+            out[per_task] = [float(correct[m].mean()) if m.any() else float("nan") for m in masks]
     out["eval_seconds"] = time.perf_counter() - started
     return out
 
 
 def protocol_scores(backbone: torch.nn.Module, bank: SplitArrays, queries: SplitArrays, eval_spec: dict[str, Any],
                     seed: int = 0, device: str | torch.device = "cpu") -> dict[str, float]:
-    """`{protocol}_top1` of every every-chunk protocol on `queries` against `bank` (a downstream set: no tasks)."""
+    """`{protocol}_top1` and `{protocol}_top5` of every every-chunk protocol on `queries` against `bank` (a downstream
+    set: no tasks)."""
     bank_feats, bank_labels = extract_features(backbone, _batches(bank, eval_spec["batch_size"]), device=device)
     query_feats, query_labels = extract_features(backbone, _batches(queries, eval_spec["batch_size"]), device=device)
     out = {}
     for name in eval_spec["every_chunk"]:
         record = EVALUATOR_REGISTRY.require(name)
-        pred = record.build(bank_feats, bank_labels, query_feats, seed=seed, **record.options(eval_spec.get(name)))
-        out[f"{name}_top1"] = float((pred.numpy() == query_labels.numpy()).mean())
+        ranked = record.build(bank_feats, bank_labels, query_feats, seed=seed, **record.options(eval_spec.get(name)))
+        top1, top5 = topk_hits(ranked, query_labels)
+        out[f"{name}_top1"], out[f"{name}_top5"] = float(top1.float().mean()), float(top5.float().mean())
+    return out
+
+
+def headline(metrics: dict[str, Any], names: Iterable[str]) -> dict[str, float]:
+    """The overall accuracies `{name}_top1` and `{name}_top5` of each protocol in `names` that `metrics` has
+    (an evaluation result, or an eval run's metrics read back)."""
+    keys = [f"{name}_top{k}" for name in names for k in (1, 5)]
+    return {key: metrics[key] for key in keys if key in metrics}
+
+
+def task_metrics(result: dict[str, Any], names: Iterable[str]) -> dict[str, float]:
+    """An evaluation result's per-task accuracies as eval-run metrics: `{name}_task{t}` (top-1) and
+    `{name}_task{t}_top5`; `task_accuracies` reads them back."""
+    metrics = {}
+    for name in names:
+        for suffix in ("", "_top5"):
+            for task, value in enumerate(result.get(f"{name}_task_acc{suffix}", [])):
+                metrics[f"{name}_task{task}{suffix}"] = value
+    return metrics
+
+
+def task_accuracies(metrics: dict[str, float], names: Iterable[str], num_tasks: int) -> dict[str, list[float]]:
+    """Inverse of `task_metrics` over an eval run's metrics: `{name}_task_acc` and `{name}_task_acc_top5`.
+
+    A task that had no query rows has no metric: unknown (NaN), as in the live result. A run logged before
+    top-5 existed has no `_task{t}_top5` metric at all: its `{name}_task_acc_top5` is left out, not made NaN.
+    """
+    out = {}
+    for name in names:
+        out[f"{name}_task_acc"] = [metrics.get(f"{name}_task{t}", float("nan")) for t in range(num_tasks)]
+        if f"{name}_top5" in metrics:
+            out[f"{name}_task_acc_top5"] = [metrics.get(f"{name}_task{t}_top5", float("nan"))
+                                            for t in range(num_tasks)]
     return out
 
 

@@ -23,7 +23,7 @@ from orchestrator.accounting import chunk_resources, device_kind
 from orchestrator.display import TrainingProgress, dry_run, print_summary
 from orchestrator.epoch_evals import EpochCheckpoint, log_by_epoch, log_epoch_eval
 from orchestrator.errors import IncompleteRecordError, TrainingError
-from orchestrator.evaluation import EvalActor, protocol
+from orchestrator.evaluation import EvalActor, headline, protocol, task_metrics
 from orchestrator.ingest import start_corrupt_row_counter
 from orchestrator.planner import ExperimentPlan, Job, build_plan
 from orchestrator.recovery import missing_records, persisted_unlogged_chunks, read_logged
@@ -214,17 +214,16 @@ class _Driver:
         }
         run_id = self.tracker.create_run(f"{job.name}/eval", tags)
         metrics = {k: v for k, v in result.items() if isinstance(v, (int, float))}
-        for name in self.spec.eval.every_chunk:
-            for task, value in enumerate(result[f"{name}_task_acc"]):
-                metrics[f"{name}_task{task}"] = value
+        metrics.update(task_metrics(result, self.spec.eval.every_chunk))
         self.tracker.log_metrics(run_id, metrics)
         self.tracker.log_json(run_id, "eval_result.json", result)
         self.tracker.end_run(run_id, "FINISHED")
-        self.link_eval(chunk_run, run_id, {k: result[k] for k in result if k.endswith("_top1")})
+        self.link_eval(chunk_run, run_id, headline(result, self.spec.eval.every_chunk))
         self.results[job.key] = result
 
     def link_eval(self, chunk_run: str, eval_run: str, headline: dict[str, float]) -> None:
-        """The chunk run also carries its headline numbers, so the compare view lines chunks up directly."""
+        """The chunk run also carries its headline numbers (`{name}_top1`, `{name}_top5`), so the compare view
+        lines chunks up directly."""
         self.tracker.log_metrics(chunk_run, headline)
         self.tracker.set_tags(chunk_run, {tr.TAG + "eval_run": eval_run})
 
@@ -296,8 +295,9 @@ class _Driver:
             summary.restarts = self._train_all()
             if baseline is not None:
                 summary.baseline = ray.get(baseline)
-                self.tracker.log_metrics(self.parent, {f"baseline_{k}": v for k, v in summary.baseline.items()
-                                                       if k.endswith("_top1")})
+                # The whole result stays in summary.baseline: FWT reads its per-task top-1 and top-5.
+                self.tracker.log_metrics(self.parent, {f"baseline_{k}": v for k, v in
+                                                       headline(summary.baseline, self.spec.eval.every_chunk).items()})
             self.collect(block=True)
             summarise(summary, self.plan, self.tracker, self.chunk_rows, self.results)
             summary.missing = self.missing_records()

@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator import storage
+from orchestrator.evaluation import headline, task_accuracies
 from orchestrator.planner import ExperimentPlan, Job
 from orchestrator.runner import CHUNK_EVENT_FILE, checkpoint_order, line_groups, ray_run_name
 from orchestrator.spec import Spec
+from orchestrator.summary import joint_reference
 from orchestrator.tracking import lineage as tr
 from orchestrator.tracking.tracker import Tracker
 
@@ -60,12 +62,10 @@ def read_logged(tracker: Tracker, plan: ExperimentPlan, eval_names: list[str]) -
             record.unevaluated.append(job)
             continue
         em = done[0].data.metrics
-        result: dict[str, Any] = {k: v for k, v in em.items() if k.endswith("_top1")}
+        result: dict[str, Any] = headline(em, eval_names)
         if run.data.tags.get(tr.TAG + "eval_run") != done[0].info.run_id:
             record.unlinked[run.info.run_id] = (done[0].info.run_id, dict(result))
-        for name in eval_names:
-            # A task that had no query rows has no metric: unknown (NaN), as in the live result.
-            result[f"{name}_task_acc"] = [em.get(f"{name}_task{t}", float("nan")) for t in range(plan.stream.num_chunks)]
+        result.update(task_accuracies(em, eval_names, plan.stream.num_chunks))
         record.results[key] = result
     return record
 
@@ -122,7 +122,10 @@ def missing_records(plan: ExperimentPlan, chunk_runs: dict[str, str], results: d
         if unevaluated:
             parts.append(f"no evaluation of chunk(s) {', '.join(map(str, unevaluated))}")
         if parts:
-            lost = "its accuracy matrix and continual metrics (avg_acc, BWT, FWT, forgetting"
-            lost += ", ST-JT gap)" if line.strategy in ("sequential", "joint") else ")"
+            # A line's own gap, or (for a joint line) the gaps of the lines measured against it.
+            pairs = [(other, joint_reference(other, plan.lines)) for other in plan.lines]
+            has_gap = any(joint is not None and line in (other, joint) for other, joint in pairs)
+            lost = "its accuracy matrix (top-1 and top-5) and continual metrics (avg_acc, BWT, FWT, forgetting"
+            lost += ", ST-JT gap)" if has_gap else ")"
             missing.append(f"{line.id}: {'; '.join(parts)}, so {lost} are not computed")
     return missing

@@ -5,6 +5,7 @@ has nothing left to do. Runs a shrunken examples/quickstart.yaml."""
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -62,13 +63,15 @@ def _runs(client: MlflowClient, run_type: str):
     return client.search_runs([exp.experiment_id], filter_string=f"tags.`{tr.RUN_TYPE}` = '{run_type}'")
 
 
-def _accuracy_matrices(client: MlflowClient, name: str) -> dict[str, list[list[float]]]:
-    """Per line, acc[i][j] = the logged `{name}_task{j}` of the evaluation after chunk i."""
+def _accuracy_matrices(client: MlflowClient, name: str, suffix: str = "") -> dict[str, list[list[float]]]:
+    """Per line, acc[i][j] = the logged `{name}_task{j}{suffix}` of the evaluation after chunk i (suffix "" for
+    top-1, "_top5" for top-5)."""
+    pattern = re.compile(rf"{name}_task(\d+){suffix}")
     matrices: dict[str, dict[int, list[float]]] = {}
     for ev in _runs(client, "eval"):
         m = ev.data.metrics
-        tasks = sorted(int(k[len(f"{name}_task"):]) for k in m if k.startswith(f"{name}_task"))
-        row = [m[f"{name}_task{t}"] for t in tasks]
+        tasks = sorted(int(match.group(1)) for k in m if (match := pattern.fullmatch(k)))
+        row = [m[f"{name}_task{t}{suffix}"] for t in tasks]
         matrices.setdefault(ev.data.tags[tr.LINE], {})[int(ev.data.tags[tr.CHUNK])] = row
     return {line: [rows[i] for i in sorted(rows)] for line, rows in matrices.items()}
 
@@ -122,10 +125,14 @@ def test_every_chunk_has_a_finished_run_checkpoint_and_evaluation(finished_run) 
         assert ev.data.metrics["knn_top1"] >= 1.5 * chance, ev.data.metrics["knn_top1"]
         assert 0.0 <= ev.data.metrics["linear_top1"] <= 1.0
         for name in ("knn", "linear"):
-            top1 = ev.data.metrics[f"{name}_top1"]
-            assert run.data.metrics[f"{name}_top1"] == top1
-            per_task = [ev.data.metrics[f"{name}_task{t}"] for t in range(stream.num_chunks)]
-            assert top1 == pytest.approx(sum(a * n for a, n in zip(per_task, task_rows)) / len(labels), abs=1e-9)
+            for k in ("top1", "top5"):
+                overall = ev.data.metrics[f"{name}_{k}"]
+                assert run.data.metrics[f"{name}_{k}"] == overall
+                suffix = "" if k == "top1" else "_top5"
+                per_task = [ev.data.metrics[f"{name}_task{t}{suffix}"] for t in range(stream.num_chunks)]
+                assert overall == pytest.approx(sum(a * n for a, n in zip(per_task, task_rows)) / len(labels),
+                                                abs=1e-9)
+            assert ev.data.metrics[f"{name}_top5"] >= ev.data.metrics[f"{name}_top1"]
         assert json.loads(ev.data.tags[tr.TAG + "eval_protocol"])["knn"]["k"] == 20
     assert sum(e.data.metrics["linear_top1"] for e in evals) / len(evals) >= 1.5 * chance
     assert 0 < plan.data.metrics["time_to_first_step_seconds"] < 600
@@ -148,19 +155,31 @@ def test_plan_run_records_what_makes_numbers_reproducible(finished_run) -> None:
     artifacts = {a.path for a in client.list_artifacts(plan.info.run_id)}
     assert {"spec.yaml", "stream_plan.json", "manifest.json", "eval_protocol.json", "summary.json", "plots"} <= artifacts
     plots = {a.path for a in client.list_artifacts(plan.info.run_id, "plots")}
-    assert "plots/accuracy_matrix.simclr-sequential.knn.png" in plots
-    # The continual metrics are those of the logged evaluations (2 chunks: acc[i][j], task j after chunk i).
+    assert {"plots/accuracy_matrix.simclr-sequential.knn.png", "plots/accuracy_matrix.simclr-sequential.knn_top5.png",
+            "plots/knn_top5_by_chunk.png"} <= plots
+    assert "accuracy_matrix.byol-joint.linear_top5.json" in artifacts
+    # The continual metrics are those of the logged evaluations (2 chunks: acc[i][j], task j after chunk i),
+    # top-1 under `{line}.{name}.*` and top-5 under `{line}.{name}_top5.*`.
     for name in ("knn", "linear"):
+        for suffix in ("", "_top5"):
+            acc = _accuracy_matrices(client, name, suffix)
+            for method in ("simclr", "byol"):
+                for line in (f"{method}-sequential", f"{method}-joint"):
+                    a, key = acc[line], f"{line}.{name}{suffix}"
+                    assert plan.data.metrics[f"{key}.avg_acc"] == pytest.approx((a[1][0] + a[1][1]) / 2, abs=1e-9)
+                    assert plan.data.metrics[f"{key}.bwt"] == pytest.approx(a[1][0] - a[0][0], abs=1e-9)
+                    assert plan.data.metrics[f"{key}.forgetting"] == pytest.approx(a[0][0] - a[1][0], abs=1e-9)
         acc = _accuracy_matrices(client, name)
         for method in ("simclr", "byol"):
             st, jt = acc[f"{method}-sequential"], acc[f"{method}-joint"]
-            for line, a in ((f"{method}-sequential", st), (f"{method}-joint", jt)):
-                avg_acc = (a[1][0] + a[1][1]) / 2
-                assert plan.data.metrics[f"{line}.{name}.avg_acc"] == pytest.approx(avg_acc, abs=1e-9)
-                assert plan.data.metrics[f"{line}.{name}.bwt"] == pytest.approx(a[1][0] - a[0][0], abs=1e-9)
-                assert plan.data.metrics[f"{line}.{name}.forgetting"] == pytest.approx(a[0][0] - a[1][0], abs=1e-9)
             gap = (jt[1][0] + jt[1][1]) / 2 - (st[1][0] + st[1][1]) / 2
             assert plan.data.metrics[f"{method}.{name}.st_jt_gap"] == pytest.approx(gap, abs=1e-9)
+            assert plan.data.metrics[f"{method}-sequential.{name}.st_jt_gap"] == pytest.approx(gap, abs=1e-9)
+            by_chunk = sorted(client.get_metric_history(plan.info.run_id,
+                                                        f"{method}-sequential.{name}.st_jt_gap_by_chunk"),
+                              key=lambda h: h.step)
+            assert [h.step for h in by_chunk] == [0, 1]
+            assert [h.value for h in by_chunk] == pytest.approx([jt[0][0] - st[0][0], gap], abs=1e-9)
     assert plan.inputs.dataset_inputs[0].dataset.digest == tags[tr.TAG + "data_digest"][:36]
     # Credentials given in storage_options never reach MLflow.
     local = Path(client.download_artifacts(plan.info.run_id, "spec.yaml"))
@@ -172,7 +191,7 @@ def test_plan_run_records_what_makes_numbers_reproducible(finished_run) -> None:
 def test_results_table_printed(finished_run) -> None:
     out = finished_run["output"]
     assert "after each chunk" in out and "knn_top1" in out and "continual metrics" in out
-    assert "simclr-sequential" in out and "ST-JT gap (byol)" in out
+    assert "simclr-sequential" in out and "ST-JT gap (byol-sequential)" in out and "knn_top5" in out
 
 
 def test_lineage_walks_both_ways(finished_run) -> None:

@@ -36,10 +36,11 @@ def test_every_set_gets_each_protocols_accuracy_under_its_name() -> None:
     backbone = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())  # one direction per colour: kNN is exact
     loaded = {"colours": (_split([0, 1, 2] * 4), _split([2, 1, 0, 0])), "two": (_split([0, 1] * 3), _split([1, 1]))}
     eval_spec = {"batch_size": 4, "every_chunk": ["knn"], "knn": {"k": 3, "temperature": 0.07}}
-    assert evaluate_downstream(backbone, loaded, eval_spec) == {"colours.knn_top1": 1.0, "two.knn_top1": 1.0}
+    assert evaluate_downstream(backbone, loaded, eval_spec) == {"colours.knn_top1": 1.0, "colours.knn_top5": 1.0,
+                                                                "two.knn_top1": 1.0, "two.knn_top5": 1.0}
     blind = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 1, bias=False))
     nn.init.zeros_(blind[2].weight)  # every feature equal: ties go to the smallest class id
-    assert evaluate_downstream(blind, {"two": loaded["two"]}, eval_spec) == {"two.knn_top1": 0.0}
+    assert evaluate_downstream(blind, {"two": loaded["two"]}, eval_spec) == {"two.knn_top1": 0.0, "two.knn_top5": 1.0}
 
 
 def test_prepared_shards_resolve_and_bad_entries_name_their_field(synthetic_url: str, tmp_path: Path) -> None:
