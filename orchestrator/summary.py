@@ -76,6 +76,7 @@ def summarise(summary: ExperimentSummary, plan: ExperimentPlan, tracker: Tracker
     with tempfile.TemporaryDirectory() as folder:
         matrices = _line_metrics(summary, plan, tracker, results, Path(folder))
         _gaps(summary, plan, tracker, matrices)
+        _downstream_gaps(summary, plan, tracker, results)
         if "knn" in spec.eval.every_chunk:  # the cheap proxy: one accuracy-vs-chunk plot per accuracy
             for key, words in (("knn_top1", "top-1"), ("knn_top5", "top-5")):
                 curves = {line.id: [_number(results.get(j.key, {}).get(key)) for j in plan.jobs_of(line)]
@@ -158,6 +159,34 @@ def _gaps(summary: ExperimentSummary, plan: ExperimentPlan, tracker: Tracker,
             for chunk, value in enumerate(gap.per_chunk):
                 if math.isfinite(value):
                     tracker.log_metrics(parent, {f"{line.id}.{name}.st_jt_gap_by_chunk": value}, step=chunk)
+
+
+def _downstream_gaps(summary: ExperimentSummary, plan: ExperimentPlan, tracker: Tracker,
+                     results: dict[str, dict[str, Any]]) -> None:
+    """The ST-JT gap on every `eval.downstream` set, per chunk: JT's top-1 minus this line's, after each chunk
+    (`{line}.{set}.{name}.st_jt_gap_by_chunk`), and its mean over the sets (`{line}.downstream.{name}...`);
+    the final values in `summary.gaps[line]` under `{set}.{name}` and `downstream.{name}`."""
+    names = [d.name for d in plan.downstream]
+    if not names:
+        return
+    parent = summary.parent_run_id
+    for line in plan.lines:
+        joint = joint_reference(line, plan.lines)
+        if joint is None:
+            continue
+        pairs = list(zip(plan.jobs_of(line), plan.jobs_of(joint)))
+        if any(st.key not in results or jt.key not in results for st, jt in pairs):
+            continue  # said by missing_records
+        for name in plan.spec.eval.every_chunk:
+            per_set = {d: [results[jt.key][f"{d}.{name}_top1"] - results[st.key][f"{d}.{name}_top1"]
+                           for st, jt in pairs] for d in names}
+            mean = [float(np.mean([per_set[d][c] for d in names])) for c in range(len(pairs))]
+            for key, values in [*per_set.items(), ("downstream", mean)]:
+                summary.gaps.setdefault(line.id, {})[f"{key}.{name}"] = values[-1]
+                summary.gaps_by_chunk.setdefault(line.id, {})[f"{key}.{name}"] = values
+                tracker.log_metrics(parent, {f"{line.id}.{key}.{name}.st_jt_gap": values[-1]})
+                for chunk, value in enumerate(values):
+                    tracker.log_metrics(parent, {f"{line.id}.{key}.{name}.st_jt_gap_by_chunk": value}, step=chunk)
 
 
 def _number(value: Any) -> float:

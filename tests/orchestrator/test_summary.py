@@ -164,3 +164,31 @@ def test_an_evaluation_logged_before_top5_existed_keeps_its_top1_metrics(synthet
     assert not any("_top5" in key for key in m)
     assert summary.unknown == [f"{SEQ}: knn_top5 was not recorded by the evaluation of chunk(s) 0, 1, 2 (logged "
                                "before top-5 existed), so its top-5 continual metrics are not computed"]
+
+
+def test_the_gap_on_each_downstream_set_and_their_mean(synthetic_url, tmp_path) -> None:
+    spec = validate_spec(tiny_spec("summary-ds", synthetic_url, stream={"kind": "random_class", "chunks": 3},
+                                   lines={"method": ["simclr"], "strategy": ["sequential", "joint"]},
+                                   eval={"every_chunk": ["knn"], "downstream": [{"name": "a", "url": synthetic_url},
+                                                                                {"name": "b", "url": synthetic_url}]},
+                                   storage={"workdir": str(tmp_path)}))
+    plan = build_plan(spec, progress=False)
+    tracker = Tracker(spec.tracking_uri, spec.experiment_name, (tmp_path / "artifacts").as_uri())
+    parent = tracker.create_run("plan", {tr.RUN_TYPE: "plan", tr.PLAN_KEY: plan.key})
+    downstream = {SEQ: {"a": [0.30, 0.35, 0.40], "b": [0.20, 0.22, 0.30]},
+                  JOINT: {"a": [0.30, 0.45, 0.55], "b": [0.20, 0.30, 0.36]}}
+    results = {}
+    for job in plan.jobs:
+        result = _result(SEQ if job.line.strategy == "sequential" else JOINT, job.chunk)
+        result.update({f"{s}.knn_top1": v[job.chunk] for s, v in downstream[job.line.id].items()})
+        results[job.key] = result
+    summary = ExperimentSummary(parent, plan.key)
+    summarise(summary, plan, tracker, {}, results)
+    # JT minus ST per chunk: a [0, 0.10, 0.15], b [0, 0.08, 0.06]; their mean [0, 0.09, 0.105]
+    assert summary.gaps_by_chunk[SEQ]["a.knn"] == pytest.approx([0.0, 0.10, 0.15])
+    assert summary.gaps_by_chunk[SEQ]["downstream.knn"] == pytest.approx([0.0, 0.09, 0.105])
+    m = MlflowClient(tracker.uri).get_run(parent).data.metrics
+    assert m[f"{SEQ}.b.knn.st_jt_gap"] == pytest.approx(0.06)
+    assert m[f"{SEQ}.downstream.knn.st_jt_gap"] == pytest.approx(0.105)
+    history = MlflowClient(tracker.uri).get_metric_history(parent, f"{SEQ}.downstream.knn.st_jt_gap_by_chunk")
+    assert sorted((h.step, round(h.value, 9)) for h in history) == [(0, 0.0), (1, 0.09), (2, 0.105)]
