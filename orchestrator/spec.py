@@ -99,6 +99,11 @@ def line_strategy(entry: Any, where: str) -> str:
                          "the aids (e.g. [sequential, replay, mas])")
     if len(set(parts)) != len(parts):
         raise ValueError(f"{where}: a strategy is listed twice in {parts}")
+    for aid in parts[1:]:
+        allowed = STRATEGY_REGISTRY[aid].build.bases
+        if allowed is not None and parts[0] not in allowed:
+            raise ValueError(f"{where}: {aid} needs the base {' or '.join(allowed)}, not {parts[0]} "
+                             f"(e.g. [{allowed[0]}, {aid}])")
     return "+".join(parts)
 
 

@@ -37,6 +37,7 @@ from trainers.methods.simclr import SimCLR, SimCLRConfig
 from trainers.methods.swav import SwAV, SwAVConfig
 from trainers.methods.simsiam import SimSiam, SimSiamConfig
 from trainers.methods.supervised import Supervised, SupervisedConfig
+from trainers.strategies.cassle import CaSSLe, CaSSLeConfig
 from trainers.strategies.joint import Joint, JointConfig
 from trainers.strategies.mas import MAS, MASConfig
 from trainers.strategies.replay import Replay, ReplayConfig
@@ -165,6 +166,9 @@ STRATEGY_REGISTRY = Registry("strategy", [
     Record("replay", Replay, ReplayConfig, summary="aid: a buffer of past chunks' rows mixed into every batch"),
     Record("mas", MAS, MASConfig,
            summary="aid: penalty on moving the weights the past representation depends on (Aljundi et al., 2018)"),
+    Record("cassle", CaSSLe, CaSSLeConfig,
+           summary="aid: a predictor maps the representation to the last chunk's frozen one, under the method's own "
+                   "loss (Fini et al., 2022); sequential base only"),
 ])
 
 __all__ = ["BACKBONE_REGISTRY", "METHOD_REGISTRY", "Record", "Registry", "STRATEGY_REGISTRY"]

@@ -104,7 +104,9 @@ class Supervised(Method):
         if len(batch) != b:
             raise ValueError(f"supervised: the batch has {len(batch)} labels for {b} images per view")
         check_labels(batch.labels, self.config.num_classes)
-        terms = [supervised_loss(self.classifier(self.backbone(v)), batch.labels, self.config.label_smoothing,
-                                 reduction="none") for v in views.global_]
+        features = [self.backbone(v) for v in views.global_]
+        terms = [supervised_loss(self.classifier(f), batch.labels, self.config.label_smoothing, reduction="none")
+                 for f in features]
         per_sample = torch.stack(terms).mean(dim=0)
-        return StepOutput(per_sample.mean(), per_sample.detach())
+        # The embedding is the backbone's features; CaSSLe distils them with the default negative cosine.
+        return StepOutput(per_sample.mean(), per_sample.detach(), embeddings=features)

@@ -1,9 +1,9 @@
 """Continual strategies: which data a chunk trains on, how its weights start, what the steps add, their state.
 
-A line's strategy is a base (`sequential`, `joint`) and any aids (`replay`, `mas`) written `sequential+replay+mas`;
-`build_strategy` makes the `StrategyStack` of them (the protocol is in `trainers.strategies.base`). Their
-records (class, `Config`) are in `trainers.registry.STRATEGY_REGISTRY`; `STRATEGIES` (name -> class) is a
-read-only view.
+A line's strategy is a base (`sequential`, `joint`) and any aids (`replay`, `mas`, `cassle`) written
+`sequential+replay+mas`; `build_strategy` makes the `StrategyStack` of them (the protocol is in
+`trainers.strategies.base`). Their records (class, `Config`) are in `trainers.registry.STRATEGY_REGISTRY`;
+`STRATEGIES` (name -> class) is a read-only view.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from trainers.strategies.base import ChunkEnd, Strategy, StrategyStack
+from trainers.strategies.cassle import CaSSLe, CaSSLeConfig
 from trainers.strategies.joint import Joint, JointConfig
 from trainers.strategies.mas import MAS, MASConfig
 from trainers.strategies.replay import Replay, ReplayConfig
@@ -44,5 +45,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["MAS", "STRATEGIES", "ChunkEnd", "Joint", "JointConfig", "MASConfig", "Replay", "ReplayConfig", "Sequential",
-           "SequentialConfig", "Strategy", "StrategyStack", "build_strategy", "strategy_parts"]
+__all__ = ["MAS", "STRATEGIES", "CaSSLe", "CaSSLeConfig", "ChunkEnd", "Joint", "JointConfig", "MASConfig", "Replay",
+           "ReplayConfig", "Sequential", "SequentialConfig", "Strategy", "StrategyStack", "build_strategy", "strategy_parts"]
