@@ -109,7 +109,8 @@ def line_strategy(entry: Any, where: str) -> str:
     for aid in parts[1:]:
         allowed = STRATEGY_REGISTRY[aid].build.bases
         if allowed is not None and parts[0] not in allowed:
-            raise ValueError(f"{where}: {aid} composes only with the base {' or '.join(allowed)}, not {parts[0]}")
+            raise ValueError(f"{where}: {aid} needs the base {' or '.join(allowed)}, not {parts[0]} "
+                             f"(e.g. [{allowed[0]}, {aid}])")
     return "+".join(parts)
 
 

@@ -34,7 +34,7 @@ from trainers.backbones import build_backbone
 from trainers.engine.step import NonFiniteLossError, train_step
 from trainers.engine.types import Batch, StepContext
 from trainers.methods.global_bn import convert_global_bn
-from trainers.optim import LR_SCALING, OPTIMIZERS, build_optimizer, scaled_lr, set_lr
+from trainers.optim import LR_SCALING, OPTIMIZERS, build_optimizer, param_groups, scaled_lr, set_lr
 from trainers.registry import METHOD_REGISTRY
 from trainers.schedules import SCHEDULES, SCOPE, build_schedule
 from trainers.strategies import ChunkEnd, build_strategy
@@ -212,8 +212,14 @@ class LineTrainer:
         if self.cfg.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
         self.model = self.wrap_model(self.method)
-        self.optimizer = build_optimizer(self.cfg.optimizer, self.method.param_groups(self.cfg.weight_decay),
-                                         lr=peak_lr(self.cfg), momentum=self.cfg.momentum,
+        # The strategies' own modules (CaSSLe's predictor and frozen copy): trained with the method, each trainable
+        # one through its own wrapper, checkpointed once like the method.
+        self.strategy_modules = nn.ModuleDict(self.strategy.modules(
+            self.method, lambda module: self.wrap_model(module.to(self.device)))).to(self.device)
+        groups = self.method.param_groups(self.cfg.weight_decay)
+        if any(p.requires_grad for p in self.strategy_modules.parameters()):
+            groups += param_groups(self.strategy_modules, self.cfg.weight_decay)
+        self.optimizer = build_optimizer(self.cfg.optimizer, groups, lr=peak_lr(self.cfg), momentum=self.cfg.momentum,
                                          weight_decay=self.cfg.weight_decay, eeta=self.cfg.eeta)
 
     @property
@@ -224,6 +230,7 @@ class LineTrainer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "method": self.method.state_dict(),
+            "strategy_modules": self.strategy_modules.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             # Every rank's strategy state and augmentation generator, by rank: this rank's only; under DDP the
             # caller stores `rank_states()` (gathered from all ranks) here instead.
@@ -251,6 +258,7 @@ class LineTrainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.method.load_state_dict(state["method"])
+        self.strategy_modules.load_state_dict(state.get("strategy_modules", {}))
         self.optimizer.load_state_dict(state["optimizer"])
         strategy_states = state["strategy"]
         if isinstance(strategy_states, dict):  # a checkpoint from before per-rank strategy state

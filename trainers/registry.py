@@ -37,6 +37,7 @@ from trainers.methods.simclr import SimCLR, SimCLRConfig
 from trainers.methods.swav import SwAV, SwAVConfig
 from trainers.methods.simsiam import SimSiam, SimSiamConfig
 from trainers.methods.supervised import Supervised, SupervisedConfig
+from trainers.strategies.cassle import CaSSLe, CaSSLeConfig
 from trainers.strategies.joint import Joint, JointConfig
 from trainers.strategies.lump import Lump, LumpConfig
 from trainers.strategies.mas import MAS, MASConfig
@@ -168,6 +169,9 @@ STRATEGY_REGISTRY = Registry("strategy", [
            summary="aid: penalty on moving the weights the past representation depends on (Aljundi et al., 2018)"),
     Record("lump", Lump, LumpConfig,
            summary="aid: mixup of every batch with a buffer of past rows (LUMP, Madaan et al., 2022); sequential only"),
+    Record("cassle", CaSSLe, CaSSLeConfig,
+           summary="aid: a predictor maps the representation to the last chunk's frozen one, under the method's own "
+                   "loss (Fini et al., 2022); sequential base only"),
 ])
 
 __all__ = ["BACKBONE_REGISTRY", "METHOD_REGISTRY", "Record", "Registry", "STRATEGY_REGISTRY"]

@@ -259,7 +259,7 @@ def test_lump_lines_validate_their_options_and_compose_with_sequential_only() ->
     assert spec.strategy_options("sequential+lump") == {
         "lump": {"size": 300, "alpha": 0.4, "policy": "reservoir", "seed": 0}}
     assert flatten(spec)["strategy.lump.alpha"] == "0.4"
-    with pytest.raises(SpecError, match=r"lines\.strategy\[0\]: lump composes only with the base sequential, not joint"):
+    with pytest.raises(SpecError, match=r"lines\.strategy\[0\]: lump needs the base sequential, not joint"):
         validate_spec({**minimal(), "lines": {"method": ["simclr"], "strategy": ["joint+lump"]}})
     for options, path in [({"lump": {"alpha": 0}}, r"strategy\.lump\.alpha"),
                           ({"lump": {"size": 0}}, r"strategy\.lump\.size"),
@@ -512,3 +512,17 @@ def test_lines_compose_a_base_strategy_with_aids() -> None:
                           ({"mas": {"lambd": -1}}, r"strategy\.mas\.lambd")]:
         with pytest.raises(SpecError, match=path):
             validate_spec({**minimal(), "strategy": options})
+
+
+def test_cassle_lines_validate_with_their_options_and_joint_cassle_is_refused() -> None:
+    spec = validate_spec({**minimal(), "lines": {"method": ["simclr", "supervised"],
+                                                 "strategy": ["sequential+cassle", ["sequential", "replay", "cassle"]]},
+                          "strategy": {"cassle": {"lambd": 0.5}}})
+    assert spec.lines.strategy == ["sequential+cassle", "sequential+replay+cassle"]
+    assert spec.strategy_options("sequential+cassle") == {"cassle": {"lambd": 0.5, "hidden": 2048}}
+    params = flatten(spec)
+    assert params["strategy.cassle.lambd"] == "0.5" and params["strategy.cassle.hidden"] == "2048"
+    with pytest.raises(SpecError, match=r"lines\.strategy\[1\]: cassle needs the base sequential, not joint"):
+        validate_spec({**minimal(), "lines": {"method": ["simclr"], "strategy": ["sequential", "joint+cassle"]}})
+    with pytest.raises(SpecError, match=r"strategy\.cassle\.hidden"):
+        validate_spec({**minimal(), "strategy": {"cassle": {"hidden": 0}}})

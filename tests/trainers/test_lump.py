@@ -166,7 +166,7 @@ def test_supervised_mixes_the_labels_as_the_images() -> None:
 
 
 def test_lump_composes_with_sequential_only_and_refuses_a_mixed_batch() -> None:
-    with pytest.raises(ValueError, match="lump composes only with sequential, not joint"):
+    with pytest.raises(ValueError, match="lump needs the base sequential, not joint"):
         build_strategy("joint+lump")
     lump = Lump(size=10)
     stream_chunk(lump, 0, images(20, seed=0), start=0)

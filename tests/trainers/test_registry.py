@@ -12,7 +12,7 @@ from trainers.backbones.resnet import ResNetConfig
 from trainers.config import ComponentConfig
 from trainers.methods import BYOL, METHODS, BYOLConfig, SimCLR, SimCLRConfig, nt_xent_loss
 from trainers.registry import BACKBONE_REGISTRY, METHOD_REGISTRY, STRATEGY_REGISTRY, Record, Registry
-from trainers.strategies import MAS, Replay, STRATEGIES, Joint, JointConfig, Lump, build_strategy
+from trainers.strategies import MAS, Replay, STRATEGIES, CaSSLe, Joint, JointConfig, Lump, build_strategy
 from tests.trainers.method_helpers import SMALL_OPTIONS as SMALL
 
 ALL_RECORDS = [r for registry in (METHOD_REGISTRY, BACKBONE_REGISTRY, STRATEGY_REGISTRY) for r in registry.values()]
@@ -25,12 +25,12 @@ def _backbone() -> torch.nn.Module:
 def test_registries_hold_todays_components_and_the_old_maps_are_views_of_them() -> None:
     assert METHOD_REGISTRY.names[:2] == ("simclr", "byol")  # later methods are appended
     assert BACKBONE_REGISTRY.names == ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "vit_tiny")
-    assert STRATEGY_REGISTRY.names == ("sequential", "joint", "replay", "mas", "lump")
+    assert STRATEGY_REGISTRY.names == ("sequential", "joint", "replay", "mas", "lump", "cassle")
     assert dict(METHODS) == {name: r.build for name, r in METHOD_REGISTRY.items()}
     assert METHODS["simclr"] is SimCLR and METHODS["byol"] is BYOL
     assert dict(BACKBONES) == {name: r.build for name, r in BACKBONE_REGISTRY.items()}
     assert dict(STRATEGIES) == {"sequential": STRATEGY_REGISTRY["sequential"].build, "joint": Joint,
-                                "replay": Replay, "mas": MAS, "lump": Lump}
+                                "replay": Replay, "mas": MAS, "lump": Lump, "cassle": CaSSLe}
     assert METHOD_REGISTRY["simclr"].config is SimCLRConfig and METHOD_REGISTRY["byol"].config is BYOLConfig
     assert BACKBONE_REGISTRY["resnet50"].config is ResNetConfig
     for record in (METHOD_REGISTRY["simclr"], METHOD_REGISTRY["byol"]):
@@ -45,7 +45,7 @@ def test_unknown_names_list_the_known_ones() -> None:
         METHOD_REGISTRY["nosuch"]
     with pytest.raises(ValueError, match="unknown backbone 'vit'; known: resnet18, resnet34, resnet50, mobilenet_v2, vit_tiny"):
         BACKBONE_REGISTRY.require("vit")
-    with pytest.raises(ValueError, match="unknown strategy 'ewc'; known: sequential, joint, replay, mas, lump"):
+    with pytest.raises(ValueError, match="unknown strategy 'ewc'; known: sequential, joint, replay, mas, lump, cassle"):
         build_strategy("sequential+ewc")
 
 
@@ -161,7 +161,9 @@ def test_strategy_options_come_from_the_record() -> None:
         build_strategy("sequential+mas+mas")
     lump = build_strategy("sequential+lump", {"lump": {"size": 30, "alpha": 0.4}}).strategies[1]
     assert (lump.size, lump.alpha, lump.policy) == (30, 0.4, "reservoir")
-    with pytest.raises(ValueError, match="lump composes only with sequential, not joint"):
+    with pytest.raises(ValueError, match="joint\\+lump: lump needs the base sequential, not joint"):
         build_strategy("joint+lump")
     with pytest.raises(ValueError, match="lump: alpha: Input should be greater than 0"):
         build_strategy("sequential+lump", {"lump": {"alpha": 0.0}})
+    with pytest.raises(ValueError, match="joint\\+cassle: cassle needs the base sequential, not joint"):
+        build_strategy("joint+cassle")

@@ -2,7 +2,8 @@
 
     batch = Batch.from_images(images_uint8)              # labels -1, index 0..B-1, domain 0 when unknown
     views = make_view_set(batch.images, plan, generator)  # trainers.views.plan: ViewSet(global_=[...], local=[...])
-    out = method.training_step(views, batch, ctx)         # StepOutput(loss, per_sample [B], terms {"loss/x": t})
+    out = method.training_step(views, batch, ctx)         # StepOutput(loss, per_sample [B], terms {"loss/x": t},
+                                                          #            embeddings [per global view])
 
 Plain dataclasses over tensors, so a test, the chunk loop, the online loop and a benchmark all build them alike.
 """
@@ -128,11 +129,15 @@ class StepOutput:
         per_sample: `[B]`, each image's contribution (its mean is `loss` where the method's loss is a mean of
             per-image terms); RALS and data-quality checks rank samples by it. Detached use only.
         terms: named scalars to log, e.g. {"loss/invariance": ..., "momentum": ...}.
+        embeddings: `[B, D]` per global view, `embeddings[i]` of `views.global_[i]` (the first len(embeddings)
+            global views), each what `Method.embedder()` gives for that view, still attached to the graph: what a
+            strategy that distils the representation reads (CaSSLe), so it needs no second forward pass.
     """
 
     loss: Tensor
     per_sample: Tensor
     terms: dict[str, Tensor] = field(default_factory=dict)
+    embeddings: list[Tensor] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.loss.dim() != 0:

@@ -11,6 +11,13 @@ The engine (`trainers.engine.step.train_step`) calls `model(views, batch, ctx)` 
 (`momentum_at`), so BYOL, MoCo and DINO share one EMA. Hooks run at fixed points of the step; the default ones do
 nothing.
 
+Continual distillation (CaSSLe, `trainers.strategies.cassle`): `embedder()` is the module from a view to the
+embedding the method's loss works on (backbone + projector), `training_step` reports each global view's embedding
+in `StepOutput.embeddings`, and `distill_loss(p, z)` is the method's own loss between a prediction of the frozen
+past model's embedding and that embedding. The loss form lives here, beside the method's training loss, rather
+than in a table in the strategy: it reads the method's own settings (temperature, lambd, prototypes), and a new
+method gets CaSSLe by defining it (or inherits the negative-cosine default).
+
 Loss buffers (MoCo's queue, DINO's centre, SwAV's queue) are registered buffers: the checkpoint holds them with
 the weights. Under DDP they must stay identical on every rank (DDP broadcasts rank 0's buffers before each
 forward), so every update uses gathered or all-reduced values.
@@ -22,7 +29,9 @@ import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from torch import nn
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from trainers.config import ComponentConfig
 from trainers.engine.types import Batch, StepContext, StepOutput, ViewSet
@@ -84,6 +93,34 @@ class Method(nn.Module):
     def on_epoch_end(self, ctx: StepContext) -> None:
         """After the last step of an epoch."""
 
+    # ------------------------------------------------------------------ continual distillation (CaSSLe)
+    def embedder(self) -> nn.Module:
+        """A module sharing this method's weights that maps a view to the embedding `training_step` reports in
+        `StepOutput.embeddings`. Default: the backbone (its features; the supervised baseline). SSL methods
+        return backbone + projector."""
+        return self.backbone
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of `embedder()`'s output."""
+        return self.feature_dim
+
+    def distill_loss(self, p: Tensor, z: Tensor) -> Tensor:
+        """The method's loss between `p` `[B, D]` (a prediction, from the current model, of the frozen model's
+        embedding; with gradient) and `z` `[B, D]` (the frozen model's embedding of the same view; no gradient):
+        CaSSLe's distillation term for one view, a scalar. Default: negative cosine, mean -cos(p_i, z_i), for
+        methods whose own loss compares no two embeddings (the supervised baseline)."""
+        return negative_cosine(p, z)
+
+
+def negative_cosine(p: Tensor, z: Tensor) -> Tensor:
+    """mean_i -cos(p_i, z_i) over `[B, D]` rows, in float32 (at least) even under autocast; `z` detached."""
+    if p.dim() != 2 or p.shape != z.shape:
+        raise ValueError(f"p and z must both be [B, D] with equal shapes, got {tuple(p.shape)} and {tuple(z.shape)}")
+    dtype = torch.promote_types(p.dtype, torch.float32)
+    with torch.autocast(p.device.type, enabled=False):
+        return -F.cosine_similarity(p.to(dtype), z.detach().to(dtype), dim=1).mean()
+
 
 def check_views(name: str, views: ViewSet, min_global: int = 2, need_local: bool = False) -> int:
     """Validate a ViewSet for a method; returns the batch size."""
@@ -99,4 +136,4 @@ def check_views(name: str, views: ViewSet, min_global: int = 2, need_local: bool
     return batch
 
 
-__all__ = ["Method", "check_views"]
+__all__ = ["Method", "check_views", "negative_cosine"]

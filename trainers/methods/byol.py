@@ -129,10 +129,22 @@ class BYOL(Method):
     def training_step(self, views: ViewSet, batch: Batch, ctx: StepContext) -> StepOutput:
         check_views("BYOL", views)
         # One pass per view keeps BN statistics per view (as in the paper) and allows views of different sizes.
-        p = [self.predictor(self.projector(self.backbone(v))) for v in views.all]
+        z_online = [self.projector(self.backbone(v)) for v in views.all]
+        p = [self.predictor(zi) for zi in z_online]
         with torch.no_grad():
             z = [self.target_projector(self.target_backbone(v)) for v in views.global_]
         pairs = [byol_loss(p[a], z[b], reduction="none")
                  for a in range(len(p)) for b in range(len(z)) if a != b]
         per_sample = torch.stack(pairs).mean(dim=0)
-        return StepOutput(per_sample.mean(), per_sample.detach())
+        return StepOutput(per_sample.mean(), per_sample.detach(), embeddings=z_online[: len(views.global_)])
+
+    def embedder(self) -> nn.Module:
+        return nn.Sequential(self.backbone, self.projector)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.config.proj_out
+
+    def distill_loss(self, p: Tensor, z: Tensor) -> Tensor:
+        """BYOL's normalised MSE, 2 - 2 cos(p, z)."""
+        return byol_loss(p, z.detach())

@@ -321,8 +321,8 @@ class DINO(Method):
 
     # ------------------------------------------------------------------ the step
     @staticmethod
-    def _by_resolution(views: list[Tensor], encoder: nn.Module, head: nn.Module) -> list[Tensor]:
-        """Logits of every view, one encoder pass per run of equal-size views, one head pass over them all."""
+    def _by_resolution(views: list[Tensor], encoder: nn.Module) -> Tensor:
+        """Features of every view, concatenated in order, one encoder pass per run of equal-size views."""
         features, start = [], 0
         while start < len(views):
             end = start
@@ -330,18 +330,47 @@ class DINO(Method):
                 end += 1
             features.append(encoder(torch.cat(views[start:end])))
             start = end
-        return list(head(torch.cat(features)).chunk(len(views)))
+        return torch.cat(features)
 
     def training_step(self, views: ViewSet, batch: Batch, ctx: StepContext) -> StepOutput:
         check_views("DINO", views, min_global=self.min_global_views, need_local=self.needs_local_views)
-        student = self._by_resolution(views.all, self.backbone, self.head)
+        # One head pass over every view, split at the bottleneck: its output is the embedding CaSSLe distils.
+        bottleneck = self.head.mlp(self._by_resolution(views.all, self.backbone))
+        student = list(self.head.last_layer(F.normalize(bottleneck, dim=-1)).chunk(len(views.all)))
         with torch.no_grad():
-            teacher = self._by_resolution(views.global_, self.teacher_backbone, self.teacher_head)
+            teacher = list(self.teacher_head(self._by_resolution(views.global_, self.teacher_backbone))
+                           .chunk(len(views.global_)))
         temp = self.teacher_temp_at(ctx)
         per_sample = dino_loss(student, teacher, self.center, self.config.student_temp, temp, reduction="none")
         # The loss used the centre before this batch; then the centre takes in the global batch's teacher outputs.
         self.center.copy_(updated_center(self.center, teacher, self.config.center_momentum))
-        return StepOutput(per_sample.mean(), per_sample.detach(), {"teacher_temp": torch.tensor(temp)})
+        return StepOutput(per_sample.mean(), per_sample.detach(), {"teacher_temp": torch.tensor(temp)},
+                          embeddings=list(bottleneck.chunk(len(views.all))[: len(views.global_)]))
+
+    # ------------------------------------------------------------------ continual distillation (CaSSLe)
+    def embedder(self) -> nn.Module:
+        """Backbone + the head's MLP: the bottleneck (the 65536-way logits would make CaSSLe's predictor huge)."""
+        return nn.Sequential(self.backbone, self.head.mlp)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.config.bottleneck_dim
+
+    def distill_loss(self, p: Tensor, z: Tensor) -> Tensor:
+        """DINO's cross-entropy with the frozen model as the teacher, the analogue of the paper's code
+        ("knowledge" distiller, its SwAV/DINO-style loss): H(softmax(W z^ / teacher_temp), softmax(W p^ /
+        student_temp)) over L2-normalised bottlenecks, W the current last layer, detached (the distillation does
+        not move it). No centring: the centre keeps an EMA teacher from collapsing, and the frozen one cannot."""
+        if p.dim() != 2 or p.shape != z.shape:
+            raise ValueError(f"p and z must both be [B, D] with equal shapes, got {tuple(p.shape)} and "
+                             f"{tuple(z.shape)}")
+        cfg = self.config
+        with torch.autocast(p.device.type, enabled=False):
+            dtype = torch.promote_types(p.dtype, torch.float32)
+            w = self.head.last_layer.weight.detach().to(dtype)
+            target = F.softmax(F.normalize(z.detach().to(dtype), dim=-1) @ w.T / cfg.teacher_temp, dim=-1)
+            log_pred = F.log_softmax(F.normalize(p.to(dtype), dim=-1) @ w.T / cfg.student_temp, dim=-1)
+            return -(target * log_pred).sum(dim=-1).mean()
 
     # ------------------------------------------------------------------ hooks
     def on_after_backward(self, ctx: StepContext) -> None:

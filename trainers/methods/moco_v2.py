@@ -52,6 +52,7 @@ from trainers.distributed import gather
 from trainers.engine.types import Batch, StepContext, StepOutput, ViewSet
 from trainers.methods.base import Method, check_views
 from trainers.methods.heads import frozen_copy, mlp
+from trainers.methods.simclr import nt_xent_loss
 
 _REDUCTIONS = ("mean", "none")
 
@@ -209,8 +210,12 @@ class MoCoV2(Method):
 
     # ------------------------------------------------------------------ the step
     def query(self, view: Tensor) -> Tensor:
-        """The online query of a view (MoCo-v2+ adds its predictor here)."""
-        return self.projector(self.backbone(view))
+        """The online query of a view."""
+        return self.predict(self.projector(self.backbone(view)))
+
+    def predict(self, z: Tensor) -> Tensor:
+        """The query from the online projection `z` (itself here; MoCo-v2+ adds its predictor)."""
+        return z
 
     @torch.no_grad()
     def key(self, view: Tensor) -> Tensor:
@@ -228,18 +233,34 @@ class MoCoV2(Method):
         queue = self.queue
         if self.symmetric:
             keys = [self.key(v) for v in views.global_]
-            queries = [self.query(v) for v in views.all]
+            z = [self.projector(self.backbone(v)) for v in views.all]
+            queries = [self.predict(zi) for zi in z]
             pairs = [moco_infonce_loss(q, keys[b], queue, self.temperature, "none")
                      for a, q in enumerate(queries) for b in range(len(keys)) if a != b]
             per_sample = torch.stack(pairs).mean(dim=0)
             enqueue = keys[enqueue_view(ctx.step, len(keys))]
         else:
             k = self.key(views.global_[1])
-            per_sample = moco_infonce_loss(self.query(views.global_[0]), k, queue, self.temperature, "none")
+            z = [self.projector(self.backbone(views.global_[0]))]  # only view 1 goes through the online encoder
+            per_sample = moco_infonce_loss(self.predict(z[0]), k, queue, self.temperature, "none")
             enqueue = k
         if self.training:  # written after the optimizer step (on_step_end): the loss above read the queue as it was
             self._pending_keys = enqueue.detach()
-        return StepOutput(per_sample.mean(), per_sample.detach())
+        return StepOutput(per_sample.mean(), per_sample.detach(), embeddings=z[: len(views.global_)])
+
+    # ------------------------------------------------------------------ continual distillation (CaSSLe)
+    def embedder(self) -> nn.Module:
+        return nn.Sequential(self.backbone, self.projector)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.config.proj_out
+
+    def distill_loss(self, p: Tensor, z: Tensor) -> Tensor:
+        """InfoNCE with the frozen projection as the positive and the batch's other rows as negatives (SimCLR's
+        NT-Xent at MoCo's temperature), as the paper's code distils MoCo-v2+. Not against the queue: it holds the
+        current key encoder's keys, another embedding space than the frozen model's."""
+        return nt_xent_loss(p, z.detach(), self.temperature)
 
     @torch.no_grad()
     def enqueue(self, keys: Tensor) -> None:

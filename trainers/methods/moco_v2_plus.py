@@ -78,8 +78,8 @@ class MoCoV2Plus(MoCoV2):
         cfg = self.config
         self.predictor = mlp(cfg.proj_out, cfg.pred_hidden, cfg.proj_out)
 
-    def query(self, view: Tensor) -> Tensor:
-        return self.predictor(self.projector(self.backbone(view)))
+    def predict(self, z: Tensor) -> Tensor:
+        return self.predictor(z)
 
 
 __all__ = ["MoCoV2Plus", "MoCoV2PlusConfig"]

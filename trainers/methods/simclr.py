@@ -140,4 +140,16 @@ class SimCLR(Method):
         z = [self.projector(self.backbone(v)) for v in views.all]
         pairs = [nt_xent_loss(z[a], z[b], self.temperature, "none") for a, b in combinations(range(len(z)), 2)]
         per_sample = torch.stack(pairs).mean(dim=0)
-        return StepOutput(per_sample.mean(), per_sample.detach())
+        return StepOutput(per_sample.mean(), per_sample.detach(), embeddings=z[: len(views.global_)])
+
+    def embedder(self) -> nn.Module:
+        return nn.Sequential(self.backbone, self.projector)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.config.proj_out
+
+    def distill_loss(self, p: Tensor, z: Tensor) -> Tensor:
+        """NT-Xent with (p, z) as the two views: each prediction's positive is the frozen projection of its own
+        image (and vice versa), the other rows of the global batch its negatives; the method's temperature."""
+        return nt_xent_loss(p, z.detach(), self.temperature)

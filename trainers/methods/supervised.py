@@ -108,9 +108,11 @@ class Supervised(Method):
         check_labels(batch.labels, self.config.num_classes)
         if batch.mix is not None:  # mixed inputs (LUMP): mixup's loss, each label weighed as its image
             check_labels(batch.mix.labels, self.config.num_classes)
-        terms = [self._view_loss(self.classifier(self.backbone(v)), batch) for v in views.global_]
+        features = [self.backbone(v) for v in views.global_]
+        terms = [self._view_loss(self.classifier(f), batch) for f in features]
         per_sample = torch.stack(terms).mean(dim=0)
-        return StepOutput(per_sample.mean(), per_sample.detach())
+        # The embedding is the backbone's features; CaSSLe distils them with the default negative cosine.
+        return StepOutput(per_sample.mean(), per_sample.detach(), embeddings=features)
 
     def _view_loss(self, logits: Tensor, batch: Batch) -> Tensor:
         """`[B]` cross-entropy of one view; `w CE(y) + (1 - w) CE(y_partner)` when the batch is mixed."""

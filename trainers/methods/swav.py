@@ -277,7 +277,33 @@ class SwAV(Method):
             self._push(z[: cfg.assign_views])
         terms = {"loss/swav": per_sample.mean().detach(),
                  "swav/queue_used": torch.tensor(float(queue_full))}
-        return StepOutput(per_sample.mean(), per_sample.detach(), terms)
+        return StepOutput(per_sample.mean(), per_sample.detach(), terms, embeddings=list(z[: len(views.global_)]))
+
+    # ------------------------------------------------------------------ continual distillation (CaSSLe)
+    def embedder(self) -> nn.Module:
+        return nn.Sequential(self.backbone, self.projector)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.config.proj_out
+
+    def distill_loss(self, p: Tensor, z: Tensor) -> Tensor:
+        """Cluster-assignment distillation, the analogue of the paper's code ("knowledge" distiller): the
+        cross-entropy between softmax(c . z^ / t) of the frozen embedding (the target) and softmax(c . p^ / t) of
+        the prediction, over L2-normalised vectors, at the method's temperature. The code scores the target with a
+        copy of the previous model's prototypes and the prediction with a second, trainable set; here both sides
+        use the current prototypes, detached: the distillation moves neither set in either version, and the
+        frozen copy stays the embedder alone (no second prototype module to keep and checkpoint)."""
+        if p.dim() != 2 or p.shape != z.shape:
+            raise ValueError(f"p and z must both be [B, D] with equal shapes, got {tuple(p.shape)} and "
+                             f"{tuple(z.shape)}")
+        t = self.config.temperature
+        with torch.autocast(p.device.type, enabled=False):
+            dtype = torch.promote_types(p.dtype, torch.float32)
+            c = self.prototypes.weight.detach().to(dtype)
+            target = F.softmax(F.normalize(z.detach().to(dtype), dim=1) @ c.T / t, dim=1)
+            log_pred = F.log_softmax(F.normalize(p.to(dtype), dim=1) @ c.T / t, dim=1)
+            return -(target * log_pred).sum(dim=1).mean()
 
     @torch.no_grad()
     def _push(self, z_assign: Sequence[Tensor]) -> None:

@@ -1,9 +1,9 @@
 """Continual strategies: which data a chunk trains on, how its weights start, what the steps add, their state.
 
-A line's strategy is a base (`sequential`, `joint`) and any aids (`replay`, `mas`, `lump`) written
-`sequential+replay+mas`; `build_strategy` makes the `StrategyStack` of them (the protocol is in `trainers.strategies.base`). Their
-records (class, `Config`) are in `trainers.registry.STRATEGY_REGISTRY`; `STRATEGIES` (name -> class) is a
-read-only view.
+A line's strategy is a base (`sequential`, `joint`) and any aids (`replay`, `mas`, `lump`, `cassle`) written
+`sequential+replay+mas`; `build_strategy` makes the `StrategyStack` of them (the protocol is in
+`trainers.strategies.base`). Their records (class, `Config`) are in `trainers.registry.STRATEGY_REGISTRY`;
+`STRATEGIES` (name -> class) is a read-only view.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from trainers.strategies.base import ChunkEnd, Strategy, StrategyStack
+from trainers.strategies.cassle import CaSSLe, CaSSLeConfig
 from trainers.strategies.joint import Joint, JointConfig
 from trainers.strategies.lump import Lump, LumpConfig
 from trainers.strategies.mas import MAS, MASConfig
@@ -45,6 +46,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["MAS", "STRATEGIES", "ChunkEnd", "Joint", "JointConfig", "Lump", "LumpConfig", "MASConfig", "Replay",
-           "ReplayConfig", "Sequential", "SequentialConfig", "Strategy", "StrategyStack", "build_strategy",
-           "strategy_parts"]
+__all__ = ["MAS", "STRATEGIES", "CaSSLe", "CaSSLeConfig", "ChunkEnd", "Joint", "JointConfig", "Lump", "LumpConfig",
+           "MASConfig", "Replay", "ReplayConfig", "Sequential", "SequentialConfig", "Strategy", "StrategyStack",
+           "build_strategy", "strategy_parts"]

@@ -12,6 +12,12 @@ no-op default, so each strategy implements only what it changes; `StrategyStack`
     stack.after_step(batch_before_mixing, ctx)          # replay stages the new rows
     stack.on_chunk_end(context)                         # MAS importances, replay merges the staged rows
 
+Modules: `modules(method, prepare)` gives the modules a strategy keeps beside the method (CaSSLe's predictor and
+frozen copy). The trainer calls it whenever it (re)builds the model, optimises their trainable parameters with the
+method's and checkpoints their weights once, like the method's (they must be the same on every rank); `prepare`
+puts a module that trains on the device in its training form (its own DDP wrapper under torch.distributed, so a
+module idle for a chunk does not stall the model's gradient reduction).
+
 State: `state_dict()` is this rank's state; a checkpoint stores every rank's (gathered by the trainer), and
 `load_state_dict(states, rank, world_size)` gets all of them, so a strategy whose state is sharded over ranks
 (replay's buffer) can take back its own shard, or re-deal the union when the world size changed.
@@ -53,7 +59,7 @@ class Strategy:
 
     name = "strategy"
     is_base = False  # sequential and joint decide the chunks and the weight resets; aids do not
-    bases: tuple[str, ...] | None = None  # the base strategies an aid composes with (None: any)
+    bases: tuple[str, ...] | None = None  # an aid's allowed bases (None: any); the spec checks lines against it
 
     def training_chunks(self, chunk: int) -> list[int]:
         raise NotImplementedError(f"{self.name} is not a base strategy: it does not choose the training chunks")
@@ -63,6 +69,10 @@ class Strategy:
 
     def setup(self, rank: int, world_size: int) -> None:
         """Called before every chunk with this worker's place (a sharded state sizes its shard by it)."""
+
+    def modules(self, method: nn.Module, prepare: Callable[[nn.Module], nn.Module]) -> dict[str, nn.Module]:
+        """Modules this strategy keeps beside `method` (see the module docstring); none by default."""
+        return {}
 
     def prepare_batch(self, batch: Batch, ctx: StepContext) -> Batch:
         """The batch the step trains on (on the training device)."""
@@ -105,7 +115,7 @@ class StrategyStack(Strategy):
             raise ValueError(f"a strategy is listed twice: {names}")
         for aid in strategies[1:]:
             if aid.bases is not None and strategies[0].name not in aid.bases:
-                raise ValueError(f"{aid.name} composes only with {' or '.join(aid.bases)}, not "
+                raise ValueError(f"{'+'.join(names)}: {aid.name} needs the base {' or '.join(aid.bases)}, not "
                                  f"{strategies[0].name}")
         self.strategies = list(strategies)
         self.base = strategies[0]
@@ -121,6 +131,11 @@ class StrategyStack(Strategy):
     def setup(self, rank: int, world_size: int) -> None:
         for strategy in self.strategies:
             strategy.setup(rank, world_size)
+
+    def modules(self, method: nn.Module, prepare: Callable[[nn.Module], nn.Module]) -> dict[str, nn.Module]:
+        """Each strategy's modules under its name (`{"cassle": ModuleDict(predictor=..., frozen=...)}`)."""
+        held = {s.name: s.modules(method, prepare) for s in self.strategies}
+        return {name: nn.ModuleDict(own) for name, own in held.items() if own}
 
     def prepare_batch(self, batch: Batch, ctx: StepContext) -> Batch:
         for strategy in self.strategies:
