@@ -179,13 +179,6 @@ class BarlowTwins(Method):
         terms = {f"loss/{k}": torch.stack([p[k] for p in parts]).mean() for k in ("invariance", "redundancy")}
         return StepOutput(loss, per_sample, terms, embeddings=z[: len(views.global_)])
 
-    def embedder(self) -> nn.Module:
-        return nn.Sequential(self.backbone, self.projector)
-
-    @property
-    def embedding_dim(self) -> int:
-        return self.config.proj_out
-
     def distill_loss(self, p: Tensor, z: Tensor) -> Tensor:
         """The Barlow Twins loss of (p, z): their cross-correlation over the global batch pushed to the identity,
         with the method's lambd and scale_loss (the paper's "decorrelative" distiller)."""

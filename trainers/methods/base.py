@@ -96,14 +96,15 @@ class Method(nn.Module):
     # ------------------------------------------------------------------ continual distillation (CaSSLe)
     def embedder(self) -> nn.Module:
         """A module sharing this method's weights that maps a view to the embedding `training_step` reports in
-        `StepOutput.embeddings`. Default: the backbone (its features; the supervised baseline). SSL methods
-        return backbone + projector."""
-        return self.backbone
+        `StepOutput.embeddings`. Default: backbone + `self.projector` for a method that has one (most SSL
+        methods), else the backbone (its features; the supervised baseline)."""
+        projector = getattr(self, "projector", None)
+        return self.backbone if projector is None else nn.Sequential(self.backbone, projector)
 
     @property
     def embedding_dim(self) -> int:
-        """Width of `embedder()`'s output."""
-        return self.feature_dim
+        """Width of `embedder()`'s output: the projector's `proj_out`, or the backbone's feature width."""
+        return self.feature_dim if getattr(self, "projector", None) is None else self.config.proj_out
 
     def distill_loss(self, p: Tensor, z: Tensor) -> Tensor:
         """The method's loss between `p` `[B, D]` (a prediction, from the current model, of the frozen model's

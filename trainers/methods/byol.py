@@ -138,13 +138,6 @@ class BYOL(Method):
         per_sample = torch.stack(pairs).mean(dim=0)
         return StepOutput(per_sample.mean(), per_sample.detach(), embeddings=z_online[: len(views.global_)])
 
-    def embedder(self) -> nn.Module:
-        return nn.Sequential(self.backbone, self.projector)
-
-    @property
-    def embedding_dim(self) -> int:
-        return self.config.proj_out
-
     def distill_loss(self, p: Tensor, z: Tensor) -> Tensor:
         """BYOL's normalised MSE, 2 - 2 cos(p, z)."""
         return byol_loss(p, z.detach())

@@ -249,13 +249,6 @@ class MoCoV2(Method):
         return StepOutput(per_sample.mean(), per_sample.detach(), embeddings=z[: len(views.global_)])
 
     # ------------------------------------------------------------------ continual distillation (CaSSLe)
-    def embedder(self) -> nn.Module:
-        return nn.Sequential(self.backbone, self.projector)
-
-    @property
-    def embedding_dim(self) -> int:
-        return self.config.proj_out
-
     def distill_loss(self, p: Tensor, z: Tensor) -> Tensor:
         """InfoNCE with the frozen projection as the positive and the batch's other rows as negatives (SimCLR's
         NT-Xent at MoCo's temperature), as the paper's code distils MoCo-v2+. Not against the queue: it holds the

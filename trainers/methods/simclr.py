@@ -142,13 +142,6 @@ class SimCLR(Method):
         per_sample = torch.stack(pairs).mean(dim=0)
         return StepOutput(per_sample.mean(), per_sample.detach(), embeddings=z[: len(views.global_)])
 
-    def embedder(self) -> nn.Module:
-        return nn.Sequential(self.backbone, self.projector)
-
-    @property
-    def embedding_dim(self) -> int:
-        return self.config.proj_out
-
     def distill_loss(self, p: Tensor, z: Tensor) -> Tensor:
         """NT-Xent with (p, z) as the two views: each prediction's positive is the frozen projection of its own
         image (and vice versa), the other rows of the global batch its negatives; the method's temperature."""

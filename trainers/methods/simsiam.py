@@ -125,13 +125,6 @@ class SimSiam(Method):
         per_sample = torch.stack(pairs).mean(dim=0)
         return StepOutput(per_sample.mean(), per_sample.detach(), embeddings=targets)
 
-    def embedder(self) -> nn.Module:
-        return nn.Sequential(self.backbone, self.projector)
-
-    @property
-    def embedding_dim(self) -> int:
-        return self.config.proj_out
-
     def distill_loss(self, p: Tensor, z: Tensor) -> Tensor:
         """SimSiam's negative cosine, -cos(p, stopgrad(z))."""
         return simsiam_loss(p, z)

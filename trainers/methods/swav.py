@@ -280,13 +280,6 @@ class SwAV(Method):
         return StepOutput(per_sample.mean(), per_sample.detach(), terms, embeddings=list(z[: len(views.global_)]))
 
     # ------------------------------------------------------------------ continual distillation (CaSSLe)
-    def embedder(self) -> nn.Module:
-        return nn.Sequential(self.backbone, self.projector)
-
-    @property
-    def embedding_dim(self) -> int:
-        return self.config.proj_out
-
     def distill_loss(self, p: Tensor, z: Tensor) -> Tensor:
         """Cluster-assignment distillation, the analogue of the paper's code ("knowledge" distiller): the
         cross-entropy between softmax(c . z^ / t) of the frozen embedding (the target) and softmax(c . p^ / t) of
