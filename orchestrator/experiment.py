@@ -41,8 +41,17 @@ def init_ray(address: str | None, spec: Spec) -> None:
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, log_to_driver=False)
-        return
+        # Ray Client's proxy forks a server per connection, and that child can die of a gRPC poller race at fork
+        # (ray-project/ray#63202: "Starting Ray client server failed"): a fresh connection usually works.
+        for attempt in range(3):
+            try:
+                ray.init(address=address, log_to_driver=False)
+                return
+            except ConnectionAbortedError as exc:
+                if not address.startswith("ray://") or "client server failed" not in str(exc) or attempt == 2:
+                    raise
+                ray.shutdown()
+                time.sleep(2.0 * (attempt + 1))
     # Declare more logical CPUs than cores: training workers hold fractional CPUs and Ray Data's read/decode tasks
     # and the evaluation actor need slots beside them, or the pipeline stalls on a 2-core machine.
     num_cpus = spec.resources.num_cpus or max(4, os.cpu_count() or 1)
