@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
@@ -23,75 +22,6 @@ def minimal() -> dict:
         "stream": {"kind": "instance", "chunks": 2},
         "lines": {"method": ["simclr"], "strategy": ["sequential"]},
     }
-
-
-def documented_kinds(path: Path) -> list[str]:
-    """The stream kinds an example's header runs: its `for kind in ...` loop and any `--set stream.kind=...`."""
-    header = "\n".join(line for line in path.read_text().splitlines() if line.startswith("#"))
-    kinds = [k for loop in re.findall(r"for kind in ([a-z_ ]+);", header) for k in loop.split()]
-    kinds += re.findall(r"stream\.kind=([a-z_]+)", header)
-    return list(dict.fromkeys(kinds))
-
-
-def stand_in_data(spec: Spec, folder: Path) -> str:
-    """Data for planning an example whose own data is not here: the synthetic set it makes itself, or a
-    metadata-only set of its data set's shape (Imagenette: 9,469 rows, 10 classes in 4 groups; ImageNet-like
-    otherwise: 1,000 classes in 67 groups, 4 domains, rows enough for its replay buffer)."""
-    if spec.data.synthetic is not None:
-        return str(folder / "synthetic")
-    from bench.index_fixture import write_index_dataset
-
-    if "imagenette" in spec.data.url:
-        url, shape = folder / "imagenette-index", dict(rows=9469, classes=10, groups=4, domains=1)
-    else:
-        url, shape = folder / "imagenet-index", dict(rows=20000, classes=1000, groups=67, domains=4)
-    if not (url / "manifest.json").is_file():
-        write_index_dataset(str(url), **shape)
-    return str(url)
-
-
-@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
-def test_examples_are_valid_and_plan(path: Path, tmp_path_factory) -> None:
-    """Every example loads, and plans (build_plan, as `streamssl run --dry-run`) for its own stream kind and every
-    kind its header says to run, on its own synthetic data or a stand-in of its data set's shape."""
-    from orchestrator.planner import build_plan
-
-    spec = load_spec(path)
-    assert spec.name
-    assert spec.optim.batch_size % spec.resources.workers == 0
-    folder = tmp_path_factory.mktemp(path.stem)
-    url = stand_in_data(spec, folder)
-    for kind in dict.fromkeys([spec.stream.kind, *documented_kinds(path)]):
-        plan = build_plan(load_spec(path, [f"data.url={url}", f"stream.kind={kind}",
-                                           f"storage.workdir={folder / 'work'}"]), progress=False)
-        rows = plan.manifest.splits[spec.data.train_split].rows
-        assert plan.stream.kind == kind and plan.stream.num_chunks == spec.stream.chunks
-        assert sum(c.rows for c in plan.stream.chunks) == rows and min(c.rows for c in plan.stream.chunks) > 0
-        assert len(plan.jobs) == len(spec.lines.method) * len(spec.lines.strategy) * spec.stream.chunks
-        for job in plan.jobs:
-            base = job.line.strategy.split("+")[0]
-            assert job.training_chunks == (tuple(range(job.chunk + 1)) if base == "joint" else (job.chunk,))
-
-
-def test_the_streaming_examples_run_the_full_protocol() -> None:
-    """The study's examples: 4 chunks, MoCo-v2 and SL, ST / JT / +replay / +MAS / +MAS+, and every stream kind
-    they can feed (Imagenette has one domain, so no domain stream)."""
-    expected = {"streaming_imagenet": {"instance", "random_class", "distant_class", "domain"},
-                "streaming_synthetic": {"instance", "random_class", "distant_class", "domain"},
-                "streaming_imagenette": {"instance", "random_class", "distant_class"}}
-    for name, kinds in expected.items():
-        path = ROOT / "examples" / f"{name}.yaml"
-        spec = load_spec(path)
-        assert spec.stream.chunks == 4 and spec.lines.method == ["moco_v2", "supervised"]
-        assert spec.lines.strategy == ["sequential", "joint", "sequential+replay", "sequential+mas",
-                                       "sequential+replay+mas"]
-        assert set(documented_kinds(path)) == kinds
-    imagenet = load_spec(ROOT / "examples" / "streaming_imagenet.yaml")
-    assert imagenet.data.image_size == 224 and imagenet.backbone.name == "resnet18"
-    assert imagenet.data.url.startswith("s3://YOUR-BUCKET/")  # the placeholder the header says to fill
-    for name in ("streaming_imagenette", "streaming_synthetic"):
-        spec = load_spec(ROOT / "examples" / f"{name}.yaml")
-        assert spec.data.image_size <= 64 and spec.resources.gpus_per_worker == 0
 
 
 def test_defaults_and_derived_values(tmp_path: Path) -> None:
@@ -455,75 +385,6 @@ def test_loop_config_carries_the_optimiser_and_the_lines_length(synthetic_url: s
     assert loop_config(plan.spec, line, False).line_steps == 0  # without the plan (evaluation): not needed
 
 
-def test_view_plan_has_global_and_local_views_with_presets() -> None:
-    from orchestrator.runner import spec_view_plan
-
-    raw = {**minimal(), "data": {"url": "memory://x", "image_size": 64},
-           "views": {"preset": "byol", "global": {"count": 2, "scale": [0.2, 1.0]},
-                     "local": {"count": 4, "size": 24, "scale": [0.05, 0.2]}}}
-    plan = spec_view_plan(validate_spec(raw))
-    assert [c.size for c in plan.global_] == [64, 64] and [c.size for c in plan.local] == [24] * 4
-    assert plan.global_[0].scale == (0.2, 1.0) and plan.local[0].scale == (0.05, 0.2)
-    # BYOL's asymmetric pair: the first view always blurred and never solarized, the second rarely blurred.
-    assert (plan.global_[0].blur_p, plan.global_[0].solarize_p) == (1.0, 0.0)
-    assert (plan.global_[1].blur_p, plan.global_[1].solarize_p) == (0.1, 0.2)
-    # An explicit setting overrides the preset for every view of its set.
-    raw["views"]["global"]["solarize_p"] = 0.5
-    plan = spec_view_plan(validate_spec(raw))
-    assert [c.solarize_p for c in plan.global_] == [0.5, 0.5]
-    symmetric = spec_view_plan(validate_spec(minimal()))
-    first = symmetric.global_[0]
-    assert (first.scale, first.flip_p, first.jitter_p, first.brightness, first.contrast, first.saturation, first.hue,
-            first.gray_p, first.blur_p, first.solarize_p) == ((0.08, 1.0), 0.5, 0.8, 0.4, 0.4, 0.2, 0.1, 0.2, 0.5, 0.2)
-    assert symmetric.local == ()
-    # Local views default to 3/7 of the global side (96 at 224).
-    raw = {**minimal(), "data": {"url": "memory://x", "image_size": 224}, "views": {"local": {"count": 2}}}
-    assert spec_view_plan(validate_spec(raw)).local_size == 96
-
-
-@pytest.mark.parametrize("views, path, says", [
-    ({"local": {"count": 2, "size": 64}}, "views.local.size", "must not be larger than the global ones"),
-    ({"local": {"count": 2, "scale": [0.5, 0.2]}}, "views.local.scale", "0 < low <= high <= 1"),
-    ({"global": {"blur_p": 1.5}}, "views.global.blur_p", "less than or equal to 1"),
-    ({"preset": "simclr_v1"}, "views.preset", "symmetric"),
-    ({"global": {"count": 1}}, "views.global.count", "simclr compares 2 views"),
-])
-def test_view_plans_a_method_cannot_consume_are_spec_errors(views: dict, path: str, says: str) -> None:
-    raw = {**minimal(), "data": {"url": "memory://x", "image_size": 32}, "views": views}
-    with pytest.raises(SpecError) as info:
-        validate_spec(raw)
-    assert path in str(info.value) and says in str(info.value), str(info.value)
-
-
-def test_methods_that_need_local_views_or_labels_are_checked_before_ray(synthetic_url: str) -> None:
-    from orchestrator.planner import check_labels
-    from trainers.registry import METHOD_REGISTRY
-
-    for record in METHOD_REGISTRY.values():
-        if record.needs_local_views:
-            raw = {**minimal(), "lines": {"method": [record.name], "strategy": ["sequential"]}}
-            with pytest.raises(SpecError, match="views.local.count must be >= 1"):
-                validate_spec(raw)
-        if record.needs_labels:
-            spec = validate_spec({**minimal(), "lines": {"method": [record.name], "strategy": ["sequential"]}})
-            import numpy as np
-
-            with pytest.raises(SpecError, match=f"lines.method: {record.name} trains on labels, but 2 of 3 rows"):
-                check_labels(spec, np.array([3, -1, -1]))
-
-
-def test_local_views_can_go_to_some_methods_only() -> None:
-    from orchestrator.runner import spec_view_plan
-
-    raw = {**minimal(), "lines": {"method": ["simclr", "byol"], "strategy": ["sequential"]},
-           "views": {"local": {"count": 3, "size": 16, "methods": ["byol"]}}}
-    spec = validate_spec(raw)
-    assert len(spec_view_plan(spec, "byol").local) == 3 and spec_view_plan(spec, "simclr").local == ()
-    raw["views"]["local"]["methods"] = ["dino"]
-    with pytest.raises(SpecError, match=r"views.local.methods: \['dino'\] not among lines.method"):
-        validate_spec(raw)
-
-
 def test_evaluators_and_stream_kinds_come_from_their_records() -> None:
     import typing
 
@@ -550,42 +411,3 @@ def test_evaluators_and_stream_kinds_come_from_their_records() -> None:
         validate_spec({**minimal(), "eval": {"every_chunk": ["fewshot"]}})
     with pytest.raises(SpecError, match=r"stream\.kind: Input should be 'instance', 'random_class'"):
         validate_spec({**minimal(), "stream": {"kind": "online_class", "chunks": 2}})
-
-
-def test_lines_compose_a_base_strategy_with_aids() -> None:
-    spec = validate_spec({**minimal(), "lines": {"method": ["simclr"],
-                                                 "strategy": ["sequential", ["sequential", "replay", "mas"],
-                                                              "sequential+replay", "joint"]},
-                          "strategy": {"replay": {"size": 500, "ratio": 1.0}}})
-    assert spec.lines.strategy == ["sequential", "sequential+replay+mas", "sequential+replay", "joint"]
-    assert spec.strategy_options("sequential+replay+mas") == {
-        "replay": {"size": 500, "ratio": 1.0, "policy": "reservoir", "seed": 0}, "mas": {"lambd": 1.0, "batches": 20}}
-    params = flatten(spec)
-    assert params["strategy.replay.size"] == "500" and params["strategy.mas.lambd"] == "1.0"
-    # Options of a strategy no line uses are not recorded (they change no number).
-    assert not any(k.startswith("strategy.replay") for k in flatten(validate_spec(minimal())))
-    assert validate_spec(spec.model_dump(mode="json", by_alias=True)) == spec
-    for entry, says in [(["replay", "sequential"], "exactly one base strategy"),
-                        (["sequential", "joint"], "exactly one base strategy"),
-                        (["sequential", "mas", "mas"], "listed twice"), ([], "expected a strategy name")]:
-        with pytest.raises(SpecError, match=rf"lines\.strategy\[0\]: .*{says}"):
-            validate_spec({**minimal(), "lines": {"method": ["simclr"], "strategy": [entry]}})
-    for options, path in [({"replay": {"ratio": 1.5}}, r"strategy\.replay\.ratio"),
-                          ({"replay": {"sise": 5}}, r"strategy\.replay\.sise"),
-                          ({"mas": {"lambd": -1}}, r"strategy\.mas\.lambd")]:
-        with pytest.raises(SpecError, match=path):
-            validate_spec({**minimal(), "strategy": options})
-
-
-def test_cassle_lines_validate_with_their_options_and_joint_cassle_is_refused() -> None:
-    spec = validate_spec({**minimal(), "lines": {"method": ["simclr", "supervised"],
-                                                 "strategy": ["sequential+cassle", ["sequential", "replay", "cassle"]]},
-                          "strategy": {"cassle": {"lambd": 0.5}}})
-    assert spec.lines.strategy == ["sequential+cassle", "sequential+replay+cassle"]
-    assert spec.strategy_options("sequential+cassle") == {"cassle": {"lambd": 0.5, "hidden": 2048}}
-    params = flatten(spec)
-    assert params["strategy.cassle.lambd"] == "0.5" and params["strategy.cassle.hidden"] == "2048"
-    with pytest.raises(SpecError, match=r"lines\.strategy\[1\]: cassle needs the base sequential, not joint"):
-        validate_spec({**minimal(), "lines": {"method": ["simclr"], "strategy": ["sequential", "joint+cassle"]}})
-    with pytest.raises(SpecError, match=r"strategy\.cassle\.hidden"):
-        validate_spec({**minimal(), "strategy": {"cassle": {"hidden": 0}}})

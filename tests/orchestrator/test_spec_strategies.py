@@ -1,0 +1,48 @@
+"""The spec's `lines.strategy`: a base strategy with aids, each aid's options and the bases it allows."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.errors import SpecError
+from orchestrator.spec import flatten, validate_spec
+from tests.orchestrator.test_spec import minimal
+
+
+def test_lines_compose_a_base_strategy_with_aids() -> None:
+    spec = validate_spec({**minimal(), "lines": {"method": ["simclr"],
+                                                 "strategy": ["sequential", ["sequential", "replay", "mas"],
+                                                              "sequential+replay", "joint"]},
+                          "strategy": {"replay": {"size": 500, "ratio": 1.0}}})
+    assert spec.lines.strategy == ["sequential", "sequential+replay+mas", "sequential+replay", "joint"]
+    assert spec.strategy_options("sequential+replay+mas") == {
+        "replay": {"size": 500, "ratio": 1.0, "policy": "reservoir", "seed": 0}, "mas": {"lambd": 1.0, "batches": 20}}
+    params = flatten(spec)
+    assert params["strategy.replay.size"] == "500" and params["strategy.mas.lambd"] == "1.0"
+    # Options of a strategy no line uses are not recorded (they change no number).
+    assert not any(k.startswith("strategy.replay") for k in flatten(validate_spec(minimal())))
+    assert validate_spec(spec.model_dump(mode="json", by_alias=True)) == spec
+    for entry, says in [(["replay", "sequential"], "exactly one base strategy"),
+                        (["sequential", "joint"], "exactly one base strategy"),
+                        (["sequential", "mas", "mas"], "listed twice"), ([], "expected a strategy name")]:
+        with pytest.raises(SpecError, match=rf"lines\.strategy\[0\]: .*{says}"):
+            validate_spec({**minimal(), "lines": {"method": ["simclr"], "strategy": [entry]}})
+    for options, path in [({"replay": {"ratio": 1.5}}, r"strategy\.replay\.ratio"),
+                          ({"replay": {"sise": 5}}, r"strategy\.replay\.sise"),
+                          ({"mas": {"lambd": -1}}, r"strategy\.mas\.lambd")]:
+        with pytest.raises(SpecError, match=path):
+            validate_spec({**minimal(), "strategy": options})
+
+
+def test_cassle_lines_validate_with_their_options_and_joint_cassle_is_refused() -> None:
+    spec = validate_spec({**minimal(), "lines": {"method": ["simclr", "supervised"],
+                                                 "strategy": ["sequential+cassle", ["sequential", "replay", "cassle"]]},
+                          "strategy": {"cassle": {"lambd": 0.5}}})
+    assert spec.lines.strategy == ["sequential+cassle", "sequential+replay+cassle"]
+    assert spec.strategy_options("sequential+cassle") == {"cassle": {"lambd": 0.5, "hidden": 2048}}
+    params = flatten(spec)
+    assert params["strategy.cassle.lambd"] == "0.5" and params["strategy.cassle.hidden"] == "2048"
+    with pytest.raises(SpecError, match=r"lines\.strategy\[1\]: cassle needs the base sequential, not joint"):
+        validate_spec({**minimal(), "lines": {"method": ["simclr"], "strategy": ["sequential", "joint+cassle"]}})
+    with pytest.raises(SpecError, match=r"strategy\.cassle\.hidden"):
+        validate_spec({**minimal(), "strategy": {"cassle": {"hidden": 0}}})
