@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
+import numpy as np
 import torch
 
 from evaluators.features import extract_features
@@ -28,10 +29,19 @@ PROTOCOL_VERSION = "1"
 logger = logging.getLogger(__name__)
 
 
-def _batches(arrays: SplitArrays, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    labels = torch.from_numpy(arrays.labels)
-    for start in range(0, len(labels), batch_size):
-        yield arrays.images[start : start + batch_size], labels[start : start + batch_size]
+def protocol_hits(backbone: torch.nn.Module, bank: SplitArrays, queries: SplitArrays, eval_spec: dict[str, Any],
+                  seed: int = 0, device: str | torch.device = "cpu") -> tuple[int, dict[str, tuple[np.ndarray, ...]]]:
+    """Frozen features of `bank` and `queries`, then every every-chunk protocol's ranked predictions: (the bank's
+    class count, `{protocol: (top-1 hit, top-5 hit)}` as bool arrays over the queries)."""
+    size = eval_spec["batch_size"]
+    bank_feats, bank_labels = extract_features(backbone, bank.batches(size), device=device)
+    query_feats, query_labels = extract_features(backbone, queries.batches(size), device=device)
+    hits = {}
+    for name in eval_spec["every_chunk"]:
+        record = EVALUATOR_REGISTRY.require(name)
+        ranked = record.build(bank_feats, bank_labels, query_feats, seed=seed, **record.options(eval_spec.get(name)))
+        hits[name] = tuple(h.numpy() for h in topk_hits(ranked, query_labels))
+    return int(bank_labels.max()) + 1, hits
 
 
 def protocol(eval_spec: dict[str, Any], data_spec: dict[str, Any]) -> dict[str, Any]:
@@ -67,10 +77,7 @@ def evaluate_backbone(
     NaN, which `AccuracyMatrix` records as unknown, and a warning names the task.
     """
     started = time.perf_counter()
-    bank_feats, bank_labels = extract_features(backbone, _batches(bank, eval_spec["batch_size"]), device=device)
-    query_feats, query_labels = extract_features(backbone, _batches(queries, eval_spec["batch_size"]), device=device)
-    truth = query_labels.numpy()
-    classes = int(bank_labels.max()) + 1
+    classes, hits = protocol_hits(backbone, bank, queries, eval_spec, seed=seed, device=device)
     if classes <= TOP_K:
         # Not a warning: nothing is wrong, and the driver's summary says it once for the whole plan.
         logger.info("the evaluation bank has %d classes (<= %d): every class is ranked, so top-%d accuracy is 1.0 "
@@ -79,14 +86,11 @@ def evaluate_backbone(
     for t, mask in enumerate(masks):
         if not mask.any():
             logger.warning("task %d (%s) has no rows in the %d query rows: its accuracy is unknown (NaN)", t,
-                           _task_units(plan, t), len(truth))
+                           _task_units(plan, t), len(queries.labels))
     out: dict[str, Any] = {}
-    for name in eval_spec["every_chunk"]:
-        record = EVALUATOR_REGISTRY.require(name)
-        ranked = record.build(bank_feats, bank_labels, query_feats, seed=seed, **record.options(eval_spec.get(name)))
-        top1, top5 = topk_hits(ranked, query_labels)
-        for overall, per_task, correct in ((f"{name}_top1", f"{name}_task_acc", top1.numpy()),
-                                           (f"{name}_top5", f"{name}_task_acc_top5", top5.numpy())):
+    for name, (top1, top5) in hits.items():
+        for overall, per_task, correct in ((f"{name}_top1", f"{name}_task_acc", top1),
+                                           (f"{name}_top5", f"{name}_task_acc_top5", top5)):
             out[overall] = float(correct.mean())
             out[per_task] = [float(correct[m].mean()) if m.any() else float("nan") for m in masks]
     out["eval_seconds"] = time.perf_counter() - started
@@ -96,17 +100,10 @@ def evaluate_backbone(
 def protocol_scores(backbone: torch.nn.Module, bank: SplitArrays, queries: SplitArrays, eval_spec: dict[str, Any],
                     seed: int = 0, device: str | torch.device = "cpu") -> dict[str, float]:
     """`{protocol}_top1` and `{protocol}_top5` of every every-chunk protocol on `queries` against `bank` (a downstream
-    set: no tasks)."""
-    bank_feats, bank_labels = extract_features(backbone, _batches(bank, eval_spec["batch_size"]), device=device)
-    query_feats, query_labels = extract_features(backbone, _batches(queries, eval_spec["batch_size"]), device=device)
-    out = {}
-    for name in eval_spec["every_chunk"]:
-        record = EVALUATOR_REGISTRY.require(name)
-        ranked = record.build(bank_feats, bank_labels, query_feats, seed=seed, **record.options(eval_spec.get(name)))
-        top1, top5 = topk_hits(ranked, query_labels)
-        # numpy's float64 mean, as evaluate_backbone: the same rows give the same number to the last bit
-        out[f"{name}_top1"], out[f"{name}_top5"] = float(top1.numpy().mean()), float(top5.numpy().mean())
-    return out
+    set: no tasks), computed as `evaluate_backbone`'s, so the same rows give the same numbers to the last bit."""
+    _, hits = protocol_hits(backbone, bank, queries, eval_spec, seed=seed, device=device)
+    return {f"{name}_top{k}": float(hit.mean()) for name, (top1, top5) in hits.items()
+            for k, hit in ((1, top1), (5, top5))}
 
 
 def headline(metrics: dict[str, Any], names: Iterable[str]) -> dict[str, float]:

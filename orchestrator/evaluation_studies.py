@@ -24,16 +24,6 @@ from evaluators.sharpness import sharpness
 from orchestrator.ingest import SplitArrays
 
 
-def _batch_fn(arrays: SplitArrays, batch_size: int) -> Callable[[], Any]:
-    labels = torch.from_numpy(arrays.labels)
-
-    def batches():
-        for start in range(0, len(labels), batch_size):
-            yield arrays.images[start : start + batch_size], labels[start : start + batch_size]
-
-    return batches
-
-
 def sharpness_key(epsilon: float) -> str:
     return f"sharpness_eps{epsilon:g}"
 
@@ -57,7 +47,7 @@ def study_metrics(
     out: dict[str, Any] = {}
     studies: dict[str, Any] = {}
     size = eval_spec["batch_size"]
-    bank_fn, query_fn = _batch_fn(bank, size), _batch_fn(queries, size)
+    bank_fn, query_fn = (lambda: bank.batches(size)), (lambda: queries.batches(size))
     if eval_spec.get("fewshot") is not None:
         options = eval_spec["fewshot"]
         feats, labels = extract_features(backbone, query_fn(), device=device)

@@ -290,6 +290,14 @@ class SplitArrays:
     keys: list[str]
     skipped: list[str] = field(default_factory=list)  # keys left out as undecodable (on_corrupt="skip")
 
+    def batches(self, batch_size: int):
+        """`(uint8 images, int64 labels)` batches in row order (what feature extraction and the evaluators read)."""
+        import torch
+
+        labels = torch.from_numpy(self.labels)
+        for start in range(0, len(labels), batch_size):
+            yield self.images[start : start + batch_size], labels[start : start + batch_size]
+
 
 def load_split_arrays(
     manifest: Manifest,

@@ -62,3 +62,15 @@ def partial_study_store(tmp_path_factory):
     return build_study(tmp_path_factory.mktemp("partial-study") / "mlflow.db",
                        unfinished=("random_class", "simclr-sequential-replay", 2),
                        absent=("distant_class", "supervised-joint", 1, "wall_seconds"))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread for the test, restored after: tiny tensors run fastest so, and two threads thrash
+    on a 2-core machine shared with Ray workers."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -78,11 +78,10 @@ def test_an_imagefolder_tree_is_prepared_once_into_the_workdir(synthetic_url: st
     assert manifest.stat().st_mtime_ns == stamp  # not prepared again
 
 
-def test_a_downstream_score_equals_the_held_out_protocols_to_the_last_bit() -> None:
+def test_a_downstream_score_equals_the_held_out_protocols_to_the_last_bit(one_torch_thread) -> None:
     from orchestrator.evaluation import evaluate_backbone, protocol_scores
     from orchestrator.streams import ChunkSpec, StreamPlan
 
-    torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(4).repeat_interleave(20)
     images = (torch.rand(80, 3, 8, 8, generator=g) * 255 + labels[:, None, None, None] * 10).clamp(0, 255)

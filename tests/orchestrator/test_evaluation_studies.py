@@ -42,8 +42,7 @@ def _batches(arrays: SplitArrays, size: int):
     return lambda: [(arrays.images[i : i + size], labels[i : i + size]) for i in range(0, len(labels), size)]
 
 
-def test_each_study_is_the_evaluators_own_number_on_the_same_rows() -> None:
-    torch.set_num_threads(1)
+def test_each_study_is_the_evaluators_own_number_on_the_same_rows(one_torch_thread) -> None:
     bank, queries = _split(12, 6, seed=0), _split(10, 6, seed=1)
     fewshot = FewShotConfig(way=3, shot=2, query=4, episodes=40).model_dump()
     sharp = SharpnessConfig(epsilons=(0.1, 0.3), search_steps=2, restarts=2, knn_k=5).model_dump()

@@ -24,13 +24,7 @@ from trainers.strategies import CaSSLe, ChunkEnd
 OPTIONS = {"cassle": {"hidden": 16, "lambd": 1.0}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: these tests share two cores with others (two threads thrash under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 CTX = StepContext(step=0, total_steps=None, chunk=1)
 
 

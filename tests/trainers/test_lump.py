@@ -25,13 +25,7 @@ from trainers.viewplan import make_view_set, view_plan
 PLAN = view_plan(global_count=2, global_size=16, local_count=2, local_size=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def images(n: int, seed: int, size: int = 16) -> torch.Tensor:
