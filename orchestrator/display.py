@@ -84,6 +84,8 @@ def print_summary(summary: ExperimentSummary, console: Console, spec: Spec) -> N
         console.print(f"[yellow]unknown[/] {line}")
     for line in summary.missing:
         console.print(f"[red]incomplete[/] {line}")
+    for line, message in summary.diverged.items():
+        console.print(f"[red]failed[/] {line}: {message}")
 
 
 def dry_run(plan: ExperimentPlan, console: Console, tracker: Tracker | None) -> list[dict[str, Any]]:

@@ -100,6 +100,7 @@ class _Driver:
         self.started = time.time()  # driver start (after imports), for time_to_first_step_seconds
         self.first_step_logged = False
         self.restarts_in_chunk = 0
+        self.diverged: dict[str, str] = {}  # line id -> why it stopped
 
     # ---------------------------------------------------------------- parent run
     def open_parent(self, resume: bool) -> str:
@@ -277,7 +278,21 @@ class _Driver:
             self.pending[future] = point
             self.collect(block=False)
         elif event["type"] == "diverged":
-            self.console.print(f"[red]{event['line']} diverged in chunk {event['chunk']}[/]: {event['message']}")
+            self.console.print(f"[red]{event['line']} diverged in chunk {event['chunk']}[/]: {event['message']}; "
+                               "the plan's other lines go on")
+            self.log_diverged(event)
+
+    def log_diverged(self, event: dict[str, Any]) -> None:
+        """The chunk a line diverged in, as a FAILED chunk run holding the error: the line's later chunks are
+        not trained (a retry from the same checkpoint diverges again), the other lines are."""
+        job = self.jobs[event["job_key"]]
+        message = f"stopped at chunk {job.chunk} (not retried): {event['message']}"
+        self.diverged[job.line.id] = message
+        run_id = self.tracker.create_run(job.name, {
+            tr.RUN_TYPE: "chunk", tr.PARENT: self.parent, tr.PLAN_KEY: self.plan.key, tr.JOB_KEY: job.key,
+            tr.LINE: job.line.id, tr.CHUNK: str(job.chunk), tr.TAG + "method": job.line.method,
+            tr.TAG + "strategy": job.line.strategy, tr.TAG + "error": message[:5000]})
+        self.tracker.end_run(run_id, "FAILED")
 
     # ---------------------------------------------------------------- the whole run
     def run(self, resume: bool) -> ExperimentSummary:
@@ -309,7 +324,8 @@ class _Driver:
                                                        headline(summary.baseline, self.spec.eval.every_chunk).items()})
             self.collect(block=True)
             summarise(summary, self.plan, self.tracker, self.chunk_rows, self.results)
-            summary.missing = self.missing_records()
+            summary.diverged = dict(self.diverged)
+            summary.missing = [m for m in self.missing_records() if m.split(":")[0] not in self.diverged]
         except BaseException:
             # Short retry: a Ctrl-C during a tracking outage must not hold the driver for the full deadline.
             try:
@@ -317,9 +333,11 @@ class _Driver:
             except Exception:
                 pass  # the next --resume marks them
             raise
-        if summary.missing:
-            # Not FINISHED: the record lacks runs, and `--resume` is what completes it.
+        if summary.diverged:  # one tag: a line id (`+` in it) is not a valid tag key
+            self.tracker.set_tags(self.parent, {tr.TAG + "diverged": json.dumps(summary.diverged)[:5000]})
+        if summary.missing:  # `--resume` is what completes the record
             self.tracker.set_tags(self.parent, {tr.TAG + "incomplete": "; ".join(summary.missing)[:5000]})
+        if summary.missing or summary.diverged:
             self.tracker.end_run(self.parent, "FAILED")
         else:
             self.tracker.end_run(self.parent, "FINISHED")
@@ -404,6 +422,10 @@ def run_experiment(
         return ExperimentSummary(None, plan.key)
     summary = _Driver(plan, tracker, console, address).run(resume)
     print_summary(summary, console, spec)
+    if summary.diverged:
+        finished = len(plan.lines) - len(summary.diverged)
+        raise TrainingError("; ".join(f"training of {line} {message}" for line, message in summary.diverged.items())
+                            + f" — the other {finished} line(s) of plan run {summary.parent_run_id} ran to the end")
     if summary.missing:
         raise IncompleteRecordError(
             f"plan run {summary.parent_run_id} is incomplete ({len(summary.missing)} line(s) lack runs, listed "

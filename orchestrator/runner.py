@@ -253,8 +253,10 @@ def _train_fn(config: dict[str, Any]) -> None:
             except NonFiniteLossError as exc:
                 # Deterministic: a restarted group would diverge again from the same checkpoint, so the group ends
                 # here without Ray Train's retries (every rank raises: the finiteness check is all-reduced).
-                send({"type": "diverged", "line": task.line.id, "chunk": chunk, "message": str(exc)})
-                return
+                # The line stops here; the group goes on with its other lines (the driver marks this one failed).
+                send({"type": "diverged", "line": task.line.id, "chunk": chunk, "job_key": job.key,
+                      "message": str(exc)})
+                break
             dir_name = checkpoint_dir_name(task.line, chunk)
             event = {"type": "chunk", "line": task.line.id, "chunk": chunk, "job_key": job.key,
                      "checkpoint_uri": f"{config['storage_uri'].rstrip('/')}/{config['run_name']}/{dir_name}",
@@ -406,8 +408,4 @@ def train_group(
         raise TrainingError(f"training of {', '.join(t.line.id for t in tasks)} failed: {outcome['error']}") from (
             outcome["error"]
         )
-    diverged = [event for event in result.events if event["type"] == "diverged"]
-    if diverged:
-        raise TrainingError(f"training of {diverged[0]['line']} stopped at chunk {diverged[0]['chunk']} "
-                            f"(not retried): {diverged[0]['message']}")
     return result

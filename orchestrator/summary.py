@@ -51,6 +51,7 @@ class ExperimentSummary:
     missing: list[str] = field(default_factory=list)  # what the record lacks (empty when complete)
     unknown: list[str] = field(default_factory=list)  # accuracies that cannot be measured (a task without queries)
     notes: list[str] = field(default_factory=list)  # numbers that are what they are by construction
+    diverged: dict[str, str] = field(default_factory=dict)  # line id -> why its training stopped (not retried)
 
 
 def joint_reference(line: Line, lines: list[Line]) -> Line | None:
