@@ -137,15 +137,8 @@ class _Driver:
         report = event["report"]
         started_ms, ended_ms = int(event["started"] * 1000), int(event["ended"] * 1000)
         tags = {
-            tr.RUN_TYPE: "chunk",
-            tr.PARENT: self.parent,
-            tr.PLAN_KEY: self.plan.key,
-            tr.JOB_KEY: job.key,
-            tr.LINE: job.line.id,
-            tr.CHUNK: str(job.chunk),
+            **self._chunk_tags(job),
             tr.CHECKPOINT: event["checkpoint_uri"],
-            tr.TAG + "method": job.line.method,
-            tr.TAG + "strategy": job.line.strategy,
             tr.TAG + "training_chunks": json.dumps(list(job.training_chunks)),
             tr.TAG + "data_digest": self.plan.data_digest,
             tr.TAG + "stream_digest": self.plan.stream.digest,
@@ -288,11 +281,14 @@ class _Driver:
         job = self.jobs[event["job_key"]]
         message = f"stopped at chunk {job.chunk} (not retried): {event['message']}"
         self.diverged[job.line.id] = message
-        run_id = self.tracker.create_run(job.name, {
-            tr.RUN_TYPE: "chunk", tr.PARENT: self.parent, tr.PLAN_KEY: self.plan.key, tr.JOB_KEY: job.key,
-            tr.LINE: job.line.id, tr.CHUNK: str(job.chunk), tr.TAG + "method": job.line.method,
-            tr.TAG + "strategy": job.line.strategy, tr.TAG + "error": message[:5000]})
+        run_id = self.tracker.create_run(job.name, {**self._chunk_tags(job), tr.TAG + "error": message[:5000]})
         self.tracker.end_run(run_id, "FAILED")
+
+    def _chunk_tags(self, job: Job) -> dict[str, str]:
+        """The tags every chunk run carries, finished or failed: where it sits in the plan and what trained it."""
+        return {tr.RUN_TYPE: "chunk", tr.PARENT: self.parent, tr.PLAN_KEY: self.plan.key, tr.JOB_KEY: job.key,
+                tr.LINE: job.line.id, tr.CHUNK: str(job.chunk), tr.TAG + "method": job.line.method,
+                tr.TAG + "strategy": job.line.strategy}
 
     # ---------------------------------------------------------------- the whole run
     def run(self, resume: bool) -> ExperimentSummary:
@@ -325,7 +321,7 @@ class _Driver:
             self.collect(block=True)
             summarise(summary, self.plan, self.tracker, self.chunk_rows, self.results)
             summary.diverged = dict(self.diverged)
-            summary.missing = [m for m in self.missing_records() if m.split(":")[0] not in self.diverged]
+            summary.missing = self.missing_records()
         except BaseException:
             # Short retry: a Ctrl-C during a tracking outage must not hold the driver for the full deadline.
             try:
@@ -333,7 +329,7 @@ class _Driver:
             except Exception:
                 pass  # the next --resume marks them
             raise
-        if summary.diverged:  # one tag: a line id (`+` in it) is not a valid tag key
+        if summary.diverged:  # one JSON tag, so the plan run's tag keys stay the same whatever the lines are called
             self.tracker.set_tags(self.parent, {tr.TAG + "diverged": json.dumps(summary.diverged)[:5000]})
         if summary.missing:  # `--resume` is what completes the record
             self.tracker.set_tags(self.parent, {tr.TAG + "incomplete": "; ".join(summary.missing)[:5000]})
@@ -372,7 +368,8 @@ class _Driver:
 
     def missing_records(self) -> list[str]:
         """What the plan's record lacks, one line per line of the plan (empty when every run is there)."""
-        return missing_records(self.plan, self.chunk_runs, self.results, list(self.spec.eval.every_chunk))
+        return missing_records(self.plan, self.chunk_runs, self.results, list(self.spec.eval.every_chunk),
+                               skip_lines=self.diverged)
 
     def _train_all(self) -> int:
         restarts = 0

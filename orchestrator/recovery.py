@@ -13,6 +13,7 @@ chunk event is stored beside the checkpoint, so they are logged from it without 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,10 +110,15 @@ def persisted_unlogged_chunks(plan: ExperimentPlan, spec: Spec, parent_run_id: s
 
 
 def missing_records(plan: ExperimentPlan, chunk_runs: dict[str, str], results: dict[str, Any],
-                    evaluations: list[str]) -> list[str]:
-    """Per line: the chunks without a chunk run or without an evaluation, and what that leaves uncomputed."""
-    missing = []
+                    evaluations: list[str], skip_lines: Iterable[str] = ()) -> list[str]:
+    """Per line: the chunks without a chunk run or without an evaluation, and what that leaves uncomputed.
+
+    `skip_lines` are line ids left out (lines that diverged: `--resume` would not complete them).
+    """
+    missing, skip = [], set(skip_lines)
     for line in plan.lines:
+        if line.id in skip:
+            continue
         jobs = plan.jobs_of(line)
         unlogged = [j.chunk for j in jobs if j.key not in chunk_runs]
         unevaluated = [j.chunk for j in jobs if j.key in chunk_runs and j.key not in results] if evaluations else []

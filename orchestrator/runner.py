@@ -251,9 +251,9 @@ def _train_fn(config: dict[str, Any]) -> None:
                 result = trainer.train_chunk(chunk, batches, steps_per_epoch, on_step=on_step,
                                              on_checkpoint=on_checkpoint, on_epoch_end=on_epoch_end)
             except NonFiniteLossError as exc:
-                # Deterministic: a restarted group would diverge again from the same checkpoint, so the group ends
-                # here without Ray Train's retries (every rank raises: the finiteness check is all-reduced).
-                # The line stops here; the group goes on with its other lines (the driver marks this one failed).
+                # Deterministic: a retry from the same checkpoint would diverge again, so this line stops here
+                # without Ray Train's retries (every rank raises: the finiteness check is all-reduced), and the
+                # group goes on with its other lines (the driver marks this one failed).
                 send({"type": "diverged", "line": task.line.id, "chunk": chunk, "job_key": job.key,
                       "message": str(exc)})
                 break

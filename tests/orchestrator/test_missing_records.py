@@ -29,3 +29,18 @@ def test_missing_chunk_and_evaluation_runs_are_named_per_line(synthetic_url: str
     # Without per-chunk evaluation there is nothing to miss but chunk runs.
     assert missing_records(plan, chunk_runs, {}, []) == [missing[1]]
     assert IncompleteRecordError.exit_code == 7
+
+
+def test_a_diverged_line_is_not_listed_as_missing(synthetic_url: str, tmp_path) -> None:
+    # A diverged line is reported as failed, not as incomplete: `--resume` would diverge again.
+    spec = validate_spec(tiny_spec("records", synthetic_url, stream={"chunks": 2},
+                                   lines={"method": ["simclr"], "strategy": ["sequential", "sequential+mas"]},
+                                   storage={"workdir": str(tmp_path)}))
+    plan = build_plan(spec, progress=False)
+    first = [j for j in plan.jobs if j.chunk == 0]
+    chunk_runs = {j.key: "run" for j in first}
+    results = {j.key: {} for j in first}
+    missing = missing_records(plan, chunk_runs, results, ["knn"])
+    assert [m.split(":")[0] for m in missing] == ["simclr-sequential", "simclr-sequential-mas"]
+    assert missing_records(plan, chunk_runs, results, ["knn"], skip_lines={"simclr-sequential-mas": "nan"}) \
+        == missing[:1]
