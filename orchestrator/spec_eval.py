@@ -76,6 +76,8 @@ class _EvalSpecBase(_Strict):
         names = [v.name for v in values]
         if len(set(names)) != len(names):
             raise ValueError(f"names must be unique, got {names}")
+        if "downstream" in names:  # the name of the mean over the sets (`{line}.downstream.knn.st_jt_gap`)
+            raise ValueError("'downstream' names the mean over the sets; call the set something else")
         return values
 
 

@@ -107,6 +107,12 @@ class PlanRecord:
     def stream_kind(self) -> str:
         return self.run.data.tags.get(tr.STREAM_KIND, "?")
 
+    @property
+    def downstream(self) -> list[str]:
+        """The names of the plan's `eval.downstream` sets (from its params), in spec order."""
+        sets = _json_param(self.run.data.params, "eval.downstream")
+        return [str(d["name"]) for d in sets if isinstance(d, dict) and "name" in d] if isinstance(sets, list) else []
+
     def slot(self, line: str, chunk: int) -> Slot:
         return self.slots.get((line, chunk), Slot())
 

@@ -5,7 +5,9 @@ metrics (BWT/FWT), sharpness; and the problems with the record (runs missing or 
 
 Keys follow the naming contract: chunk runs `train_seconds`, `wall_seconds`, `device_hours`, `checkpoint_bytes`,
 `buffer_bytes`, `stored_bytes`; plan runs `{line}.{name}.{avg_acc|bwt|fwt|forgetting}` (+ `{name}_top5`),
-`{line}.{name}.st_jt_gap` and `{line}.{name}.st_jt_gap_by_chunk` (step = chunk); eval runs `sharpness_eps{e}`.
+`{line}.{name}.st_jt_gap` and `{line}.{name}.st_jt_gap_by_chunk` (step = chunk), and per `eval.downstream` set
+`{line}.{set}.{name}.st_jt_gap[_by_chunk]` with their mean over the sets as set `downstream`; eval runs
+`sharpness_eps{e}` and `{set}.{name}_top1`.
 A key the runs lack is a missing cell, never a zero.
 """
 
@@ -82,6 +84,66 @@ def gap_table(study: Study, name: str) -> ReportTable:
             continue
         table.rows.append(Row(_line_index(entry), _gap_cells(entry, joint, name, T)))
     return table
+
+
+def downstream_gap_table(study: Study, data_set: str, name: str) -> ReportTable:
+    """The ST-JT gap on one `eval.downstream` set (or, for `downstream`, the mean over a plan's sets): JT's top-1
+    minus the line's after each chunk; from the plan run's metrics, else from the two lines' eval runs."""
+    T = _max_chunks(study)
+    what = "mean over the downstream sets" if data_set == "downstream" else f"downstream set {data_set}"
+    table = ReportTable(f"st_jt_gap.{data_set}.{name}", f"ST-JT gap, {name} top-1 on the {what} (JT minus ST)",
+                        ["method", "paradigm", "stream", "line", "strategy"], [f"chunk {c}" for c in range(T)] + ["final"])
+    for entry in study.entries:
+        line, plan = entry.line, entry.plan
+        sets = plan.downstream
+        if line.base == "joint" or name not in plan.protocols or not sets or (
+                data_set != "downstream" and data_set not in sets):
+            continue
+        joint = study.entry(entry.stream_kind, f"{line.method}-joint")
+        if joint is None:
+            table.notes.append(f"{entry.stream_kind} {line.id}: no {line.method}-joint line to compare with")
+            continue
+        prefix = f"{line.id}.{data_set}.{name}"
+        by_chunk, final = plan.history(f"{prefix}.st_jt_gap_by_chunk"), plan.metric(f"{prefix}.st_jt_gap")
+        members = sets if data_set == "downstream" else [data_set]
+        keys = [f"{d}.{name}_top1" for d in members]
+        cells = {}
+        for c in range(T):
+            if c >= plan.num_chunks:
+                cells[f"chunk {c}"] = Cell(na=f"the plan has {plan.num_chunks} chunks")
+            elif c in by_chunk:
+                cells[f"chunk {c}"] = Cell.of(by_chunk[c], (plan.run_id,), f"{prefix}.st_jt_gap_by_chunk",
+                                              "logged as NaN")
+            else:
+                cells[f"chunk {c}"] = _eval_run_gap(entry, joint, c, keys)
+        if final is not None:
+            cells["final"] = Cell.of(final, (plan.run_id,), f"{prefix}.st_jt_gap", "logged as NaN")
+        else:
+            cells["final"] = _eval_run_gap(entry, joint, plan.num_chunks - 1, keys)
+        table.rows.append(Row(_line_index(entry), cells))
+    return table
+
+
+def _eval_run_gap(entry: Entry, joint: Entry, chunk: int, keys: list[str]) -> Cell:
+    """JT's mean of `keys` minus the line's, read from the two chunk-`chunk` eval runs."""
+    runs, means = [], []
+    for side in (joint, entry):
+        slot = side.plan.slot(side.line.id, chunk)
+        run = slot.eval_run
+        source = f"{' + '.join(keys)} of {side.line.id} chunk {chunk}"
+        if run is None or run.info.status != "FINISHED":
+            if slot.chunk_run is None or slot.chunk_run.info.status != "FINISHED":
+                state = "no chunk run" if slot.chunk_run is None else f"chunk run {slot.chunk_run.info.status}"
+            else:
+                state = "no eval run" if run is None else f"eval run {run.info.status}"
+            return Cell(runs=tuple(runs), source=source, missing=f"{side.line.id} chunk {chunk}: {state}")
+        runs.append(run.info.run_id)
+        values = [run.data.metrics.get(k) for k in keys]
+        if any(v is None for v in values):
+            return Cell(runs=tuple(runs), source=source, missing=f"{side.line.id} chunk {chunk}: not logged")
+        means.append(sum(values) / len(values))
+    return Cell.of(means[0] - means[1], tuple(runs), f"eval runs: JT minus ST of {' + '.join(keys)}",
+                   "not a finite number")
 
 
 def _gap_cells(entry: Entry, joint: Entry, name: str, T: int) -> dict[str, Cell]:
@@ -184,8 +246,13 @@ def sharpness_table(study: Study) -> ReportTable:
 
 def build_tables(study: Study) -> list[ReportTable]:
     names = list(dict.fromkeys(n for plan in study.plans for n in plan.protocols))
-    return [resources_table(study), *(gap_table(study, n) for n in names), *(continual_table(study, n) for n in names),
-            sharpness_table(study)]
+    # Every downstream set of any plan, then their mean where some plan has more than one.
+    sets = list(dict.fromkeys(d for plan in study.plans for d in plan.downstream))
+    if any(len(plan.downstream) > 1 for plan in study.plans):
+        sets.append("downstream")
+    downstream = [downstream_gap_table(study, d, n) for d in sets for n in names]
+    return [resources_table(study), *(gap_table(study, n) for n in names), *downstream,
+            *(continual_table(study, n) for n in names), sharpness_table(study)]
 
 
 def record_problems(study: Study) -> list[Problem]:

@@ -31,6 +31,10 @@ BASELINE = [0.1, 0.12, 0.08]
 NO_GAP_BY_CHUNK = ("distant_class", "supervised-sequential")
 # This plan turns eval.baseline off, so its lines have no FWT (not applicable, not missing).
 NO_BASELINE = ("distant_class", "sl")
+# Downstream sets every plan evaluates (eval-run metrics `{set}.{name}_top1`, plan gaps per set and their mean).
+DOWNSTREAM = ("heldout", "domain1")
+# This line logs no downstream gaps on its plan run: the report takes them from the eval runs.
+NO_DOWNSTREAM_GAPS = ("distant_class", "simclr-sequential-replay")
 # This chunk run logs checkpoint and buffer bytes but not their sum: the report adds them.
 NO_STORED_BYTES = ("random_class", "simclr-sequential-replay", 1)
 
@@ -45,6 +49,11 @@ def accuracy(stream: int, line: int, protocol: str, top5: bool, chunk: int, task
              - ((0.01 + 0.004 * line) * (chunk - task) if seen else 0.0)
              + (0.01 if protocol == "linear" else 0.0) + (0.25 if top5 else 0.0) + 0.004 * chunk + 0.003 * task)
     return round(value, 4)
+
+
+def downstream_accuracy(stream: int, line: int, protocol: str, data_set: int, chunk: int) -> float:
+    return round(0.30 + 0.03 * line + 0.01 * stream + 0.05 * data_set + 0.02 * chunk
+                 + (0.01 if protocol == "linear" else 0.0), 4)
 
 
 @dataclass
@@ -68,7 +77,8 @@ def build_study(db: Path, unfinished: tuple[str, str, int] | None = None,
             spec = Spec.model_validate({"name": EXPERIMENT, "data": {"url": "/data/synthetic"},
                                         "stream": {"kind": stream, "chunks": T},
                                         "lines": {"method": [method], "strategy": strategies},
-                                        "eval": {"baseline": baseline}})
+                                        "eval": {"baseline": baseline, "downstream": [
+                                            {"name": d, "url": f"/data/{d}"} for d in DOWNSTREAM]}})
             lines = [line_id(method, strategy) for strategy in strategies]
             plan_key = f"plan-{stream}-{plan_name}"
             tags = {tr.RUN_TYPE: "plan", tr.PLAN_KEY: plan_key, tr.STREAM_KIND: stream, tr.TAG + "spec_name": EXPERIMENT}
@@ -126,6 +136,8 @@ def build_study(db: Path, unfinished: tuple[str, str, int] | None = None,
                             row = [matrices[(line, name + suffix)].get(chunk, t) for t in range(T)]
                             em[f"{name}_top{5 if top5 else 1}"] = sum(row) / T
                             em.update({f"{name}_task{t}{suffix}": v for t, v in enumerate(row)})
+                    em.update({f"{d}.{name}_top1": downstream_accuracy(s, line_index, name, i, chunk)
+                               for name in PROTOCOLS for i, d in enumerate(DOWNSTREAM)})
                     em["sharpness_eps0.1"] = round(0.02 + 0.01 * line_index + 0.001 * chunk, 4)
                     em["sharpness_eps0.3"] = round(0.10 + 0.02 * line_index + 0.002 * chunk, 4)
                     tracker.log_metrics(eval_run, em)
@@ -142,6 +154,8 @@ def build_study(db: Path, unfinished: tuple[str, str, int] | None = None,
                 joint = line_id(method, "joint")
                 if line == joint or (unfinished is not None and (stream, line) == unfinished[:2]):
                     continue
+                if (stream, line) != NO_DOWNSTREAM_GAPS:
+                    _log_downstream_gaps(tracker, store, plan, stream, line, joint)
                 for name in PROTOCOLS:
                     gap = st_jt_gap(matrices[(line, name)], matrices[(joint, name)])
                     tracker.log_metrics(plan, {f"{line}.{name}.st_jt_gap": gap.final})
@@ -151,3 +165,17 @@ def build_study(db: Path, unfinished: tuple[str, str, int] | None = None,
             tracker.log_json(plan, "summary.json", {"lines": lines})
             tracker.end_run(plan, "FINISHED" if plan_complete else "FAILED")
     return store
+
+
+def _log_downstream_gaps(tracker: Tracker, store: Store, plan: str, stream: str, line: str, joint: str) -> None:
+    """As the driver's summary: JT minus ST per chunk on each set, and the mean over the sets (`downstream`)."""
+    client = tracker.client
+    for name in PROTOCOLS:
+        per_set = {d: [client.get_run(store.eval_runs[(stream, joint, c)]).data.metrics[f"{d}.{name}_top1"]
+                       - client.get_run(store.eval_runs[(stream, line, c)]).data.metrics[f"{d}.{name}_top1"]
+                       for c in range(T)] for d in DOWNSTREAM}
+        mean = [sum(per_set[d][c] for d in DOWNSTREAM) / len(DOWNSTREAM) for c in range(T)]
+        for key, values in [*per_set.items(), ("downstream", mean)]:
+            tracker.log_metrics(plan, {f"{line}.{key}.{name}.st_jt_gap": values[-1]})
+            for chunk, value in enumerate(values):
+                tracker.log_metrics(plan, {f"{line}.{key}.{name}.st_jt_gap_by_chunk": value}, step=chunk)

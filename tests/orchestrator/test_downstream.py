@@ -55,6 +55,8 @@ def test_prepared_shards_resolve_and_bad_entries_name_their_field(synthetic_url:
         resolve_downstream(wrong)
     with pytest.raises(SpecError, match=r"eval\.downstream"):
         validate_spec(_spec(synthetic_url, tmp_path, [{"name": "a", "url": "x"}, {"name": "a", "url": "y"}]))
+    with pytest.raises(SpecError, match=r"eval\.downstream.*'downstream' names the mean over the sets"):
+        validate_spec(_spec(synthetic_url, tmp_path, [{"name": "downstream", "url": "x"}]))
     none = validate_spec(_spec(synthetic_url, tmp_path, []))
     assert identity_digest(none) == identity_digest(validate_spec(tiny_spec("downstream", synthetic_url)))
     assert identity_digest(none) != identity_digest(spec)

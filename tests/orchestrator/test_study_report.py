@@ -19,8 +19,8 @@ from orchestrator.report.collect import LineInfo
 from orchestrator.report.tables import RESOURCE_COLUMNS
 from orchestrator.report.writers import write
 from orchestrator.tracking.tracker import Tracker
-from tests.orchestrator.study_store import (EXPERIMENT, NO_BASELINE, NO_GAP_BY_CHUNK, NO_STORED_BYTES, PLANS,
-                                            PROTOCOLS, STREAMS, T, line_id)
+from tests.orchestrator.study_store import (DOWNSTREAM, EXPERIMENT, NO_BASELINE, NO_DOWNSTREAM_GAPS, NO_GAP_BY_CHUNK,
+                                            NO_STORED_BYTES, PLANS, PROTOCOLS, STREAMS, T, line_id)
 
 LINES = [line_id(method, s) for _, (method, strategies) in PLANS.items() for s in strategies]
 CONTINUAL = ("avg_acc", "bwt", "fwt", "forgetting")
@@ -79,6 +79,22 @@ class Logged:
             return st_jt_gap(self.matrix(stream, line, name), self.matrix(stream, f"{method}-joint", name)).per_chunk[chunk]
         return history[chunk]
 
+    def downstream_gap(self, stream, line, data_set, name, chunk):
+        """(value, source runs) of the gap on a downstream set (or their mean, `downstream`): the plan run's metric,
+        or JT's eval run minus the line's where the plan logged none."""
+        plan = self.store.plan_of_line[(stream, line)]
+        key = f"{line}.{data_set}.{name}.st_jt_gap"
+        if (stream, line) == NO_DOWNSTREAM_GAPS:
+            c = T - 1 if chunk == "final" else chunk
+            joint = f"{line.split('-')[0]}-joint"
+            sets = DOWNSTREAM if data_set == "downstream" else (data_set,)
+            runs = [self.store.eval_runs[(stream, joint, c)], self.store.eval_runs[(stream, line, c)]]
+            jt, st = ([self.client.get_run(r).data.metrics[f"{d}.{name}_top1"] for d in sets] for r in runs)
+            return sum(jt) / len(jt) - sum(st) / len(st), tuple(runs)
+        if chunk == "final":
+            return self.plan(stream, line)[key], plan
+        return {m.step: m.value for m in self.client.get_metric_history(plan, f"{key}_by_chunk")}[chunk], plan
+
     def sharpness(self, stream, line, chunk, key):
         return self.client.get_run(self.store.eval_runs[(stream, line, chunk)]).data.metrics[key]
 
@@ -117,6 +133,10 @@ def _expected_rows(logged: Logged):
                     yield f"st_jt_gap.{name}", (stream, line), {
                         c if c == "final" else f"chunk {c}": (logged.gap(stream, line, name, c), plan)
                         for c in [*range(T), "final"]}
+                    for data_set in (*DOWNSTREAM, "downstream"):
+                        yield f"st_jt_gap.{data_set}.{name}", (stream, line), {
+                            c if c == "final" else f"chunk {c}": logged.downstream_gap(stream, line, data_set, name, c)
+                            for c in [*range(T), "final"]}
 
 
 def _key(table: str, row: dict[str, str]) -> tuple:
@@ -139,19 +159,20 @@ def test_numbers_read_back_from_markdown_csv_and_json_are_the_logged_ones(study_
         json_row = [r for r in by_name[table]["rows"] if _key(table, {**r["index"]}) == index]
         assert len(md_row) == len(csv_row) == len(json_row) == 1, (table, index)
         md_row, csv_row, json_row = md_row[0], csv_row[0], json_row[0]
-        runs = list(dict.fromkeys(run for value, run in cells.values()))
+        runs = list(dict.fromkeys(r for value, run in cells.values() for r in ((run,) if isinstance(run, str) else run)))
         assert md_row["sources"].split() == csv_row["sources"].split() == json_row["runs"] == runs, (table, index)
         for column, (value, run) in cells.items():
             if value is None:  # FWT of the plan that turned eval.baseline off: not applicable, not missing
                 assert md_row[column] == csv_row[column] == "n/a" and json_row["cells"][column]["na"]
                 continue
             assert float(csv_row[column]) == value, (table, index, column)  # CSV keeps the logged float exactly
-            assert json_row["cells"][column]["value"] == value and json_row["cells"][column]["runs"] == [run]
+            expected_runs = [run] if isinstance(run, str) else list(run)
+            assert json_row["cells"][column]["value"] == value and json_row["cells"][column]["runs"] == expected_runs
             assert float(md_row[column]) == pytest.approx(value, rel=5e-4, abs=5e-5), (table, index, column)
             checked += 1
     # 30 chunk rows x (6 resources + 2 sharpness), 10 lines x 2 protocols x 8 continual (minus 2 lines x 2 x 2 n/a FWT),
-    # 6 non-joint lines x 2 protocols x 4 gap columns.
-    assert checked == 30 * 8 + 10 * 2 * 8 - 8 + 6 * 2 * 4
+    # 6 non-joint lines x 2 protocols x 4 gap columns, and that again on 2 downstream sets and their mean.
+    assert checked == 30 * 8 + 10 * 2 * 8 - 8 + 6 * 2 * 4 * (1 + 3)
     # The sum of bytes where the run logged only its parts, and the gap from the matrices where it logged no curve.
     stream, line, chunk = NO_STORED_BYTES
     cell = next(r for r in by_name["resources"]["rows"] if _key("resources", r["index"]) == (stream, line, str(chunk)))
@@ -208,6 +229,10 @@ def test_a_partial_record_names_its_missing_runs_and_cells(partial_study_store) 
                      for c in [*CONTINUAL, *(f"{m}_top5" for m in CONTINUAL)]}
         expected |= {(f"st_jt_gap.{name}", "random_class", "simclr-sequential-replay", None, c, "line lacks chunk(s) 2")
                      for c in ["chunk 0", "chunk 1", "chunk 2", "final"]}
+        # Its downstream gaps are not on the plan run either; chunks 0 and 1 come from the eval runs.
+        expected |= {(f"st_jt_gap.{d}.{name}", "random_class", "simclr-sequential-replay", None, c,
+                      "simclr-sequential-replay chunk 2: chunk run FAILED")
+                     for d in (*DOWNSTREAM, "downstream") for c in ["chunk 2", "final"]}
     assert missing == expected
     # What the record does hold is still reported, from the runs that hold it.
     resources = report.table("resources")
