@@ -52,6 +52,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import combinations
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -329,6 +330,12 @@ class SelectionLog:
 
     def __len__(self) -> int:
         return len(self._batches)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"window": self._batches.maxlen, "batches": list(self._batches)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._batches = deque(state["batches"], maxlen=state["window"])
 
 
 __all__ = ["DEFAULT_PART_SIZE", "RALS", "SCORERS", "Scores", "Selection", "SelectionLog", "barlow_part_losses",

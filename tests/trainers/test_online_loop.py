@@ -1,0 +1,156 @@
+"""The online loop on plain tensors: each stream batch's steps under the LR cycle, deadlines counted exactly, the
+memory fed after a batch, RALS's selection, and a resume mid-stream that continues exactly."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from trainers.engine.types import Batch
+from trainers.loop import LineTrainer, LoopConfig
+from trainers.online.config import OnlineConfig
+from trainers.online.loop import OnlineTrainer
+from trainers.views import AugmentConfig
+
+
+def line(**overrides) -> LineTrainer:
+    base = dict(method="simclr", strategy="sequential", image_size=16,
+                views=(AugmentConfig(size=16, blur_p=0.0), AugmentConfig(size=16, blur_p=0.0)),
+                backbone_width=4, lr=0.05, batch_size=8, seed=3, method_options={"proj_hidden": 16, "proj_out": 8})
+    base.update(overrides)
+    return LineTrainer(LoopConfig(**base))
+
+
+def stream(n: int, size: int = 8, seed: int = 0) -> list[Batch]:
+    g = torch.Generator().manual_seed(seed)
+    return [Batch.from_images(torch.randint(0, 256, (size, 3, 16, 16), dtype=torch.uint8, generator=g),
+                              index=torch.arange(k * size, (k + 1) * size)) for k in range(n)]
+
+
+def online_cfg(**overrides) -> OnlineConfig:
+    return OnlineConfig.parse("online", **{"batch_size": 8, "steps_per_batch": 3, "max_lr": 0.05,
+                                           "memory_size": 12, "memory_batch": 4, **overrides})
+
+
+class Clock:
+    """A wall clock that moves one second each time it is read."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_each_batch_takes_its_steps_under_the_cycle_and_then_joins_the_memory(one_torch_thread) -> None:
+    online = OnlineTrainer(line(), online_cfg())
+    seen_lrs, seen_momenta = [], []
+    optimizer = online.trainer.optimizer
+    original = optimizer.step
+
+    def spy(*args, **kwargs):
+        seen_lrs.append(optimizer.param_groups[0]["lr"])
+        seen_momenta.append(optimizer.param_groups[0]["momentum"])
+        return original(*args, **kwargs)
+
+    optimizer.step = spy
+    reports = [online.learn(b) for b in stream(3)]
+    assert [r.steps for r in reports] == [3, 3, 3] and not any(r.late for r in reports)
+    cycle = [online.cycle.lr(s) for s in range(3)]
+    assert seen_lrs == pytest.approx(cycle * 3)  # restarted with every batch
+    assert seen_lrs[0] == pytest.approx(0.005)  # max_lr / div_factor
+    assert seen_momenta == pytest.approx([online.cycle.momentum(s) for s in range(3)] * 3)
+    # The memory holds only rows of batches already learned: none before the first, 8 then 12 (its bound).
+    assert [r.memory_rows for r in reports] == [8, 12, 12]
+    assert online.batches_done == 3 and online.steps_done == 9
+    assert all(math.isfinite(r.loss) for r in reports)
+
+
+def test_constant_lr_is_max_lr_at_every_step(one_torch_thread) -> None:
+    online = OnlineTrainer(line(), online_cfg(schedule="constant", max_lr=0.02))
+    report = online.learn(stream(1)[0])
+    assert report.lr == 0.02 and online.trainer.optimizer.param_groups[0]["lr"] == 0.02
+
+
+def test_deadlines_are_counted_exactly_when_the_stream_outpaces_training(one_torch_thread) -> None:
+    # The clock moves 1 s per read and each batch's deadline is 2.5 s after the previous: the deadline check before
+    # step s reads the clock once, so a batch gets exactly the steps whose check comes before its deadline.
+    clock = Clock()
+    online = OnlineTrainer(line(), online_cfg(steps_per_batch=4, late_policy="drop"), clock=clock)
+    reports = []
+    for batch in stream(4):
+        reports.append(online.learn(batch, deadline=clock.now + 2.5))
+    assert [r.steps for r in reports] == [2, 2, 2, 2] and all(r.late for r in reports)
+    assert [r.dropped_steps for r in reports] == [2, 2, 2, 2]
+    assert online.late_batches == 4 and online.dropped_steps == 8
+    # Queue: every step is taken, the batch is still late, the next one waits.
+    clock = Clock()
+    queued = OnlineTrainer(line(), online_cfg(steps_per_batch=4, late_policy="queue"), clock=clock)
+    reports = [queued.learn(b, deadline=clock.now + 2.5) for b in stream(3)]
+    assert [r.steps for r in reports] == [4, 4, 4] and all(r.late for r in reports)
+    assert queued.late_batches == 3 and queued.dropped_steps == 0
+    # A deadline far away: nothing is late.
+    relaxed = OnlineTrainer(line(), online_cfg(), clock=Clock())
+    assert not relaxed.learn(stream(1)[0], deadline=1e9).late and relaxed.late_batches == 0
+
+
+def test_a_budget_shorter_than_a_step_warns_with_the_measured_step_time(one_torch_thread) -> None:
+    online = OnlineTrainer(line(), online_cfg(time_budget_s=1e-6, steps_per_batch=3))
+    with pytest.warns(RuntimeWarning, match=r"time_budget_s \(1e-06 s\) is shorter than one training step"):
+        online.learn(stream(1)[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        online.learn(stream(1)[0])  # said once
+
+
+def test_rals_trains_on_k_candidates_and_reports_the_new_share(one_torch_thread) -> None:
+    online = OnlineTrainer(line(), online_cfg(rals=True, rals_k=10, memory_batch=8))
+    sizes = []
+    original = online.trainer.model.forward
+
+    def spy(views, batch, ctx):
+        sizes.append(len(batch))
+        return original(views, batch, ctx)
+
+    online.trainer.model.forward = spy
+    first = online.learn(stream(1)[0])
+    assert math.isnan(first.new_fraction)  # empty memory: 8 candidates <= k, nothing to choose
+    second = online.learn(stream(2, seed=1)[1])
+    assert 0.0 <= second.new_fraction <= 1.0 and second.rals_seconds > 0
+    assert sizes == [8] * 3 + [10] * 3  # 16 candidates once the memory holds rows: the top 10 are trained on
+
+
+def test_resuming_mid_stream_continues_exactly(one_torch_thread) -> None:
+    batches = stream(6)
+    straight = OnlineTrainer(line(), online_cfg(rals=True, rals_k=10, memory_batch=8))
+    for b in batches:
+        straight.learn(b)
+
+    first = OnlineTrainer(line(), online_cfg(rals=True, rals_k=10, memory_batch=8))
+    for b in batches[:3]:
+        first.learn(b)
+    state = {**first.state_dict(), **first.rank_states()}
+    resumed = OnlineTrainer(line(), online_cfg(rals=True, rals_k=10, memory_batch=8))
+    resumed.load_state_dict(state)
+    assert resumed.batches_done == 3
+    for b in batches[3:]:
+        resumed.learn(b)
+    for a, b in zip(straight.trainer.method.state_dict().values(), resumed.trainer.method.state_dict().values()):
+        assert torch.equal(a, b)
+    assert torch.equal(straight.memory.index, resumed.memory.index)
+    assert straight.counters() == resumed.counters()
+
+
+def test_the_selection_log_survives_a_resume(one_torch_thread) -> None:
+    online = OnlineTrainer(line(), online_cfg(rals=True, rals_k=10, memory_batch=8))
+    for b in stream(3):
+        online.learn(b)
+    state = {**online.state_dict(), **online.rank_states()}
+    resumed = OnlineTrainer(line(), online_cfg(rals=True, rals_k=10, memory_batch=8))
+    resumed.load_state_dict(state)
+    assert len(resumed.selection) == len(online.selection) == 2  # the first batch had nothing to choose from
+    assert resumed.selection.running_mean == online.selection.running_mean

@@ -1,0 +1,233 @@
+"""The online loop: learn each stream batch with a fixed number of steps (or until the next batch arrives), with a
+per-batch LR cycle, a replay memory and, optionally, RALS. Plain PyTorch, one object per worker.
+
+    online = OnlineTrainer(LineTrainer(loop_cfg, device), OnlineConfig(steps_per_batch=20, rals=True))
+    for k, batch in enumerate(stream):                       # Batch of this rank's rows of stream batch k
+        report = online.learn(batch, deadline=arrival[k + 1])  # wall-clock time the next batch arrives, or None
+    save_state(folder, {**online.state_dict(), **online.rank_states()})
+
+Every step draws `memory_batches` memory batches and joins them to the stream batch; with RALS the candidates are
+scored under the current model and the anchor (the model as it was when the batch arrived) and only the `rals_k`
+whose loss rose most are trained on. The stream batch joins the memory after its steps, so a batch is never its
+own replay.
+
+Deadlines: with `deadline`, a batch whose steps are not all done when it passes is *late*. Policy `drop` stops
+its steps there (the rest are counted as dropped); `queue` finishes them, and the next batch waits. Under DDP the
+ranks agree at every step (one all-reduce) whether the deadline has passed, so they always take the same steps.
+
+The wrapped LineTrainer supplies the model, optimizer, views and its generator; the line's strategy hooks are not
+called (the memory is online's replay). The state is the LineTrainer's plus the stream position, every rank's
+memory shard and the selection log, so a resumed stream continues at the next batch with the same memory.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from trainers.engine.step import NonFiniteLossError, train_step
+from trainers.engine.types import Batch, StepContext
+from trainers.loop import LineTrainer
+from trainers.online.config import OnlineConfig
+from trainers.online.memory import ReplayMemory, _share
+from trainers.online.rals import RALS, SelectionLog
+from trainers.online.schedule import LocalCycle
+from trainers.optim import set_lr
+from trainers.viewplan import make_view_set
+
+
+@dataclass
+class BatchReport:
+    """What learning one stream batch did."""
+
+    stream_batch: int  # its position in the stream (0-based)
+    steps: int  # optimizer steps taken on it
+    dropped_steps: int  # steps not taken because the next batch arrived (policy drop)
+    late: bool  # its steps were not all done before the deadline
+    loss: float  # mean training loss over its steps (NaN when none was taken)
+    lr: float  # LR of its last step
+    seconds: float  # wall time of its steps
+    step_seconds: float  # of that, inside train_step (the rest: memory, selection, views)
+    rals_seconds: float  # of that, scoring and selecting (0 without RALS)
+    new_fraction: float  # share of the trained rows from this stream batch (NaN without RALS)
+    memory_rows: int  # rows in this rank's memory shard after the batch joined it
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _ddp() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class OnlineTrainer:
+    def __init__(self, trainer: LineTrainer, cfg: OnlineConfig, clock=time.time) -> None:
+        self.trainer, self.cfg = trainer, cfg
+        self.clock = clock  # wall-clock seconds, what deadlines are in (a test drives its own)
+        rank, world = _ddp()
+        self.rank, self.world = rank, world
+        self.memory = ReplayMemory(cfg.memory_size, seed=cfg.seed) if cfg.memory_size else None
+        if self.memory is not None:
+            self.memory.setup(rank, world)
+        self.selection = SelectionLog()
+        self.cycle = LocalCycle(cfg.max_lr, cfg.steps_per_batch, pct_start=cfg.pct_start, div_factor=cfg.div_factor,
+                                final_div_factor=cfg.final_div_factor, base_momentum=cfg.base_momentum,
+                                max_momentum=cfg.max_momentum) if cfg.schedule == "local_cycle" else None
+        # Memory draws and RALS's part permutation: seeded per rank, checkpointed with the rest.
+        self.generator = torch.Generator().manual_seed(cfg.seed * 7919 + rank)
+        self.rals = RALS(_share(cfg.rals_k, rank, world), part_size=cfg.rals_part_size,
+                         generator=self.generator) if cfg.rals else None
+        self.batches_done = 0  # stream batches learned (the next one to learn is this index)
+        self.steps_done = 0  # optimizer steps over the whole stream
+        self.late_batches = 0
+        self.dropped_steps = 0
+        self._warned_budget = False
+        self._step_times: list[float] = []
+
+    # ----------------------------------------------------------------- one stream batch
+    def learn(self, batch: Batch | torch.Tensor, deadline: float | None = None) -> BatchReport:
+        """Learn this rank's rows of the next stream batch; `deadline` is the wall-clock time (time.time()) the
+        following batch arrives, or None when the stream waits for training."""
+        cfg, lt = self.cfg, self.trainer
+        if not isinstance(batch, Batch):
+            batch = Batch.from_images(batch)
+        batch = batch.to(lt.device, non_blocking=True)
+        method, lc = lt.method, lt.cfg
+        method.train()
+        if self.rals is not None:
+            self.rals.reset_anchor(method)
+        autocast = (torch.autocast(device_type=lt.device.type, dtype=torch.bfloat16) if lc.precision == "bf16"
+                    else nullcontext())
+        started = time.perf_counter()
+        losses, lr, late, taken = [], 0.0, False, 0
+        step_s = rals_s = 0.0
+        fractions = []
+        for step in range(cfg.steps_per_batch):
+            if deadline is not None and self._past(deadline):
+                late = True
+                if cfg.late_policy == "drop":
+                    break
+            if self.cycle is not None:
+                lr = self.cycle.lr(step)
+                self.cycle.apply(lt.optimizer, step)  # the LR (through set_lr: fixed_lr groups keep theirs), momentum
+            else:
+                lr = cfg.max_lr
+                set_lr(lt.optimizer, lr)
+            candidates = batch
+            if self.memory is not None:
+                for _ in range(cfg.memory_batches):
+                    drawn = self.memory.draw(_share(cfg.memory_draw, self.rank, self.world), self.generator)
+                    if drawn is not None:
+                        candidates = candidates.cat(drawn.to(lt.device))
+            ctx = StepContext(step=self.steps_done, total_steps=None, chunk=-1, epoch=0, lr=lr, rank=self.rank,
+                              world_size=self.world, stream_batch=self.batches_done)
+            views = make_view_set(candidates.images, lc.views, generator=lt.generator)
+            if self.rals is not None and len(candidates) > self.rals.k:
+                selection = self.rals.select(method, views, candidates, ctx, new_rows=len(batch))
+                rals_s += selection.seconds
+                fractions.append(selection.new_fraction)
+                rows = selection.rows.to(lt.device)
+                views, candidates = views.map(lambda v: v[rows]), candidates.select(rows)
+            if lc.channels_last:
+                views = views.map(lambda v: v.contiguous(memory_format=torch.channels_last))
+            stepping = time.perf_counter()
+            out = train_step(lt.model, method, lt.optimizer, views, candidates, ctx, autocast=autocast)
+            step_s += time.perf_counter() - stepping
+            self._step_times.append(time.perf_counter() - stepping)
+            losses.append(out.loss.detach().float())
+            taken += 1
+            self.steps_done += 1
+        if deadline is not None and not late and taken == cfg.steps_per_batch and self._past(deadline):
+            late = True  # the last step ended after the next batch arrived
+        self._check_finite(losses, lr)
+        if self.memory is not None:
+            self.memory.add(batch.to("cpu"))
+        if fractions:
+            self.selection.add_batch(fractions)
+        self._warn_if_budget_too_short()
+        report = BatchReport(
+            stream_batch=self.batches_done, steps=taken, dropped_steps=cfg.steps_per_batch - taken, late=late,
+            loss=torch.stack(losses).mean().item() if losses else math.nan, lr=lr,
+            seconds=time.perf_counter() - started, step_seconds=step_s, rals_seconds=rals_s,
+            new_fraction=sum(fractions) / len(fractions) if fractions else math.nan,
+            memory_rows=len(self.memory) if self.memory is not None else 0)
+        self.batches_done += 1
+        self.late_batches += int(late)
+        self.dropped_steps += report.dropped_steps
+        return report
+
+    def _past(self, deadline: float) -> bool:
+        """Whether the deadline has passed, agreed by all ranks (any rank past it stops them all)."""
+        passed = torch.tensor([1.0 if self.clock() >= deadline else 0.0])
+        if self.world > 1:
+            dist.all_reduce(passed, op=dist.ReduceOp.MAX)
+        return bool(passed.item())
+
+    def _check_finite(self, losses: list[torch.Tensor], lr: float) -> None:
+        bad = torch.tensor([0.0 if not losses else float((~torch.isfinite(torch.stack(losses))).sum())])
+        if self.world > 1:
+            dist.all_reduce(bad)
+        if bad.item():
+            raise NonFiniteLossError(f"{self.trainer.cfg.method}: the loss became non-finite on stream batch "
+                                     f"{self.batches_done} (lr {lr:.4g}); lower online.max_lr")
+
+    def _warn_if_budget_too_short(self) -> None:
+        budget = self.cfg.time_budget_s
+        if budget is None or self._warned_budget or len(self._step_times) < 2:
+            return
+        step = sorted(self._step_times[1:])[len(self._step_times[1:]) // 2]  # the median, past the first step
+        if budget < step:
+            self._warned_budget = True
+            warnings.warn(f"online.time_budget_s ({budget:g} s) is shorter than one training step ({step:.3g} s "
+                          "measured): every batch will be late", RuntimeWarning, stacklevel=3)
+
+    # ----------------------------------------------------------------- state
+    def counters(self) -> dict[str, float]:
+        last, mean = self.selection.last, self.selection.running_mean
+        return {"stream_batches": self.batches_done, "online_steps": self.steps_done,
+                "late_batches": self.late_batches, "dropped_steps": self.dropped_steps,
+                "rals_new_fraction_last": math.nan if last is None else last,
+                "rals_new_fraction_mean100": math.nan if mean is None else mean}
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's view; under DDP the caller adds `rank_states()` (every rank's memory and generators)."""
+        return {**self.trainer.state_dict(), "online": {
+            "batches_done": self.batches_done, "steps_done": self.steps_done, "late_batches": self.late_batches,
+            "dropped_steps": self.dropped_steps, "selection": self.selection.state_dict(),
+            "memory": [self.memory.state_dict()] if self.memory is not None else [],
+            "generators": [self.generator.get_state()]}}
+
+    def rank_states(self) -> dict[str, Any]:
+        """Every rank's memory shard and generators, gathered by rank. A collective under DDP."""
+        own = (self.memory.state_dict() if self.memory is not None else None, self.generator.get_state())
+        states = [own]
+        if self.world > 1:
+            states = [None] * self.world
+            dist.all_gather_object(states, own)
+        trainer_states = self.trainer.rank_states()
+        online = self.state_dict()["online"]
+        online.update(memory=[m for m, _ in states if m is not None], generators=[g for _, g in states])
+        return {**trainer_states, "online": online}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.trainer.load_state_dict(state)
+        online = state["online"]
+        self.batches_done, self.steps_done = online["batches_done"], online["steps_done"]
+        self.late_batches, self.dropped_steps = online["late_batches"], online["dropped_steps"]
+        self.selection.load_state_dict(online["selection"])
+        if self.memory is not None and online["memory"]:
+            self.memory.load_state_dict(online["memory"], self.rank, self.world)
+        if self.rank < len(online["generators"]):
+            self.generator.set_state(online["generators"][self.rank])
+
+
+__all__ = ["BatchReport", "OnlineTrainer"]
