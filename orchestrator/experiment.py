@@ -242,12 +242,16 @@ class _Driver:
                 result = ray.get(ready[0])
             except Exception as exc:
                 raise TrainingError(f"evaluation of {job.name} failed: {exc}") from exc
-            if isinstance(job, EpochCheckpoint):  # a mid-chunk checkpoint (eval.every_epochs)
-                log_epoch_eval(self.tracker, self.parent, self.plan, job, result)
-                continue
-            self.log_eval(job, result)
-            if self.spec.eval.every_epochs:  # the chunk end closes the chunk's accuracy-against-epochs curve
-                log_by_epoch(self.tracker, self.parent, self.plan, job, self.spec.optim.epochs_per_chunk, result)
+            self.log_result(job, result)
+
+    def log_result(self, item: Job | EpochCheckpoint, result: dict[str, Any]) -> None:
+        """Record one finished evaluation: a chunk end's, or a mid-chunk checkpoint's (eval.every_epochs)."""
+        if isinstance(item, EpochCheckpoint):
+            log_epoch_eval(self.tracker, self.parent, self.plan, item, result)
+            return
+        self.log_eval(item, result)
+        if self.spec.eval.every_epochs:  # the chunk end closes the chunk's accuracy-against-epochs curve
+            log_by_epoch(self.tracker, self.parent, self.plan, item, self.spec.optim.epochs_per_chunk, result)
 
     # ---------------------------------------------------------------- events from training
     def on_event(self, event: dict[str, Any]) -> None:
@@ -417,7 +421,12 @@ def run_experiment(
     if dry:
         dry_run(plan, console, tracker)
         return ExperimentSummary(None, plan.key)
-    summary = _Driver(plan, tracker, console, address).run(resume)
+    if spec.stream.kind == "online":  # one long job per line group, segments instead of chunks
+        from orchestrator.online_driver import OnlineDriver
+
+        summary = OnlineDriver(plan, tracker, console, address).run(resume)
+    else:
+        summary = _Driver(plan, tracker, console, address).run(resume)
     print_summary(summary, console, spec)
     if summary.diverged:
         finished = len(plan.lines) - len(summary.diverged)

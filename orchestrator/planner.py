@@ -139,13 +139,17 @@ def build_plan(spec: Spec, progress: bool = True) -> ExperimentPlan:
         labels = np.where(labels >= 0, group_label_map(manifest)[np.maximum(labels, 0)], -1)
     check_labels(spec, labels)
     stream = make_plan(index, manifest, spec.stream.kind, spec.stream.chunks, spec.stream.seed,
-                       class_fraction=spec.data.class_fraction)
+                       class_fraction=spec.data.class_fraction,
+                       order=spec.online.order if spec.online is not None else "class_incremental")
     check_strategies(spec, stream)
     identity = identity_digest(spec)
     plan_key = _digest(identity, manifest.digest, stream.digest)
     lines = [Line(m, s) for m in spec.lines.method for s in spec.lines.strategy]
     jobs = []
     for line in lines:
+        if spec.stream.kind == "online":  # one job: the whole stream (its segments are evaluated as it goes)
+            jobs.append(Job(line, 0, tuple(range(stream.num_chunks)), _digest(plan_key, line.id, "online")))
+            continue
         strategy = build_strategy(line.strategy)
         for t in range(stream.num_chunks):
             jobs.append(Job(line, t, tuple(strategy.training_chunks(t)), _digest(plan_key, line.id, str(t))))

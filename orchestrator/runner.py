@@ -297,7 +297,7 @@ def train_group(
     """Train `tasks` in one TorchTrainer; `on_event` gets every rank-0 event on the calling thread."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    from ray.util.queue import Empty, Queue
+    from ray.util.queue import Queue
 
     spec = plan.spec
     res = spec.resources
@@ -361,6 +361,15 @@ def train_group(
             checkpoint_config=CheckpointConfig(num_to_keep=None),
         ),
     )
+    return fit_with_events(trainer, events, run_name, on_event, ", ".join(t.line.id for t in tasks))
+
+
+def fit_with_events(trainer: Any, events: Any, run_name: str, on_event: Callable[[dict[str, Any]], None],
+                    what: str) -> GroupResult:
+    """`trainer.fit()` on a thread while this one hands every event from the `events` queue to `on_event`; a
+    failure is a TrainingError naming `what` was trained."""
+    from ray.util.queue import Empty
+
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
@@ -386,9 +395,10 @@ def train_group(
             if event["type"] == "start":
                 starts += 1
                 first_start = first_start or event["time"]
-            elif event["type"] == "chunk":
+            elif event["type"] in ("chunk", "online_end"):
                 last_chunk = time.time()
-            result.events.append(event)
+            if event["type"] != "online_batch":  # (one per stream batch: an unbounded stream must not pile up)
+                result.events.append(event)
             on_event(event)
             block = False
 
@@ -405,7 +415,7 @@ def train_group(
     except Exception:
         pass
     if "error" in outcome:
-        raise TrainingError(f"training of {', '.join(t.line.id for t in tasks)} failed: {outcome['error']}") from (
+        raise TrainingError(f"training of {what} failed: {outcome['error']}") from (
             outcome["error"]
         )
     return result

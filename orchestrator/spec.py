@@ -41,6 +41,7 @@ from evaluators.registry import EVALUATOR_REGISTRY
 from orchestrator.errors import SpecError
 from orchestrator.spec_errors import SECRET_KEY_PATTERN, describe_validation_error
 from orchestrator.spec_eval import EvalSpec, _none_is_empty
+from orchestrator.spec_online import OnlineSpec, online_problems
 from orchestrator.streams import STREAM_REGISTRY
 from orchestrator.spec_views import LocalViewSpec, ViewSpec, ViewsSpec  # noqa: F401  (re-exported)
 from trainers.registry import BACKBONE_REGISTRY, METHOD_REGISTRY, STRATEGY_REGISTRY, Registry
@@ -267,6 +268,7 @@ class Spec(_Strict):
     )
     strategy: StrategyOptionsSpec = Field(default_factory=StrategyOptionsSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    online: OnlineSpec | None = Field(None, description="stream kind online: how stream batches arrive and are learned")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
@@ -308,6 +310,11 @@ class Spec(_Strict):
                     f"views.local.count must be >= 1: {method} trains on multi-crop local views besides the global "
                     "ones (e.g. views.local: {count: 6, size: 96} at 224 px)"
                 )
+        problems = online_problems(self.stream.kind, self.online, list(self.lines.strategy), self.resources.workers)
+        if problems:
+            raise ValueError("; ".join(problems))
+        if self.stream.kind == "online" and self.online is None:
+            self.online = OnlineSpec()
         unknown = sorted(set(self.views.local.methods or ()) - set(self.lines.method))
         if unknown:
             raise ValueError(f"views.local.methods: {unknown} not among lines.method {list(self.lines.method)}")

@@ -16,7 +16,10 @@ Kinds (`STREAM_REGISTRY`, one record each):
 - ``random_class``: the classes in a seeded random order, cut into near-equal sets, one per chunk;
 - ``distant_class``: whole coarse groups per chunk (groups in a seeded order dealt round-robin), so no two
   chunks share a group: consecutive chunks are semantically far apart. Needs at least as many groups as chunks;
-- ``domain``: the domains in a seeded order, cut into near-equal sets. Needs at least as many domains as chunks.
+- ``domain``: the domains in a seeded order, cut into near-equal sets. Needs at least as many domains as chunks;
+- ``online``: T tasks learned as one stream of small batches (`online.order`: ``instance`` cuts the rows like
+  ``instance``, ``class_incremental`` the classes like ``random_class``); the tasks are read one after another
+  and cut into stream batches by the online reader (`orchestrator.online_runner`).
 
 A plan is small and picklable (label/domain lookup tables, or 8-byte key hashes for ``instance``), so Ray
 tasks can filter batches with ``plan.select`` or ``plan.chunk_of``. ``plan.digest`` identifies the exact
@@ -293,6 +296,15 @@ def _domain_partition(data: _Units, num_chunks: int) -> _Partition:
                                                              for p in parts])
 
 
+def _online_partition(data: _Units, num_chunks: int, order: str = "class_incremental") -> _Partition:
+    """The tasks of an online stream: rows (`instance`) or classes (`class_incremental`) cut into T sets."""
+    if order == "instance":
+        return _instance_partition(data, num_chunks)
+    if order == "class_incremental":
+        return _random_class_partition(data, num_chunks)
+    raise SpecError(f"online.order must be 'instance' or 'class_incremental', got {order!r}")
+
+
 class StreamKindConfig(ComponentConfig):
     """Options of a stream kind (none of today's kinds has any; `stream.chunks` and `stream.seed` are common)."""
 
@@ -307,13 +319,17 @@ STREAM_REGISTRY = Registry("stream kind", [
            summary="whole coarse groups per chunk: consecutive chunks are semantically far apart"),
     Record("domain", _domain_partition, StreamKindConfig,
            summary="domains in a seeded order, cut into near-equal sets, one per chunk"),
+    Record("online", _online_partition, StreamKindConfig,
+           summary="T tasks (by instance or by class, online.order) read as one stream of small batches"),
 ])
 STREAM_KINDS = STREAM_REGISTRY.names
 
 
 def make_plan(index: pa.Table, manifest: Manifest, kind: str, num_chunks: int, seed: int,
-              class_fraction: float = 1.0) -> StreamPlan:
+              class_fraction: float = 1.0, order: str = "class_incremental") -> StreamPlan:
     """Partition the rows of `index` (key, label, domain; usually the train split) into `num_chunks` chunks.
+
+    `order` is the online kind's task order (`online.order`); the other kinds ignore it.
 
     `class_fraction` < 1 keeps that share of each chunk's classes for training (`orchestrator.data_factors`): the
     other rows are in no chunk, and each chunk remembers its unsampled row count, on which its steps are planned.
@@ -344,7 +360,8 @@ def make_plan(index: pa.Table, manifest: Manifest, kind: str, num_chunks: int, s
     rng = np.random.default_rng(np.random.SeedSequence([seed, STREAM_KINDS.index(kind)]))
 
     record = STREAM_REGISTRY.require(kind)
-    part = record.build(_Units(labels, domains, manifest, rng), num_chunks)
+    units = _Units(labels, domains, manifest, rng)
+    part = record.build(units, num_chunks, order=order) if kind == "online" else record.build(units, num_chunks)
     row_chunk, unit_chunk, specs_units = part.row_chunk, part.unit_chunk, part.units
     key_hashes = key_chunks = None
     if unit_chunk is None:  # rows, not classes or domains, are the unit: look rows up by key hash

@@ -1,0 +1,216 @@
+"""The driver of an online plan (`stream.kind: online`): one long training run per line whose losses, LR and
+deadline counts stream into MLflow batch by batch, and a segment run per X-batch window with its checkpoint and
+evaluation.
+
+    summary = OnlineDriver(plan, tracker, console, address).run(resume=False)
+
+Lineage: plan run -> the line's online run (run type `chunk`, the line's only job: the whole stream; metrics at
+step = stream batches seen) -> segment runs (`segment`: its batches, checkpoint, kNN/linear of that checkpoint)
+-> the last segment's evaluation is also the line's eval run. The online run carries every segment's accuracy
+as `{name}_top1_by_batch` against stream batches, so MLflow draws accuracy over stream time; the plan run gets
+the curves and the RALS selection-ratio curve as PNGs.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from evaluators.report import plot_metric_curves
+from orchestrator.checkpoints import CheckpointFs
+from orchestrator.display import TrainingProgress
+from orchestrator.experiment import _Driver, init_ray
+from orchestrator.evaluation import EvalActor
+from orchestrator.ingest import start_corrupt_row_counter
+from orchestrator.online_runner import total_batches, train_online
+from orchestrator.planner import Job
+from orchestrator.runner import LineTask, loop_config, ray_run_name
+from orchestrator.spec_params import flatten
+from orchestrator.summary import ExperimentSummary
+from orchestrator.tracking import lineage as tr
+
+SEGMENT = "segment"
+# Per-batch values logged on the online run (step = stream batches seen).
+BATCH_METRICS = ("loss", "lr", "steps", "dropped_steps", "seconds", "step_seconds", "rals_seconds", "memory_rows")
+COUNTERS = ("late_batches", "online_steps", "rals_new_fraction_last", "rals_new_fraction_mean100")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A segment's checkpoint waiting for its evaluation."""
+
+    job: Job
+    index: int
+    batches: int  # stream batches learned when it ended
+    run_id: str
+    final: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.job.line.id}/segment-{self.index:03d}"
+
+
+class OnlineDriver(_Driver):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.online_runs: dict[str, str] = {}  # job key -> the line's online run
+        self.segment_runs: dict[tuple[str, int], str] = {}  # (job key, segment) -> run id
+        self.curves: dict[str, dict[str, list[tuple[int, float]]]] = {}  # line -> series -> (batches, value)
+        self.total = total_batches(self.plan)
+
+    # ---------------------------------------------------------------- events
+    def on_event(self, event: dict[str, Any]) -> None:
+        kind = event["type"]
+        if kind == "online_start":
+            self._open_online_run(event)
+        elif kind == "online_batch":
+            self._log_batch(event)
+        elif kind == "segment":
+            self._log_segment(event)
+            self.collect(block=False)
+        elif kind == "online_end":
+            run_id = self.online_runs[event["job_key"]]
+            self.tracker.log_metrics(run_id, {k: event[k] for k in (*COUNTERS, "dropped_steps", "stream_batches")
+                                              if k in event and event[k] == event[k]}, step=event["stream_batches"])
+            self.tracker.end_run(run_id, "FINISHED")
+            self.chunk_runs[event["job_key"]] = run_id
+        else:
+            super().on_event(event)
+
+    def _open_online_run(self, event: dict[str, Any]) -> None:
+        job = self.jobs[event["job_key"]]
+        if job.key in self.online_runs:  # the worker group restarted: the same run goes on
+            self.tracker.log_metrics(self.online_runs[job.key], {"resumed_at_batch": event["batch"]},
+                                     step=event["batch"])
+            return
+        tags = {**self._chunk_tags(job), tr.TAG + "online": "true", tr.TAG + "data_digest": self.plan.data_digest,
+                tr.TAG + "stream_digest": self.plan.stream.digest}
+        run_id = self.tracker.create_run(f"{job.line.id}/online", tags, start_ms=int(event["time"] * 1000))
+        params = flatten(self.spec)
+        params.update({"line.method": job.line.method, "line.strategy": job.line.strategy})
+        self.tracker.log_params(run_id, params)
+        self.tracker.log_metrics(run_id, {"world_size": event["world_size"], "planned_stream_batches": self.total})
+        self.online_runs[job.key] = run_id
+        if self.progress is not None:
+            self.progress.add_line(job.line.id, {0: 0}, self.total, event["batch"])
+
+    def _log_batch(self, event: dict[str, Any]) -> None:
+        run_id = self.online_runs[event["job_key"]]
+        step = event["stream_batch"] + 1
+        metrics = {k: event[k] for k in BATCH_METRICS}
+        metrics["late"] = float(event["late"])
+        metrics.update({k: event[k] for k in COUNTERS if event[k] == event[k]})  # NaN: no RALS yet
+        if event["new_fraction"] == event["new_fraction"]:
+            metrics["rals_new_fraction"] = event["new_fraction"]
+            self.curves.setdefault(event["line"], {}).setdefault("rals_new_fraction", []).append(
+                (step, event["new_fraction"]))
+        self.tracker.log_metrics(run_id, metrics, step=step, timestamp_ms=int(event["time"] * 1000))
+        if self.progress is not None:
+            self.progress.step({"line": event["line"], "chunk": 0, "step": step, "loss": event["loss"],
+                                "samples_per_s": self.spec.online.batch_size * event["steps"]
+                                / max(event["seconds"], 1e-9)})
+
+    def _log_segment(self, event: dict[str, Any]) -> None:
+        job = self.jobs[event["job_key"]]
+        key = (job.key, event["segment"])
+        if key in self.segment_runs:  # replayed after a restart
+            return
+        final = event["batches"] >= self.total
+        tags = {tr.RUN_TYPE: SEGMENT, tr.PARENT: self.parent, tr.PLAN_KEY: self.plan.key, tr.JOB_KEY: job.key,
+                tr.LINE: job.line.id, tr.CHUNK: "0", tr.CHECKPOINT: event["checkpoint_uri"],
+                tr.TAG + "segment": str(event["segment"]), tr.TAG + "online_run": self.online_runs[job.key],
+                tr.TAG + "stream_batches": f"{event['first_batch']}-{event['batches']}"}
+        name = Segment(job, event["segment"], event["batches"], "", final).name
+        run_id = self.tracker.create_run(name, tags, start_ms=int(event["started"] * 1000))
+        metrics = {"stream_batches": event["batches"], "segment_batches": event["batches"] - event["first_batch"],
+                   "wall_seconds": event["ended"] - event["started"], "late_batches": event["late_batches"],
+                   "dropped_steps": event["dropped_steps"], "checkpoint_bytes": event.get("checkpoint_bytes", 0),
+                   "buffer_bytes": event.get("buffer_bytes", 0)}
+        metrics["stored_bytes"] = metrics["checkpoint_bytes"] + metrics["buffer_bytes"]
+        self.tracker.log_metrics(run_id, metrics)
+        self.segment_runs[key] = run_id
+        segment = Segment(job, event["segment"], event["batches"], run_id, final)
+        if self.spec.eval.every_chunk:
+            future = self.evaluator.evaluate.remote(loop_config(self.spec, job.line, False), event["checkpoint_uri"],
+                                                    CheckpointFs(self.spec.storage.storage_options))
+            self.pending[future] = segment
+        else:
+            self.tracker.end_run(run_id, "FINISHED")
+
+    def log_result(self, item: Job | Segment, result: dict[str, Any]) -> None:
+        if not isinstance(item, Segment):
+            return super().log_result(item, result)
+        metrics = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.tracker.log_metrics(item.run_id, metrics)
+        self.tracker.log_json(item.run_id, "eval_result.json", json.loads(json.dumps(result, default=str)))
+        self.tracker.end_run(item.run_id, "FINISHED")
+        online_run = self.online_runs[item.job.key]
+        by_batch = {f"{name}_top1_by_batch": result[f"{name}_top1"] for name in self.spec.eval.every_chunk
+                    if f"{name}_top1" in result}
+        self.tracker.log_metrics(online_run, by_batch, step=item.batches)
+        for key, value in by_batch.items():
+            self.curves.setdefault(item.job.line.id, {}).setdefault(key, []).append((item.batches, value))
+        if item.final:  # the stream's end: the line's own evaluation, as a chunk end's
+            self.chunk_runs.setdefault(item.job.key, online_run)
+            self.log_eval(item.job, result)
+
+    # ---------------------------------------------------------------- the whole run
+    def run(self, resume: bool) -> ExperimentSummary:
+        import ray
+
+        if resume:
+            from orchestrator.errors import SpecError
+
+            raise SpecError("--resume: an online plan resumes inside its Ray Train job (a killed worker continues "
+                            "at the next stream batch); resuming it from a new driver is not supported yet")
+        self.parent = self.open_parent(resume=False)
+        summary = ExperimentSummary(self.parent, self.plan.key)
+        try:
+            init_ray(self.address, self.spec)
+            self.corrupt_counter = start_corrupt_row_counter()
+            self.evaluator = ray.remote(num_cpus=1)(EvalActor).remote(
+                self.plan.stream, self.plan.manifest, self.spec.data.model_dump(), self.spec.eval.model_dump(),
+                self.spec.data.storage_options, self.spec.seed, self.plan.downstream)
+            with TrainingProgress(self.console) as progress:
+                self.progress = progress
+                tasks = [LineTask(line, loop_config(self.spec, line, self.use_gpu, self.plan), self.plan.jobs_of(line))
+                         for line in self.plan.lines]
+                result = train_online(self.plan, tasks, ray_run_name(self.plan, self.parent, 0), self.on_event,
+                                      corrupt_counter=self.corrupt_counter)
+            self.progress = None
+            summary.restarts = result.restarts
+            self.tracker.log_metrics(self.parent, {"worker_group_starts": result.restarts + 1,
+                                                   "worker_group_start_seconds": result.start_s})
+            self.collect(block=True)
+            self._summarise(summary)
+        except BaseException:
+            try:
+                self.tracker.fail_running(self.parent, include_parent=True)
+            except Exception:
+                pass
+            raise
+        self.tracker.end_run(self.parent, "FINISHED")
+        return summary
+
+    def _summarise(self, summary: ExperimentSummary) -> None:
+        """Final accuracies per line on the plan run, and the curves over stream time as PNGs."""
+        for job in self.plan.jobs:
+            result = self.results.get(job.key, {})
+            row = {"line": job.line.id, "chunk": 0, **{k: result.get(k) for k in ("knn_top1", "linear_top1")}}
+            summary.rows.append(row)
+            final = {f"{job.line.id}.{k}": v for k, v in row.items() if k.endswith("_top1") and v is not None}
+            self.tracker.log_metrics(self.parent, final)
+        with tempfile.TemporaryDirectory() as folder:
+            for series in sorted({s for curves in self.curves.values() for s in curves}):
+                # One point per logged batch; gaps where a line lacks one.
+                steps = sorted({b for curves in self.curves.values() for b, _ in curves.get(series, [])})
+                if not steps:
+                    continue
+                lines = {line: [dict(curves.get(series, [])).get(b) for b in steps]
+                         for line, curves in self.curves.items()}
+                png = plot_metric_curves(lines, Path(folder) / f"{series}.png", title=f"{series} over the stream",
+                                         ylabel=series, xlabel=f"point (stream batches {steps[0]}..{steps[-1]})")
+                self.tracker.log_file(self.parent, png, "plots")

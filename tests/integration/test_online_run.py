@@ -1,0 +1,92 @@
+"""An online plan through the real driver: 2 DDP workers (gloo) under ONE Ray Train job learn 75 stream batches of
+a 3-task class-incremental stream with the per-batch LR cycle, a replay memory and RALS; the losses stream into
+the line's online run batch by batch, and every 25 batches a segment run holds its checkpoint and evaluation."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from rich.console import Console
+
+from orchestrator.errors import SpecError
+from orchestrator.experiment import run_experiment
+from orchestrator.planner import build_plan
+from orchestrator.spec import validate_spec
+from orchestrator.tracking import lineage as tr
+from tests.specs import tiny_spec
+from trainers.checkpoint import load_state
+
+ONLINE = {"order": "class_incremental", "batch_size": 16, "steps_per_batch": 4, "max_lr": 0.05, "memory_size": 64,
+          "memory_batch": 16, "rals": True, "rals_k": 24, "rals_part_size": 4, "segment_batches": 25}
+
+
+def _online_spec(name: str, url: str, tmp_path: Path, **online) -> dict:
+    return tiny_spec(name, url, stream={"kind": "online", "chunks": 3}, online={**ONLINE, **online},
+                     storage={"workdir": str(tmp_path / "runs")}, eval={"every_chunk": ["knn"], "baseline": False})
+
+
+def test_online_specs_that_cannot_work_are_refused(synthetic_url: str, tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match=r"online: only applies to stream.kind online"):
+        validate_spec(tiny_spec("x", synthetic_url, online={"batch_size": 16}))
+    with pytest.raises(SpecError, match=r"lines.strategy: an online stream trains each line sequentially"):
+        validate_spec({**_online_spec("x", synthetic_url, tmp_path), "lines": {"method": ["simclr"],
+                                                                              "strategy": ["joint"]}})
+    with pytest.raises(SpecError, match=r"online.batch_size \(15\) must be divisible by resources.workers \(2\)"):
+        validate_spec(_online_spec("x", synthetic_url, tmp_path, batch_size=15))
+    with pytest.raises(SpecError, match=r"online.rals_k \(64\) must be below the candidates per step"):
+        validate_spec(_online_spec("x", synthetic_url, tmp_path, rals_k=64))
+    plan = build_plan(validate_spec(_online_spec("x", synthetic_url, tmp_path)), progress=False)
+    assert [(j.line.id, j.chunk, j.training_chunks) for j in plan.jobs] == [("simclr-sequential", 0, (0, 1, 2))]
+    # class-incremental: every class in exactly one task
+    classes = [set(c.classes) for c in plan.stream.chunks]
+    assert sum(map(len, classes)) == 12 and set().union(*classes) == set(range(12))
+
+
+@pytest.mark.slow
+def test_an_online_stream_is_one_worker_group_with_segments_in_mlflow(tmp_path: Path, synthetic_url: str,
+                                                                       ray_local) -> None:
+    spec = validate_spec(_online_spec("online", synthetic_url, tmp_path))
+    run_experiment(spec, console=Console(file=io.StringIO(), width=120))
+    client = MlflowClient(spec.tracking_uri)
+    exp = client.get_experiment_by_name(spec.experiment_name)
+
+    def runs(kind: str) -> list:
+        return client.search_runs([exp.experiment_id], filter_string=f"tags.`{tr.RUN_TYPE}` = '{kind}'")
+
+    (plan,) = runs("plan")
+    assert plan.info.status == "FINISHED"
+    assert plan.data.metrics["worker_group_starts"] == 1  # 75 stream batches, one Ray Train job
+    (online,) = runs("chunk")
+    assert online.info.status == "FINISHED" and online.info.run_name == "simclr-sequential/online"
+    losses = client.get_metric_history(online.info.run_id, "loss")
+    assert sorted(m.step for m in losses) == list(range(1, 76))  # 1200 rows / 16, one point per stream batch
+    steps = client.get_metric_history(online.info.run_id, "steps")
+    assert {m.value for m in steps} == {4.0}  # no deadline: every batch gets its steps
+    assert online.data.metrics["late_batches"] == 0
+    fractions = sorted((m.step, m.value) for m in client.get_metric_history(online.info.run_id, "rals_new_fraction"))
+    # The first batch has an empty memory: its 8 candidates a rank are within k (12), nothing to choose. From the
+    # second on, 16 candidates a rank (8 new, 8 from memory) and RALS trains on 12 of them.
+    assert [step for step, _ in fractions] == list(range(2, 76))
+    assert all(0.25 <= f <= 1.0 for _, f in fractions)  # at least 4 of the 12 chosen are new on every step
+    assert min(f for _, f in fractions) < 1.0  # some memory rows are chosen
+
+    segments = sorted(runs("segment"), key=lambda r: int(r.data.tags[tr.TAG + "segment"]))
+    assert [r.data.metrics["stream_batches"] for r in segments] == [25, 50, 75]
+    assert all(r.info.status == "FINISHED" and 0 < r.data.metrics["knn_top1"] <= 1 for r in segments)
+    curve = client.get_metric_history(online.info.run_id, "knn_top1_by_batch")
+    assert sorted((m.step, m.value) for m in curve) == [(r.data.metrics["stream_batches"], r.data.metrics["knn_top1"])
+                                                         for r in segments]
+    # The last segment's checkpoint is the stream's end: the line's evaluation, and a state a resume continues.
+    (evaluation,) = runs("eval")
+    assert evaluation.data.tags[tr.EVALUATES] == online.info.run_id
+    assert evaluation.data.metrics["knn_top1"] == segments[-1].data.metrics["knn_top1"]
+    last = Path(segments[-1].data.tags[tr.CHECKPOINT])
+    state = load_state(last)
+    assert state["online"]["batches_done"] == 75 and state["online"]["steps_done"] == 300
+    memory = state["online"]["memory"]
+    assert len(memory) == 2 and sum(len(m["rows"]["index"]) for m in memory) == 64  # both ranks' shards, full
+    assert {a["name"] for a in [{"name": f.path} for f in client.list_artifacts(plan.info.run_id, "plots")]} >= {
+        "plots/knn_top1_by_batch.png", "plots/rals_new_fraction.png"}
