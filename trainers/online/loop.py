@@ -54,8 +54,8 @@ class BatchReport:
     loss: float  # mean training loss over its steps (NaN when none was taken)
     lr: float  # LR of its last step
     seconds: float  # wall time of its steps
-    step_seconds: float  # of that, inside train_step (the rest: memory, selection, views)
-    rals_seconds: float  # of that, scoring and selecting (0 without RALS)
+    step_seconds: float  # of that, the steps themselves: views and train_step
+    rals_seconds: float  # of that, RALS's scoring and selection (0 without RALS); the rest is memory and checks
     new_fraction: float  # share of the trained rows from this stream batch (NaN without RALS)
     memory_rows: int  # rows in this rank's memory shard after the batch joined it
 
@@ -130,19 +130,22 @@ class OnlineTrainer:
                         candidates = candidates.cat(drawn.to(lt.device))
             ctx = StepContext(step=self.steps_done, total_steps=None, chunk=-1, epoch=0, lr=lr, rank=self.rank,
                               world_size=self.world, stream_batch=self.batches_done)
+            stepping = time.perf_counter()  # the step: views and train_step (RALS's scoring is timed apart)
             views = make_view_set(candidates.images, lc.views, generator=lt.generator)
+            selecting = 0.0
             if self.rals is not None and len(candidates) > self.rals.k:
                 selection = self.rals.select(method, views, candidates, ctx, new_rows=len(batch))
-                rals_s += selection.seconds
+                selecting = selection.seconds
+                rals_s += selecting
                 fractions.append(selection.new_fraction)
                 rows = selection.rows.to(lt.device)
                 views, candidates = views.map(lambda v: v[rows]), candidates.select(rows)
             if lc.channels_last:
                 views = views.map(lambda v: v.contiguous(memory_format=torch.channels_last))
-            stepping = time.perf_counter()
             out = train_step(lt.model, method, lt.optimizer, views, candidates, ctx, autocast=autocast)
-            step_s += time.perf_counter() - stepping
-            self._step_times.append(time.perf_counter() - stepping)
+            took = time.perf_counter() - stepping - selecting
+            step_s += took
+            self._step_times.append(took)
             losses.append(out.loss.detach().float())
             taken += 1
             self.steps_done += 1
