@@ -1,0 +1,82 @@
+"""A training worker SIGKILLed in the middle of an online stream: Ray Train restarts the group from the newest
+in-stream checkpoint, the stream continues at the next unseen batch with the memory as checkpointed, in the same
+MLflow run, and every segment is logged once."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from rich.console import Console
+
+from orchestrator.experiment import run_experiment
+from orchestrator.spec import validate_spec
+from orchestrator.tracking import lineage as tr
+from tests.faults.test_worker_death import train_worker_pids, wait_for
+from tests.integration.test_online_run import _online_spec
+from trainers.checkpoint import CheckpointError, load_state, verify_state
+
+pytestmark = pytest.mark.slow
+KILL_AFTER = 20  # the in-stream checkpoint (every 5 batches) whose completion triggers the kill
+
+
+def test_a_killed_worker_resumes_the_stream_at_the_next_batch(tmp_path: Path, synthetic_url: str, ray_local) -> None:
+    spec = validate_spec({**_online_spec("online-kill", synthetic_url, tmp_path, checkpoint_every_batches=5),
+                          "resources": {"workers": 2, "max_failures": 2}})
+    outcome: dict = {}
+    log = io.StringIO()
+
+    def run() -> None:
+        try:
+            outcome["summary"] = run_experiment(spec, console=Console(file=log, width=120))
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    checkpoints = tmp_path / "runs" / "checkpoints"
+
+    def complete():
+        if "error" in outcome:
+            raise AssertionError(f"the run failed before the kill: {outcome['error']!r}\n{log.getvalue()[-3000:]}")
+        for folder in checkpoints.glob(f"*/simclr-sequential.chunk-000.step-{KILL_AFTER:07d}"):
+            try:
+                verify_state(folder)
+                return folder
+            except CheckpointError:
+                return None
+        return None
+
+    saved = wait_for(complete, 300, f"the batch-{KILL_AFTER} checkpoint")
+    victims = train_worker_pids()
+    assert len(victims) == 2
+    os.kill(victims[-1], signal.SIGKILL)
+    thread.join(timeout=600)
+    assert not thread.is_alive(), "the run did not finish after the worker was killed"
+    assert "error" not in outcome, outcome.get("error")
+
+    client = MlflowClient(spec.tracking_uri)
+    exp = client.get_experiment_by_name(spec.experiment_name)
+    runs = client.search_runs([exp.experiment_id])
+    assert not [r for r in runs if r.info.status != "FINISHED"], "runs left RUNNING or FAILED"
+    (online,) = [r for r in runs if r.data.tags.get(tr.RUN_TYPE) == "chunk"]  # the same run before and after
+    assert outcome["summary"].restarts == 1
+    (resumed,) = client.get_metric_history(online.info.run_id, "resumed_at_batch")
+    assert resumed.value % 5 == 0 and KILL_AFTER <= resumed.value < 75, log.getvalue()[-3000:]
+    # Every stream batch was learned (those after the resume point and before the kill twice: the restart redoes
+    # them from the checkpoint), and the stream ends where it would have.
+    steps = {int(m.step) for m in client.get_metric_history(online.info.run_id, "loss")}
+    assert steps == set(range(1, 76))
+    segments = [r for r in runs if r.data.tags.get(tr.RUN_TYPE) == "segment"]
+    assert sorted(r.data.metrics["stream_batches"] for r in segments) == [25, 50, 75]  # each once
+    final = load_state(Path(max(segments, key=lambda r: r.data.metrics["stream_batches"]).data.tags[tr.CHECKPOINT]))
+    assert final["online"]["batches_done"] == 75 and final["online"]["steps_done"] == 75 * 4
+    # The resume started from the memory as checkpointed at the resume point: the same rows were in it.
+    at_resume = load_state(saved.parent / f"simclr-sequential.chunk-000.step-{int(resumed.value):07d}")
+    assert sum(len(m["rows"]["index"]) for m in at_resume["online"]["memory"]) == 64
+    assert at_resume["online"]["batches_done"] == resumed.value
