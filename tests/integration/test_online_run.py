@@ -90,3 +90,13 @@ def test_an_online_stream_is_one_worker_group_with_segments_in_mlflow(tmp_path: 
     assert len(memory) == 2 and sum(len(m["rows"]["index"]) for m in memory) == 64  # both ranks' shards, full
     assert {a["name"] for a in [{"name": f.path} for f in client.list_artifacts(plan.info.run_id, "plots")]} >= {
         "plots/knn_top1_by_batch.png", "plots/rals_new_fraction.png"}
+
+
+def test_a_chunked_spec_keeps_its_identity_and_params_without_an_online_section(synthetic_url: str) -> None:
+    from orchestrator.spec import flatten, identity_digest
+
+    spec = validate_spec(tiny_spec("x", synthetic_url))
+    assert spec.online is None and not any(k.startswith("online") for k in flatten(spec))
+    # The digest the last version before online streams (ab935f4) gave this spec: plan keys, and so `--resume` of
+    # plans made then, do not change with the new section. (The data URL is not part of the identity.)
+    assert identity_digest(spec) == "8fd57fd1c5bf15db"
