@@ -71,6 +71,9 @@ class OnlineDriver(_Driver):
         elif kind == "segment":
             self._log_segment(event)
             self.collect(block=False)
+        elif kind == "online_warning":
+            self.console.print(f"[yellow]{event['line']}[/]: {event['message']}")
+            self.tracker.set_tags(self.online_runs[event["job_key"]], {tr.TAG + "warning": event["message"][:5000]})
         elif kind == "online_end":
             run_id = self.online_runs[event["job_key"]]
             self.tracker.log_metrics(run_id, {k: event[k] for k in (*COUNTERS, "dropped_steps", "stream_batches")

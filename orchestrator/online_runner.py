@@ -17,6 +17,7 @@ batch k's deadline is batch k+1's arrival. Without it the stream delivers as fas
 from __future__ import annotations
 
 import itertools
+import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -97,8 +98,6 @@ def _online_fn(config: dict[str, Any]) -> None:
               "time": time.time(), "world_size": world})
 
         def save(dir_name: str, end_event: dict[str, Any] | None = None) -> dict[str, Any]:
-            import tempfile
-
             with tempfile.TemporaryDirectory() as folder:
                 ranks = online.rank_states()
                 checkpoint, stored = None, {}
@@ -121,7 +120,9 @@ def _online_fn(config: dict[str, Any]) -> None:
         def arrival(k: int) -> float:
             return float(t0.item()) + (k - start) * budget
 
-        segment_started, segment_first = time.time(), start
+        # A resumed segment still spans from its first batch (its wall time counts from the restart).
+        segment_started, segment_first = time.time(), start - start % online_cfg.segment_batches
+        warned = False
         for k, raw in enumerate(itertools.islice(_stream(config), start, config["total_batches"]), start=start):
             rows = _rank_rows(raw, rank, world)
             if config["decode"] == "device":
@@ -137,6 +138,10 @@ def _online_fn(config: dict[str, Any]) -> None:
             report = online.learn(batch, deadline=arrival(k + 1) if budget is not None else None)
             send({"type": "online_batch", "line": task.line.id, "job_key": job.key, **report.as_dict(),
                   **online.counters(), "time": time.time()})
+            if online.budget_warning is not None and not warned:
+                warned = True
+                send({"type": "online_warning", "line": task.line.id, "job_key": job.key,
+                      "message": online.budget_warning})
             done = online.batches_done
             last = done == config["total_batches"]
             if done % online_cfg.segment_batches == 0 or last:

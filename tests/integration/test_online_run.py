@@ -100,3 +100,24 @@ def test_a_chunked_spec_keeps_its_identity_and_params_without_an_online_section(
     # The digest the last version before online streams (ab935f4) gave this spec: plan keys, and so `--resume` of
     # plans made then, do not change with the new section.
     assert identity_digest(spec) == "8fd57fd1c5bf15db"
+
+
+@pytest.mark.slow
+def test_a_stream_faster_than_training_counts_its_late_batches(tmp_path: Path, synthetic_url: str, ray_local) -> None:
+    # Batches arrive every 10 ms, far faster than a step (~0.1 s here): with the queue policy every batch takes its
+    # steps and every one from the second on is late (at most the first makes its deadline).
+    spec = validate_spec(_online_spec("late", synthetic_url, tmp_path, rals=False, max_batches=12, segment_batches=6,
+                                      time_budget_s=0.01, late_policy="queue"))
+    console = io.StringIO()
+    run_experiment(spec, console=Console(file=console, width=200))
+    client = MlflowClient(spec.tracking_uri)
+    exp = client.get_experiment_by_name(spec.experiment_name)
+    (online,) = client.search_runs([exp.experiment_id], filter_string=f"tags.`{tr.RUN_TYPE}` = 'chunk'")
+    late = sorted((m.step, m.value) for m in client.get_metric_history(online.info.run_id, "late"))
+    assert [step for step, _ in late] == list(range(1, 13))
+    assert online.data.metrics["late_batches"] == sum(v for _, v in late) >= 11  # the counter is the per-batch sum
+    assert {m.value for m in client.get_metric_history(online.info.run_id, "steps")} == {4.0}  # queue: no step lost
+    assert online.data.metrics["dropped_steps"] == 0
+    warning = online.data.tags[tr.TAG + "warning"]
+    assert "online.time_budget_s (0.01 s) is shorter than one training step" in warning
+    assert "shorter than one training step" in console.getvalue()

@@ -91,6 +91,7 @@ class OnlineTrainer:
         self.late_batches = 0
         self.dropped_steps = 0
         self._warned_budget = False
+        self.budget_warning: str | None = None  # set once, when the budget proves shorter than a step
         self._step_times: list[float] = []
 
     # ----------------------------------------------------------------- one stream batch
@@ -190,8 +191,9 @@ class OnlineTrainer:
         step = sorted(self._step_times[1:])[len(self._step_times[1:]) // 2]  # the median, past the first step
         if budget < step:
             self._warned_budget = True
-            warnings.warn(f"online.time_budget_s ({budget:g} s) is shorter than one training step ({step:.3g} s "
-                          "measured): every batch will be late", RuntimeWarning, stacklevel=3)
+            self.budget_warning = (f"online.time_budget_s ({budget:g} s) is shorter than one training step "
+                                   f"({step:.3g} s measured): every batch will be late")
+            warnings.warn(self.budget_warning, RuntimeWarning, stacklevel=3)
 
     # ----------------------------------------------------------------- state
     def counters(self) -> dict[str, float]:
