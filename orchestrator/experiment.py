@@ -295,6 +295,16 @@ class _Driver:
                 tr.TAG + "strategy": job.line.strategy}
 
     # ---------------------------------------------------------------- the whole run
+    def start_services(self) -> None:
+        """Ray, the corrupt-row tally the readers report to, and the evaluation actor."""
+        import ray
+
+        init_ray(self.address, self.spec)
+        self.corrupt_counter = start_corrupt_row_counter()
+        self.evaluator = ray.remote(num_cpus=1)(EvalActor).remote(
+            self.plan.stream, self.plan.manifest, self.spec.data.model_dump(), self.spec.eval.model_dump(),
+            self.spec.data.storage_options, self.spec.seed, self.plan.downstream)
+
     def run(self, resume: bool) -> ExperimentSummary:
         import ray
 
@@ -302,11 +312,7 @@ class _Driver:
         summary = ExperimentSummary(self.parent, self.plan.key)
         unevaluated = self.restore_logged() if resume else []
         try:
-            init_ray(self.address, self.spec)
-            self.corrupt_counter = start_corrupt_row_counter()
-            self.evaluator = ray.remote(num_cpus=1)(EvalActor).remote(
-                self.plan.stream, self.plan.manifest, self.spec.data.model_dump(), self.spec.eval.model_dump(),
-                self.spec.data.storage_options, self.spec.seed, self.plan.downstream)
+            self.start_services()
             if resume:
                 summary.recovered_jobs = self.recover_persisted_chunks()
                 for job in unevaluated:  # finished chunks whose evaluation died with the previous driver

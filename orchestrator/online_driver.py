@@ -22,9 +22,7 @@ from typing import Any
 from evaluators.report import plot_metric_curves
 from orchestrator.checkpoints import CheckpointFs
 from orchestrator.display import TrainingProgress
-from orchestrator.experiment import _Driver, init_ray
-from orchestrator.evaluation import EvalActor
-from orchestrator.ingest import start_corrupt_row_counter
+from orchestrator.experiment import _Driver
 from orchestrator.online_runner import total_batches, train_online
 from orchestrator.planner import Job
 from orchestrator.runner import LineTask, loop_config, ray_run_name
@@ -162,8 +160,6 @@ class OnlineDriver(_Driver):
 
     # ---------------------------------------------------------------- the whole run
     def run(self, resume: bool) -> ExperimentSummary:
-        import ray
-
         if resume:
             from orchestrator.errors import SpecError
 
@@ -172,11 +168,7 @@ class OnlineDriver(_Driver):
         self.parent = self.open_parent(resume=False)
         summary = ExperimentSummary(self.parent, self.plan.key)
         try:
-            init_ray(self.address, self.spec)
-            self.corrupt_counter = start_corrupt_row_counter()
-            self.evaluator = ray.remote(num_cpus=1)(EvalActor).remote(
-                self.plan.stream, self.plan.manifest, self.spec.data.model_dump(), self.spec.eval.model_dump(),
-                self.spec.data.storage_options, self.spec.seed, self.plan.downstream)
+            self.start_services()
             with TrainingProgress(self.console) as progress:
                 self.progress = progress
                 tasks = [LineTask(line, loop_config(self.spec, line, self.use_gpu, self.plan), self.plan.jobs_of(line))

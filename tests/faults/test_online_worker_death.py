@@ -17,9 +17,9 @@ from rich.console import Console
 from orchestrator.experiment import run_experiment
 from orchestrator.spec import validate_spec
 from orchestrator.tracking import lineage as tr
-from tests.faults.test_worker_death import train_worker_pids, wait_for
+from tests.faults.test_worker_death import train_worker_pids, wait_for_checkpoint
 from tests.integration.test_online_run import _online_spec
-from trainers.checkpoint import CheckpointError, load_state, verify_state
+from trainers.checkpoint import load_state
 
 pytestmark = pytest.mark.slow
 KILL_AFTER = 20  # the in-stream checkpoint (every 5 batches) whose completion triggers the kill
@@ -41,18 +41,7 @@ def test_a_killed_worker_resumes_the_stream_at_the_next_batch(tmp_path: Path, sy
     thread.start()
     checkpoints = tmp_path / "runs" / "checkpoints"
 
-    def complete():
-        if "error" in outcome:
-            raise AssertionError(f"the run failed before the kill: {outcome['error']!r}\n{log.getvalue()[-3000:]}")
-        for folder in checkpoints.glob(f"*/simclr-sequential.chunk-000.step-{KILL_AFTER:07d}"):
-            try:
-                verify_state(folder)
-                return folder
-            except CheckpointError:
-                return None
-        return None
-
-    saved = wait_for(complete, 300, f"the batch-{KILL_AFTER} checkpoint")
+    saved = wait_for_checkpoint(checkpoints, f"simclr-sequential.chunk-000.step-{KILL_AFTER:07d}", outcome, log)
     victims = train_worker_pids()
     assert len(victims) == 2
     os.kill(victims[-1], signal.SIGKILL)

@@ -44,6 +44,23 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def wait_for_checkpoint(checkpoints: Path, name: str, outcome: dict, log: io.StringIO, timeout: float = 300) -> Path:
+    """The run's checkpoint folder `name` once it is complete on storage (failing early, with the run's log, if the
+    run died first)."""
+    def complete():
+        if "error" in outcome:  # the run died before the kill: show why instead of waiting out the timeout
+            raise AssertionError(f"the run failed before the kill: {outcome['error']!r}\n{log.getvalue()[-3000:]}")
+        for folder in checkpoints.glob(f"*/{name}"):
+            try:
+                verify_state(folder)
+                return folder
+            except CheckpointError:
+                return None
+        return None
+
+    return wait_for(complete, timeout, f"checkpoint {name}")
+
+
 def test_killed_worker_resumes_inside_the_chunk(tmp_path: Path, synthetic_url: str, ray_local) -> None:
     spec = validate_spec(tiny_spec("worker-death", synthetic_url, optim={"epochs_per_chunk": 8},
                                    resources={"checkpoint_every_steps": 4, "max_failures": 2},
@@ -63,18 +80,7 @@ def test_killed_worker_resumes_inside_the_chunk(tmp_path: Path, synthetic_url: s
     # Kill as soon as the step-12 checkpoint (KILL_AFTER_STEP) is complete on storage. Ray 2.60's controller may not
     # have registered it yet (it does so when it next polls the workers); the restart must still resume from it, not
     # step 8.
-    def newest_complete():
-        if "error" in outcome:  # the run died before the kill: show why instead of waiting out the timeout
-            raise AssertionError(f"the run failed before the kill: {outcome['error']!r}\n{log.getvalue()[-3000:]}")
-        for folder in checkpoints.glob(f"*/simclr-sequential.chunk-000.step-{KILL_AFTER_STEP:07d}"):
-            try:
-                verify_state(folder)
-                return folder
-            except CheckpointError:
-                return None
-        return None
-
-    wait_for(newest_complete, 300, f"the step-{KILL_AFTER_STEP} checkpoint")
+    wait_for_checkpoint(checkpoints, f"simclr-sequential.chunk-000.step-{KILL_AFTER_STEP:07d}", outcome, log)
     victims = train_worker_pids()
     assert len(victims) == 2
     os.kill(victims[-1], signal.SIGKILL)
