@@ -56,6 +56,7 @@ class OnlineDriver(_Driver):
         super().__init__(*args, **kwargs)
         self.online_runs: dict[str, str] = {}  # job key -> the line's online run
         self.segment_runs: dict[tuple[str, int], str] = {}  # (job key, segment) -> run id
+        self.ended: set[str] = set()  # job keys whose stream has ended
         self.curves: dict[str, dict[str, list[tuple[int, float]]]] = {}  # line -> series -> (batches, value)
         self.total = total_batches(self.plan)
 
@@ -73,6 +74,9 @@ class OnlineDriver(_Driver):
             self.console.print(f"[yellow]{event['line']}[/]: {event['message']}")
             self.tracker.set_tags(self.online_runs[event["job_key"]], {tr.TAG + "warning": event["message"][:5000]})
         elif kind == "online_end":
+            if event["job_key"] in self.ended:  # said again after a restart
+                return
+            self.ended.add(event["job_key"])
             run_id = self.online_runs[event["job_key"]]
             self.tracker.log_metrics(run_id, {k: event[k] for k in (*COUNTERS, "dropped_steps", "stream_batches")
                                               if k in event and event[k] == event[k]}, step=event["stream_batches"])

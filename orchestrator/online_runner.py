@@ -93,7 +93,13 @@ def _online_fn(config: dict[str, Any]) -> None:
             online.load_state_dict(restored)
         start = online.batches_done
         if start >= config["total_batches"]:
-            continue  # finished before the restart; its end event was sent then
+            # Finished before the restart, which may have come before the driver heard of it: say it again (the
+            # driver logs a segment once).
+            if restored.get("chunk_event"):
+                send(restored["chunk_event"])
+            send({"type": "online_end", "line": task.line.id, "job_key": job.key, **online.counters(),
+                  "time": time.time()})
+            continue
         send({"type": "online_start", "line": task.line.id, "job_key": job.key, "batch": start,
               "time": time.time(), "world_size": world})
 
