@@ -137,13 +137,15 @@ class OnlineDriver(_Driver):
         metrics["stored_bytes"] = metrics["checkpoint_bytes"] + metrics["buffer_bytes"]
         self.tracker.log_metrics(run_id, metrics)
         self.segment_runs[key] = run_id
-        segment = Segment(job, event["segment"], event["batches"], run_id, final)
+        self._evaluate_segment(Segment(job, event["segment"], event["batches"], run_id, final), event["checkpoint_uri"])
+
+    def _evaluate_segment(self, segment: Segment, checkpoint_uri: str) -> None:
         if self.spec.eval.every_chunk:
-            future = self.evaluator.evaluate.remote(loop_config(self.spec, job.line, False), event["checkpoint_uri"],
+            future = self.evaluator.evaluate.remote(loop_config(self.spec, segment.job.line, False), checkpoint_uri,
                                                     CheckpointFs(self.spec.storage.storage_options))
             self.pending[future] = segment
         else:
-            self.tracker.end_run(run_id, "FINISHED")
+            self.tracker.end_run(segment.run_id, "FINISHED")
 
     def log_result(self, item: Job | Segment, result: dict[str, Any]) -> None:
         if not isinstance(item, Segment):
@@ -164,15 +166,13 @@ class OnlineDriver(_Driver):
 
     # ---------------------------------------------------------------- the whole run
     def run(self, resume: bool) -> ExperimentSummary:
-        if resume:
-            from orchestrator.errors import SpecError
-
-            raise SpecError("--resume: an online plan resumes inside its Ray Train job (a killed worker continues "
-                            "at the next stream batch); resuming it from a new driver is not supported yet")
-        self.parent = self.open_parent(resume=False)
+        self.parent = self.open_parent(resume)
         summary = ExperimentSummary(self.parent, self.plan.key)
         try:
+            unevaluated = self.restore_online() if resume else []
             self.start_services()
+            for segment, checkpoint_uri in unevaluated:
+                self._evaluate_segment(segment, checkpoint_uri)
             with TrainingProgress(self.console) as progress:
                 self.progress = progress
                 tasks = [LineTask(line, loop_config(self.spec, line, self.use_gpu, self.plan), self.plan.jobs_of(line))
@@ -193,6 +193,48 @@ class OnlineDriver(_Driver):
             raise
         self.tracker.end_run(self.parent, "FINISHED")
         return summary
+
+    def restore_online(self) -> list[tuple[Segment, str]]:
+        """Take up what an earlier driver of this plan logged: its online runs go on (reopened), its segments are
+        not logged again, and a finished line is not trained again. The Ray Train run of the same name restores
+        the newest checkpoint, so the stream continues at the next batch with the memory as checkpointed. Returns
+        the segments logged without their evaluation, with their checkpoints."""
+        for run in self.tracker.children(self.parent, "chunk"):
+            key = run.data.tags.get(tr.JOB_KEY)
+            if key not in self.jobs:
+                continue
+            self.online_runs[key] = run.info.run_id
+            if run.info.status == "FINISHED":
+                self.ended.add(key)
+                self.chunk_runs[key] = run.info.run_id
+            else:  # open_parent marked it FAILED: the same run continues
+                self.tracker.update_run(run.info.run_id, status="RUNNING")
+        unevaluated = []
+        for run in self.tracker.children(self.parent, SEGMENT):
+            key = run.data.tags.get(tr.JOB_KEY)
+            if key not in self.jobs:
+                continue
+            segment = int(run.data.tags.get(tr.TAG + "segment", -1))
+            self.segment_runs[(key, segment)] = run.info.run_id
+            if run.info.status == "FINISHED":
+                self._keep_curve_points(run)
+            else:  # logged, but its evaluation died with the driver: evaluated again once the actor is up
+                self.tracker.update_run(run.info.run_id, status="RUNNING")
+                batches = int(run.data.metrics.get("stream_batches", 0))
+                unevaluated.append((Segment(self.jobs[key], segment, batches, run.info.run_id, batches >= self.total),
+                                    run.data.tags[tr.CHECKPOINT]))
+        for run in self.tracker.children(self.parent, "eval"):
+            key = run.data.tags.get(tr.JOB_KEY)
+            if key in self.jobs and run.info.status == "FINISHED":
+                self.results[key] = {k: v for k, v in run.data.metrics.items()}
+        return unevaluated
+
+    def _keep_curve_points(self, segment_run) -> None:
+        line, batches = segment_run.data.tags[tr.LINE], int(segment_run.data.metrics.get("stream_batches", 0))
+        for name in self.spec.eval.every_chunk:
+            if f"{name}_top1" in segment_run.data.metrics:
+                self.curves.setdefault(line, {}).setdefault(f"{name}_top1_by_batch", []).append(
+                    (batches, segment_run.data.metrics[f"{name}_top1"]))
 
     def _summarise(self, summary: ExperimentSummary) -> None:
         """Final accuracies per line on the plan run, and the curves over stream time as PNGs."""

@@ -1,0 +1,56 @@
+"""The driver of an online plan SIGKILLed mid-stream (with the local Ray it started), then `streamssl run --resume`:
+the same plan and online runs go on, the stream continues at the batch after the newest checkpoint, every segment
+ends up logged and evaluated exactly once, and nothing is left RUNNING."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from orchestrator.tracking import lineage as tr
+from tests.faults.test_driver_death import kill, resume, runs_of, start_driver, wait_for
+from tests.integration.test_online_run import _online_spec
+
+pytestmark = pytest.mark.slow
+NAME = "online-driver-death"
+
+
+def test_an_online_stream_resumes_after_its_driver_died(tmp_path: Path, synthetic_url: str) -> None:
+    spec = _online_spec(NAME, synthetic_url, tmp_path, rals=False, checkpoint_every_batches=5)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    command = [sys.executable, "-m", "cli.app", "run", str(path)]
+    driver = start_driver(command, tmp_path / "driver.log")
+    try:
+        # Past the first segment's evaluation and into the second segment (a checkpoint every 5 batches).
+        wait_for("segment 0 evaluated and batch 35 checkpointed",
+                 lambda: any(r.info.status == "FINISHED" for r in runs_of(client, NAME, "segment"))
+                 and any((tmp_path / "runs" / "checkpoints").glob("*/simclr-sequential.chunk-000.step-0000035")),
+                 driver)
+    finally:
+        kill(driver)
+    (online_before,) = runs_of(client, NAME, "chunk")
+    (plan_before,) = runs_of(client, NAME, "plan")
+
+    resume(command)
+    (plan,) = runs_of(client, NAME, "plan")
+    assert plan.info.run_id == plan_before.info.run_id and plan.info.status == "FINISHED"
+    (online,) = runs_of(client, NAME, "chunk")  # the same run, continued
+    assert online.info.run_id == online_before.info.run_id and online.info.status == "FINISHED"
+    (resumed,) = client.get_metric_history(online.info.run_id, "resumed_at_batch")
+    assert resumed.value % 5 == 0 and 35 <= resumed.value < 75
+    assert {int(m.step) for m in client.get_metric_history(online.info.run_id, "loss")} == set(range(1, 76))
+    segments = runs_of(client, NAME, "segment")
+    assert sorted(r.data.metrics["stream_batches"] for r in segments) == [25, 50, 75]  # each once
+    assert all(r.info.status == "FINISHED" and "knn_top1" in r.data.metrics for r in segments)
+    curve = sorted(m.step for m in client.get_metric_history(online.info.run_id, "knn_top1_by_batch"))
+    assert curve == [25, 50, 75]
+    (evaluation,) = runs_of(client, NAME, "eval")
+    assert evaluation.data.tags[tr.EVALUATES] == online.info.run_id
+    exp = client.get_experiment_by_name(NAME)
+    assert not [r for r in client.search_runs([exp.experiment_id]) if r.info.status == "RUNNING"]
