@@ -141,7 +141,9 @@ def _online_fn(config: dict[str, Any]) -> None:
                                     for c in ("label", "index", "domain")))
             if budget is not None and time.time() < arrival(k):
                 time.sleep(arrival(k) - time.time())  # the stream has not delivered it yet
-            report = online.learn(batch, deadline=arrival(k + 1) if budget is not None else None)
+            # A batch that spans two tasks belongs to the newer one: the older has ended.
+            report = online.learn(batch, deadline=arrival(k + 1) if budget is not None else None,
+                                  task=int(raw["task"][-1]))
             send({"type": "online_batch", "line": task.line.id, "job_key": job.key, **report.as_dict(),
                   **online.counters(), "time": time.time()})
             if online.budget_warning is not None and not warned:
@@ -174,7 +176,8 @@ def _stream(config: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
                 ds = chunk_dataset(config["refs"], config["stream"], [t], config["image_size"],
                                    config["storage_options"], counter=config["corrupt_counter"],
                                    decode=config["decode"], seed=config["seed"] * 1009 + t + 7919 * n)
-                yield ds.iter_batches(batch_size=config["batch_size"], batch_format="numpy")
+                yield ({**b, "task": np.full(len(b["label"]), t)}  # which task each row came from
+                       for b in ds.iter_batches(batch_size=config["batch_size"], batch_format="numpy"))
             if not config["cycle"]:
                 return
 

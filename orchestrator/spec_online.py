@@ -18,6 +18,10 @@ from pydantic import Field, model_validator
 from trainers.online.config import OnlineConfig
 
 
+# What an online line may be: sequential, or CaSSLe's distillation from the model frozen at each task's end.
+ONLINE_STRATEGIES = ("sequential", "sequential+cassle")
+
+
 class OnlineSpec(OnlineConfig):
     order: Literal["instance", "class_incremental"] = Field(
         "class_incremental", description="instance: rows in a seeded random order; class_incremental: T tasks of "
@@ -45,10 +49,10 @@ def online_problems(kind: str, online: OnlineSpec | None, strategies: list[str],
     if kind != "online":
         return [] if online is None else ["online: only applies to stream.kind online"]
     problems = []
-    other = [s for s in strategies if s != "sequential"]
+    other = [s for s in strategies if s not in ONLINE_STRATEGIES]
     if other:
         problems.append(f"lines.strategy: an online stream trains each line sequentially through the stream (its "
-                        f"replay is online.memory_size), so only 'sequential' applies, got {other}")
+                        f"replay is online.memory_size), so only {list(ONLINE_STRATEGIES)} apply, got {other}")
     online = online or OnlineSpec()
     if online.batch_size % workers:
         problems.append(f"online.batch_size ({online.batch_size}) must be divisible by resources.workers ({workers})")

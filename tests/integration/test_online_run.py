@@ -38,6 +38,9 @@ def test_online_specs_that_cannot_work_are_refused(synthetic_url: str, tmp_path:
         validate_spec(_online_spec("x", synthetic_url, tmp_path, batch_size=15))
     with pytest.raises(SpecError, match=r"online.rals_k \(64\) must be below the candidates per step"):
         validate_spec(_online_spec("x", synthetic_url, tmp_path, rals_k=64))
+    cassle = {**_online_spec("x", synthetic_url, tmp_path), "lines": {"method": ["simclr"],
+                                                                     "strategy": ["sequential+cassle"]}}
+    assert validate_spec(cassle).lines.strategy == ["sequential+cassle"]  # CaSSLe, the online baseline
     plan = build_plan(validate_spec(_online_spec("x", synthetic_url, tmp_path)), progress=False)
     assert [(j.line.id, j.chunk, j.training_chunks) for j in plan.jobs] == [("simclr-sequential", 0, (0, 1, 2))]
     # class-incremental: every class in exactly one task

@@ -154,3 +154,22 @@ def test_the_selection_log_survives_a_resume(one_torch_thread) -> None:
     resumed.load_state_dict(state)
     assert len(resumed.selection) == len(online.selection) == 2  # the first batch had nothing to choose from
     assert resumed.selection.running_mean == online.selection.running_mean
+
+
+def test_cassle_online_freezes_the_model_when_a_task_ends_and_distils_from_it(one_torch_thread) -> None:
+    online = OnlineTrainer(line(strategy="sequential+cassle", strategy_options={"cassle": {"hidden": 16}}),
+                           online_cfg())
+    cassle = next(s for s in online.trainer.strategy.strategies if s.name == "cassle")
+    predictor = {k: v.clone() for k, v in cassle.predictor.state_dict().items()}
+    batches = stream(3)
+    online.learn(batches[0], task=0)
+    online.learn(batches[1], task=0)
+    assert cassle.frozen_chunk == -1  # no task has ended: nothing to distil from
+    assert all(torch.equal(v, predictor[k]) for k, v in cassle.predictor.state_dict().items())
+    at_task_end = {k: v.clone() for k, v in online.trainer.method.embedder().state_dict().items()}
+    online.learn(batches[2], task=1)
+    assert cassle.frozen_chunk == 0
+    assert all(torch.equal(v, at_task_end[k]) for k, v in cassle.frozen.state_dict().items())
+    # The distillation term now trains the predictor (it gets gradients from nothing else).
+    assert any(not torch.equal(v, predictor[k]) for k, v in cassle.predictor.state_dict().items())
+    assert online.state_dict()["online"]["task"] == 1

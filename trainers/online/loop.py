@@ -15,8 +15,8 @@ Deadlines: with `deadline`, a batch whose steps are not all done when it passes 
 its steps there (the rest are counted as dropped); `queue` finishes them, and the next batch waits. Under DDP the
 ranks agree at every step (one all-reduce) whether the deadline has passed, so they always take the same steps.
 
-The wrapped LineTrainer supplies the model, optimizer, views and its generator; the line's strategy hooks are not
-called (the memory is online's replay). The state is the LineTrainer's plus the stream position, every rank's
+The wrapped LineTrainer supplies the model, optimizer, views and its generator. Of the line's strategy only the
+extra losses and task ends apply (CaSSLe: `sequential+cassle`); the memory is online's replay. The state is the LineTrainer's plus the stream position, every rank's
 memory shard and the selection log, so a resumed stream continues at the next batch with the same memory.
 """
 
@@ -40,6 +40,7 @@ from trainers.online.memory import ReplayMemory, _share
 from trainers.online.rals import RALS, SelectionLog
 from trainers.online.schedule import LocalCycle
 from trainers.optim import set_lr
+from trainers.strategies import ChunkEnd
 from trainers.viewplan import make_view_set
 
 
@@ -87,6 +88,7 @@ class OnlineTrainer:
         self.rals = RALS(_share(cfg.rals_k, rank, world), part_size=cfg.rals_part_size,
                          generator=self.generator) if cfg.rals else None
         self.batches_done = 0  # stream batches learned (the next one to learn is this index)
+        self.task: int | None = None  # the task of the last batch learned, when the stream says
         self.steps_done = 0  # optimizer steps over the whole stream
         self.late_batches = 0
         self.dropped_steps = 0
@@ -95,10 +97,17 @@ class OnlineTrainer:
         self._step_times: list[float] = []
 
     # ----------------------------------------------------------------- one stream batch
-    def learn(self, batch: Batch | torch.Tensor, deadline: float | None = None) -> BatchReport:
+    def learn(self, batch: Batch | torch.Tensor, deadline: float | None = None, task: int | None = None) -> BatchReport:
         """Learn this rank's rows of the next stream batch; `deadline` is the wall-clock time (time.time()) the
-        following batch arrives, or None when the stream waits for training."""
+        following batch arrives, or None when the stream waits for training. `task`, where the stream knows it,
+        is the batch's task: when it moves on, the strategies see the end of the previous one (CaSSLe freezes its
+        copy of the model there)."""
         cfg, lt = self.cfg, self.trainer
+        if task is not None and task != self.task:
+            if self.task is not None:
+                lt.strategy.on_chunk_end(ChunkEnd(lt.method, self.task, lambda: iter(()), lt.device, self.rank,
+                                                  self.world))
+            self.task = task
         if not isinstance(batch, Batch):
             batch = Batch.from_images(batch)
         batch = batch.to(lt.device, non_blocking=True)
@@ -108,6 +117,8 @@ class OnlineTrainer:
             self.rals.reset_anchor(method)
         autocast = (torch.autocast(device_type=lt.device.type, dtype=torch.bfloat16) if lc.precision == "bf16"
                     else nullcontext())
+        lt.strategy.setup(self.rank, self.world)
+        extra_losses = lt.strategy.extra_losses(method)  # CaSSLe's distillation, once a task has ended
         started = time.perf_counter()
         losses, lr, late, taken = [], 0.0, False, 0
         step_s = rals_s = 0.0
@@ -143,7 +154,8 @@ class OnlineTrainer:
                 views, candidates = views.map(lambda v: v[rows]), candidates.select(rows)
             if lc.channels_last:
                 views = views.map(lambda v: v.contiguous(memory_format=torch.channels_last))
-            out = train_step(lt.model, method, lt.optimizer, views, candidates, ctx, autocast=autocast)
+            out = train_step(lt.model, method, lt.optimizer, views, candidates, ctx, autocast=autocast,
+                             extra_losses=extra_losses)
             took = time.perf_counter() - stepping - selecting
             step_s += took
             self._step_times.append(took)
@@ -207,7 +219,7 @@ class OnlineTrainer:
         """This rank's view; under DDP the caller adds `rank_states()` (every rank's memory and generators)."""
         return {**self.trainer.state_dict(), "online": {
             "batches_done": self.batches_done, "steps_done": self.steps_done, "late_batches": self.late_batches,
-            "dropped_steps": self.dropped_steps, "selection": self.selection.state_dict(),
+            "dropped_steps": self.dropped_steps, "selection": self.selection.state_dict(), "task": self.task,
             "memory": [self.memory.state_dict()] if self.memory is not None else [],
             "generators": [self.generator.get_state()]}}
 
@@ -229,6 +241,7 @@ class OnlineTrainer:
         self.batches_done, self.steps_done = online["batches_done"], online["steps_done"]
         self.late_batches, self.dropped_steps = online["late_batches"], online["dropped_steps"]
         self.selection.load_state_dict(online["selection"])
+        self.task = online.get("task")
         if self.memory is not None and online["memory"]:
             self.memory.load_state_dict(online["memory"], self.rank, self.world)
         if self.rank < len(online["generators"]):
