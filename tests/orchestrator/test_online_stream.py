@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from orchestrator.online_runner import _rank_rows, stream_batches
 
@@ -29,3 +30,30 @@ def test_every_rank_keeps_its_own_interleaved_share_of_a_batch() -> None:
     shares = [_rank_rows(batch, r, 2) for r in range(2)]
     assert shares[0]["key"].tolist() == [0, 2, 4, 6] and shares[1]["key"].tolist() == [1, 3, 5, 7]
     assert sorted(np.concatenate([s["key"] for s in shares]).tolist()) == list(range(8))  # nothing lost or doubled
+
+
+@pytest.mark.slow
+def test_a_cycling_stream_starts_the_order_again_in_a_new_shuffle(synthetic_url: str, tmp_path, ray_local) -> None:
+    import itertools
+
+    from orchestrator.ingest import shard_refs
+    from orchestrator.online_runner import _stream
+    from orchestrator.planner import build_plan
+    from orchestrator.spec import validate_spec
+    from tests.specs import tiny_spec
+
+    spec = validate_spec(tiny_spec("cycle", synthetic_url, stream={"kind": "online", "chunks": 3},
+                                   online={"batch_size": 100, "cycle": True, "max_batches": 30},
+                                   storage={"workdir": str(tmp_path)}))
+    plan = build_plan(spec, progress=False)
+    config = {"refs": shard_refs(plan.manifest, plan.data_url, "train"), "stream": plan.stream, "num_tasks": 3,
+              "image_size": 16, "storage_options": {}, "corrupt_counter": None, "decode": "ray_data", "seed": 0,
+              "batch_size": 100, "cycle": True}
+    batches = list(itertools.islice(_stream(config), 30))  # 1200 rows: 12 batches a pass, 2.5 passes
+    assert [len(b["index"]) for b in batches] == [100] * 30
+    passes = [np.concatenate([b["index"] for b in batches[i:i + 12]]) for i in (0, 12)]
+    assert sorted(passes[0].tolist()) == sorted(passes[1].tolist())  # every row once a pass
+    assert len(set(passes[0].tolist())) == 1200
+    assert passes[0].tolist() != passes[1].tolist()  # in another order
+    tasks = np.concatenate([b["task"] for b in batches[:12]])
+    assert (np.diff(tasks) >= 0).all() and set(tasks.tolist()) == {0, 1, 2}  # the tasks one after another
