@@ -57,6 +57,7 @@ class OnlineDriver(_Driver):
         self.online_runs: dict[str, str] = {}  # job key -> the line's online run
         self.segment_runs: dict[tuple[str, int], str] = {}  # (job key, segment) -> run id
         self.ended: set[str] = set()  # job keys whose stream has ended
+        self._batches_logged: dict[str, int] = {}  # job key -> stream batches learned so far
         self.curves: dict[str, dict[str, list[tuple[int, float]]]] = {}  # line -> series -> (batches, value)
         self.total = total_batches(self.plan)
 
@@ -82,6 +83,14 @@ class OnlineDriver(_Driver):
                                               if k in event and event[k] == event[k]}, step=event["stream_batches"])
             self.tracker.end_run(run_id, "FINISHED")
             self.chunk_runs[event["job_key"]] = run_id
+        elif kind == "diverged":  # the line's online run holds the error; the other lines go on
+            message = f"stopped at stream batch {self._batches_logged.get(event['job_key'], 0)} (not retried): " \
+                      f"{event['message']}"
+            self.console.print(f"[red]{event['line']} diverged[/]: {event['message']}; the plan's other lines go on")
+            self.diverged[event["line"]] = message
+            run_id = self.online_runs[event["job_key"]]
+            self.tracker.set_tags(run_id, {tr.TAG + "error": message[:5000]})
+            self.tracker.end_run(run_id, "FAILED")
         else:
             super().on_event(event)
 
@@ -105,6 +114,7 @@ class OnlineDriver(_Driver):
     def _log_batch(self, event: dict[str, Any]) -> None:
         run_id = self.online_runs[event["job_key"]]
         step = event["stream_batch"] + 1
+        self._batches_logged[event["job_key"]] = step
         metrics = {k: event[k] for k in BATCH_METRICS}
         metrics["late"] = float(event["late"])
         metrics.update({k: event[k] for k in COUNTERS if event[k] == event[k]})  # NaN: no RALS yet
@@ -191,7 +201,10 @@ class OnlineDriver(_Driver):
             except Exception:
                 pass
             raise
-        self.tracker.end_run(self.parent, "FINISHED")
+        summary.diverged = dict(self.diverged)
+        if summary.diverged:  # as a chunked plan: one JSON tag naming each line that stopped, and the run FAILED
+            self.tracker.set_tags(self.parent, {tr.TAG + "diverged": json.dumps(summary.diverged)[:5000]})
+        self.tracker.end_run(self.parent, "FAILED" if summary.diverged else "FINISHED")
         return summary
 
     def restore_online(self) -> list[tuple[Segment, str]]:

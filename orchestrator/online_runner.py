@@ -62,6 +62,7 @@ def _online_fn(config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     from trainers.checkpoint import folder_bytes, load_state, save_state, tensor_bytes
+    from trainers.engine.step import NonFiniteLossError
     from trainers.engine.types import Batch
     from trainers.loop import LineTrainer
     from trainers.online.loop import OnlineTrainer
@@ -142,8 +143,13 @@ def _online_fn(config: dict[str, Any]) -> None:
             if budget is not None and time.time() < arrival(k):
                 time.sleep(arrival(k) - time.time())  # the stream has not delivered it yet
             # A batch that spans two tasks belongs to the newer one: the older has ended.
-            report = online.learn(batch, deadline=arrival(k + 1) if budget is not None else None,
-                                  task=int(raw["task"][-1]))
+            try:
+                report = online.learn(batch, deadline=arrival(k + 1) if budget is not None else None,
+                                      task=int(raw["task"][-1]))
+            except NonFiniteLossError as exc:
+                # As a chunked line: deterministic, so not retried; the group goes on with its next line.
+                send({"type": "diverged", "line": task.line.id, "chunk": 0, "job_key": job.key, "message": str(exc)})
+                break
             send({"type": "online_batch", "line": task.line.id, "job_key": job.key, **report.as_dict(),
                   **online.counters(), "time": time.time()})
             if online.budget_warning is not None and not warned:
@@ -164,8 +170,9 @@ def _online_fn(config: dict[str, Any]) -> None:
                 segment_started, segment_first = time.time(), done
             elif online_cfg.checkpoint_every_batches and done % online_cfg.checkpoint_every_batches == 0:
                 save(checkpoint_dir_name(task.line, 0, done))
-        send({"type": "online_end", "line": task.line.id, "job_key": job.key, **online.counters(),
-              "time": time.time()})
+        else:
+            send({"type": "online_end", "line": task.line.id, "job_key": job.key, **online.counters(),
+                  "time": time.time()})
 
 
 def _stream(config: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:

@@ -124,3 +124,24 @@ def test_a_stream_faster_than_training_counts_its_late_batches(tmp_path: Path, s
     warning = online.data.tags[tr.TAG + "warning"]
     assert "online.time_budget_s (0.01 s) is shorter than one training step" in warning
     assert "shorter than one training step" in console.getvalue()
+
+
+@pytest.mark.slow
+def test_a_diverging_online_line_fails_alone(tmp_path: Path, synthetic_url: str, ray_local) -> None:
+    from orchestrator.errors import TrainingError
+
+    # CaSSLe with an absurd weight: harmless in task 0 (nothing to distil from), infinite once task 0 has ended.
+    spec = validate_spec({**_online_spec("online-diverge", synthetic_url, tmp_path, rals=False, max_batches=30),
+                          "lines": {"method": ["simclr"], "strategy": ["sequential+cassle", "sequential"]},
+                          "strategy": {"cassle": {"lambd": 1e38, "hidden": 16}}})
+    with pytest.raises(TrainingError, match=r"training of simclr-sequential-cassle stopped at stream batch 2\d"):
+        run_experiment(spec, console=Console(file=io.StringIO(), width=120))
+    client = MlflowClient(spec.tracking_uri)
+    exp = client.get_experiment_by_name(spec.experiment_name)
+    runs = {r.data.tags[tr.LINE]: r for r in client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{tr.RUN_TYPE}` = 'chunk'")}
+    assert runs["simclr-sequential-cassle"].info.status == "FAILED"
+    assert "non-finite" in runs["simclr-sequential-cassle"].data.tags[tr.TAG + "error"]
+    assert runs["simclr-sequential"].info.status == "FINISHED"  # the other line went on, in the same job
+    (plan,) = client.search_runs([exp.experiment_id], filter_string=f"tags.`{tr.RUN_TYPE}` = 'plan'")
+    assert plan.info.status == "FAILED" and "simclr-sequential-cassle" in plan.data.tags[tr.TAG + "diverged"]

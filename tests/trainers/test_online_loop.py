@@ -173,3 +173,22 @@ def test_cassle_online_freezes_the_model_when_a_task_ends_and_distils_from_it(on
     # The distillation term now trains the predictor (it gets gradients from nothing else).
     assert any(not torch.equal(v, predictor[k]) for k, v in cassle.predictor.state_dict().items())
     assert online.state_dict()["online"]["task"] == 1
+
+
+def test_a_loss_that_turns_nan_stops_the_batch_naming_it(one_torch_thread) -> None:
+    from trainers.engine.step import NonFiniteLossError
+    from trainers.engine.types import StepOutput
+
+    online = OnlineTrainer(line(), online_cfg())
+    online.learn(stream(1)[0])
+    method = online.trainer.method
+    original = method.training_step
+
+    def poisoned(views, batch, ctx):
+        out = original(views, batch, ctx)
+        return StepOutput(out.loss * float("nan"), out.per_sample, out.terms, out.embeddings)
+
+    method.training_step = poisoned
+    with pytest.raises(NonFiniteLossError, match=r"simclr: the loss became non-finite on stream batch 1"):
+        online.learn(stream(2)[1])
+    assert online.batches_done == 1  # the batch is not counted as learned

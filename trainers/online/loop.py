@@ -70,6 +70,9 @@ def _ddp() -> tuple[int, int]:
     return 0, 1
 
 
+_TIMED_STEPS = 20  # step times kept to compare with the time budget
+
+
 class OnlineTrainer:
     def __init__(self, trainer: LineTrainer, cfg: OnlineConfig, clock=time.time) -> None:
         self.trainer, self.cfg = trainer, cfg
@@ -158,7 +161,8 @@ class OnlineTrainer:
                              extra_losses=extra_losses)
             took = time.perf_counter() - stepping - selecting
             step_s += took
-            self._step_times.append(took)
+            if len(self._step_times) <= _TIMED_STEPS:  # enough to judge the budget; an endless stream keeps no more
+                self._step_times.append(took)
             losses.append(out.loss.detach().float())
             taken += 1
             self.steps_done += 1
@@ -183,13 +187,15 @@ class OnlineTrainer:
 
     def _past(self, deadline: float) -> bool:
         """Whether the deadline has passed, agreed by all ranks (any rank past it stops them all)."""
-        passed = torch.tensor([1.0 if self.clock() >= deadline else 0.0])
+        # On the trainer's device: NCCL reduces only device tensors.
+        passed = torch.tensor([1.0 if self.clock() >= deadline else 0.0], device=self.trainer.device)
         if self.world > 1:
             dist.all_reduce(passed, op=dist.ReduceOp.MAX)
         return bool(passed.item())
 
     def _check_finite(self, losses: list[torch.Tensor], lr: float) -> None:
-        bad = torch.tensor([0.0 if not losses else float((~torch.isfinite(torch.stack(losses))).sum())])
+        bad = torch.tensor([0.0 if not losses else float((~torch.isfinite(torch.stack(losses))).sum())],
+                           device=self.trainer.device)
         if self.world > 1:
             dist.all_reduce(bad)
         if bad.item():
