@@ -37,7 +37,7 @@ class OnlineSpec(OnlineConfig):
                                            "max_batches, or run until stopped)")
 
     @model_validator(mode="after")
-    def _bounded(self) -> OnlineSpec:
+    def _checkpoints_inside_segments(self) -> OnlineSpec:
         if self.checkpoint_every_batches is not None and self.checkpoint_every_batches > self.segment_batches:
             raise ValueError(f"checkpoint_every_batches ({self.checkpoint_every_batches}) must not exceed "
                              f"segment_batches ({self.segment_batches}): a segment always ends with a checkpoint")

@@ -36,6 +36,8 @@ def test_online_specs_that_cannot_work_are_refused(synthetic_url: str, tmp_path:
                                                                               "strategy": ["joint"]}})
     with pytest.raises(SpecError, match=r"online.batch_size \(15\) must be divisible by resources.workers \(2\)"):
         validate_spec(_online_spec("x", synthetic_url, tmp_path, batch_size=15))
+    with pytest.raises(SpecError, match=r"online.*steps_per_batch"):  # one step cannot hold a cycle
+        validate_spec(_online_spec("x", synthetic_url, tmp_path, steps_per_batch=1))
     with pytest.raises(SpecError, match=r"online.rals_k \(64\) must be below the candidates per step"):
         validate_spec(_online_spec("x", synthetic_url, tmp_path, rals_k=64))
     cassle = {**_online_spec("x", synthetic_url, tmp_path), "lines": {"method": ["simclr"],

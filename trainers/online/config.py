@@ -48,10 +48,16 @@ class OnlineConfig(ComponentConfig):
     seed: int = Field(0, description="seed of memory sampling and RALS's part permutation")
 
     @model_validator(mode="after")
-    def _momentum_order(self) -> OnlineConfig:
+    def _a_cycle_that_works(self) -> OnlineConfig:
         if self.base_momentum > self.max_momentum:
             raise ValueError(f"base_momentum ({self.base_momentum}) must not exceed max_momentum "
                              f"({self.max_momentum})")
+        if self.schedule == "local_cycle":  # its own checks (>= 2 steps, a warm-up of more than one step), here
+            from trainers.online.schedule import LocalCycle
+
+            LocalCycle(self.max_lr, self.steps_per_batch, pct_start=self.pct_start, div_factor=self.div_factor,
+                       final_div_factor=self.final_div_factor, base_momentum=self.base_momentum,
+                       max_momentum=self.max_momentum)
         return self
 
     @property
