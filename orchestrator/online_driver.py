@@ -47,8 +47,13 @@ class Segment:
     final: bool
 
     @property
-    def name(self) -> str:
-        return f"{self.job.line.id}/segment-{self.index:03d}"
+    def name(self) -> str:  # (what the driver's evaluation errors name)
+        return segment_name(self.job, self.index)
+
+
+
+def segment_name(job: Job, index: int) -> str:
+    return f"{job.line.id}/segment-{index:03d}"
 
 
 class OnlineDriver(_Driver):
@@ -138,8 +143,8 @@ class OnlineDriver(_Driver):
                 tr.LINE: job.line.id, tr.CHUNK: "0", tr.CHECKPOINT: event["checkpoint_uri"],
                 tr.TAG + "segment": str(event["segment"]), tr.TAG + "online_run": self.online_runs[job.key],
                 tr.TAG + "stream_batches": f"{event['first_batch']}-{event['batches']}"}
-        name = Segment(job, event["segment"], event["batches"], "", final).name
-        run_id = self.tracker.create_run(name, tags, start_ms=int(event["started"] * 1000))
+        run_id = self.tracker.create_run(segment_name(job, event["segment"]), tags,
+                                         start_ms=int(event["started"] * 1000))
         metrics = {"stream_batches": event["batches"], "segment_batches": event["batches"] - event["first_batch"],
                    "wall_seconds": event["ended"] - event["started"], "late_batches": event["late_batches"],
                    "dropped_steps": event["dropped_steps"], "checkpoint_bytes": event.get("checkpoint_bytes", 0),

@@ -223,11 +223,13 @@ class OnlineTrainer:
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's view; under DDP the caller adds `rank_states()` (every rank's memory and generators)."""
-        return {**self.trainer.state_dict(), "online": {
-            "batches_done": self.batches_done, "steps_done": self.steps_done, "late_batches": self.late_batches,
-            "dropped_steps": self.dropped_steps, "selection": self.selection.state_dict(), "task": self.task,
-            "memory": [self.memory.state_dict()] if self.memory is not None else [],
-            "generators": [self.generator.get_state()]}}
+        memory = [self.memory.state_dict()] if self.memory is not None else []
+        return {**self.trainer.state_dict(), "online": self._online_state(memory, [self.generator.get_state()])}
+
+    def _online_state(self, memory: list[dict[str, Any]], generators: list[Any]) -> dict[str, Any]:
+        return {"batches_done": self.batches_done, "steps_done": self.steps_done, "late_batches": self.late_batches,
+                "dropped_steps": self.dropped_steps, "selection": self.selection.state_dict(), "task": self.task,
+                "memory": memory, "generators": generators}
 
     def rank_states(self) -> dict[str, Any]:
         """Every rank's memory shard and generators, gathered by rank. A collective under DDP."""
@@ -236,10 +238,8 @@ class OnlineTrainer:
         if self.world > 1:
             states = [None] * self.world
             dist.all_gather_object(states, own)
-        trainer_states = self.trainer.rank_states()
-        online = self.state_dict()["online"]
-        online.update(memory=[m for m, _ in states if m is not None], generators=[g for _, g in states])
-        return {**trainer_states, "online": online}
+        online = self._online_state([m for m, _ in states if m is not None], [g for _, g in states])
+        return {**self.trainer.rank_states(), "online": online}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.trainer.load_state_dict(state)
