@@ -119,6 +119,8 @@ class OnlineDriver(_Driver):
     def _log_batch(self, event: dict[str, Any]) -> None:
         run_id = self.online_runs[event["job_key"]]
         step = event["stream_batch"] + 1
+        if step <= self._batches_logged.get(event["job_key"], 0):
+            return  # said again after a restart (or learned again from an older checkpoint): logged once
         self._batches_logged[event["job_key"]] = step
         metrics = {k: event[k] for k in BATCH_METRICS}
         metrics["late"] = float(event["late"])
@@ -147,9 +149,10 @@ class OnlineDriver(_Driver):
                                          start_ms=int(event["started"] * 1000))
         metrics = {"stream_batches": event["batches"], "segment_batches": event["batches"] - event["first_batch"],
                    "wall_seconds": event["ended"] - event["started"], "late_batches": event["late_batches"],
-                   "dropped_steps": event["dropped_steps"], "checkpoint_bytes": event.get("checkpoint_bytes", 0),
-                   "buffer_bytes": event.get("buffer_bytes", 0)}
-        metrics["stored_bytes"] = metrics["checkpoint_bytes"] + metrics["buffer_bytes"]
+                   "dropped_steps": event["dropped_steps"]}
+        if "checkpoint_bytes" in event:  # (a segment said again from its checkpoint's event log has no sizes)
+            metrics.update({k: event[k] for k in ("checkpoint_bytes", "buffer_bytes")})
+            metrics["stored_bytes"] = metrics["checkpoint_bytes"] + metrics["buffer_bytes"]
         self.tracker.log_metrics(run_id, metrics)
         self.segment_runs[key] = run_id
         self._evaluate_segment(Segment(job, event["segment"], event["batches"], run_id, final), event["checkpoint_uri"])
@@ -222,6 +225,8 @@ class OnlineDriver(_Driver):
             if key not in self.jobs:
                 continue
             self.online_runs[key] = run.info.run_id
+            logged = self.tracker.client.get_metric_history(run.info.run_id, "loss")
+            self._batches_logged[key] = max((int(m.step) for m in logged), default=0)
             if run.info.status == "FINISHED":
                 self.ended.add(key)
                 self.chunk_runs[key] = run.info.run_id

@@ -16,6 +16,7 @@ batch k's deadline is batch k+1's arrival. Without it the stream delivers as fas
 
 from __future__ import annotations
 
+import collections
 import itertools
 import tempfile
 import time
@@ -29,6 +30,10 @@ from orchestrator.checkpoints import CheckpointFs, checkpoint_dir_name, restore_
 from orchestrator.ingest import DeviceBatchDecoder, chunk_dataset, row_index, shard_refs
 from orchestrator.planner import ExperimentPlan
 from orchestrator.runner import GroupResult, LineTask, fit_with_events
+
+# Batch and segment events a checkpoint keeps, to be said again after a restart: what a driver that died may not
+# have logged yet (it lags the workers by the events in its queue, far fewer than this).
+EVENT_LOG_BATCHES = 512
 
 
 def stream_batches(tasks: Iterator[Iterator[dict[str, np.ndarray]]], size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -93,24 +98,30 @@ def _online_fn(config: dict[str, Any]) -> None:
         if line_index == restored_line:
             online.load_state_dict(restored)
         start = online.batches_done
+        # The events of the batches before the restored checkpoint, said again: the driver that heard them may
+        # have died before logging them (it logs each stream batch and segment once).
+        event_log: collections.deque = collections.deque(
+            restored.get("event_log", []) if line_index == restored_line else [], maxlen=EVENT_LOG_BATCHES)
         if start >= config["total_batches"]:
-            # Finished before the restart, which may have come before the driver heard of it: say it again (the
-            # driver logs a segment once).
-            if restored.get("chunk_event"):
-                send(restored["chunk_event"])
+            # Finished before the restart, which may have come before the driver heard of it.
+            for event in event_log:
+                send(event)
             send({"type": "online_end", "line": task.line.id, "job_key": job.key, **online.counters(),
                   "time": time.time()})
             continue
         send({"type": "online_start", "line": task.line.id, "job_key": job.key, "batch": start,
               "time": time.time(), "world_size": world})
+        for event in event_log:
+            send(event)
 
-        def save(dir_name: str, end_event: dict[str, Any] | None = None) -> dict[str, Any]:
+        def save(dir_name: str) -> dict[str, Any]:
             with tempfile.TemporaryDirectory() as folder:
                 ranks = online.rank_states()
                 checkpoint, stored = None, {}
                 if rank == 0:
                     save_state(folder, {**online.state_dict(), **ranks, "line_index": line_index,
-                                        "line_id": task.line.id, "chunk_event": end_event})
+                                        "line_id": task.line.id,
+                                        "event_log": list(event_log)})
                     checkpoint = ray.train.Checkpoint.from_directory(folder)
                     stored = {"checkpoint_bytes": folder_bytes(folder),
                               "buffer_bytes": tensor_bytes(ranks["online"]["memory"])}
@@ -150,8 +161,10 @@ def _online_fn(config: dict[str, Any]) -> None:
                 # As a chunked line: deterministic, so not retried; the group goes on with its next line.
                 send({"type": "diverged", "line": task.line.id, "chunk": 0, "job_key": job.key, "message": str(exc)})
                 break
-            send({"type": "online_batch", "line": task.line.id, "job_key": job.key, **report.as_dict(),
-                  **online.counters(), "time": time.time()})
+            batch_event = {"type": "online_batch", "line": task.line.id, "job_key": job.key, **report.as_dict(),
+                           **online.counters(), "time": time.time()}
+            send(batch_event)
+            event_log.append(batch_event)
             if online.budget_warning is not None and not warned:
                 warned = True
                 send({"type": "online_warning", "line": task.line.id, "job_key": job.key,
@@ -165,7 +178,8 @@ def _online_fn(config: dict[str, Any]) -> None:
                          **online.counters(), "world_size": world}
                 dir_name = checkpoint_dir_name(task.line, 0) if last else checkpoint_dir_name(task.line, 0, done)
                 event["checkpoint_uri"] = f"{run_url}/{dir_name}"
-                stored = save(dir_name, end_event=event if last else None)
+                event_log.append(event)  # (replayed without its stored bytes, which the checkpoint holds)
+                stored = save(dir_name)
                 send({**event, **stored})
                 segment_started, segment_first = time.time(), done
             elif online_cfg.checkpoint_every_batches and done % online_cfg.checkpoint_every_batches == 0:
