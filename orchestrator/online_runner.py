@@ -31,9 +31,9 @@ from orchestrator.ingest import DeviceBatchDecoder, chunk_dataset, row_index, sh
 from orchestrator.planner import ExperimentPlan
 from orchestrator.runner import GroupResult, LineTask, fit_with_events
 
-# Batch and segment events a checkpoint keeps, to be said again after a restart: what a driver that died may not
+# How many batch and segment events a checkpoint keeps, to be said again after a restart: what a driver that died may not
 # have logged yet (it lags the workers by the events in its queue, far fewer than this).
-EVENT_LOG_BATCHES = 512
+EVENT_LOG_SIZE = 512
 
 
 def stream_batches(tasks: Iterator[Iterator[dict[str, np.ndarray]]], size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -101,7 +101,7 @@ def _online_fn(config: dict[str, Any]) -> None:
         # The events of the batches before the restored checkpoint, said again: the driver that heard them may
         # have died before logging them (it logs each stream batch and segment once).
         event_log: collections.deque = collections.deque(
-            restored.get("event_log", []) if line_index == restored_line else [], maxlen=EVENT_LOG_BATCHES)
+            restored.get("event_log", []) if line_index == restored_line else [], maxlen=EVENT_LOG_SIZE)
         if start >= config["total_batches"]:
             # Finished before the restart, which may have come before the driver heard of it.
             for event in event_log:
@@ -120,8 +120,7 @@ def _online_fn(config: dict[str, Any]) -> None:
                 checkpoint, stored = None, {}
                 if rank == 0:
                     save_state(folder, {**online.state_dict(), **ranks, "line_index": line_index,
-                                        "line_id": task.line.id,
-                                        "event_log": list(event_log)})
+                                        "line_id": task.line.id, "event_log": list(event_log)})
                     checkpoint = ray.train.Checkpoint.from_directory(folder)
                     stored = {"checkpoint_bytes": folder_bytes(folder),
                               "buffer_bytes": tensor_bytes(ranks["online"]["memory"])}
