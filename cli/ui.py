@@ -15,6 +15,9 @@ from cli.common import console, exits_cleanly
 from cli.options import TrackingUri, resolve_tracking_uri
 from orchestrator.errors import TrackingError
 
+# The query that opens MLflow's model-training view of an experiment (Runs, Models, Model registry).
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
 
 @exits_cleanly
 def ui(
@@ -34,8 +37,9 @@ def ui(
         found = tracker.client.get_experiment_by_name(experiment)
         if found is None:
             raise TrackingError(f"experiment {experiment!r} not found in {uri}")
-        # MLflow 3 lands on a GenAI overview; the runs table is its own route.
-        url += f"#/experiments/{found.experiment_id}/runs"
+        # MLflow 3 lands on a GenAI overview; the runs table is its own route, and without the workflow type
+        # MLflow 3.17 shows its GenAI side bar (traces, judges, prompts) instead of Runs and Models.
+        url += f"#/experiments/{found.experiment_id}/runs?{MODEL_TRAINING_VIEW}"
     # One worker is plenty for one person browsing runs (mlflow's default starts four).
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
                "--workers", "1"]

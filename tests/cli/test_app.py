@@ -96,7 +96,7 @@ def test_ui_serves_the_runs_table_on_loopback(tmp_path: Path) -> None:
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)
     reader.start()
-    expected = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs"
+    expected = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
     try:
         deadline = time.time() + 90
         while time.time() < deadline and not any(expected in line for line in lines):
