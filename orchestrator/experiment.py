@@ -169,6 +169,13 @@ class _Driver:
         })
         self.tracker.log_dataset(run_id, self.plan.data_url, f"{self.plan.stream.kind}-chunks-{'-'.join(map(str, job.training_chunks))}",
                                  f"{self.plan.stream.digest}:{job.training_chunks}", "train")
+        # The checkpoint as a LoggedModel of this run, so MLflow's Models view walks chunk -> checkpoint -> metrics.
+        model_id = self.tracker.log_checkpoint_model(
+            run_id, job.name, job.chunk,
+            {tr.CHECKPOINT: event["checkpoint_uri"], tr.LINE: job.line.id, tr.CHUNK: str(job.chunk),
+             tr.PLAN_KEY: self.plan.key, tr.JOB_KEY: job.key},
+            {"line.method": job.line.method, "line.strategy": job.line.strategy, "chunk": str(job.chunk)})
+        self.tracker.set_tags(run_id, {tr.MODEL_ID: model_id})
         self.tracker.end_run(run_id, "FINISHED", end_ms=ended_ms)
         if not recovered and not self.first_step_logged and report.get("first_step", 0) == 0:
             # The first chunk this driver trained: when did its first step start, counted from the driver's start?
@@ -218,7 +225,15 @@ class _Driver:
         run_id = self.tracker.create_run(f"{job.name}/eval", tags)
         metrics = {k: v for k, v in result.items() if isinstance(v, (int, float))}
         metrics.update(task_metrics(result, self.spec.eval.every_chunk))
-        self.tracker.log_metrics(run_id, metrics)
+        # The headline numbers score the chunk's LoggedModel on the evaluation split (a dataset input of the run),
+        # logged once, so the Models view shows them; None: a chunk run logged before streamssl made LoggedModels.
+        model_id = self.tracker.get_run(chunk_run).data.tags.get(tr.MODEL_ID)
+        scores = headline(result, self.spec.eval.every_chunk) if model_id is not None else {}
+        self.tracker.log_metrics(run_id, {k: v for k, v in metrics.items() if k not in scores})
+        if scores:
+            eval_set = f"{self.spec.name}-{self.spec.data.eval_split}"
+            self.tracker.log_dataset(run_id, self.plan.data_url, eval_set, self.plan.data_digest, "eval")
+            self.tracker.log_model_metrics(run_id, model_id, scores, 0, eval_set, self.plan.data_digest)
         self.tracker.log_json(run_id, "eval_result.json", result)
         self.tracker.end_run(run_id, "FINISHED")
         self.link_eval(chunk_run, run_id, headline(result, self.spec.eval.every_chunk))

@@ -25,6 +25,7 @@ JOB_KEY = TAG + "job_key"
 LINE = TAG + "line"
 CHUNK = TAG + "chunk"
 CHECKPOINT = TAG + "checkpoint_uri"
+MODEL_ID = TAG + "model_id"  # a chunk run's checkpoint as an MLflow LoggedModel
 EVALUATES = TAG + "evaluates"
 CLIENT_TOKEN = TAG + "client_token"
 PARENT = "mlflow.parentRunId"
@@ -45,7 +46,8 @@ def versions() -> dict[str, str]:
 
 
 def lineage_dict(tracker: Tracker, run_id: str) -> dict[str, Any]:
-    """The chain of any streamssl run, as data: {'plan': id, 'chunk': id|None, 'checkpoint_uri': ..., 'evals': [...]}."""
+    """The chain of any streamssl run, as data: {'plan': id, 'chunk': id|None, 'checkpoint_uri': ..., 'model_id': ...,
+    'evals': [...]}."""
     run = tracker.get_run(run_id)
     kind = run.data.tags.get(RUN_TYPE)
     out: dict[str, Any] = {"run_type": kind}
@@ -55,6 +57,7 @@ def lineage_dict(tracker: Tracker, run_id: str) -> dict[str, Any]:
     if chunk is not None:
         out["chunk"] = chunk.info.run_id
         out["checkpoint_uri"] = chunk.data.tags.get(CHECKPOINT)
+        out["model_id"] = chunk.data.tags.get(MODEL_ID)
         out["plan"] = chunk.data.tags.get(PARENT)
         out["evals"] = [e.info.run_id for e in tracker.evaluation_of(chunk.info.run_id)]
     else:

@@ -29,6 +29,11 @@ from orchestrator.tracking.lineage import EVALUATES, JOB_KEY, PARENT, PLAN_KEY, 
 log = logging.getLogger("streamssl.tracking")
 
 
+def logged_model_name(name: str) -> str:
+    """A run name as a LoggedModel name, which MLflow forbids to hold / : . % " '."""
+    return "".join("-" if c in "/:.%\"'" else c for c in name)
+
+
 def _chunks(items: list, size: int) -> Iterable[list]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -115,6 +120,29 @@ class Tracker:
         self.client.log_inputs(
             run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])]
         )
+
+    def log_checkpoint_model(self, run_id: str, name: str, step: int, tags: dict[str, str],
+                             params: dict[str, str]) -> str:
+        """A checkpoint as an MLflow 3 LoggedModel made by `run_id` at `step` (READY, an output of the run), so
+        the UI's Models tab walks chunk -> checkpoint -> metrics. Returns the model id."""
+        from mlflow.entities import LoggedModelOutput
+
+        model = self.client.create_logged_model(self.experiment_id, name=logged_model_name(name), source_run_id=run_id,
+                                                tags=tags, params={k: v[:6000] for k, v in params.items()})
+        self.client.finalize_logged_model(model.model_id, "READY")
+        self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
+        return model.model_id
+
+    def log_model_metrics(self, run_id: str, model_id: str, metrics: dict[str, float], step: int,
+                          dataset_name: str, dataset_digest: str) -> None:
+        """Metrics of `run_id` that score the LoggedModel `model_id` on a dataset logged as the run's input."""
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step, model_id=model_id, dataset_name=dataset_name,
+                        dataset_digest=dataset_digest[:36]) for k, v in metrics.items() if v is not None]
+        for batch in _chunks(items, 1000):
+            self.client.log_batch(run_id, metrics=batch)
 
     def create_run(self, run_name: str, tags: dict[str, str], start_ms: int | None = None) -> str:
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags, start_time=start_ms)

@@ -203,6 +203,7 @@ def test_lineage_walks_both_ways(finished_run) -> None:
     chain = json.loads(up.output)
     assert chain["chunk"] == chunk_id and ev.info.run_id in chain["evals"]
     assert chain["checkpoint_uri"] == client.get_run(chunk_id).data.tags[tr.CHECKPOINT]
+    assert chain["model_id"] == client.get_run(chunk_id).data.tags[tr.MODEL_ID]
     plan_id = chain["plan"]
     down = CliRunner().invoke(app, ["lineage", plan_id, "--tracking-uri", uri])
     assert down.exit_code == 0, down.output
@@ -210,6 +211,31 @@ def test_lineage_walks_both_ways(finished_run) -> None:
     assert "data:" in down.output and "checkpoint:" in down.output
     missing = CliRunner().invoke(app, ["lineage", "0" * 32, "--tracking-uri", uri])
     assert missing.exit_code == 5 and "not found" in missing.output
+
+
+def test_each_checkpoint_is_a_logged_model_with_its_evaluation(finished_run) -> None:
+    """MLflow's own Models view walks chunk -> checkpoint -> metrics: each chunk run's checkpoint is a READY
+    LoggedModel it made (as its output at the chunk's step), scored by its eval run on the evaluation split."""
+    client = finished_run["client"]
+    chunks = _runs(client, "chunk")
+    models = client.search_logged_models([chunks[0].info.experiment_id])
+    assert len(models) == len(chunks)
+    by_id = {m.model_id: m for m in models}
+    for chunk in chunks:
+        model = by_id[chunk.data.tags[tr.MODEL_ID]]
+        assert model.source_run_id == chunk.info.run_id and str(model.status) == "READY"
+        assert model.tags[tr.CHECKPOINT] == chunk.data.tags[tr.CHECKPOINT]
+        assert model.params["chunk"] == chunk.data.tags[tr.CHUNK] and "/" not in model.name
+        assert [(o.model_id, o.step) for o in chunk.outputs.model_outputs] == [
+            (model.model_id, int(chunk.data.tags[tr.CHUNK]))]
+        (evaluation,) = client.search_runs([chunk.info.experiment_id],
+                                           f"tags.`{tr.EVALUATES}` = '{chunk.info.run_id}'")
+        scored = {m.key: m for m in model.metrics}
+        assert scored["knn_top1"].value == evaluation.data.metrics["knn_top1"]
+        assert scored["knn_top1"].run_id == evaluation.info.run_id
+        assert len(client.get_metric_history(evaluation.info.run_id, "knn_top1")) == 1
+        eval_inputs = {d.dataset.name for d in evaluation.inputs.dataset_inputs}
+        assert scored["knn_top1"].dataset_name in eval_inputs
 
 
 def test_status_and_resume_skip_finished_jobs(finished_run) -> None:
