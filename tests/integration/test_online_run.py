@@ -84,6 +84,14 @@ def test_an_online_stream_is_one_worker_group_with_segments_in_mlflow(tmp_path: 
     curve = client.get_metric_history(online.info.run_id, "knn_top1_by_batch")
     assert sorted((m.step, m.value) for m in curve) == [(r.data.metrics["stream_batches"], r.data.metrics["knn_top1"])
                                                          for r in segments]
+    # Each segment's checkpoint is a LoggedModel of its run, made at the batch it ends at, scored by its kNN.
+    models = {m.model_id: m for m in client.search_logged_models([exp.experiment_id])}
+    assert len(models) == len(segments)
+    for segment in segments:
+        model = models[segment.data.tags[tr.MODEL_ID]]
+        assert model.source_run_id == segment.info.run_id and model.tags[tr.CHECKPOINT] == segment.data.tags[tr.CHECKPOINT]
+        assert [o.step for o in segment.outputs.model_outputs] == [segment.data.metrics["stream_batches"]]
+        assert {m.key: m.value for m in model.metrics}["knn_top1"] == segment.data.metrics["knn_top1"]
     # The last segment's checkpoint is the stream's end: the line's evaluation, and a state a resume continues.
     (evaluation,) = runs("eval")
     assert evaluation.data.tags[tr.EVALUATES] == online.info.run_id
