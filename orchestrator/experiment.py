@@ -31,6 +31,7 @@ from orchestrator.runner import LineTask, _CheckpointFs, line_groups, loop_confi
 from orchestrator.spec import Spec, flatten
 from orchestrator.summary import ExperimentSummary, summarise
 from orchestrator.tracking import lineage as tr
+from orchestrator.tracking.models import log_checkpoint_model, log_scored_metrics
 from orchestrator.tracking.lineage import versions
 from orchestrator.tracking.tracker import Tracker
 
@@ -169,8 +170,8 @@ class _Driver:
         })
         self.tracker.log_dataset(run_id, self.plan.data_url, f"{self.plan.stream.kind}-chunks-{'-'.join(map(str, job.training_chunks))}",
                                  f"{self.plan.stream.digest}:{job.training_chunks}", "train")
-        self.log_checkpoint_model(run_id, job.name, job.chunk, job, event["checkpoint_uri"],
-                                  {tr.CHUNK: str(job.chunk)}, {"chunk": str(job.chunk)})
+        log_checkpoint_model(self.tracker, self.plan, run_id, job.name, job.chunk, job, event["checkpoint_uri"],
+                             {tr.CHUNK: str(job.chunk)}, {"chunk": str(job.chunk)})
         self.tracker.end_run(run_id, "FINISHED", end_ms=ended_ms)
         if not recovered and not self.first_step_logged and report.get("first_step", 0) == 0:
             # The first chunk this driver trained: when did its first step start, counted from the driver's start?
@@ -182,30 +183,6 @@ class _Driver:
         self.chunk_rows[job.key] = {"line": job.line.id, "chunk": job.chunk, "loss": report["final_loss"],
                                     "train_s": report["seconds"], "samples/s": samples_per_s}
         self.evaluate(job, event["checkpoint_uri"])
-
-    def log_checkpoint_model(self, run_id: str, name: str, step: int, job: Job, checkpoint_uri: str,
-                             tags: dict[str, str], params: dict[str, str]) -> None:
-        """The checkpoint `run_id` made as a LoggedModel of that run, so MLflow's Models view walks
-        chunk -> checkpoint -> metrics; the run is tagged with the model's id."""
-        model_id = self.tracker.log_checkpoint_model(
-            run_id, name, step,
-            {tr.CHECKPOINT: checkpoint_uri, tr.LINE: job.line.id, tr.PLAN_KEY: self.plan.key, tr.JOB_KEY: job.key,
-             **tags},
-            {"line.method": job.line.method, "line.strategy": job.line.strategy, **params})
-        self.tracker.set_tags(run_id, {tr.MODEL_ID: model_id})
-
-    def log_scored_metrics(self, run_id: str, model_run: str, metrics: dict[str, float],
-                           result: dict[str, Any]) -> None:
-        """An evaluation's metrics on `run_id`; its headline numbers (logged once) also score `model_run`'s
-        LoggedModel on the evaluation split, a dataset input of `run_id`. A run logged before streamssl made
-        LoggedModels has none, and its evaluation gets plain metrics."""
-        model_id = self.tracker.get_run(model_run).data.tags.get(tr.MODEL_ID)
-        scores = headline(result, self.spec.eval.every_chunk) if model_id is not None else {}
-        self.tracker.log_metrics(run_id, {k: v for k, v in metrics.items() if k not in scores})
-        if scores:
-            eval_set = f"{self.spec.name}-{self.spec.data.eval_split}"
-            self.tracker.log_dataset(run_id, self.plan.data_url, eval_set, self.plan.data_digest, "eval")
-            self.tracker.log_model_metrics(run_id, model_id, scores, 0, eval_set, self.plan.data_digest)
 
     def evaluate(self, job: Job, checkpoint_uri: str) -> None:
         """Evaluate a logged chunk's checkpoint in the evaluation actor (collected by `collect`)."""
@@ -244,7 +221,7 @@ class _Driver:
         run_id = self.tracker.create_run(f"{job.name}/eval", tags)
         metrics = {k: v for k, v in result.items() if isinstance(v, (int, float))}
         metrics.update(task_metrics(result, self.spec.eval.every_chunk))
-        self.log_scored_metrics(run_id, chunk_run, metrics, result)
+        log_scored_metrics(self.tracker, self.spec, self.plan, run_id, chunk_run, metrics, result)
         self.tracker.log_json(run_id, "eval_result.json", result)
         self.tracker.end_run(run_id, "FINISHED")
         self.link_eval(chunk_run, run_id, headline(result, self.spec.eval.every_chunk))

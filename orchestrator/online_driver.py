@@ -29,6 +29,7 @@ from orchestrator.runner import LineTask, loop_config, ray_run_name
 from orchestrator.spec_params import flatten
 from orchestrator.summary import ExperimentSummary
 from orchestrator.tracking import lineage as tr
+from orchestrator.tracking.models import log_checkpoint_model, log_scored_metrics
 
 SEGMENT = "segment"
 # Per-batch values logged on the online run (step = stream batches seen).
@@ -155,9 +156,9 @@ class OnlineDriver(_Driver):
             metrics["stored_bytes"] = metrics["checkpoint_bytes"] + metrics["buffer_bytes"]
         self.tracker.log_metrics(run_id, metrics)
         # The segment's checkpoint as a LoggedModel, made at the stream batch it ends at (a chunk's at its chunk).
-        self.log_checkpoint_model(run_id, segment_name(job, event["segment"]), event["batches"], job,
-                                  event["checkpoint_uri"], {tr.TAG + "segment": str(event["segment"])},
-                                  {"stream_batches": str(event["batches"])})
+        log_checkpoint_model(self.tracker, self.plan, run_id, segment_name(job, event["segment"]), event["batches"],
+                             job, event["checkpoint_uri"], {tr.TAG + "segment": str(event["segment"])},
+                             {"stream_batches": str(event["batches"])})
         self.segment_runs[key] = run_id
         self._evaluate_segment(Segment(job, event["segment"], event["batches"], run_id, final), event["checkpoint_uri"])
 
@@ -173,7 +174,7 @@ class OnlineDriver(_Driver):
         if not isinstance(item, Segment):
             return super().log_result(item, result)
         metrics = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        self.log_scored_metrics(item.run_id, item.run_id, metrics, result)
+        log_scored_metrics(self.tracker, self.spec, self.plan, item.run_id, item.run_id, metrics, result)
         self.tracker.log_json(item.run_id, "eval_result.json", json.loads(json.dumps(result, default=str)))
         self.tracker.end_run(item.run_id, "FINISHED")
         online_run = self.online_runs[item.job.key]
