@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import lineage, logs, report, run, status, submit, ui
+from cli import lineage, logs, report, run, status, submit, sweep, ui
 
 app = typer.Typer(
     name="streamssl",
@@ -14,6 +14,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("run")(run.run)
+app.command("sweep")(sweep.sweep)
 app.command("submit")(submit.submit)
 app.command("status")(status.status)
 app.command("logs")(logs.logs)

@@ -34,15 +34,23 @@ def lineage_tree(tracker: Tracker, run_id: str) -> Tree:
     kind = run.data.tags.get(tr.RUN_TYPE)
     if kind is None:
         raise TrackingError(f"run {run_id} is not a streamssl run (no {tr.RUN_TYPE} tag)")
+    if kind in ("sweep", "trial"):
+        from cli.render_sweep import sweep_tree
+
+        return sweep_tree(tracker, run_id)
     chain: list = []  # from the plan down to `run`
     current = run
     while current is not None:
         chain.insert(0, current)
+        if current.data.tags.get(tr.RUN_TYPE) == "plan":  # (above it: a sweep's trial, shown on the root)
+            break
         parent_id = current.data.tags.get(tr.EVALUATES) or current.data.tags.get(tr.PARENT)
         current = tracker.get_run(parent_id) if parent_id else None
     root = chain[0]
     rt = root.data.tags
     tree = Tree(f"[bold]plan run[/] {root.info.run_id} ({rt.get(tr.TAG + 'spec_name')}) [{root.info.status}]")
+    if "streamssl.sweep_run" in rt:
+        tree.add(f"trial run {rt.get(tr.PARENT)} ({rt.get('streamssl.trial')}) of sweep run {rt['streamssl.sweep_run']}")
     tree.add(f"data: {rt.get(tr.TAG + 'data_url')} digest {rt.get(tr.TAG + 'data_digest')}")
     tree.add(f"stream: {rt.get(tr.TAG + 'stream_kind')} plan digest {rt.get(tr.TAG + 'stream_digest')}")
     tree.add("versions: " + ", ".join(f"{k.split('.')[-1]} {v}" for k, v in sorted(rt.items())

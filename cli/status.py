@@ -34,6 +34,8 @@ def status(
 
     overrides = list(sets) + ([f"tracking.uri={tracking_uri}"] if tracking_uri else [])
     loaded = load_spec(spec, overrides)
+    if loaded.sweep is not None:
+        return _sweep_status(spec, overrides, loaded)
     plan = build_plan(loaded, progress=False)
     tracker = Tracker(loaded.tracking_uri, loaded.experiment_name)
     rows = job_states(tracker, plan)
@@ -43,6 +45,30 @@ def status(
     for row in rows:
         counts[row["state"]] = counts.get(row["state"], 0) + 1
     console.print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+
+
+def _sweep_status(path: Path, overrides: list[str], loaded) -> None:
+    """A spec with a sweep section: its newest sweep, one row per trial."""
+    from evaluators.report import results_table
+    from orchestrator.spec import read_raw
+    from orchestrator.sweep.lineage import newest_sweep, sweep_rows
+    from orchestrator.tracking.tracker import Tracker
+
+    tracker = Tracker(loaded.tracking_uri, loaded.experiment_name)
+    run = newest_sweep(tracker, read_raw(path, overrides), str(path))
+    metric = loaded.sweep.metric
+    if run is None:
+        console.print(f"{loaded.name}: no sweep of this spec recorded yet (`streamssl sweep {path}` runs one)")
+        return
+    rows = sweep_rows(tracker, run.info.run_id, metric)
+    console.print(results_table(rows, ["trial", "state", "values", metric, "chunks", "run"],
+                                title=f"{loaded.name}: sweep run {run.info.run_id} [{run.info.status}]"))
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["state"]] = counts.get(row["state"], 0) + 1
+    planned = loaded.sweep.trial_count
+    console.print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f" of {planned} trials"
+                  + (f"; best: {run.data.tags['streamssl.best_spec']}" if "streamssl.best_spec" in run.data.tags else ""))
 
 
 def _job_status(job_id: str, address: Optional[str]) -> None:

@@ -10,7 +10,6 @@ metrics (average accuracy, BWT, FWT, forgetting), plots, and the ST-JT gap per m
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -24,8 +23,10 @@ from orchestrator.display import TrainingProgress, dry_run, print_summary
 from orchestrator.epoch_evals import EpochCheckpoint, log_by_epoch, log_epoch_eval
 from orchestrator.errors import IncompleteRecordError, TrainingError
 from orchestrator.evaluation import EvalActor, headline, protocol, task_metrics
+from orchestrator.hooks import DriverHooks, TrialStopped
 from orchestrator.ingest import start_corrupt_row_counter
 from orchestrator.planner import ExperimentPlan, Job, build_plan
+from orchestrator.ray_init import init_ray
 from orchestrator.recovery import missing_records, persisted_unlogged_chunks, read_logged
 from orchestrator.runner import LineTask, _CheckpointFs, line_groups, loop_config, ray_run_name, train_group
 from orchestrator.spec import Spec, flatten
@@ -34,32 +35,6 @@ from orchestrator.tracking import lineage as tr
 from orchestrator.tracking.models import log_checkpoint_model, log_scored_metrics
 from orchestrator.tracking.lineage import versions
 from orchestrator.tracking.tracker import Tracker
-
-
-def init_ray(address: str | None, spec: Spec) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address:
-        # Ray Client's proxy forks a server per connection, and that child can die of a gRPC poller race at fork
-        # (ray-project/ray#63202: "Starting Ray client server failed"): a fresh connection usually works.
-        for attempt in range(3):
-            try:
-                ray.init(address=address, log_to_driver=False)
-                return
-            except ConnectionAbortedError as exc:
-                if not address.startswith("ray://") or "client server failed" not in str(exc) or attempt == 2:
-                    raise
-                ray.shutdown()
-                time.sleep(2.0 * (attempt + 1))
-    # Declare more logical CPUs than cores: training workers hold fractional CPUs and Ray Data's read/decode tasks
-    # and the evaluation actor need slots beside them, or the pipeline stalls on a 2-core machine.
-    num_cpus = spec.resources.num_cpus or max(4, os.cpu_count() or 1)
-    # address="local": always a fresh Ray of our own, never whatever cluster happens to run on this machine
-    # (plain ray.init() would join it, and $RAY_ADDRESS would redirect it).
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
 
 
 def _artifact_root(spec: Spec) -> str | None:
@@ -85,8 +60,10 @@ def _plan_tags(plan: ExperimentPlan) -> dict[str, str]:
 
 
 class _Driver:
-    def __init__(self, plan: ExperimentPlan, tracker: Tracker, console: Console, address: str | None):
+    def __init__(self, plan: ExperimentPlan, tracker: Tracker, console: Console, address: str | None,
+                 hooks: DriverHooks | None = None):
         self.plan, self.tracker, self.console, self.address = plan, tracker, console, address
+        self.hooks = hooks or DriverHooks()
         self.spec = plan.spec
         self.use_gpu = self.spec.resources.gpus_per_worker > 0
         self.protocol = protocol(self.spec.eval.model_dump(), self.spec.data.model_dump())
@@ -113,7 +90,7 @@ class _Driver:
             self.tracker.fail_running(run_id)
             self.console.print(f"resuming plan run [bold]{run_id}[/]")
             return run_id
-        run_id = self.tracker.create_run(self.spec.name, _plan_tags(self.plan))
+        run_id = self.tracker.create_run(self.spec.name, {**_plan_tags(self.plan), **self.hooks.parent_tags})
         self.tracker.log_params(run_id, flatten(self.spec))
         self.tracker.log_json(run_id, "stream_plan.json", self.plan.stream.to_dict())
         self.tracker.log_json(run_id, "manifest.json", self.plan.manifest.model_dump(mode="json"))
@@ -226,6 +203,9 @@ class _Driver:
         self.tracker.end_run(run_id, "FINISHED")
         self.link_eval(chunk_run, run_id, headline(result, self.spec.eval.every_chunk))
         self.results[job.key] = result
+        self.hooks.scored(job.line.id, job.chunk, headline(result, self.spec.eval.every_chunk),
+                          [line.id for line in self.plan.lines if line.id not in self.diverged],
+                          final=job.chunk == self.plan.stream.num_chunks - 1)
 
     def link_eval(self, chunk_run: str, eval_run: str, headline: dict[str, float]) -> None:
         """The chunk run also carries its headline numbers (`{name}_top1`, `{name}_top5`), so the compare view
@@ -335,6 +315,8 @@ class _Driver:
             summarise(summary, self.plan, self.tracker, self.chunk_rows, self.results)
             summary.diverged = dict(self.diverged)
             summary.missing = self.missing_records()
+        except TrialStopped:  # the sweep records the trial's runs as stopped early
+            raise
         except BaseException:
             # Short retry: a Ctrl-C during a tracking outage must not hold the driver for the full deadline.
             try:
@@ -422,20 +404,23 @@ def run_experiment(
     dry: bool = False,
     address: str | None = None,
     console: Console | None = None,
+    hooks: DriverHooks | None = None,
 ) -> ExperimentSummary:
+    """`hooks` (a sweep trial's): tags of the plan run, a prefix of every run name, the per-chunk scores."""
     console = console or Console()
     started = time.time()
     plan = build_plan(spec)
     tracker = Tracker(spec.tracking_uri, spec.experiment_name, _artifact_root(spec))
+    tracker.name_prefix = hooks.run_prefix if hooks else ""
     if dry:
         dry_run(plan, console, tracker)
         return ExperimentSummary(None, plan.key)
     if spec.stream.kind == "online":  # one long job per line group, segments instead of chunks
         from orchestrator.online_driver import OnlineDriver
 
-        summary = OnlineDriver(plan, tracker, console, address).run(resume)
+        summary = OnlineDriver(plan, tracker, console, address, hooks).run(resume)
     else:
-        summary = _Driver(plan, tracker, console, address).run(resume)
+        summary = _Driver(plan, tracker, console, address, hooks).run(resume)
     print_summary(summary, console, spec)
     if summary.diverged:
         finished = len(plan.lines) - len(summary.diverged)

@@ -22,7 +22,9 @@ from typing import Any
 from evaluators.report import plot_metric_curves
 from orchestrator.checkpoints import CheckpointFs
 from orchestrator.display import TrainingProgress
+from orchestrator.evaluation import headline
 from orchestrator.experiment import _Driver
+from orchestrator.hooks import TrialStopped
 from orchestrator.online_runner import total_batches, train_online
 from orchestrator.planner import Job
 from orchestrator.runner import LineTask, loop_config, ray_run_name
@@ -183,6 +185,8 @@ class OnlineDriver(_Driver):
         self.tracker.log_metrics(online_run, by_batch, step=item.batches)
         for key, value in by_batch.items():
             self.curves.setdefault(item.job.line.id, {}).setdefault(key, []).append((item.batches, value))
+        self.hooks.scored(item.job.line.id, item.index, headline(result, self.spec.eval.every_chunk),
+                          [line.id for line in self.plan.lines if line.id not in self.diverged], final=item.final)
         if item.final:  # the stream's end: the line's own evaluation, as a chunk end's
             self.chunk_runs.setdefault(item.job.key, online_run)
             self.log_eval(item.job, result)
@@ -208,6 +212,8 @@ class OnlineDriver(_Driver):
                                                    "worker_group_start_seconds": result.start_s})
             self.collect(block=True)
             self._summarise(summary)
+        except TrialStopped:  # the sweep records the trial's runs as stopped early
+            raise
         except BaseException:
             try:
                 self.tracker.fail_running(self.parent, include_parent=True)

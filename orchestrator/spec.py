@@ -43,6 +43,7 @@ from orchestrator.spec_errors import SECRET_KEY_PATTERN, describe_validation_err
 from orchestrator.spec_eval import EvalSpec, _none_is_empty
 from orchestrator.spec_online import OnlineSpec, online_problems
 from orchestrator.streams import STREAM_REGISTRY
+from orchestrator.spec_sweep import SweepSpec
 from orchestrator.spec_views import LocalViewSpec, ViewSpec, ViewsSpec  # noqa: F401  (re-exported)
 from trainers.registry import BACKBONE_REGISTRY, METHOD_REGISTRY, STRATEGY_REGISTRY, Registry
 
@@ -272,6 +273,7 @@ class Spec(_Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
+    sweep: SweepSpec | None = Field(None, description="what `streamssl sweep` searches (ignored by `streamssl run`)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "Spec":
@@ -426,6 +428,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> Spec:
+    return validate_spec(read_raw(path, overrides), source=str(path))
+
+
+def read_raw(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The spec file as plain data with `--set` overrides applied, not validated yet (a sweep varies it)."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"spec file not found: {path}")
@@ -437,7 +444,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> Spec:
         raise SpecError(f"{path}: the spec is empty")
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: the spec must be a mapping of fields, got {type(raw).__name__}")
-    return validate_spec(apply_overrides(raw, overrides or []), source=str(path))
+    return apply_overrides(raw, overrides or [])
 
 
 # Re-exported: what MLflow records of a spec, and its identity (orchestrator.spec_params).

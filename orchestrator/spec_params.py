@@ -28,6 +28,9 @@ def _recorded(spec: Spec) -> dict[str, Any]:
     for section, off in OFF_BY_DEFAULT.items():
         data[section] = {key: value for key, value in data[section].items()
                          if not (key in off and value == off[key])}
+    # A trial's numbers come from its own values, not from the search around it: `streamssl run` of a sweep's spec
+    # and of the same spec without its sweep section are one plan.
+    data.pop("sweep", None)
     if data.get("online") is None:  # a chunked stream: the section is absent, as before online streams existed
         data.pop("online", None)
     return data

@@ -50,6 +50,10 @@ def lineage_dict(tracker: Tracker, run_id: str) -> dict[str, Any]:
     'evals': [...]}."""
     run = tracker.get_run(run_id)
     kind = run.data.tags.get(RUN_TYPE)
+    if kind in ("sweep", "trial"):  # sweep -> trials -> plans -> chunks -> evaluations
+        from orchestrator.sweep.lineage import sweep_lineage
+
+        return sweep_lineage(tracker, run_id)
     out: dict[str, Any] = {"run_type": kind}
     chunk = run if kind == "chunk" else None
     if kind == "eval":
@@ -63,6 +67,10 @@ def lineage_dict(tracker: Tracker, run_id: str) -> dict[str, Any]:
     else:
         out["plan"] = run_id
         out["chunks"] = [r.info.run_id for r in tracker.children(run_id, "chunk")]
+    from orchestrator.sweep.lineage import sweep_of
+
+    plan = run if out["plan"] == run_id else tracker.get_run(out["plan"])
+    out.update(sweep_of(tracker, plan))  # a sweep trial's plan: where it sits in the sweep
     return out
 
 

@@ -48,6 +48,7 @@ class Tracker:
     def __init__(self, uri: str, experiment: str | None = None, artifact_root: str | None = None, *,
                  retry_seconds: float | None = None, connect_seconds: float | None = None):
         self.uri = uri
+        self.name_prefix = ""  # before every run name this tracker creates (a sweep trial's "trial-003/")
         self.client = RetryingClient(uri, retry_seconds=retry_seconds, connect_seconds=connect_seconds)
         self.experiment_id = None
         if experiment is not None:
@@ -145,7 +146,8 @@ class Tracker:
             self.client.log_batch(run_id, metrics=batch)
 
     def create_run(self, run_name: str, tags: dict[str, str], start_ms: int | None = None) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags, start_time=start_ms)
+        run = self.client.create_run(self.experiment_id, run_name=self.name_prefix + run_name, tags=tags,
+                                     start_time=start_ms)
         return run.info.run_id
 
     def end_run(self, run_id: str, status: str = "FINISHED", end_ms: int | None = None, *,

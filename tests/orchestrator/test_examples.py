@@ -84,3 +84,17 @@ def test_the_streaming_examples_run_the_full_protocol() -> None:
     for name in ("streaming_imagenette", "streaming_synthetic"):
         spec = load_spec(ROOT / "examples" / f"{name}.yaml")
         assert spec.data.image_size <= 64 and spec.resources.gpus_per_worker == 0
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("sweep_*.yaml")), ids=lambda p: p.name)
+def test_sweep_examples_have_a_valid_space(path: Path) -> None:
+    """A sweep example's space passes the same checks `streamssl sweep` makes before its first trial."""
+    from orchestrator.spec import read_raw
+    from orchestrator.sweep.space import check_space, sample_points
+
+    raw = read_raw(path)
+    spec = load_spec(path)
+    assert spec.sweep is not None
+    check_space(raw, spec.sweep, str(path))
+    if spec.sweep.search != "optuna":
+        assert len(sample_points(spec.sweep)) == spec.sweep.trial_count

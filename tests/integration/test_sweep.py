@@ -1,0 +1,229 @@
+"""`streamssl sweep` for real: Ray Tune trials of the real driver, ASHA, a diverging trial, a driver killed mid-sweep
+and resumed, nested MLflow runs, the best spec, status and lineage.
+
+One sweep (4 grid trials over optim.lr on the synthetic set, 2 chunks each) is run by the CLI in a subprocess,
+killed (process group and all) once its first trial has finished, and resumed; the tests read what it left.
+Planned outcome: lr 0.5 learns (finished); lr 1e-5 and 2e-5 barely move from the initial weights, so ASHA stops
+them after chunk 0 against lr 0.5's chunk-0 accuracy (the first of them after the resume, from the rungs refilled
+from MLflow); lr 1e6 diverges in its first chunk (failed, with its error).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow.entities import ViewType
+
+from orchestrator.sweep import records as rec
+from tests.specs import tiny_spec
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+LRS = [0.5, 1e-5, 1e6, 2e-5]
+
+
+def _cli(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli.app", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "COLUMNS": "200"})
+
+
+def _runs(uri: str, name: str, query: str = "", view=ViewType.ACTIVE_ONLY):
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    return client.search_runs([experiment.experiment_id], query, run_view_type=view) if experiment else []
+
+
+def _kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL the sweep driver and everything it started (its local Ray included), as a machine loss would."""
+    import psutil
+
+    parent = psutil.Process(process.pid)
+    family = [parent, *parent.children(recursive=True)]
+    for member in family:
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, synthetic_url):
+    folder = tmp_path_factory.mktemp("sweep")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    raw = tiny_spec("sweep-it", synthetic_url, storage={"workdir": str(folder / "work")},
+                    optim={"epochs_per_chunk": 1, "batch_size": 64}, eval={"every_chunk": ["knn"], "baseline": False},
+                    sweep={"metric": "knn_top1", "search": "grid", "scheduler": {"kind": "asha"},
+                           "space": {"optim.lr": {"grid": LRS}}})
+    spec_path = folder / "sweep.yaml"
+    spec_path.write_text(yaml.safe_dump(raw))
+    best = folder / "best.yaml"
+    args = ["sweep", str(spec_path), "--tracking-uri", uri, "--best-spec", str(best)]
+
+    first = subprocess.Popen([sys.executable, "-m", "cli.app", *args], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"})
+    deadline = time.time() + 900
+    try:
+        while time.time() < deadline and first.poll() is None:
+            trials = _runs(uri, "sweep-it", f"tags.`{rec.TRIAL}` = '1'")
+            if trials and _runs(uri, "sweep-it", f"tags.`{rec.TRIAL}` = '0' and attributes.status = 'FINISHED'"):
+                break  # trial-000 is recorded and trial-001 has begun: cut the sweep there
+            time.sleep(2)
+        assert first.poll() is None, f"the sweep ended before it could be killed:\n{first.stdout.read()}"
+        assert time.time() < deadline, "trial-001 never started"
+        _kill_tree(first)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    killed_trials = {r.info.run_id: r.info.status for r in _runs(uri, "sweep-it", "tags.`streamssl.run_type` = 'trial'")}
+
+    resumed = _cli(*args, "--resume")
+    return {"uri": uri, "folder": folder, "spec": spec_path, "best": best, "resumed": resumed,
+            "killed_trials": killed_trials}
+
+
+def _trials(swept):
+    runs = _runs(swept["uri"], "sweep-it", "tags.`streamssl.run_type` = 'trial'")
+    return sorted(runs, key=lambda r: int(r.data.tags[rec.TRIAL]))
+
+
+def test_a_killed_sweep_resumes_and_logs_each_trial_once(swept):
+    assert swept["resumed"].returncode == 0, swept["resumed"].stdout + swept["resumed"].stderr
+    assert "RUNNING" in swept["killed_trials"].values()  # trial-001 was cut short
+    trials = _trials(swept)
+    assert [int(r.data.tags[rec.TRIAL]) for r in trials] == [0, 1, 2, 3]  # once each
+    sweeps = _runs(swept["uri"], "sweep-it", "tags.`streamssl.run_type` = 'sweep'")
+    assert len(sweeps) == 1 and sweeps[0].info.status == "FINISHED"
+    # trial-000 was not run again: the same run as before the kill
+    finished_before = [run for run, status in swept["killed_trials"].items() if status == "FINISHED"]
+    assert trials[0].info.run_id in finished_before
+    # the interrupted trial-001 run (and what was under it) was deleted, not left beside the new one
+    deleted = _runs(swept["uri"], "sweep-it", f"tags.`{rec.TRIAL}` = '1'", ViewType.DELETED_ONLY)
+    assert len(deleted) == 1 and deleted[0].info.run_id not in {r.info.run_id for r in trials}
+    assert "cut short by the previous driver" in swept["resumed"].stdout
+
+
+def test_asha_stops_the_trials_that_fall_behind_and_a_diverging_trial_fails(swept):
+    states = {float(r.data.params["optim.lr"]): (r.info.status, r.data.tags) for r in _trials(swept)}
+    assert states[0.5][0] == "FINISHED"
+    for lr in (1e-5, 2e-5):  # stopped after chunk 0, trial-001 against the refilled rungs
+        status, tags = states[lr]
+        assert status == "KILLED" and "asha stopped it after chunk 0" in tags[rec.STOPPED], (lr, status, tags)
+    status, tags = states[1e6]
+    assert status == "FAILED" and "stopped at chunk 0 (not retried)" in tags[rec.ERROR], (status, tags)
+    sweep = _runs(swept["uri"], "sweep-it", "tags.`streamssl.run_type` = 'sweep'")[0]
+    assert sweep.data.metrics["trials_finished"] == 1 and sweep.data.metrics["trials_stopped"] == 2
+    assert sweep.data.metrics["trials_failed"] == 1
+
+
+def test_trials_nest_sweep_to_chunks_with_their_values_as_params(swept):
+    client = mlflow.MlflowClient(swept["uri"])
+    sweep = _runs(swept["uri"], "sweep-it", "tags.`streamssl.run_type` = 'sweep'")[0]
+    for trial in _trials(swept):
+        index = int(trial.data.tags[rec.TRIAL])
+        assert trial.info.run_name == f"trial-{index:03d}"
+        assert trial.data.tags["mlflow.parentRunId"] == sweep.info.run_id
+        assert float(trial.data.params["optim.lr"]) == LRS[index]
+        assert json.loads(trial.data.tags[rec.VALUES]) == {"optim.lr": LRS[index]}
+        plans = _runs(swept["uri"], "sweep-it", f"tags.`mlflow.parentRunId` = '{trial.info.run_id}'")
+        assert len(plans) == 1 and plans[0].data.tags["streamssl.run_type"] == "plan"
+        assert float(plans[0].data.params["optim.lr"]) == LRS[index]  # the plan ran the trial's value
+        chunks = _runs(swept["uri"], "sweep-it", f"tags.`mlflow.parentRunId` = '{plans[0].info.run_id}' and "
+                                                 "tags.`streamssl.run_type` = 'chunk'")
+        assert all(c.info.run_name.startswith(f"trial-{index:03d}/") for c in chunks)
+        if trial.info.status == "FINISHED":
+            assert len(chunks) == 2 and all(c.info.status == "FINISHED" for c in chunks)
+            history = client.get_metric_history(trial.info.run_id, "knn_top1")
+            assert [int(m.step) for m in history] == [0, 1]
+            assert history[-1].value == pytest.approx(chunks[-1].data.metrics["knn_top1"])
+        if trial.info.status == "KILLED":  # nothing left open under a stopped trial
+            assert plans[0].info.status == "KILLED"
+            assert all(c.info.status != "RUNNING" for c in chunks)
+
+
+def test_the_best_trial_is_tagged_and_its_spec_runs(swept):
+    sweep = _runs(swept["uri"], "sweep-it", "tags.`streamssl.run_type` = 'sweep'")[0]
+    trials = {r.info.run_id: r for r in _trials(swept)}
+    best = trials[sweep.data.tags[rec.BEST_TRIAL]]
+    assert float(best.data.params["optim.lr"]) == 0.5 and best.data.tags[rec.BEST] == "true"
+    assert sum(r.data.tags.get(rec.BEST) == "true" for r in trials.values()) == 1
+    assert sweep.data.metrics["best_knn_top1"] == pytest.approx(best.data.metrics["knn_top1"])
+    written = yaml.safe_load(swept["best"].read_text())
+    assert written["optim"]["lr"] == 0.5 and "sweep" not in written
+    assert sweep.data.tags[rec.BEST_SPEC] == str(swept["best"])
+    artifacts = {a.path for a in mlflow.MlflowClient(swept["uri"]).list_artifacts(sweep.info.run_id)}
+    plots = {a.path for a in mlflow.MlflowClient(swept["uri"]).list_artifacts(sweep.info.run_id, "plots")}
+    assert {"best_spec.yaml", "sweep_spec.yaml"} <= artifacts
+    assert {"plots/sweep_metric_by_trial.png", "plots/sweep_metric_by_value.png"} <= plots
+    dry = _cli("run", str(swept["best"]), "--dry-run", "--tracking-uri", swept["uri"], timeout=300)
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+
+
+def test_status_and_lineage_walk_the_sweep(swept):
+    status = _cli("status", str(swept["spec"]), "--tracking-uri", swept["uri"], timeout=300)
+    assert status.returncode == 0, status.stdout + status.stderr
+    for index, state in ((0, "finished"), (1, "stopped"), (2, "failed"), (3, "stopped")):
+        assert any(f"trial-{index:03d}" in line and state in line for line in status.stdout.splitlines()), status.stdout
+    assert "1 finished" in status.stdout and "of 4 trials" in status.stdout
+    sweep = _runs(swept["uri"], "sweep-it", "tags.`streamssl.run_type` = 'sweep'")[0]
+    walked = _cli("lineage", sweep.info.run_id, "--tracking-uri", swept["uri"], "--json", timeout=300)
+    assert walked.returncode == 0, walked.stderr
+    chain = json.loads(walked.stdout)
+    assert [t["state"] for t in chain["trials"]] == ["finished", "stopped", "failed", "stopped"]
+    finished = chain["trials"][0]
+    assert len(finished["plans"]) == 1 and len(finished["plans"][0]["chunks"]) == 2
+    assert all(c["evals"] and c["model_id"] for c in finished["plans"][0]["chunks"])
+    chunk_run = finished["plans"][0]["chunks"][0]["chunk"]
+    up = json.loads(_cli("lineage", chunk_run, "--tracking-uri", swept["uri"], "--json", timeout=300).stdout)
+    assert up["sweep"] == sweep.info.run_id and up["trial"] == finished["run"]
+    tree = _cli("lineage", chunk_run, "--tracking-uri", swept["uri"], timeout=300)
+    assert f"of sweep run {sweep.info.run_id}" in tree.stdout
+
+
+def test_a_bad_space_stops_the_sweep_before_any_trial(tmp_path, synthetic_url):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    raw = tiny_spec("sweep-bad", synthetic_url, storage={"workdir": str(tmp_path / "work")},
+                    sweep={"space": {"optim.momentum": {"uniform": [0.5, 1.5]}, "optim.lr": {"loguniform": [0.01, 1]}}})
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = _cli("sweep", str(path), "--tracking-uri", uri, timeout=300)
+    assert out.returncode != 0
+    assert "sweep.space.optim.momentum" in out.stderr and "less than 1" in out.stderr
+    assert not _runs(uri, "sweep-bad")  # nothing recorded
+
+
+def test_an_optuna_sweep_numbers_its_trials_and_a_finished_sweep_resumes_to_nothing(tmp_path, synthetic_url):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    raw = tiny_spec("sweep-optuna", synthetic_url, storage={"workdir": str(tmp_path / "work")},
+                    stream={"kind": "instance", "chunks": 1, "seed": 0}, optim={"epochs_per_chunk": 1},
+                    eval={"every_chunk": ["knn"], "baseline": False},
+                    sweep={"search": "optuna", "trials": 2, "seed": 3,
+                           "space": {"optim.lr": {"loguniform": [0.05, 0.5]},
+                                     "views.global.scale": {"choice": [[0.14, 1.0], [0.3, 1.0]]}}})
+    path = tmp_path / "optuna.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    first = _cli("sweep", str(path), "--tracking-uri", uri)
+    assert first.returncode == 0, first.stdout + first.stderr
+    trials = sorted(_runs(uri, "sweep-optuna", "tags.`streamssl.run_type` = 'trial'"),
+                    key=lambda r: int(r.data.tags[rec.TRIAL]))
+    assert [r.info.run_name for r in trials] == ["trial-000", "trial-001"]
+    for trial in trials:
+        assert trial.info.status == "FINISHED"
+        assert 0.05 <= float(trial.data.params["optim.lr"]) <= 0.5
+        assert json.loads(trial.data.params["views.global.scale"]) in ([0.14, 1.0], [0.3, 1.0])
+        plan = _runs(uri, "sweep-optuna", f"tags.`mlflow.parentRunId` = '{trial.info.run_id}'")[0]
+        assert plan.data.params["views.global.scale"] == trial.data.params["views.global.scale"]
+    again = _cli("sweep", str(path), "--tracking-uri", uri, "--resume")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "every one of the 2 trials is recorded" in again.stdout
+    assert len(_runs(uri, "sweep-optuna", "tags.`streamssl.run_type` = 'trial'")) == 2
+    assert len(_runs(uri, "sweep-optuna", "tags.`streamssl.run_type` = 'sweep'")) == 1
