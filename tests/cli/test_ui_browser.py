@@ -20,10 +20,16 @@ pytestmark = pytest.mark.slow
 NAME = "ui-browser"
 
 
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Session-scoped so that it comes before the session's data and Ray: a missing browser skips (or fails, in CI)
+    before a minute of training."""
+    return browser.chromium_executable()
+
+
 @pytest.fixture(scope="module")
-def two_lines(tmp_path_factory, synthetic_url: str, ray_local):
+def two_lines(chromium: str, tmp_path_factory, synthetic_url: str, ray_local):
     """One chunk of simclr-sequential and of simclr-joint, trained, evaluated (kNN) and logged by the driver."""
-    browser.chromium_executable()  # skip (or fail, in CI) before a minute of training if there is no browser
     from orchestrator.experiment import run_experiment
     from orchestrator.spec import validate_spec
 
