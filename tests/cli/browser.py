@@ -98,7 +98,8 @@ def open_runs_table(page, base_url: str, experiment_id: str, expand: Sequence[st
                     columns: Sequence[str] = ()) -> None:
     """Open the experiment's runs table in the model-training view, wait until its rows are there, expand the named
     parent runs (MLflow nests child runs under a collapsed parent) and add the named param/metric/tag columns
-    through the table's 'Columns' selector."""
+    through the table's 'Columns' selector. Both are toggles: this expects the table as a fresh browser profile
+    (chromium_page) first shows it, parents collapsed and only the default columns."""
     page.goto(f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?{MODEL_TRAINING_VIEW}")
     page.get_by_text("matching runs").wait_for()  # the table's footer: "<n> matching runs"
     _close_assistant(page)
