@@ -4,11 +4,7 @@ serves the MLflow UI on loopback at the runs table."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
-import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -17,6 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from cli.app import app
+from tests.cli.ui_process import streamssl_ui
 from tests.orchestrator.s3_server import free_port
 
 COMMANDS = [["run"], ["submit"], ["status"], ["logs"], ["lineage"], ["report"], ["ui"], ["data"], ["data", "synth"], ["data", "prepare"], ["data", "verify"]]
@@ -87,36 +84,12 @@ def test_ui_serves_the_runs_table_on_loopback(tmp_path: Path) -> None:
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     experiment_id = Tracker(uri, "ui-check").experiment_id
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "cli.app", "ui", "--tracking-uri", uri, "--experiment", "ui-check",
-         "--port", str(port), "--no-open"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).resolve().parents[2],
-    )
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)
-    reader.start()
-    expected = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-    try:
-        deadline = time.time() + 90
-        while time.time() < deadline and not any(expected in line for line in lines):
-            time.sleep(0.5)
-        assert any(expected in line for line in lines), "".join(lines)
-        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
+    with streamssl_ui(uri, "ui-check") as ui:
+        ui.wait_for_line(f"{ui.base_url}/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
+        page = urllib.request.urlopen(f"{ui.base_url}/", timeout=5).read().decode()
         assert "MLflow" in page
         listening = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
-        assert f"127.0.0.1:{port}" in listening and f"0.0.0.0:{port}" not in listening
-    finally:
-        # Ctrl-C stops the server; on a loaded machine its workers took over 30 s to wind down (the full suite
-        # started beside other jobs), so it gets 90 s before it is killed and the test fails for it.
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise AssertionError("`streamssl ui` did not stop within 90 s of Ctrl-C") from None
-        finally:
-            reader.join(timeout=5)
+        assert f"127.0.0.1:{ui.port}" in listening and f"0.0.0.0:{ui.port}" not in listening
 
 
 def test_submit_without_a_cluster_exits_6_naming_the_address(monkeypatch, tmp_path: Path) -> None:
