@@ -18,6 +18,7 @@ from typing import Any
 from rich.console import Console
 
 from orchestrator.hooks import DriverHooks, TrialStopped
+from orchestrator.spec import flatten
 from orchestrator.spec_sweep import SweepSpec
 from orchestrator.sweep import records as rec
 from orchestrator.sweep.space import decode, trial_spec
@@ -65,7 +66,8 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
         rec.TRIAL: str(index), rec.TUNE_TRIAL: trial_id, rec.VALUES: json.dumps(values, sort_keys=True),
         tr.TAG + "spec_name": spec.name,
     })
-    tracker.log_params(run_id, {**rec.value_params(values), "trial": str(index)})
+    # The whole trial spec as params (as a plan run has them), so trials line up field by field in the compare view.
+    tracker.log_params(run_id, {**flatten(spec), **rec.value_params(values), "trial": str(index)})
 
     last: dict[str, Any] = {}
 

@@ -227,3 +227,55 @@ def test_an_optuna_sweep_numbers_its_trials_and_a_finished_sweep_resumes_to_noth
     assert "every one of the 2 trials is recorded" in again.stdout
     assert len(_runs(uri, "sweep-optuna", "tags.`streamssl.run_type` = 'trial'")) == 2
     assert len(_runs(uri, "sweep-optuna", "tags.`streamssl.run_type` = 'sweep'")) == 1
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    from tests.cli import browser
+
+    return browser.chromium_executable()  # a skip without chromium, a failure where CI installed it
+
+
+def _shown(value: str, logged: float) -> bool:
+    """The page shows the logged value (MLflow rounds to about 4 significant digits)."""
+    return abs(float(value) - logged) <= max(1e-3, 1e-3 * abs(logged))
+
+
+def test_the_mlflow_ui_shows_the_trials_params_and_metric_in_a_browser(chromium, swept):
+    """`streamssl ui` on the sweep's record, in headless Chromium: the runs table with the sweep expanded to its
+    trials (swept param and metric as columns), then MLflow's compare view of two trials (the finished one and a
+    stopped one), differing params only. Screenshots: test-artifacts/ui/ (or $STREAMSSL_UI_ARTIFACTS)."""
+    from tests.cli import browser
+    from tests.cli.ui_process import streamssl_ui
+
+    client = mlflow.MlflowClient(swept["uri"])
+    experiment_id = client.get_experiment_by_name("sweep-it").experiment_id
+    sweep = _runs(swept["uri"], "sweep-it", "tags.`streamssl.run_type` = 'sweep'")[0]
+    trials = _trials(swept)
+    compared = [trials[0], trials[3]]  # lr 0.5 (finished, best) and lr 2e-5 (stopped)
+    folder = browser.artifacts_folder()
+    shots = [folder / "sweep-runs-table.png", folder / "sweep-compare-trials.png"]
+    for old in shots:
+        old.unlink(missing_ok=True)
+    with streamssl_ui(swept["uri"], "sweep-it") as ui, browser.chromium_page() as page:
+        ui.wait_for_line(f"{ui.base_url}/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
+        browser.open_runs_table(page, ui.base_url, experiment_id, expand=[sweep.info.run_name],
+                                columns=["optim.lr", "knn_top1"])
+        for trial in trials:
+            name = trial.info.run_name
+            assert float(browser.runs_table_cell(page, name, "optim.lr")) == float(trial.data.params["optim.lr"])
+            if "knn_top1" in trial.data.metrics:
+                assert _shown(browser.runs_table_cell(page, name, "knn_top1"), trial.data.metrics["knn_top1"]), name
+        assert browser.screenshot(page, "sweep-runs-table", folder) == shots[0]
+
+        browser.open_compare(page, ui.base_url, experiment_id, [t.info.run_id for t in compared],
+                             diff_only=["Parameters"])
+        shown_lrs = browser.compare_param(page, "optim.lr")
+        assert [float(v) for v in shown_lrs] == [float(t.data.params["optim.lr"]) for t in compared]
+        assert page.get_by_role("rowheader", name="optim.name", exact=True).count() == 0  # shared: hidden
+        values = browser.compare_metric(page, "knn_top1")
+        assert len(values) == 2 and all(_shown(v, t.data.metrics["knn_top1"]) for v, t in zip(values, compared))
+        assert browser.screenshot(page, "sweep-compare-trials", folder) == shots[1]
+    for shot in shots:
+        data = shot.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 50_000, (shot, len(data))
