@@ -189,6 +189,10 @@ class _Sweep:
             run_config=tune.RunConfig(name=f"sweep-{self.key}-{int(time.time())}", storage_path=path,
                                       storage_filesystem=fs, callbacks=[callback], verbose=0),
         )
+        import logging
+
+        # (Tune's result analysis looks for the result files the disabled loggers would have written)
+        logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
         with callback:
             tuner.fit()
 
