@@ -15,8 +15,6 @@ discriminated on `name` with that backbone's `Config` as its other fields; `stra
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -42,6 +40,7 @@ from orchestrator.errors import SpecError
 from orchestrator.spec_errors import SECRET_KEY_PATTERN, describe_validation_error
 from orchestrator.spec_eval import EvalSpec, _none_is_empty
 from orchestrator.spec_online import OnlineSpec, online_problems
+from orchestrator.spec_overrides import apply_overrides, parse_override  # noqa: F401  (re-exported)
 from orchestrator.streams import STREAM_REGISTRY
 from orchestrator.spec_sweep import SweepSpec
 from orchestrator.spec_views import LocalViewSpec, ViewSpec, ViewsSpec  # noqa: F401  (re-exported)
@@ -394,37 +393,6 @@ def validate_spec(raw: Any, source: str = "spec") -> Spec:
     except ValidationError as exc:
         lines = describe_validation_error(exc, Spec, {"backbone": BACKBONE_VARIANTS})
         raise SpecError(f"{source}: invalid spec\n" + "\n".join(f"  {line}" for line in lines)) from None
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """'optim.lr=0.1' -> (['optim', 'lr'], 0.1); the value is read as YAML so lists and numbers work."""
-    if "=" not in text:
-        raise SpecError(f"--set {text!r}: expected key=value, e.g. optim.lr=0.1")
-    key, raw_value = text.split("=", 1)
-    path = [p for p in key.strip().split(".")]
-    if not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", p) for p in path):
-        raise SpecError(f"--set {text!r}: {key!r} is not a dotted field path")
-    try:
-        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
-    except yaml.YAMLError as exc:
-        raise SpecError(f"--set {text!r}: value is not valid YAML ({exc})") from None
-    return path, value
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    out = json.loads(json.dumps(raw))  # deep copy of plain data
-    for text in overrides:
-        path, value = parse_override(text)
-        node = out
-        for i, part in enumerate(path[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise SpecError(f"--set {text!r}: {'.'.join(path[: i + 1])} is not a section")
-            node = child
-        node[path[-1]] = value
-    return out
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> Spec:
