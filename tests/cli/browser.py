@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -115,7 +116,10 @@ def open_runs_table(page, base_url: str, experiment_id: str, expand: Sequence[st
         tree = page.get_by_test_id("column-selector-tree")
         for column in columns:
             search.fill(column)
-            tree.get_by_text(column, exact=True).first.click()
+            # The selector highlights the match in every name containing it (best_<strong>knn_top1</strong>), so a
+            # text match would also hit the longer names: take the entry whose whole label is the column.
+            whole = re.compile(rf"^{re.escape(column)}$")
+            tree.locator("span").filter(has_text=whole).last.click()
         page.keyboard.press("Escape")
         for column in columns:
             _column_header(page, column).wait_for()

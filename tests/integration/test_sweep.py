@@ -107,7 +107,8 @@ def test_a_killed_sweep_resumes_and_logs_each_trial_once(swept):
     finished_before = [run for run, status in swept["killed_trials"].items() if status == "FINISHED"]
     assert trials[0].info.run_id in finished_before
     # the interrupted trial-001 run (and what was under it) was deleted, not left beside the new one
-    deleted = _runs(swept["uri"], "sweep-it", f"tags.`{rec.TRIAL}` = '1'", ViewType.DELETED_ONLY)
+    deleted = _runs(swept["uri"], "sweep-it", f"tags.`{rec.TRIAL}` = '1' and tags.`streamssl.run_type` = 'trial'",
+                    ViewType.DELETED_ONLY)
     assert len(deleted) == 1 and deleted[0].info.run_id not in {r.info.run_id for r in trials}
     assert "cut short by the previous driver" in swept["resumed"].stdout
 
@@ -137,8 +138,9 @@ def test_trials_nest_sweep_to_chunks_with_their_values_as_params(swept):
         plans = _runs(swept["uri"], "sweep-it", f"tags.`mlflow.parentRunId` = '{trial.info.run_id}'")
         assert len(plans) == 1 and plans[0].data.tags["streamssl.run_type"] == "plan"
         assert float(plans[0].data.params["optim.lr"]) == LRS[index]  # the plan ran the trial's value
-        chunks = _runs(swept["uri"], "sweep-it", f"tags.`mlflow.parentRunId` = '{plans[0].info.run_id}' and "
-                                                 "tags.`streamssl.run_type` = 'chunk'")
+        chunks = sorted(_runs(swept["uri"], "sweep-it", f"tags.`mlflow.parentRunId` = '{plans[0].info.run_id}' and "
+                                                        "tags.`streamssl.run_type` = 'chunk'"),
+                        key=lambda c: int(c.data.tags["streamssl.chunk"]))
         assert all(c.info.run_name.startswith(f"trial-{index:03d}/") for c in chunks)
         if trial.info.status == "FINISHED":
             assert len(chunks) == 2 and all(c.info.status == "FINISHED" for c in chunks)
