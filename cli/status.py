@@ -21,7 +21,8 @@ def status(
     job: Optional[str] = typer.Option(None, "--job", help="A job id from `streamssl submit`: show that job instead."),
     address: Optional[str] = Address,
 ) -> None:
-    """List the plan's jobs (line x chunk) with FINISHED / RUNNING / FAILED / PENDING, or one submitted job."""
+    """List the plan's jobs (line x chunk) with FINISHED / RUNNING / FAILED / PENDING, or one submitted job.
+    An online plan also lists its segments (stream batches, checkpoint, accuracy, deadline misses, skipped shards)."""
     if job:
         return _job_status(job, address)
     if spec is None:
@@ -29,7 +30,7 @@ def status(
     from evaluators.report import results_table
     from orchestrator.planner import build_plan
     from orchestrator.spec import load_spec
-    from orchestrator.tracking.lineage import job_states
+    from orchestrator.tracking.lineage import job_states, segment_states
     from orchestrator.tracking.tracker import Tracker
 
     overrides = list(sets) + ([f"tracking.uri={tracking_uri}"] if tracking_uri else [])
@@ -43,6 +44,15 @@ def status(
     for row in rows:
         counts[row["state"]] = counts.get(row["state"], 0) + 1
     console.print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    if loaded.stream.kind == "online":  # each line is one job over the stream: its segments say how far it got
+        segments = segment_states(tracker, plan)
+        for row in segments:
+            row["final"] = "yes" if row["final"] else ""
+            row["run"] = row.pop("segment_run")
+        console.print(results_table(segments, ["line", "segment", "batches", "state", "final", "knn_top1",
+                                               "linear_top1", "late_batches", "skipped_shards", "run",
+                                               "checkpoint_uri"],
+                                    title=f"online segments ({len(segments)})"))
 
 
 def _job_status(job_id: str, address: Optional[str]) -> None:
