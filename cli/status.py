@@ -46,23 +46,11 @@ def status(
     console.print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     if loaded.stream.kind == "online":  # each line is one job over the stream: its segments say how far it got
         segments = segment_states(tracker, plan)
+        counts = ["late_batches", "dropped_steps", *(["skipped_shards"] if loaded.online.source else [])]
         for row in segments:
             row["final"] = "yes" if row["final"] else ""
             row["run"] = row.pop("segment_run")
-        console.print(results_table(segments, ["line", "segment", "batches", "state", "final", "knn_top1",
-                                               "linear_top1", "late_batches", "skipped_shards", "run",
-                                               "checkpoint_uri"],
-                                    title=f"online segments ({len(segments)})"))
-
-
-def _job_status(job_id: str, address: Optional[str]) -> None:
-    from orchestrator.jobs import job_info
-
-    info = job_info(address, job_id)
-    when = lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"  # noqa: E731
-    elapsed = ((info.end_time or time.time()) - info.start_time) if info.start_time else None
-    console.print(f"job {info.job_id}: [bold]{info.status}[/]", highlight=False)
-    console.print(f"  started {when(info.start_time)}, ended {when(info.end_time)}"
-                  + (f", {elapsed:.0f} s" if elapsed is not None else ""), highlight=False)
-    if info.message:
-        console.print(f"  {info.message}", highlight=False)
+            row.update({k: None if row[k] is None else int(row[k]) for k in counts})
+        scores = [f"{n}_top1" for n in loaded.eval.every_chunk if f"{n}_top1" in ("knn_top1", "linear_top1")]
+        console.print(results_table(segments, ["line", "segment", "batches", "state", "final", *scores, *counts,
+                                               "run"], title=f"online segments ({len(segments)})"))
