@@ -91,7 +91,7 @@ def _online_fn(config: dict[str, Any]) -> None:
 
     # A polled source's news goes from rank 0 to every rank over gloo, whatever the training backend.
     broadcast = single_process
-    if world > 1:
+    if world > 1 and online_cfg.source is not None:
         group = dist.new_group(backend="gloo")
 
         def broadcast(obj: Any) -> Any:
