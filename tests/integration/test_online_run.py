@@ -272,3 +272,33 @@ def _online_plan_through_the_cli(tmp_path: Path, raw: dict, spec, plan_run: str,
              r["cells"]["skipped_shards"]["value"]) for r in table["rows"]] == [
         ("0", "", 2.0, 0.0), ("1", "", 4.0, 1.0), ("2", "yes", 5.0, 1.0)]  # the bad shard came after segment 0
     assert [r["cells"]["knn_top1"]["value"] for r in table["rows"]] == [r.data.metrics["knn_top1"] for r in segments]
+
+
+@pytest.mark.slow
+def test_a_stream_that_ends_on_a_segment_boundary_makes_that_segment_final(
+        tmp_path: Path, synthetic_url: str, ray_local) -> None:
+    from tests.orchestrator.shard_producer import publish, train_rows
+
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    publish(incoming, "only.parquet", train_rows(synthetic_url).slice(0, 64))  # 4 batches: 2 whole segments
+    (incoming / "_STREAM_END").write_text("")  # the producer is done: no stall to wait for
+    spec = validate_spec(_online_spec("polled-end", synthetic_url, tmp_path, rals=False, segment_batches=2,
+                                      memory_size=32, source={"poll": str(incoming), "stall_after_s": 600}))
+    run_experiment(spec, console=Console(file=io.StringIO(), width=120))
+    client = MlflowClient(spec.tracking_uri)
+    exp = client.get_experiment_by_name(spec.experiment_name)
+
+    def runs(kind: str) -> list:
+        return client.search_runs([exp.experiment_id], filter_string=f"tags.`{tr.RUN_TYPE}` = '{kind}'")
+
+    (online,) = runs("chunk")
+    assert online.info.status == "FINISHED" and online.data.tags[tr.TAG + "stream_ended_by"] == "ended"
+    segments = sorted(runs("segment"), key=lambda r: int(r.data.tags[tr.TAG + "segment"]))
+    # The second segment was logged before the stream knew it had ended; it became the final one after.
+    assert [r.data.metrics["stream_batches"] for r in segments] == [2, 4]
+    assert [r.data.tags.get(tr.TAG + "final_segment") for r in segments] == [None, "true"]
+    (evaluation,) = runs("eval")
+    assert evaluation.data.tags[tr.EVALUATES] == online.info.run_id
+    assert evaluation.data.metrics["knn_top1"] == segments[-1].data.metrics["knn_top1"]
+    assert online.data.metrics["skipped_shards"] == 0 and online.data.metrics["arrived_shards"] == 1
