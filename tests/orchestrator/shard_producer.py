@@ -23,12 +23,16 @@ def train_rows(data_url: str) -> pa.Table:
     return read_split(data_url, "train").select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
 
 
+def shard_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA), buf)
+    return buf.getvalue()
+
+
 def publish(folder: str | Path, name: str, table: pa.Table, digest: str | None = None) -> str:
     """Write `table` as shard `name` in `folder`, then its sidecar (`digest`, or the shard's true sha256);
     returns the true sha256."""
-    buf = io.BytesIO()
-    pq.write_table(table.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA), buf)
-    data = buf.getvalue()
+    data = shard_bytes(table)
     true = hashlib.sha256(data).hexdigest()
     Path(folder, name).write_bytes(data)
     partial = Path(folder, name + ".sha256.tmp")

@@ -169,3 +169,36 @@ def test_polled_source_settings_that_cannot_work_are_refused(synthetic_url: str,
         validate_spec(spec({}, lines={"method": ["simclr"], "strategy": ["sequential", "sequential+cassle"]}))
     with pytest.raises(SpecError, match=r"online.source.*poll"):
         validate_spec(spec({"source": {"interval_s": 1}}))
+
+
+def test_a_bucket_prefix_is_polled_through_s3(synthetic_url: str, rows) -> None:
+    import hashlib
+
+    from orchestrator import storage
+    from tests.orchestrator.s3_server import S3Server
+    from tests.orchestrator.shard_producer import shard_bytes
+
+    with S3Server(bucket="streamssl-poll") as s3:
+        def put(name: str, table, digest: str | None = None) -> None:
+            data = shard_bytes(table)
+            storage.write_bytes_atomic(s3.url(f"incoming/{name}"), data, s3.storage_options)
+            sidecar = (digest or hashlib.sha256(data).hexdigest()).encode()
+            storage.write_bytes_atomic(s3.url(f"incoming/{name}.sha256"), sidecar, s3.storage_options)
+
+        source = PollSource(poll=s3.url("incoming/"), interval_s=1, stall_after_s=5,
+                            storage_options=s3.storage_options)
+        poller = ShardPoller(source, load_manifest(synthetic_url), clock=Clock())
+        assert poller.poll().arrived == []  # no such prefix yet: waited for, not an error
+        put("a.parquet", rows.slice(0, 6))
+        put("b.parquet", rows.slice(6, 6), digest="1" * 64)
+        news = poller.poll()
+        assert [a.name for a in news.arrived] == ["a.parquet"] and [s.name for s in news.skipped] == ["b.parquet"]
+        put("c.parquet", rows.slice(12, 6))  # a listing cached by s3fs must not hide it
+        assert [a.name for a in poller.poll().arrived] == ["c.parquet"]
+        storage.write_bytes_atomic(s3.url("incoming/_STREAM_END"), b"", s3.storage_options)
+        assert poller.poll().end == "ended"
+        # Every rank reads an arrived shard from the bucket itself, checked against the digest rank 0 saw.
+        follower = PolledStream(source, load_manifest(synthetic_url), 1,
+                                broadcast=lambda _: type(news)(arrived=news.arrived, end="ended"))
+        (got,) = list(follower.rows())
+        assert got["key"].tolist() == rows.column("key").to_pylist()[:6]
