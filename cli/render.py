@@ -1,6 +1,7 @@
 """Rendering for the terminal: the lineage tree of `streamssl lineage`.
 
     console.print(lineage_tree(tracker, run_id))   # plan -> chunk runs -> checkpoints -> eval runs, or back up
+                                                   # (online: online run -> segment runs -> checkpoints -> scores)
 """
 
 from __future__ import annotations
@@ -27,6 +28,21 @@ def _chunk_node(tracker: Tracker, node: Tree, run) -> None:
     ckpt = chunk.add(f"checkpoint: {tags.get(tr.CHECKPOINT)}")
     for ev in tracker.evaluation_of(run.info.run_id):
         ckpt.add(f"[bold]eval run[/] {ev.info.run_id} [{ev.info.status}] {_metrics(ev)}")
+    if tags.get(tr.TAG + "online") == "true" and tags.get(tr.PARENT):
+        for segment in tr.lineage_dict(tracker, run.info.run_id).get("segments", []):
+            _segment_node(chunk, segment)
+
+
+def _segment_node(node: Tree, row: dict) -> None:
+    """segment run -> its checkpoint (LoggedModel) -> that checkpoint's evaluation."""
+    final = " [bold]final[/]" if row["final"] else ""
+    seg = node.add(f"[bold]segment run[/] {row['segment_run']} segment {row['segment']} stream batches "
+                   f"{row['batches']} [{row['state']}]{final}")
+    extra = ", ".join(f"{k}={row[k]:g}" for k in ("late_batches", "dropped_steps", "skipped_shards")
+                      if row.get(k) is not None)
+    ckpt = seg.add(f"checkpoint: {row['checkpoint_uri']}" + (f" (model {row['model_id']})" if row["model_id"] else ""))
+    scores = ", ".join(f"{k}={row[k]:.3f}" for k in ("knn_top1", "linear_top1") if row.get(k) is not None)
+    ckpt.add(f"evaluation: {scores or 'none yet'}" + (f"; {extra}" if extra else ""))
 
 
 def lineage_tree(tracker: Tracker, run_id: str) -> Tree:
@@ -63,6 +79,8 @@ def lineage_tree(tracker: Tracker, run_id: str) -> Tree:
     chunk_run = chain[1] if len(chain) > 1 else run
     if chunk_run.data.tags.get(tr.RUN_TYPE) == "chunk":
         _chunk_node(tracker, tree, chunk_run)
+    if kind == "segment":
+        _segment_node(tree, tr.segment_row(run))
     if kind == "eval":
         protocol = json.loads(run.data.tags.get(tr.TAG + "eval_protocol", "{}"))
         tree.add(f"evaluated run {run_id} with protocol v{protocol.get('version')}: "

@@ -43,9 +43,10 @@ def report(
         if not table.rows:
             continue
         # One table per stream kind, rows named "simclr ST+replay", missing cells short (their reasons follow).
-        keys = ["line", *(["chunk"] if "chunk" in table.index_columns else [])]
+        extra = [c for c in table.index_columns if c not in ("method", "paradigm", "stream", "line", "strategy")]
+        keys = ["line", *extra]  # (chunk; an online segment's segment, batches and final)
         for stream in dict.fromkeys(row.index["stream"] for row in table.rows):
-            rows = [{"line": f"{row.index['method']} {row.index['strategy']}", "chunk": row.index.get("chunk"),
+            rows = [{"line": f"{row.index['method']} {row.index['strategy']}", **{c: row.index.get(c) for c in extra},
                      **{c: "missing" if cell.missing else cell.text() for c, cell in row.cells.items()},
                      "sources": " ".join(r[:8] for r in row.runs)}
                     for row in table.rows if row.index["stream"] == stream]

@@ -21,7 +21,8 @@ def status(
     job: Optional[str] = typer.Option(None, "--job", help="A job id from `streamssl submit`: show that job instead."),
     address: Optional[str] = Address,
 ) -> None:
-    """List the plan's jobs (line x chunk) with FINISHED / RUNNING / FAILED / PENDING, or one submitted job."""
+    """List the plan's jobs (line x chunk) with FINISHED / RUNNING / FAILED / PENDING, or one submitted job.
+    An online plan also lists its segments (stream batches, checkpoint, accuracy, deadline misses, skipped shards)."""
     if job:
         return _job_status(job, address)
     if spec is None:
@@ -29,7 +30,7 @@ def status(
     from evaluators.report import results_table
     from orchestrator.planner import build_plan
     from orchestrator.spec import load_spec
-    from orchestrator.tracking.lineage import job_states
+    from orchestrator.tracking.lineage import job_states, segment_states
     from orchestrator.tracking.tracker import Tracker
 
     overrides = list(sets) + ([f"tracking.uri={tracking_uri}"] if tracking_uri else [])
@@ -45,6 +46,16 @@ def status(
     for row in rows:
         counts[row["state"]] = counts.get(row["state"], 0) + 1
     console.print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    if loaded.stream.kind == "online":  # each line is one job over the stream: its segments say how far it got
+        segments = segment_states(tracker, plan)
+        counts = ["late_batches", "dropped_steps", *(["skipped_shards"] if loaded.online.source else [])]
+        for row in segments:
+            row["final"] = "yes" if row["final"] else ""
+            row["run"] = row.pop("segment_run")
+            row.update({k: None if row[k] is None else int(row[k]) for k in counts})
+        scores = [f"{n}_top1" for n in loaded.eval.every_chunk if f"{n}_top1" in ("knn_top1", "linear_top1")]
+        console.print(results_table(segments, ["line", "segment", "batches", "state", "final", *scores, *counts,
+                                               "run"], title=f"online segments ({len(segments)})"))
 
 
 def _sweep_status(path: Path, overrides: list[str], loaded) -> None:

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from evaluators.report import plot_metric_curves
+from orchestrator import storage
 from orchestrator.checkpoints import CheckpointFs
 from orchestrator.display import TrainingProgress
 from orchestrator.evaluation import headline
@@ -37,6 +38,8 @@ SEGMENT = "segment"
 # Per-batch values logged on the online run (step = stream batches seen).
 BATCH_METRICS = ("loss", "lr", "steps", "dropped_steps", "seconds", "step_seconds", "rals_seconds", "memory_rows")
 COUNTERS = ("late_batches", "online_steps", "rals_new_fraction_last", "rals_new_fraction_mean100")
+SOURCE_COUNTS = ("arrived_shards", "skipped_shards")  # a polled source's, on segment and online runs
+FINAL = tr.TAG + "final_segment"  # on the segment the stream ended with: its evaluation is the line's
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,10 @@ class OnlineDriver(_Driver):
         self.ended: set[str] = set()  # job keys whose stream has ended
         self._batches_logged: dict[str, int] = {}  # job key -> stream batches learned so far
         self.curves: dict[str, dict[str, list[tuple[int, float]]]] = {}  # line -> series -> (batches, value)
-        self.total = total_batches(self.plan)
+        self.total = total_batches(self.plan)  # None: a polled source, until it ends
+        self.segment_results: dict[str, dict[str, Any]] = {}  # segment run -> its evaluation
+        self.final_segments: dict[str, int] = {}  # job key -> the segment the stream ended with
+        self.sources: dict[str, dict[str, Any]] = {}  # job key -> the polled source's latest record
 
     # ---------------------------------------------------------------- events
     def on_event(self, event: dict[str, Any]) -> None:
@@ -79,6 +85,8 @@ class OnlineDriver(_Driver):
         elif kind == "segment":
             self._log_segment(event)
             self.collect(block=False)
+        elif kind == "source":
+            self._log_source(event)
         elif kind == "online_warning":
             self.console.print(f"[yellow]{event['line']}[/]: {event['message']}")
             self.tracker.set_tags(self.online_runs[event["job_key"]], {tr.TAG + "warning": event["message"][:5000]})
@@ -87,8 +95,11 @@ class OnlineDriver(_Driver):
                 return
             self.ended.add(event["job_key"])
             run_id = self.online_runs[event["job_key"]]
-            self.tracker.log_metrics(run_id, {k: event[k] for k in (*COUNTERS, "dropped_steps", "stream_batches")
+            self.tracker.log_metrics(run_id, {k: event[k] for k in (*COUNTERS, *SOURCE_COUNTS, "dropped_steps",
+                                                                    "stream_batches")
                                               if k in event and event[k] == event[k]}, step=event["stream_batches"])
+            self.tracker.set_tags(run_id, {tr.TAG + "stream_ended_by": event.get("ended_by", "stream")})
+            self._write_source(event["job_key"])
             self.tracker.end_run(run_id, "FINISHED")
             self.chunk_runs[event["job_key"]] = run_id
         elif kind == "diverged":  # the line's online run holds the error; the other lines go on
@@ -114,7 +125,10 @@ class OnlineDriver(_Driver):
         params = flatten(self.spec)
         params.update({"line.method": job.line.method, "line.strategy": job.line.strategy})
         self.tracker.log_params(run_id, params)
-        self.tracker.log_metrics(run_id, {"world_size": event["world_size"], "planned_stream_batches": self.total})
+        self.tracker.log_metrics(run_id, {"world_size": event["world_size"],
+                                          **({} if self.total is None else {"planned_stream_batches": self.total})})
+        if self.spec.online.source is not None:
+            self.tracker.set_tags(run_id, {tr.TAG + "source": storage.redact(self.spec.online.source.poll)})
         self.online_runs[job.key] = run_id
         if self.progress is not None:
             self.progress.add_line(job.line.id, {0: 0}, self.total, event["batch"])
@@ -141,18 +155,21 @@ class OnlineDriver(_Driver):
     def _log_segment(self, event: dict[str, Any]) -> None:
         job = self.jobs[event["job_key"]]
         key = (job.key, event["segment"])
-        if key in self.segment_runs:  # replayed after a restart
+        final = bool(event.get("final"))
+        if key in self.segment_runs:  # said again: the stream ended just after it, so it is the final one now
+            if final:
+                self._make_final(job, event["segment"])
             return
-        final = event["batches"] >= self.total
         tags = {tr.RUN_TYPE: SEGMENT, tr.PARENT: self.parent, tr.PLAN_KEY: self.plan.key, tr.JOB_KEY: job.key,
                 tr.LINE: job.line.id, tr.CHUNK: "0", tr.CHECKPOINT: event["checkpoint_uri"],
                 tr.TAG + "segment": str(event["segment"]), tr.TAG + "online_run": self.online_runs[job.key],
-                tr.TAG + "stream_batches": f"{event['first_batch']}-{event['batches']}"}
+                tr.TAG + "stream_batches": f"{event['first_batch']}-{event['batches']}",
+                **({FINAL: "true"} if final else {})}
         run_id = self.tracker.create_run(segment_name(job, event["segment"]), tags,
                                          start_ms=int(event["started"] * 1000))
         metrics = {"stream_batches": event["batches"], "segment_batches": event["batches"] - event["first_batch"],
                    "wall_seconds": event["ended"] - event["started"], "late_batches": event["late_batches"],
-                   "dropped_steps": event["dropped_steps"]}
+                   "dropped_steps": event["dropped_steps"], **{k: event[k] for k in SOURCE_COUNTS if k in event}}
         if "checkpoint_bytes" in event:  # (a segment said again from its checkpoint's event log has no sizes)
             metrics.update({k: event[k] for k in ("checkpoint_bytes", "buffer_bytes")})
             metrics["stored_bytes"] = metrics["checkpoint_bytes"] + metrics["buffer_bytes"]
@@ -162,7 +179,51 @@ class OnlineDriver(_Driver):
                              job, event["checkpoint_uri"], {tr.TAG + "segment": str(event["segment"])},
                              {"stream_batches": str(event["batches"])})
         self.segment_runs[key] = run_id
+        if final:
+            self.final_segments[job.key] = event["segment"]
         self._evaluate_segment(Segment(job, event["segment"], event["batches"], run_id, final), event["checkpoint_uri"])
+
+    def _make_final(self, job: Job, index: int) -> None:
+        """The stream ended with segment `index`, logged before that was known: it becomes the line's evaluation."""
+        if self.final_segments.get(job.key) == index:
+            return
+        self.final_segments[job.key] = index
+        run_id = self.segment_runs[(job.key, index)]
+        self.tracker.set_tags(run_id, {FINAL: "true"})
+        for future, item in self.pending.items():
+            if isinstance(item, Segment) and item.run_id == run_id:  # still being evaluated: final when it lands
+                self.pending[future] = replace(item, final=True)
+                return
+        result = self.segment_results.get(run_id)
+        if result is None and self.spec.eval.every_chunk:  # evaluated by an earlier driver: its logged numbers
+            result = dict(self.tracker.get_run(run_id).data.metrics)
+        if result is not None:
+            self.chunk_runs.setdefault(job.key, self.online_runs[job.key])
+            self.log_eval(job, result)
+
+    def _log_source(self, event: dict[str, Any]) -> None:
+        """A polled source's arrivals and skips: counts over stream batches, the skipped names as a tag."""
+        before = self.sources.get(event["job_key"], {"arrived": [], "skipped": []})
+        self.sources[event["job_key"]] = event
+        run_id = self.online_runs[event["job_key"]]
+        known = {name for name, _ in before["skipped"]}
+        for name, reason in event["skipped"]:
+            if name not in known:
+                self.console.print(f"[yellow]{event['line']}: skipped shard {name}[/]: {reason}", highlight=False)
+        self.tracker.log_metrics(run_id, {"arrived_shards": len(event["arrived"]),
+                                          "skipped_shards": len(event["skipped"])}, step=event["batch"])
+        if event["skipped"]:
+            names = json.dumps([name for name, _ in event["skipped"]])
+            self.tracker.set_tags(run_id, {tr.TAG + "skipped_shards": names[:5000]})
+
+    def _write_source(self, job_key: str) -> None:
+        """The source's record as an artifact of the online run: every shard in the order learned, every skip."""
+        event = self.sources.get(job_key)
+        if event is not None:
+            self.tracker.log_json(self.online_runs[job_key], "source_shards.json", {
+                "source": storage.redact(self.spec.online.source.poll),
+                "arrived": [{"name": n, "rows": r} for n, r in zip(event["arrived"], event["rows"])],
+                "skipped": [{"name": n, "reason": r} for n, r in event["skipped"]]})
 
     def _evaluate_segment(self, segment: Segment, checkpoint_uri: str) -> None:
         if self.spec.eval.every_chunk:
@@ -177,6 +238,7 @@ class OnlineDriver(_Driver):
             return super().log_result(item, result)
         metrics = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         log_scored_metrics(self.tracker, self.spec, self.plan, item.run_id, item.run_id, metrics, result)
+        self.segment_results[item.run_id] = result
         self.tracker.log_json(item.run_id, "eval_result.json", json.loads(json.dumps(result, default=str)))
         self.tracker.end_run(item.run_id, "FINISHED")
         online_run = self.online_runs[item.job.key]
@@ -250,12 +312,15 @@ class OnlineDriver(_Driver):
                 continue
             segment = int(run.data.tags.get(tr.TAG + "segment", -1))
             self.segment_runs[(key, segment)] = run.info.run_id
+            if run.data.tags.get(FINAL) == "true":
+                self.final_segments[key] = segment
             if run.info.status == "FINISHED":
                 self._keep_curve_points(run)
             else:  # logged, but its evaluation died with the driver: evaluated again once the actor is up
                 self.tracker.update_run(run.info.run_id, status="RUNNING")
                 batches = int(run.data.metrics.get("stream_batches", 0))
-                unevaluated.append((Segment(self.jobs[key], segment, batches, run.info.run_id, batches >= self.total),
+                final = run.data.tags.get(FINAL) == "true"
+                unevaluated.append((Segment(self.jobs[key], segment, batches, run.info.run_id, final),
                                     run.data.tags[tr.CHECKPOINT]))
         for run in self.tracker.children(self.parent, "eval"):
             key = run.data.tags.get(tr.JOB_KEY)

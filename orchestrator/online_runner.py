@@ -9,6 +9,12 @@ same seeded, order-preserving Ray Data pipeline a chunk is read with, and cut in
 rank reads the whole stream and keeps rows `rank::world` of each batch, so all ranks agree on what batch k is
 without talking; resuming at batch k skips the first k batches before decoding them.
 
+A polled source (`online.source`, `orchestrator.online_source`) replaces the tasks: the shards of a folder in the
+order they arrive, read by every rank (rank 0 lists, verifies and broadcasts each poll's news), cut into stream
+batches the same way and decoded on the worker; the checkpoint holds the order consumed so far. The stream ends
+when the source does; the batches since the last segment are then the last, partial segment. Every segment
+event says whether it is the stream's last (`final`), which makes its evaluation the line's.
+
 Arrival: with `online.time_budget_s` the stream batches arrive at a fixed interval from the stream's start
 (batch k at t0 + k x budget; t0 is rank 0's clock, shared), training never starts a batch before it arrives, and
 batch k's deadline is batch k+1's arrival. Without it the stream delivers as fast as training takes it.
@@ -28,6 +34,7 @@ import numpy as np
 from orchestrator import storage
 from orchestrator.checkpoints import CheckpointFs, checkpoint_dir_name, restore_newest
 from orchestrator.ingest import DeviceBatchDecoder, chunk_dataset, row_index, shard_refs
+from orchestrator.online_source import PolledStream, single_process
 from orchestrator.planner import ExperimentPlan
 from orchestrator.runner import GroupResult, LineTask, fit_with_events
 
@@ -82,6 +89,16 @@ def _online_fn(config: dict[str, Any]) -> None:
         if rank == 0:
             events.put(event)
 
+    # A polled source's news goes from rank 0 to every rank over gloo, whatever the training backend.
+    broadcast = single_process
+    if world > 1 and online_cfg.source is not None:
+        group = dist.new_group(backend="gloo")
+
+        def broadcast(obj: Any) -> Any:
+            box = [obj]
+            dist.broadcast_object_list(box, src=0, group=group)
+            return box[0]
+
     restored_from, restored = restore_newest(config, ray.train.get_checkpoint(), load_state)
     restored_line = restored["line_index"] if restored is not None else -1
     send({"type": "start", "restored_from": restored_from, "time": time.time(),
@@ -102,7 +119,12 @@ def _online_fn(config: dict[str, Any]) -> None:
         # have died before logging them (it logs each stream batch and segment once).
         event_log: collections.deque = collections.deque(
             restored.get("event_log", []) if line_index == restored_line else [], maxlen=EVENT_LOG_SIZE)
-        if start >= config["total_batches"]:
+        source = None
+        if online_cfg.source is not None:  # a live stream: the polled folder's shards, in arrival order
+            source = PolledStream(online_cfg.source, config["manifest"], rank, broadcast,
+                                  restored.get("source") if line_index == restored_line else None)
+        limit = config["total_batches"]  # None: until the source ends
+        if (limit is not None and start >= limit) or (line_index == restored_line and restored.get("stream_ended")):
             # Finished before the restart, which may have come before the driver heard of it.
             for event in event_log:
                 send(event)
@@ -114,19 +136,39 @@ def _online_fn(config: dict[str, Any]) -> None:
         for event in event_log:
             send(event)
 
-        def save(dir_name: str) -> dict[str, Any]:
+        def save(dir_name: str, ended: bool = False) -> dict[str, Any]:
             with tempfile.TemporaryDirectory() as folder:
                 ranks = online.rank_states()
                 checkpoint, stored = None, {}
                 if rank == 0:
                     save_state(folder, {**online.state_dict(), **ranks, "line_index": line_index,
-                                        "line_id": task.line.id, "event_log": list(event_log)})
+                                        "line_id": task.line.id, "event_log": list(event_log),
+                                        **({"source": source.state_dict()} if source is not None else {}),
+                                        "stream_ended": ended})
                     checkpoint = ray.train.Checkpoint.from_directory(folder)
                     stored = {"checkpoint_bytes": folder_bytes(folder),
                               "buffer_bytes": tensor_bytes(ranks["online"]["memory"])}
                 ray.train.report({"line": task.line.id, "batch": online.batches_done}, checkpoint=checkpoint,
                                  checkpoint_dir_name=dir_name)
                 return stored
+
+        reported = (0, 0)
+
+        def report_source() -> None:
+            """The source's arrivals and skips, when they changed (rank 0 alone knows the skip reasons' order)."""
+            nonlocal reported
+            if source is None or (len(source.arrivals), len(source.skipped)) == reported:
+                return
+            reported = (len(source.arrivals), len(source.skipped))
+            event = {"type": "source", "line": task.line.id, "job_key": job.key, "batch": online.batches_done,
+                     "arrived": [a.name for a in source.arrivals], "rows": [a.rows for a in source.arrivals],
+                     "skipped": [[s.name, s.reason] for s in source.skipped]}
+            send(event)
+            event_log.append(event)
+
+        def source_counts() -> dict[str, int]:
+            return {} if source is None else {"arrived_shards": len(source.arrivals),
+                                              "skipped_shards": len(source.skipped)}
 
         # Stream time: rank 0's clock at this (re)start, with batch `start` arriving now.
         t0 = torch.tensor([time.time()], dtype=torch.float64)
@@ -139,53 +181,80 @@ def _online_fn(config: dict[str, Any]) -> None:
 
         # A resumed segment still spans from its first batch (its wall time counts from the restart).
         segment_started, segment_first = time.time(), start - start % online_cfg.segment_batches
-        warned = False
-        for k, raw in enumerate(itertools.islice(_stream(config), start, config["total_batches"]), start=start):
+        last_segment: dict[str, Any] | None = next(
+            (e for e in reversed(event_log) if e["type"] == "segment"), None)
+
+        def end_segment(final: bool) -> None:
+            nonlocal segment_started, segment_first, last_segment
+            done = online.batches_done
+            event = {"type": "segment", "line": task.line.id, "job_key": job.key,
+                     "segment": (done - 1) // online_cfg.segment_batches, "first_batch": segment_first,
+                     "batches": done, "started": segment_started, "ended": time.time(), "final": final,
+                     **online.counters(), **source_counts(), "world_size": world}
+            dir_name = checkpoint_dir_name(task.line, 0) if final else checkpoint_dir_name(task.line, 0, done)
+            event["checkpoint_uri"] = f"{run_url}/{dir_name}"
+            event_log.append(event)  # (replayed without its stored bytes, which the checkpoint holds)
+            stored = save(dir_name, ended=final)
+            send({**event, **stored})
+            segment_started, segment_first, last_segment = time.time(), done, event
+
+        warned, final_sent, stopped = False, False, False
+        batches = _stream(config) if source is None else stream_batches(iter([source.rows()]), config["batch_size"])
+        for k, raw in enumerate(itertools.islice(batches, start, limit), start=start):
             rows = _rank_rows(raw, rank, world)
-            if config["decode"] == "device":
-                images, source = decoder.decode(rows)
-                rows = {"label": rows["label"][source], "domain": rows["domain"][source],
-                        "index": row_index(rows["key"][source])}
+            if config["decode"] == "device" or source is not None:  # (a polled shard's rows come encoded)
+                images, picked = decoder.decode(rows)
+                rows = {"label": rows["label"][picked], "domain": rows["domain"][picked],
+                        "index": row_index(rows["key"][picked])}
             else:  # decoded by Ray Data, which also gave each row its `index`
                 images = torch.from_numpy(rows["image"]).permute(0, 3, 1, 2)
             batch = Batch(images, *(torch.from_numpy(np.asarray(rows[c]).astype("int64"))
                                     for c in ("label", "index", "domain")))
             if budget is not None and time.time() < arrival(k):
                 time.sleep(arrival(k) - time.time())  # the stream has not delivered it yet
-            # A batch that spans two tasks belongs to the newer one: the older has ended.
+            # A batch that spans two tasks belongs to the newer one: the older has ended. (A polled source has none.)
             try:
                 report = online.learn(batch, deadline=arrival(k + 1) if budget is not None else None,
-                                      task=int(raw["task"][-1]))
+                                      task=int(raw["task"][-1]) if "task" in raw else None)
             except NonFiniteLossError as exc:
                 # As a chunked line: deterministic, so not retried; the group goes on with its next line.
                 send({"type": "diverged", "line": task.line.id, "chunk": 0, "job_key": job.key, "message": str(exc)})
+                stopped = True
                 break
             batch_event = {"type": "online_batch", "line": task.line.id, "job_key": job.key, **report.as_dict(),
                            **online.counters(), "time": time.time()}
             send(batch_event)
             event_log.append(batch_event)
+            report_source()
             if online.budget_warning is not None and not warned:
                 warned = True
                 send({"type": "online_warning", "line": task.line.id, "job_key": job.key,
                       "message": online.budget_warning})
             done = online.batches_done
-            last = done == config["total_batches"]
-            if done % online_cfg.segment_batches == 0 or last:
-                event = {"type": "segment", "line": task.line.id, "job_key": job.key,
-                         "segment": (done - 1) // online_cfg.segment_batches, "first_batch": segment_first,
-                         "batches": done, "started": segment_started, "ended": time.time(),
-                         **online.counters(), "world_size": world}
-                dir_name = checkpoint_dir_name(task.line, 0) if last else checkpoint_dir_name(task.line, 0, done)
-                event["checkpoint_uri"] = f"{run_url}/{dir_name}"
-                event_log.append(event)  # (replayed without its stored bytes, which the checkpoint holds)
-                stored = save(dir_name)
-                send({**event, **stored})
-                segment_started, segment_first = time.time(), done
+            final = limit is not None and done == limit
+            if done % online_cfg.segment_batches == 0 or final:
+                end_segment(final)
+                final_sent = final
             elif online_cfg.checkpoint_every_batches and done % online_cfg.checkpoint_every_batches == 0:
                 save(checkpoint_dir_name(task.line, 0, done))
-        else:
-            send({"type": "online_end", "line": task.line.id, "job_key": job.key, **online.counters(),
-                  "time": time.time()})
+        if stopped:
+            continue
+        # The stream ended (its source stalled or said so, its rows ran out, or max_batches): the batches since the
+        # last segment are the last, partial segment; a stream that ended just after a segment makes that one final.
+        report_source()
+        if not final_sent:
+            if online.batches_done > segment_first:
+                end_segment(True)
+            elif last_segment is not None:
+                send({**last_segment, "final": True})
+        send({"type": "online_end", "line": task.line.id, "job_key": job.key, **online.counters(),
+              **source_counts(), "ended_by": _ended_by(source, limit, online.batches_done), "time": time.time()})
+
+
+def _ended_by(source: Any, limit: int | None, done: int) -> str:
+    if limit is not None and done >= limit:
+        return "max_batches" if source is not None else "stream"
+    return source.end if source is not None and source.end else "stream"
 
 
 def _stream(config: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
@@ -204,9 +273,12 @@ def _stream(config: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
     return stream_batches(tasks(), config["batch_size"])
 
 
-def total_batches(plan: ExperimentPlan) -> int:
-    """Stream batches the online plan delivers: the order once (full batches), or online.max_batches."""
+def total_batches(plan: ExperimentPlan) -> int | None:
+    """Stream batches the online plan delivers: the order once (full batches), or online.max_batches; None for a
+    polled source without max_batches (it ends when the source does)."""
     online = plan.spec.online
+    if online.source is not None:
+        return online.max_batches
     once = sum(c.rows for c in plan.stream.chunks) // online.batch_size
     if online.cycle:
         return online.max_batches
@@ -234,7 +306,7 @@ def train_online(plan: ExperimentPlan, tasks: list[LineTask], run_name: str,
             "refs": shard_refs(plan.manifest, plan.data_url, spec.data.train_split), "stream": plan.stream,
             "image_size": spec.data.image_size, "storage_options": spec.data.storage_options, "seed": spec.seed,
             "decode": spec.data.decode, "corrupt_counter": corrupt_counter, "storage_uri": spec.checkpoint_url,
-            "run_name": run_name, "checkpoint_fs": CheckpointFs(spec.storage.storage_options),
+            "manifest": plan.manifest, "run_name": run_name, "checkpoint_fs": CheckpointFs(spec.storage.storage_options),
             "threads_per_worker": max(1, int(res.cpus_per_worker)),
         },
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=resources),

@@ -311,7 +311,8 @@ class Spec(_Strict):
                     f"views.local.count must be >= 1: {method} trains on multi-crop local views besides the global "
                     "ones (e.g. views.local: {count: 6, size: 96} at 224 px)"
                 )
-        problems = online_problems(self.stream.kind, self.online, list(self.lines.strategy), self.resources.workers)
+        problems = online_problems(self.stream.kind, self.online, list(self.lines.strategy), self.resources.workers,
+                                   len(self.lines.method) * len(self.lines.strategy))
         if problems:
             raise ValueError("; ".join(problems))
         if self.stream.kind == "online" and self.online is None:

@@ -33,6 +33,8 @@ def _recorded(spec: Spec) -> dict[str, Any]:
     data.pop("sweep", None)
     if data.get("online") is None:  # a chunked stream: the section is absent, as before online streams existed
         data.pop("online", None)
+    elif data["online"].get("source") is None:  # the train split: recorded as before polled sources existed
+        data["online"].pop("source", None)
     return data
 
 
@@ -62,6 +64,8 @@ def identity_digest(spec: Spec) -> str:
         data.pop(key, None)
     data["resources"] = {"workers": spec.resources.workers}  # world size changes BN statistics; the rest does not
     data["data"].pop("storage_options", None)
+    if (data.get("online") or {}).get("source"):
+        data["online"]["source"].pop("storage_options", None)
     for entry in data["eval"].get("downstream", []):
         entry.pop("storage_options", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

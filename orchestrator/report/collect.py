@@ -92,6 +92,7 @@ class PlanRecord:
     protocols: list[str]
     baseline: bool
     slots: dict[tuple[str, int], Slot]
+    segments: dict[str, list] = field(default_factory=dict)  # online plans: line -> its segment runs, in order
     _history: dict[str, dict[int, float]] = field(default_factory=dict)
     _artifacts: dict[str, Any] = field(default_factory=dict)
 
@@ -253,7 +254,23 @@ def _protocols(run: Any, eval_runs: list) -> list[str]:
     return sorted(seen)
 
 
-def _plan_record(tracker: Tracker, run: Any, chunk_runs: list, eval_runs: list) -> PlanRecord:
+def _segments(segment_runs: list) -> dict[str, list]:
+    """line -> its segment runs by segment index (a segment logged twice: the FINISHED, else the newest)."""
+    by_key: dict[tuple[str, int], list] = {}
+    for run in segment_runs:
+        try:
+            key = (run.data.tags[tr.LINE], int(run.data.tags[tr.TAG + "segment"]))
+        except (KeyError, ValueError):
+            continue
+        by_key.setdefault(key, []).append(run)
+    out: dict[str, list] = {}
+    for (line, _), runs in sorted(by_key.items()):
+        out.setdefault(line, []).append(_newest_finished_first(runs)[0])
+    return out
+
+
+def _plan_record(tracker: Tracker, run: Any, chunk_runs: list, eval_runs: list,
+                 segment_runs: list | None = None) -> PlanRecord:
     by_slot: dict[tuple[str, int], list] = {}
     for chunk_run in chunk_runs:
         try:
@@ -269,8 +286,11 @@ def _plan_record(tracker: Tracker, run: Any, chunk_runs: list, eval_runs: list) 
         chosen = _newest_finished_first(runs)[0]
         evaluated = _newest_finished_first(evals.get(chosen.info.run_id, []))
         slots[key] = Slot(chosen, evaluated[0] if evaluated else None)
-    return PlanRecord(tracker, run, _expected_lines(run, chunk_runs), _num_chunks(run, chunk_runs),
-                      _protocols(run, eval_runs), run.data.params.get("eval.baseline", "True") != "False", slots)
+    # An online plan's line is one job over the whole stream (chunk 0); its T tasks are not chunk runs.
+    online = run.data.tags.get(tr.STREAM_KIND) == "online"
+    return PlanRecord(tracker, run, _expected_lines(run, chunk_runs), 1 if online else _num_chunks(run, chunk_runs),
+                      _protocols(run, eval_runs), run.data.params.get("eval.baseline", "True") != "False", slots,
+                      _segments(segment_runs or []))
 
 
 def collect(tracker: Tracker, experiment: str) -> Study:
@@ -281,15 +301,17 @@ def collect(tracker: Tracker, experiment: str) -> Study:
         return tracker.runs(f"tags.`{tr.RUN_TYPE}` = '{run_type}'", [experiment_id])
 
     plan_runs, chunk_runs, eval_runs = of_type("plan"), of_type("chunk"), of_type("eval")
+    segment_runs = of_type("segment")
     if not plan_runs:
         raise ReportError(f"experiment {experiment!r} in {tracker.uri} holds no streamssl plan run "
                           f"({tr.RUN_TYPE}=plan): nothing to report; `streamssl run SPEC` makes one")
     children: dict[str, dict[str, list]] = {}
-    for run in chunk_runs + eval_runs:
+    for run in chunk_runs + eval_runs + segment_runs:
         kind = run.data.tags[tr.RUN_TYPE]
         children.setdefault(run.data.tags.get(tr.PARENT, ""), {}).setdefault(kind, []).append(run)
     records = {r.info.run_id: _plan_record(tracker, r, children.get(r.info.run_id, {}).get("chunk", []),
-                                           children.get(r.info.run_id, {}).get("eval", [])) for r in plan_runs}
+                                           children.get(r.info.run_id, {}).get("eval", []),
+                                           children.get(r.info.run_id, {}).get("segment", [])) for r in plan_runs}
     by_kind: dict[str, list[PlanRecord]] = {}
     for record in records.values():
         by_kind.setdefault(record.stream_kind, []).append(record)

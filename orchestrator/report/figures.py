@@ -20,6 +20,9 @@ ARTIFACT_FOLDER = "report"
 def _curve(study: Study, stream_kind: str, line_id: str, name: str) -> list[float]:
     """`{name}_top1` of each chunk's FINISHED evaluation run (NaN where there is none: a gap in the curve)."""
     entry = study.entry(stream_kind, line_id)
+    if stream_kind == "online":  # one point per segment (its checkpoint's evaluation), over stream time
+        return [run.data.metrics.get(f"{name}_top1", math.nan) if run.info.status == "FINISHED" else math.nan
+                for run in entry.plan.segments.get(line_id, [])]
     values = []
     for chunk in range(entry.plan.num_chunks):
         run = entry.plan.slot(line_id, chunk).eval_run
@@ -50,9 +53,11 @@ def draw_figures(tracker: Tracker, study: Study, out: Path) -> list[dict[str, An
         names = list(dict.fromkeys(n for e in entries for n in e.plan.protocols))
         for name in names:
             series = {e.line.id: _curve(study, stream_kind, e.line.id, name) for e in entries if name in e.plan.protocols}
-            png = plot_metric_curves(series, folder / f"accuracy_by_chunk.{name}.png",
-                                     title=f"{name} top-1 after each chunk ({stream_kind})", ylabel=f"{name} top-1")
+            unit = "segment" if stream_kind == "online" else "chunk"
+            png = plot_metric_curves(series, folder / f"accuracy_by_{unit}.{name}.png",
+                                     title=f"{name} top-1 after each {unit} ({stream_kind})", ylabel=f"{name} top-1")
             # One figure, logged to every plan run whose lines it draws.
             for run_id in dict.fromkeys(e.plan.run_id for e in entries if name in e.plan.protocols):
-                publish(png, run_id, f"{name} top-1 by chunk, stream {stream_kind} (eval runs' {name}_top1)")
+                publish(png, run_id, f"{name} top-1 by {unit}, stream {stream_kind} ({unit} runs' {name}_top1)"
+                        if unit == "segment" else f"{name} top-1 by chunk, stream {stream_kind} (eval runs' {name}_top1)")
     return figures

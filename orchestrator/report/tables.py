@@ -244,15 +244,58 @@ def sharpness_table(study: Study) -> ReportTable:
     return table
 
 
+SEGMENT_COLUMNS = ("stream_batches", "segment_batches", "late_batches", "dropped_steps", "skipped_shards",
+                   "wall_seconds", "stored_bytes")
+
+
+def segments_table(study: Study, names: list[str]) -> ReportTable:
+    """Online plans: every segment of every line (segment run -> checkpoint -> its evaluation's top-1)."""
+    columns = [*SEGMENT_COLUMNS[:2], *(f"{n}_top1" for n in names), *SEGMENT_COLUMNS[2:]]
+    table = ReportTable("segments", "Online segments: stream batches, accuracy of each segment's checkpoint, "
+                        "deadline misses and skipped shards (segment runs)",
+                        ["method", "paradigm", "stream", "line", "strategy", "segment", "batches", "final"], columns)
+    for entry in study.entries:
+        if entry.stream_kind != "online":
+            continue
+        segments = entry.plan.segments.get(entry.line.id, [])
+        if not segments:
+            table.notes.append(f"line {entry.line.id} (plan run {entry.plan.run_id}): no segment run logged")
+        for run in segments:
+            tags, metrics, runs = run.data.tags, run.data.metrics, (run.info.run_id,)
+            index = {**_line_index(entry), "segment": tags.get(tr.TAG + "segment", "?"),
+                     "batches": tags.get(tr.TAG + "stream_batches", "?"),
+                     "final": "yes" if tags.get(tr.TAG + "final_segment") == "true" else ""}
+            cells = {}
+            for key in columns:
+                if key == "skipped_shards" and key not in metrics:
+                    cells[key] = Cell(runs=runs, source=key, na="not a polled source")
+                elif key.endswith("_top1") and run.info.status != "FINISHED":
+                    cells[key] = Cell(runs=runs, source=key, missing=f"segment run {run.info.status}")
+                else:
+                    cells[key] = Cell.of(metrics.get(key), runs, key, "not logged")
+            table.rows.append(Row(index, cells))
+    return table
+
+
+def _chunked(study: Study) -> Study:
+    """The study without its online lines: the chunk tables (time per chunk, ST-JT gap, BWT/FWT) do not apply."""
+    entries = [e for e in study.entries if e.stream_kind != "online"]
+    plans = [p for p in study.plans if p.stream_kind != "online"]
+    return Study(study.experiment, study.experiment_id, study.uri, plans, entries, study.notes)
+
+
 def build_tables(study: Study) -> list[ReportTable]:
     names = list(dict.fromkeys(n for plan in study.plans for n in plan.protocols))
+    online = any(e.stream_kind == "online" for e in study.entries)
+    online_study, study = study, _chunked(study)
     # Every downstream set of any plan, then their mean where some plan has more than one.
     sets = list(dict.fromkeys(d for plan in study.plans for d in plan.downstream))
     if any(len(plan.downstream) > 1 for plan in study.plans):
         sets.append("downstream")
     downstream = [downstream_gap_table(study, d, n) for d in sets for n in names]
     return [resources_table(study), *(gap_table(study, n) for n in names), *downstream,
-            *(continual_table(study, n) for n in names), sharpness_table(study)]
+            *(continual_table(study, n) for n in names), sharpness_table(study),
+            *([segments_table(online_study, names)] if online else [])]
 
 
 def record_problems(study: Study) -> list[Problem]:
@@ -282,6 +325,11 @@ def record_problems(study: Study) -> list[Problem]:
                 runs.append(slot.eval_run.info.run_id)
                 parts.append(f"chunk {chunk}: evaluation run {slot.eval_run.info.run_id} is "
                              f"{slot.eval_run.info.status}")
+        for run in plan.segments.get(line.id, []) if entry.stream_kind == "online" else []:
+            if run.info.status != "FINISHED":
+                runs.append(run.info.run_id)
+                parts.append(f"segment {run.data.tags.get(tr.TAG + 'segment')}: segment run {run.info.run_id} is "
+                             f"{run.info.status}")
         if parts:
             problems.append(Problem(f"stream {entry.stream_kind}, line {line.id} (plan run {plan.run_id}): "
                                     f"{finished} of {plan.num_chunks} chunk runs FINISHED; " + "; ".join(parts),

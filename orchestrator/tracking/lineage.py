@@ -1,11 +1,16 @@
 """The lineage schema (the tags that link runs, the run kinds) and its readers: `streamssl lineage` and `status`.
 
     rows = job_states(tracker, plan)           # one row per job: FINISHED / RUNNING / FAILED / PENDING
+    rows = segment_states(tracker, plan)       # online plans: one row per segment run
     chain = lineage_dict(tracker, run_id)      # plan -> chunk run -> checkpoint -> eval runs, from any link
 
 A plan run (`RUN_TYPE` = "plan") is the parent (`PARENT`) of one chunk run per (line, chunk) ("chunk"), each
 tagged with its `JOB_KEY`, `LINE`, `CHUNK` and `CHECKPOINT` URI; an evaluation run ("eval") names the chunk run it
 `EVALUATES`. Every run carries the `PLAN_KEY`; `CLIENT_TOKEN` makes run creation safe to retry.
+
+An online plan's line is one chunk run over the whole stream (its online run); its segment runs ("segment", child
+of the plan run, `SEGMENT` index, `ONLINE_RUN`) each hold a checkpoint (a LoggedModel) and that checkpoint's
+evaluation metrics; the one the stream ended with is tagged `FINAL_SEGMENT`, and its evaluation is the line's.
 """
 
 from __future__ import annotations
@@ -33,6 +38,11 @@ PARENT = "mlflow.parentRunId"
 STREAM_KIND = TAG + "stream_kind"
 LINES = TAG + "lines"  # JSON list of {"id", "method", "strategy"}
 NUM_CHUNKS = TAG + "num_chunks"
+SEGMENT = TAG + "segment"
+ONLINE_RUN = TAG + "online_run"
+FINAL_SEGMENT = TAG + "final_segment"
+# What a segment row shows of its run's metrics (accuracies, deadline misses, a polled source's skipped shards).
+SEGMENT_METRICS = ("knn_top1", "linear_top1", "late_batches", "dropped_steps", "skipped_shards")
 
 
 def versions() -> dict[str, str]:
@@ -55,6 +65,8 @@ def lineage_dict(tracker: Tracker, run_id: str) -> dict[str, Any]:
 
         return sweep_lineage(tracker, run_id)
     out: dict[str, Any] = {"run_type": kind}
+    if kind == "segment":
+        return {**out, **segment_row(run), "plan": run.data.tags.get(PARENT)}
     chunk = run if kind == "chunk" else None
     if kind == "eval":
         chunk = tracker.get_run(run.data.tags[EVALUATES])
@@ -64,14 +76,48 @@ def lineage_dict(tracker: Tracker, run_id: str) -> dict[str, Any]:
         out["model_id"] = chunk.data.tags.get(MODEL_ID)
         out["plan"] = chunk.data.tags.get(PARENT)
         out["evals"] = [e.info.run_id for e in tracker.evaluation_of(chunk.info.run_id)]
+        if out["plan"]:
+            segments = [s for s in _segment_runs(tracker, out["plan"])
+                        if s.data.tags.get(ONLINE_RUN) == chunk.info.run_id]
+            if segments:
+                out["segments"] = [segment_row(s) for s in segments]
     else:
         out["plan"] = run_id
         out["chunks"] = [r.info.run_id for r in tracker.children(run_id, "chunk")]
+        segments = _segment_runs(tracker, run_id)
+        if segments:
+            out["segments"] = [segment_row(s) for s in segments]
     from orchestrator.sweep.lineage import sweep_of
 
     plan = run if out["plan"] == run_id else tracker.get_run(out["plan"])
     out.update(sweep_of(tracker, plan))  # a sweep trial's plan: where it sits in the sweep
     return out
+
+
+def _segment_runs(tracker: Tracker, plan_run: str) -> list:
+    runs = tracker.children(plan_run, "segment")
+    return sorted(runs, key=lambda r: (r.data.tags.get(LINE, ""), int(r.data.tags.get(SEGMENT, -1))))
+
+
+def segment_row(run: Any) -> dict[str, Any]:
+    """A segment run as data: its stream batches, checkpoint (and LoggedModel), evaluation numbers and state."""
+    tags, metrics = run.data.tags, run.data.metrics
+    return {"segment_run": run.info.run_id, "line": tags.get(LINE), "segment": int(tags.get(SEGMENT, -1)),
+            "batches": tags.get(TAG + "stream_batches"), "state": run.info.status,
+            "final": tags.get(FINAL_SEGMENT) == "true", "online_run": tags.get(ONLINE_RUN),
+            "checkpoint_uri": tags.get(CHECKPOINT), "model_id": tags.get(MODEL_ID),
+            **{k: metrics.get(k) for k in SEGMENT_METRICS}}
+
+
+def segment_states(tracker: Tracker, plan: ExperimentPlan) -> list[dict[str, Any]]:
+    """Every segment run of an online plan (the newest of each line's segment), in stream order; [] otherwise."""
+    runs = tracker.runs(f"tags.`{RUN_TYPE}` = 'segment' and tags.`{PLAN_KEY}` = '{plan.key}'")
+    newest: dict[tuple[str, int], Any] = {}
+    for run in runs:
+        key = (run.data.tags.get(LINE, ""), int(run.data.tags.get(SEGMENT, -1)))
+        if key not in newest or (run.info.start_time or 0) > (newest[key].info.start_time or 0):
+            newest[key] = run
+    return [segment_row(newest[key]) for key in sorted(newest)]
 
 
 def job_states(tracker: Tracker, plan: ExperimentPlan) -> list[dict[str, Any]]:

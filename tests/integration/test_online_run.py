@@ -155,3 +155,150 @@ def test_a_diverging_online_line_fails_alone(tmp_path: Path, synthetic_url: str,
     assert runs["simclr-sequential"].info.status == "FINISHED"  # the other line went on, in the same job
     (plan,) = client.search_runs([exp.experiment_id], filter_string=f"tags.`{tr.RUN_TYPE}` = 'plan'")
     assert plan.info.status == "FAILED" and "simclr-sequential-cassle" in plan.data.tags[tr.TAG + "diverged"]
+
+
+@pytest.mark.slow
+def test_a_polled_folder_is_learned_as_its_shards_arrive_and_a_bad_shard_is_skipped(
+        tmp_path: Path, synthetic_url: str, ray_local) -> None:
+    import json
+    import threading
+    import time
+
+    from tests.orchestrator.shard_producer import publish, train_rows
+
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    rows = train_rows(synthetic_url)
+    publish(incoming, "s2.parquet", rows.slice(0, 48))  # there when the stream starts: 3 batches of 16
+    raw = _online_spec("polled", synthetic_url, tmp_path, rals=False, segment_batches=2, memory_size=32, source={"poll": str(incoming), "interval_s": 0.5, "stall_after_s": 15})
+    spec = validate_spec(raw)
+    client = MlflowClient(spec.tracking_uri)
+    produced: list[str] = []
+
+    def producer() -> None:
+        # Once the first segment is logged (the stream is polling), a shard with a wrong digest, then a good one.
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            exp = client.get_experiment_by_name(spec.experiment_name)
+            if exp is not None and client.search_runs([exp.experiment_id],
+                                                      filter_string=f"tags.`{tr.RUN_TYPE}` = 'segment'"):
+                break
+            time.sleep(0.5)
+        publish(incoming, "s0-bad.parquet", rows.slice(48, 32), digest="0" * 64)
+        time.sleep(1.0)
+        publish(incoming, "s1.parquet", rows.slice(80, 40))
+        produced.append("done")
+
+    thread = threading.Thread(target=producer, daemon=True)
+    thread.start()
+    console = io.StringIO()
+    run_experiment(spec, console=Console(file=console, width=200))
+    thread.join(timeout=5)
+    assert produced == ["done"]  # the shards were written while the run was polling
+
+    exp = client.get_experiment_by_name(spec.experiment_name)
+
+    def runs(kind: str) -> list:
+        return client.search_runs([exp.experiment_id], filter_string=f"tags.`{tr.RUN_TYPE}` = '{kind}'")
+
+    (plan,) = runs("plan")
+    (online,) = runs("chunk")
+    assert plan.info.status == online.info.status == "FINISHED"
+    assert online.data.tags[tr.TAG + "stream_ended_by"] == "stalled"
+    # 48 + 40 good rows: 5 batches of 16 (the last 8 rows are no whole batch); the bad shard's 32 rows not among them.
+    assert sorted(m.step for m in client.get_metric_history(online.info.run_id, "loss")) == [1, 2, 3, 4, 5]
+    assert online.data.metrics["skipped_shards"] == 1 and online.data.metrics["arrived_shards"] == 2
+    assert json.loads(online.data.tags[tr.TAG + "skipped_shards"]) == ["s0-bad.parquet"]
+    assert "skipped shard s0-bad.parquet" in console.getvalue() and "sha256 mismatch" in console.getvalue()
+    record = json.loads(Path(client.download_artifacts(online.info.run_id, "source_shards.json",
+                                                       str(tmp_path))).read_text())
+    assert record["arrived"] == [{"name": "s2.parquet", "rows": 48}, {"name": "s1.parquet", "rows": 40}]
+    assert [s["name"] for s in record["skipped"]] == ["s0-bad.parquet"]
+
+    # Segments of 2 batches; the stream stalled after batch 5: the last, partial segment is final and evaluated.
+    segments = sorted(runs("segment"), key=lambda r: int(r.data.tags[tr.TAG + "segment"]))
+    assert [r.data.metrics["stream_batches"] for r in segments] == [2, 4, 5]
+    assert all(r.info.status == "FINISHED" and 0 < r.data.metrics["knn_top1"] <= 1 for r in segments)
+    assert [r.data.tags.get(tr.TAG + "final_segment") for r in segments] == [None, None, "true"]
+    assert segments[-1].data.metrics["skipped_shards"] == 1
+    (evaluation,) = runs("eval")
+    assert evaluation.data.tags[tr.EVALUATES] == online.info.run_id
+    assert evaluation.data.metrics["knn_top1"] == segments[-1].data.metrics["knn_top1"]
+    # The checkpoint holds the order consumed, so a resume reads the same shards in the same order.
+    state = load_state(Path(segments[-1].data.tags[tr.CHECKPOINT]))
+    assert state["online"]["batches_done"] == 5 and state["stream_ended"] is True
+    assert [a["name"] for a in state["source"]["arrivals"]] == ["s2.parquet", "s1.parquet"]
+    assert [s["name"] for s in state["source"]["skipped"]] == ["s0-bad.parquet"]
+
+    # status, lineage and report read the online plan: its segments, their checkpoints and scores, the skipped shard.
+    _online_plan_through_the_cli(tmp_path, raw, spec, plan.info.run_id, online.info.run_id, segments)
+
+
+def _online_plan_through_the_cli(tmp_path: Path, raw: dict, spec, plan_run: str, online_run: str, segments: list) -> None:
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from cli.app import app
+
+    spec_file = tmp_path / "polled.yaml"
+    spec_file.write_text(yaml.safe_dump(raw))
+    cli = CliRunner()
+    status = cli.invoke(app, ["status", str(spec_file)], terminal_width=250)
+    assert status.exit_code == 0, status.output
+    assert "online segments (3)" in status.output and "1 FINISHED" in status.output
+    assert all(r.info.run_id[:8] in status.output for r in segments)  # (rich shortens the ids to fit)
+
+    chain = json.loads(cli.invoke(app, ["lineage", plan_run, "--json", "--tracking-uri", spec.tracking_uri]).output)
+    assert [(s["segment"], s["batches"], s["final"]) for s in chain["segments"]] == [
+        (0, "0-2", False), (1, "2-4", False), (2, "4-5", True)]
+    assert all(s["checkpoint_uri"] == r.data.tags[tr.CHECKPOINT] and s["model_id"] == r.data.tags[tr.MODEL_ID]
+               for s, r in zip(chain["segments"], segments))
+    assert chain["segments"][-1]["skipped_shards"] == 1
+    up = json.loads(cli.invoke(app, ["lineage", segments[-1].info.run_id, "--json",
+                                     "--tracking-uri", spec.tracking_uri]).output)
+    assert up["online_run"] == online_run and up["plan"] == plan_run and up["final"] is True
+    tree = cli.invoke(app, ["lineage", online_run, "--tracking-uri", spec.tracking_uri], terminal_width=250).output
+    assert tree.count("segment run") == 3 and "final" in tree and "skipped_shards=1" in tree
+
+    out = tmp_path / "report"
+    report = cli.invoke(app, ["report", spec.experiment_name, "--format", "json", "--out", str(out),
+                              "--tracking-uri", spec.tracking_uri], terminal_width=250)
+    assert report.exit_code == 0, report.output  # complete: the online line is one job, and its segments a table
+    built = json.loads((out / "report.json").read_text())
+    (table,) = [t for t in built["tables"] if t["name"] == "segments"]
+    assert [(r["index"]["segment"], r["index"]["final"], r["cells"]["stream_batches"]["value"],
+             r["cells"]["skipped_shards"]["value"]) for r in table["rows"]] == [
+        ("0", "", 2.0, 0.0), ("1", "", 4.0, 1.0), ("2", "yes", 5.0, 1.0)]  # the bad shard came after segment 0
+    assert [r["cells"]["knn_top1"]["value"] for r in table["rows"]] == [r.data.metrics["knn_top1"] for r in segments]
+
+
+@pytest.mark.slow
+def test_a_stream_that_ends_on_a_segment_boundary_makes_that_segment_final(
+        tmp_path: Path, synthetic_url: str, ray_local) -> None:
+    from tests.orchestrator.shard_producer import publish, train_rows
+
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    publish(incoming, "only.parquet", train_rows(synthetic_url).slice(0, 64))  # 4 batches: 2 whole segments
+    (incoming / "_STREAM_END").write_text("")  # the producer is done: no stall to wait for
+    spec = validate_spec(_online_spec("polled-end", synthetic_url, tmp_path, rals=False, segment_batches=2,
+                                      memory_size=32, source={"poll": str(incoming), "stall_after_s": 600}))
+    run_experiment(spec, console=Console(file=io.StringIO(), width=120))
+    client = MlflowClient(spec.tracking_uri)
+    exp = client.get_experiment_by_name(spec.experiment_name)
+
+    def runs(kind: str) -> list:
+        return client.search_runs([exp.experiment_id], filter_string=f"tags.`{tr.RUN_TYPE}` = '{kind}'")
+
+    (online,) = runs("chunk")
+    assert online.info.status == "FINISHED" and online.data.tags[tr.TAG + "stream_ended_by"] == "ended"
+    segments = sorted(runs("segment"), key=lambda r: int(r.data.tags[tr.TAG + "segment"]))
+    # The second segment was logged before the stream knew it had ended; it became the final one after.
+    assert [r.data.metrics["stream_batches"] for r in segments] == [2, 4]
+    assert [r.data.tags.get(tr.TAG + "final_segment") for r in segments] == [None, "true"]
+    (evaluation,) = runs("eval")
+    assert evaluation.data.tags[tr.EVALUATES] == online.info.run_id
+    assert evaluation.data.metrics["knn_top1"] == segments[-1].data.metrics["knn_top1"]
+    assert online.data.metrics["skipped_shards"] == 0 and online.data.metrics["arrived_shards"] == 1

@@ -87,6 +87,7 @@ def test_apply_refuses_an_optimizer_without_momentum() -> None:
     ({"steps_per_batch": 10.0}, "steps_per_batch"),
     ({"pct_start": 1.0}, "pct_start"),
     ({"pct_start": 0.1}, "pct_start"),  # a warm-up of one step: torch divides by zero
+    ({"steps_per_batch": 2}, "pct_start x steps_per_batch"),  # so does the default 0.5 of 2 steps
     ({"div_factor": 0.0}, "div_factor"),
     ({"final_div_factor": -1.0}, "final_div_factor"),
     ({"base_momentum": 1.0}, "base_momentum"),

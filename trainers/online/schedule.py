@@ -62,12 +62,12 @@ class LocalCycle:
         if isinstance(self.steps_per_batch, bool) or not isinstance(self.steps_per_batch, int) \
                 or self.steps_per_batch < 2:
             raise ValueError(f"steps_per_batch must be an integer >= 2, got {self.steps_per_batch!r}")
-        if self.pct_start is not None:
-            if not 0 < self.pct_start < 1:
-                raise ValueError(f"pct_start must be in (0, 1), got {self.pct_start}")
-            if not self.pct_start * self.steps_per_batch > 1:
-                raise ValueError(f"pct_start x steps_per_batch must be > 1 (a warm-up of more than one step), got "
-                                 f"pct_start={self.pct_start} with steps_per_batch={self.steps_per_batch}")
+        if self.pct_start is not None and not 0 < self.pct_start < 1:
+            raise ValueError(f"pct_start must be in (0, 1), got {self.pct_start}")
+        # (the default pct_start too: 0.5 x 2 steps is a one-step warm-up, which the cycle cannot shape)
+        if not self.warmup_fraction * self.steps_per_batch > 1:
+            raise ValueError(f"pct_start x steps_per_batch must be > 1 (a warm-up of more than one step), got "
+                             f"pct_start={self.warmup_fraction} with steps_per_batch={self.steps_per_batch}")
         if not self.div_factor > 0:
             raise ValueError(f"div_factor must be > 0, got {self.div_factor}")
         if not self.final_div_factor > 0:
