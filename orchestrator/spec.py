@@ -43,7 +43,7 @@ from orchestrator.spec_errors import SECRET_KEY_PATTERN, describe_validation_err
 from orchestrator.spec_eval import EvalSpec, _none_is_empty
 from orchestrator.spec_online import OnlineSpec, online_problems
 from orchestrator.streams import STREAM_REGISTRY
-from orchestrator.spec_views import LocalViewSpec, ViewSpec, ViewsSpec  # noqa: F401  (re-exported)
+from orchestrator.spec_views import LocalViewSpec, ViewSpec, ViewsSpec, view_problem  # noqa: F401  (re-exported)
 from trainers.registry import BACKBONE_REGISTRY, METHOD_REGISTRY, STRATEGY_REGISTRY, Registry
 
 class _Strict(BaseModel):
@@ -323,6 +323,9 @@ class Spec(_Strict):
                 f"views.local.size: local views ({self.local_view_size} px) must not be larger than the global ones "
                 f"({self.view_size} px)"
             )
+        problem = view_problem(self.views, {m: self.local_views_for(m) for m in self.lines.method}, self.methods)
+        if problem:
+            raise ValueError(problem)
         return self
 
     def local_views_for(self, method: str) -> int:

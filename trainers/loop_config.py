@@ -58,9 +58,10 @@ class LoopConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.views, ViewPlan):
             if isinstance(self.views, dict):  # a LoopConfig read back from a checkpoint's asdict()
+                ties = {k: self.views[k] for k in ("min_iou", "max_iou", "local_loss_weight") if k in self.views}
                 plan = ViewPlan(*(tuple(AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v
                                                         for k, v in c.items()}) for c in group)
-                                  for group in (self.views["global_"], self.views["local"])))
+                                  for group in (self.views["global_"], self.views["local"])), **ties)
             else:
                 plan = ViewPlan(tuple(self.views))
             object.__setattr__(self, "views", plan)
