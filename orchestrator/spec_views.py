@@ -87,13 +87,19 @@ class ViewsSpec(_Strict):
     local: LocalViewSpec = Field(default_factory=LocalViewSpec, description="local multi-crop views")
 
 
-def view_problem(views: ViewsSpec, local_counts: Mapping[str, int],
-                 method_options: Mapping[str, Mapping[str, Any]]) -> str | None:
+def view_problem(views: ViewsSpec, local_counts: Mapping[str, int], method_options: Mapping[str, Mapping[str, Any]],
+                 sizes: tuple[int, int]) -> str | None:
     """The first thing wrong with `views` for the lines' methods, as `dotted.path: message`, or None.
 
-    `local_counts` gives each line method's local views (`Spec.local_views_for`), `method_options` its options.
+    `local_counts` gives each line method's local views (`Spec.local_views_for`), `method_options` its options,
+    `sizes` the global and local view sides the spec resolves.
     """
     local, g = views.local, views.global_
+    unknown = sorted(set(local.methods or ()) - set(local_counts))
+    if unknown:
+        return f"views.local.methods: {unknown} not among lines.method {list(local_counts)}"
+    if local.count and sizes[1] > sizes[0]:
+        return f"views.local.size: local views ({sizes[1]} px) must not be larger than the global ones ({sizes[0]} px)"
     if local.min_iou is not None and local.max_iou is not None and local.min_iou > local.max_iou:
         return f"views.local.min_iou: {local.min_iou} must be <= views.local.max_iou ({local.max_iou})"
     best = best_iou_bound(tuple(local.scale), tuple(g.scale))

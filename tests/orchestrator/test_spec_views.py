@@ -131,3 +131,13 @@ def test_loss_weight_needs_local_views_and_a_method_that_weighs_them() -> None:
     raw = _multi_crop(loss_weight=0.6, methods=["dino"])
     raw["lines"]["method"] = ["dino", "simclr"]
     assert validate_spec(raw).views.local.loss_weight == 0.6
+
+
+def test_a_vit_patch_must_divide_the_local_views_too() -> None:
+    raw = {**_multi_crop(), "backbone": {"name": "vit_tiny", "patch_size": 8}}
+    raw["views"]["local"]["size"] = 28
+    with pytest.raises(SpecError, match=r"backbone.patch_size: 8 does not divide the image side 28 px .*"
+                                        r"views.local.size 28"):
+        validate_spec(raw)
+    raw["views"]["local"]["size"] = 24
+    assert validate_spec(raw).local_view_size == 24
