@@ -119,6 +119,7 @@ class ChunkReport:
     first_batch_s: float = 0.0  # from the chunk's start to its first batch in hand (pipeline start-up)
     data_wait_s: float = 0.0  # total time blocked waiting for batches (the input path's share of `seconds`)
     checkpoint_s: float = 0.0  # total time in on_checkpoint (in-chunk checkpoints)
+    overlap_fallbacks: int = 0  # local crops that found no box in the plan's IoU band (took the nearest), this worker
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -130,3 +130,20 @@ def test_view_plan_checks_its_overlap_and_weight() -> None:
         ViewPlan(plan.global_, (), min_iou=0.1)
     # A line without local views (views.local.methods) drops the band and the weight.
     assert view_plan(2, 32, local_count=0, min_iou=0.1, local_loss_weight=0.5).min_iou is None
+
+
+@pytest.mark.parametrize("min_iou, missed", [(0.05, False), (0.9, True)])
+def test_the_chunk_report_counts_the_crops_left_outside_the_band(min_iou: float, missed: bool) -> None:
+    from dataclasses import asdict
+
+    from trainers.loop import LineTrainer, LoopConfig
+
+    # Local crops of at most 10% cannot reach IoU 0.9 with global crops of at least half the image.
+    plan = view_plan(2, 16, (0.5, 1.0), 2, 8, (0.05, 0.1), min_iou=min_iou, global_options={"blur_p": 0.0})
+    cfg = LoopConfig(method="simclr", strategy="sequential", image_size=16, views=plan, backbone_width=4,
+                     batch_size=4, method_options={"proj_hidden": 16, "proj_out": 8})
+    assert LoopConfig(**asdict(cfg)).views == plan  # read back from a checkpoint's config: the band survives
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
+    report = LineTrainer(cfg).train_chunk(0, lambda epoch, skip: [images, images], steps_per_epoch=2)
+    assert report.steps == 2
+    assert (report.overlap_fallbacks == 2 * 2 * 4) if missed else (report.overlap_fallbacks == 0)

@@ -181,8 +181,9 @@ class MoCoV2(Method):
     Asymmetric (the paper): exactly 2 global views, query view 1, key view 2 (its keys are enqueued). Symmetric:
     every view (global and local) is a query against the key of every other global view, the per-image loss the
     mean over those pairs (or, with `views.local_weight`, the local queries' pairs weighted local_weight and the
-    global ones 1 - local_weight, each group averaged), and one global view's keys (a draw per step, `enqueue_view`) are enqueued, so the queue
-    turns over by one global batch a step either way. Options: `MoCoV2Config`.
+    global ones 1 - local_weight, each group averaged), and one global view's keys (a draw per step,
+    `enqueue_view`) are enqueued, so the queue turns over by one global batch a step either way. Options:
+    `MoCoV2Config`.
     """
 
     Config = MoCoV2Config
