@@ -143,20 +143,34 @@ def make_view_set(images: Tensor, plan: ViewPlan, generator: torch.Generator | N
         local = make_views(images, plan.local, generator=generator) if plan.local else []
         return ViewSet(global_, local, local_weight=plan.local_loss_weight)
     # The local crops depend on where the global ones are, so every box is drawn before any view is made.
-    b, _, h, w = images.shape
-    device = images.device
+    global_boxes, local_boxes, fallbacks = crop_boxes(plan, images.shape[0], *images.shape[2:], generator=generator,
+                                                      device=images.device)
+    global_ = make_views(images, plan.global_, generator=generator, boxes=global_boxes)
+    local = make_views(images, plan.local, generator=generator, boxes=local_boxes)
+    return ViewSet(global_, local, local_weight=plan.local_loss_weight, overlap_fallbacks=fallbacks)
+
+
+def crop_boxes(plan: ViewPlan, b: int, h: int, w: int, generator: torch.Generator | None = None,
+               device: torch.device | str | None = None) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """Crop boxes `[b, 4]` of every global and every local view of `b` images of `h` x `w` under `plan`, the
+    local ones inside the plan's IoU band (`sample_overlapping_boxes`), and how many local crops missed it."""
     global_boxes = [sample_crop_boxes(b, h, w, c.scale, c.ratio, generator=generator, device=device)
                     for c in plan.global_]
     stacked = torch.stack(global_boxes)
-    local_boxes, fallbacks = [], torch.zeros((), dtype=torch.long, device=device)
+    if len({(c.scale, c.ratio) for c in plan.local}) == 1:
+        # The usual case: every local view of the batch in one draw (rows view-major), so a batch costs at most
+        # one resampling loop and its few host syncs, not one per local view.
+        c, n = plan.local[0], len(plan.local)
+        boxes, fallbacks = sample_overlapping_boxes(b * n, h, w, c.scale, c.ratio, stacked.repeat(1, n, 1),
+                                                    plan.min_iou, plan.max_iou, generator=generator, device=device)
+        return global_boxes, list(boxes.split(b)), fallbacks
+    local_boxes, fallbacks = [], torch.zeros((), dtype=torch.long, device=stacked.device)
     for c in plan.local:
         boxes, missed = sample_overlapping_boxes(b, h, w, c.scale, c.ratio, stacked, plan.min_iou, plan.max_iou,
                                                  generator=generator, device=device)
         local_boxes.append(boxes)
         fallbacks = fallbacks + missed
-    global_ = make_views(images, plan.global_, generator=generator, boxes=global_boxes)
-    local = make_views(images, plan.local, generator=generator, boxes=local_boxes)
-    return ViewSet(global_, local, local_weight=plan.local_loss_weight, overlap_fallbacks=fallbacks)
+    return global_boxes, local_boxes, fallbacks
 
 
 def with_size(plan: ViewPlan, global_size: int) -> ViewPlan:
@@ -164,4 +178,5 @@ def with_size(plan: ViewPlan, global_size: int) -> ViewPlan:
     return replace(plan, global_=tuple(replace(c, size=global_size) for c in plan.global_))
 
 
-__all__ = ["PRESETS", "ViewPlan", "default_local_size", "make_view_set", "preset_settings", "view_plan", "with_size"]
+__all__ = ["PRESETS", "ViewPlan", "crop_boxes", "default_local_size", "make_view_set", "preset_settings", "view_plan",
+           "with_size"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ from trainers.crop_overlap import (
     sample_overlapping_boxes,
 )
 from trainers.engine.types import ViewSet
-from trainers.viewplan import ViewPlan, make_view_set, view_plan
+from trainers.viewplan import ViewPlan, crop_boxes, make_view_set, view_plan
 from trainers.views import sample_crop_boxes
 
 H = W = 64
@@ -118,6 +120,23 @@ def test_view_set_under_an_iou_band_has_the_planned_sizes_and_counts_its_fallbac
     plain = make_view_set(images, view_plan(2, 32, (0.3, 1.0), 4, 16, (0.05, 0.3)), torch.Generator().manual_seed(6))
     assert plain.overlap_fallbacks is None and plain.local_weight is None
     assert isinstance(plain.map(lambda v: v * 2), ViewSet) and views.map(lambda v: v).local_weight == 0.6
+
+
+@pytest.mark.parametrize("same_scales", [True, False])
+def test_each_local_view_is_banded_against_its_own_images_global_crops(same_scales: bool) -> None:
+    n = 128
+    plan = view_plan(2, 32, (0.3, 1.0), 4, 16, (0.05, 0.3), min_iou=0.15, max_iou=0.7)
+    if not same_scales:  # one local view with another scale range: drawn view by view
+        plan = replace(plan, local=(*plan.local[:3], replace(plan.local[3], scale=(0.1, 0.3))))
+    global_boxes, local_boxes, fallbacks = crop_boxes(plan, n, H, W, torch.Generator().manual_seed(8))
+    assert len(global_boxes) == 2 and len(local_boxes) == 4 and fallbacks.item() == 0
+    for config, boxes in zip(plan.local, local_boxes):
+        iou = largest_iou(boxes[:, None], torch.stack(global_boxes)).squeeze(1)
+        assert iou.min().item() >= 0.15 and iou.max().item() <= 0.7
+        area = _area_fraction(boxes)
+        assert area.min().item() >= config.scale[0] - 1e-5 and area.max().item() <= config.scale[1] + 1e-5
+    for config, boxes in zip(plan.global_, global_boxes):
+        assert _area_fraction(boxes).min().item() >= config.scale[0] - 1e-5
 
 
 def test_view_plan_checks_its_overlap_and_weight() -> None:
