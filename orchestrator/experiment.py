@@ -133,7 +133,7 @@ class _Driver:
         self.tracker.log_metrics(run_id, {
             "final_loss": report["final_loss"], "steps": report["steps"], "samples": report["samples"] * world,
             "train_seconds": report["seconds"], "samples_per_s": samples_per_s, "world_size": world,
-            "num_nodes": len(set(self.worker_nodes)) or 1,
+            "num_nodes": len(set(self.worker_nodes)) or 1, "overlap_fallbacks": report.get("overlap_fallbacks", 0),
             "restarts": self.restarts_in_chunk, "resumed_from_step": report.get("first_step", 0),
             # Undecodable rows skipped by the training reader so far (cumulative over the plan's readers).
             "corrupt_rows_skipped_total": self._corrupt_rows(),

@@ -91,8 +91,10 @@ def spec_view_plan(spec: Spec, method: str | None = None) -> ViewPlan:
     g, local = spec.views.global_, spec.views.local
     return view_plan(
         global_count=g.count, global_size=spec.view_size, global_scale=tuple(g.scale),
-        local_count=local.count if method is None else spec.local_views_for(method), local_size=spec.local_view_size, local_scale=tuple(local.scale),
-        preset=spec.views.preset, global_options=g.augment_options(), local_options=local.augment_options(),
+        local_count=local.count if method is None else spec.local_views_for(method), local_size=spec.local_view_size,
+        local_scale=tuple(local.scale), preset=spec.views.preset, global_options=g.augment_options(),
+        local_options=local.augment_options(), min_iou=local.min_iou, max_iou=local.max_iou,
+        local_loss_weight=local.loss_weight,
     )
 
 

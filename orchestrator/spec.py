@@ -43,7 +43,7 @@ from orchestrator.spec_online import OnlineSpec, online_problems
 from orchestrator.spec_overrides import apply_overrides, parse_override  # noqa: F401  (re-exported)
 from orchestrator.streams import STREAM_REGISTRY
 from orchestrator.spec_sweep import SweepSpec
-from orchestrator.spec_views import LocalViewSpec, ViewSpec, ViewsSpec  # noqa: F401  (re-exported)
+from orchestrator.spec_views import LocalViewSpec, ViewSpec, ViewsSpec, view_problem  # noqa: F401  (re-exported)
 from trainers.registry import BACKBONE_REGISTRY, METHOD_REGISTRY, STRATEGY_REGISTRY, Registry
 
 class _Strict(BaseModel):
@@ -287,11 +287,13 @@ class Spec(_Strict):
                 f"({self.resources.workers}) so every DDP worker gets the same batch"
             )
         # The encoder is built for data.image_size (what evaluation feeds it) and trains on the global views.
+        local = [self.local_view_size] if self.views.local.count else []  # a ViT's patch must divide them too
         try:
-            self.backbone.check(self.data.image_size, self.view_size)
+            self.backbone.check(self.data.image_size, self.view_size, *local)
         except ValueError as exc:
             raise ValueError(
-                f"backbone.{exc} (data.image_size {self.data.image_size}, views.global.size {self.view_size})"
+                f"backbone.{exc} (data.image_size {self.data.image_size}, views.global.size {self.view_size}"
+                + "".join(f", views.local.size {size}" for size in local) + ")"
             ) from None
         joint_lines = any(s.split("+")[0] == "joint" for s in self.lines.strategy)
         if self.optim.schedule == "cosine_line" and joint_lines and self.strategy.joint.from_scratch:
@@ -317,14 +319,10 @@ class Spec(_Strict):
             raise ValueError("; ".join(problems))
         if self.stream.kind == "online" and self.online is None:
             self.online = OnlineSpec()
-        unknown = sorted(set(self.views.local.methods or ()) - set(self.lines.method))
-        if unknown:
-            raise ValueError(f"views.local.methods: {unknown} not among lines.method {list(self.lines.method)}")
-        if self.views.local.count and self.local_view_size > self.view_size:
-            raise ValueError(
-                f"views.local.size: local views ({self.local_view_size} px) must not be larger than the global ones "
-                f"({self.view_size} px)"
-            )
+        problem = view_problem(self.views, {m: self.local_views_for(m) for m in self.lines.method}, self.methods,
+                               sizes=(self.view_size, self.local_view_size))
+        if problem:
+            raise ValueError(problem)
         return self
 
     def local_views_for(self, method: str) -> int:

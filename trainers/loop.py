@@ -194,6 +194,7 @@ class LineTrainer:
         lrs: list[float] = []
         checked = 0  # losses[:checked] are known finite
         samples = 0
+        fallbacks = torch.zeros((), dtype=torch.long, device=self.device)  # local crops outside the IoU band
         first_step = self.position["step"]
         started = time.perf_counter()
         interval_start, interval_samples = started, 0
@@ -225,6 +226,8 @@ class LineTrainer:
                                   steps_per_epoch=steps_per_epoch)
                 mixed = self.strategy.prepare_batch(batch, ctx)  # replay's rows join here
                 views = make_view_set(mixed.images, cfg.views, generator=self.generator)
+                if views.overlap_fallbacks is not None:
+                    fallbacks += views.overlap_fallbacks
                 views, mixed = self.strategy.prepare_views(views, mixed, ctx, augment)  # LUMP mixes views
                 if cfg.channels_last:
                     views = views.map(lambda v: v.contiguous(memory_format=torch.channels_last))
@@ -278,6 +281,7 @@ class LineTrainer:
             first_batch_s=first_batch_s or 0.0,
             data_wait_s=data_wait_s,
             checkpoint_s=checkpoint_s,
+            overlap_fallbacks=int(fallbacks),
         )
 
     def _check_finite(self, chunk: int, losses: list[torch.Tensor], lrs: list[float], checked: int,

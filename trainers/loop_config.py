@@ -58,9 +58,10 @@ class LoopConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.views, ViewPlan):
             if isinstance(self.views, dict):  # a LoopConfig read back from a checkpoint's asdict()
+                ties = {k: self.views[k] for k in ("min_iou", "max_iou", "local_loss_weight") if k in self.views}
                 plan = ViewPlan(*(tuple(AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v
                                                         for k, v in c.items()}) for c in group)
-                                  for group in (self.views["global_"], self.views["local"])))
+                                  for group in (self.views["global_"], self.views["local"])), **ties)
             else:
                 plan = ViewPlan(tuple(self.views))
             object.__setattr__(self, "views", plan)
@@ -118,6 +119,7 @@ class ChunkReport:
     first_batch_s: float = 0.0  # from the chunk's start to its first batch in hand (pipeline start-up)
     data_wait_s: float = 0.0  # total time blocked waiting for batches (the input path's share of `seconds`)
     checkpoint_s: float = 0.0  # total time in on_checkpoint (in-chunk checkpoints)
+    overlap_fallbacks: int = 0  # local crops that found no box in the plan's IoU band (took the nearest), this worker
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -55,6 +55,7 @@ class Record:
         config: the `ComponentConfig` subclass listing every option.
         needs_labels: trains on labels (the supervised baseline, replay with labels); the data must have them.
         needs_local_views: consumes the small multi-crop views besides the global ones (SwAV, DINO).
+        weights_local_views: weighs its local-view terms by `ViewSet.local_weight` (`views.local.loss_weight`).
         min_global_views: global views per image the component needs in every batch.
         summary: one line for listings and help.
     """
@@ -64,6 +65,7 @@ class Record:
     config: type[ComponentConfig]
     needs_labels: bool = False
     needs_local_views: bool = False
+    weights_local_views: bool = False
     min_global_views: int = 1
     summary: str = ""
 
@@ -133,18 +135,18 @@ METHOD_REGISTRY = Registry("method", [
            summary="contrastive: NT-Xent over the global batch (Chen et al., 2020)"),
     Record("byol", BYOL, BYOLConfig, min_global_views=2,
            summary="online predictor regresses an EMA target's projection (Grill et al., 2020)"),
-    Record("moco_v2", MoCoV2, MoCoV2Config, min_global_views=2,
+    Record("moco_v2", MoCoV2, MoCoV2Config, min_global_views=2, weights_local_views=True,
            summary="contrastive: InfoNCE against an EMA key encoder's key and a queue of past keys "
                    "(Chen et al., 2020)"),
-    Record("moco_v2_plus", MoCoV2Plus, MoCoV2PlusConfig, min_global_views=2,
+    Record("moco_v2_plus", MoCoV2Plus, MoCoV2PlusConfig, min_global_views=2, weights_local_views=True,
            summary="MoCo-v2 with the symmetric loss, BYOL's heads and a cosine momentum (Huang et al., 2022)"),
     Record("barlow_twins", BarlowTwins, BarlowTwinsConfig, min_global_views=2,
            summary="cross-correlation of two views' embeddings pushed to the identity (Zbontar et al., 2021)"),
     Record("simsiam", SimSiam, SimSiamConfig, min_global_views=2,
            summary="predictor regresses the other view's stop-gradient projection (Chen & He, 2021)"),
-    Record("swav", SwAV, SwAVConfig, needs_local_views=True, min_global_views=2,
+    Record("swav", SwAV, SwAVConfig, needs_local_views=True, weights_local_views=True, min_global_views=2,
            summary="swapped prediction of Sinkhorn cluster codes over multi-crop views (Caron et al., 2020)"),
-    Record("dino", DINO, DINOConfig, needs_local_views=True, min_global_views=2,
+    Record("dino", DINO, DINOConfig, needs_local_views=True, weights_local_views=True, min_global_views=2,
            summary="self-distillation: student matches a centred, sharpened EMA teacher over multi-crop views "
                    "(Caron et al., 2021)"),
     Record("supervised", Supervised, SupervisedConfig, needs_labels=True, min_global_views=1,

@@ -215,11 +215,16 @@ def _blur(x: Tensor, sigma: Tensor, apply: Tensor) -> Tensor:
     return y.view(b, c, h, w)
 
 
-def _view(x: Tensor, cfg: AugmentConfig, generator: torch.Generator | None) -> Tensor:
-    """One augmented view of `x` float `[B, 3, H, W]` in [0, 1] -> `[B, 3, size, size]` in [0, 1]."""
+def _view(x: Tensor, cfg: AugmentConfig, generator: torch.Generator | None, boxes: Tensor | None = None) -> Tensor:
+    """One augmented view of `x` float `[B, 3, H, W]` in [0, 1] -> `[B, 3, size, size]` in [0, 1]; crops at
+    `boxes` `[B, 4]` when given (sampled under overlap constraints), else at boxes drawn from `cfg`."""
     b, _, h, w = x.shape
     device = x.device
-    boxes = sample_crop_boxes(b, h, w, cfg.scale, cfg.ratio, generator=generator, device=device)
+    if boxes is None:
+        boxes = sample_crop_boxes(b, h, w, cfg.scale, cfg.ratio, generator=generator, device=device)
+    elif boxes.shape != (b, 4):
+        raise ValueError(f"crop boxes must be [{b}, 4] (one per image), got {tuple(boxes.shape)}")
+    boxes = boxes.to(device=device, dtype=x.dtype)
     index = torch.arange(b, dtype=boxes.dtype, device=device)[:, None]
     # aligned=True: box coordinates are pixel edges, so a full-image box at the input size is the identity.
     x = roi_align(x, torch.cat([index, boxes], dim=1), (cfg.size, cfg.size), 1.0, -1, True)
@@ -263,7 +268,8 @@ def _view(x: Tensor, cfg: AugmentConfig, generator: torch.Generator | None) -> T
 
 @torch.no_grad()
 def make_views(
-    images: Tensor, configs: Sequence[AugmentConfig], generator: torch.Generator | None = None
+    images: Tensor, configs: Sequence[AugmentConfig], generator: torch.Generator | None = None,
+    boxes: Sequence[Tensor] | None = None,
 ) -> list[Tensor]:
     """Augment a batch once per config.
 
@@ -271,6 +277,9 @@ def make_views(
         images: uint8 `[B, 3, H, W]` (contiguous or channels_last), on any device.
         configs: one `AugmentConfig` per view wanted.
         generator: optional; on CPU or on the images' device. The same seed gives the same views.
+        boxes: optional crop boxes `[B, 4]` per config (`sample_crop_boxes`' format), drawn beforehand when the
+            crops of different views depend on each other (`trainers.crop_overlap`); their scale is then not
+            redrawn from the config.
 
     Returns:
         `len(configs)` float32 tensors `[B, 3, cfg.size, cfg.size]`, normalised, on the images' device.
@@ -281,8 +290,11 @@ def make_views(
         raise ValueError(f"make_views expects images of shape [B, 3, H, W], got {tuple(images.shape)}")
     if len(configs) == 0:
         raise ValueError("make_views needs at least one AugmentConfig")
+    if boxes is not None and len(boxes) != len(configs):
+        raise ValueError(f"make_views needs one box tensor per config, got {len(boxes)} for {len(configs)}")
     x = images.float().div_(255.0).contiguous()
-    return [_normalize_unit(_view(x, cfg, generator)) for cfg in configs]
+    crops = boxes if boxes is not None else [None] * len(configs)
+    return [_normalize_unit(_view(x, cfg, generator, box)) for cfg, box in zip(configs, crops, strict=True)]
 
 
 __all__ = [

@@ -98,3 +98,26 @@ def test_sweep_examples_have_a_valid_space(path: Path) -> None:
     check_space(raw, spec.sweep, str(path))
     if spec.sweep.search != "optuna":
         assert len(sample_points(spec.sweep)) == spec.sweep.trial_count
+
+
+def test_the_view_recipe_examples_hold_the_low_compute_study() -> None:
+    """The low-compute study's view settings (Tan et al., ICLR 2023, SSLight): the CNN recipe against the usual
+    baseline, and the ViT-Tiny baseline, each for MoCo-v2 (symmetric, so it takes the local views), SwAV and DINO;
+    the MobileNetV2 runs their headers give load too."""
+    expected = {"views_lowcompute_cnn": ((0.3, 1.0), (0.05, 0.3), 0.6, "resnet18"),
+                "views_baseline_cnn": ((0.14, 1.0), (0.05, 0.14), None, "resnet18"),
+                "views_baseline_vit": ((0.25, 1.0), (0.05, 0.25), None, "vit_tiny")}
+    for name, (global_scale, local_scale, weight, backbone) in expected.items():
+        path = ROOT / "examples" / f"{name}.yaml"
+        spec = load_spec(path)
+        assert spec.lines.method == ["moco_v2", "swav", "dino"] and spec.methods["moco_v2"]["symmetric"]
+        assert (spec.views.global_.count, spec.views.local.count) == (2, 6)
+        assert spec.views.global_.scale == global_scale and spec.views.local.scale == local_scale
+        assert spec.views.local.loss_weight == weight and spec.backbone.name == backbone
+        assert spec.data.image_size <= 64 and spec.resources.gpus_per_worker == 0
+        for override in re.findall(r"--set '(backbone=\{[^']*\})'", path.read_text()):
+            assert load_spec(path, [override]).backbone.name == "mobilenet_v2"
+    # The local sides keep the papers' ratio to the global side: 128 / 224 (recipe) and 96 / 224 (baselines).
+    for name, ratio in (("views_lowcompute_cnn", 128 / 224), ("views_baseline_cnn", 96 / 224)):
+        spec = load_spec(ROOT / "examples" / f"{name}.yaml")
+        assert abs(spec.local_view_size - spec.view_size * ratio) <= 1

@@ -76,3 +76,68 @@ def test_local_views_can_go_to_some_methods_only() -> None:
     raw["views"]["local"]["methods"] = ["dino"]
     with pytest.raises(SpecError, match=r"views.local.methods: \['dino'\] not among lines.method"):
         validate_spec(raw)
+
+
+def _multi_crop(method: str = "dino", **local) -> dict:
+    return {**minimal(), "data": {"url": "memory://x", "image_size": 64},
+            "lines": {"method": [method], "strategy": ["sequential"]},
+            "views": {"global": {"scale": [0.3, 1.0]},
+                      "local": {"count": 6, "size": 32, "scale": [0.05, 0.3], **local}}}
+
+
+def test_overlap_band_and_local_loss_weight_reach_the_view_plan() -> None:
+    from orchestrator.runner import spec_view_plan
+
+    spec = validate_spec(_multi_crop(min_iou=0.1, max_iou=0.8, loss_weight=0.6))
+    plan = spec_view_plan(spec, "dino")
+    assert (plan.min_iou, plan.max_iou, plan.local_loss_weight) == (0.1, 0.8, 0.6)
+    unset = spec_view_plan(validate_spec(_multi_crop()), "dino")
+    assert (unset.min_iou, unset.max_iou, unset.local_loss_weight) == (None, None, None)
+    # A line whose method gets no local views (views.local.methods) gets neither band nor weight.
+    raw = _multi_crop(min_iou=0.1, methods=["dino"])
+    raw["lines"]["method"] = ["dino", "simclr"]
+    assert spec_view_plan(validate_spec(raw), "simclr").min_iou is None
+
+
+@pytest.mark.parametrize("local, path, says", [
+    ({"min_iou": 0.6, "max_iou": 0.4}, "views.local.min_iou", "must be <= views.local.max_iou (0.4)"),
+    ({"min_iou": -0.1}, "views.local.min_iou", "greater than or equal to 0"),
+    ({"max_iou": 1.2}, "views.local.max_iou", "less than or equal to 1"),
+    ({"loss_weight": 1.5}, "views.local.loss_weight", "less than or equal to 1"),
+    # local crops of at most 5% against global ones of at least 30%: IoU <= 0.05 / 0.3
+    ({"scale": [0.01, 0.05], "min_iou": 0.2}, "views.local.min_iou", "IoU at most 0.167"),
+    ({"scale": [0.8, 0.9], "max_iou": 0.05}, "views.local.max_iou", "IoU at least 0.1"),
+    ({"count": 0, "min_iou": 0.1}, "views.local.min_iou", "views.local.count is 0"),
+])
+def test_infeasible_or_invalid_overlap_and_weight_are_spec_errors(local: dict, path: str, says: str) -> None:
+    raw = _multi_crop(method="simclr", **local)
+    with pytest.raises(SpecError) as info:
+        validate_spec(raw)
+    assert f"{path}: " in str(info.value) and says in str(info.value), str(info.value)
+
+
+def test_loss_weight_needs_local_views_and_a_method_that_weighs_them() -> None:
+    with pytest.raises(SpecError, match=r"views.local.loss_weight: set, but views.local.count is 0"):
+        validate_spec({**_multi_crop(method="simclr", loss_weight=0.6, count=0)})
+    with pytest.raises(SpecError, match=r"views.local.loss_weight: simclr does not weigh its local-view terms"):
+        validate_spec(_multi_crop(method="simclr", loss_weight=0.6))
+    with pytest.raises(SpecError, match=r"views.local.loss_weight: moco_v2 with symmetric false takes no local"):
+        validate_spec(_multi_crop(method="moco_v2", loss_weight=0.6))
+    for method in ("swav", "dino"):
+        assert validate_spec(_multi_crop(method=method, loss_weight=0.6)).views.local.loss_weight == 0.6
+    raw = {**_multi_crop(method="moco_v2", loss_weight=0.6), "methods": {"moco_v2": {"symmetric": True}}}
+    assert validate_spec(raw).views.local.loss_weight == 0.6
+    # Local views only for dino: simclr's lines never see the weight.
+    raw = _multi_crop(loss_weight=0.6, methods=["dino"])
+    raw["lines"]["method"] = ["dino", "simclr"]
+    assert validate_spec(raw).views.local.loss_weight == 0.6
+
+
+def test_a_vit_patch_must_divide_the_local_views_too() -> None:
+    raw = {**_multi_crop(), "backbone": {"name": "vit_tiny", "patch_size": 8}}
+    raw["views"]["local"]["size"] = 28
+    with pytest.raises(SpecError, match=r"backbone.patch_size: 8 does not divide the image side 28 px .*"
+                                        r"views.local.size 28"):
+        validate_spec(raw)
+    raw["views"]["local"]["size"] = 24
+    assert validate_spec(raw).local_view_size == 24

@@ -74,6 +74,8 @@ def train_step(
         ema_update(pairs, momentum)
         out.terms["momentum"] = torch.tensor(momentum)
     method.on_step_end(ctx)
+    if views.overlap_fallbacks is not None:  # local crops outside the plan's IoU band (the nearest was taken)
+        out.terms["views/overlap_fallbacks"] = views.overlap_fallbacks.detach().float()
     return out
 
 

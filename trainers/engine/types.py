@@ -104,10 +104,18 @@ class ViewSet:
     """The augmented views of one batch: `global_` (full-size crops) and `local` (small multi-crop crops).
 
     Every tensor is float `[B, 3, S, S]`, normalised; sizes are equal within a list and may differ between them.
+
+    Attributes:
+        local_weight: the share of the loss from terms whose student / query view is local (the plan's
+            `local_loss_weight`), for the methods that weigh them; None: the method's plain mean over its terms.
+        overlap_fallbacks: int64 scalar, local crops of this batch that found no box inside the plan's IoU band
+            (each took its nearest candidate); None when the plan bounds no overlap.
     """
 
     global_: list[Tensor]
     local: list[Tensor] = field(default_factory=list)
+    local_weight: float | None = None
+    overlap_fallbacks: Tensor | None = None
 
     @property
     def all(self) -> list[Tensor]:
@@ -117,7 +125,7 @@ class ViewSet:
         return len(self.global_) + len(self.local)
 
     def map(self, fn) -> "ViewSet":
-        return ViewSet([fn(v) for v in self.global_], [fn(v) for v in self.local])
+        return replace(self, global_=[fn(v) for v in self.global_], local=[fn(v) for v in self.local])
 
 
 @dataclass

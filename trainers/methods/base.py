@@ -26,7 +26,7 @@ forward), so every update uses gathered or all-reduced values.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -123,6 +123,28 @@ def negative_cosine(p: Tensor, z: Tensor) -> Tensor:
         return -F.cosine_similarity(p.to(dtype), z.detach().to(dtype), dim=1).mean()
 
 
+def weigh_view_terms(terms: Sequence[Tensor], local: Sequence[bool], local_weight: float | None = None) -> Tensor:
+    """Per-sample loss `[B]` from per-pair terms `[B]`, `local[i]` telling whether term i's student / query view
+    is a local crop: the plain mean over all terms when `local_weight` is None (each method's natural average),
+    else `(1 - local_weight) * mean(global terms) + local_weight * mean(local terms)` (`views.local.loss_weight`).
+
+    With `local_weight = sum(local) / len(terms)` (the local terms' natural share) the two agree."""
+    if not terms or len(terms) != len(local):
+        raise ValueError(f"weigh_view_terms needs one local flag per term and at least one term, got {len(terms)} "
+                         f"terms and {len(local)} flags")
+    if local_weight is None:
+        return torch.stack(list(terms)).mean(dim=0)
+    if not 0.0 <= local_weight <= 1.0:
+        raise ValueError(f"local_weight must be in [0, 1], got {local_weight!r}")
+    global_terms = [t for t, is_local in zip(terms, local, strict=True) if not is_local]
+    local_terms = [t for t, is_local in zip(terms, local, strict=True) if is_local]
+    if not global_terms or not local_terms:
+        raise ValueError(f"local_weight {local_weight} needs both global and local terms, got {len(global_terms)} "
+                         f"global and {len(local_terms)} local ones")
+    return (1.0 - local_weight) * torch.stack(global_terms).mean(dim=0) + local_weight * torch.stack(
+        local_terms).mean(dim=0)
+
+
 def check_views(name: str, views: ViewSet, min_global: int = 2, need_local: bool = False) -> int:
     """Validate a ViewSet for a method; returns the batch size."""
     if len(views.global_) < min_global:
@@ -137,4 +159,4 @@ def check_views(name: str, views: ViewSet, min_global: int = 2, need_local: bool
     return batch
 
 
-__all__ = ["Method", "check_views", "negative_cosine"]
+__all__ = ["Method", "check_views", "negative_cosine", "weigh_view_terms"]

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from trainers.config import ComponentConfig
 from trainers.distributed import all_reduce_mean
 from trainers.engine.types import Batch, StepContext, StepOutput, ViewSet
-from trainers.methods.base import Method, check_views
+from trainers.methods.base import Method, check_views, weigh_view_terms
 from trainers.methods.heads import frozen_copy
 
 _REDUCTIONS = ("mean", "none")
@@ -180,7 +180,7 @@ def _check_temperature(name: str, value: float) -> None:
 
 def dino_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], center: Tensor,
               student_temp: float = _DEFAULTS.student_temp, teacher_temp: float = _DEFAULTS.teacher_temp,
-              reduction: str = "mean") -> Tensor:
+              reduction: str = "mean", local_weight: float | None = None) -> Tensor:
     """DINO's cross-entropy between the centred, sharpened teacher and the student (paper eq. 3 and algorithm 1).
 
     For teacher view i and student view j != i: H(i, j) = sum_k -P_t(i)_k log P_s(j)_k with
@@ -192,6 +192,9 @@ def dino_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], center: Tens
         teacher: `[B, K]` logits of the teacher's (global) views; used detached.
         center: `[K]` or `[1, K]`, the running centre of the teacher outputs.
         reduction: "mean" -> scalar; "none" -> `[B]`, each image's mean over its pairs (its mean is the loss).
+        local_weight: None for the plain mean over the pairs; else the pairs whose student view is local (j >=
+            len(teacher)) share this weight and the global pairs 1 - local_weight, each group averaged
+            (`weigh_view_terms`; the plain mean is local_weight = L / (G - 1 + L) for G global, L local views).
 
     Computed in float32 (at least) even under autocast. No cross-rank communication: the loss is a mean of
     per-image terms, so DDP's gradient averaging gives the global-batch gradient.
@@ -206,9 +209,9 @@ def dino_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], center: Tens
         c = center.detach().to(dtype).reshape(1, -1)
         targets = [F.softmax((t.detach().to(dtype) - c) / teacher_temp, dim=-1) for t in teacher]
         log_probs = [F.log_softmax(s.to(dtype) / student_temp, dim=-1) for s in student]
-        terms = [-(q * log_probs[j]).sum(dim=-1)
-                 for i, q in enumerate(targets) for j in range(len(log_probs)) if j != i]
-        per_sample = torch.stack(terms).mean(dim=0)
+        pairs = [(i, j) for i in range(len(targets)) for j in range(len(log_probs)) if j != i]
+        terms = [-(targets[i] * log_probs[j]).sum(dim=-1) for i, j in pairs]
+        per_sample = weigh_view_terms(terms, [j >= len(teacher) for _, j in pairs], local_weight)
     return per_sample.mean() if reduction == "mean" else per_sample
 
 
@@ -341,7 +344,8 @@ class DINO(Method):
             teacher = list(self.teacher_head(self._by_resolution(views.global_, self.teacher_backbone))
                            .chunk(len(views.global_)))
         temp = self.teacher_temp_at(ctx)
-        per_sample = dino_loss(student, teacher, self.center, self.config.student_temp, temp, reduction="none")
+        per_sample = dino_loss(student, teacher, self.center, self.config.student_temp, temp, reduction="none",
+                               local_weight=views.local_weight)
         # The loss used the centre before this batch; then the centre takes in the global batch's teacher outputs.
         self.center.copy_(updated_center(self.center, teacher, self.config.center_momentum))
         return StepOutput(per_sample.mean(), per_sample.detach(), {"teacher_temp": torch.tensor(temp)},

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from trainers.config import ComponentConfig
 from trainers.distributed import gather
 from trainers.engine.types import Batch, StepContext, StepOutput, ViewSet
-from trainers.methods.base import Method, check_views
+from trainers.methods.base import Method, check_views, weigh_view_terms
 from trainers.methods.heads import frozen_copy, mlp
 from trainers.methods.simclr import nt_xent_loss
 
@@ -180,8 +180,10 @@ class MoCoV2(Method):
 
     Asymmetric (the paper): exactly 2 global views, query view 1, key view 2 (its keys are enqueued). Symmetric:
     every view (global and local) is a query against the key of every other global view, the per-image loss the
-    mean over those pairs, and one global view's keys (a draw per step, `enqueue_view`) are enqueued, so the queue
-    turns over by one global batch a step either way. Options: `MoCoV2Config`.
+    mean over those pairs (or, with `views.local_weight`, the local queries' pairs weighted local_weight and the
+    global ones 1 - local_weight, each group averaged), and one global view's keys (a draw per step,
+    `enqueue_view`) are enqueued, so the queue turns over by one global batch a step either way. Options:
+    `MoCoV2Config`.
     """
 
     Config = MoCoV2Config
@@ -235,9 +237,10 @@ class MoCoV2(Method):
             keys = [self.key(v) for v in views.global_]
             z = [self.projector(self.backbone(v)) for v in views.all]
             queries = [self.predict(zi) for zi in z]
-            pairs = [moco_infonce_loss(q, keys[b], queue, self.temperature, "none")
-                     for a, q in enumerate(queries) for b in range(len(keys)) if a != b]
-            per_sample = torch.stack(pairs).mean(dim=0)
+            pairs = [(a, b) for a in range(len(queries)) for b in range(len(keys)) if a != b]
+            terms = [moco_infonce_loss(queries[a], keys[b], queue, self.temperature, "none") for a, b in pairs]
+            local = [a >= len(views.global_) for a, _ in pairs]  # local views come after the global ones
+            per_sample = weigh_view_terms(terms, local, views.local_weight)
             enqueue = keys[enqueue_view(ctx.step, len(keys))]
         else:
             k = self.key(views.global_[1])

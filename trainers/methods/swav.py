@@ -54,7 +54,7 @@ from trainers.config import ComponentConfig
 from trainers.distributed import all_reduce_sum, gather
 from trainers.distributed import world as ranks
 from trainers.engine.types import Batch, StepContext, StepOutput, ViewSet
-from trainers.methods.base import Method, check_views
+from trainers.methods.base import Method, check_views, weigh_view_terms
 from trainers.methods.heads import mlp
 
 _REDUCTIONS = ("mean", "none")
@@ -141,7 +141,8 @@ def sinkhorn_knopp(scores: Tensor, epsilon: float = _DEFAULTS.epsilon,
 
 
 def swapped_prediction(scores: Sequence[Tensor], codes: Sequence[Tensor], temperature: float = _DEFAULTS.temperature,
-                       reduction: str = "mean") -> Tensor:
+                       reduction: str = "mean", local_weight: float | None = None,
+                       global_views: int | None = None) -> Tensor:
     """SwAV's swapped prediction (eq. 1-2): each view's softmax(scores / t) predicts the codes of the other views.
 
     loss_i = mean_{i < len(codes)} mean_{v != i} -sum_k codes[i][:, k] log softmax(scores[v] / t)[:, k].
@@ -153,6 +154,11 @@ def swapped_prediction(scores: Sequence[Tensor], codes: Sequence[Tensor], temper
         temperature: t > 0.
         reduction: "mean" -> scalar; "none" -> `[B]`, each image's term averaged over its assignment views and
             the views predicting them (its mean is the "mean" loss).
+        local_weight: None for that plain mean (every assignment view has the same number of predicting views, so
+            it is the mean over all (i, v) terms); else the terms whose predicting view v is local (v >=
+            `global_views`) share this weight and the others 1 - local_weight, each group averaged
+            (`weigh_view_terms`; the plain mean is local_weight = L / (G - 1 + L)).
+        global_views: how many of the first scores are global views; needed with `local_weight`.
     """
     _check_positive("temperature", temperature)
     if reduction not in _REDUCTIONS:
@@ -168,9 +174,17 @@ def swapped_prediction(scores: Sequence[Tensor], codes: Sequence[Tensor], temper
         for i, t in enumerate(group):
             if t.shape != shape:
                 raise ValueError(f"{kind}[{i}] must be {tuple(shape)} like scores[0], got {tuple(t.shape)}")
+    if local_weight is not None and not (global_views is not None and len(codes) <= global_views < len(scores)):
+        raise ValueError(f"local_weight needs global_views between {len(codes)} (the assigned views) and "
+                         f"{len(scores) - 1}, got {global_views!r}")
     with torch.autocast(scores[0].device.type, enabled=False):
         dtype = torch.promote_types(scores[0].dtype, torch.float32)
         log_p = [F.log_softmax(s.to(dtype) / temperature, dim=1) for s in scores]
+        if local_weight is not None:
+            pairs = [(i, v) for i in range(len(codes)) for v in range(len(scores)) if v != i]
+            terms = [-(codes[i].detach().to(dtype) * log_p[v]).sum(dim=1) for i, v in pairs]
+            per_sample = weigh_view_terms(terms, [v >= global_views for _, v in pairs], local_weight)
+            return per_sample.mean() if reduction == "mean" else per_sample
         per_assign = []
         for i, q in enumerate(codes):
             q = q.detach().to(dtype)
@@ -183,7 +197,7 @@ def swapped_prediction(scores: Sequence[Tensor], codes: Sequence[Tensor], temper
 def swav_loss(z: Sequence[Tensor], prototypes: Tensor, temperature: float = _DEFAULTS.temperature,
               epsilon: float = _DEFAULTS.epsilon, iterations: int = _DEFAULTS.sinkhorn_iterations,
               assign_views: int = _DEFAULTS.assign_views, queue: Tensor | None = None,
-              reduction: str = "mean") -> Tensor:
+              reduction: str = "mean", local_weight: float | None = None, global_views: int | None = None) -> Tensor:
     """The SwAV loss of a batch's views: codes of the first `assign_views` views by Sinkhorn, swapped prediction.
 
     Args:
@@ -195,6 +209,7 @@ def swav_loss(z: Sequence[Tensor], prototypes: Tensor, temperature: float = _DEF
             against the current prototypes join the Sinkhorn input of the matching view (rank r contributes rows
             r, r + W, ...: together the ranks add each queued row once). No gradient flows into it.
         reduction: "mean" or "none" (`[B]`).
+        local_weight, global_views: the local terms' share of the loss, see `swapped_prediction`.
 
     Under torch.distributed Sinkhorn normalises over the global batch (every rank must call this together);
     each rank's loss is the mean over its own images, and the gradients equal world x those of one process holding
@@ -227,7 +242,7 @@ def swav_loss(z: Sequence[Tensor], prototypes: Tensor, temperature: float = _DEF
                 with torch.no_grad():
                     target = torch.cat([queue[i, rank::size].to(dtype) @ c.detach().T, target])
             codes.append(sinkhorn_knopp(target, epsilon, iterations)[-b:])
-        return swapped_prediction(scores, codes, temperature, reduction)
+        return swapped_prediction(scores, codes, temperature, reduction, local_weight, global_views)
 
 
 class SwAV(Method):
@@ -272,7 +287,8 @@ class SwAV(Method):
         length = self.queue.shape[1]
         queue_full = length > 0 and int(self.queue_filled) >= length
         per_sample = swav_loss(z, self.prototypes.weight, cfg.temperature, cfg.epsilon, cfg.sinkhorn_iterations,
-                               cfg.assign_views, queue=self.queue if queue_full else None, reduction="none")
+                               cfg.assign_views, queue=self.queue if queue_full else None, reduction="none",
+                               local_weight=views.local_weight, global_views=len(views.global_))
         if length > 0 and self.line_epoch(ctx) >= cfg.epoch_queue_starts:
             self._push(z[: cfg.assign_views])
         terms = {"loss/swav": per_sample.mean().detach(),

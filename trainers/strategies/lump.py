@@ -72,8 +72,9 @@ class Lump(RowBuffer):
         partner = self.draw(len(batch), batch.images.device)
         partner_views = augment(partner.images)
         weight = self.mix_weight(ctx.step)
-        mixed = ViewSet([mix(a, b, weight) for a, b in zip(views.global_, partner_views.global_, strict=True)],
-                        [mix(a, b, weight) for a, b in zip(views.local, partner_views.local, strict=True)])
+        mixed = replace(views,
+                        global_=[mix(a, b, weight) for a, b in zip(views.global_, partner_views.global_, strict=True)],
+                        local=[mix(a, b, weight) for a, b in zip(views.local, partner_views.local, strict=True)])
         return mixed, replace(batch, mix=LabelMix(partner.labels, weight))
 
 
