@@ -4,21 +4,17 @@ shards again in that order, continues at the next unseen batch, and then takes t
 
 from __future__ import annotations
 
-import io
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from rich.console import Console
 
-from orchestrator.experiment import run_experiment
 from orchestrator.spec import validate_spec
 from orchestrator.tracking import lineage as tr
-from tests.faults.test_worker_death import train_worker_pids, wait_for_checkpoint
+from tests.faults.test_worker_death import run_in_background, train_worker_pids, wait_for_checkpoint
 from tests.integration.test_online_run import _online_spec
 from tests.orchestrator.shard_producer import publish, train_rows
 from trainers.checkpoint import load_state
@@ -39,17 +35,7 @@ def test_a_killed_worker_resumes_a_polled_stream_in_the_same_shard_order(
                                          checkpoint_every_batches=2, memory_size=32,
                                          source={"poll": str(incoming), "interval_s": 0.5, "stall_after_s": 20}),
                           "resources": {"workers": 2, "max_failures": 2}})
-    outcome: dict = {}
-    log = io.StringIO()
-
-    def run() -> None:
-        try:
-            outcome["summary"] = run_experiment(spec, console=Console(file=log, width=120))
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    thread, outcome, log = run_in_background(spec)
     saved = wait_for_checkpoint(tmp_path / "runs" / "checkpoints", "simclr-sequential.chunk-000.step-0000004",
                                 outcome, log)
     victims = train_worker_pids()

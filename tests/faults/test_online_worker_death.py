@@ -4,20 +4,16 @@ MLflow run, and every segment is logged once."""
 
 from __future__ import annotations
 
-import io
 import os
 import signal
-import threading
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from rich.console import Console
 
-from orchestrator.experiment import run_experiment
 from orchestrator.spec import validate_spec
 from orchestrator.tracking import lineage as tr
-from tests.faults.test_worker_death import train_worker_pids, wait_for_checkpoint
+from tests.faults.test_worker_death import run_in_background, train_worker_pids, wait_for_checkpoint
 from tests.integration.test_online_run import _online_spec
 from trainers.checkpoint import load_state
 
@@ -28,17 +24,7 @@ KILL_AFTER = 20  # the in-stream checkpoint (every 5 batches) whose completion t
 def test_a_killed_worker_resumes_the_stream_at_the_next_batch(tmp_path: Path, synthetic_url: str, ray_local) -> None:
     spec = validate_spec({**_online_spec("online-kill", synthetic_url, tmp_path, checkpoint_every_batches=5),
                           "resources": {"workers": 2, "max_failures": 2}})
-    outcome: dict = {}
-    log = io.StringIO()
-
-    def run() -> None:
-        try:
-            outcome["summary"] = run_experiment(spec, console=Console(file=log, width=120))
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    thread, outcome, log = run_in_background(spec)
     checkpoints = tmp_path / "runs" / "checkpoints"
 
     saved = wait_for_checkpoint(checkpoints, f"simclr-sequential.chunk-000.step-{KILL_AFTER:07d}", outcome, log)

@@ -44,6 +44,23 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def run_in_background(spec) -> tuple[threading.Thread, dict, io.StringIO]:
+    """`run_experiment(spec)` on a daemon thread: the thread, `outcome` ("summary" or "error", re-raised by the
+    caller's assertions) and the driver's console output."""
+    outcome: dict = {}
+    log = io.StringIO()
+
+    def run() -> None:
+        try:
+            outcome["summary"] = run_experiment(spec, console=Console(file=log, width=120))
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome, log
+
+
 def wait_for_checkpoint(checkpoints: Path, name: str, outcome: dict, log: io.StringIO, timeout: float = 300) -> Path:
     """The run's checkpoint folder `name` once it is complete on storage (failing early, with the run's log, if the
     run died first)."""
@@ -65,17 +82,7 @@ def test_killed_worker_resumes_inside_the_chunk(tmp_path: Path, synthetic_url: s
     spec = validate_spec(tiny_spec("worker-death", synthetic_url, optim={"epochs_per_chunk": 8},
                                    resources={"checkpoint_every_steps": 4, "max_failures": 2},
                                    storage={"workdir": str(tmp_path / "runs")}))
-    outcome: dict = {}
-    log = io.StringIO()
-
-    def run() -> None:
-        try:
-            outcome["summary"] = run_experiment(spec, console=Console(file=log, width=120))
-        except BaseException as exc:  # re-raised by the assertions below
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    thread, outcome, log = run_in_background(spec)
     checkpoints = tmp_path / "runs" / "checkpoints"
     # Kill as soon as the step-12 checkpoint (KILL_AFTER_STEP) is complete on storage. Ray 2.60's controller may not
     # have registered it yet (it does so when it next polls the workers); the restart must still resume from it, not

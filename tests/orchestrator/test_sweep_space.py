@@ -100,7 +100,6 @@ def test_optuna_configs_decode_to_spec_values_and_back():
 
 
 def test_refilled_asha_stops_a_new_trial_behind_the_recorded_ones():
-    pytest.importorskip("ray.tune")
     from ray.tune.schedulers import TrialScheduler
 
     from orchestrator.sweep.asha import RefilledASHA
