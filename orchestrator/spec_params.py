@@ -16,6 +16,9 @@ OFF_BY_DEFAULT = {
     "data": {"class_fraction": 1.0, "labels": "class"},
 }
 
+# views.local settings whose None means "as before they existed" (no overlap band, the method's plain mean).
+LOCAL_VIEW_KEYS_OFF_WHEN_NONE = ("min_iou", "max_iou", "loss_weight")
+
 
 def _recorded(spec: Spec) -> dict[str, Any]:
     """`spec.to_dict()` with only the methods and strategies the lines use: options of a component no line uses
@@ -64,6 +67,13 @@ def identity_digest(spec: Spec) -> str:
         data.pop(key, None)
     data["resources"] = {"workers": spec.resources.workers}  # world size changes BN statistics; the rest does not
     data["data"].pop("storage_options", None)
+    # The overlap band and local loss weight came after plans were keyed: unset, they change no crop and no loss, so
+    # a spec that leaves them unset keeps its plan key (and `--resume` of plans made before them). They stay in the
+    # params (flatten), where a key every run has lines runs up in the compare view.
+    local = data["views"].get("local") or {}
+    for key in LOCAL_VIEW_KEYS_OFF_WHEN_NONE:
+        if local.get(key, 0) is None:
+            local.pop(key)
     if (data.get("online") or {}).get("source"):
         data["online"]["source"].pop("storage_options", None)
     for entry in data["eval"].get("downstream", []):

@@ -141,3 +141,15 @@ def test_a_vit_patch_must_divide_the_local_views_too() -> None:
         validate_spec(raw)
     raw["views"]["local"]["size"] = 24
     assert validate_spec(raw).local_view_size == 24
+
+
+def test_an_unset_overlap_band_keeps_the_plan_identity_and_a_set_one_changes_it() -> None:
+    from orchestrator.spec_params import flatten, identity_digest
+
+    base = {**minimal(), "data": {"url": "memory://x", "image_size": 64}, "views": {"local": {"count": 2, "size": 24}}}
+    plain = validate_spec(base)
+    spelled = validate_spec({**base, "views": {"local": {"count": 2, "size": 24, "min_iou": None, "loss_weight": None}}})
+    banded = validate_spec({**base, "views": {"local": {"count": 2, "size": 24, "min_iou": 0.01}}})
+    assert identity_digest(plain) == identity_digest(spelled) != identity_digest(banded)
+    # The params keep the keys either way, so runs with and without a band line up in MLflow's compare view.
+    assert flatten(plain)["views.local.min_iou"] == "None" and flatten(banded)["views.local.min_iou"] == "0.01"
