@@ -117,11 +117,13 @@ def plot_metric_curves(
     title: str = "",
     ylabel: str = "",
     xlabel: str = "chunk",
+    x: Sequence[float] | None = None,
 ) -> Path:
-    """One line per named series, value ``k`` plotted at chunk index ``k``; None/NaN values leave a gap.
-    Series may differ in length. Writes a PNG at ``path`` and returns it."""
+    """One line per named series, value ``k`` plotted at ``x[k]`` (default: at index ``k``, the chunk); None/NaN
+    values leave a gap. Series may differ in length (up to ``len(x)``). Writes a PNG at ``path`` and returns it."""
     if not series:
         raise ValueError("series is empty: give at least one named sequence of values")
+    xs = None if x is None else np.asarray(x, dtype=np.float64)
     curves: dict[str, np.ndarray] = {}
     for name, values in series.items():
         try:
@@ -130,6 +132,8 @@ def plot_metric_curves(
             raise ValueError(f"series[{name!r}] must be a sequence of numbers or None") from None
         if curve.size == 0:
             raise ValueError(f"series[{name!r}] is empty")
+        if xs is not None and curve.size > xs.size:
+            raise ValueError(f"series[{name!r}] has {curve.size} values but x only {xs.size} positions")
         curves[str(name)] = curve
     path = _png_path(path)
 
@@ -141,7 +145,7 @@ def plot_metric_curves(
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for name, curve in curves.items():
-        ax.plot(np.arange(curve.size), curve, marker="o", markersize=4, label=name)
+        ax.plot(np.arange(curve.size) if xs is None else xs[:curve.size], curve, marker="o", markersize=4, label=name)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -352,5 +352,5 @@ class OnlineDriver(_Driver):
                 lines = {line: [dict(curves.get(series, [])).get(b) for b in steps]
                          for line, curves in self.curves.items()}
                 png = plot_metric_curves(lines, Path(folder) / f"{series}.png", title=f"{series} over the stream",
-                                         ylabel=series, xlabel=f"point (stream batches {steps[0]}..{steps[-1]})")
+                                         ylabel=series, xlabel="stream batches seen", x=steps)
                 self.tracker.log_file(self.parent, png, "plots")

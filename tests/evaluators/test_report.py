@@ -95,6 +95,20 @@ def test_plot_metric_curves_validates(tmp_path):
         plot_metric_curves({"knn": []}, tmp_path / "c.png")
     with pytest.raises(ValueError, match=r"series\['knn'\] must be a sequence of numbers"):
         plot_metric_curves({"knn": ["high"]}, tmp_path / "c.png")
+    with pytest.raises(ValueError, match=r"series\['knn'\] has 3 values but x only 2 positions"):
+        plot_metric_curves({"knn": [0.1, 0.2, 0.3]}, tmp_path / "c.png", x=[5, 10])
+
+
+def test_plot_metric_curves_draws_each_value_at_its_x(tmp_path, monkeypatch):
+    # Online curves are drawn against the stream batches seen (2, 5, 9), not the points' order.
+    from matplotlib.axes import Axes
+
+    drawn = []
+    original = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, xs, ys, **kw: drawn.append((list(xs), list(ys)))
+                        or original(self, xs, ys, **kw))
+    plot_metric_curves({"a": [0.1, 0.2, 0.3], "b": [0.4]}, tmp_path / "c.png", x=[2, 5, 9])
+    assert drawn == [([2.0, 5.0, 9.0], [0.1, 0.2, 0.3]), ([2.0], [0.4])]
 
 
 def test_unknown_accuracies_show_as_a_dash_in_tables_and_plots(tmp_path, monkeypatch):
