@@ -23,6 +23,16 @@ ONLINE = {"order": "class_incremental", "batch_size": 16, "steps_per_batch": 4, 
           "memory_batch": 16, "rals": True, "rals_k": 24, "rals_part_size": 4, "segment_batches": 25}
 
 
+def runs_of_type(client: MlflowClient, experiment: str):
+    """`runs(kind)`: the experiment's runs of one streamssl run type (plan, chunk, segment, eval)."""
+    exp = client.get_experiment_by_name(experiment)
+
+    def runs(kind: str) -> list:
+        return client.search_runs([exp.experiment_id], filter_string=f"tags.`{tr.RUN_TYPE}` = '{kind}'")
+
+    return runs
+
+
 def _online_spec(name: str, url: str, tmp_path: Path, **online) -> dict:
     return tiny_spec(name, url, stream={"kind": "online", "chunks": 3}, online={**ONLINE, **online},
                      storage={"workdir": str(tmp_path / "runs")}, eval={"every_chunk": ["knn"], "baseline": False})
@@ -56,10 +66,7 @@ def test_an_online_stream_is_one_worker_group_with_segments_in_mlflow(tmp_path: 
     spec = validate_spec(_online_spec("online", synthetic_url, tmp_path))
     run_experiment(spec, console=Console(file=io.StringIO(), width=120))
     client = MlflowClient(spec.tracking_uri)
-    exp = client.get_experiment_by_name(spec.experiment_name)
-
-    def runs(kind: str) -> list:
-        return client.search_runs([exp.experiment_id], filter_string=f"tags.`{tr.RUN_TYPE}` = '{kind}'")
+    runs = runs_of_type(client, spec.experiment_name)
 
     (plan,) = runs("plan")
     assert plan.info.status == "FINISHED"
@@ -85,6 +92,7 @@ def test_an_online_stream_is_one_worker_group_with_segments_in_mlflow(tmp_path: 
     assert sorted((m.step, m.value) for m in curve) == [(r.data.metrics["stream_batches"], r.data.metrics["knn_top1"])
                                                          for r in segments]
     # Each segment's checkpoint is a LoggedModel of its run, made at the batch it ends at, scored by its kNN.
+    exp = client.get_experiment_by_name(spec.experiment_name)
     models = {m.model_id: m for m in client.search_logged_models([exp.experiment_id])}
     assert len(models) == len(segments)
     for segment in segments:
@@ -196,10 +204,7 @@ def test_a_polled_folder_is_learned_as_its_shards_arrive_and_a_bad_shard_is_skip
     thread.join(timeout=5)
     assert produced == ["done"]  # the shards were written while the run was polling
 
-    exp = client.get_experiment_by_name(spec.experiment_name)
-
-    def runs(kind: str) -> list:
-        return client.search_runs([exp.experiment_id], filter_string=f"tags.`{tr.RUN_TYPE}` = '{kind}'")
+    runs = runs_of_type(client, spec.experiment_name)
 
     (plan,) = runs("plan")
     (online,) = runs("chunk")
@@ -287,10 +292,7 @@ def test_a_stream_that_ends_on_a_segment_boundary_makes_that_segment_final(
                                       memory_size=32, source={"poll": str(incoming), "stall_after_s": 600}))
     run_experiment(spec, console=Console(file=io.StringIO(), width=120))
     client = MlflowClient(spec.tracking_uri)
-    exp = client.get_experiment_by_name(spec.experiment_name)
-
-    def runs(kind: str) -> list:
-        return client.search_runs([exp.experiment_id], filter_string=f"tags.`{tr.RUN_TYPE}` = '{kind}'")
+    runs = runs_of_type(client, spec.experiment_name)
 
     (online,) = runs("chunk")
     assert online.info.status == "FINISHED" and online.data.tags[tr.TAG + "stream_ended_by"] == "ended"
