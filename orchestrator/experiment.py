@@ -288,6 +288,21 @@ class _Driver:
             self.plan.stream, self.plan.manifest, self.spec.data.model_dump(), self.spec.eval.model_dump(),
             self.spec.data.storage_options, self.spec.seed, self.plan.downstream)
 
+    def stop_services(self) -> None:
+        """Kill the evaluation actor and the corrupt-row tally now, also when the run raised. Left to garbage
+        collection, a caller that keeps the traceback (a sweep's failed trial, pytest) keeps their handles, so the
+        actors and the evaluator's CPU slot outlive the run, and the next run on the same Ray waits for that CPU."""
+        import ray
+
+        for name in ("evaluator", "corrupt_counter"):
+            actor = getattr(self, name, None)
+            if actor is not None and ray.is_initialized():
+                try:
+                    ray.kill(actor)
+                except Exception:  # already gone with its Ray
+                    pass
+            setattr(self, name, None)
+
     def run(self, resume: bool) -> ExperimentSummary:
         import ray
 
@@ -418,9 +433,13 @@ def run_experiment(
     if spec.stream.kind == "online":  # one long job per line group, segments instead of chunks
         from orchestrator.online_driver import OnlineDriver
 
-        summary = OnlineDriver(plan, tracker, console, address, hooks).run(resume)
+        driver: _Driver = OnlineDriver(plan, tracker, console, address, hooks)
     else:
-        summary = _Driver(plan, tracker, console, address, hooks).run(resume)
+        driver = _Driver(plan, tracker, console, address, hooks)
+    try:
+        summary = driver.run(resume)
+    finally:
+        driver.stop_services()
     print_summary(summary, console, spec)
     if summary.diverged:
         finished = len(plan.lines) - len(summary.diverged)
