@@ -33,7 +33,6 @@ from orchestrator.spec import Spec, flatten
 from orchestrator.summary import ExperimentSummary, summarise
 from orchestrator.tracking import lineage as tr
 from orchestrator.tracking.models import log_checkpoint_model, log_scored_metrics
-from orchestrator.tracking.lineage import versions
 from orchestrator.tracking.tracker import Tracker
 
 
@@ -41,22 +40,6 @@ def _artifact_root(spec: Spec) -> str | None:
     if spec.tracking.uri is None:  # embedded default: artifacts next to the SQLite file
         return (spec.workdir / "artifacts").as_uri()
     return None
-
-
-def _plan_tags(plan: ExperimentPlan) -> dict[str, str]:
-    tags = {
-        tr.RUN_TYPE: "plan",
-        tr.PLAN_KEY: plan.key,
-        tr.TAG + "data_url": plan.data_url,
-        tr.TAG + "data_digest": plan.data_digest,
-        tr.TAG + "stream_digest": plan.stream.digest,
-        tr.STREAM_KIND: plan.stream.kind,
-        tr.TAG + "spec_name": plan.spec.name,
-        tr.LINES: json.dumps([{"id": line.id, "method": line.method, "strategy": line.strategy} for line in plan.lines]),
-        tr.NUM_CHUNKS: str(plan.stream.num_chunks),
-    }
-    tags.update({tr.TAG + f"version.{k}": v for k, v in versions().items()})
-    return tags
 
 
 class _Driver:
@@ -90,7 +73,7 @@ class _Driver:
             self.tracker.fail_running(run_id)
             self.console.print(f"resuming plan run [bold]{run_id}[/]")
             return run_id
-        run_id = self.tracker.create_run(self.spec.name, {**_plan_tags(self.plan), **self.hooks.parent_tags})
+        run_id = self.tracker.create_run(self.spec.name, {**tr.plan_tags(self.plan), **self.hooks.parent_tags})
         self.tracker.log_params(run_id, flatten(self.spec))
         self.tracker.log_json(run_id, "stream_plan.json", self.plan.stream.to_dict())
         self.tracker.log_json(run_id, "manifest.json", self.plan.manifest.model_dump(mode="json"))
@@ -289,19 +272,17 @@ class _Driver:
             self.spec.data.storage_options, self.spec.seed, self.plan.downstream)
 
     def stop_services(self) -> None:
-        """Kill the evaluation actor and the corrupt-row tally now, also when the run raised. Left to garbage
-        collection, a caller that keeps the traceback (a sweep's failed trial, pytest) keeps their handles, so the
-        actors and the evaluator's CPU slot outlive the run, and the next run on the same Ray waits for that CPU."""
+        """Kill the evaluator and the tally now, also after a raise: a kept traceback (a failed sweep trial, pytest)
+        keeps their handles, and the evaluator's CPU would stay held from the next run on the same Ray."""
         import ray
 
-        for name in ("evaluator", "corrupt_counter"):
-            actor = getattr(self, name, None)
+        for actor in (getattr(self, "evaluator", None), getattr(self, "corrupt_counter", None)):
             if actor is not None and ray.is_initialized():
                 try:
                     ray.kill(actor)
-                except Exception:  # already gone with its Ray
+                except Exception:  # gone already; never masks the run's own error
                     pass
-            setattr(self, name, None)
+        self.evaluator = self.corrupt_counter = None
 
     def run(self, resume: bool) -> ExperimentSummary:
         import ray

@@ -15,6 +15,7 @@ evaluation metrics; the one the stream ended with is tagged `FINAL_SEGMENT`, and
 
 from __future__ import annotations
 
+import json
 import platform
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
@@ -53,6 +54,23 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[dist] = "not installed"
     return out
+
+
+def plan_tags(plan: ExperimentPlan) -> dict[str, str]:
+    """The tags of a plan run: what it is, its key, the data and stream it trained on, its lines, the versions."""
+    tags = {
+        RUN_TYPE: "plan",
+        PLAN_KEY: plan.key,
+        TAG + "data_url": plan.data_url,
+        TAG + "data_digest": plan.data_digest,
+        TAG + "stream_digest": plan.stream.digest,
+        STREAM_KIND: plan.stream.kind,
+        TAG + "spec_name": plan.spec.name,
+        LINES: json.dumps([{"id": line.id, "method": line.method, "strategy": line.strategy} for line in plan.lines]),
+        NUM_CHUNKS: str(plan.stream.num_chunks),
+    }
+    tags.update({TAG + f"version.{k}": v for k, v in versions().items()})
+    return tags
 
 
 def lineage_dict(tracker: Tracker, run_id: str) -> dict[str, Any]:
