@@ -41,7 +41,8 @@ ROWS_PER_STEP = 256  # what one online step trains on: RALS's k, or stream 128 +
 
 
 def cases(args: argparse.Namespace, train_rows: int) -> list[dict[str, Any]]:
-    """The study's runs: (name, spec, overrides). Online cases first; offline steps follow from the online ones."""
+    """The study's runs, each a dict: its name, kind, settings, spec file and `--set` overrides. Online cases first;
+    the offline epochs follow from the online steps."""
     methods = "[" + ", ".join(args.methods) + "]"
     out = []
     for steps in args.steps:
@@ -150,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     args.data, args.workdir = args.data.resolve(), args.workdir.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
     tracking_uri = f"sqlite:///{args.workdir / 'mlflow.db'}"
-    plan = cases(args, train_rows(args.data))
+    rows_in_train = train_rows(args.data)
+    plan = cases(args, rows_in_train)
     walls: dict[str, float] = {}
     if not args.collect_only:
         for i, case in enumerate(plan):
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     columns = ["case", "line", "steps", "linear_top1", "knn_top1", "step_ms", "rals_ms_per_step",
                "new_fraction_mean100", "late_batches", "dropped_steps", "wall_s"]
     print_table("Online SSL on imagenette: final accuracy (the line's evaluation run) and cost", columns, rows,
-                caption=f"data {args.data} ({train_rows(args.data)} training rows); MLflow {tracking_uri}")
+                caption=f"data {args.data} ({rows_in_train} training rows); MLflow {tracking_uri}")
     write_results("online_study", "cpu", {"settings": {"data": str(args.data), "methods": args.methods,
                                                        "steps": args.steps, "deadline_budget": args.deadline_budget,
                                                        "tracking_uri": tracking_uri,
