@@ -182,10 +182,19 @@ def device_decoded_batches(ds, batch_size: int, size: int, device: str, seed: in
         yield decode(batch)
 
 
-def ray_cpu_batches(ds, batch_size: int, device: str, seed: int = 0,
-                    shuffle_buffer: int | None = None) -> Iterator[torch.Tensor]:
-    """What the Ray Train worker does with chunk_dataset (runner._train_fn): uint8 NHWC batches -> NCHW on device."""
-    for batch in ds.iter_torch_batches(batch_size=batch_size, dtypes=torch.uint8, drop_last=True,
+def ray_cpu_batches(ds, batch_size: int, device: str, seed: int = 0, shuffle_buffer: int | None = None,
+                    labels: bool = False) -> Iterator[Any]:
+    """What the Ray Train worker does with chunk_dataset (runner._train_fn): uint8 NHWC batches -> NCHW on device;
+    with `labels`, `Batch`es of (images, int64 labels) for the methods whose record needs labels."""
+    dtypes = ({"image": torch.uint8, "label": torch.int64, "domain": torch.int64, "index": torch.int64} if labels
+              else torch.uint8)
+    for batch in ds.iter_torch_batches(batch_size=batch_size, dtypes=dtypes, drop_last=True,
                                        local_shuffle_buffer_size=shuffle_buffer, local_shuffle_seed=seed,
                                        device="cpu"):
-        yield batch["image"].permute(0, 3, 1, 2).to(device, non_blocking=True)
+        images = batch["image"].permute(0, 3, 1, 2).to(device, non_blocking=True)
+        if labels:
+            from trainers.engine.types import Batch
+
+            yield Batch.from_images(images, labels=batch["label"].to(device, non_blocking=True))
+        else:
+            yield images

@@ -42,6 +42,9 @@ class StepConfig:
     backbone: str = "resnet18"
     width: int | None = None  # a backbone's `width` option where it has one (ResNets); None: its default (64)
     cifar_stem: bool | None = None  # where the backbone has the option; None: its own rule from the image size
+    # further backbone options by backbone name, each applied where that backbone has the option (bench.gpu_suite's
+    # tiny profile: {"vit_tiny": {"patch_size": 8}, "mobilenet_v2": {"width_mult": 0.25}})
+    backbone_extra: dict[str, dict[str, Any]] = field(default_factory=dict)
     method: str = "simclr"
     size: int = 224  # global view side (crop output)
     input_size: int | None = None  # side of the uint8 batches; default = size
@@ -91,9 +94,11 @@ def method_options(cfg: StepConfig) -> dict[str, Any]:
 
 
 def backbone_options(cfg: StepConfig) -> dict[str, Any]:
-    """`width` / `cifar_stem` for the backbones whose Config has them (the others ignore the settings)."""
+    """`width` / `cifar_stem` / `backbone_extra[backbone]` options, for the backbones whose Config has them (the
+    others ignore the settings)."""
     names = BACKBONE_REGISTRY.require(cfg.backbone).option_names()
-    return {k: v for k, v in (("width", cfg.width), ("cifar_stem", cfg.cifar_stem)) if v is not None and k in names}
+    given = {"width": cfg.width, "cifar_stem": cfg.cifar_stem, **cfg.backbone_extra.get(cfg.backbone, {})}
+    return {k: v for k, v in given.items() if v is not None and k in names}
 
 
 def view_plan_for(cfg: StepConfig):

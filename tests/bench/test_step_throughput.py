@@ -16,7 +16,7 @@ import torch
 from bench import step_throughput
 from bench.steps import SMALL_HEAD, BareLoop, EngineLoop, StepConfig, cycle, method_options, premade_batches, \
     view_plan_for
-from trainers.registry import METHOD_REGISTRY
+from trainers.registry import BACKBONE_REGISTRY, METHOD_REGISTRY
 
 RECORDS = list(METHOD_REGISTRY.values())
 
@@ -84,13 +84,13 @@ def test_small_heads_only_shrink_head_widths(record) -> None:
     assert method_options(StepConfig(method=record.name)) == defaults
 
 
-def test_the_gpu_suite_lists_the_issue_cells_and_skips_unregistered_methods() -> None:
+def test_the_gpu_suite_lists_the_anchors_first_then_every_method_x_backbone_once() -> None:
     cells = step_throughput.cells_for(SimpleNamespace(gpu_suite=True))
-    assert [b for b, _, _ in cells] == ["resnet18"] * 4 + ["resnet50"] * 2 + ["mobilenet_v2", "vit_tiny"]
-    assert cells[0][1] == "simclr" and cells[1][1] == "byol"
-    for _, method, note in cells:
-        assert (method is None) == bool(note)
-        assert method is None or method in METHOD_REGISTRY
+    assert [(b, m) for b, m, _ in cells[:len(step_throughput.ANCHORS)]] == list(step_throughput.ANCHORS)
+    assert ("resnet18", "simclr") in step_throughput.ANCHORS and ("vit_tiny", "simclr") in step_throughput.ANCHORS
+    pairs = [(b, m) for b, m, _ in cells]
+    assert len(pairs) == len(set(pairs)) == len(BACKBONE_REGISTRY) * len(METHOD_REGISTRY)
+    assert set(pairs) == {(b, m) for b in BACKBONE_REGISTRY.names for m in METHOD_REGISTRY.names}
 
 
 def test_local_views_get_a_side_the_backbone_accepts_and_both_loops_consume_them() -> None:
