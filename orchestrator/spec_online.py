@@ -94,6 +94,7 @@ def online_problems(kind: str, online: OnlineSpec | None, strategies: list[str],
     online = online or OnlineSpec()
     if online.batch_size % workers:
         problems.append(f"online.batch_size ({online.batch_size}) must be divisible by resources.workers ({workers})")
+    problems += online.uneven_shares(workers, "resources.workers")
     if online.rals and online.rals_k >= online.batch_size + online.memory_batches * online.memory_draw:
         problems.append(f"online.rals_k ({online.rals_k}) must be below the candidates per step (stream batch "
                         f"{online.batch_size} + memory {online.memory_batches} x {online.memory_draw})")

@@ -32,6 +32,28 @@ def test_every_rank_keeps_its_own_interleaved_share_of_a_batch() -> None:
     assert sorted(np.concatenate([s["key"] for s in shares]).tolist()) == list(range(8))  # nothing lost or doubled
 
 
+def test_memory_draws_and_rals_k_that_do_not_divide_by_the_workers_are_refused_naming_the_field() -> None:
+    from orchestrator.spec_online import OnlineSpec, online_problems
+
+    def problems(workers: int, **online) -> list[str]:
+        return online_problems("online", OnlineSpec(batch_size=129, **online), ["sequential"], workers)
+
+    # The defaults with RALS at 3 workers: 256 memory rows and k = 256 dealt 86/85/85 hung the first memory step.
+    found = problems(3, rals=True)
+    assert found == [
+        "online.memory_batch (256, the default with rals) must be divisible by resources.workers (3): every worker "
+        "takes the same share of it (the cross-worker gathers need equal shapes); use 255 or 258",
+        "online.rals_k (256) must be divisible by resources.workers (3): every worker takes the same share of it "
+        "(the cross-worker gathers need equal shapes); use 255 or 258"]
+    assert problems(3, rals=True, memory_batch=255, rals_k=255) == []
+    assert problems(3, memory_batch=10)[0].startswith("online.memory_batch (10) must be divisible")
+    assert problems(3, memory_size=0, memory_batch=10) == []  # no memory: nothing drawn
+    assert problems(3, rals_k=10) == [
+        "online.memory_batch (128, the default without rals) must be divisible by resources.workers (3): every "
+        "worker takes the same share of it (the cross-worker gathers need equal shapes); use 126 or 129"]
+    assert problems(1, rals=True) == []
+
+
 @pytest.mark.slow
 def test_a_cycling_stream_starts_the_order_again_in_a_new_shuffle(synthetic_url: str, tmp_path, ray_local) -> None:
     import itertools

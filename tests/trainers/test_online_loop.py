@@ -16,12 +16,12 @@ from trainers.online.loop import OnlineTrainer
 from trainers.views import AugmentConfig
 
 
-def line(**overrides) -> LineTrainer:
+def line(wrap_model=None, rank: int = 0, **overrides) -> LineTrainer:
     base = dict(method="simclr", strategy="sequential", image_size=16,
                 views=(AugmentConfig(size=16, blur_p=0.0), AugmentConfig(size=16, blur_p=0.0)),
                 backbone_width=4, lr=0.05, batch_size=8, seed=3, method_options={"proj_hidden": 16, "proj_out": 8})
     base.update(overrides)
-    return LineTrainer(LoopConfig(**base))
+    return LineTrainer(LoopConfig(**base), wrap_model=wrap_model, rank=rank)
 
 
 def stream(n: int, size: int = 8, seed: int = 0) -> list[Batch]:
@@ -192,3 +192,74 @@ def test_a_loss_that_turns_nan_stops_the_batch_naming_it(one_torch_thread) -> No
     with pytest.raises(NonFiniteLossError, match=r"simclr: the loss became non-finite on stream batch 1"):
         online.learn(stream(2)[1])
     assert online.batches_done == 1  # the batch is not counted as learned
+
+
+class StepClock:
+    """A wall clock that stands still when read and moves `step_s` seconds with every optimizer step."""
+
+    def __init__(self, step_s: float = 1.0) -> None:
+        self.now, self.step_s = 0.0, step_s
+
+    def __call__(self) -> float:
+        return self.now
+
+    def attach(self, optimizer) -> None:
+        original = optimizer.step
+
+        def step(*args, **kwargs):
+            self.now += self.step_s
+            return original(*args, **kwargs)
+
+        optimizer.step = step
+
+
+def _budgeted(clock: StepClock, **overrides) -> OnlineTrainer:
+    online = OnlineTrainer(line(), online_cfg(**{"steps_per_batch": 10, "late_policy": "drop", "time_budget_s": 5.5,
+                                                 **overrides}), clock=clock)
+    clock.attach(online.trainer.optimizer)
+    return online
+
+
+def test_a_deadline_fits_the_cycle_to_the_steps_there_is_time_for_so_the_last_one_is_annealed(
+        one_torch_thread) -> None:
+    # 10 planned steps, 1 s a step, the next batch 5.5 s later: 5 steps fit. A truncated 10-step cycle would stop
+    # at step 5 of 10, just after its peak (0.045 of max_lr 0.05); the fitted cycle runs over those 5 steps.
+    clock = StepClock()
+    online = _budgeted(clock)
+    lrs = []
+    for batch in stream(3):
+        report = online.learn(batch, deadline=clock.now + 5.5)
+        lrs.append(report.lr)
+        assert report.steps == 5 and report.cycle_steps == 5 and report.dropped_steps == 5
+        assert not report.late  # its (fitted) cycle ended in time
+    final_lr = online.cycle.final_lr
+    assert lrs == pytest.approx([final_lr] * 3)  # 5e-7: the cycle's minimum
+    assert online.cycle.lr(5) > 0.8 * 0.05  # what the truncated planned cycle ended on
+    # The ranks' agreed estimate is steps that fit at the mean step time: 2.5 s a step -> 1 + 1 step, raised to
+    # the shortest cycle with a warm-up (3), then cut by the deadline as before.
+    slow = StepClock(step_s=2.5)
+    online = _budgeted(slow)
+    report = online.learn(stream(1)[0], deadline=slow.now + 5.5)
+    assert report.cycle_steps == 3 and report.steps == 3 and report.lr == pytest.approx(final_lr)
+
+
+def test_a_planned_cycle_fit_keeps_the_truncation(one_torch_thread) -> None:
+    clock = StepClock()
+    online = _budgeted(clock, cycle_fit="planned")
+    report = online.learn(stream(1)[0], deadline=clock.now + 5.5)
+    assert report.steps == 6 and report.cycle_steps == 10 and report.late
+    assert report.lr == pytest.approx(online.cycle.lr(5))
+    # Without a deadline, or with the queue policy, every planned step is taken under the planned cycle.
+    queued = _budgeted(StepClock(), late_policy="queue")
+    report = queued.learn(stream(1)[0], deadline=queued.clock.now + 5.5)
+    assert report.steps == 10 and report.cycle_steps == 10 and report.lr == pytest.approx(queued.cycle.final_lr)
+
+
+def test_the_selection_profile_per_local_step_is_in_the_counters(one_torch_thread) -> None:
+    online = OnlineTrainer(line(), online_cfg(rals=True, rals_k=10, memory_batch=8))
+    assert online.counters()["rals_new_fraction_by_step"] == []
+    for b in stream(3):
+        online.learn(b)
+    profile = online.counters()["rals_new_fraction_by_step"]
+    assert len(profile) == 3 and all(0.0 <= f <= 1.0 for f in profile)  # 3 steps a batch, 2 batches with RALS
+    assert sum(profile) / 3 == pytest.approx(online.selection.running_mean)

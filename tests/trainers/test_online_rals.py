@@ -14,7 +14,7 @@ from trainers.engine.step import train_step
 from trainers.engine.types import Batch, StepOutput, ViewSet
 from trainers.methods import BarlowTwins, SimCLR, barlow_twins_loss
 from trainers.online.rals import (RALS, SelectionLog, barlow_part_losses, candidate_scores, frozen_bn_stats,
-                                  select_top_increase)
+                                  join_parts, rank_part_rows, select_top_increase)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -56,14 +56,25 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 # ------------------------------------------------------------------ the top-k rule
-def test_top_increase_hand_built_with_ties():
+def test_top_increase_hand_built_with_ties_broken_at_random():
     current = torch.tensor([1.0, 3.0, 2.0, 5.0, 0.0, 4.0])
     anchor = torch.tensor([0.0, 1.0, 0.0, 5.0, 0.0, 1.0])  # increases 1, 2, 2, 0, 0, 3
-    assert select_top_increase(current, anchor, 1).tolist() == [5]
-    assert select_top_increase(current, anchor, 2).tolist() == [1, 5]  # 1 and 2 tie at 2: the lower index
-    assert select_top_increase(current, anchor, 3).tolist() == [1, 2, 5]
-    assert select_top_increase(current, anchor, 5).tolist() == [0, 1, 2, 3, 5]  # 3 and 4 tie at 0
-    assert select_top_increase(torch.zeros(5), torch.zeros(5), 2).tolist() == [0, 1]
+    g = torch.Generator().manual_seed(0)
+    assert select_top_increase(current, anchor, 1, g).tolist() == [5]
+    assert select_top_increase(current, anchor, 3, g).tolist() == [1, 2, 5]
+    # 1 and 2 tie at 2 for the second place, 3 and 4 at 0 for the fifth: each half the time, not the lower index.
+    pairs = [tuple(select_top_increase(current, anchor, 2, g).tolist()) for _ in range(400)]
+    assert set(pairs) == {(1, 5), (2, 5)} and 160 < pairs.count((1, 5)) < 240
+    fifths = [tuple(select_top_increase(current, anchor, 5, g).tolist()) for _ in range(400)]
+    assert set(fifths) == {(0, 1, 2, 3, 5), (0, 1, 2, 4, 5)} and 160 < fifths.count((0, 1, 2, 3, 5)) < 240
+    # All tied (model == anchor): a uniform sample, every entry chosen k/n of the time.
+    counts = torch.zeros(5)
+    for _ in range(1000):
+        counts[select_top_increase(torch.zeros(5), torch.zeros(5), 2, g)] += 1
+    assert ((counts / 1000 - 0.4).abs() < 0.06).all(), counts
+    # Seeded: the same generator state, the same choice.
+    a = select_top_increase(torch.zeros(9), torch.zeros(9), 4, torch.Generator().manual_seed(5))
+    assert torch.equal(a, select_top_increase(torch.zeros(9), torch.zeros(9), 4, torch.Generator().manual_seed(5)))
     for k in (0, 7, 2.0, True):
         with pytest.raises(ValueError, match="k must be"):
             select_top_increase(current, anchor, k)
@@ -271,3 +282,72 @@ def test_selection_log_running_mean_over_last_100_batches():
     assert log.running_mean == pytest.approx(sum(means[-100:]) / 100)
     with pytest.raises(ValueError):
         log.add_batch([])
+
+
+# ------------------------------------------------------------------ the first step of a batch: model == anchor
+def test_first_step_with_model_equal_to_anchor_selects_uniformly_not_the_stream_rows():
+    # 8 stream rows + 16 memory rows, k = 16: the study's 128 + 256 -> 256 in small. Every increase is exactly 0
+    # here; a lowest-index tie-break took rows arange(16) every time (new fraction 8/16 = 0.5).
+    method = _method(SimCLR)
+    rals = RALS(k=16, generator=torch.Generator().manual_seed(0))
+    rals.reset_anchor(method)
+    views, batch = _views(24, seed=3), _batch(24)
+    counts, fractions = torch.zeros(24), []
+    for _ in range(150):
+        sel = rals.select(method, views, batch, context(), new_rows=8)
+        assert (sel.current.values == sel.anchor.values).all()  # a tie everywhere
+        counts[sel.rows] += 1
+        fractions.append(sel.new_fraction)
+    mean = sum(fractions) / len(fractions)
+    assert abs(mean - 8 / 24) < 0.03, mean  # the stream's share of the candidates, not 0.5
+    assert ((counts / 150 - 16 / 24).abs() < 0.15).all(), counts  # every candidate about k / n of the time
+    assert len(set(fractions)) > 1  # the draws differ from step to step
+    # Barlow Twins' parts: the same at part level (the permutation and the tie-break).
+    method = _method(BarlowTwins)
+    rals = RALS(k=8, part_size=4, generator=torch.Generator().manual_seed(1))
+    rals.reset_anchor(method)
+    fractions = [rals.select(method, views, batch, context(), new_rows=8).new_fraction for _ in range(150)]
+    assert abs(sum(fractions) / len(fractions) - 8 / 24) < 0.04
+
+
+def test_selection_profile_is_the_mean_per_local_step_and_survives_a_state_round_trip():
+    log = SelectionLog(window=2)
+    assert log.profile == []
+    log.add_batch([0.6, 0.4, 0.2])
+    log.add_batch([0.4, 0.2])  # a batch cut after 2 steps adds to steps 0 and 1 only
+    log.add_batch([0.2, 0.3, 0.4, 0.5])
+    assert log.profile == pytest.approx([0.4, 0.3, 0.3, 0.5])  # over every batch, not the last `window`
+    assert log.running_mean == pytest.approx((0.3 + 0.35) / 2)
+    restored = SelectionLog()
+    restored.load_state_dict(log.state_dict())
+    assert restored.profile == log.profile and restored.running_mean == log.running_mean
+    old = SelectionLog()
+    old.load_state_dict({"window": 100, "batches": [0.5]})  # a checkpoint from before the profile
+    assert old.profile == [] and old.running_mean == 0.5
+
+
+def test_global_parts_join_every_ranks_rows_and_score_as_one_process_would():
+    # Three ranks' candidates (n = 6 each), a part = 2 rows of each rank: as join_parts builds them for the
+    # gathered projections, each part's score is the Barlow Twins loss of exactly those 6 rows.
+    g = torch.Generator().manual_seed(4)
+    world, n, s = 3, 6, rank_part_rows(6, 3)
+    assert s == 2 and rank_part_rows(16, 3) == 5 and rank_part_rows(16, 32) == 1
+    local = [torch.randperm(n, generator=g)[:n // s * s].view(n // s, s) for _ in range(world)]
+    parts = join_parts(local, n)
+    assert parts.shape == (3, 6)
+    for u in range(3):
+        for r in range(world):
+            assert parts[u, r * s:(r + 1) * s].tolist() == (local[r][u] + r * n).tolist()
+    z1 = torch.randn(world * n, 8, generator=g)
+    z2 = z1 + 0.3 * torch.randn(world * n, 8, generator=g)
+    torch.testing.assert_close(barlow_part_losses(z1, z2, parts, 0.05),
+                               torch.stack([barlow_twins_loss(z1[p], z2[p], 0.05) for p in parts]),
+                               rtol=1e-4, atol=1e-5)
+    # The top parts by increase, and each rank's own rows of them: the same count on every rank.
+    increase = torch.tensor([0.3, -0.1, 0.7])
+    chosen = select_top_increase(increase, torch.zeros(3), 2)
+    assert chosen.tolist() == [0, 2]
+    mine = [local[r][chosen].flatten() for r in range(world)]
+    assert {len(m) for m in mine} == {4}
+    with pytest.raises(ValueError, match="same parts"):
+        join_parts([local[0], local[1][:1]], n)

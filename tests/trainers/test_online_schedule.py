@@ -102,3 +102,15 @@ def test_bad_input_names_the_field(kwargs: dict, field: str) -> None:
 def test_a_step_outside_the_batch_is_refused(step) -> None:
     with pytest.raises(ValueError, match="step_in_batch"):
         LocalCycle(MAX_LR, 10).lr(step)
+
+
+def test_a_fitted_cycle_is_the_same_cycle_over_fewer_steps_and_never_shorter_than_a_warm_up():
+    cycle = LocalCycle(max_lr=0.3, steps_per_batch=10)
+    assert cycle.fitted(10) is cycle and cycle.min_steps == 3  # 0.5 x 3 > 1
+    five = cycle.fitted(5)
+    assert five.steps_per_batch == 5 and five.lr(0) == cycle.lr(0) and five.momentum(0) == cycle.momentum(0)
+    assert five.lr(4) == pytest.approx(cycle.final_lr)  # annealed at its last step
+    assert cycle.fitted(1).steps_per_batch == 3 and cycle.fitted(0).steps_per_batch == 3
+    assert LocalCycle(max_lr=0.3, steps_per_batch=60, pct_start=0.1).min_steps == 11
+    long = LocalCycle(max_lr=0.3, steps_per_batch=60)
+    assert long.warmup_fraction == 0.25 and long.fitted(20).warmup_fraction == 0.5  # the default of its length

@@ -45,6 +45,10 @@ class OnlineConfig(ComponentConfig):
     late_policy: Literal["drop", "queue"] = Field(
         "drop", description="a batch still training when the next arrives: drop its remaining steps, or finish "
                             "them and queue the next batch")
+    cycle_fit: Literal["measured", "planned"] = Field(
+        "measured", description="with time_budget_s, late_policy drop and local_cycle: measured sizes each batch's "
+                                "LR cycle to the steps that fit before the next batch (from the measured step time), "
+                                "so it anneals; planned keeps steps_per_batch and the deadline cuts the cycle short")
     seed: int = Field(0, description="seed of memory sampling and RALS's part permutation")
 
     @model_validator(mode="after")
@@ -59,6 +63,26 @@ class OnlineConfig(ComponentConfig):
                        final_div_factor=self.final_div_factor, base_momentum=self.base_momentum,
                        max_momentum=self.max_momentum)
         return self
+
+    def uneven_shares(self, workers: int, what: str = "the workers") -> list[str]:
+        """What cannot be dealt evenly over `workers`: each worker draws `memory_draw / workers` memory rows per
+        memory batch and trains on `rals_k / workers` RALS rows per step, the same on every worker (the
+        cross-worker gathers of a step need equal shapes). Empty when everything divides."""
+        counts = {}
+        if self.memory_size:
+            default = "" if self.memory_batch else f", the default {'with' if self.rals else 'without'} rals"
+            counts["memory_batch"] = (self.memory_draw, default)
+        if self.rals:
+            counts["rals_k"] = (self.rals_k, "")
+        problems = []
+        for field, (total, note) in counts.items():
+            if total % workers:
+                low = total - total % workers
+                use = " or ".join(str(v) for v in (low, low + workers) if v > 0)
+                problems.append(f"online.{field} ({total}{note}) must be divisible by {what} ({workers}): every "
+                                f"worker takes the same share of it (the cross-worker gathers need equal shapes); "
+                                f"use {use}")
+        return problems
 
     @property
     def memory_draw(self) -> int:

@@ -14,6 +14,15 @@ own replay.
 Deadlines: with `deadline`, a batch whose steps are not all done when it passes is *late*. Policy `drop` stops
 its steps there (the rest are counted as dropped); `queue` finishes them, and the next batch waits. Under DDP the
 ranks agree at every step (one all-reduce) whether the deadline has passed, so they always take the same steps.
+With `drop` and the local cycle, `cycle_fit: measured` (the default) sizes each batch's LR cycle to the time there
+is: after its first step (whose LR every cycle shares) the steps that still fit before the deadline are
+estimated from the running mean of the measured step times (the last 20, wall clock per step, all of it) and
+the batch's one-cycle is built over that many steps (at most `steps_per_batch`), so the last step taken is
+annealed instead of cut off near the peak; steps not taken count as dropped. `planned` keeps the planned cycle.
+The ranks take the smallest estimate (in the same all-reduce).
+
+Under DDP the memory rows drawn per step and RALS's rows are dealt evenly (`OnlineConfig.uneven_shares`: a
+count that does not divide by the world size is refused), so every rank's step has the same shapes.
 
 The wrapped LineTrainer supplies the model, optimizer, views and its generator. Of the line's strategy only the
 extra losses and task ends apply (CaSSLe: `sequential+cassle`); the memory is online's replay. The state is the LineTrainer's plus the stream position, every rank's
@@ -25,6 +34,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections import deque
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -36,8 +46,8 @@ from trainers.engine.step import NonFiniteLossError, train_step
 from trainers.engine.types import Batch, StepContext
 from trainers.loop import LineTrainer
 from trainers.online.config import OnlineConfig
-from trainers.online.memory import ReplayMemory, _share
-from trainers.online.rals import RALS, SelectionLog
+from trainers.online.memory import ReplayMemory
+from trainers.online.rals import RALS, SCORERS, SelectionLog, rank_part_rows
 from trainers.online.schedule import LocalCycle
 from trainers.optim import set_lr
 from trainers.strategies import ChunkEnd
@@ -59,6 +69,7 @@ class BatchReport:
     rals_seconds: float  # of that, RALS's scoring and selection (0 without RALS); the rest is memory and checks
     new_fraction: float  # share of the trained rows from this stream batch (NaN without RALS)
     memory_rows: int  # rows in this rank's memory shard after the batch joined it
+    cycle_steps: int  # length of the LR cycle it ran (steps_per_batch unless fitted to the time budget)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,7 +81,7 @@ def _ddp() -> tuple[int, int]:
     return 0, 1
 
 
-_TIMED_STEPS = 20  # step times kept to compare with the time budget
+_TIMED_STEPS = 20  # step times kept to compare with the time budget, and to fit a batch's cycle to it
 
 
 class OnlineTrainer:
@@ -79,6 +90,10 @@ class OnlineTrainer:
         self.clock = clock  # wall-clock seconds, what deadlines are in (a test drives its own)
         rank, world = _ddp()
         self.rank, self.world = rank, world
+        uneven = cfg.uneven_shares(world)
+        if uneven:
+            raise ValueError("; ".join(uneven))
+        self.memory_draw = cfg.memory_draw // world  # this rank's memory rows per memory batch
         self.memory = ReplayMemory(cfg.memory_size, seed=cfg.seed) if cfg.memory_size else None
         if self.memory is not None:
             self.memory.setup(rank, world)
@@ -88,8 +103,12 @@ class OnlineTrainer:
                                 max_momentum=cfg.max_momentum) if cfg.schedule == "local_cycle" else None
         # Memory draws and RALS's part permutation: seeded per rank, checkpointed with the rest.
         self.generator = torch.Generator().manual_seed(cfg.seed * 7919 + rank)
-        self.rals = RALS(_share(cfg.rals_k, rank, world), part_size=cfg.rals_part_size,
-                         generator=self.generator) if cfg.rals else None
+        self.rals = RALS(cfg.rals_k, part_size=cfg.rals_part_size, generator=self.generator) if cfg.rals else None
+        parted = SCORERS.get(getattr(trainer.method, "name", ""), (None, False))[1]
+        if self.rals is not None and parted and world > 1 and cfg.rals_part_size % world:
+            used = rank_part_rows(cfg.rals_part_size, world) * world
+            warnings.warn(f"online.rals_part_size ({cfg.rals_part_size}) does not divide by the {world} workers: a "
+                          f"part takes {used // world} rows of each, {used} rows in all", RuntimeWarning, stacklevel=2)
         self.batches_done = 0  # stream batches learned (the next one to learn is this index)
         self.task: int | None = None  # the task of the last batch learned, when the stream says
         self.steps_done = 0  # optimizer steps over the whole stream
@@ -98,6 +117,8 @@ class OnlineTrainer:
         self._warned_budget = False
         self.budget_warning: str | None = None  # set once, when the budget proves shorter than a step
         self._step_times: list[float] = []
+        self._step_walls: deque[float] = deque(maxlen=_TIMED_STEPS)  # clock seconds per step, for fitting cycles
+        self._last_read: float | None = None  # the clock's last reading in this batch
 
     # ----------------------------------------------------------------- one stream batch
     def learn(self, batch: Batch | torch.Tensor, deadline: float | None = None, task: int | None = None) -> BatchReport:
@@ -126,21 +147,31 @@ class OnlineTrainer:
         losses, lr, late, taken = [], 0.0, False, 0
         step_s = rals_s = 0.0
         fractions = []
-        for step in range(cfg.steps_per_batch):
-            if deadline is not None and self._past(deadline):
-                late = True
-                if cfg.late_policy == "drop":
-                    break
-            if self.cycle is not None:
-                lr = self.cycle.lr(step)
-                self.cycle.apply(lt.optimizer, step)  # the LR (through set_lr: fixed_lr groups keep theirs), momentum
+        cycle, steps = self.cycle, cfg.steps_per_batch
+        fit = (deadline is not None and cycle is not None and cfg.cycle_fit == "measured"
+               and cfg.late_policy == "drop")
+        self._last_read = None
+        step = 0
+        while step < steps:
+            if deadline is not None:
+                past, fitted = self._check(deadline, fit and step == 1)
+                if fitted is not None:  # after the first step, whose LR and momentum every cycle shares
+                    cycle = cycle.fitted(min(fitted, steps))
+                    steps = min(cycle.steps_per_batch, steps)
+                if past:
+                    late = True
+                    if cfg.late_policy == "drop":
+                        break
+            if cycle is not None:
+                lr = cycle.lr(step)
+                cycle.apply(lt.optimizer, step)  # the LR (through set_lr: fixed_lr groups keep theirs), momentum
             else:
                 lr = cfg.max_lr
                 set_lr(lt.optimizer, lr)
             candidates = batch
             if self.memory is not None:
                 for _ in range(cfg.memory_batches):
-                    drawn = self.memory.draw(_share(cfg.memory_draw, self.rank, self.world), self.generator)
+                    drawn = self.memory.draw(self.memory_draw, self.generator)
                     if drawn is not None:
                         candidates = candidates.cat(drawn.to(lt.device))
             ctx = StepContext(step=self.steps_done, total_steps=None, chunk=-1, epoch=0, lr=lr, rank=self.rank,
@@ -148,7 +179,7 @@ class OnlineTrainer:
             stepping = time.perf_counter()  # the step: views and train_step (RALS's scoring is timed apart)
             views = make_view_set(candidates.images, lc.views, generator=lt.generator)
             selecting = 0.0
-            if self.rals is not None and len(candidates) > self.rals.k:
+            if self.rals is not None and len(candidates) * self.world > self.rals.k:
                 selection = self.rals.select(method, views, candidates, ctx, new_rows=len(batch))
                 selecting = selection.seconds
                 rals_s += selecting
@@ -165,8 +196,9 @@ class OnlineTrainer:
                 self._step_times.append(took)
             losses.append(out.loss.detach().float())
             taken += 1
+            step += 1
             self.steps_done += 1
-        if deadline is not None and not late and taken == cfg.steps_per_batch and self._past(deadline):
+        if deadline is not None and not late and taken == steps and self._check(deadline)[0]:
             late = True  # the last step ended after the next batch arrived
         self._check_finite(losses, lr)
         if self.memory is not None:
@@ -179,19 +211,29 @@ class OnlineTrainer:
             loss=torch.stack(losses).mean().item() if losses else math.nan, lr=lr,
             seconds=time.perf_counter() - started, step_seconds=step_s, rals_seconds=rals_s,
             new_fraction=sum(fractions) / len(fractions) if fractions else math.nan,
-            memory_rows=len(self.memory) if self.memory is not None else 0)
+            memory_rows=len(self.memory) if self.memory is not None else 0, cycle_steps=steps)
         self.batches_done += 1
         self.late_batches += int(late)
         self.dropped_steps += report.dropped_steps
         return report
 
-    def _past(self, deadline: float) -> bool:
-        """Whether the deadline has passed, agreed by all ranks (any rank past it stops them all)."""
+    def _check(self, deadline: float, fit: bool = False) -> tuple[bool, int | None]:
+        """(whether the deadline has passed, and with `fit` the cycle length that fits), agreed by all ranks in one
+        all-reduce: any rank past the deadline stops them all, the smallest fit wins. Reads the clock once; the
+        time since this batch's previous read is the last step's wall time."""
+        now = self.clock()
+        if self._last_read is not None:
+            self._step_walls.append(now - self._last_read)
+        self._last_read = now
+        fits = 0.0
+        if fit:  # 1 step taken; the steps still fitting before the deadline at the mean step time
+            mean = sum(self._step_walls) / len(self._step_walls)
+            fits = -float(1 + max(0, math.floor((deadline - now) / mean)) if mean > 0 else self.cfg.steps_per_batch)
         # On the trainer's device: NCCL reduces only device tensors.
-        passed = torch.tensor([1.0 if self.clock() >= deadline else 0.0], device=self.trainer.device)
+        agreed = torch.tensor([1.0 if now >= deadline else 0.0, fits], device=self.trainer.device)
         if self.world > 1:
-            dist.all_reduce(passed, op=dist.ReduceOp.MAX)
-        return bool(passed.item())
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        return bool(agreed[0].item()), int(-agreed[1].item()) if fit else None
 
     def _check_finite(self, losses: list[torch.Tensor], lr: float) -> None:
         bad = torch.tensor([0.0 if not losses else float((~torch.isfinite(torch.stack(losses))).sum())],
@@ -214,12 +256,14 @@ class OnlineTrainer:
             warnings.warn(self.budget_warning, RuntimeWarning, stacklevel=3)
 
     # ----------------------------------------------------------------- state
-    def counters(self) -> dict[str, float]:
+    def counters(self) -> dict[str, Any]:
         last, mean = self.selection.last, self.selection.running_mean
         return {"stream_batches": self.batches_done, "online_steps": self.steps_done,
                 "late_batches": self.late_batches, "dropped_steps": self.dropped_steps,
                 "rals_new_fraction_last": math.nan if last is None else last,
-                "rals_new_fraction_mean100": math.nan if mean is None else mean}
+                "rals_new_fraction_mean100": math.nan if mean is None else mean,
+                # per local step index, the mean new fraction over every batch (the paper's Fig. 3b)
+                "rals_new_fraction_by_step": self.selection.profile}
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's view; under DDP the caller adds `rank_states()` (every rank's memory and generators)."""

@@ -19,7 +19,7 @@ Usage::
             sel = rals.select(method, views, batch, ctx, new_rows=len(stream_batch))
             train_step(model, method, optimizer, views.map(lambda v: v[sel.rows]), batch.select(sel.rows), ctx)
             fractions.append(sel.new_fraction)            # and sel.seconds: RALS's cost of the step
-        log.add_batch(fractions)                           # log.last, log.running_mean (last 100 batches)
+        log.add_batch(fractions)                           # log.last, .running_mean, .profile (selection.py)
 
 Selection units (`candidate_scores`, a registry keyed by `Method.name`):
 
@@ -38,35 +38,50 @@ statistics, as in training, and the anchor is put in the same mode), so they wou
 update loss buffers (MoCo's queue, DINO's centre), so there every buffer is restored (`frozen_buffers`). Python
 attributes a step may change are not covered (none of the registered methods keeps any).
 
-DDP: pass the bare method (a DDP wrapper is unwrapped). Each rank scores its own candidates and picks its own
-top-k: SimCLR's scoring loss still gathers every rank's projections as negatives (all ranks call it together
-with equal candidate counts, as in training), Barlow Twins' parts are local by construction (no collective).
+Ties: at the first step of every stream batch the current model *is* the anchor, so every increase is exactly 0
+and the ranking says nothing. Ties are broken uniformly at random (the RALS generator), so that step trains on a
+uniform sample of the candidates (new share = stream rows / candidates on average), not on the lowest indices
+(the stream rows, which a stable sort would pick).
+
+DDP: pass the bare method (a DDP wrapper is unwrapped); all ranks call `select` together with equal candidate
+counts, and `k` is the count over all ranks (it must divide by the world size: each rank trains on `k / world`
+rows, the shapes the cross-rank gathers of the training step need). Per-image methods: each rank scores its own
+candidates and picks its own top `k / world` (SimCLR's scoring loss still gathers every rank's projections as
+negatives, as in training). Part-wise methods (Barlow Twins) choose *globally*: a part is `part_size // world`
+rows (at least 1) of every rank's candidates, so it has `world * (part_size // world)` rows (`part_size` where
+it divides); the parts' losses are computed over the gathered projections (identical on every rank), the top
+`k // part rows` parts are chosen across ranks (rank 0's choice is broadcast), and every rank trains on its own
+rows of the chosen parts: the same count on every rank. `new_fraction` is averaged over the ranks.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+import torch.distributed as dist
+
+from trainers.distributed import all_reduce_mean, gather, world
 from trainers.engine.types import Batch, StepContext, ViewSet
 from trainers.methods.barlow_twins import BN_EPS
 from trainers.methods.simclr import nt_xent_loss
+from trainers.online.selection import SelectionLog
 
 DEFAULT_PART_SIZE = 16
 
 
 # ---------------------------------------------------------------------------------------------- the top-k rule
-def select_top_increase(current: Tensor, anchor: Tensor, k: int) -> Tensor:
-    """Indices (ascending) of the `k` entries with the largest `current - anchor`; ties go to the lower index."""
+def select_top_increase(current: Tensor, anchor: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+    """Indices (ascending) of the `k` entries with the largest `current - anchor`; equal increases are broken
+    uniformly at random (`generator`, else torch's global RNG), so when every increase ties (the first step of a
+    batch, model == anchor) the choice is a uniform sample of `k` entries. NaN ranks last."""
     if current.dim() != 1 or current.shape != anchor.shape:
         raise ValueError(f"current and anchor must both be [n] with equal shapes, got {tuple(current.shape)} and "
                          f"{tuple(anchor.shape)}")
@@ -74,10 +89,10 @@ def select_top_increase(current: Tensor, anchor: Tensor, k: int) -> Tensor:
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
         raise ValueError(f"k must be an int in [1, {n}], got {k!r}")
     increase = (current.float() - anchor.float()).nan_to_num(nan=-torch.inf)  # NaN ranks last
-    # A stable descending sort keeps equal increases in index order, so ties go to the lower index exactly
-    # (topk's tie order is unspecified).
-    order = torch.sort(increase, descending=True, stable=True).indices
-    return order[:k].sort().values
+    # A stable descending sort of a random permutation: equal increases keep the permutation's (uniform) order.
+    shuffle = torch.randperm(n, generator=generator).to(increase.device)
+    order = torch.sort(increase[shuffle], descending=True, stable=True).indices
+    return shuffle[order[:k]].sort().values
 
 
 # ---------------------------------------------------------------------------------------------- scores
@@ -107,9 +122,43 @@ def part_rows(n: int, part_size: int, generator: torch.Generator | None = None,
     """`[n // part_size, part_size]` candidate rows: consecutive rows of a random permutation (`generator`)."""
     if isinstance(part_size, bool) or not isinstance(part_size, int) or not 2 <= part_size <= n:
         raise ValueError(f"part_size must be an int in [2, {n}] (a part needs a variance), got {part_size!r}")
+    return _cut(n, part_size, generator, device)
+
+
+def _cut(n: int, rows: int, generator: torch.Generator | None, device: torch.device | str) -> Tensor:
     perm = torch.randperm(n, generator=generator).to(device)
-    units = n // part_size
-    return perm[: units * part_size].view(units, part_size)
+    units = n // rows
+    return perm[: units * rows].view(units, rows)
+
+
+def rank_part_rows(part_size: int, world_size: int) -> int:
+    """Rows each rank gives to a part under DDP: `part_size // world_size`, at least 1 (see the module docstring)."""
+    return max(1, part_size // world_size)
+
+
+def join_parts(local: Sequence[Tensor], n: int) -> Tensor:
+    """Global parts from every rank's local parts: `local[r]` is rank r's `[U, s]` rows into its `n` candidates;
+    part u of the result, `[U, W * s]`, is every rank's part u, rank r's rows offset by `r * n` (their place in
+    the candidates gathered over the ranks, rank-major)."""
+    if len({tuple(t.shape) for t in local}) != 1:
+        raise ValueError(f"every rank needs the same parts, got shapes {[tuple(t.shape) for t in local]}")
+    return torch.cat([t + r * n for r, t in enumerate(local)], dim=1)
+
+
+def global_part_rows(n: int, part_size: int, generator: torch.Generator | None = None,
+                     device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """(this rank's `[U, s]` rows, the global `[U, W * s]` parts into the gathered candidates). A collective
+    under DDP (every rank calls it with the same `n`); on one process both are `part_rows(n, part_size)`."""
+    _, size = world()
+    if size == 1:
+        rows = part_rows(n, part_size, generator, device)
+        return rows, rows
+    s = rank_part_rows(part_size, size)
+    if s > n:
+        raise ValueError(f"a part needs {s} rows of each rank's {n} candidates")
+    mine = _cut(n, s, generator, device)
+    everyone = gather(mine).view(size, *mine.shape)
+    return mine, join_parts(list(everyone), n)
 
 
 def candidate_scores(method: nn.Module, views: ViewSet, batch: Batch, ctx: StepContext,
@@ -118,15 +167,17 @@ def candidate_scores(method: nn.Module, views: ViewSet, batch: Batch, ctx: StepC
     """The selection units of `method` over the candidates and their scores, without gradients.
 
     `rows` fixes the units (`[U, R]`; RALS passes the same to both models); else part-wise methods get
-    `part_rows(n, part_size or 16, generator)` and the others one unit per row. BN running statistics (and, for
-    the per_sample fallback, every buffer) are restored afterwards.
+    `global_part_rows(n, part_size or 16, generator)` and the others one unit per row. A part-wise method's rows
+    index the candidates gathered over the ranks (its scorer gathers the projections; on one process they are the
+    candidates); the others' index this rank's. BN running statistics (and, for the per_sample fallback, every
+    buffer) are restored afterwards.
     """
     method = getattr(method, "module", method)  # DDP's wrapper: score with the bare method (no DDP forward)
     n = views.global_[0].shape[0]
     scorer, parted = SCORERS.get(getattr(method, "name", ""), (None, False))
     device = views.global_[0].device
     if rows is None:
-        rows = (part_rows(n, part_size or DEFAULT_PART_SIZE, generator, device) if parted
+        rows = (global_part_rows(n, part_size or DEFAULT_PART_SIZE, generator, device)[1] if parted
                 else torch.arange(n, device=device).unsqueeze(1))
     with torch.no_grad():
         if scorer is None:
@@ -160,9 +211,10 @@ def simclr_scores(method: nn.Module, views: ViewSet, batch: Batch, ctx: StepCont
 @register_scorer("barlow_twins", parts=True)
 def barlow_twins_scores(method: nn.Module, views: ViewSet, batch: Batch, ctx: StepContext,
                         rows: Tensor) -> Tensor:
-    """Each part's own Barlow Twins loss (mean over view pairs), with the method's lambd and scale_loss."""
+    """Each part's own Barlow Twins loss (mean over view pairs), with the method's lambd and scale_loss. `rows`
+    index the projections gathered over the ranks (every rank computes the same scores)."""
     cfg = method.config
-    z = _projections(method, views)
+    z = [gather(p.float()) for p in _projections(method, views)]  # (float32: what the part losses compute in)
     pairs = [barlow_part_losses(z[a], z[b], rows, cfg.lambd, cfg.scale_loss)
              for a, b in combinations(range(len(z)), 2)]
     return torch.stack(pairs).mean(dim=0)
@@ -228,8 +280,9 @@ def frozen_buffers(module: nn.Module) -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------- the selector
 @dataclass
 class Selection:
-    """The rows to train on (indices into the candidate batch, ascending), the share of them from the stream
-    batch, RALS's wall seconds for the step (both scorings and the top-k), and the scores (for logs and tests)."""
+    """The rows to train on (indices into this rank's candidate batch, ascending), the share of them from the
+    stream batch (over all ranks), RALS's wall seconds for the step (both scorings and the top-k), and the scores
+    (for logs and tests; a part-wise method's `rows` there index the candidates gathered over the ranks)."""
 
     rows: Tensor
     new_fraction: float
@@ -242,9 +295,9 @@ class RALS:
     """Anchor-based selection: `reset_anchor` at each stream batch's start, `select` at each of its steps.
 
     Args:
-        k: rows to train on per step (256); part-wise methods get `k // part_size` whole parts.
+        k: rows to train on per step over all ranks (256); part-wise methods get `k // part rows` whole parts.
         part_size: rows per part for part-wise methods (Barlow Twins), 16.
-        generator: draws each step's part permutation (None: the global RNG).
+        generator: draws each step's part permutation and breaks ties (None: the global RNG).
     """
 
     def __init__(self, k: int = 256, part_size: int = DEFAULT_PART_SIZE,
@@ -270,12 +323,20 @@ class RALS:
             for name, t in mine.items():
                 t.copy_(theirs[name])
 
+    def rows_per_rank(self, world_size: int) -> int:
+        """Rows each rank trains on per step for a per-image method: `k / world_size` (must divide evenly)."""
+        if self.k % world_size:
+            raise ValueError(f"RALS k ({self.k}) must be divisible by the world size ({world_size}): every rank "
+                             f"trains on the same number of rows (online.rals_k)")
+        return self.k // world_size
+
     def select(self, method: nn.Module, views: ViewSet, batch: Batch, ctx: StepContext,
                new_rows: int) -> Selection:
         """Score the candidates under the current model and the anchor; the top-k units by increase.
 
         The first `new_rows` candidates are the stream batch's; `new_fraction` is the share of selected rows
-        among them. Train on `views.map(lambda v: v[rows])`: the scored views themselves.
+        among them (over all ranks). Train on `views.map(lambda v: v[rows])`: the scored views themselves. Under
+        DDP a collective: every rank calls it with the same number of candidates.
         """
         if self.anchor is None:
             raise RuntimeError("RALS.select before reset_anchor: call reset_anchor(method) at the stream batch's start")
@@ -283,19 +344,29 @@ class RALS:
         n = views.global_[0].shape[0]
         if not 0 <= new_rows <= n:
             raise ValueError(f"new_rows must be in [0, {n}], got {new_rows!r}")
+        _, size = world()
         start = time.perf_counter()
         self.anchor.train(method.training)  # the same BN behaviour as the current model
-        rows = None
-        if SCORERS.get(getattr(method, "name", ""), (None, False))[1]:
+        device = views.global_[0].device
+        parted = SCORERS.get(getattr(method, "name", ""), (None, False))[1]
+        if parted:
             # One permutation for both models: the increase compares the same parts.
-            rows = part_rows(n, self.part_size, self.generator, views.global_[0].device)
+            local, rows = global_part_rows(n, self.part_size, self.generator, device)
+        else:
+            local = rows = torch.arange(n, device=device).unsqueeze(1)
         current = candidate_scores(method, views, batch, ctx, rows=rows)
-        anchor = candidate_scores(self.anchor, views, batch, ctx, rows=current.rows)
-        per_unit = current.rows.shape[1]
-        units = min(max(1, self.k // per_unit), current.values.shape[0])
-        chosen = select_top_increase(current.values, anchor.values, units)
-        selected = current.rows[chosen].flatten().sort().values
-        new_fraction = float((selected < new_rows).float().mean())  # .item() syncs the device before timing
+        anchor = candidate_scores(self.anchor, views, batch, ctx, rows=rows)
+        if parted:  # whole parts, chosen over all ranks
+            units = min(max(1, self.k // rows.shape[1]), rows.shape[0])
+            chosen = select_top_increase(current.values, anchor.values, units, self.generator).to(device)
+            if size > 1:  # every rank computed the same scores; rank 0's tie-break is everyone's
+                dist.broadcast(chosen, src=0)
+        else:
+            units = min(self.rows_per_rank(size), n)
+            chosen = select_top_increase(current.values, anchor.values, units, self.generator).to(device)
+        selected = local[chosen].flatten().sort().values
+        fraction = (selected < new_rows).float().mean().reshape(1)
+        new_fraction = float(all_reduce_mean(fraction))  # .item() syncs the device before timing
         return Selection(selected, new_fraction, time.perf_counter() - start, current, anchor)
 
 
@@ -303,41 +374,6 @@ def _named(module: nn.Module, kind: str) -> dict[str, Tensor]:
     return dict(module.named_parameters() if kind == "parameters" else module.named_buffers())
 
 
-class SelectionLog:
-    """Per stream batch, the mean new_fraction of its steps; `running_mean` over the last `window` (100) batches."""
-
-    def __init__(self, window: int = 100) -> None:
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window!r}")
-        self._batches: deque[float] = deque(maxlen=window)
-
-    def add_batch(self, fractions: Iterable[float]) -> float:
-        """Record one stream batch's per-step fractions; returns their mean."""
-        values = [float(f) for f in fractions]
-        if not values:
-            raise ValueError("add_batch needs at least one step's fraction")
-        mean = sum(values) / len(values)
-        self._batches.append(mean)
-        return mean
-
-    @property
-    def last(self) -> float | None:
-        return self._batches[-1] if self._batches else None
-
-    @property
-    def running_mean(self) -> float | None:
-        return sum(self._batches) / len(self._batches) if self._batches else None
-
-    def __len__(self) -> int:
-        return len(self._batches)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"window": self._batches.maxlen, "batches": list(self._batches)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._batches = deque(state["batches"], maxlen=state["window"])
-
-
 __all__ = ["DEFAULT_PART_SIZE", "RALS", "SCORERS", "Scores", "Selection", "SelectionLog", "barlow_part_losses",
-           "barlow_twins_scores", "candidate_scores", "frozen_bn_stats", "frozen_buffers", "part_rows",
-           "register_scorer", "select_top_increase", "simclr_scores"]
+           "barlow_twins_scores", "candidate_scores", "frozen_bn_stats", "frozen_buffers", "global_part_rows",
+           "join_parts", "part_rows", "rank_part_rows", "register_scorer", "select_top_increase", "simclr_scores"]

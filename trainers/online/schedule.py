@@ -18,12 +18,16 @@ step `pct_start * N - 1` (a float: when that is not a whole number, no step sits
 annealing phase at step `N - 1`.
 
 A cycle is a pure function of the step inside the batch, so nothing needs saving in a checkpoint.
+
+Under a time budget a batch may get fewer steps than planned; `fitted(n)` is the cycle over `n` steps instead
+(at least `min_steps`, the shortest cycle that has a warm-up), so the LR still anneals by the last step that
+fits. Every cycle starts at the same LR and momentum, so the length can be chosen after the first step.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -82,9 +86,25 @@ class LocalCycle:
     @property
     def warmup_fraction(self) -> float:
         """`pct_start` as given, else the default for this cycle length."""
+        return self._fraction_at(self.steps_per_batch)
+
+    @property
+    def min_steps(self) -> int:
+        """The shortest cycle with these factors: the fewest steps (>= 2) that leave a warm-up of more than one."""
+        n = 2
+        while not self._fraction_at(n) * n > 1 and n < self.steps_per_batch:
+            n += 1
+        return n
+
+    def _fraction_at(self, steps: int) -> float:
         if self.pct_start is not None:
             return self.pct_start
-        return LONG_CYCLE_PCT_START if self.steps_per_batch >= LONG_CYCLE_STEPS else SHORT_CYCLE_PCT_START
+        return LONG_CYCLE_PCT_START if steps >= LONG_CYCLE_STEPS else SHORT_CYCLE_PCT_START
+
+    def fitted(self, steps: int) -> LocalCycle:
+        """The same cycle over `steps` steps (raised to `min_steps`; this cycle itself when `steps` is its length)."""
+        steps = max(int(steps), self.min_steps)
+        return self if steps == self.steps_per_batch else replace(self, steps_per_batch=steps)
 
     @property
     def initial_lr(self) -> float:
