@@ -4,8 +4,9 @@ metrics (BWT/FWT), sharpness; and the problems with the record (runs missing or 
     tables = build_tables(study); problems = record_problems(study)
 
 Keys follow the naming contract: chunk runs `train_seconds`, `wall_seconds`, `device_hours`, `data_kept_rows`,
-`data_kept_bytes`, `model_state_bytes`, `stored_bytes` (their sum), `checkpoint_bytes` (orchestrator.accounting: the
-data a line keeps, apart from its model state); plan runs `{line}.{name}.{avg_acc|bwt|fwt|forgetting}` (+ `{name}_top5`),
+`data_kept_bytes`, `model_state_bytes`, `stored_bytes` (their sum), `checkpoint_bytes` (orchestrator.accounting:
+the data a line keeps, apart from its model state); plan runs `{line}.{name}.{avg_acc|bwt|fwt|forgetting}`
+(+ `{name}_top5`),
 `{line}.{name}.st_jt_gap` and `{line}.{name}.st_jt_gap_by_chunk` (step = chunk), and per `eval.downstream` set
 `{line}.{set}.{name}.st_jt_gap[_by_chunk]` with their mean over the sets as set `downstream`; eval runs
 `sharpness_eps{e}` (one column per epsilon logged or in a plan's `eval.sharpness.epsilons`) and `{set}.{name}_top1`.
@@ -24,40 +25,14 @@ from typing import Callable
 
 from evaluators.continual import st_jt_gap
 from orchestrator.report.collect import Entry, PlanRecord, Study
-from orchestrator.report.model import Cell, Problem, ReportTable, Row, aggregate
+from orchestrator.report.model import Cell, Problem, ReportTable, Row
+from orchestrator.report.seeds import joint_of, over_seeds, seed_note
 from orchestrator.tracking import lineage as tr
 
 RESOURCE_COLUMNS = ("train_seconds", "wall_seconds", "device_hours", "data_kept_rows", "data_kept_bytes",
                     "model_state_bytes", "stored_bytes", "checkpoint_bytes")
 CONTINUAL_METRICS = ("avg_acc", "bwt", "fwt", "forgetting")
 _SHARPNESS = re.compile(r"^sharpness_eps(\d+(?:\.\d+)?(?:e-?\d+)?)$")
-SEEDS_NOTE = ("cells over several seeds: the mean, with n and a 95% Student-t interval over the seeds "
-              "(mean -/+ t(0.975, n-1) s / sqrt(n))")
-
-
-def _over_seeds(entry: Entry, cells_of: Callable[[Entry], dict[str, Cell]]) -> dict[str, Cell]:
-    """`cells_of` of each seed's plan run of the entry, aggregated (a single plan run's cells as they are)."""
-    parts = entry.per_seed()
-    per = [cells_of(part) for part in parts]
-    if len(per) == 1:
-        return per[0]
-    return {column: aggregate([cells[column] for cells in per], [p.plan.seed for p in parts]) for column in per[0]}
-
-
-def _joint_of(part: Entry, joint: Entry) -> Entry | None:
-    """The joint line's entry to compare one seed's line with: its plan run of the same seed (the joint line's only
-    plan run when it has one)."""
-    if not joint.seeds:
-        return Entry(joint.stream_kind, joint.line, joint.plan)
-    return next((j for j in joint.per_seed() if j.plan.seed == part.plan.seed), None)
-
-
-def _seed_note(table: ReportTable) -> ReportTable:
-    if table.over_seeds:
-        table.notes.append(SEEDS_NOTE)
-    return table
-
-
 def _line_index(entry: Entry) -> dict[str, str]:
     return {"method": entry.line.method, "paradigm": entry.line.paradigm, "stream": entry.stream_kind,
             "line": entry.line.id, "strategy": entry.line.label}
@@ -88,9 +63,9 @@ def resources_table(study: Study) -> ReportTable:
     for entry in study.entries:
         for chunk in range(entry.plan.num_chunks):
             index = {**_line_index(entry), "chunk": str(chunk)}
-            table.rows.append(Row(index, _over_seeds(entry, lambda e, c=chunk: {
+            table.rows.append(Row(index, over_seeds(entry, lambda e, c=chunk: {
                 k: _chunk_run_cell(e, c, k) for k in RESOURCE_COLUMNS})))
-    return _seed_note(table)
+    return seed_note(table)
 
 
 def _plan_missing(plan: PlanRecord, line_id: str) -> str:
@@ -120,14 +95,14 @@ def gap_table(study: Study, name: str) -> ReportTable:
         if joint is None:
             table.notes.append(f"{entry.stream_kind} {line.id}: no {line.method}-joint line to compare with")
             continue
-        table.rows.append(Row(_line_index(entry), _over_seeds(entry, lambda e: _paired(
+        table.rows.append(Row(_line_index(entry), over_seeds(entry, lambda e: _paired(
             e, joint, T, lambda j: _gap_cells(e, j, name, T)))))
-    return _seed_note(table)
+    return seed_note(table)
 
 
 def _paired(part: Entry, joint: Entry, T: int, cells_of: Callable[[Entry], dict[str, Cell]]) -> dict[str, Cell]:
     """`cells_of` the joint entry of `part`'s seed, or every column missing when the joint line lacks that seed."""
-    paired = _joint_of(part, joint)
+    paired = joint_of(part, joint)
     if paired is not None:
         return cells_of(paired)
     why = f"no {joint.line.id} plan run with seed {part.plan.seed}"
@@ -153,9 +128,9 @@ def downstream_gap_table(study: Study, data_set: str, name: str) -> ReportTable:
             table.notes.append(f"{entry.stream_kind} {line.id}: no {line.method}-joint line to compare with")
             continue
         members = sets if data_set == "downstream" else [data_set]
-        table.rows.append(Row(_line_index(entry), _over_seeds(entry, lambda e: _paired(
+        table.rows.append(Row(_line_index(entry), over_seeds(entry, lambda e: _paired(
             e, joint, T, lambda j: _downstream_gap_cells(e, j, data_set, name, members, T)))))
-    return _seed_note(table)
+    return seed_note(table)
 
 
 def _downstream_gap_cells(entry: Entry, joint: Entry, data_set: str, name: str, members: list[str],
@@ -246,8 +221,8 @@ def continual_table(study: Study, name: str) -> ReportTable:
     for entry in study.entries:
         if name not in entry.plan.protocols:
             continue
-        table.rows.append(Row(_line_index(entry), _over_seeds(entry, lambda e: _continual_cells(e, name, columns))))
-    return _seed_note(table)
+        table.rows.append(Row(_line_index(entry), over_seeds(entry, lambda e: _continual_cells(e, name, columns))))
+    return seed_note(table)
 
 
 def _continual_cells(entry: Entry, name: str, columns: list[str]) -> dict[str, Cell]:
@@ -316,9 +291,9 @@ def sharpness_table(study: Study) -> ReportTable:
     for entry in study.entries:
         chunks = sorted(set().union(*(evaluated.get(p.plan.run_id, set()) for p in entry.per_seed())))
         for chunk in chunks:
-            table.rows.append(Row({**_line_index(entry), "chunk": str(chunk)}, _over_seeds(entry, lambda e, c=chunk: {
+            table.rows.append(Row({**_line_index(entry), "chunk": str(chunk)}, over_seeds(entry, lambda e, c=chunk: {
                 key: _sharpness_cell(e, c, key, asked.get(e.plan.run_id, set())) for key in columns})))
-    return _seed_note(table)
+    return seed_note(table)
 
 
 SEGMENT_COLUMNS = ("stream_batches", "segment_batches", "late_batches", "dropped_steps", "skipped_shards",

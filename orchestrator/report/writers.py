@@ -77,7 +77,8 @@ def write_markdown(report: StudyReport, out: Path) -> list[Path]:
              "each row's `sources` are the runs its numbers come from.", "", _summary_line(report), "",
              "## Plan runs", ""]
     lines += _md_table(["stream", "plan run", "status", "seed", "chunks", "protocols", "lines"],
-                       [[p["stream_kind"], p["run"], p["status"], p["seed"], str(p["chunks"]), ", ".join(p["protocols"]),
+                       [[p["stream_kind"], p["run"], p["status"], p["seed"], str(p["chunks"]),
+                         ", ".join(p["protocols"]),
                          ", ".join(p["lines"])] for p in report.plans])
     for table in report.tables:
         lines += ["", f"## {table.title}", "", f"`{table.name}`", ""]
