@@ -205,12 +205,8 @@ class Study:
     entries: list[Entry]  # by stream kind, then method, then line (ST, ST+replay, ST+MAS, ST+MAS+, ..., JT)
     notes: list[str]
 
-    def entry(self, stream_kind: str, line_id: str, seed: str | None = None) -> Entry | None:
-        """The entry of a line; with `seed`, that seed's single-plan entry (None when the study lacks the seed)."""
-        found = next((e for e in self.entries if e.stream_kind == stream_kind and e.line.id == line_id), None)
-        if found is None or seed is None:
-            return found
-        return next((e for e in found.per_seed() if e.plan.seed == seed), None)
+    def entry(self, stream_kind: str, line_id: str) -> Entry | None:
+        return next((e for e in self.entries if e.stream_kind == stream_kind and e.line.id == line_id), None)
 
     @property
     def stream_kinds(self) -> list[str]:

@@ -33,6 +33,8 @@ RESOURCE_COLUMNS = ("train_seconds", "wall_seconds", "device_hours", "data_kept_
                     "model_state_bytes", "stored_bytes", "checkpoint_bytes")
 CONTINUAL_METRICS = ("avg_acc", "bwt", "fwt", "forgetting")
 _SHARPNESS = re.compile(r"^sharpness_eps(\d+(?:\.\d+)?(?:e-?\d+)?)$")
+
+
 def _line_index(entry: Entry) -> dict[str, str]:
     return {"method": entry.line.method, "paradigm": entry.line.paradigm, "stream": entry.stream_kind,
             "line": entry.line.id, "strategy": entry.line.label}
@@ -46,9 +48,9 @@ def _chunk_run_cell(entry: Entry, chunk: int, key: str) -> Cell:
     if run.info.status != "FINISHED":
         return Cell(runs=runs, source=key, missing=f"chunk run {run.info.status}")
     metrics = run.data.metrics
-    if key == "stored_bytes" and "data_kept_bytes" not in metrics:  # (its stored_bytes was the checkpoint's)
+    if key == "stored_bytes" and key in metrics and "data_kept_bytes" not in metrics:
         return Cell(runs=runs, source=key, missing="not logged (recorded before data_kept_bytes: its stored_bytes "
-                    "was the checkpoint's)")
+                    "is the checkpoint's)")
     if key == "stored_bytes" and key not in metrics and "model_state_bytes" in metrics:
         return Cell(metrics["data_kept_bytes"] + metrics["model_state_bytes"], runs,
                     "data_kept_bytes + model_state_bytes")
