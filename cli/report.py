@@ -27,7 +27,9 @@ def report(
 ) -> None:
     """Time/storage per chunk, ST-JT gap, BWT/FWT, sharpness and plots of every plan run of EXPERIMENT.
 
-    Exits 1 (after writing) when a run is missing or unfinished or a cell lacks its number; the report lists them.
+    Plan runs that differ only in `seed` (`--set seed=k`) are one study: each cell is their mean with n and a 95%
+    t-interval. Exits 1 (after writing) when a run is missing or unfinished or a cell lacks its number; the report
+    lists them.
     """
     from rich.markup import escape
 

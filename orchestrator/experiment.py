@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from rich.console import Console
 
-from orchestrator.accounting import chunk_resources, device_kind
+from orchestrator.accounting import chunk_resources, data_kept, device_kind
 from orchestrator.display import TrainingProgress, dry_run, print_summary
 from orchestrator.epoch_evals import EpochCheckpoint, log_by_epoch, log_epoch_eval
 from orchestrator.errors import IncompleteRecordError, TrainingError
@@ -126,7 +126,7 @@ class _Driver:
             "checkpoint_save_seconds": event.get("checkpoint_save_s", 0.0),
             "checkpoint_report_seconds": event.get("checkpoint_report_s", 0.0),
             "training_rows": sum(self.plan.stream.chunks[c].rows for c in job.training_chunks),
-            **chunk_resources(event, self.spec.resources),
+            **chunk_resources(event, self.spec.resources, data_kept(self.plan, job)),
         })
         self.tracker.log_dataset(run_id, self.plan.data_url, f"{self.plan.stream.kind}-chunks-{'-'.join(map(str, job.training_chunks))}",
                                  f"{self.plan.stream.digest}:{job.training_chunks}", "train")

@@ -172,7 +172,10 @@ class OnlineDriver(_Driver):
                    "dropped_steps": event["dropped_steps"], **{k: event[k] for k in SOURCE_COUNTS if k in event}}
         if "checkpoint_bytes" in event:  # (a segment said again from its checkpoint's event log has no sizes)
             metrics.update({k: event[k] for k in ("checkpoint_bytes", "buffer_bytes")})
-            metrics["stored_bytes"] = metrics["checkpoint_bytes"] + metrics["buffer_bytes"]
+            # The memory is data kept, and inside the checkpoint: not added on top of it (orchestrator.accounting).
+            metrics.update({"data_kept_bytes": event["buffer_bytes"],
+                            "model_state_bytes": event["checkpoint_bytes"] - event["buffer_bytes"],
+                            "stored_bytes": event["checkpoint_bytes"]})
         self.tracker.log_metrics(run_id, metrics)
         # The segment's checkpoint as a LoggedModel, made at the stream batch it ends at (a chunk's at its chunk).
         log_checkpoint_model(self.tracker, self.plan, run_id, segment_name(job, event["segment"]), event["batches"],

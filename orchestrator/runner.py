@@ -126,7 +126,8 @@ def _train_fn(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from trainers.checkpoint import folder_bytes, load_state, save_state, tensor_bytes
+    from orchestrator.accounting import strategy_bytes
+    from trainers.checkpoint import folder_bytes, load_state, save_state
     from trainers.engine.step import NonFiniteLossError
     from trainers.engine.types import Batch
     from trainers.loop import LineTrainer
@@ -183,7 +184,7 @@ def _train_fn(config: dict[str, Any]) -> None:
                         with open(os.path.join(folder, CHUNK_EVENT_FILE), "w") as f:
                             json.dump(chunk_event, f)
                     checkpoint = ray.train.Checkpoint.from_directory(folder)
-                    stored = {"checkpoint_bytes": folder_bytes(folder), "buffer_bytes": tensor_bytes(ranks["strategy"])}
+                    stored = {"checkpoint_bytes": folder_bytes(folder), **strategy_bytes(ranks["strategy"])}
                 saved = time.perf_counter()
                 ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=dir_name)
                 return {"checkpoint_save_s": saved - started, "checkpoint_report_s": time.perf_counter() - saved,

@@ -60,10 +60,14 @@ def flatten(spec: Spec) -> dict[str, str]:
     return out
 
 
-def identity_digest(spec: Spec) -> str:
-    """Hash of everything that changes the numbers a job produces (not where they are stored or tracked)."""
+def identity_digest(spec: Spec, with_seed: bool = True) -> str:
+    """Hash of everything that changes the numbers a job produces (not where they are stored or tracked).
+
+    `with_seed=False`: the same without the top-level `seed` (weights and views), the identity of a study that
+    repeats a spec over seeds (`--set seed=k`): `streamssl report` averages the plans that share it.
+    """
     data = _recorded(spec)  # normalised: an explicit default and an omitted one hash alike
-    for key in ("tracking", "storage", "name"):
+    for key in ("tracking", "storage", "name", *(() if with_seed else ("seed",))):
         data.pop(key, None)
     data["resources"] = {"workers": spec.resources.workers}  # world size changes BN statistics; the rest does not
     data["data"].pop("storage_options", None)

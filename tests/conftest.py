@@ -64,6 +64,15 @@ def partial_study_store(tmp_path_factory):
                        absent=("distant_class", "supervised-joint", 1, "wall_seconds"))
 
 
+@pytest.fixture(scope="session")
+def seeded_study_store(tmp_path_factory):
+    """A small study over seeds 0 and 1 (plus a superseded re-run of seed 1) with eval.sharpness.epsilons [0.05], and
+    a stream of plan runs without the study tag (tests/orchestrator/study_store.py: build_seeded_study)."""
+    from tests.orchestrator.study_store import build_seeded_study
+
+    return build_seeded_study(tmp_path_factory.mktemp("seeded-study") / "mlflow.db")
+
+
 @pytest.fixture
 def one_torch_thread():
     """One intra-op torch thread for the test, restored after: tiny tensors run fastest so, and two threads thrash

@@ -7,6 +7,7 @@ absent).
 
 - :mod:`~orchestrator.report.collect`: the experiment's plan runs (one per stream kind), chunk and eval runs;
 - :mod:`~orchestrator.report.tables`: time/storage per chunk, ST-JT gap, BWT/FWT, sharpness; what is missing;
+- :mod:`~orchestrator.report.seeds`: a study run over several seeds: each cell's mean, n and 95% t-interval;
 - :mod:`~orchestrator.report.figures`: accuracy-matrix heatmaps and accuracy-vs-chunk curves (logged to the plan runs);
 - :mod:`~orchestrator.report.writers`: markdown, CSV and JSON.
 """

@@ -8,7 +8,11 @@ and evaluation runs, and the metrics and artifacts the report's tables read.
 What a plan should hold (its lines, chunk count, evaluation protocols) comes from the plan run itself: the
 `streamssl.lines` / `streamssl.num_chunks` tags, else the spec's flattened params, so a line or chunk with no run
 at all is still known to be missing. Each line of a stream kind is reported from the newest plan run holding it
-(a re-run supersedes an older one; plans run apart, e.g. SSL and SL, are put side by side).
+(plans run apart, e.g. SSL and SL, are put side by side), and from the plan runs of the same study with other seeds:
+plan runs tagged with the same `streamssl.study_key` (the plan key without the spec's `seed`, `--set seed=k`) are
+one study, one plan run per seed (the newest: a re-run of a seed supersedes the older run), and the report's cells
+aggregate over them. A plan run without the tag (recorded before it) is a study of its own, as before: the newest
+plan run holding a line supersedes the older ones.
 """
 
 from __future__ import annotations
@@ -109,6 +113,16 @@ class PlanRecord:
         return self.run.data.tags.get(tr.STREAM_KIND, "?")
 
     @property
+    def study_key(self) -> str:
+        """The study the plan run belongs to: its `study_key` tag, else (a record from before it) itself alone."""
+        return self.run.data.tags.get(tr.STUDY_KEY) or f"run:{self.run_id}"
+
+    @property
+    def seed(self) -> str:
+        """The spec's top-level `seed` (its flattened param), "?" when the run does not record it."""
+        return self.run.data.params.get("seed", "?")
+
+    @property
     def downstream(self) -> list[str]:
         """The names of the plan's `eval.downstream` sets (from its params), in spec order."""
         sets = _json_param(self.run.data.params, "eval.downstream")
@@ -157,7 +171,7 @@ class PlanRecord:
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {"run": self.run_id, "stream_kind": self.stream_kind, "status": self.status,
+        return {"run": self.run_id, "stream_kind": self.stream_kind, "status": self.status, "seed": self.seed,
                 "lines": [line.id for line in self.lines], "chunks": self.num_chunks, "protocols": self.protocols}
 
 
@@ -167,11 +181,19 @@ def _finished(run: Any | None) -> bool:
 
 @dataclass(frozen=True)
 class Entry:
-    """A line of a stream kind, as reported: the line and the plan run its numbers come from."""
+    """A line of a stream kind, as reported: the line and the plan run its numbers come from (the newest), and the
+    plan runs of its study, one per seed (by seed; empty means `plan` alone)."""
 
     stream_kind: str
     line: LineInfo
     plan: PlanRecord
+    seeds: tuple[PlanRecord, ...] = ()
+
+    def per_seed(self) -> list[Entry]:
+        """One entry per seed of the study (a single-seed entry is itself)."""
+        if len(self.seeds) <= 1:
+            return [Entry(self.stream_kind, self.line, self.plan)]
+        return [Entry(self.stream_kind, self.line, plan) for plan in self.seeds]
 
 
 @dataclass
@@ -318,22 +340,39 @@ def collect(tracker: Tracker, experiment: str) -> Study:
     order = {kind: i for i, kind in enumerate(STREAM_ORDER)}
     entries, notes, used = [], [], {}
     for kind in sorted(by_kind, key=lambda k: (order.get(k, len(order)), k)):
-        # Each line from the newest plan run of this stream kind that holds it: a re-run supersedes an older
+        # Each line from the newest plan run of this stream kind that holds it, with the plan runs of the same study
+        # (study_key) that have other seeds: a re-run of a seed, or a plan of another study, supersedes an older
         # run, and lines run as separate plans (SSL and SL apart) are put side by side.
-        taken: dict[str, Entry] = {}
+        taken: dict[str, tuple[LineInfo, str, dict[str, PlanRecord]]] = {}  # line -> (line, study, seed -> plan)
         for record in sorted(by_kind[kind], key=lambda r: r.run.info.start_time or 0, reverse=True):
-            fresh = [line for line in record.lines if line.id not in taken]
-            stale = [line.id for line in record.lines if line.id in taken]
+            stale = []
+            for line in record.lines:
+                if line.id not in taken:
+                    taken[line.id] = (line, record.study_key, {record.seed: record})
+                elif taken[line.id][1] == record.study_key and record.seed not in taken[line.id][2]:
+                    taken[line.id][2][record.seed] = record
+                else:
+                    stale.append(line.id)
+                    continue
+                used[record.run_id] = record
             if stale:
                 notes.append(f"stream {kind}: plan run {record.run_id} is superseded by newer plan run(s) for "
                              f"line(s) {', '.join(stale)}")
-            for line in fresh:
-                taken[line.id] = Entry(kind, line, record)
-            if fresh:
-                used[record.run_id] = record
+        chosen = {}
+        for line_id_, (line, _, by_seed) in taken.items():
+            plans = [by_seed[s] for s in sorted(by_seed, key=_seed_order)]
+            newest = max(plans, key=lambda r: r.run.info.start_time or 0)
+            chosen[line_id_] = Entry(kind, line, newest, tuple(plans) if len(plans) > 1 else ())
         # SSL methods first (in the order the plans list them), the supervised baseline last.
-        oldest_first = sorted(taken.values(), key=lambda e: e.plan.run.info.start_time or 0)
+        oldest_first = sorted(chosen.values(), key=lambda e: e.plan.run.info.start_time or 0)
         methods = list(dict.fromkeys(e.line.method for e in oldest_first))
-        entries += sorted(taken.values(), key=lambda e: (e.line.paradigm == "SL", methods.index(e.line.method),
-                                                         e.line.order()))
+        entries += sorted(chosen.values(), key=lambda e: (e.line.paradigm == "SL", methods.index(e.line.method),
+                                                          e.line.order()))
     return Study(experiment, experiment_id, tracker.uri, list(used.values()), entries, notes)
+
+
+def _seed_order(seed: str) -> tuple:
+    try:
+        return (0, int(seed), seed)
+    except ValueError:
+        return (1, 0, seed)

@@ -3,28 +3,36 @@ metrics (BWT/FWT), sharpness; and the problems with the record (runs missing or 
 
     tables = build_tables(study); problems = record_problems(study)
 
-Keys follow the naming contract: chunk runs `train_seconds`, `wall_seconds`, `device_hours`, `checkpoint_bytes`,
-`buffer_bytes`, `stored_bytes`; plan runs `{line}.{name}.{avg_acc|bwt|fwt|forgetting}` (+ `{name}_top5`),
+Keys follow the naming contract: chunk runs `train_seconds`, `wall_seconds`, `device_hours`, `data_kept_rows`,
+`data_kept_bytes`, `model_state_bytes`, `stored_bytes` (their sum), `checkpoint_bytes` (orchestrator.accounting:
+the data a line keeps, apart from its model state); plan runs `{line}.{name}.{avg_acc|bwt|fwt|forgetting}`
+(+ `{name}_top5`),
 `{line}.{name}.st_jt_gap` and `{line}.{name}.st_jt_gap_by_chunk` (step = chunk), and per `eval.downstream` set
 `{line}.{set}.{name}.st_jt_gap[_by_chunk]` with their mean over the sets as set `downstream`; eval runs
-`sharpness_eps{e}` and `{set}.{name}_top1`.
+`sharpness_eps{e}` (one column per epsilon logged or in a plan's `eval.sharpness.epsilons`) and `{set}.{name}_top1`.
 A key the runs lack is a missing cell, never a zero.
+
+A line run with several seeds (one plan run per seed, the same study: orchestrator.report.collect) gives each cell
+as the mean over the seeds with n and a 95% t-interval (orchestrator.report.model.aggregate); the ST-JT gap pairs
+each seed's line with the joint line of the same seed.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from typing import Callable
 
 from evaluators.continual import st_jt_gap
 from orchestrator.report.collect import Entry, PlanRecord, Study
 from orchestrator.report.model import Cell, Problem, ReportTable, Row
+from orchestrator.report.seeds import joint_of, over_seeds, seed_note
 from orchestrator.tracking import lineage as tr
 
-RESOURCE_COLUMNS = ("train_seconds", "wall_seconds", "device_hours", "checkpoint_bytes", "buffer_bytes",
-                    "stored_bytes")
+RESOURCE_COLUMNS = ("train_seconds", "wall_seconds", "device_hours", "data_kept_rows", "data_kept_bytes",
+                    "model_state_bytes", "stored_bytes", "checkpoint_bytes")
 CONTINUAL_METRICS = ("avg_acc", "bwt", "fwt", "forgetting")
-SHARPNESS_KEYS = ("sharpness_eps0.1", "sharpness_eps0.3")
-_SHARPNESS = re.compile(r"^sharpness_eps(\d+(?:\.\d+)?)$")
+_SHARPNESS = re.compile(r"^sharpness_eps(\d+(?:\.\d+)?(?:e-?\d+)?)$")
 
 
 def _line_index(entry: Entry) -> dict[str, str]:
@@ -40,19 +48,26 @@ def _chunk_run_cell(entry: Entry, chunk: int, key: str) -> Cell:
     if run.info.status != "FINISHED":
         return Cell(runs=runs, source=key, missing=f"chunk run {run.info.status}")
     metrics = run.data.metrics
-    if key == "stored_bytes" and key not in metrics and {"checkpoint_bytes", "buffer_bytes"} <= set(metrics):
-        return Cell(metrics["checkpoint_bytes"] + metrics["buffer_bytes"], runs, "checkpoint_bytes + buffer_bytes")
+    if key == "stored_bytes" and key in metrics and "data_kept_bytes" not in metrics:
+        return Cell(runs=runs, source=key, missing="not logged (recorded before data_kept_bytes: its stored_bytes "
+                    "is the checkpoint's)")
+    if key == "stored_bytes" and key not in metrics and "model_state_bytes" in metrics:
+        return Cell(metrics["data_kept_bytes"] + metrics["model_state_bytes"], runs,
+                    "data_kept_bytes + model_state_bytes")
     return Cell.of(metrics.get(key), runs, key, "not logged")
 
 
 def resources_table(study: Study) -> ReportTable:
-    table = ReportTable("resources", "Time and storage per chunk (chunk runs)",
+    table = ReportTable("resources", "Time and storage per chunk (chunk runs): the data a line keeps (JT every chunk "
+                        "so far, replay its buffer, ST none) apart from its model state (checkpoint less buffers; "
+                        "MAS's Omega and theta* in it)",
                         ["method", "paradigm", "stream", "line", "strategy", "chunk"], list(RESOURCE_COLUMNS))
     for entry in study.entries:
         for chunk in range(entry.plan.num_chunks):
             index = {**_line_index(entry), "chunk": str(chunk)}
-            table.rows.append(Row(index, {k: _chunk_run_cell(entry, chunk, k) for k in RESOURCE_COLUMNS}))
-    return table
+            table.rows.append(Row(index, over_seeds(entry, lambda e, c=chunk: {
+                k: _chunk_run_cell(e, c, k) for k in RESOURCE_COLUMNS})))
+    return seed_note(table)
 
 
 def _plan_missing(plan: PlanRecord, line_id: str) -> str:
@@ -82,8 +97,19 @@ def gap_table(study: Study, name: str) -> ReportTable:
         if joint is None:
             table.notes.append(f"{entry.stream_kind} {line.id}: no {line.method}-joint line to compare with")
             continue
-        table.rows.append(Row(_line_index(entry), _gap_cells(entry, joint, name, T)))
-    return table
+        table.rows.append(Row(_line_index(entry), over_seeds(entry, lambda e: _paired(
+            e, joint, T, lambda j: _gap_cells(e, j, name, T)))))
+    return seed_note(table)
+
+
+def _paired(part: Entry, joint: Entry, T: int, cells_of: Callable[[Entry], dict[str, Cell]]) -> dict[str, Cell]:
+    """`cells_of` the joint entry of `part`'s seed, or every column missing when the joint line lacks that seed."""
+    paired = joint_of(part, joint)
+    if paired is not None:
+        return cells_of(paired)
+    why = f"no {joint.line.id} plan run with seed {part.plan.seed}"
+    return {c: Cell(runs=(part.plan.run_id,), source=joint.line.id, missing=why)
+            for c in [*(f"chunk {c}" for c in range(T)), "final"]}
 
 
 def downstream_gap_table(study: Study, data_set: str, name: str) -> ReportTable:
@@ -103,25 +129,32 @@ def downstream_gap_table(study: Study, data_set: str, name: str) -> ReportTable:
         if joint is None:
             table.notes.append(f"{entry.stream_kind} {line.id}: no {line.method}-joint line to compare with")
             continue
-        prefix = f"{line.id}.{data_set}.{name}"
-        by_chunk, final = plan.history(f"{prefix}.st_jt_gap_by_chunk"), plan.metric(f"{prefix}.st_jt_gap")
         members = sets if data_set == "downstream" else [data_set]
-        keys = [f"{d}.{name}_top1" for d in members]
-        cells = {}
-        for c in range(T):
-            if c >= plan.num_chunks:
-                cells[f"chunk {c}"] = Cell(na=f"the plan has {plan.num_chunks} chunks")
-            elif c in by_chunk:
-                cells[f"chunk {c}"] = Cell.of(by_chunk[c], (plan.run_id,), f"{prefix}.st_jt_gap_by_chunk",
-                                              "logged as NaN")
-            else:
-                cells[f"chunk {c}"] = _eval_run_gap(entry, joint, c, keys)
-        if final is not None:
-            cells["final"] = Cell.of(final, (plan.run_id,), f"{prefix}.st_jt_gap", "logged as NaN")
+        table.rows.append(Row(_line_index(entry), over_seeds(entry, lambda e: _paired(
+            e, joint, T, lambda j: _downstream_gap_cells(e, j, data_set, name, members, T)))))
+    return seed_note(table)
+
+
+def _downstream_gap_cells(entry: Entry, joint: Entry, data_set: str, name: str, members: list[str],
+                          T: int) -> dict[str, Cell]:
+    plan = entry.plan
+    prefix = f"{entry.line.id}.{data_set}.{name}"
+    by_chunk, final = plan.history(f"{prefix}.st_jt_gap_by_chunk"), plan.metric(f"{prefix}.st_jt_gap")
+    keys = [f"{d}.{name}_top1" for d in members]
+    cells = {}
+    for c in range(T):
+        if c >= plan.num_chunks:
+            cells[f"chunk {c}"] = Cell(na=f"the plan has {plan.num_chunks} chunks")
+        elif c in by_chunk:
+            cells[f"chunk {c}"] = Cell.of(by_chunk[c], (plan.run_id,), f"{prefix}.st_jt_gap_by_chunk",
+                                          "logged as NaN")
         else:
-            cells["final"] = _eval_run_gap(entry, joint, plan.num_chunks - 1, keys)
-        table.rows.append(Row(_line_index(entry), cells))
-    return table
+            cells[f"chunk {c}"] = _eval_run_gap(entry, joint, c, keys)
+    if final is not None:
+        cells["final"] = Cell.of(final, (plan.run_id,), f"{prefix}.st_jt_gap", "logged as NaN")
+    else:
+        cells["final"] = _eval_run_gap(entry, joint, plan.num_chunks - 1, keys)
+    return cells
 
 
 def _eval_run_gap(entry: Entry, joint: Entry, chunk: int, keys: list[str]) -> Cell:
@@ -188,64 +221,85 @@ def continual_table(study: Study, name: str) -> ReportTable:
     table = ReportTable(f"continual.{name}", f"Continual metrics, {name} (top-1, and top-5 as *_top5)",
                         ["method", "paradigm", "stream", "line", "strategy"], columns)
     for entry in study.entries:
-        plan, line = entry.plan, entry.line
-        if name not in plan.protocols:
+        if name not in entry.plan.protocols:
             continue
-        cells = {}
-        for column in columns:
-            metric, top5 = column.removesuffix("_top5"), column.endswith("_top5")
-            key = f"{line.id}.{name}{'_top5' if top5 else ''}.{metric}"
-            if metric == "fwt" and not plan.baseline:
-                cells[column] = Cell(runs=(plan.run_id,), source=key, na="eval.baseline is off")
-            else:
-                cells[column] = Cell.of(plan.metric(key), (plan.run_id,), key, _plan_missing(plan, line.id))
-        table.rows.append(Row(_line_index(entry), cells))
-    return table
+        table.rows.append(Row(_line_index(entry), over_seeds(entry, lambda e: _continual_cells(e, name, columns))))
+    return seed_note(table)
+
+
+def _continual_cells(entry: Entry, name: str, columns: list[str]) -> dict[str, Cell]:
+    plan, line = entry.plan, entry.line
+    cells = {}
+    for column in columns:
+        metric, top5 = column.removesuffix("_top5"), column.endswith("_top5")
+        key = f"{line.id}.{name}{'_top5' if top5 else ''}.{metric}"
+        if metric == "fwt" and not plan.baseline:
+            cells[column] = Cell(runs=(plan.run_id,), source=key, na="eval.baseline is off")
+        else:
+            cells[column] = Cell.of(plan.metric(key), (plan.run_id,), key, _plan_missing(plan, line.id))
+    return cells
 
 
 def _sharpness_keys(run) -> list[str]:
     return [k for k in run.data.metrics if _SHARPNESS.match(k)] if run is not None else []
 
 
+def _specified_sharpness(plan: PlanRecord) -> set[str]:
+    """The sharpness keys a plan's `eval.sharpness.epsilons` asks for (none when the plan turned sharpness off)."""
+    try:
+        epsilons = json.loads(plan.run.data.params["eval.sharpness.epsilons"])
+        return {f"sharpness_eps{float(e):g}" for e in epsilons}
+    except (KeyError, ValueError, TypeError):
+        return set()
+
+
+def _sharpness_cell(entry: Entry, chunk: int, key: str, asked: set[str]) -> Cell:
+    slot = entry.plan.slot(entry.line.id, chunk)
+    if asked and key not in asked and key not in _sharpness_keys(slot.eval_run):
+        return Cell(runs=(entry.plan.run_id,), source=key, na="not in the plan's eval.sharpness.epsilons")
+    if slot.chunk_run is None:
+        return Cell(source=key, missing="no chunk run")
+    if slot.eval_run is None:
+        return Cell(runs=(slot.chunk_run.info.run_id,), source=key, missing="no eval run")
+    if slot.eval_run.info.status != "FINISHED":
+        return Cell(runs=(slot.eval_run.info.run_id,), source=key, missing=f"eval run {slot.eval_run.info.status}")
+    return Cell.of(slot.eval_run.data.metrics.get(key), (slot.eval_run.info.run_id,), key, "not logged")
+
+
 def sharpness_table(study: Study) -> ReportTable:
-    """Per line and chunk, from the eval runs; only the chunks (of plans) where some line was measured."""
-    evaluated: dict[str, set[int]] = {}  # plan run -> chunks with sharpness measured on some line
+    """Per line and chunk, from the eval runs; one column per epsilon logged or asked for by a plan's
+    `eval.sharpness.epsilons`; only the chunks (of plans) where sharpness was asked for or measured."""
+    evaluated: dict[str, set[int]] = {}  # plan run -> chunks with sharpness asked for or measured on some line
+    asked: dict[str, set[str]] = {}  # plan run -> the keys its spec asks for
     keys: set[str] = set()
     for entry in study.entries:
-        for chunk in range(entry.plan.num_chunks):
-            found = _sharpness_keys(entry.plan.slot(entry.line.id, chunk).eval_run)
-            if found:
+        for part in entry.per_seed():
+            plan = part.plan
+            asked[plan.run_id] = _specified_sharpness(plan)
+            keys |= asked[plan.run_id]
+            for chunk in range(plan.num_chunks):
+                found = _sharpness_keys(plan.slot(part.line.id, chunk).eval_run)
                 keys.update(found)
-                evaluated.setdefault(entry.plan.run_id, set()).add(chunk)
-    columns = sorted(keys | set(SHARPNESS_KEYS), key=lambda k: float(_SHARPNESS.match(k).group(1))) if keys else []
+                if found or asked[plan.run_id]:
+                    evaluated.setdefault(plan.run_id, set()).add(chunk)
+    columns = sorted(keys, key=lambda k: float(_SHARPNESS.match(k).group(1)))
     table = ReportTable("sharpness", "Sharpness: relative accuracy drop under the worst weight perturbation "
                         "||z|| <= eps ||theta|| (eval runs)", ["method", "paradigm", "stream", "line", "strategy",
                                                               "chunk"], columns)
     for plan in study.plans:
         if plan.run_id not in evaluated:
             table.notes.append(f"stream {plan.stream_kind} (plan run {plan.run_id}): sharpness was not evaluated "
-                               "(no eval run logs sharpness_eps*)")
+                               "(eval.sharpness is off and no eval run logs sharpness_eps*)")
     for entry in study.entries:
-        for chunk in sorted(evaluated.get(entry.plan.run_id, ())):
-            slot = entry.plan.slot(entry.line.id, chunk)
-            cells = {}
-            for key in columns:
-                if slot.chunk_run is None:
-                    cells[key] = Cell(source=key, missing="no chunk run")
-                elif slot.eval_run is None:
-                    cells[key] = Cell(runs=(slot.chunk_run.info.run_id,), source=key, missing="no eval run")
-                elif slot.eval_run.info.status != "FINISHED":
-                    cells[key] = Cell(runs=(slot.eval_run.info.run_id,), source=key,
-                                      missing=f"eval run {slot.eval_run.info.status}")
-                else:
-                    cells[key] = Cell.of(slot.eval_run.data.metrics.get(key), (slot.eval_run.info.run_id,), key,
-                                         "not logged")
-            table.rows.append(Row({**_line_index(entry), "chunk": str(chunk)}, cells))
-    return table
+        chunks = sorted(set().union(*(evaluated.get(p.plan.run_id, set()) for p in entry.per_seed())))
+        for chunk in chunks:
+            table.rows.append(Row({**_line_index(entry), "chunk": str(chunk)}, over_seeds(entry, lambda e, c=chunk: {
+                key: _sharpness_cell(e, c, key, asked.get(e.plan.run_id, set())) for key in columns})))
+    return seed_note(table)
 
 
 SEGMENT_COLUMNS = ("stream_batches", "segment_batches", "late_batches", "dropped_steps", "skipped_shards",
-                   "wall_seconds", "stored_bytes")
+                   "wall_seconds", "data_kept_bytes", "model_state_bytes", "stored_bytes")
 
 
 def segments_table(study: Study, names: list[str]) -> ReportTable:
@@ -253,8 +307,9 @@ def segments_table(study: Study, names: list[str]) -> ReportTable:
     columns = [*SEGMENT_COLUMNS[:2], *(f"{n}_top1" for n in names), *SEGMENT_COLUMNS[2:]]
     table = ReportTable("segments", "Online segments: stream batches, accuracy of each segment's checkpoint, "
                         "deadline misses and skipped shards (segment runs)",
-                        ["method", "paradigm", "stream", "line", "strategy", "segment", "batches", "final"], columns)
-    for entry in study.entries:
+                        ["method", "paradigm", "stream", "line", "strategy", "seed", "segment", "batches", "final"],
+                        columns)
+    for entry in (part for e in study.entries for part in e.per_seed()):  # every seed's segments, one row each
         if entry.stream_kind != "online":
             continue
         segments = entry.plan.segments.get(entry.line.id, [])
@@ -262,7 +317,7 @@ def segments_table(study: Study, names: list[str]) -> ReportTable:
             table.notes.append(f"line {entry.line.id} (plan run {entry.plan.run_id}): no segment run logged")
         for run in segments:
             tags, metrics, runs = run.data.tags, run.data.metrics, (run.info.run_id,)
-            index = {**_line_index(entry), "segment": tags.get(tr.TAG + "segment", "?"),
+            index = {**_line_index(entry), "seed": entry.plan.seed, "segment": tags.get(tr.TAG + "segment", "?"),
                      "batches": tags.get(tr.TAG + "stream_batches", "?"),
                      "final": "yes" if tags.get(tr.TAG + "final_segment") == "true" else ""}
             cells = {}
@@ -306,7 +361,7 @@ def record_problems(study: Study) -> list[Problem]:
             why = plan.run.data.tags.get(tr.TAG + "incomplete")
             problems.append(Problem(f"plan run {plan.run_id} (stream {plan.stream_kind}) is {plan.status}"
                                     + (f": {why}" if why else ""), (plan.run_id,)))
-    for entry in study.entries:
+    for entry in (part for e in study.entries for part in e.per_seed()):  # every seed's plan run
         plan, line = entry.plan, entry.line
         finished, parts, runs = 0, [], []
         for chunk in range(plan.num_chunks):

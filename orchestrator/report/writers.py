@@ -5,6 +5,10 @@
 
 Markdown rounds to 4 decimals (small values in 3 significant digits); CSV and JSON keep the logged float exactly.
 Each table row names the runs its numbers come from (`sources`); a missing cell reads `missing: <why>`.
+
+A cell over several seeds (orchestrator.report.model.aggregate) reads `mean (n=N, 95% CI lo..hi)` in markdown (a
+Student-t interval over the seeds); in CSV the column holds the mean and `{column}.n`, `{column}.lo`,
+`{column}.hi` follow it (in tables with such a cell); in JSON each cell has `n`, `mean`, `lo`, `hi` and `values`.
 """
 
 from __future__ import annotations
@@ -34,6 +38,31 @@ def _table_rows(table: ReportTable, exact: bool) -> list[list[str]]:
             + [" ".join(row.runs)] for row in table.rows]
 
 
+def _csv_value_columns(table: ReportTable) -> list[str]:
+    if not table.over_seeds:
+        return list(table.value_columns)
+    return [name for c in table.value_columns for name in (c, f"{c}.n", f"{c}.lo", f"{c}.hi")]
+
+
+def _csv_rows(table: ReportTable) -> list[list[str]]:
+    """As `_table_rows`, exact; over seeds, each value column is the mean and is followed by its n, lo and hi."""
+    if not table.over_seeds:
+        return _table_rows(table, True)
+    out = []
+    for row in table.rows:
+        values = []
+        for c in table.value_columns:
+            cell = row.cells.get(c)
+            if cell is None:
+                values += ["n/a", "", "", ""]
+                continue
+            mean = repr(float(cell.value)) if cell.value is not None else cell.text(True)
+            bounds = [repr(float(b)) if b is not None else "" for b in (cell.lo, cell.hi)]
+            values += [mean, str(cell.n), *bounds]
+        out.append([row.index.get(c, "") for c in table.index_columns] + values + [" ".join(row.runs)])
+    return out
+
+
 def _summary_line(report: StudyReport) -> str:
     missing, problems = len(report.missing_cells()), len(report.problems)
     if report.complete:
@@ -47,8 +76,9 @@ def write_markdown(report: StudyReport, out: Path) -> list[Path]:
              f"MLflow `{report.tracking_uri}`, experiment {report.experiment_id}. Built from the logged runs alone; "
              "each row's `sources` are the runs its numbers come from.", "", _summary_line(report), "",
              "## Plan runs", ""]
-    lines += _md_table(["stream", "plan run", "status", "chunks", "protocols", "lines"],
-                       [[p["stream_kind"], p["run"], p["status"], str(p["chunks"]), ", ".join(p["protocols"]),
+    lines += _md_table(["stream", "plan run", "status", "seed", "chunks", "protocols", "lines"],
+                       [[p["stream_kind"], p["run"], p["status"], p["seed"], str(p["chunks"]),
+                         ", ".join(p["protocols"]),
                          ", ".join(p["lines"])] for p in report.plans])
     for table in report.tables:
         lines += ["", f"## {table.title}", "", f"`{table.name}`", ""]
@@ -92,8 +122,8 @@ def write_csv(report: StudyReport, out: Path) -> list[Path]:
         path = out / f"{table.name}.csv"
         with path.open("w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow([*table.index_columns, *table.value_columns, "sources"])
-            writer.writerows(_table_rows(table, True))
+            writer.writerow([*table.index_columns, *_csv_value_columns(table), "sources"])
+            writer.writerows(_csv_rows(table))
         paths.append(path)
     path = out / "missing.csv"
     with path.open("w", newline="") as f:
@@ -108,9 +138,9 @@ def write_csv(report: StudyReport, out: Path) -> list[Path]:
     path = out / "plans.csv"
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["stream", "plan_run", "status", "chunks", "protocols", "lines"])
+        writer.writerow(["stream", "plan_run", "status", "seed", "chunks", "protocols", "lines"])
         for p in report.plans:
-            writer.writerow([p["stream_kind"], p["run"], p["status"], p["chunks"], " ".join(p["protocols"]),
+            writer.writerow([p["stream_kind"], p["run"], p["status"], p["seed"], p["chunks"], " ".join(p["protocols"]),
                              " ".join(p["lines"])])
     paths.append(path)
     return paths

@@ -39,6 +39,8 @@ PARENT = "mlflow.parentRunId"
 STREAM_KIND = TAG + "stream_kind"
 LINES = TAG + "lines"  # JSON list of {"id", "method", "strategy"}
 NUM_CHUNKS = TAG + "num_chunks"
+# The plan's key without the spec's seed: plans that differ only in `seed` are one study (the report averages them).
+STUDY_KEY = TAG + "study_key"
 SEGMENT = TAG + "segment"
 ONLINE_RUN = TAG + "online_run"
 FINAL_SEGMENT = TAG + "final_segment"
@@ -56,6 +58,16 @@ def versions() -> dict[str, str]:
     return out
 
 
+def study_key(plan: ExperimentPlan) -> str:
+    """The plan key's recipe (identity, data, stream) with the identity taken without the top-level `seed`."""
+    import hashlib
+
+    from orchestrator.spec_params import identity_digest
+
+    parts = (identity_digest(plan.spec, with_seed=False), plan.data_digest, plan.stream.digest)
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
+
+
 def plan_tags(plan: ExperimentPlan) -> dict[str, str]:
     """The tags of a plan run: what it is, its key, the data and stream it trained on, its lines, the versions."""
     tags = {
@@ -68,6 +80,7 @@ def plan_tags(plan: ExperimentPlan) -> dict[str, str]:
         TAG + "spec_name": plan.spec.name,
         LINES: json.dumps([{"id": line.id, "method": line.method, "strategy": line.strategy} for line in plan.lines]),
         NUM_CHUNKS: str(plan.stream.num_chunks),
+        STUDY_KEY: study_key(plan),
     }
     tags.update({TAG + f"version.{k}": v for k, v in versions().items()})
     return tags

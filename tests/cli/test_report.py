@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from cli.app import app
-from tests.orchestrator.study_store import EXPERIMENT
+from tests.orchestrator.study_store import EXPERIMENT, SEEDED_EXPERIMENT, SEEDED_STREAM
 
 
 def test_a_whole_record_exits_0_with_json_naming_each_cells_run(study_store, tmp_path: Path) -> None:
@@ -53,8 +53,8 @@ def test_a_partial_record_writes_marked_cells_names_them_and_exits_1(partial_stu
     assert float(rows[("distant_class", "supervised-joint", "1")]["train_seconds"]) > 0
     with (out / "missing.csv").open() as f:
         missing = list(csv.DictReader(f))
-    # 33 cells of the main tables, and 12 downstream-gap cells (2 sets and their mean x 2 protocols x chunk 2, final)
-    assert [m["kind"] for m in missing].count("run") == 2 and [m["kind"] for m in missing].count("cell") == 45
+    # 35 cells of the main tables (8 resource columns), and 12 downstream-gap cells (2 sets and their mean x 2 protocols x chunk 2, final)
+    assert [m["kind"] for m in missing].count("run") == 2 and [m["kind"] for m in missing].count("cell") == 47
     assert {"kind": "cell", "table": "resources", "row": "method=supervised; paradigm=SL; stream=distant_class; "
             "line=supervised-joint; strategy=JT; chunk=1", "column": "wall_seconds", "reason": "not logged", "source": "wall_seconds",
             "runs": partial_study_store.chunk_runs[("distant_class", "supervised-joint", 1)]} in missing
@@ -71,3 +71,21 @@ def test_an_unknown_experiment_exits_8_naming_it(study_store, tmp_path: Path) ->
 def test_an_unknown_format_is_refused(study_store, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["report", EXPERIMENT, "--format", "xlsx", "--tracking-uri", study_store.uri])
     assert result.exit_code == 2 and "xlsx" in result.output
+
+
+def test_sharpness_columns_are_the_specs_epsilons_and_seeds_aggregate(seeded_study_store, tmp_path: Path) -> None:
+    """eval.sharpness.epsilons [0.05]: one sharpness column (none made up for 0.1 or 0.3), a whole record, exit 0;
+    the two seeds' cells as mean, n, lo and hi."""
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, ["report", SEEDED_EXPERIMENT, "--format", "csv", "--out", str(out),
+                                      "--tracking-uri", seeded_study_store.uri])
+    assert result.exit_code == 0, result.output
+    with (out / "sharpness.csv").open() as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert [c for c in reader.fieldnames if c.startswith("sharpness")] == [
+        "sharpness_eps0.05", "sharpness_eps0.05.n", "sharpness_eps0.05.lo", "sharpness_eps0.05.hi"]
+    seeded = [r for r in rows if r["stream"] == SEEDED_STREAM]
+    assert len(seeded) == 4 and all(r["sharpness_eps0.05.n"] == "2" for r in seeded)
+    assert all(float(r["sharpness_eps0.05.lo"]) <= float(r["sharpness_eps0.05"]) <= float(r["sharpness_eps0.05.hi"])
+               for r in seeded)

@@ -269,9 +269,9 @@ def _report_cell_is_logged(client: MlflowClient, table: str, row: dict, column: 
                 json.loads(Path(client.download_artifacts(run, name, folder)).read_text()))
             gap = st_jt_gap(read(runs[0], st_name), read(runs[-1], jt_name))
         expected = gap.final if column == "final" else gap.per_chunk[int(column.split()[1])]
-    elif source == "checkpoint_bytes + buffer_bytes":
+    elif source == "data_kept_bytes + model_state_bytes":
         metrics = client.get_run(runs[0]).data.metrics
-        expected = metrics["checkpoint_bytes"] + metrics["buffer_bytes"]
+        expected = metrics["data_kept_bytes"] + metrics["model_state_bytes"]
     elif source.endswith(".st_jt_gap_by_chunk"):
         history = {m.step: m.value for m in client.get_metric_history(runs[0], source)}
         expected = history[int(column.split()[1])]

@@ -66,10 +66,17 @@ def test_replay_and_mas_under_ddp(tmp_path: Path, synthetic_url: str, ray_local)
     for name, omega in masses[0]["omega"].items():
         assert torch.equal(omega, masses[1]["omega"][name]), name  # averaged over ranks: identical
     assert any(v.abs().sum() > 0 for v in masses[0]["omega"].values())
-    # What the chunk cost, on its run: the checkpoint's bytes as written, the strategies' state over both ranks.
+    # What the chunk cost, on its run: the data the line keeps (the buffer's 201 rows over both ranks, as held) apart
+    # from its model state (the checkpoint as written less the buffer inside it; MAS's Omega and theta* in it).
     last = next(r for r in chunks if r.data.params["chunk"] == "1").data.metrics
-    assert last["stored_bytes"] == last["checkpoint_bytes"] == folder_bytes(folders[0])
-    assert last["buffer_bytes"] == tensor_bytes(state["strategy"]) > 201 * 3 * 16 * 16  # the buffer's images alone
+    assert last["checkpoint_bytes"] == folder_bytes(folders[0])
+    buffers = tensor_bytes([[shard["buffer"], shard["staged"]] for shard in shards])
+    assert last["buffer_rows"] == last["data_kept_rows"] == 201
+    assert last["buffer_bytes"] == last["data_kept_bytes"] == buffers > 201 * 3 * 16 * 16  # the buffer's images alone
+    assert last["strategy_state_bytes"] == tensor_bytes(state["strategy"]) - buffers >= tensor_bytes(
+        [[m["omega"], m["anchor"]] for m in masses])
+    assert last["model_state_bytes"] == last["checkpoint_bytes"] - buffers
+    assert last["stored_bytes"] == last["checkpoint_bytes"]  # the buffer is inside the checkpoint, not added to it
     assert last["wall_seconds"] >= last["train_seconds"] > 0
     assert last["device_hours"] == pytest.approx(last["wall_seconds"] * 2 * spec.resources.cpus_per_worker / 3600)
     evals = {r.data.tags[tr.CHUNK]: r.data.metrics

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -19,8 +20,10 @@ from orchestrator.report.collect import LineInfo
 from orchestrator.report.tables import RESOURCE_COLUMNS
 from orchestrator.report.writers import write
 from orchestrator.tracking.tracker import Tracker
-from tests.orchestrator.study_store import (DOWNSTREAM, EXPERIMENT, NO_BASELINE, NO_DOWNSTREAM_GAPS, NO_GAP_BY_CHUNK,
-                                            NO_STORED_BYTES, PLANS, PROTOCOLS, STREAMS, T, line_id)
+from tests.orchestrator.study_store import (BYTES_PER_ROW, DOWNSTREAM, EXPERIMENT, NO_BASELINE, NO_DOWNSTREAM_GAPS,
+                                            NO_GAP_BY_CHUNK, NO_STORED_BYTES, PLANS, PROTOCOLS, REPLAY_ROWS_PER_CHUNK,
+                                            ROWS_PER_CHUNK, SEEDED_EXPERIMENT, SEEDED_STREAM, STREAMS, T,
+                                            UNTAGGED_STREAM, line_id)
 
 LINES = [line_id(method, s) for _, (method, strategies) in PLANS.items() for s in strategies]
 CONTINUAL = ("avg_acc", "bwt", "fwt", "forgetting")
@@ -56,7 +59,7 @@ class Logged:
 
     def resource(self, stream, line, chunk, key):
         m = self.chunk(stream, line, chunk)
-        return m["checkpoint_bytes"] + m["buffer_bytes"] if key == "stored_bytes" and key not in m else m[key]
+        return m["data_kept_bytes"] + m["model_state_bytes"] if key == "stored_bytes" and key not in m else m[key]
 
     def plan(self, stream, line):
         return self.client.get_run(self.store.plan_of_line[(stream, line)]).data.metrics
@@ -170,13 +173,13 @@ def test_numbers_read_back_from_markdown_csv_and_json_are_the_logged_ones(study_
             assert json_row["cells"][column]["value"] == value and json_row["cells"][column]["runs"] == expected_runs
             assert float(md_row[column]) == pytest.approx(value, rel=5e-4, abs=5e-5), (table, index, column)
             checked += 1
-    # 30 chunk rows x (6 resources + 2 sharpness), 10 lines x 2 protocols x 8 continual (minus 2 lines x 2 x 2 n/a FWT),
+    # 30 chunk rows x (8 resources + 2 sharpness), 10 lines x 2 protocols x 8 continual (minus 2 lines x 2 x 2 n/a FWT),
     # 6 non-joint lines x 2 protocols x 4 gap columns, and that again on 2 downstream sets and their mean.
-    assert checked == 30 * 8 + 10 * 2 * 8 - 8 + 6 * 2 * 4 * (1 + 3)
+    assert checked == 30 * 10 + 10 * 2 * 8 - 8 + 6 * 2 * 4 * (1 + 3)
     # The sum of bytes where the run logged only its parts, and the gap from the matrices where it logged no curve.
     stream, line, chunk = NO_STORED_BYTES
     cell = next(r for r in by_name["resources"]["rows"] if _key("resources", r["index"]) == (stream, line, str(chunk)))
-    assert cell["cells"]["stored_bytes"]["source"] == "checkpoint_bytes + buffer_bytes"
+    assert cell["cells"]["stored_bytes"]["source"] == "data_kept_bytes + model_state_bytes"
     gap = next(r for r in by_name["st_jt_gap.knn"]["rows"] if _key("st_jt_gap", r["index"]) == NO_GAP_BY_CHUNK)
     assert gap["cells"]["chunk 1"]["source"].startswith("accuracy_matrix.supervised-joint.knn.json")
     assert gap["cells"]["final"]["source"] == "supervised-sequential.knn.st_jt_gap"
@@ -262,3 +265,121 @@ def test_an_experiment_without_plan_runs_is_an_error(tmp_path: Path) -> None:
                                             ("sequential+cassle", "ST+CaSSLe")])
 def test_line_labels(strategy: str, label: str) -> None:
     assert LineInfo(line_id("moco_v2", strategy), "moco_v2", strategy).label == label
+
+
+def test_the_resource_table_shows_data_kept_apart_from_model_state(written) -> None:
+    """JT's data grows per chunk (every chunk so far), ST keeps none, replay its buffer; model state is the checkpoint
+    less the buffer inside it, and stored = data + model state (orchestrator.accounting, logged by the store)."""
+    rows = {(r.index["stream"], r.index["line"], int(r.index["chunk"])): r.cells for r in written[0].table("resources").rows}
+    for stream in STREAMS:
+        for method in ("simclr", "supervised"):
+            joint = [rows[(stream, f"{method}-joint", c)] for c in range(T)]
+            assert [c["data_kept_rows"].value for c in joint] == [ROWS_PER_CHUNK * (c + 1) for c in range(T)]
+            assert [c["data_kept_bytes"].value for c in joint] == [ROWS_PER_CHUNK * (c + 1) * BYTES_PER_ROW
+                                                                  for c in range(T)]
+            for c in range(T):
+                st = rows[(stream, f"{method}-sequential", c)]
+                assert st["data_kept_rows"].value == st["data_kept_bytes"].value == 0
+                assert st["stored_bytes"].value == st["model_state_bytes"].value == st["checkpoint_bytes"].value
+                assert joint[c]["stored_bytes"].value == joint[c]["data_kept_bytes"].value + joint[c][
+                    "checkpoint_bytes"].value
+        for c in range(T):
+            replay = rows[(stream, "simclr-sequential-replay", c)]
+            assert replay["data_kept_rows"].value == REPLAY_ROWS_PER_CHUNK * (c + 1)
+            assert replay["data_kept_bytes"].value == 768 * REPLAY_ROWS_PER_CHUNK * (c + 1)
+            assert replay["stored_bytes"].value == replay["checkpoint_bytes"].value  # the buffer is inside it
+            assert replay["model_state_bytes"].value == replay["checkpoint_bytes"].value - replay["data_kept_bytes"].value
+
+
+def _t_interval(values: list[float]) -> tuple[float, float, float]:
+    from scipy import stats
+
+    n = len(values)
+    mean = sum(values) / n
+    half = stats.t.ppf(0.975, n - 1) * statistics.stdev(values) / n ** 0.5
+    return mean, mean - half, mean + half
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 4, 7, 30, 101])
+def test_the_t_quantile_is_scipys(df: int) -> None:
+    from scipy import stats
+
+    from orchestrator.report.model import t_quantile_975
+
+    assert t_quantile_975(df) == pytest.approx(stats.t.ppf(0.975, df), rel=1e-12)
+
+
+def test_plan_runs_of_one_study_with_other_seeds_give_n_mean_and_a_t_interval(seeded_study_store,
+                                                                             tmp_path: Path) -> None:
+    store, client = seeded_study_store, MlflowClient(seeded_study_store.uri)
+    old, seed0, seed1, untagged0, untagged1 = (m["run"] for m in store.made)
+    report, _ = build_report(Tracker(store.uri), SEEDED_EXPERIMENT)
+    assert report.complete, report.missing_cells()
+    # A re-run of seed 1 supersedes its older run; without the study tag, the newest plan run supersedes (as before).
+    assert sorted(p["run"] for p in report.plans) == sorted([seed0, seed1, untagged1])
+    assert any(old in note and "superseded" in note for note in report.notes)
+    assert any(untagged0 in note and "superseded" in note for note in report.notes)
+    paths = write(report, tmp_path, "csv") + write(report, tmp_path, "json")
+    data = {t["name"]: t for t in json.loads((tmp_path / "report.json").read_text())["tables"]}
+    metric = lambda run, key: client.get_run(run).data.metrics[key]  # noqa: E731
+    checked = 0
+    for line in ("simclr-sequential", "simclr-joint"):
+        for name in PROTOCOLS:
+            for column, key in [("avg_acc", f"{line}.{name}.avg_acc"), ("fwt_top5", f"{line}.{name}_top5.fwt")]:
+                values = [metric(seed0, key), metric(seed1, key)]
+                assert metric(old, key) not in values  # (the superseded run's numbers differ)
+                mean, lo, hi = _t_interval(values)
+                row = next(r for r in report.table(f"continual.{name}").rows
+                           if (r.index["stream"], r.index["line"]) == (SEEDED_STREAM, line))
+                cell = row.cells[column]
+                assert (cell.n, cell.values, cell.runs) == (2, tuple(values), (seed0, seed1))
+                assert (cell.value, cell.lo, cell.hi) == pytest.approx((mean, lo, hi), rel=1e-9, abs=1e-12)
+                assert lo < mean < hi or values[0] == values[1]
+                as_json = next(r for r in data[f"continual.{name}"]["rows"]
+                               if (r["index"]["stream"], r["index"]["line"]) == (SEEDED_STREAM, line))["cells"][column]
+                assert (as_json["n"], as_json["mean"], as_json["lo"], as_json["hi"]) == (2, cell.value, cell.lo, cell.hi)
+                with (tmp_path / f"continual.{name}.csv").open() as f:
+                    as_csv = next(r for r in csv.DictReader(f) if (r["stream"], r["line"]) == (SEEDED_STREAM, line))
+                assert as_csv[f"{column}.n"] == "2"
+                assert [float(as_csv[k]) for k in (column, f"{column}.lo", f"{column}.hi")] == [cell.value, cell.lo,
+                                                                                                cell.hi]
+                checked += 1
+        # The chunk runs' numbers and the sharpness of each seed's eval runs; the gap pairs each seed with its JT.
+        for chunk in range(2):
+            runs = [next(m for m in store.made if m["run"] == p)["chunk_runs"][(line, chunk)] for p in (seed0, seed1)]
+            evals = [next(m for m in store.made if m["run"] == p)["eval_runs"][(line, chunk)] for p in (seed0, seed1)]
+            for table, column, sources in [("resources", "checkpoint_bytes", runs), ("resources", "wall_seconds", runs),
+                                           ("resources", "data_kept_bytes", runs),
+                                           ("sharpness", "sharpness_eps0.05", evals)]:
+                values = [metric(r, column) for r in sources]
+                row = next(r for r in report.table(table).rows if (r.index["stream"], r.index["line"],
+                                                                    r.index["chunk"]) == (SEEDED_STREAM, line, str(chunk)))
+                cell = row.cells[column]
+                assert cell.n == 2 and cell.values == tuple(values) and cell.runs == tuple(sources)
+                assert (cell.value, cell.lo, cell.hi) == pytest.approx(_t_interval(values), rel=1e-9, abs=1e-12)
+                checked += 1
+    gap = next(r for r in report.table("st_jt_gap.knn").rows
+               if (r.index["stream"], r.index["line"]) == (SEEDED_STREAM, "simclr-sequential")).cells["final"]
+    values = [metric(p, "simclr-sequential.knn.st_jt_gap") for p in (seed0, seed1)]
+    assert gap.n == 2 and gap.value == pytest.approx(sum(values) / 2, abs=1e-12)
+    # Only the epsilon the spec asks for (eval.sharpness.epsilons [0.05]): no 0.1 or 0.3 column made up.
+    assert report.table("sharpness").value_columns == ["sharpness_eps0.05"]
+    # The untagged stream: one plan run (the newest), single numbers.
+    row = next(r for r in report.table("continual.knn").rows
+               if (r.index["stream"], r.index["line"]) == (UNTAGGED_STREAM, "simclr-sequential"))
+    assert row.cells["avg_acc"].n == 1 and row.cells["avg_acc"].lo is None
+    assert row.cells["avg_acc"].value == metric(untagged1, "simclr-sequential.knn.avg_acc")
+    assert checked == 2 * 2 * 2 + 2 * 2 * 4 and len(paths) > 5
+
+
+def test_the_study_key_is_the_plan_identity_without_the_seed() -> None:
+    from orchestrator.spec import Spec, identity_digest
+
+    def spec(**top) -> Spec:
+        return Spec.model_validate({"name": "s", "data": {"url": "/data/synthetic"}, "stream": {"kind": "random_class",
+                                    "chunks": 2}, "lines": {"method": ["simclr"], "strategy": ["sequential"]}, **top})
+
+    assert identity_digest(spec(seed=0), with_seed=False) == identity_digest(spec(seed=3), with_seed=False)
+    assert identity_digest(spec(seed=0)) != identity_digest(spec(seed=3))  # the plan key still tells seeds apart
+    assert identity_digest(spec(seed=0), with_seed=False) != identity_digest(
+        spec(seed=0, optim={"lr": 0.5}), with_seed=False)
