@@ -46,3 +46,12 @@ def test_cassle_lines_validate_with_their_options_and_joint_cassle_is_refused() 
         validate_spec({**minimal(), "lines": {"method": ["simclr"], "strategy": ["sequential", "joint+cassle"]}})
     with pytest.raises(SpecError, match=r"strategy\.cassle\.hidden"):
         validate_spec({**minimal(), "strategy": {"cassle": {"hidden": 0}}})
+
+
+@pytest.mark.parametrize("entry", ["joint+mas", "joint+replay", ["joint", "replay", "mas"]])
+def test_joint_with_mas_or_replay_is_refused_naming_the_line(entry) -> None:
+    # MAS would pull a re-initialised model towards the last chunk's weights; JT trains on every past chunk already.
+    aid = "replay" if "replay" in entry else "mas"
+    with pytest.raises(SpecError, match=rf"lines\.strategy\[1\]: {aid} needs the base sequential, not joint"):
+        validate_spec({**minimal(), "lines": {"method": ["simclr"], "strategy": ["sequential", entry]}})
+    assert validate_spec({**minimal(), "lines": {"method": ["simclr"], "strategy": ["joint", "sequential+replay+mas"]}})

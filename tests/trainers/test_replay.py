@@ -162,3 +162,9 @@ def test_a_line_with_replay_resumes_inside_a_chunk_bit_for_bit(tmp_path, strateg
     again = resumed.strategy.strategies[1]
     assert torch.equal(again.buffer["index"], replay.buffer["index"])
     assert torch.equal(again.buffer["images"], replay.buffer["images"])
+
+
+def test_joint_with_replay_is_refused() -> None:
+    # JT trains on every past chunk already: replaying them again only reweights the past.
+    with pytest.raises(ValueError, match=r"joint\+replay: replay needs the base sequential, not joint"):
+        LineTrainer(config(strategy="joint+replay"))
