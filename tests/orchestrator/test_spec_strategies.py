@@ -55,3 +55,15 @@ def test_joint_with_mas_or_replay_is_refused_naming_the_line(entry) -> None:
     with pytest.raises(SpecError, match=rf"lines\.strategy\[1\]: {aid} needs the base sequential, not joint"):
         validate_spec({**minimal(), "lines": {"method": ["simclr"], "strategy": ["sequential", entry]}})
     assert validate_spec({**minimal(), "lines": {"method": ["simclr"], "strategy": ["joint", "sequential+replay+mas"]}})
+
+
+@pytest.mark.parametrize("aid", ["replay", "lump"])
+def test_a_buffer_smaller_than_the_workers_is_refused_naming_its_size(aid: str) -> None:
+    # Each DDP worker draws from its own shard of the buffer: with 1 row and 2 workers one shard is empty.
+    lines = {"method": ["simclr"], "strategy": [f"sequential+{aid}"]}
+    with pytest.raises(SpecError, match=rf"strategy\.{aid}\.size \(1\) must be >= resources\.workers \(2\)"):
+        validate_spec({**minimal(), "lines": lines, "strategy": {aid: {"size": 1}}, "resources": {"workers": 2}})
+    spec = validate_spec({**minimal(), "lines": lines, "strategy": {aid: {"size": 2}}, "resources": {"workers": 2}})
+    assert spec.strategy_options(f"sequential+{aid}")[aid]["size"] == 2
+    # A line without the buffer is not held to it.
+    assert validate_spec({**minimal(), "strategy": {aid: {"size": 1}}, "resources": {"workers": 2}})

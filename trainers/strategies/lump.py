@@ -67,7 +67,7 @@ class Lump(RowBuffer):
 
     def prepare_views(self, views: ViewSet, batch: Batch, ctx: StepContext,
                       augment: Augment) -> tuple[ViewSet, Batch]:
-        if len(self) == 0:  # the first chunk: nothing past to mix with
+        if not self.drawable(batch.images.device):  # the first chunk (or a rank's empty shard): nothing to mix with
             return views, batch
         if batch.mix is not None:
             raise ValueError("lump: the batch is mixed already (two mixing strategies in one line?)")

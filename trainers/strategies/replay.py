@@ -38,8 +38,8 @@ class Replay(RowBuffer):
         self.ratio = cfg.ratio
 
     def prepare_batch(self, batch: Batch, ctx: StepContext) -> Batch:
-        count = round(self.ratio * len(batch))
-        if count == 0 or len(self) == 0:
+        count = round(self.ratio * len(batch))  # the same on every rank: DDP ranks get equal batches
+        if count == 0 or not self.drawable(batch.images.device):  # some rank has no past rows yet
             return batch
         return batch.cat(self.draw(count, batch.images.device))
 
