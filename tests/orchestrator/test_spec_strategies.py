@@ -39,7 +39,8 @@ def test_cassle_lines_validate_with_their_options_and_joint_cassle_is_refused() 
                                                  "strategy": ["sequential+cassle", ["sequential", "replay", "cassle"]]},
                           "strategy": {"cassle": {"lambd": 0.5}}})
     assert spec.lines.strategy == ["sequential+cassle", "sequential+replay+cassle"]
-    assert spec.strategy_options("sequential+cassle") == {"cassle": {"lambd": 0.5, "hidden": 2048}}
+    assert spec.strategy_options("sequential+cassle") == {"cassle": {
+        "lambd": 0.5, "hidden": 2048, "frozen_bn": "batch", "contrastive": "cross", "temperature": 0.2}}
     params = flatten(spec)
     assert params["strategy.cassle.lambd"] == "0.5" and params["strategy.cassle.hidden"] == "2048"
     with pytest.raises(SpecError, match=r"lines\.strategy\[1\]: cassle needs the base sequential, not joint"):
