@@ -45,6 +45,7 @@ from orchestrator.streams import STREAM_REGISTRY
 from orchestrator.spec_sweep import SweepSpec
 from orchestrator.spec_views import LocalViewSpec, ViewSpec, ViewsSpec, view_problem  # noqa: F401  (re-exported)
 from trainers.registry import BACKBONE_REGISTRY, METHOD_REGISTRY, STRATEGY_REGISTRY, Registry
+from trainers.strategies.buffer import RowBuffer
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -286,6 +287,14 @@ class Spec(_Strict):
                 f"optim.batch_size ({self.optim.batch_size}) must be divisible by resources.workers "
                 f"({self.resources.workers}) so every DDP worker gets the same batch"
             )
+        for name in self.strategies_used:  # replay, lump: a buffer sharded over the workers, one shard each
+            size = getattr(getattr(self.strategy, name, None), "size", None)
+            if issubclass(STRATEGY_REGISTRY[name].build, RowBuffer) and size < self.resources.workers:
+                raise ValueError(
+                    f"strategy.{name}.size ({size}) must be >= resources.workers ({self.resources.workers}): each "
+                    "DDP worker holds a shard of the buffer and draws only from its own, so a worker with an empty "
+                    "shard would leave every worker without replay"
+                )
         # The encoder is built for data.image_size (what evaluation feeds it) and trains on the global views.
         local = [self.local_view_size] if self.views.local.count else []  # a ViT's patch must divide them too
         try:

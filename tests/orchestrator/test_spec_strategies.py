@@ -39,10 +39,32 @@ def test_cassle_lines_validate_with_their_options_and_joint_cassle_is_refused() 
                                                  "strategy": ["sequential+cassle", ["sequential", "replay", "cassle"]]},
                           "strategy": {"cassle": {"lambd": 0.5}}})
     assert spec.lines.strategy == ["sequential+cassle", "sequential+replay+cassle"]
-    assert spec.strategy_options("sequential+cassle") == {"cassle": {"lambd": 0.5, "hidden": 2048}}
+    assert spec.strategy_options("sequential+cassle") == {"cassle": {
+        "lambd": 0.5, "hidden": 2048, "frozen_bn": "batch", "contrastive": "cross", "temperature": 0.2}}
     params = flatten(spec)
     assert params["strategy.cassle.lambd"] == "0.5" and params["strategy.cassle.hidden"] == "2048"
     with pytest.raises(SpecError, match=r"lines\.strategy\[1\]: cassle needs the base sequential, not joint"):
         validate_spec({**minimal(), "lines": {"method": ["simclr"], "strategy": ["sequential", "joint+cassle"]}})
     with pytest.raises(SpecError, match=r"strategy\.cassle\.hidden"):
         validate_spec({**minimal(), "strategy": {"cassle": {"hidden": 0}}})
+
+
+@pytest.mark.parametrize("entry", ["joint+mas", "joint+replay", ["joint", "replay", "mas"]])
+def test_joint_with_mas_or_replay_is_refused_naming_the_line(entry) -> None:
+    # MAS would pull a re-initialised model towards the last chunk's weights; JT trains on every past chunk already.
+    aid = "replay" if "replay" in entry else "mas"
+    with pytest.raises(SpecError, match=rf"lines\.strategy\[1\]: {aid} needs the base sequential, not joint"):
+        validate_spec({**minimal(), "lines": {"method": ["simclr"], "strategy": ["sequential", entry]}})
+    assert validate_spec({**minimal(), "lines": {"method": ["simclr"], "strategy": ["joint", "sequential+replay+mas"]}})
+
+
+@pytest.mark.parametrize("aid", ["replay", "lump"])
+def test_a_buffer_smaller_than_the_workers_is_refused_naming_its_size(aid: str) -> None:
+    # Each DDP worker draws from its own shard of the buffer: with 1 row and 2 workers one shard is empty.
+    lines = {"method": ["simclr"], "strategy": [f"sequential+{aid}"]}
+    with pytest.raises(SpecError, match=rf"strategy\.{aid}\.size \(1\) must be >= resources\.workers \(2\)"):
+        validate_spec({**minimal(), "lines": lines, "strategy": {aid: {"size": 1}}, "resources": {"workers": 2}})
+    spec = validate_spec({**minimal(), "lines": lines, "strategy": {aid: {"size": 2}}, "resources": {"workers": 2}})
+    assert spec.strategy_options(f"sequential+{aid}")[aid]["size"] == 2
+    # A line without the buffer is not held to it.
+    assert validate_spec({**minimal(), "strategy": {aid: {"size": 1}}, "resources": {"workers": 2}})

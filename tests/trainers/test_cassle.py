@@ -20,6 +20,7 @@ from trainers.loop import LineTrainer
 from trainers.methods import BYOL, SimCLR
 from trainers.registry import METHOD_REGISTRY
 from trainers.strategies import CaSSLe, ChunkEnd
+from trainers.strategies.cassle import contrastive_distill_loss
 
 OPTIONS = {"cassle": {"hidden": 16, "lambd": 1.0}}
 
@@ -77,7 +78,7 @@ def test_the_frozen_copy_is_the_last_chunks_model_and_stays_fixed_while_the_mode
     assert all(same(frozen, end_of_0) for frozen, _ in steps)  # bit for bit after every step of chunk 1
     moved = [k for k, v in steps[-1][1].items() if v.is_floating_point() and not torch.equal(v, end_of_0[k])]
     assert len(moved) > 10  # the model itself trained
-    assert not cassle.frozen.training
+    assert cassle.frozen.training  # batch statistics, as the reference; its running ones never moved
     assert all(not p.requires_grad and p.grad is None for p in cassle.frozen.parameters())
     # At chunk 1's end the copy becomes chunk 1's model.
     assert cassle.frozen_chunk == 1 and same(snapshot(cassle.frozen), snapshot(trainer.method.embedder()))
@@ -188,9 +189,10 @@ def test_simclr_and_byol_distill_with_their_own_loss() -> None:
 
 @pytest.mark.parametrize("name", ["simclr", "byol"])
 def test_the_term_is_lambda_times_the_view_mean_of_the_loss_between_g_of_now_and_the_past(name: str) -> None:
+    """With the per-view form (contrastive: method) and the running statistics (frozen_bn: running)."""
     torch.manual_seed(0)
     method = METHOD_REGISTRY[name].build(tiny_backbone(), **SMALL_OPTIONS[name])
-    cassle = CaSSLe(lambd=2.5, hidden=8)
+    cassle = CaSSLe(lambd=2.5, hidden=8, frozen_bn="running", contrastive="method")
     cassle.modules(method, lambda module: module)
     past = copy.deepcopy(method).eval()
     cassle.on_chunk_end(chunk_end(method))
@@ -255,6 +257,107 @@ def test_the_predictor_learns_the_map_into_the_frozen_space() -> None:
         optimizer.step()
         losses.append(term.item())
     assert losses[-1] < 0.25 * losses[0], losses  # measured: 1.44 -> 0.023 in 25 steps
+
+
+# ------------------------------------------------------------------------------------------------ as the reference
+def reference_contrastive_distill(p1, p2, z1, z2, t: float) -> torch.Tensor:
+    """The reference code's contrastive distiller (cassle/distillers/contrastive.py with losses/simclr.py's
+    simclr_distill_loss_func), re-derived row by row: rows [p1; p2] against columns [z1; z2], the positive of row i
+    column i, every column in the denominator (its logit mask is all ones), the mean over rows; then the same with
+    the roles swapped; the two averaged."""
+    def one_way(a1, a2, b1, b2):
+        rows, cols = F.normalize(torch.cat([a1, a2]), dim=1), F.normalize(torch.cat([b1, b2]), dim=1)
+        terms = []
+        for i in range(len(rows)):
+            logits = torch.stack([rows[i] @ cols[j] / t for j in range(len(cols))])
+            terms.append(torch.logsumexp(logits, dim=0) - logits[i])
+        return torch.stack(terms).mean()
+
+    return (one_way(p1, p2, z1, z2) + one_way(z1, z2, p1, p2)) / 2
+
+
+def test_the_contrastive_distillation_is_the_references_without_prediction_prediction_negatives() -> None:
+    g = torch.Generator().manual_seed(0)  # two views of 6 images; the frozen embeddings near the predictions
+    p1 = torch.randn(6, 8, generator=g)
+    z1 = p1 + 0.5 * torch.randn(6, 8, generator=g)
+    p2 = p1 + 0.3 * torch.randn(6, 8, generator=g)
+    z2 = p2 + 0.5 * torch.randn(6, 8, generator=g)
+    ours = contrastive_distill_loss([p1, p2], [z1, z2], 0.2)
+    reference = reference_contrastive_distill(p1, p2, z1, z2, 0.2)
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-6)
+    # What it replaced: the method's NT-Xent per view, whose denominators also hold the other predictions.
+    before = (nt_xent_by_hand(p1, z1, 0.2) + nt_xent_by_hand(p2, z2, 0.2)) / 2
+    assert reference.item() == pytest.approx(0.9237, abs=1e-4) and before.item() == pytest.approx(0.4362, abs=1e-4)
+    p = [p1.clone().requires_grad_(), p2.clone().requires_grad_()]
+    contrastive_distill_loss(p, [z1, z2], 0.2).backward()
+    q = [p1.clone().requires_grad_(), p2.clone().requires_grad_()]
+    reference_contrastive_distill(q[0], q[1], z1, z2, 0.2).backward()
+    assert all(torch.allclose(a.grad, b.grad, atol=1e-6) for a, b in zip(p, q))
+
+
+def frozen_embedding(past: torch.nn.Module, view: torch.Tensor) -> torch.Tensor:
+    """The past model's projection of `view` in train mode (batch BN statistics) on a throwaway copy."""
+    model = copy.deepcopy(past).train()
+    return model.projector(model.backbone(view))
+
+
+@pytest.mark.parametrize("name", ["simclr", "moco_v2"])
+def test_by_default_cassle_distils_every_view_as_the_reference(name: str) -> None:
+    """SimCLR and asymmetric MoCo-v2 (which embeds only its query view): the term is lambd x the reference's
+    contrastive distillation of both global views, at t 0.2, the frozen model normalising with the batch's BN
+    statistics (train mode, as the reference's Lightning submodule), its running statistics untouched."""
+    torch.manual_seed(0)
+    options = SMALL_OPTIONS.get(name, {"proj_hidden": 32, "proj_out": 16, "queue_size": 16})
+    method = METHOD_REGISTRY[name].build(tiny_backbone(), **options)
+    cassle = CaSSLe(lambd=2.5, hidden=8)
+    cassle.modules(method, lambda module: module)
+    past = copy.deepcopy(method)
+    cassle.on_chunk_end(chunk_end(method))
+    with torch.no_grad():
+        for param in method.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    views = view_set(b=6)
+    out = forward(method, views)
+    assert len(out.embeddings) == (1 if name == "moco_v2" else 2)
+    frozen_buffers = {k: v.clone() for k, v in cassle.frozen.named_buffers()}
+    term = cassle.extra_loss(method, out, views, None, CTX)["cassle_distill"]
+    assert cassle.frozen.training
+    assert all(torch.equal(v, frozen_buffers[k]) for k, v in cassle.frozen.named_buffers())
+    with torch.no_grad():
+        z = [method.projector(method.backbone(v)) for v in views.global_]  # the current model, both views
+        p1, p2 = cassle.predictor([z[0], z[1]])
+        target = [frozen_embedding(past, v) for v in views.global_]
+        expected = 2.5 * reference_contrastive_distill(p1, p2, *target, 0.2)
+        running = copy.deepcopy(past).eval()
+        eval_mode = 2.5 * reference_contrastive_distill(p1, p2, *(running.projector(running.backbone(v))
+                                                                  for v in views.global_), 0.2)
+    assert term.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(term.item() - eval_mode.item()) > 1e-3  # the BN mode shows in the number
+    term.backward()
+    assert method.backbone.stem[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in cassle.frozen.parameters())
+
+
+def test_the_frozen_models_bn_can_use_the_running_statistics() -> None:
+    torch.manual_seed(0)
+    method = BYOL(tiny_backbone(), **SMALL_OPTIONS["byol"])
+    views = view_set(b=6)
+    terms = {}
+    for mode in ("batch", "running"):
+        cassle = CaSSLe(hidden=8, frozen_bn=mode)
+        torch.manual_seed(1)
+        cassle.modules(method, lambda module: module)
+        cassle.on_chunk_end(chunk_end(method))
+        assert cassle.frozen.training == (mode == "batch")
+        past = copy.deepcopy(method).train(mode == "batch")  # before the step moves the running statistics
+        out = forward(method, views)
+        terms[mode] = cassle.extra_loss(method, out, views, None, CTX)["cassle_distill"].item()
+        with torch.no_grad():
+            p = cassle.predictor(out.embeddings)
+            z = [past.projector(past.backbone(v)) for v in views.global_]
+        assert terms[mode] == pytest.approx(torch.stack([byol_by_hand(a, b) for a, b in zip(p, z)]).mean().item(),
+                                            rel=1e-5)
+    assert terms["batch"] != pytest.approx(terms["running"], rel=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------ DDP

@@ -19,7 +19,7 @@ from trainers.checkpoint import load_state, save_state
 from trainers.engine.types import Batch, LabelMix, StepContext, ViewSet
 from trainers.loop import LineTrainer
 from trainers.methods.supervised import Supervised
-from trainers.strategies import ChunkEnd, Lump, build_strategy
+from trainers.strategies import ChunkEnd, Lump, LumpConfig, build_strategy
 from trainers.viewplan import make_view_set, view_plan
 
 PLAN = view_plan(global_count=2, global_size=16, local_count=2, local_size=8)
@@ -135,6 +135,14 @@ def test_lambda_follows_beta_alpha_alpha(alpha: float) -> None:
     assert stats.kstest(weights, stats.beta(wrong, wrong).cdf).pvalue < 1e-6
     assert weights[:50].tolist() == [Lump(alpha=alpha, seed=7).mix_weight(s) for s in range(50)]
     assert weights[:50].tolist() != [Lump(alpha=alpha, seed=8).mix_weight(s) for s in range(50)]
+
+
+def test_the_default_alpha_is_the_papers_0_4() -> None:
+    """Every config of the paper's code (github.com/divyam3897/UCL, configs/*.yaml) sets train.alpha 0.4."""
+    assert LumpConfig().alpha == 0.4
+    weights = np.array([Lump(seed=7).mix_weight(step) for step in range(4000)])
+    assert stats.kstest(weights, stats.beta(0.4, 0.4).cdf).pvalue > 1e-3
+    assert stats.kstest(weights, stats.beta(0.1, 0.1).cdf).pvalue < 1e-6  # not the 0.1 it was
 
 
 def test_supervised_mixes_the_labels_as_the_images() -> None:

@@ -99,3 +99,9 @@ def test_mas_holds_the_backbone_near_the_last_chunks_weights() -> None:
 
     free, held = drift("sequential"), drift("sequential+mas")
     assert held < 0.8 * free, (held, free)  # measured: 2.07 against 3.05
+
+
+def test_joint_with_mas_is_refused() -> None:
+    # JT from scratch re-initialises the model each chunk: a penalty towards the old weights has nothing to keep.
+    with pytest.raises(ValueError, match=r"joint\+mas: mas needs the base sequential, not joint"):
+        LineTrainer(config(strategy="joint+mas"))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import tempfile
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,3 +165,63 @@ def test_a_line_with_replay_resumes_inside_a_chunk_bit_for_bit(tmp_path, strateg
     again = resumed.strategy.strategies[1]
     assert torch.equal(again.buffer["index"], replay.buffer["index"])
     assert torch.equal(again.buffer["images"], replay.buffer["images"])
+
+
+def test_joint_with_replay_is_refused() -> None:
+    # JT trains on every past chunk already: replaying them again only reweights the past.
+    with pytest.raises(ValueError, match=r"joint\+replay: replay needs the base sequential, not joint"):
+        LineTrainer(config(strategy="joint+replay"))
+
+
+# ------------------------------------------------------------------------------------------------ DDP
+def _tiny_buffer_worker(rank: int, world: int) -> dict:
+    """A line per buffer size on `world` gloo ranks: what each rank's steps trained on, its shard, its weights."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    out = {}
+    for size in (1, 3):
+        trainer = LineTrainer(config(strategy="sequential+replay", epochs_per_chunk=1,
+                                     strategy_options={"replay": {"size": size, "ratio": 0.5}}),
+                              wrap_model=DistributedDataParallel, rank=rank)
+        replay = trainer.strategy.strategies[1]
+        rows_trained: list[tuple[int, int]] = []
+        own = replay.prepare_batch
+
+        def recorded(batch, ctx, own=own, rows_trained=rows_trained):
+            mixed = own(batch, ctx)
+            rows_trained.append((ctx.chunk, len(mixed)))
+            return mixed
+
+        replay.prepare_batch = recorded
+        for chunk in (0, 1):
+            trainer.train_chunk(chunk, _batches(_images(16, 10 * chunk + rank), 1000 * chunk + 100 * rank), 2)
+        out[size] = {"rows": rows_trained, "shard": len(replay),
+                     "weights": {k: v.detach().clone() for k, v in trainer.method.named_parameters()}}
+    return out
+
+
+def test_a_buffer_with_fewer_rows_than_ranks_neither_hangs_nor_splits_the_batch_shapes() -> None:
+    """2 gloo ranks, 8 rows a rank a step. A 1-row buffer leaves rank 1's shard empty: before, rank 0 trained on
+    8 + 4 replayed rows and rank 1 on 8, and the loss's all-gather of unequal shapes failed. Now the ranks agree
+    that not every shard has rows and neither replays; a 3-row buffer (shards of 2 and 1) replays 4 rows on both."""
+    import torch.multiprocessing as mp
+
+    from tests.trainers import ddp_harness
+
+    world = 2
+    with tempfile.TemporaryDirectory() as out_dir:
+        context = mp.spawn(ddp_harness._entry, args=(_tiny_buffer_worker, world, ddp_harness.free_port(), out_dir),
+                           nprocs=world, join=False)
+        deadline = time.monotonic() + 300  # measured: 10 s idle, 120 s on a loaded 2-core machine; a hang stops here
+        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                pytest.fail("the ranks hung: a step's gathers waited on shapes that did not match")
+        ranks = [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    one, three = [r[1] for r in ranks], [r[3] for r in ranks]
+    assert [r["shard"] for r in one] == [1, 0] and [r["shard"] for r in three] == [2, 1]
+    assert one[0]["rows"] == one[1]["rows"] == [(0, 8), (0, 8), (1, 8), (1, 8)]
+    assert three[0]["rows"] == three[1]["rows"] == [(0, 8), (0, 8), (1, 12), (1, 12)]
+    for line in (one, three):  # and DDP kept the replicas identical
+        assert all(torch.equal(v, line[1]["weights"][k]) for k, v in line[0]["weights"].items())

@@ -12,7 +12,11 @@ that draws them (`draw`) augments them afresh every time.
 
 Under DDP each rank holds a shard (`size` split over the ranks) filled from the rows that rank trained on, so
 the union of the shards is the buffer: nothing is stored twice. A checkpoint holds every rank's shard; a resume
-with another world size deals the union out again.
+with another world size deals the union out again. The ranks draw from their buffer only when *every* shard has
+rows (`drawable`, agreed by one all-reduce each time the buffer changes): a step's cross-rank gathers need the same
+rows on every rank, and a rank whose shard is empty (a buffer smaller than the world, which the spec refuses; a
+resume onto more ranks than rows) would otherwise train on fewer rows than the others and hang or crash them.
+Every rank then draws the same count per step.
 
 `RowBuffer` is a `Strategy` that implements the buffer's hooks (`setup`, `after_step`, `on_chunk_end`, state);
 a strategy using the rows subclasses it and adds how they are used (replay: `prepare_batch`; LUMP:
@@ -25,10 +29,12 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from pydantic import Field
 from torch import Tensor
 
 from trainers.config import ComponentConfig
+from trainers.distributed import world
 from trainers.engine.types import Batch, StepContext
 from trainers.strategies.base import ChunkEnd, Strategy
 
@@ -73,11 +79,13 @@ class RowBuffer(Strategy):
         self.staged_seen = 0  # rows of the current chunk offered to the reservoir
         self.rows_seen = 0  # rows of finished chunks this rank trained on
         self.generator = torch.Generator().manual_seed(self.seed)
+        self._drawable: bool | None = None  # every rank's shard has rows; None: ask the ranks again
 
     # ---------------------------------------------------------------- placement
     def setup(self, rank: int, world_size: int) -> None:
         if (rank, world_size) != (self.rank, self.world_size):
             self.rank, self.world_size = rank, world_size
+            self._drawable = None
             self.generator.manual_seed(self.seed * 1_000_003 + rank)
 
     @property
@@ -89,6 +97,17 @@ class RowBuffer(Strategy):
         return len(self.buffer["index"])
 
     # ---------------------------------------------------------------- drawing
+    def drawable(self, device: torch.device) -> bool:
+        """Whether every rank's shard has rows, so every rank can draw the same count this step. Under
+        torch.distributed a collective (one all-reduce on `device` each time the buffer changed): every rank must
+        call it at the same step, whatever its own shard holds."""
+        if self._drawable is None:
+            have = torch.tensor([1 if len(self) else 0], dtype=torch.int64, device=device)
+            if world()[1] > 1:
+                dist.all_reduce(have, op=dist.ReduceOp.MIN)
+            self._drawable = bool(have.item())
+        return self._drawable
+
     def draw(self, count: int, device: torch.device) -> Batch:
         """`count` buffer rows drawn uniformly with replacement, as a Batch on `device` (the buffer must not be
         empty)."""
@@ -153,6 +172,7 @@ class RowBuffer(Strategy):
             self.buffer = _rows(merged, torch.cat(keep)) if keep else _empty()
         self.rows_seen += self.staged_seen
         self.staged, self.staged_seen = _empty(), 0
+        self._drawable = None
 
     def _subset(self, n: int, k: int) -> Tensor:
         """`k` of `n` positions uniformly without replacement, in increasing order (the buffer keeps its order)."""
@@ -169,6 +189,7 @@ class RowBuffer(Strategy):
         if not states:
             return
         self.rank, self.world_size = rank, world_size
+        self._drawable = None
         if len(states) == world_size and all(s["placement"] == (r, world_size) for r, s in enumerate(states)):
             own = states[rank]
             self.buffer, self.staged = dict(own["buffer"]), dict(own["staged"])

@@ -10,6 +10,10 @@ past representation depends on move less. Only the backbone is regularised: the 
 Under DDP each rank estimates Omega on its shard of the chunk and the estimates are averaged, so every rank
 holds the same importances and anchor (the checkpoint stores rank 0's).
 
+MAS composes with `sequential` only: `joint` (from scratch) re-initialises the model every chunk, and pulling a
+fresh network towards the last chunk's weights would make it a warm start by penalty (and without from_scratch JT
+already trains on every past chunk), so `joint+mas` is refused by the stack and by the spec.
+
 Reference: R. Aljundi, F. Babiloni, M. Elhoseiny, M. Rohrbach, T. Tuytelaars, ECCV 2018, arXiv:1711.09601.
 """
 
@@ -71,6 +75,7 @@ class MAS(Strategy):
     """See the module docstring. Options: `MASConfig`."""
 
     name = "mas"
+    bases = ("sequential",)
 
     def __init__(self, lambd: float = 1.0, batches: int = 20) -> None:
         cfg = MASConfig.parse("mas", lambd=lambd, batches=batches)

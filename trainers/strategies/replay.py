@@ -4,6 +4,9 @@ The buffer (`trainers.strategies.buffer.RowBuffer`: staged during a chunk, merge
 ranks, re-dealt on a new world size) holds the past, never the present. Each step appends ``round(ratio x B)``
 buffer rows, drawn uniformly with replacement, to the stream's B rows (so ``ratio`` 1 makes half of every mixed
 batch replay); the method augments replayed rows afresh with the stream's.
+
+Replay composes with `sequential` only: `joint` trains on every past chunk already, so replaying them again only
+reweights the past (`joint+replay` is refused by the stack and by the spec).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class Replay(RowBuffer):
     """See the module docstring. Options: `ReplayConfig`."""
 
     name = "replay"
+    bases = ("sequential",)
 
     def __init__(self, size: int = 2000, ratio: float = 0.5, policy: str = "reservoir", seed: int = 0) -> None:
         cfg = ReplayConfig.parse("replay", size=size, ratio=ratio, policy=policy, seed=seed)
@@ -34,8 +38,8 @@ class Replay(RowBuffer):
         self.ratio = cfg.ratio
 
     def prepare_batch(self, batch: Batch, ctx: StepContext) -> Batch:
-        count = round(self.ratio * len(batch))
-        if count == 0 or len(self) == 0:
+        count = round(self.ratio * len(batch))  # the same on every rank: DDP ranks get equal batches
+        if count == 0 or not self.drawable(batch.images.device):  # some rank has no past rows yet
             return batch
         return batch.cat(self.draw(count, batch.images.device))
 
