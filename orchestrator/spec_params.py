@@ -78,7 +78,12 @@ def identity_digest(spec: Spec, with_seed: bool = True) -> str:
     for key in LOCAL_VIEW_KEYS_OFF_WHEN_NONE:
         if local.get(key, 0) is None:
             local.pop(key)
-    if (data.get("online") or {}).get("source"):
+    online = data.get("online") or {}
+    # How a deadline-cut batch sizes its LR cycle matters only under a deadline: without `time_budget_s` every cycle
+    # is planned, whatever `cycle_fit` says, so an online plan made before the field existed keeps its key.
+    if online and online.get("time_budget_s") is None:
+        online.pop("cycle_fit", None)
+    if online.get("source"):
         data["online"]["source"].pop("storage_options", None)
     for entry in data["eval"].get("downstream", []):
         entry.pop("storage_options", None)

@@ -79,3 +79,19 @@ def test_a_cycling_stream_starts_the_order_again_in_a_new_shuffle(synthetic_url:
     assert passes[0].tolist() != passes[1].tolist()  # in another order
     tasks = np.concatenate([b["task"] for b in batches[:12]])
     assert (np.diff(tasks) >= 0).all() and set(tasks.tolist()) == {0, 1, 2}  # the tasks one after another
+
+
+def test_cycle_fit_keys_the_plan_only_under_a_deadline(synthetic_url: str) -> None:
+    """`online.cycle_fit` came after online plans were keyed: without a deadline it changes no step, so it must not
+    change the plan key (and `--resume` of an older online plan); with `time_budget_s` it does change the LR."""
+    from orchestrator.spec import Spec
+    from orchestrator.spec_params import identity_digest
+    from tests.specs import tiny_spec
+
+    def digest(**online) -> str:
+        spec = tiny_spec("cycle-fit", synthetic_url, stream={"kind": "online", "seed": 0},
+                         online={"batch_size": 32, **online})
+        return identity_digest(Spec.model_validate(spec))
+
+    assert digest(cycle_fit="measured") == digest(cycle_fit="planned") == digest()
+    assert digest(time_budget_s=5.0, cycle_fit="measured") != digest(time_budget_s=5.0, cycle_fit="planned")
