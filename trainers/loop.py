@@ -81,6 +81,11 @@ class LineTrainer:
             for name, child in list(method.named_children()):
                 if "backbone" not in name:
                     setattr(method, name, convert_global_bn(child))
+        targets = {id(p) for _, target in method.momentum_pairs() for p in target.parameters()}
+        trainable_targets = [name for name, p in method.named_parameters() if p.requires_grad and id(p) in targets]
+        if trainable_targets:  # they would reach the optimizer, and DDP would wait for their gradients forever
+            raise RuntimeError(f"{self.cfg.method}: EMA target parameters must be frozen, these are trainable: "
+                               f"{trainable_targets[:5]}")
         self.method = method.to(self.device)
         if self.cfg.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
