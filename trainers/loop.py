@@ -10,7 +10,17 @@ Whoever drives it (Ray Train in `orchestrator/runner.py`, or a test with a plain
 (uint8 images with labels, row ids and domains; a bare uint8 `[B, 3, H, W]` tensor is taken as a Batch without
 labels), a `wrap_model` hook (DDP) and callbacks; the loop never knows where data comes from. Every step is the
 engine's `train_step` (trainers.engine.step): views from the config's ViewPlan, the method's training_step, the
-optimizer over the method's param_groups, the EMA of its momentum_pairs at the line's global progress.
+optimizer over the method's param_groups, the EMA of its momentum_pairs at the model's progress.
+
+A weight reset (joint training `from_scratch`: `strategy.reset_weights_at(chunk)`) rebuilds the model as a fresh
+run would start it, and every schedule that belongs to the model starts over with it, measured from the chunk where
+it was rebuilt (`position["model_start"]`, the line step of the rebuild, and `position["model_epochs"]`, the epochs
+the model has completed, counted over its chunks whatever their sizes): the EMA momentum restarts at base_momentum
+and rises over the model's planned life (to the next reset when the strategy resets at the next chunk, else to the
+line's end); DINO's teacher-temperature warm-up and last-layer freeze and SwAV's prototype freeze and queue start
+count the model's epochs and steps; a line-scoped LR schedule (`cosine_line`, with its warm-up) runs over the
+model's life too. Per-chunk LR schedules (`cosine`, `constant`) restart every chunk anyway. Loss buffers (DINO's
+centre, the MoCo and SwAV queues) are rebuilt with the model. Without resets the model's clock is the line's.
 
 Resuming inside a chunk is data-exact: `batches(epoch, skip)` must yield the same batches in the same order every
 time it is called for an epoch, starting at the `skip`-th (those were trained on before the checkpoint), so an
@@ -38,14 +48,17 @@ from trainers.loop_config import (ChunkReport, LoopConfig, StepInfo, chunk_sched
 from trainers.methods.global_bn import convert_global_bn
 from trainers.optim import build_optimizer, param_groups, set_lr
 from trainers.registry import METHOD_REGISTRY
-from trainers.schedules import SCOPE
+from trainers.schedules import SCOPE, build_schedule
 from trainers.strategies import ChunkEnd, build_strategy
 from trainers.viewplan import make_view_set
 
 
 # `line_step` counts optimizer steps from the line's start (across chunks and weight resets): the step of a
 # line-wide schedule.
-_START_OF_LINE = {"chunks_done": 0, "chunk": -1, "epoch": 0, "step": 0, "epoch_step": 0, "line_step": 0}
+# `model_start` is the line step at which the current model was built (a weight reset rebuilds it) and
+# `model_epochs` the epochs it has completed: the clock of the per-model schedules (see the module docstring).
+_START_OF_LINE = {"chunks_done": 0, "chunk": -1, "epoch": 0, "step": 0, "epoch_step": 0, "line_step": 0,
+                  "model_start": 0, "model_epochs": 0}
 
 
 class LineTrainer:
@@ -77,10 +90,16 @@ class LineTrainer:
         method = METHOD_REGISTRY[self.cfg.method].build(backbone, **self.cfg.method_options)
         if self.cfg.sync_bn:
             # Global BN statistics in the heads, as SimCLR's paper: per-worker BN lets each worker's statistics
-            # leak which samples share a worker. The backbone keeps per-worker BN (the usual DDP recipe).
+            # leak which samples share a worker. The backbone keeps per-worker BN (the usual DDP recipe). A target
+            # network's heads (BYOL, MoCo, DINO) are converted too and stay frozen: the EMA alone moves them.
             for name, child in list(method.named_children()):
                 if "backbone" not in name:
                     setattr(method, name, convert_global_bn(child))
+        targets = {id(p) for _, target in method.momentum_pairs() for p in target.parameters()}
+        trainable_targets = [name for name, p in method.named_parameters() if p.requires_grad and id(p) in targets]
+        if trainable_targets:  # they would reach the optimizer, and DDP would wait for their gradients forever
+            raise RuntimeError(f"{self.cfg.method}: EMA target parameters must be frozen, these are trainable: "
+                               f"{trainable_targets[:5]}")
         self.method = method.to(self.device)
         if self.cfg.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
@@ -138,19 +157,47 @@ class LineTrainer:
             strategy_states = [strategy_states]
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self.strategy.load_state_dict(strategy_states, self.rank, world)
-        self.position = {**_START_OF_LINE, **state["position"]}
+        self.position = {**_START_OF_LINE, **self._with_model_clock(state["position"])}
         generators = state.get("generators") or ([state["generator"]] if "generator" in state else [])
         # A rank restores its own stream of crops and colours; a state from another kind of device (a CUDA checkpoint
         # evaluated on a CPU) cannot be set and is not needed there; a rank the checkpoint did not have keeps its seed.
         if self.rank < len(generators) and state.get("generator_device", "cpu") == self.device.type:
             self.generator.set_state(generators[self.rank])
 
+    def _with_model_clock(self, position: dict[str, int]) -> dict[str, int]:
+        """`position` with the model's clock; derived for a checkpoint from before it was kept (the model was built
+        at the start of the newest chunk the strategy resets at, every chunk having `epochs_per_chunk` epochs)."""
+        if "model_start" in position and "model_epochs" in position:
+            return position
+        chunk = position.get("chunk", -1)
+        current = chunk if chunk >= 0 else position.get("chunks_done", 0) - 1  # the chunk the model last trained
+        born = max([c for c in range(1, current + 1) if self.strategy.reset_weights_at(c)], default=0)
+        epochs = (current - born + (0 if chunk >= 0 else 1)) * self.cfg.epochs_per_chunk + (
+            position.get("epoch", 0) if chunk >= 0 else 0)
+        line_step, step = position.get("line_step", 0), position.get("step", 0)
+        if not born:
+            start = 0
+        elif born == chunk:  # rebuilt at the start of the chunk it is inside
+            start = line_step - step
+        else:  # a finished rebuilt model, which the next chunk's start replaces
+            start = line_step
+        return {**position, "model_start": start, "model_epochs": max(0, epochs)}
+
     # ----------------------------------------------------------------- training
     def start_chunk(self, chunk: int) -> None:
-        """Called before a chunk's first step (not when resuming inside it)."""
+        """Called before a chunk's first step (not when resuming inside it). A weight reset rebuilds the model and
+        restarts its clock here: every per-model schedule counts from this chunk (see the module docstring)."""
         if self.strategy.reset_weights_at(chunk):
             self._build()
+            self.position.update(model_start=self.position["line_step"], model_epochs=0)
         self.position.update(chunk=chunk, epoch=0, step=0, epoch_step=0)
+
+    def _model_end(self, chunk: int, steps_total: int) -> int | None:
+        """The line step at which the current model's planned life ends: this chunk's end when the strategy
+        rebuilds the model at the next chunk, else the line's end (`line_steps`; None when unknown)."""
+        if self.strategy.reset_weights_at(chunk + 1):
+            return self.position["line_step"] - self.position["step"] + steps_total
+        return self.cfg.line_steps or None
 
     def train_chunk(
         self,
@@ -184,6 +231,10 @@ class LineTrainer:
         steps_total = cfg.epochs_per_chunk * steps_per_epoch
         schedule = chunk_schedule(cfg, steps_total, steps_per_epoch)
         line_scope = SCOPE[cfg.schedule] == "line"
+        model_start, model_end = self.position["model_start"], self._model_end(chunk, steps_total)
+        if line_scope and (model_start, model_end) != (0, cfg.line_steps):
+            # A rebuilt model's line schedule (warm-up included) runs over its own life, as a fresh line's would.
+            schedule = build_schedule(cfg.schedule, peak_lr(cfg), model_end - model_start, cfg.line_warmup_steps)
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
             else (self.rank, 1)
         self.strategy.setup(rank, world)
@@ -218,12 +269,13 @@ class LineTrainer:
                 if first_batch_s is None:
                     first_batch_s = now - started
                 step = self.position["step"]
-                lr = schedule.lr(self.position["line_step"] if line_scope else step)
+                lr = schedule.lr(self.position["line_step"] - model_start if line_scope else step)
                 set_lr(self.optimizer, lr)
                 batch = batch.to(self.device, non_blocking=True)
                 ctx = StepContext(step=self.position["line_step"], total_steps=cfg.line_steps or None, chunk=chunk,
                                   epoch=epoch, lr=lr, rank=rank, world_size=world,
-                                  steps_per_epoch=steps_per_epoch)
+                                  steps_per_epoch=steps_per_epoch, model_start=model_start, model_end=model_end,
+                                  model_epochs=self.position["model_epochs"])
                 mixed = self.strategy.prepare_batch(batch, ctx)  # replay's rows join here
                 views = make_view_set(mixed.images, cfg.views, generator=self.generator)
                 if views.overlap_fallbacks is not None:
@@ -255,10 +307,12 @@ class LineTrainer:
                         saving = time.perf_counter()
                         on_checkpoint()
                         checkpoint_s += time.perf_counter() - saving
-            self.position.update(epoch=epoch + 1, epoch_step=0)
+            model_epoch = self.position["model_epochs"]
+            self.position.update(epoch=epoch + 1, epoch_step=0, model_epochs=model_epoch + 1)
             self.method.on_epoch_end(StepContext(step=self.position["line_step"], total_steps=cfg.line_steps or None,
                                                  chunk=chunk, epoch=epoch, rank=rank, world_size=world,
-                                                 steps_per_epoch=steps_per_epoch))
+                                                 steps_per_epoch=steps_per_epoch, model_start=model_start,
+                                                 model_end=model_end, model_epochs=model_epoch))
             if on_epoch_end is not None and epoch + 1 < cfg.epochs_per_chunk:
                 checked = self._check_finite(chunk, losses, lrs, checked, first_step, weights=True)
                 saving = time.perf_counter()

@@ -14,7 +14,7 @@ from tests.trainers.learning_helpers import short_pretraining
 from tests.trainers.method_helpers import context, forward, step, tiny_backbone, view_set
 from trainers.engine.types import StepContext, ViewSet
 from trainers.methods import DINO, METHODS, dino_loss
-from trainers.methods.dino import DINOHead, line_epoch, teacher_temperature, updated_center
+from trainers.methods.dino import DINOHead, model_epoch, teacher_temperature, updated_center
 from trainers.registry import METHOD_REGISTRY
 
 SMALL = {"out_dim": 32, "hidden_dim": 32, "bottleneck_dim": 16}
@@ -211,12 +211,12 @@ def test_method_reads_the_epoch_of_the_line() -> None:
     expected = np.linspace(0.04, 0.07, 30)
     for step_, epoch in ((0, 0), (9, 0), (10, 1), (155, 15), (299, 29)):
         ctx = StepContext(step=step_, total_steps=10_000, steps_per_epoch=10)
-        assert line_epoch(ctx) == epoch
+        assert model_epoch(ctx) == epoch
         assert method.teacher_temp_at(ctx) == pytest.approx(expected[epoch])
     assert method.teacher_temp_at(StepContext(step=5000, total_steps=10_000, steps_per_epoch=10)) == 0.07
     # Online (no steps_per_epoch): no epochs, the warm-ups count as done ...
     online = StepContext(step=3, total_steps=None)
-    assert line_epoch(online) is None
+    assert model_epoch(online) is None
     assert method.teacher_temp_at(online) == 0.07 and not method.last_layer_frozen(online)
     # ... unless online_epoch_steps says how many steps make an epoch.
     counted = _method(warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=30,

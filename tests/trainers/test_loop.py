@@ -79,7 +79,8 @@ def test_chunk_report_and_position() -> None:
     report = trainer.train_chunk(0, batches_of(data()), steps_per_epoch=4, on_step=steps.append)
     assert report.steps == 8 and report.samples == 64 and len(report.losses) == 8
     assert all(math.isfinite(v) for v in report.losses)
-    assert trainer.position == {"chunks_done": 1, "chunk": -1, "epoch": 0, "step": 0, "epoch_step": 0, "line_step": 8}
+    assert trainer.position == {"chunks_done": 1, "chunk": -1, "epoch": 0, "step": 0, "epoch_step": 0, "line_step": 8,
+                                "model_start": 0, "model_epochs": 2}
     assert steps == []  # log_every (10) > 8 steps
 
 
@@ -131,7 +132,8 @@ def test_resume_inside_a_chunk_is_exact(tmp_path, stop_at: int) -> None:
         interrupted.train_chunk(0, batches_of(images), 4, on_checkpoint=checkpoint_then_die)
     state = load_state(tmp_path)
     assert state["position"] == {"chunks_done": 0, "chunk": 0, "epoch": stop_at // 4, "step": stop_at,
-                                 "epoch_step": stop_at % 4, "line_step": stop_at}
+                                 "epoch_step": stop_at % 4, "line_step": stop_at, "model_start": 0,
+                                 "model_epochs": stop_at // 4}
     resumed = LineTrainer(config(checkpoint_every_steps=3))
     resumed.load_state_dict(state)
     report = resumed.train_chunk(0, batches_of(images), 4)
@@ -160,7 +162,8 @@ def test_short_epochs_end_when_batches_run_out_and_resume_exactly(tmp_path) -> N
     with pytest.raises(Interrupted):
         run(interrupted, on_checkpoint=checkpoint_then_die)
     state = load_state(tmp_path)
-    assert state["position"] == {"chunks_done": 0, "chunk": 0, "epoch": 1, "step": 4, "epoch_step": 1, "line_step": 4}
+    assert state["position"] == {"chunks_done": 0, "chunk": 0, "epoch": 1, "step": 4, "epoch_step": 1, "line_step": 4,
+                                 "model_start": 0, "model_epochs": 1}
     resumed = LineTrainer(config())
     resumed.load_state_dict(state)
     assert run(resumed).steps == 2
@@ -295,7 +298,8 @@ def test_epoch_end_callbacks_come_after_every_epoch_but_the_last_and_resume_from
     seen: list[tuple[int, dict]] = []
     reference.train_chunk(0, batches_of(images), 4, on_epoch_end=lambda done: seen.append((done, dict(reference.position))))
     assert [done for done, _ in seen] == [1, 2]
-    assert seen[0][1] == {"chunks_done": 0, "chunk": 0, "epoch": 1, "step": 4, "epoch_step": 0, "line_step": 4}
+    assert seen[0][1] == {"chunks_done": 0, "chunk": 0, "epoch": 1, "step": 4, "epoch_step": 0, "line_step": 4,
+                          "model_start": 0, "model_epochs": 1}
 
     first = LineTrainer(config(epochs_per_chunk=3))
 

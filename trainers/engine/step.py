@@ -4,8 +4,9 @@
     out = train_step(model, method, optimizer, views, batch, ctx, autocast=autocast)
 
 `model` is the method, or its DDP wrapper (whose forward is the method's `training_step`); `method` the bare
-module (for hooks, EMA pairs). The EMA of `momentum_pairs()` uses the momentum at the line's global progress
-`ctx.progress`, so a target network's schedule runs once over the whole line, not once per chunk.
+module (for hooks, EMA pairs). The EMA of `momentum_pairs()` uses the momentum at the model's progress
+`ctx.model_progress`: a target network's schedule runs once over the model's life (the whole line, unless a weight
+reset rebuilds the model: then it starts again at base_momentum), not once per chunk.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def train_step(
     optimizer.step()
     pairs = method.momentum_pairs()
     if pairs:
-        momentum = method.momentum_at(ctx.progress)
+        momentum = method.momentum_at(ctx.model_progress)
         ema_update(pairs, momentum)
         out.terms["momentum"] = torch.tensor(momentum)
     method.on_step_end(ctx)

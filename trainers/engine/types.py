@@ -171,6 +171,15 @@ class StepContext:
         rank, world_size: this worker's place under DDP.
         stream_batch: the stream batch being learned (online), else None.
         steps_per_epoch: optimizer steps per epoch of the current chunk, when known.
+        model_start: the line step at which the current model was built: 0, or the step of the chunk where a
+            weight reset (joint training `from_scratch`) rebuilt it. Every per-model schedule (the EMA momentum,
+            DINO's teacher-temperature warm-up and last-layer freeze, SwAV's prototype freeze and queue start)
+            counts from here: a rebuilt model starts them over, as a fresh run would.
+        model_end: the line step at which the current model's planned life ends: the next rebuild, or the line's
+            end; None: `total_steps`. The EMA's cosine runs from `model_start` to here.
+        model_epochs: epochs the current model completed before this step, counted over every chunk it trained
+            (of whatever size): its epoch index, never decreasing. None when the loop does not count epochs
+            (online streams, benchmarks): the methods then derive one from the step.
     """
 
     step: int
@@ -181,14 +190,36 @@ class StepContext:
     rank: int = 0
     world_size: int = 1
     stream_batch: int | None = None
-    steps_per_epoch: int | None = None  # of the current chunk (epoch-based schedules: DINO's warm-ups)
+    steps_per_epoch: int | None = None  # of the current chunk (a fallback for epoch-based schedules)
+    model_start: int = 0
+    model_end: int | None = None
+    model_epochs: int | None = None
 
     @property
     def progress(self) -> float:
-        """step / total_steps in [0, 1]; 0 when the total is unknown."""
+        """step / total_steps in [0, 1]: the line's progress; 0 when the total is unknown."""
         if not self.total_steps:
             return 0.0
         return min(1.0, max(0.0, self.step / self.total_steps))
+
+    @property
+    def model_step(self) -> int:
+        """Optimizer steps the current model has taken before this one (the line's step when never rebuilt)."""
+        return self.step - self.model_start
+
+    @property
+    def model_steps(self) -> int | None:
+        """The current model's planned steps, from its build to `model_end`; None when unknown (unbounded)."""
+        end = self.model_end if self.model_end is not None else self.total_steps
+        return None if not end else max(0, end - self.model_start)
+
+    @property
+    def model_progress(self) -> float:
+        """model_step / model_steps in [0, 1], the progress of the per-model schedules (the EMA momentum); equal
+        to `progress` for a model built at the line's start; 0 when the model's length is unknown."""
+        if not self.model_steps:
+            return 0.0
+        return min(1.0, max(0.0, self.model_step / self.model_steps))
 
 
 __all__ = ["Batch", "LabelMix", "StepContext", "StepOutput", "ViewSet"]

@@ -7,9 +7,10 @@
 
 The engine (`trainers.engine.step.train_step`) calls `model(views, batch, ctx)` (DDP wraps `forward`, which is
 `training_step`), backpropagates `loss`, steps the optimizer over `param_groups(weight_decay)`, then moves every
-`momentum_pairs()` target towards its online module with the momentum of the line's global progress
-(`momentum_at`), so BYOL, MoCo and DINO share one EMA. Hooks run at fixed points of the step; the default ones do
-nothing.
+`momentum_pairs()` target towards its online module with the momentum of the model's progress
+(`momentum_at(ctx.model_progress)`), so BYOL, MoCo and DINO share one EMA. Hooks run at fixed points of the step;
+the default ones do nothing. Per-model schedules read the model's clock (`ctx.model_step`, `ctx.model_epochs`),
+which a weight reset restarts.
 
 Continual distillation (CaSSLe, `trainers.strategies.cassle`): `embedder()` is the module from a view to the
 embedding the method's loss works on (backbone + projector), `training_step` reports each global view's embedding

@@ -10,7 +10,7 @@ Usage::
     out = train_step(method, method, optimizer, views, batch, ctx)   # trainers.engine.step: step + EMA
 
 Only the online parameters need the optimizer; the target's are frozen (requires_grad False) and the engine moves
-them by EMA (`momentum_pairs`) over the line's global progress.
+them by EMA (`momentum_pairs`) over the model's progress (the line's, unless a weight reset rebuilt the model).
 `state_dict()` holds the target too, so a checkpoint resumes exactly.
 
 Options (`BYOLConfig`, the single source of their defaults; the spec's `methods.byol` is validated against it):
@@ -89,10 +89,10 @@ def byol_loss(p: Tensor, z: Tensor, reduction: str = "mean") -> Tensor:
 class BYOL(Method):
     """Online encoder + projector + predictor, EMA target encoder + projector (Grill et al., 2020).
 
-    The engine moves the target (`momentum_pairs`) after every optimizer step with the momentum of the line's
-    global progress (cosine from base_momentum to final_momentum over the whole line). With local views the
-    online network predicts every view and the targets are the global views only (the multi-crop recipe).
-    Options: `BYOLConfig`.
+    The engine moves the target (`momentum_pairs`) after every optimizer step with the momentum of the model's
+    progress (cosine from base_momentum to final_momentum over the model's life: the whole line, or from a weight
+    reset to the next one). With local views the online network predicts every view and the targets are the global
+    views only (the multi-crop recipe). Options: `BYOLConfig`.
     """
 
     Config = BYOLConfig

@@ -11,13 +11,14 @@ Usage::
     method = DINO(backbone, out_dim=65536, teacher_temp=0.07, warmup_teacher_temp_epochs=30)
     out = train_step(method, method, optimizer, views, batch, ctx)   # views: 2 global + n local
 
-The engine moves the teacher (`momentum_pairs`) after every optimizer step with the momentum of the line's global
-progress (cosine from base_momentum to final_momentum). The epoch-based schedules (teacher temperature warm-up,
-last-layer freeze) read the epoch of the line, `ctx.step // ctx.steps_per_epoch` (`online_epoch_steps` when the
-loop gives no `steps_per_epoch`). `on_after_backward` clips gradients (per parameter, as the official
-`clip_gradients`) and cancels the last layer's gradients during the first `freeze_last_layer` epochs.
-The centre is a registered buffer updated from all-reduced means, so every rank holds the same one and the
-checkpoint keeps it.
+The engine moves the teacher (`momentum_pairs`) after every optimizer step with the momentum of the model's progress
+(cosine from base_momentum to final_momentum over the model's life). The epoch-based schedules (teacher temperature
+warm-up, last-layer freeze) read the model's epoch `ctx.model_epochs` (epochs completed since the model was built,
+counted over chunks of any size, so it never goes back; a weight reset starts it at 0), or without it
+`ctx.model_step // ctx.steps_per_epoch` (`online_epoch_steps` when there is no `steps_per_epoch`).
+`on_after_backward` clips gradients (per parameter, as the official `clip_gradients`) and cancels the last layer's
+gradients during the first `freeze_last_layer` epochs. The centre is a registered buffer updated from all-reduced
+means, so every rank holds the same one and the checkpoint keeps it.
 
 Reference: M. Caron, H. Touvron, I. Misra, H. Jégou, J. Mairal, P. Bojanowski, A. Joulin, "Emerging Properties
 in Self-Supervised Vision Transformers", ICCV 2021, arXiv:2104.14294 (defaults from facebookresearch/dino
@@ -143,13 +144,17 @@ def teacher_temperature(epoch: int, warmup_temp: float = _DEFAULTS.warmup_teache
     return warmup_temp + (final_temp - warmup_temp) * epoch / (warmup_epochs - 1)
 
 
-def line_epoch(ctx: StepContext, online_epoch_steps: int = 0) -> int | None:
-    """The epoch of the line at `ctx`: `ctx.step // ctx.steps_per_epoch`; with no `steps_per_epoch` (online),
-    `ctx.step // online_epoch_steps`, or None (no epochs: warm-ups count as done) when that is 0."""
+def model_epoch(ctx: StepContext, online_epoch_steps: int = 0) -> int | None:
+    """The current model's epoch at `ctx`: `ctx.model_epochs` when the loop counts epochs (the chunk loop: never
+    decreasing, whatever the chunks' sizes); else `ctx.model_step // ctx.steps_per_epoch`; with no
+    `steps_per_epoch` (online) `ctx.model_step // online_epoch_steps`, or None (no epochs: warm-ups count as done)
+    when that is 0."""
+    if ctx.model_epochs is not None:
+        return ctx.model_epochs
     per_epoch = ctx.steps_per_epoch or online_epoch_steps
     if not per_epoch:
         return None
-    return ctx.step // per_epoch
+    return ctx.model_step // per_epoch
 
 
 # ---------------------------------------------------------------------------------------------- the loss
@@ -309,7 +314,7 @@ class DINO(Method):
 
     # ------------------------------------------------------------------ schedules
     def epoch(self, ctx: StepContext) -> int | None:
-        return line_epoch(ctx, self.config.online_epoch_steps)
+        return model_epoch(ctx, self.config.online_epoch_steps)
 
     def teacher_temp_at(self, ctx: StepContext) -> float:
         cfg = self.config
@@ -392,5 +397,5 @@ class DINO(Method):
                 param.grad = None
 
 
-__all__ = ["DINO", "DINOConfig", "DINOHead", "NormedLinear", "dino_loss", "line_epoch", "teacher_temperature",
+__all__ = ["DINO", "DINOConfig", "DINOHead", "NormedLinear", "dino_loss", "model_epoch", "teacher_temperature",
            "updated_center"]

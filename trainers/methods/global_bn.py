@@ -44,11 +44,17 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
 
 
 def convert_global_bn(module: nn.Module) -> nn.Module:
-    """`module` with every BatchNorm1d replaced by a GlobalBatchNorm1d holding the same parameters and buffers."""
+    """`module` with every BatchNorm1d replaced by a GlobalBatchNorm1d holding the same parameters and buffers.
+
+    Each new parameter keeps its original's `requires_grad`: a frozen EMA target (`frozen_copy`) stays frozen, so
+    its BN weights reach neither the optimizer nor DDP's reducer (which would wait for gradients that never come).
+    """
     if isinstance(module, nn.BatchNorm1d) and not isinstance(module, GlobalBatchNorm1d):
         new = GlobalBatchNorm1d(module.num_features, module.eps, module.momentum, module.affine,
                                 module.track_running_stats)
         new.load_state_dict(module.state_dict())
+        for name, param in module.named_parameters(recurse=False):
+            getattr(new, name).requires_grad_(param.requires_grad)
         new.train(module.training)
         return new.to(next(iter(module.state_dict().values())).device) if module.state_dict() else new
     for name, child in module.named_children():

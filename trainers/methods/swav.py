@@ -26,13 +26,15 @@ Distributed semantics (differences from facebookresearch/swav are noted):
   shared queue to the distributed Sinkhorn, so the global Sinkhorn problem is the same (queue_length past rows plus
   the global batch) and it resumes exactly from the one checkpoint. Like the official code the queue is used only
   once it is full, and before the current batch is pushed into it.
-- The queue starts at the line's epoch `ctx.step // ctx.steps_per_epoch` >= `epoch_queue_starts` (ctx.epoch when the
-  loop gives no steps_per_epoch, e.g. online streams).
+- The queue starts at the model's epoch >= `epoch_queue_starts`: `ctx.model_epochs` (epochs completed since the
+  model was built, over chunks of any size; never decreasing), else `ctx.model_step // ctx.steps_per_epoch`, else
+  ctx.epoch (online streams).
 - Prototypes are L2-normalised at construction and in `on_step_end` after every step that updated them (the official
   code normalises at the start of each iteration; the result is the same, keeps `forward` free of in-place parameter
-  writes under DDP, and checkpoints hold normalised prototypes). During the first `freeze_prototypes_iters` line steps
-  their gradient is dropped in `on_after_backward` (set to None, as the official code: the optimizer skips them,
-  weight decay and momentum included).
+  writes under DDP, and checkpoints hold normalised prototypes). During the model's first `freeze_prototypes_iters`
+  steps (`ctx.model_step`: a weight reset freezes a rebuilt model's prototypes again) their gradient is dropped in
+  `on_after_backward` (set to None, as the official code: the optimizer skips them, weight decay and momentum
+  included).
 - Same-size crops share one encoder pass and the projector sees all crops at once (as the official multi-crop
   forward): BN statistics are over all the crops of a size.
 
@@ -86,11 +88,14 @@ class SwAVConfig(ComponentConfig):
                     "default; the paper uses 3840 for its small-batch setting of 256 images)",
     )
     epoch_queue_starts: int = Field(
-        15, ge=0, description="the line's epoch from which the queue is filled (15 in the paper)",
+        15, ge=0,
+        description="the model's epoch (the line's, unless a weight reset rebuilt it) from which the queue is "
+                    "filled (15 in the paper)",
     )
     freeze_prototypes_iters: int = Field(
         313, ge=0,
-        description="the prototypes get no update during this many first steps of the line (313 in the paper)",
+        description="the prototypes get no update during this many first steps of the model (of the line; a "
+                    "weight reset freezes a rebuilt model's again) (313 in the paper)",
     )
 
 
@@ -273,9 +278,12 @@ class SwAV(Method):
         w = self.prototypes.weight
         w.copy_(F.normalize(w, dim=1))
 
-    def line_epoch(self, ctx: StepContext) -> int:
-        """The epoch of the line at this step (ctx.step // steps_per_epoch; ctx.epoch without steps_per_epoch)."""
-        return ctx.step // ctx.steps_per_epoch if ctx.steps_per_epoch else ctx.epoch
+    def model_epoch(self, ctx: StepContext) -> int:
+        """The model's epoch at this step: ctx.model_epochs; without it ctx.model_step // steps_per_epoch, or
+        ctx.epoch without steps_per_epoch."""
+        if ctx.model_epochs is not None:
+            return ctx.model_epochs
+        return ctx.model_step // ctx.steps_per_epoch if ctx.steps_per_epoch else ctx.epoch
 
     def training_step(self, views: ViewSet, batch: Batch, ctx: StepContext) -> StepOutput:
         cfg = self.config
@@ -289,7 +297,7 @@ class SwAV(Method):
         per_sample = swav_loss(z, self.prototypes.weight, cfg.temperature, cfg.epsilon, cfg.sinkhorn_iterations,
                                cfg.assign_views, queue=self.queue if queue_full else None, reduction="none",
                                local_weight=views.local_weight, global_views=len(views.global_))
-        if length > 0 and self.line_epoch(ctx) >= cfg.epoch_queue_starts:
+        if length > 0 and self.model_epoch(ctx) >= cfg.epoch_queue_starts:
             self._push(z[: cfg.assign_views])
         terms = {"loss/swav": per_sample.mean().detach(),
                  "swav/queue_used": torch.tensor(float(queue_full))}
@@ -323,12 +331,12 @@ class SwAV(Method):
         self.queue_filled.fill_(min(length, int(self.queue_filled) + new.shape[1]))
 
     def on_after_backward(self, ctx: StepContext) -> None:
-        if ctx.step < self.config.freeze_prototypes_iters:
+        if ctx.model_step < self.config.freeze_prototypes_iters:
             self.prototypes.weight.grad = None  # the optimizer skips the prototypes (no decay, no momentum)
 
     def on_step_end(self, ctx: StepContext) -> None:
         # Frozen steps leave the prototypes untouched (no gradient), so they are still unit vectors.
-        if ctx.step >= self.config.freeze_prototypes_iters:
+        if ctx.model_step >= self.config.freeze_prototypes_iters:
             self.normalize_prototypes()
 
 
