@@ -153,10 +153,10 @@ class RetryingClient:
     """The MlflowClient, with every public method run through one retry loop (see the module docstring).
 
     `create_run`, `create_logged_model`, `log_outputs` and `log_batch` are made safe to re-send; everything else
-    MLflow offers is passed through as is (reads and idempotent writes). `retry_seconds` (default: env STREAMSSL_TRACKING_RETRY_SECONDS, else 300) is how
-    long an outage is ridden out; `connect_seconds` (env STREAMSSL_TRACKING_CONNECT_SECONDS, else 5) bounds the
-    start-up check. `outages` lists the length in seconds of every outage ridden out (for reports and tests),
-    `retries` counts the attempts that were retried.
+    MLflow offers is passed through as is (reads and idempotent writes). `retry_seconds` (default: env
+    STREAMSSL_TRACKING_RETRY_SECONDS, else 300) is how long an outage is ridden out; `connect_seconds` (env
+    STREAMSSL_TRACKING_CONNECT_SECONDS, else 5) bounds the start-up check. `outages` lists the length in seconds of
+    every outage ridden out (for reports and tests), `retries` counts the attempts that were retried.
     """
 
     def __init__(self, uri: str, *, retry_seconds: float | None = None, connect_seconds: float | None = None):
