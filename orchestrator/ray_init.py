@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
 from orchestrator.spec import Spec
+
+log = logging.getLogger("streamssl")
+# streamssl is written against Ray Train V2 (the default from Ray 2.51 on, ray-project/ray#57857): `checkpoint_dir_name`
+# in ray.train.report, datasets sharded by the V2 DatasetManager, V2's failure handling. V1 would fail or misbehave.
+TRAIN_V2_ENV = "RAY_TRAIN_V2_ENABLED"
+
+
+def enable_train_v2() -> None:
+    """Set RAY_TRAIN_V2_ENABLED=1 in this process before `ray.train` is imported (Ray reads it at import and passes
+    it on to its Train controller and workers, and from a Tune trial to its trainer)."""
+    value = os.environ.get(TRAIN_V2_ENV)
+    if value is not None and value.strip().lower() not in ("1", "true"):
+        log.warning("%s=%s ignored: streamssl needs Ray Train V2", TRAIN_V2_ENV, value)
+    os.environ[TRAIN_V2_ENV] = "1"
 
 
 def init_ray(address: str | None, spec: Spec, dashboard: bool = False) -> None:
@@ -13,6 +28,7 @@ def init_ray(address: str | None, spec: Spec, dashboard: bool = False) -> None:
     cleaner needs it to free the workers of a trainer whose caller was killed (a sweep trial ASHA stopped)."""
     import ray
 
+    enable_train_v2()
     if ray.is_initialized():
         return
     if address:
@@ -32,7 +48,7 @@ def init_ray(address: str | None, spec: Spec, dashboard: bool = False) -> None:
     num_cpus = spec.resources.num_cpus or max(4, os.cpu_count() or 1)
     # address="local": always a fresh Ray of our own, never whatever cluster happens to run on this machine
     # (plain ray.init() would join it, and $RAY_ADDRESS would redirect it).
-    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", TRAIN_V2_ENV: "1"}
     options: dict = {}
     if dashboard:
         # Tell every worker where this Ray's state API is: by default it looks for "the latest Ray on this machine",
