@@ -23,12 +23,59 @@ def enable_train_v2() -> None:
     os.environ[TRAIN_V2_ENV] = "1"
 
 
+# The raylet warns "N PYTHON worker processes have been started ... Nx the maximum expected startup concurrency" each
+# time the node's worker processes pass another multiple of min(CPU cores, num_cpus), from 4x on. A run holds about
+# ten actors (Train controller and workers, dataset manager and split coordinator, evaluator, event queue, tallies)
+# beside its fractional-CPU read/decode tasks, so on a small machine it passes that mark by design.
+POOL_WARNING = "worker processes have been started on node"
+POOL_NOTE = ("streamssl: Ray warns when a node has started more than 4x min(CPU cores, num_cpus) Python worker "
+             "processes. A run's actors (Ray Train controller and workers, data coordinator, evaluator, queue) and its "
+             "fractional-CPU read/decode tasks pass that on a small machine by design: not a fault, nothing to do. "
+             "Ray's further warnings of this kind are not shown.")
+
+
+def explain_worker_pool_warnings() -> bool:
+    """Show Ray's worker-pool-size warning once, as POOL_NOTE, in this driver; returns whether it could.
+
+    Ray's driver prints raylet errors from a listener thread through `ray._private.worker.print_to_stdstream` (also
+    with log_to_driver=False); that function is wrapped. A Ray without it shows its warnings unchanged."""
+    try:
+        from ray._private import worker
+    except ImportError:  # pragma: no cover - Ray moved it
+        return False
+    original = getattr(worker, "print_to_stdstream", None)
+    if original is None:
+        return False
+    if getattr(original, "streamssl_pool_note", False):
+        return True
+    said = False
+
+    def print_to_stdstream(data, *args, **kwargs):
+        nonlocal said
+        lines = data.get("lines") or []
+        if data.get("pid") == "raylet" and any(POOL_WARNING in line for line in lines):
+            kept = [line for line in lines if POOL_WARNING not in line]
+            if not said:
+                said = True
+                kept.append(POOL_NOTE)
+            if not kept:
+                return None
+            data = {**data, "lines": kept}
+        return original(data, *args, **kwargs)
+
+    print_to_stdstream.streamssl_pool_note = True
+    print_to_stdstream.__wrapped__ = original
+    worker.print_to_stdstream = print_to_stdstream
+    return True
+
+
 def init_ray(address: str | None, spec: Spec, dashboard: bool = False) -> None:
     """`dashboard`: start the local Ray's dashboard too: Ray's state API runs there, and Ray Train's placement-group
     cleaner needs it to free the workers of a trainer whose caller was killed (a sweep trial ASHA stopped)."""
     import ray
 
     enable_train_v2()
+    explain_worker_pool_warnings()
     if ray.is_initialized():
         return
     if address:
