@@ -28,14 +28,18 @@ from torch import Tensor
 
 from trainers.config import ComponentConfig
 
-__all__ = ["LinearConfig", "LinearProbe", "fit_linear_probe", "linear_accuracy", "linear_probe"]
+__all__ = ["DEFAULT_LR", "LinearConfig", "LinearProbe", "fit_linear_probe", "linear_accuracy", "linear_probe"]
+
+
+# The one default peak LR of the probe: the spec's `eval.linear.lr` and the functions' `lr` (they used to differ).
+DEFAULT_LR = 0.1
 
 
 class LinearConfig(ComponentConfig):
     """The spec's `eval.linear` options (the probe trains on standardised frozen features)."""
 
     epochs: int = Field(100, ge=1, description="passes over the bank")
-    lr: float = Field(0.1, gt=0, allow_inf_nan=False, description="peak Adam LR, cosine-decayed to 0")
+    lr: float = Field(DEFAULT_LR, gt=0, allow_inf_nan=False, description="peak Adam LR, cosine-decayed to 0")
     weight_decay: float = Field(1e-4, ge=0, allow_inf_nan=False, description="L2 on the probe's weights")
     batch_size: int | None = Field(256, ge=1, description="minibatch rows; null trains full-batch")
 
@@ -79,7 +83,7 @@ def fit_linear_probe(
     train_feats: Tensor,
     train_labels: Tensor,
     epochs: int = 100,
-    lr: float = 1e-2,
+    lr: float = DEFAULT_LR,
     weight_decay: float = 1e-4,
     batch_size: int | None = 256,
     seed: int = 0,
@@ -149,7 +153,7 @@ def linear_probe(
     train_labels: Tensor,
     test_feats: Tensor,
     epochs: int = 100,
-    lr: float = 1e-2,
+    lr: float = DEFAULT_LR,
     weight_decay: float = 1e-4,
     batch_size: int | None = 256,
     seed: int = 0,
@@ -170,7 +174,7 @@ def linear_accuracy(
     test_feats: Tensor,
     test_labels: Tensor,
     epochs: int = 100,
-    lr: float = 1e-2,
+    lr: float = DEFAULT_LR,
     weight_decay: float = 1e-4,
     batch_size: int | None = 256,
     seed: int = 0,

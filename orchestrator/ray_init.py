@@ -2,10 +2,71 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
 from orchestrator.spec import Spec
+
+log = logging.getLogger("streamssl")
+# streamssl is written against Ray Train V2 (the default from Ray 2.51 on, ray-project/ray#57857): `checkpoint_dir_name`
+# in ray.train.report, datasets sharded by the V2 DatasetManager, V2's failure handling. V1 would fail or misbehave.
+TRAIN_V2_ENV = "RAY_TRAIN_V2_ENABLED"
+
+
+def enable_train_v2() -> None:
+    """Set RAY_TRAIN_V2_ENABLED=1 in this process before `ray.train` is imported (Ray reads it at import and passes
+    it on to its Train controller and workers, and from a Tune trial to its trainer)."""
+    value = os.environ.get(TRAIN_V2_ENV)
+    if value is not None and value.strip().lower() not in ("1", "true"):
+        log.warning("%s=%s ignored: streamssl needs Ray Train V2", TRAIN_V2_ENV, value)
+    os.environ[TRAIN_V2_ENV] = "1"
+
+
+# The raylet warns "N PYTHON worker processes have been started ... Nx the maximum expected startup concurrency" each
+# time the node's worker processes pass another multiple of min(CPU cores, num_cpus), from 4x on. A run holds about
+# ten actors (Train controller and workers, dataset manager and split coordinator, evaluator, event queue, tallies)
+# beside its fractional-CPU read/decode tasks, so on a small machine it passes that mark by design.
+POOL_WARNING = "worker processes have been started on node"
+POOL_NOTE = ("streamssl: Ray warns when a node has started more than 4x min(CPU cores, num_cpus) Python worker "
+             "processes. A run's actors (Ray Train controller and workers, data coordinator, evaluator, queue) and its "
+             "fractional-CPU read/decode tasks pass that on a small machine by design: not a fault, nothing to do. "
+             "Ray's further warnings of this kind are not shown.")
+
+
+def explain_worker_pool_warnings() -> bool:
+    """Show Ray's worker-pool-size warning once, as POOL_NOTE, in this driver; returns whether it could.
+
+    Ray's driver prints raylet errors from a listener thread through `ray._private.worker.print_to_stdstream` (also
+    with log_to_driver=False); that function is wrapped. A Ray without it shows its warnings unchanged."""
+    try:
+        from ray._private import worker
+    except ImportError:  # pragma: no cover - Ray moved it
+        return False
+    original = getattr(worker, "print_to_stdstream", None)
+    if original is None:
+        return False
+    if getattr(original, "streamssl_pool_note", False):
+        return True
+    said = False
+
+    def print_to_stdstream(data, *args, **kwargs):
+        nonlocal said
+        lines = data.get("lines") or []
+        if data.get("pid") == "raylet" and any(POOL_WARNING in line for line in lines):
+            kept = [line for line in lines if POOL_WARNING not in line]
+            if not said:
+                said = True
+                kept.append(POOL_NOTE)
+            if not kept:
+                return None
+            data = {**data, "lines": kept}
+        return original(data, *args, **kwargs)
+
+    print_to_stdstream.streamssl_pool_note = True
+    print_to_stdstream.__wrapped__ = original
+    worker.print_to_stdstream = print_to_stdstream
+    return True
 
 
 def init_ray(address: str | None, spec: Spec, dashboard: bool = False) -> None:
@@ -13,6 +74,8 @@ def init_ray(address: str | None, spec: Spec, dashboard: bool = False) -> None:
     cleaner needs it to free the workers of a trainer whose caller was killed (a sweep trial ASHA stopped)."""
     import ray
 
+    enable_train_v2()
+    explain_worker_pool_warnings()
     if ray.is_initialized():
         return
     if address:
@@ -32,7 +95,7 @@ def init_ray(address: str | None, spec: Spec, dashboard: bool = False) -> None:
     num_cpus = spec.resources.num_cpus or max(4, os.cpu_count() or 1)
     # address="local": always a fresh Ray of our own, never whatever cluster happens to run on this machine
     # (plain ray.init() would join it, and $RAY_ADDRESS would redirect it).
-    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", TRAIN_V2_ENV: "1"}
     options: dict = {}
     if dashboard:
         # Tell every worker where this Ray's state API is: by default it looks for "the latest Ray on this machine",

@@ -29,8 +29,8 @@ from orchestrator.errors import TrainingError
 from orchestrator.checkpoints import CHUNK_EVENT_FILE, checkpoint_dir_name, checkpoint_order, restore_newest  # noqa: F401
 from orchestrator.checkpoints import CheckpointFs as _CheckpointFs
 from orchestrator.data_factors import group_label_map
-from orchestrator.ingest import (DeviceBatchDecoder, chunk_dataset, chunk_rows, planned_chunk_rows, row_index,
-                                 shard_refs)
+from orchestrator.ingest import (DeviceBatchDecoder, chunk_dataset, chunk_rows, planned_chunk_rows, release_split,
+                                 row_index, shard_refs)
 from orchestrator.planner import ExperimentPlan, Job, Line
 from orchestrator.spec import Spec
 from trainers.loop import LoopConfig
@@ -156,6 +156,9 @@ def _train_fn(config: dict[str, Any]) -> None:
         # (the driver ignores a chunk it has already logged).
         send(restored_state["chunk_event"])
 
+    # The last line of the group that reads each dataset (lines with one strategy share their chunks' datasets):
+    # once it has finished the chunk, the dataset's split coordinator is released (ingest.release_split).
+    last_reader = {_dataset_name(t.line.strategy, j.chunk): i for i, t in enumerate(config["tasks"]) for j in t.jobs}
     label_map = config["label_map"]
     device_decoder = DeviceBatchDecoder(config["image_size"], device, config["on_corrupt"], config["corrupt_counter"])
     for line_index, task in enumerate(config["tasks"]):
@@ -268,6 +271,9 @@ def _train_fn(config: dict[str, Any]) -> None:
             timing = report(dir_name, {"line": task.line.id, "chunk": chunk, "loss": result.final_loss,
                                        "chunk_end": True}, chunk_event=event)
             send({**event, **timing})
+            # ray.train.report is a barrier: every rank is done reading this chunk's shard.
+            if rank == 0 and last_reader.get(_dataset_name(task.line.strategy, chunk)) == line_index:
+                release_split(shard)
 
 
 def _gather(value: Any) -> list[Any]:

@@ -30,8 +30,13 @@
     attempt, so a re-sent point is identical to the one that may have landed.
   - ``create_run``: every run gets a unique ``streamssl.client_token`` tag; a retry first searches for a run with
     that token and returns it instead of creating a second run.
+  - ``create_logged_model``: the same, with the token as a tag of the model (searched with
+    ``search_logged_models``).
+  - ``log_outputs`` (a run's output models, which MLflow refuses to store twice): a retry first reads the run's
+    outputs back and re-sends only the missing ones.
   - ``set_terminated``, ``update_run``, ``set_tag``, ``log_inputs`` (datasets and inputs are de-duplicated by
-    MLflow) and ``log_artifact`` (same path overwritten) are idempotent and simply re-sent.
+    MLflow), ``finalize_logged_model`` and ``log_artifact`` (same path overwritten) are idempotent and simply
+    re-sent.
 """
 
 from __future__ import annotations
@@ -147,11 +152,11 @@ def _point(metric) -> tuple:
 class RetryingClient:
     """The MlflowClient, with every public method run through one retry loop (see the module docstring).
 
-    `create_run` and `log_batch` are made safe to re-send; everything else MLflow offers is passed through as is
-    (reads and idempotent writes). `retry_seconds` (default: env STREAMSSL_TRACKING_RETRY_SECONDS, else 300) is how
-    long an outage is ridden out; `connect_seconds` (env STREAMSSL_TRACKING_CONNECT_SECONDS, else 5) bounds the
-    start-up check. `outages` lists the length in seconds of every outage ridden out (for reports and tests),
-    `retries` counts the attempts that were retried.
+    `create_run`, `create_logged_model`, `log_outputs` and `log_batch` are made safe to re-send; everything else
+    MLflow offers is passed through as is (reads and idempotent writes). `retry_seconds` (default: env
+    STREAMSSL_TRACKING_RETRY_SECONDS, else 300) is how long an outage is ridden out; `connect_seconds` (env
+    STREAMSSL_TRACKING_CONNECT_SECONDS, else 5) bounds the start-up check. `outages` lists the length in seconds of
+    every outage ridden out (for reports and tests), `retries` counts the attempts that were retried.
     """
 
     def __init__(self, uri: str, *, retry_seconds: float | None = None, connect_seconds: float | None = None):
@@ -207,6 +212,47 @@ class RetryingClient:
             return self._client.create_run(experiment_id, start_time=start_time, tags=tags, run_name=run_name)
 
         return self.call("create_run", attempt, retry_seconds)
+
+    def create_logged_model(self, experiment_id: str, name: str | None = None, source_run_id: str | None = None,
+                            tags: dict[str, str] | None = None, params: dict[str, str] | None = None,
+                            model_type: str | None = None, *, retry_seconds: float | None = None):
+        """Like `create_run`: the model gets a unique client-token tag, and a retry first looks for a model with
+        that token (the earlier attempt may have created it before its answer got lost)."""
+        tags = dict(tags or {})
+        token = tags.setdefault(CLIENT_TOKEN, uuid.uuid4().hex)
+        attempts = 0
+
+        def attempt():
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:
+                found = self._client.search_logged_models([experiment_id],
+                                                          filter_string=f"tags.`{CLIENT_TOKEN}` = '{token}'",
+                                                          max_results=2)
+                if found:
+                    log.info("logged model %s was created before the failure; not created again", found[0].model_id)
+                    return found[0]
+            return self._client.create_logged_model(experiment_id, name=name, source_run_id=source_run_id,
+                                                    tags=tags, params=params, model_type=model_type)
+
+        return self.call("create_logged_model", attempt, retry_seconds)
+
+    def log_outputs(self, run_id: str, models: list, *, retry_seconds: float | None = None):
+        """A run's output models; a retry leaves out those an earlier attempt stored (MLflow refuses a duplicate)."""
+        pending = list(models)
+        attempts = 0
+
+        def attempt():
+            nonlocal attempts, pending
+            attempts += 1
+            if attempts > 1:
+                outputs = self._client.get_run(run_id).outputs
+                stored = {(m.model_id, m.step) for m in (outputs.model_outputs if outputs else [])}
+                pending = [m for m in pending if (m.model_id, m.step) not in stored]
+            if pending:
+                self._client.log_outputs(run_id, pending)
+
+        return self.call("log_outputs", attempt, retry_seconds)
 
     def log_batch(self, run_id: str, metrics=(), params=(), tags=(), synchronous: bool | None = None, *,
                   retry_seconds: float | None = None):

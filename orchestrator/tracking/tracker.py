@@ -34,6 +34,31 @@ def logged_model_name(name: str) -> str:
     return "".join("-" if c in "/:.%\"'" else c for c in name)
 
 
+def dataset_source(url: str):
+    """The MLflow DatasetSource MLflow itself resolves `url` to: local paths and file:// a local source, s3:// an S3
+    one, gs:// GCS, http(s):// HTTP. A URL no registered source resolves (e.g. memory://) is logged as HTTP."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.exceptions import MlflowException
+
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": two local resolvers agree on a path
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            return resolve_dataset_source(url)
+        except MlflowException:
+            return HTTPDatasetSource(url)
+
+
+def _gone(client, model_id: str) -> bool:
+    try:
+        client.get_logged_model(model_id)
+    except Exception as exc:  # noqa: BLE001 - "not found" is what a deleted model answers
+        return classify(exc) == "fatal"
+    return False
+
+
 def _chunks(items: list, size: int) -> Iterable[list]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -113,11 +138,10 @@ class Tracker:
         self.client.log_artifact(run_id, str(path), artifact_path)
 
     def log_dataset(self, run_id: str, url: str, name: str, digest: str, context: str) -> None:
-        from mlflow.data.http_dataset_source import HTTPDatasetSource
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import DatasetInput, InputTag
 
-        dataset = MetaDataset(HTTPDatasetSource(url), name=name, digest=digest[:36])
+        dataset = MetaDataset(dataset_source(url), name=name, digest=digest[:36])
         self.client.log_inputs(
             run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])]
         )
@@ -178,9 +202,43 @@ class Tracker:
         return ids
 
     def delete_runs(self, run_ids: list[str]) -> None:
-        """Soft-delete runs (MLflow keeps them restorable; searches no longer return them)."""
+        """Soft-delete runs (MLflow keeps them restorable; searches no longer return them), and first the
+        LoggedModels they made: a driver that died between creating a chunk's model and ending its run left a
+        READY model whose source run a resume deletes here. Models first, so that a driver killed in between
+        leaves runs that the next resume deletes again (with their models), never orphaned models."""
         for run_id in run_ids:
+            for model in self.models_of(run_id):
+                self.delete_model(model.model_id)
             self.client.delete_run(run_id)
+
+    def models_of(self, run_id: str) -> list:
+        """The (not deleted) LoggedModels whose source run is `run_id`."""
+        experiment_id = self.experiment_id or self.get_run(run_id).info.experiment_id
+        out, token = [], None
+        while True:
+            page = self.client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'",
+                                                    max_results=100, page_token=token)
+            out.extend(page)
+            token = page.token
+            if not token:
+                return out
+
+    def delete_model(self, model_id: str) -> None:
+        """Mark a LoggedModel FAILED and delete it (soft: restorable in MLflow); a model already deleted (by an
+        attempt whose answer got lost) is fine."""
+        from mlflow.entities import LoggedModelStatus
+
+        client = self.client
+
+        def attempt():
+            try:
+                client._client.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
+                client._client.delete_logged_model(model_id)
+            except Exception as exc:
+                if classify(exc) != "fatal" or not _gone(client._client, model_id):
+                    raise
+
+        client.call("delete_logged_model", attempt)
 
     # ---------------------------------------------------------------- reading
     def runs(self, filter_string: str, experiment_ids: list[str] | None = None) -> list:
