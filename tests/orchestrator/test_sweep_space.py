@@ -9,7 +9,7 @@ import pytest
 from orchestrator.errors import SpecError
 from orchestrator.hooks import DriverHooks
 from orchestrator.spec import validate_spec
-from orchestrator.sweep.space import check_space, checked_points, decode, encode, sample_points, trial_spec
+from orchestrator.sweep.space import check_space, decode, encode, sample_points, trial_spec
 from tests.specs import tiny_spec
 
 
@@ -153,11 +153,13 @@ def test_random_points_invalid_together_are_refused_before_the_sweep():
     raw = tiny_spec("sweep-unit", "/tmp/nowhere", views=_VIEWS, sweep={"search": "random", "trials": 16,
                                                                       "space": space})
     sweep = validate_spec(raw).sweep
-    assert checked_points(sweep) == sample_points(sweep)
     with pytest.raises(SpecError) as caught:
         check_space(raw, sweep, "sweep.yaml")
     assert "sweep.space.views.local.min_iou = 0.5" in str(caught.value)
     assert "cannot be reached" in str(caught.value)
+    from orchestrator.sweep.space import checked_points
+
+    assert checked_points(sweep) == sample_points(sweep)
 
 
 def test_an_lr_cycle_grid_valid_only_jointly_is_accepted():
@@ -170,6 +172,8 @@ def test_an_lr_cycle_grid_valid_only_jointly_is_accepted():
         validate_spec({**raw, "online": {**raw["online"], "pct_start": 0.1}, "sweep": None})
     raw["eval"] = {**raw["eval"], "every_chunk": ["knn"]}
     check_space(raw, validate_spec(raw).sweep, "sweep.yaml")  # no error
+    from orchestrator.sweep.space import checked_points
+
     assert len(checked_points(validate_spec(raw).sweep)) == 4
 
 
@@ -177,13 +181,15 @@ def test_optuna_checks_the_corners_of_the_joint_box():
     space = {"views.global.size": {"randint": [16, 32]}, "views.local.size": {"choice": [8, 24]}}
     raw = tiny_spec("sweep-unit", "/tmp/nowhere", views=_VIEWS, sweep={"search": "optuna", "space": space})
     sweep = validate_spec(raw).sweep
-    corners = checked_points(sweep)[:-1]
-    assert sorted((p["views.global.size"], p["views.local.size"]) for p in corners) == [(16, 8), (16, 24), (32, 8),
-                                                                                          (32, 24)]
     with pytest.raises(SpecError) as caught:
         check_space(raw, sweep, "sweep.yaml")
     assert "sweep.space.views.global.size = 16, sweep.space.views.local.size = 24 together (box point 1)" in str(
         caught.value)
+    from orchestrator.sweep.space import checked_points
+
+    corners = checked_points(sweep)[:-1]
+    assert sorted((p["views.global.size"], p["views.local.size"]) for p in corners) == [(16, 8), (16, 24), (32, 8),
+                                                                                          (32, 24)]
 
 
 def test_resources_per_trial_gpu_is_refused_naming_the_field():
@@ -244,7 +250,7 @@ def _lineage(tracker, sweep_run: str, trial_state: str, trial_tags: dict) -> dic
     runs["eval0"] = tracker.create_run("chunk-0/eval", {tr.RUN_TYPE: "eval", tr.PARENT: plan,
                                                         tr.EVALUATES: runs["chunk0"]})
     tracker.end_run(runs["eval0"], "FINISHED")
-    tracker.set_tags(runs["chunk0"], {rec.EVAL_RUN: runs["eval0"]})
+    tracker.set_tags(runs["chunk0"], {tr.TAG + "eval_run": runs["eval0"]})  # (what link_eval writes)
     # chunk 1 is FINISHED with its checkpoint and no evaluation; chunk 2 and its evaluation are still open
     runs["chunk2"] = tracker.create_run("chunk-2", {tr.RUN_TYPE: "chunk", tr.PARENT: plan, tr.CHUNK: "2"})
     if trial_state == "KILLED":
