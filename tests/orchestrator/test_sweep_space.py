@@ -301,3 +301,30 @@ def test_a_stopped_trials_chunk_without_its_evaluation_ends_killed_with_the_reas
     sweep.tracker.end_run(late, "FINISHED")
     sweep._reconcile(rec.read_trials(sweep.tracker, sweep_run, "knn_top1"))
     assert sweep.tracker.get_run(late).info.status == "KILLED"
+
+
+# ---------------------------------------------------------------- paths against the user's directory (item 1)
+def test_a_sweeps_paths_resolve_against_the_working_directory_and_status_finds_it(tmp_path, monkeypatch):
+    from rich.console import Console
+
+    from orchestrator.sweep.driver import _Sweep
+    from orchestrator.sweep.lineage import newest_sweep
+
+    user = tmp_path / "user"
+    user.mkdir()
+    monkeypatch.chdir(user)
+    raw = tiny_spec("sweep-paths", "data/synth", tracking={"uri": "sqlite:///store/mlflow.db"},
+                    storage={"checkpoints": "ckpt"}, eval={"every_chunk": ["knn"], "baseline": False,
+                                                           "downstream": [{"name": "other", "url": "data/other"}]},
+                    sweep={"space": {"optim.lr": {"choice": [0.1, 0.2]}}})
+    (user / "store").mkdir()
+    sweep = _Sweep(raw, "sweep.yaml", Console(quiet=True), None)
+    monkeypatch.chdir(tmp_path)  # where Tune runs a trial: anywhere but the user's directory
+    spec = trial_spec(sweep.raw, {"optim.lr": 0.1}, "sweep.yaml")
+    assert spec.data.url == str(user / "data" / "synth")
+    assert spec.eval.downstream[0].url == str(user / "data" / "other")
+    assert spec.tracking_uri == f"sqlite:///{user / 'store' / 'mlflow.db'}"
+    assert spec.workdir == user / "streamssl-runs" and spec.checkpoint_url == str(user / "ckpt")
+    run_id, _ = sweep.open_run(resume=False)
+    monkeypatch.chdir(user)  # `streamssl status SPEC` from the user's directory finds the sweep by its key
+    assert newest_sweep(sweep.tracker, raw, "sweep.yaml").info.run_id == run_id
