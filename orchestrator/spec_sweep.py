@@ -71,7 +71,19 @@ class SchedulerSpec(_Strict):
 class TrialResources(_Strict):
     cpu: float = Field(0.5, gt=0, description="CPUs the trial's driver holds (mostly waiting; its training workers "
                                               "and its evaluation actor ask for their own)")
-    gpu: float = Field(0.0, ge=0, description="GPUs the trial's driver holds")
+    gpu: float = Field(0.0, ge=0, description="must be 0: a trial's driver never uses a GPU; its training workers "
+                                              "get theirs from resources.gpus_per_worker (their own placement group)")
+
+    @field_validator("gpu")
+    @classmethod
+    def _no_driver_gpu(cls, gpu: float) -> float:
+        # A GPU here sits in the trial driver's bundle, which never uses it: on a one-GPU node the trial's own
+        # TorchTrainer could then never get one and the trial would wait forever.
+        if gpu:
+            raise ValueError(f"{gpu} GPU(s) would be held by the trial's driver, which never uses them (and a "
+                             "one-GPU node could then never start the trial's training workers); set it to 0 and "
+                             "give the training workers their GPUs with resources.gpus_per_worker")
+        return gpu
 
 
 class SweepSpec(_Strict):

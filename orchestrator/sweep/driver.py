@@ -32,7 +32,8 @@ from orchestrator.errors import SpecError, TrainingError
 from orchestrator.spec import Spec, flatten, identity_digest, redact, validate_spec
 from orchestrator.spec_sweep import SweepSpec
 from orchestrator.sweep import records as rec
-from orchestrator.sweep.space import check_space, encode, optuna_space, sample_points, with_values
+from orchestrator.sweep.paths import resolve_paths
+from orchestrator.sweep.space import check_space, checked_points, encode, optuna_space, sample_points, with_values
 from orchestrator.tracking import lineage as tr
 
 
@@ -52,6 +53,20 @@ def sweep_key(base: Spec, sweep: SweepSpec) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def max_planned_reports(raw: dict[str, Any], sweep: SweepSpec, source: str) -> int:
+    """ASHA's max_t: the most reports any trial of the space makes. Sampling `stream.chunks`, the online segment
+    size or the stream's length (anything under stream, online or data) changes a trial's count, so each distinct
+    such point the sweep can run (grid / random: the trials; Optuna: the corners of the box) is planned."""
+    shaping = [path for path in sweep.space if path.split(".")[0] in ("stream", "online", "data")]
+    counts: dict[str, int] = {}
+    for point in checked_points(sweep) if shaping else [{}]:
+        values = {path: point[path] for path in shaping}
+        key = json.dumps(values, sort_keys=True, default=str)
+        if key not in counts:
+            counts[key] = planned_reports(validate_spec(with_values(raw, values), source))
+    return max(counts.values())
+
+
 def planned_reports(base: Spec) -> int:
     """How many times a trial reports (ASHA's max_t): once per chunk, or once per online segment."""
     from orchestrator.planner import build_plan
@@ -66,6 +81,11 @@ def planned_reports(base: Spec) -> int:
 
 class _Sweep:
     def __init__(self, raw: dict[str, Any], source: str, console: Console, best_spec_path: str | Path | None):
+        # Every local path and the tracking store against the user's directory, here, before any trial: Tune runs
+        # each trial in a working directory of its own (orchestrator.sweep.paths). The spec as written is kept for
+        # what the user reads back (the logged sweep spec, the best spec).
+        self.written, self.base_dir = raw, os.getcwd()
+        raw = resolve_paths(raw, self.base_dir)
         spec = validate_spec(raw, source)
         if spec.sweep is None:
             raise SpecError(f"{source}: no sweep section: add `sweep: {{metric: knn_top1, trials: 4, space: "
@@ -103,7 +123,7 @@ class _Sweep:
         self.tracker.log_params(run_id, params)
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "sweep_spec.yaml"
-            path.write_text(yaml.safe_dump(redact(self.raw), sort_keys=False))
+            path.write_text(yaml.safe_dump(redact(self.written), sort_keys=False))
             self.tracker.log_file(run_id, path)
         return run_id, []
 
@@ -111,7 +131,7 @@ class _Sweep:
     def run(self, resume: bool, address: str | None) -> SweepResult:
         from orchestrator.ray_init import init_ray
 
-        max_reports = planned_reports(self.base)
+        max_reports = max_planned_reports(self.raw, self.sweep, self.source)
         sweep_run, recorded = self.open_run(resume)
         result = SweepResult(sweep_run)
         for record in recorded:
@@ -166,12 +186,13 @@ class _Sweep:
             missing = sorted(set(range(len(points))) - {r.index for r in done})
             param_space, num_samples = {"trial": tune.grid_search(missing)}, 1
         context = TrialContext(self.raw, self.source, sweep, sweep_run, self.base.tracking_uri,
-                               self.base.experiment_name, self.artifact_root, points, counter)
+                               self.base.experiment_name, self.artifact_root, points, counter, self.base_dir)
         # The trial's placement group holds its driver and the driver's evaluation actor (1 CPU, as in
         # `streamssl run`); the training workers get a placement group of their own from Ray Train.
         own = sweep.resources_per_trial
+        # (No GPU in these bundles: the spec refuses resources_per_trial.gpu, see orchestrator.spec_sweep.)
         trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), tune.PlacementGroupFactory(
-            [{"CPU": own.cpu, "GPU": own.gpu}, {"CPU": 1.0}]))
+            [{"CPU": own.cpu}, {"CPU": 1.0}]))
         scheduler = self._scheduler(done, max_reports)
         from orchestrator import storage
 
@@ -208,11 +229,19 @@ class _Sweep:
                             reduction_factor=config.reduction_factor)
 
     def _reconcile(self, trials: list[rec.TrialRecord]) -> None:
-        """A trial still RUNNING after Tune returned never said how it ended (its actor died): FAILED."""
+        """After Tune returned (every trial actor is gone): a trial still RUNNING never said how it ended (its actor
+        died hard): FAILED, and its plan, chunk and evaluation runs KILLED with the reason. A stopped trial's plan
+        is closed again, for a chunk its actor logged after the stop was recorded (KILLED: never evaluated)."""
         for record in trials:
             if record.state == "interrupted":
-                self.tracker.set_tags(record.run_id, {rec.ERROR: "the trial's actor died before it recorded an end"})
-                self.tracker.end_run(record.run_id, "FAILED")
+                rec.mark_dead(self.tracker, record.run_id, "the trial's actor died before it recorded an end")
+            elif record.state == "stopped":
+                reason = self.tracker.get_run(record.run_id).data.tags.get(rec.STOPPED, "stopped by the scheduler")
+                rec.mark_stopped(self.tracker, record.run_id, reason)
+            elif record.state == "failed":
+                for plan in self.tracker.children(record.run_id, "plan"):
+                    rec.close_plan(self.tracker, plan.info.run_id, "KILLED", f"trial failed: {record.error or '?'}"[:500],
+                                   unevaluated=False)
 
     # ---------------------------------------------------------------- the outcome
     def _finish(self, result: SweepResult) -> None:
@@ -237,7 +266,7 @@ class _Sweep:
         best = result.best
         for trial in trials:
             self.tracker.set_tags(trial.run_id, {rec.BEST: "true" if trial is best else "false"})
-        text = yaml.safe_dump(with_values(self.raw, best.values), sort_keys=False)
+        text = yaml.safe_dump(with_values(self.written, best.values), sort_keys=False)
         result.best_spec_path = self.best_spec_path
         self.best_spec_path.parent.mkdir(parents=True, exist_ok=True)
         self.best_spec_path.write_text(f"# The best trial ({rec.trial_name(best.index)}, {self.sweep.metric} "
@@ -245,7 +274,7 @@ class _Sweep:
                                        + text)
         with tempfile.TemporaryDirectory() as folder:
             logged = Path(folder) / "best_spec.yaml"
-            logged.write_text(yaml.safe_dump(redact(with_values(self.raw, best.values)), sort_keys=False))
+            logged.write_text(yaml.safe_dump(redact(with_values(self.written, best.values)), sort_keys=False))
             self.tracker.log_file(result.sweep_run, logged)
         self.tracker.set_tags(result.sweep_run, {rec.BEST_TRIAL: best.run_id, rec.BEST_SPEC: str(self.best_spec_path),
                                                  tr.TAG + "best_values": json.dumps(best.values)[:5000]})
@@ -264,4 +293,4 @@ def run_sweep(raw: dict[str, Any], source: str, resume: bool = False, address: s
     return result
 
 
-__all__ = ["SweepResult", "planned_reports", "run_sweep", "sweep_key"]
+__all__ = ["SweepResult", "max_planned_reports", "planned_reports", "run_sweep", "sweep_key"]

@@ -75,6 +75,9 @@ def newest_sweep(tracker, raw: dict[str, Any], source: str):
     from orchestrator.sweep.driver import sweep_key
     from orchestrator.sweep.space import with_values
 
+    from orchestrator.sweep.paths import resolve_paths
+
+    raw = resolve_paths(raw)  # as `streamssl sweep` keyed it: its paths against the working directory
     spec = validate_spec(raw, source)
     key = sweep_key(validate_spec(with_values(raw, {}), source), spec.sweep)
     runs = tracker.runs(f"tags.`{tr.RUN_TYPE}` = 'sweep' and tags.`{rec.SWEEP_KEY}` = '{key}'")

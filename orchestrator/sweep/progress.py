@@ -61,6 +61,17 @@ class SweepCallback(Callback):
         error = str(trial.error_file and _read(trial.error_file) or "failed").strip().splitlines()
         self.console.print(f"{self._name(trial)}: [red]failed[/]: {error[-1] if error else ''}")
         self.progress.advance(self.task)
+        # A trial whose actor died hard wrote no end: its trial, plan, chunk and eval runs are still RUNNING.
+        reason = f"the trial's actor died: {error[-1] if error else 'no error file'}"[:500]
+        try:
+            for run in self.tracker.runs(f"tags.`{rec.TUNE_TRIAL}` = '{trial.trial_id}'"):
+                if run.info.status == "RUNNING":
+                    rec.mark_dead(self.tracker, run.info.run_id, reason)
+                else:  # it recorded its own failure; close what its driver could not
+                    for plan in self.tracker.children(run.info.run_id, "plan"):
+                        rec.close_plan(self.tracker, plan.info.run_id, "KILLED", reason, unevaluated=False)
+        except Exception as exc:  # the sweep driver reconciles again once Tune returns
+            self.console.print(f"[yellow]could not close the runs of {self._name(trial)} yet[/]: {exc}")
 
 
 def _read(path: str) -> str:

@@ -86,18 +86,69 @@ def _plan_runs(tracker, trial_run: str) -> list:
     return tracker.children(trial_run, "plan")
 
 
+EVAL_RUN = tr.TAG + "eval_run"  # on a chunk run: its evaluation run (orchestrator.experiment.link_eval)
+ENDED_BY = tr.TAG + "ended_by"  # on a run the sweep ended for a trial that could not: why
+
+
+def unevaluated_chunks(tracker, plan_run: str) -> list:
+    """The plan's FINISHED chunk runs with a checkpoint but no evaluation run: chunks logged while the evaluation
+    of an earlier one was still out when the trial stopped. (An online segment run stays RUNNING until its
+    evaluation lands, so `close_plan` ends it with the open runs.)"""
+    out = []
+    for run in tracker.children(plan_run):
+        tags = run.data.tags
+        if run.info.status != "FINISHED" or tags.get(tr.RUN_TYPE) != "chunk":  # (a segment ends at its evaluation)
+            continue
+        if EVAL_RUN in tags or tracker.evaluation_of(run.info.run_id):
+            continue
+        out.append(run)
+    return out
+
+
+def close_plan(tracker, plan_run: str, status: str, reason: str, unevaluated: bool = True) -> list[str]:
+    """End what a trial that can no longer write left open under its plan run: every RUNNING run (chunk, eval,
+    segment) and the plan run itself `status` with `ENDED_BY` = reason, and every finished chunk run whose
+    evaluation never came KILLED with the reason (its checkpoint stays; the lineage says why no metrics follow;
+    not with `unevaluated=False`: a trial that failed by itself keeps them for `streamssl run --resume`).
+    Returns the ids of the runs it ended."""
+    ended = []
+    for run in tracker.children(plan_run):
+        if run.info.status == "RUNNING":
+            tracker.set_tags(run.info.run_id, {ENDED_BY: reason})
+            tracker.end_run(run.info.run_id, status)
+            ended.append(run.info.run_id)
+    for run in unevaluated_chunks(tracker, plan_run) if unevaluated else []:
+        tracker.set_tags(run.info.run_id, {ENDED_BY: f"{reason}; its checkpoint was never evaluated",
+                                           STOPPED: reason})
+        tracker.end_run(run.info.run_id, "KILLED")
+        ended.append(run.info.run_id)
+    if tracker.get_run(plan_run).info.status == "RUNNING":
+        tracker.set_tags(plan_run, {ENDED_BY: reason})
+        tracker.end_run(plan_run, status)
+        ended.append(plan_run)
+    return ended
+
+
 def mark_stopped(tracker, trial_run: str, reason: str) -> None:
-    """A trial the scheduler stopped: it, its plan run and whatever was still open under that, KILLED."""
+    """A trial the scheduler stopped: it, its plan run and whatever was still open under that, KILLED; a chunk it
+    logged whose evaluation was still out, KILLED with the reason."""
     for plan in _plan_runs(tracker, trial_run):
-        for run in tracker.children(plan.info.run_id):
-            if run.info.status == "RUNNING":
-                tracker.end_run(run.info.run_id, "KILLED")
         tracker.set_tags(plan.info.run_id, {STOPPED: reason})
-        if plan.info.status == "RUNNING":
-            tracker.end_run(plan.info.run_id, "KILLED")
+        close_plan(tracker, plan.info.run_id, "KILLED", reason)
         tracker.set_tags(trial_run, {PLAN_RUN: plan.info.run_id})
     tracker.set_tags(trial_run, {STOPPED: reason})
-    tracker.end_run(trial_run, "KILLED")
+    if tracker.get_run(trial_run).info.status != "KILLED":
+        tracker.end_run(trial_run, "KILLED")
+
+
+def mark_dead(tracker, trial_run: str, reason: str) -> None:
+    """A trial whose actor died without a word: the trial run FAILED with `ERROR`, its plan's open runs KILLED."""
+    for plan in _plan_runs(tracker, trial_run):
+        close_plan(tracker, plan.info.run_id, "KILLED", reason)
+        tracker.set_tags(trial_run, {PLAN_RUN: plan.info.run_id})
+    if tracker.get_run(trial_run).info.status == "RUNNING":
+        tracker.set_tags(trial_run, {ERROR: reason})
+        tracker.end_run(trial_run, "FAILED")
 
 
 def delete_trial(tracker, trial_run: str) -> int:
@@ -111,4 +162,5 @@ def delete_trial(tracker, trial_run: str) -> int:
 
 
 __all__ = ["BEST", "BEST_SPEC", "BEST_TRIAL", "ERROR", "PLAN_RUN", "STOPPED", "SWEEP_KEY", "SWEEP_RUN", "TRIAL",
-           "TrialRecord", "delete_trial", "mark_stopped", "read_trials", "trial_name", "value_params"]
+           "TrialRecord", "close_plan", "delete_trial", "mark_dead", "mark_stopped", "read_trials", "trial_name",
+           "unevaluated_chunks", "value_params"]

@@ -4,10 +4,13 @@
     trials = sample_points(sweep)                          # random / grid: every trial's values, fixed by the seed
     spec = trial_spec(raw, {"optim.lr": 0.1}, "sweep.yaml")
 
-A value is valid for its field exactly when the spec with that value validates: the probes below (each range's
-ends and an inner point, every listed value) go through the same pydantic records as `streamssl run`, so a path
-that is not a field, a float for an integer field, or a value outside the field's bounds fails here with the
-record's own words, not in trial 7 an hour later.
+A space is valid exactly when every point the sweep can run is a valid spec as a whole: grid and random points
+are all known up front (every combination; the seeded draws), so each is validated; Optuna's are not, so the corners
+of the joint box (each range's ends times every listed value) and an inner point are. Each goes through the same
+pydantic records as `streamssl run`, so a path that is not a field, a float for an integer field, a value outside
+its bounds, or two values that cannot go together (`views.global.size` x `views.local.size`) fail here with the
+record's own words, not in trial 7 an hour later; and values that are only valid together (a short
+`online.pct_start` with more `online.steps_per_batch`) are accepted.
 """
 
 from __future__ import annotations
@@ -25,19 +28,43 @@ from orchestrator.spec_sweep import Distribution, SweepSpec
 # An inner point of a float range that no bound of a field sits on by accident (0.5 would hide `multiple_of`-like
 # rules and integer fields given a float range with integral ends).
 _INNER = 0.371
+# More points than this in one check (a huge grid, or a box of many choices) are refused rather than validated for
+# minutes: the sweep itself would run them.
+MAX_CHECKED_POINTS = 20000
 
 
-def _probes(dist: Distribution) -> list[Any]:
+def _ends(dist: Distribution) -> list[Any]:
+    """The values a corner of the joint box takes on this axis: a range's ends, or every listed value."""
+    if dist.kind in ("uniform", "loguniform", "randint"):
+        return list(getattr(dist, dist.kind))
+    return list(dist.values or [])
+
+
+def _inner(dist: Distribution) -> Any:
     kind = dist.kind
     if kind == "uniform":
         low, high = dist.uniform
-        return [low, high, low + _INNER * (high - low)]
+        return low + _INNER * (high - low)
     if kind == "loguniform":
         low, high = dist.loguniform
-        return [low, high, math.exp(math.log(low) + _INNER * (math.log(high) - math.log(low)))]
+        return math.exp(math.log(low) + _INNER * (math.log(high) - math.log(low)))
     if kind == "randint":
-        return list(dist.randint)
-    return list(dist.values or [])
+        return dist.randint[0]
+    return (dist.values or [None])[0]
+
+
+def checked_points(sweep: SweepSpec) -> list[dict[str, Any]]:
+    """The whole points a sweep's space is checked at: grid and random, exactly the trials' points (known up front);
+    Optuna, every corner of the joint box (each range's ends times every listed value) and one inner point."""
+    if sweep.search != "optuna":
+        return sample_points(sweep)
+    corners: list[dict[str, Any]] = [{}]
+    for path, dist in sweep.space.items():
+        corners = [{**corner, path: value} for corner in corners for value in _ends(dist)]
+        if len(corners) > MAX_CHECKED_POINTS:
+            raise SpecError(f"sweep.space: the joint box has more than {MAX_CHECKED_POINTS} corners; search fewer "
+                            "fields at once or list fewer choices")
+    return corners + [{path: _inner(dist) for path, dist in sweep.space.items()}]
 
 
 def with_values(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
@@ -53,26 +80,73 @@ def trial_spec(raw: dict[str, Any], values: dict[str, Any], source: str) -> Spec
     return validate_spec(with_values(raw, values), source=f"{source} (trial {values})")
 
 
+def _parts(path: str) -> tuple[str, ...]:
+    return tuple(path.replace("[", ".").replace("]", "").split("."))
+
+
+def _failing_paths(raw: dict[str, Any], values: dict[str, Any], source: str) -> set[str]:
+    """The paths of the error lines the spec with only `values` set fails with (empty when it is valid)."""
+    try:
+        validate_spec(with_values(raw, values), source=source)
+    except SpecError as exc:
+        return {line.strip().split(":", 1)[0] for line in str(exc).split("\n")[1:] if line.strip()} or {"?"}
+    return set()
+
+
+def _named(raw: dict[str, Any], detail: str, point: dict[str, Any], source: str) -> list[str]:
+    """The searched fields one error line (`path: message`) is about: those on its path (or under it) when their
+    values alone already fail that way; else every field of the point (a rule across fields)."""
+    where = _parts(detail.split(":", 1)[0].strip())
+    hit = [path for path in point
+           if _parts(path)[: len(where)] == where[: len(_parts(path))] and where[: len(_parts(path))]]
+    if hit and len(hit) < len(point):
+        alone = _failing_paths(raw, {path: point[path] for path in hit}, source)
+        if detail.split(":", 1)[0].strip() not in alone:
+            return list(point)  # valid with the base spec's other values: it is this combination that fails
+    return hit or list(point)
+
+
 def check_space(raw: dict[str, Any], sweep: SweepSpec, source: str) -> None:
-    """Every probe of every entry validates in an otherwise unchanged spec, and the metric is one the trials
-    report; else one SpecError listing each problem by `sweep.space.<path>`."""
-    problems: list[str] = []
-    for path, dist in sweep.space.items():
-        for value in _probes(dist):
-            try:
-                validate_spec(with_values(raw, {path: value}), source=source)
-            except SpecError as exc:
-                detail = str(exc).split("\n", 1)[-1].strip()
-                problems.append(f"sweep.space.{path}: {dist.kind} value {json.dumps(value)} is not valid for the "
-                                f"spec field {path}: {detail}")
-                break  # one bad value per entry says enough
+    """Every point the sweep can run validates as a whole spec (`checked_points`: all grid combinations, the
+    seeded random points, the corners of Optuna's box), and the metric is one the trials report; else one
+    SpecError listing each problem with the searched fields and values it involves, as `sweep.space.<path> = v`."""
+    points = checked_points(sweep)
+    if sweep.search == "grid" and len(points) > MAX_CHECKED_POINTS:
+        raise SpecError(f"{source}: sweep.space: the grid has {len(points)} points; at most {MAX_CHECKED_POINTS}")
+    problems: dict[tuple, str] = {}
+    failing = 0
+    for number, point in enumerate(points):
+        try:
+            validate_spec(with_values(raw, point), source=source)
+        except SpecError as exc:
+            failing += 1
+            details = [line.strip() for line in str(exc).split("\n")[1:] if line.strip()] or [str(exc)]
+            for detail in details:
+                named = _named(raw, detail, point, source)
+                key = (tuple(named), detail.split(":", 1)[0])  # one line per field(s) and rule says enough
+                if key in problems:
+                    continue
+                values = ", ".join(f"sweep.space.{path} = {json.dumps(point[path])}" for path in named)
+                together = " together" if len(named) > 1 else ""
+                problems[key] = (f"{values}{together} ({_point_name(sweep, number)}) is not a valid spec: {detail}")
     if problems:
-        raise SpecError(f"{source}: invalid sweep\n" + "\n".join(f"  {line}" for line in problems))
+        shown = list(problems.values())
+        raise SpecError(f"{source}: invalid sweep: {failing} of the {len(points)} points checked "
+                        f"({_checked(sweep)}) are not valid specs\n" + "\n".join(f"  {line}" for line in shown))
     spec = validate_spec(with_values(raw, {}), source=source)
     reported = reported_metrics(spec)
     if sweep.metric not in reported:
         raise SpecError(f"{source}: sweep.metric: {sweep.metric!r} is not reported by this spec's evaluation; "
                         f"one of {reported}")
+
+
+def _checked(sweep: SweepSpec) -> str:
+    return {"grid": "every grid combination", "random": f"the {sweep.trial_count} points seed {sweep.seed} draws",
+            "optuna": "the corners of the joint box and an inner point"}[sweep.search]
+
+
+def _point_name(sweep: SweepSpec, number: int) -> str:
+    return f"box point {number}" if sweep.search == "optuna" else f"trial {number}"
 
 
 def reported_metrics(spec: Spec) -> list[str]:
@@ -155,5 +229,5 @@ def encode(sweep: SweepSpec, values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["check_space", "decode", "encode", "optuna_space", "reported_metrics", "sample_points", "trial_spec",
+__all__ = ["MAX_CHECKED_POINTS", "check_space", "checked_points", "decode", "encode", "optuna_space", "reported_metrics", "sample_points", "trial_spec",
            "with_values"]

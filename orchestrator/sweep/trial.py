@@ -21,6 +21,7 @@ from orchestrator.hooks import DriverHooks, TrialStopped
 from orchestrator.spec import flatten
 from orchestrator.spec_sweep import SweepSpec
 from orchestrator.sweep import records as rec
+from orchestrator.sweep.paths import resolve_values
 from orchestrator.sweep.space import decode, trial_spec
 from orchestrator.tracking import lineage as tr
 
@@ -38,6 +39,7 @@ class TrialContext:
     artifact_root: str | None
     points: list[dict[str, Any]] | None  # random / grid: every trial's values by index; optuna: None
     counter: Any = None  # optuna: the actor handing out trial indices
+    base_dir: str | None = None  # the user's working directory, which `raw`'s paths are resolved against
 
 
 def trial_values(context: TrialContext, config: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -58,7 +60,9 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
 
     index, values = trial_values(context, config)
     name = rec.trial_name(index)
-    spec = trial_spec(context.raw, values, context.source)
+    # (Tune runs this in a working directory of its own: sampled paths resolve against the user's, as the spec's did)
+    spec = trial_spec(context.raw, resolve_values(values, context.base_dir) if context.base_dir else values,
+                      context.source)
     tracker = Tracker(context.tracking_uri, context.experiment, context.artifact_root)
     trial_id = tune.get_context().get_trial_id()
     run_id = tracker.create_run(name, {

@@ -281,3 +281,55 @@ def test_the_mlflow_ui_shows_the_trials_params_and_metric_in_a_browser(chromium,
     for shot in shots:
         data = shot.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 50_000, (shot, len(data))
+
+
+def test_a_sweep_with_relative_paths_run_elsewhere_records_into_the_users_store_and_closes_stopped_chunks(
+        tmp_path, monkeypatch, synthetic_url, ray_local):
+    """Issue 21, items 1 and 3a, on the session's Ray: relative `data.url`, default `storage.workdir`, no tracking URI,
+    run from a directory that is not the repo (Tune moves every trial into a folder of its own). Every run lands in
+    the user's store; ASHA stops trial-001 after chunk 0, by when its chunk 1 is logged (the driver collects chunk
+    0's evaluation at chunk 1's end) and never evaluated: that chunk run must end KILLED with the reason."""
+    from rich.console import Console
+
+    from orchestrator.sweep.driver import run_sweep
+    from orchestrator.tracking import lineage as tr
+
+    user = tmp_path / "user"
+    user.mkdir()
+    monkeypatch.chdir(user)
+    data = os.path.relpath(synthetic_url, user)
+    assert not os.path.isabs(data)
+    raw = tiny_spec("sweep-relative", data, optim={"epochs_per_chunk": 1, "batch_size": 64},
+                    eval={"every_chunk": ["knn"], "baseline": False},
+                    sweep={"metric": "knn_top1", "search": "grid", "scheduler": {"kind": "asha"},
+                           "space": {"optim.lr": {"grid": [0.5, 1e-5]}}})
+    result = run_sweep(raw, "sweep.yaml", console=Console(quiet=True))
+
+    store = user / "streamssl-runs" / "mlflow.db"
+    assert store.is_file() and result.best_spec_path.is_file()
+    uri = f"sqlite:///{store}"
+    runs = _runs(uri, "sweep-relative")
+    kinds = {}
+    for run in runs:
+        kinds.setdefault(run.data.tags.get(tr.RUN_TYPE), []).append(run)
+    assert {k: len(v) for k, v in kinds.items() if k in ("sweep", "trial", "plan")} == {"sweep": 1, "trial": 2, "plan": 2}
+    trials = {int(r.data.tags[rec.TRIAL]): r for r in kinds["trial"]}
+    assert trials[0].info.status == "FINISHED"
+    plans = {r.data.tags[tr.PARENT]: r for r in kinds["plan"]}
+    finished_plan = plans[trials[0].info.run_id].info.run_id
+    chunks = [r for r in kinds["chunk"] if r.data.tags[tr.PARENT] == finished_plan]
+    evals = [r for r in kinds["eval"] if r.data.tags[tr.PARENT] == finished_plan]
+    assert len(chunks) == 2 and len(evals) == 2  # the lineage is not hollow: chunk -> checkpoint -> metrics
+    assert all(r.info.status == "FINISHED" and r.data.tags[tr.CHECKPOINT].startswith(str(user)) for r in chunks)
+    # trial-001 (lr 1e-5) falls behind after chunk 0: stopped; no chunk of it is left FINISHED without evaluation
+    assert trials[1].info.status == "KILLED" and rec.STOPPED in trials[1].data.tags
+    stopped_plan = plans[trials[1].info.run_id].info.run_id
+    evaluated = {r.data.tags[tr.EVALUATES] for r in kinds.get("eval", []) if r.data.tags[tr.PARENT] == stopped_plan}
+    stopped_chunks = sorted((r for r in kinds["chunk"] if r.data.tags[tr.PARENT] == stopped_plan),
+                            key=lambda r: int(r.data.tags[tr.CHUNK]))
+    assert stopped_chunks, "trial-001 logged no chunk"
+    for run in stopped_chunks:
+        if run.info.run_id not in evaluated:
+            assert run.info.status == "KILLED", f"chunk {run.data.tags[tr.CHUNK]} left FINISHED without evaluation"
+            assert "never evaluated" in run.data.tags[rec.ENDED_BY]
+    assert [r.info.status for r in stopped_chunks] == ["FINISHED", "KILLED"]  # chunk 1 came before the stop
