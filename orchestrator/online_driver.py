@@ -74,6 +74,7 @@ class OnlineDriver(_Driver):
         self.segment_results: dict[str, dict[str, Any]] = {}  # segment run -> its evaluation
         self.final_segments: dict[str, int] = {}  # job key -> the segment the stream ended with
         self.sources: dict[str, dict[str, Any]] = {}  # job key -> the polled source's latest record
+        self.step_profiles: dict[str, list[float]] = {}  # line -> RALS's new-batch share per local step index
 
     # ---------------------------------------------------------------- events
     def on_event(self, event: dict[str, Any]) -> None:
@@ -99,6 +100,7 @@ class OnlineDriver(_Driver):
                                                                     "stream_batches")
                                               if k in event and event[k] == event[k]}, step=event["stream_batches"])
             self.tracker.set_tags(run_id, {tr.TAG + "stream_ended_by": event.get("ended_by", "stream")})
+            self._log_selection_profile(run_id, event)
             self._write_source(event["job_key"])
             self.tracker.end_run(run_id, "FINISHED")
             self.chunk_runs[event["job_key"]] = run_id
@@ -112,6 +114,16 @@ class OnlineDriver(_Driver):
             self.tracker.end_run(run_id, "FAILED")
         else:
             super().on_event(event)
+
+    def _log_selection_profile(self, run_id: str, event: dict[str, Any]) -> None:
+        """RALS's mean new-batch share per step index within a stream batch (the paper's Fig. 3b), as a metric
+        history over that index (`rals_new_fraction_by_local_step`) and, in `_summarise`, one plot for all lines."""
+        profile = [v for v in event.get("rals_new_fraction_by_step") or [] if v == v]
+        if not profile:
+            return
+        now = int(event["time"] * 1000)
+        self.tracker.log_metric_series(run_id, "rals_new_fraction_by_local_step", profile, now, now)
+        self.step_profiles[event["line"]] = profile
 
     def _open_online_run(self, event: dict[str, Any]) -> None:
         job = self.jobs[event["job_key"]]
@@ -356,4 +368,11 @@ class OnlineDriver(_Driver):
                          for line, curves in self.curves.items()}
                 png = plot_metric_curves(lines, Path(folder) / f"{series}.png", title=f"{series} over the stream",
                                          ylabel=series, xlabel="stream batches seen", x=steps)
+                self.tracker.log_file(self.parent, png, "plots")
+            if self.step_profiles:
+                steps = max(len(p) for p in self.step_profiles.values())
+                png = plot_metric_curves(self.step_profiles, Path(folder) / "rals_new_fraction_by_local_step.png",
+                                         title="RALS: share of trained rows from the new batch, per step",
+                                         ylabel="new-batch fraction (mean over batches)",
+                                         xlabel="step within a stream batch", x=list(range(steps)))
                 self.tracker.log_file(self.parent, png, "plots")

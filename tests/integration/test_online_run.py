@@ -84,6 +84,10 @@ def test_an_online_stream_is_one_worker_group_with_segments_in_mlflow(tmp_path: 
     assert [step for step, _ in fractions] == list(range(2, 76))
     assert all(0.25 <= f <= 1.0 for _, f in fractions)  # at least 4 of the 12 chosen are new on every step
     assert min(f for _, f in fractions) < 1.0  # some memory rows are chosen
+    # The selection profile (the RALS paper's Fig. 3b): the mean new share per step index within a batch, 4 steps.
+    profile = sorted((m.step, m.value) for m in client.get_metric_history(online.info.run_id,
+                                                                          "rals_new_fraction_by_local_step"))
+    assert [step for step, _ in profile] == [0, 1, 2, 3] and all(0.25 <= f <= 1.0 for _, f in profile)
 
     segments = sorted(runs("segment"), key=lambda r: int(r.data.tags[tr.TAG + "segment"]))
     assert [r.data.metrics["stream_batches"] for r in segments] == [25, 50, 75]
@@ -114,7 +118,7 @@ def test_an_online_stream_is_one_worker_group_with_segments_in_mlflow(tmp_path: 
     memory = state["online"]["memory"]
     assert len(memory) == 2 and sum(len(m["rows"]["index"]) for m in memory) == 64  # both ranks' shards, full
     assert {a["name"] for a in [{"name": f.path} for f in client.list_artifacts(plan.info.run_id, "plots")]} >= {
-        "plots/knn_top1_by_batch.png", "plots/rals_new_fraction.png"}
+        "plots/knn_top1_by_batch.png", "plots/rals_new_fraction.png", "plots/rals_new_fraction_by_local_step.png"}
 
 
 def test_a_chunked_spec_keeps_its_identity_and_params_without_an_online_section() -> None:
