@@ -336,3 +336,20 @@ def test_grace_s_is_validated(synthetic_url: str, tmp_path: Path) -> None:
         validate_spec(spec)
     spec["online"]["source"]["grace_s"] = 5
     assert validate_spec(spec).online.source.grace_s == 5.0
+
+
+def test_the_rows_after_the_last_full_batch_of_an_ended_stream_are_handed_over_not_dropped(
+        tmp_path: Path, synthetic_url: str, rows) -> None:
+    """30 rows in batches of 8: 3 batches, and the 6 rows after them as the tail (the runner keeps them in the
+    replay memory and reports `tail_rows`)."""
+    from orchestrator.online_runner import stream_batches
+
+    publish(tmp_path, "a.parquet", rows.slice(0, 30))
+    (tmp_path / "_STREAM_END").write_text("")
+    stream = PolledStream(PollSource(poll=str(tmp_path), interval_s=1, stall_after_s=5),
+                          load_manifest(synthetic_url), 0, sleep=lambda s: None, clock=Clock())
+    tail: list = []
+    batches = list(stream_batches(iter([stream.rows()]), 8, tail))
+    assert [len(b["key"]) for b in batches] == [8, 8, 8] and stream.end == "ended"
+    (rest,) = tail
+    assert rest["key"].tolist() == rows.column("key").to_pylist()[24:30]
