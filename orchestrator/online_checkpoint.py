@@ -90,8 +90,8 @@ def write_share(folder: str | Path, memory: Any, rank: int, cache: dict, threads
     encoded, plain = encode_images(rows["images"], rows["index"], cache, threads)
     payload = {"format": MEMORY_FORMAT, "placement": state["placement"], "size": state["size"],
                "seen": state["seen"], "generator": state["generator"],
-               "rows": {k: v.clone() for k, v in rows.items() if k != "images"},
-               "images": {"shape": tuple(rows["images"].shape[1:]), "encoded": encoded, "plain": plain.clone()}}
+               "rows": {k: v for k, v in rows.items() if k != "images"},  # written at once: no copies needed
+               "images": {"shape": tuple(rows["images"].shape[1:]), "encoded": encoded, "plain": plain}}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     data = buffer.getvalue()

@@ -60,12 +60,11 @@ def _worker(rank: int, world: int) -> dict:
     for k, name in enumerate(["step-0000002", "step-0000003", "step-0000004"]):
         first.memory.add(smooth_rows(1000 * k + 100 * rank, 8))  # each rank its own rows
         sizes.append(_save(checkpointer, first, run, f"{LINE}.chunk-000.{name}"))
-    listing = {p.name: sorted(f.name for f in p.iterdir()) for p in run.iterdir()}
 
     path, state = restore_online(_config(root), None, rank, world, SIZE)
     resumed = OnlineTrainer(line(), online)
     resumed.load_state_dict(state)
-    return {"listing": listing, "sizes": sizes, "restored_from": path, "rows": dict(first.memory.rows),
+    return {"sizes": sizes, "restored_from": path, "rows": dict(first.memory.rows),
             "restored": dict(resumed.memory.rows), "seen": (first.memory.seen, resumed.memory.seen),
             "generator": torch.equal(first.memory.generator.get_state(), resumed.memory.generator.get_state())}
 
@@ -75,7 +74,7 @@ def test_each_rank_writes_its_memory_once_the_newest_checkpoint_alone_keeps_it_a
     monkeypatch.setenv("STREAMSSL_TEST_ROOT", str(tmp_path))
     ranks = run_ddp(_worker)
     shares = [MEMORY_FILE.format(rank=r) for r in range(2)]
-    listing = ranks[0]["listing"]
+    listing = {p.name: sorted(f.name for f in p.iterdir()) for p in (tmp_path / "run").iterdir()}
     # The in-segment checkpoint (step 3) went whole; the older segment's keeps its state.pt (the lineage's) alone.
     assert listing == {f"{LINE}.chunk-000.step-0000002": ["state.pt"],
                        f"{LINE}.chunk-000.step-0000004": sorted(["state.pt", *shares])}
