@@ -11,8 +11,11 @@ without talking; resuming at batch k skips the first k batches before decoding t
 
 A polled source (`online.source`, `orchestrator.online_source`) replaces the tasks: the shards of a folder in the
 order they arrive, read by every rank (rank 0 lists, verifies and broadcasts each poll's news), cut into stream
-batches the same way and decoded on the worker; the checkpoint holds the order consumed so far. The stream ends
-when the source does; the batches since the last segment are then the last, partial segment. Every segment
+batches the same way and decoded on the worker; the checkpoint holds the order consumed so far, and a restart reads
+on from the first row not learned (`PolledStream.rows(skip_rows)`). The stream ends when the source does; the
+batches since the last segment are then the last, partial segment, and the rows after the last full batch (fewer
+than a batch) go into the replay memory untrained, counted (`tail_rows` on the final segment and `online_end`)
+and said in a warning. Every segment
 event says whether it is the stream's last (`final`), which makes its evaluation the line's.
 
 Arrival: with `online.time_budget_s` the stream batches arrive at a fixed interval from the stream's start
@@ -32,8 +35,9 @@ from typing import Any, Callable
 import numpy as np
 
 from orchestrator import storage
-from orchestrator.checkpoints import CheckpointFs, checkpoint_dir_name, restore_newest
+from orchestrator.checkpoints import CheckpointFs, checkpoint_dir_name
 from orchestrator.ingest import DeviceBatchDecoder, chunk_dataset, row_index, shard_refs
+from orchestrator.online_checkpoint import MemoryCheckpointer, restore_online
 from orchestrator.online_source import PolledStream, single_process
 from orchestrator.planner import ExperimentPlan
 from orchestrator.runner import GroupResult, LineTask, fit_with_events
@@ -43,9 +47,10 @@ from orchestrator.runner import GroupResult, LineTask, fit_with_events
 EVENT_LOG_SIZE = 512
 
 
-def stream_batches(tasks: Iterator[Iterator[dict[str, np.ndarray]]], size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Numpy batches of exactly `size` rows from the tasks' batches in order, across task boundaries; a tail
-    shorter than `size` at the end is dropped."""
+def stream_batches(tasks: Iterator[Iterator[dict[str, np.ndarray]]], size: int,
+                   tail: list[dict[str, np.ndarray]] | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Numpy batches of exactly `size` rows from the tasks' batches in order, across task boundaries. A tail
+    shorter than `size` at the end is not a batch: it is appended to `tail` when given (else dropped)."""
     pending: list[dict[str, np.ndarray]] = []
     held = 0
     for task in tasks:
@@ -59,6 +64,8 @@ def stream_batches(tasks: Iterator[Iterator[dict[str, np.ndarray]]], size: int) 
                 rest = {k: v[size:] for k, v in joined.items()}
                 held -= size
                 pending = [rest] if held else []
+    if pending and tail is not None:
+        tail.append({k: np.concatenate([b[k] for b in pending]) for k in pending[0]})
 
 
 def _rank_rows(batch: dict[str, np.ndarray], rank: int, world: int) -> dict[str, np.ndarray]:
@@ -73,7 +80,6 @@ def _online_fn(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from trainers.checkpoint import folder_bytes, load_state, save_state, tensor_bytes
     from trainers.engine.step import NonFiniteLossError
     from trainers.engine.types import Batch
     from trainers.loop import LineTrainer
@@ -99,12 +105,16 @@ def _online_fn(config: dict[str, Any]) -> None:
             dist.broadcast_object_list(box, src=0, group=group)
             return box[0]
 
-    restored_from, restored = restore_newest(config, ray.train.get_checkpoint(), load_state)
+    restored_from, restored = restore_online(config, ray.train.get_checkpoint(), rank, world, online_cfg.memory_size)
     restored_line = restored["line_index"] if restored is not None else -1
     send({"type": "start", "restored_from": restored_from, "time": time.time(),
           "nodes": [ray.get_runtime_context().get_node_id()]})
     decoder = DeviceBatchDecoder(config["image_size"], device, "skip", config["corrupt_counter"])
     run_url = f"{config['storage_uri'].rstrip('/')}/{config['run_name']}"
+    # Each rank's memory share in its own file of the checkpoint; only the newest checkpoint keeps the shares.
+    checkpointer = MemoryCheckpointer(config["checkpoint_fs"], run_url, rank, world, restored_from,
+                                      threads=config["threads_per_worker"],
+                                      referenced=lambda name: _segment_end(name, online_cfg.segment_batches))
     for line_index, task in enumerate(config["tasks"]):
         if line_index < restored_line or (line_index > restored_line and not task.jobs):
             continue
@@ -136,21 +146,21 @@ def _online_fn(config: dict[str, Any]) -> None:
         for event in event_log:
             send(event)
 
+        checkpointer.cache.clear()  # (encodings of the previous line's memory)
+
         def save(dir_name: str, ended: bool = False) -> dict[str, Any]:
+            """Every rank: checkpoint `dir_name`; rank 0 gets its sizes (checkpoint_bytes: every file of it,
+            memory_file_bytes: the memory shares as stored, buffer_bytes: the shares' rows decoded, state_bytes:
+            what stays once the next checkpoint prunes the shares)."""
             with tempfile.TemporaryDirectory() as folder:
-                ranks = online.rank_states()
-                checkpoint, stored = None, {}
-                if rank == 0:
-                    save_state(folder, {**online.state_dict(), **ranks, "line_index": line_index,
-                                        "line_id": task.line.id, "event_log": list(event_log),
-                                        **({"source": source.state_dict()} if source is not None else {}),
-                                        "stream_ended": ended})
-                    checkpoint = ray.train.Checkpoint.from_directory(folder)
-                    stored = {"checkpoint_bytes": folder_bytes(folder),
-                              "buffer_bytes": tensor_bytes(ranks["online"]["memory"])}
+                sizes = checkpointer.save(folder, online, {
+                    "line_index": line_index, "line_id": task.line.id, "event_log": list(event_log),
+                    **({"source": source.state_dict()} if source is not None else {}), "stream_ended": ended})
+                checkpoint = ray.train.Checkpoint.from_directory(folder) if sizes.pop("wrote") else None
                 ray.train.report({"line": task.line.id, "batch": online.batches_done}, checkpoint=checkpoint,
                                  checkpoint_dir_name=dir_name)
-                return stored
+            checkpointer.saved(dir_name)
+            return sizes
 
         reported = (0, 0)
 
@@ -190,7 +200,8 @@ def _online_fn(config: dict[str, Any]) -> None:
             event = {"type": "segment", "line": task.line.id, "job_key": job.key,
                      "segment": (done - 1) // online_cfg.segment_batches, "first_batch": segment_first,
                      "batches": done, "started": segment_started, "ended": time.time(), "final": final,
-                     **online.counters(), **source_counts(), "world_size": world}
+                     **online.counters(), **source_counts(), "world_size": world,
+                     **({"tail_rows": tail_rows} if final else {})}
             dir_name = checkpoint_dir_name(task.line, 0) if final else checkpoint_dir_name(task.line, 0, done)
             event["checkpoint_uri"] = f"{run_url}/{dir_name}"
             event_log.append(event)  # (replayed without its stored bytes, which the checkpoint holds)
@@ -198,9 +209,8 @@ def _online_fn(config: dict[str, Any]) -> None:
             send({**event, **stored})
             segment_started, segment_first, last_segment = time.time(), done, event
 
-        warned, final_sent, stopped = False, False, False
-        batches = _stream(config) if source is None else stream_batches(iter([source.rows()]), config["batch_size"])
-        for k, raw in enumerate(itertools.islice(batches, start, limit), start=start):
+        def rank_batch(raw: dict[str, np.ndarray]) -> Batch:
+            """This rank's rows of a stream batch, decoded."""
             rows = _rank_rows(raw, rank, world)
             if config["decode"] == "device" or source is not None:  # (a polled shard's rows come encoded)
                 images, picked = decoder.decode(rows)
@@ -208,8 +218,19 @@ def _online_fn(config: dict[str, Any]) -> None:
                         "index": row_index(rows["key"][picked])}
             else:  # decoded by Ray Data, which also gave each row its `index`
                 images = torch.from_numpy(rows["image"]).permute(0, 3, 1, 2)
-            batch = Batch(images, *(torch.from_numpy(np.asarray(rows[c]).astype("int64"))
-                                    for c in ("label", "index", "domain")))
+            return Batch(images, *(torch.from_numpy(np.asarray(rows[c]).astype("int64"))
+                                   for c in ("label", "index", "domain")))
+
+        warned, final_sent, stopped, tail_rows = False, False, False, 0
+        tail: list[dict[str, np.ndarray]] = []  # a polled stream's rows after its last full batch
+        if source is None:
+            batches = itertools.islice(_stream(config), start, limit)
+        else:  # a restored stream reads on from its first row not learned; the shards before it are not read again
+            batches = itertools.islice(stream_batches(iter([source.rows(start * config["batch_size"])]),
+                                                      config["batch_size"], tail),
+                                       None if limit is None else max(0, limit - start))
+        for k, raw in enumerate(batches, start=start):
+            batch = rank_batch(raw)
             if budget is not None and time.time() < arrival(k):
                 time.sleep(arrival(k) - time.time())  # the stream has not delivered it yet
             # A batch that spans two tasks belongs to the newer one: the older has ended. (A polled source has none.)
@@ -242,13 +263,31 @@ def _online_fn(config: dict[str, Any]) -> None:
         # The stream ended (its source stalled or said so, its rows ran out, or max_batches): the batches since the
         # last segment are the last, partial segment; a stream that ended just after a segment makes that one final.
         report_source()
+        if tail and not final_sent:
+            # The source ended with fewer rows than a batch after the last full one: not trained on (a short batch
+            # would deal unevenly over the ranks), but kept in the replay memory, counted and said.
+            tail_rows = len(tail[0]["label"])
+            rest = rank_batch(tail[0]) if len(tail[0]["label"][rank::world]) else None
+            if online.memory is not None and rest is not None and len(rest):
+                online.memory.add(rest)
+            send({"type": "online_warning", "line": task.line.id, "job_key": job.key,
+                  "message": f"the stream ended with {tail_rows} rows after its last full batch of "
+                             f"{config['batch_size']}: " + ("put into the replay memory, not trained on"
+                                                            if online.memory is not None else
+                                                            "not learned (no replay memory to keep them)")})
         if not final_sent:
             if online.batches_done > segment_first:
                 end_segment(True)
             elif last_segment is not None:
-                send({**last_segment, "final": True})
+                send({**last_segment, "final": True, "tail_rows": tail_rows})
         send({"type": "online_end", "line": task.line.id, "job_key": job.key, **online.counters(),
-              **source_counts(), "ended_by": _ended_by(source, limit, online.batches_done), "time": time.time()})
+              **source_counts(), "tail_rows": tail_rows, "ended_by": _ended_by(source, limit, online.batches_done), "time": time.time()})
+
+
+def _segment_end(dir_name: str, segment_batches: int) -> bool:
+    """Whether a checkpoint folder is a segment's (the lineage points at it) rather than one inside a segment."""
+    step = dir_name.rsplit(".step-", 1)
+    return len(step) == 1 or int(step[1]) % segment_batches == 0
 
 
 def _ended_by(source: Any, limit: int | None, done: int) -> str:
@@ -312,6 +351,9 @@ def train_online(plan: ExperimentPlan, tasks: list[LineTask], run_name: str,
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=res.max_failures),
+                             # Ray keeps every reported checkpoint: each segment's is its run's and LoggedModel's
+                             # (the lineage). What is bounded is pruned by the workers (online_checkpoint): the
+                             # memory lives in the newest checkpoint only, in-segment checkpoints once superseded.
                              checkpoint_config=CheckpointConfig(num_to_keep=None)),
     )
     return fit_with_events(trainer, events, run_name, on_event, ", ".join(t.line.id for t in tasks))

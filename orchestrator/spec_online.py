@@ -42,6 +42,10 @@ class PollSource(ComponentConfig):
     stall_after_s: float = Field(30.0, gt=0, allow_inf_nan=False,
                                  description="the stream ends when no shard has arrived for this long (from the "
                                              "start, or the last arrival); raise it for slow producers")
+    grace_s: float = Field(60.0, ge=0, allow_inf_nan=False,
+                           description="a shard whose sidecar is empty, partial or does not match the shard's bytes "
+                                       "(caught mid-write) is tried again until this many seconds after it first "
+                                       "showed; only what is still wrong then is skipped (0: skip at once)")
     end_marker: str = Field("_STREAM_END", min_length=1,
                             description="a file of this name in the folder ends the stream once the shards that "
                                         "arrived before it are learned (the producer's way to say it is done)")

@@ -115,8 +115,8 @@ def test_an_online_stream_is_one_worker_group_with_segments_in_mlflow(tmp_path: 
     last = Path(segments[-1].data.tags[tr.CHECKPOINT])
     state = load_state(last)
     assert state["online"]["batches_done"] == 75 and state["online"]["steps_done"] == 300
-    memory = state["online"]["memory"]
-    assert len(memory) == 2 and sum(len(m["rows"]["index"]) for m in memory) == 64  # both ranks' shards, full
+    memory = state["memory_files"]  # each rank's share in its own file of the checkpoint
+    assert len(memory) == 2 and sum(m["rows"] for m in memory) == 64  # both ranks' shards, full
     assert {a["name"] for a in [{"name": f.path} for f in client.list_artifacts(plan.info.run_id, "plots")]} >= {
         "plots/knn_top1_by_batch.png", "plots/rals_new_fraction.png", "plots/rals_new_fraction_by_local_step.png"}
 
@@ -186,7 +186,8 @@ def test_a_polled_folder_is_learned_as_its_shards_arrive_and_a_bad_shard_is_skip
     incoming.mkdir()
     rows = train_rows(synthetic_url)
     publish(incoming, "s2.parquet", rows.slice(0, 48))  # there when the stream starts: 3 batches of 16
-    raw = _online_spec("polled", synthetic_url, tmp_path, rals=False, segment_batches=2, memory_size=32, source={"poll": str(incoming), "interval_s": 0.5, "stall_after_s": 15})
+    raw = _online_spec("polled", synthetic_url, tmp_path, rals=False, segment_batches=2, memory_size=32,
+                       source={"poll": str(incoming), "interval_s": 0.5, "stall_after_s": 15, "grace_s": 1})
     spec = validate_spec(raw)
     client = MlflowClient(spec.tracking_uri)
     produced: list[str] = []
@@ -201,7 +202,7 @@ def test_a_polled_folder_is_learned_as_its_shards_arrive_and_a_bad_shard_is_skip
                 break
             time.sleep(0.5)
         publish(incoming, "s0-bad.parquet", rows.slice(48, 32), digest="0" * 64)
-        time.sleep(1.0)
+        time.sleep(3.0)  # past the bad shard's 1 s grace: it is skipped before the good one arrives
         publish(incoming, "s1.parquet", rows.slice(80, 40))
         produced.append("done")
 
@@ -223,6 +224,9 @@ def test_a_polled_folder_is_learned_as_its_shards_arrive_and_a_bad_shard_is_skip
     assert online.data.metrics["skipped_shards"] == 1 and online.data.metrics["arrived_shards"] == 2
     assert json.loads(online.data.tags[tr.TAG + "skipped_shards"]) == ["s0-bad.parquet"]
     assert "skipped shard s0-bad.parquet" in console.getvalue() and "sha256 mismatch" in console.getvalue()
+    assert "1s grace period" in console.getvalue()  # retried first: a sidecar may be caught mid-write
+    # The 8 rows after the last whole batch: kept in the memory, counted and said.
+    assert "the stream ended with 8 rows after its last full batch of 16" in online.data.tags[tr.TAG + "warning"]
     record = json.loads(Path(client.download_artifacts(online.info.run_id, "source_shards.json",
                                                        str(tmp_path))).read_text())
     assert record["arrived"] == [{"name": "s2.parquet", "rows": 48}, {"name": "s1.parquet", "rows": 40}]
@@ -240,6 +244,16 @@ def test_a_polled_folder_is_learned_as_its_shards_arrive_and_a_bad_shard_is_skip
     # The checkpoint holds the order consumed, so a resume reads the same shards in the same order.
     state = load_state(Path(segments[-1].data.tags[tr.CHECKPOINT]))
     assert state["online"]["batches_done"] == 5 and state["stream_ended"] is True
+    # The memory: each rank's share once, in its own file of the newest checkpoint only (state.pt holds no rows);
+    # the older segments' checkpoints keep their state.pt, which their runs and models point at.
+    assert state["online"]["memory"] == [] and [m["file"] for m in state["memory_files"]] == [
+        "memory-rank-00000.pt", "memory-rank-00001.pt"]
+    assert sum(m["rows"] for m in state["memory_files"]) == 32
+    for older in segments[:-1]:
+        assert sorted(p.name for p in Path(older.data.tags[tr.CHECKPOINT]).iterdir()) == ["state.pt"]
+    assert sorted(p.name for p in Path(segments[-1].data.tags[tr.CHECKPOINT]).iterdir()) == [
+        "memory-rank-00000.pt", "memory-rank-00001.pt", "state.pt"]
+    assert all(r.data.metrics["checkpoint_bytes"] > 0 for r in segments)
     assert [a["name"] for a in state["source"]["arrivals"]] == ["s2.parquet", "s1.parquet"]
     assert [s["name"] for s in state["source"]["skipped"]] == ["s0-bad.parquet"]
 

@@ -16,8 +16,10 @@ augments them afresh.
 
 Under DDP each rank holds a shard of `size // world + (rank < size % world)` rows, a reservoir over the rows that
 rank received: the union of the shards is the memory, and nothing is stored twice. A checkpoint holds every rank's
-state (`state_dict` per rank, `load_state_dict` takes the list); a resume with another world size deals the union
-out again (see `load_state_dict`).
+state once (`state_dict` per rank, each rank's in its own file: `orchestrator.online_checkpoint`);
+`load_state_dict` takes the list in rank order, where a resume in the same placement needs only this rank's rows
+(the others' entries may carry their placement, size and count alone); a resume with another world size deals the
+union out again (see `load_state_dict`).
 """
 
 from __future__ import annotations
@@ -164,7 +166,10 @@ class ReplayMemory:
         taking every world_size-th row from r, at most its new capacity; `seen` is the total over the saved ranks
         dealt out the same way, so the totals stay. Each rank's reservoir then goes on from its share: the union
         stays a uniform sample of the stream if the memory was full (or holds every row if it was not), and a
-        smaller `size` keeps a uniform subset. The generators restart from the seed and the new rank."""
+        smaller `size` keeps a uniform subset. The generators restart from the seed and the new rank.
+
+        In the same placement only this rank's entry needs its "rows" and "generator": the others' may hold just
+        "placement", "size" and "seen" (a checkpoint's shares are read by their own ranks alone)."""
         states = [s for s in states if s]
         if not states:
             return
@@ -179,6 +184,9 @@ class ReplayMemory:
             self.seen = own["seen"]
             self.generator.set_state(own["generator"])
             return
+        if any("rows" not in s for s in states):
+            raise ValueError("the memory is dealt out again (another world size or size), which needs every rank's "
+                             "rows; some states hold only their placement")
         union = _cat([s["rows"] for s in states])
         order = torch.randperm(len(union["index"]), generator=torch.Generator().manual_seed(self.seed))
         mine = order[rank::world_size][:self.capacity]
