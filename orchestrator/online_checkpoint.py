@@ -129,7 +129,8 @@ class MemoryCheckpointer:
     def save(self, folder: str, online: Any, extra: dict[str, Any]) -> dict[str, Any]:
         """Every rank: its share into `folder`; rank 0 also `state.pt`. Returns (on rank 0) the checkpoint's sizes:
         checkpoint_bytes (all its files), memory_file_bytes (the shares, encoded), buffer_bytes (the shares' rows
-        as held in memory, decoded), state_bytes (what stays once a newer checkpoint prunes the shares)."""
+        as held in memory, decoded), state_bytes (what stays once a newer checkpoint prunes the shares), memory_rows
+        (the rows of every share)."""
         import torch.distributed as dist
 
         from trainers.checkpoint import save_state
@@ -150,7 +151,8 @@ class MemoryCheckpointer:
             state_bytes = path.stat().st_size
             memory_bytes = sum(m["bytes"] for m in files)
             sizes.update(checkpoint_bytes=state_bytes + memory_bytes, memory_file_bytes=memory_bytes,
-                         buffer_bytes=sum(m["raw_bytes"] for m in files), state_bytes=state_bytes)
+                         buffer_bytes=sum(m["raw_bytes"] for m in files), state_bytes=state_bytes,
+                         memory_rows=sum(m["rows"] for m in files))
         return sizes
 
     def saved(self, dir_name: str) -> None:

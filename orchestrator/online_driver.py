@@ -38,7 +38,7 @@ SEGMENT = "segment"
 # Per-batch values logged on the online run (step = stream batches seen).
 BATCH_METRICS = ("loss", "lr", "steps", "dropped_steps", "seconds", "step_seconds", "rals_seconds", "memory_rows")
 COUNTERS = ("late_batches", "online_steps", "rals_new_fraction_last", "rals_new_fraction_mean100")
-SOURCE_COUNTS = ("arrived_shards", "skipped_shards")  # a polled source's, on segment and online runs
+SOURCE_COUNTS = ("arrived_shards", "skipped_shards", "tail_rows")  # a polled source's, on segment and online runs
 FINAL = tr.TAG + "final_segment"  # on the segment the stream ended with: its evaluation is the line's
 
 
@@ -183,11 +183,17 @@ class OnlineDriver(_Driver):
                    "wall_seconds": event["ended"] - event["started"], "late_batches": event["late_batches"],
                    "dropped_steps": event["dropped_steps"], **{k: event[k] for k in SOURCE_COUNTS if k in event}}
         if "checkpoint_bytes" in event:  # (a segment said again from its checkpoint's event log has no sizes)
-            metrics.update({k: event[k] for k in ("checkpoint_bytes", "buffer_bytes")})
+            metrics.update({k: event[k] for k in ("checkpoint_bytes", "buffer_bytes", "memory_file_bytes",
+                                                  "state_bytes") if k in event})
             # The memory is data kept, and inside the checkpoint: not added on top of it (orchestrator.accounting).
-            metrics.update({"data_kept_bytes": event["buffer_bytes"],
-                            "model_state_bytes": event["checkpoint_bytes"] - event["buffer_bytes"],
+            # It is stored encoded (memory_file_bytes) beside the model's state.pt; older runners kept it decoded
+            # inside state.pt (buffer_bytes).
+            kept = event.get("memory_file_bytes", event["buffer_bytes"])
+            metrics.update({"data_kept_bytes": kept,
+                            "model_state_bytes": event.get("state_bytes", event["checkpoint_bytes"] - kept),
                             "stored_bytes": event["checkpoint_bytes"]})
+            if "memory_rows" in event:
+                metrics["data_kept_rows"] = event["memory_rows"]
         self.tracker.log_metrics(run_id, metrics)
         # The segment's checkpoint as a LoggedModel, made at the stream batch it ends at (a chunk's at its chunk).
         log_checkpoint_model(self.tracker, self.plan, run_id, segment_name(job, event["segment"]), event["batches"],

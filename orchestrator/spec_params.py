@@ -84,7 +84,10 @@ def identity_digest(spec: Spec, with_seed: bool = True) -> str:
     if online and online.get("time_budget_s") is None:
         online.pop("cycle_fit", None)
     if online.get("source"):
-        data["online"]["source"].pop("storage_options", None)
+        # How long a shard that does not check out yet is waited for decides only what arrives, which the run's
+        # source_shards.json records; a plan keyed before the grace period existed keeps its key.
+        for key in ("storage_options", "grace_s"):
+            data["online"]["source"].pop(key, None)
     for entry in data["eval"].get("downstream", []):
         entry.pop("storage_options", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

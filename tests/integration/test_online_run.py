@@ -94,8 +94,9 @@ def test_an_online_stream_is_one_worker_group_with_segments_in_mlflow(tmp_path: 
     assert all(r.info.status == "FINISHED" and 0 < r.data.metrics["knn_top1"] <= 1 for r in segments)
     # What a segment keeps: the memory is its data, inside its checkpoint (not added on top of it).
     for m in (r.data.metrics for r in segments):
-        assert m["data_kept_bytes"] == m["buffer_bytes"] > 0 and m["stored_bytes"] == m["checkpoint_bytes"]
-        assert m["model_state_bytes"] == m["checkpoint_bytes"] - m["buffer_bytes"]
+        assert m["data_kept_bytes"] == m["memory_file_bytes"] > 0 and m["stored_bytes"] == m["checkpoint_bytes"]
+        assert m["model_state_bytes"] == m["state_bytes"] == m["checkpoint_bytes"] - m["memory_file_bytes"] > 0
+        assert m["data_kept_rows"] == 64  # both ranks' memory shards, full (32 rows each)
     curve = client.get_metric_history(online.info.run_id, "knn_top1_by_batch")
     assert sorted((m.step, m.value) for m in curve) == [(r.data.metrics["stream_batches"], r.data.metrics["knn_top1"])
                                                          for r in segments]

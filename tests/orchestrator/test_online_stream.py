@@ -95,3 +95,18 @@ def test_cycle_fit_keys_the_plan_only_under_a_deadline(synthetic_url: str) -> No
 
     assert digest(cycle_fit="measured") == digest(cycle_fit="planned") == digest()
     assert digest(time_budget_s=5.0, cycle_fit="measured") != digest(time_budget_s=5.0, cycle_fit="planned")
+
+
+def test_the_grace_period_of_a_polled_source_does_not_key_the_plan(synthetic_url: str, tmp_path) -> None:
+    """`online.source.grace_s` came after polled plans were keyed and only decides which shards arrive (recorded in
+    source_shards.json): a polled plan keeps its key, and `--resume`, whatever grace it is given."""
+    from orchestrator.spec import Spec
+    from orchestrator.spec_params import flatten, identity_digest
+    from tests.specs import tiny_spec
+
+    def spec(**source) -> Spec:
+        return Spec.model_validate(tiny_spec("grace", synthetic_url, stream={"kind": "online", "seed": 0},
+                                             online={"batch_size": 32, "source": {"poll": str(tmp_path), **source}}))
+
+    assert identity_digest(spec(grace_s=5)) == identity_digest(spec(grace_s=120)) == identity_digest(spec())
+    assert flatten(spec(grace_s=5))["online.source.grace_s"] == "5.0"  # still a param, for the compare view
