@@ -193,31 +193,9 @@ class RetryingClient:
 
         return call
 
-    def create_run(self, experiment_id: str, start_time: int | None = None, tags: dict[str, Any] | None = None,
-                   run_name: str | None = None, *, retry_seconds: float | None = None):
-        from mlflow.entities import ViewType
-
-        tags = dict(tags or {})
-        token = tags.setdefault(CLIENT_TOKEN, uuid.uuid4().hex)
-        attempts = 0
-
-        def attempt():
-            nonlocal attempts
-            attempts += 1
-            if attempts > 1:  # the previous attempt may have created the run before its answer got lost
-                found = self._client.search_runs([experiment_id], filter_string=f"tags.`{CLIENT_TOKEN}` = '{token}'",
-                                                 run_view_type=ViewType.ALL, max_results=2)
-                if found:
-                    return found[0]
-            return self._client.create_run(experiment_id, start_time=start_time, tags=tags, run_name=run_name)
-
-        return self.call("create_run", attempt, retry_seconds)
-
-    def create_logged_model(self, experiment_id: str, name: str | None = None, source_run_id: str | None = None,
-                            tags: dict[str, str] | None = None, params: dict[str, str] | None = None,
-                            model_type: str | None = None, *, retry_seconds: float | None = None):
-        """Like `create_run`: the model gets a unique client-token tag, and a retry first looks for a model with
-        that token (the earlier attempt may have created it before its answer got lost)."""
+    def _create_once(self, name: str, tags: dict[str, Any] | None, find, create, retry_seconds: float | None):
+        """`create(tags)` retried without making a second entity: `tags` get a unique client-token tag, and a retry
+        first asks `find(token)` for what an earlier attempt may have created before its answer got lost."""
         tags = dict(tags or {})
         token = tags.setdefault(CLIENT_TOKEN, uuid.uuid4().hex)
         attempts = 0
@@ -226,16 +204,35 @@ class RetryingClient:
             nonlocal attempts
             attempts += 1
             if attempts > 1:
-                found = self._client.search_logged_models([experiment_id],
-                                                          filter_string=f"tags.`{CLIENT_TOKEN}` = '{token}'",
-                                                          max_results=2)
+                found = find(f"tags.`{CLIENT_TOKEN}` = '{token}'")
                 if found:
-                    log.info("logged model %s was created before the failure; not created again", found[0].model_id)
+                    log.info("%s: made before the failure, not made again", name)
                     return found[0]
-            return self._client.create_logged_model(experiment_id, name=name, source_run_id=source_run_id,
-                                                    tags=tags, params=params, model_type=model_type)
+            return create(tags)
 
-        return self.call("create_logged_model", attempt, retry_seconds)
+        return self.call(name, attempt, retry_seconds)
+
+    def create_run(self, experiment_id: str, start_time: int | None = None, tags: dict[str, Any] | None = None,
+                   run_name: str | None = None, *, retry_seconds: float | None = None):
+        from mlflow.entities import ViewType
+
+        return self._create_once(
+            "create_run", tags,
+            lambda flt: self._client.search_runs([experiment_id], filter_string=flt, run_view_type=ViewType.ALL,
+                                                 max_results=2),
+            lambda t: self._client.create_run(experiment_id, start_time=start_time, tags=t, run_name=run_name),
+            retry_seconds)
+
+    def create_logged_model(self, experiment_id: str, name: str | None = None, source_run_id: str | None = None,
+                            tags: dict[str, str] | None = None, params: dict[str, str] | None = None,
+                            model_type: str | None = None, *, retry_seconds: float | None = None):
+        """Like `create_run`: a retry never makes a second model."""
+        return self._create_once(
+            "create_logged_model", tags,
+            lambda flt: self._client.search_logged_models([experiment_id], filter_string=flt, max_results=2),
+            lambda t: self._client.create_logged_model(experiment_id, name=name, source_run_id=source_run_id,
+                                                       tags=t, params=params, model_type=model_type),
+            retry_seconds)
 
     def log_outputs(self, run_id: str, models: list, *, retry_seconds: float | None = None):
         """A run's output models; a retry leaves out those an earlier attempt stored (MLflow refuses a duplicate)."""
