@@ -18,9 +18,11 @@ import os
 import re
 from typing import Any
 
+from orchestrator.spec import StorageSpec
+
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-# The default of storage.workdir (orchestrator.spec.StorageSpec), resolved even when the spec omits it.
-_DEFAULT_WORKDIR = "streamssl-runs"
+# The default of storage.workdir, resolved even when the spec omits it.
+_DEFAULT_WORKDIR = StorageSpec.model_fields["workdir"].default
 
 
 def _local(value: Any, base: str) -> Any:
