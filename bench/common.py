@@ -295,12 +295,13 @@ def scratch_dir(prefix: str) -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix=f"streamssl-bench-{prefix}-")
 
 
-def init_ray(num_cpus: int) -> None:
-    """One local Ray per benchmark, as the driver starts it (no dashboard, quiet workers)."""
+def init_ray(num_cpus: int) -> bool:
+    """One local Ray per benchmark, as the driver starts it (no dashboard, quiet workers). Returns whether it started
+    one: a benchmark shuts down only a Ray it started (a test's session Ray stays up for the tests after it)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     # address="local": always a fresh instance of our own, never a Ray someone else started on this machine.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
@@ -315,6 +316,7 @@ def init_ray(num_cpus: int) -> None:
         ctx.print_on_execution_start = False
     except Exception:
         pass
+    return True
 
 
 def augmentation_ops(aug: Any, T: Any, solarize_threshold: float) -> list[Any]:

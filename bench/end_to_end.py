@@ -274,8 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"{rows_n} training rows is less than {max(steps, 1)} batches of {base.batch}")
         base = replace(base, log_every=min(base.log_every, steps))
         print(f"shards: {data['url']} ({rows_n} train rows, {steps} steps of {base.batch} per pass)", flush=True)
-        owns_ray = not ray.is_initialized()  # a Ray the caller started (a test's session Ray) stays up
-        init_ray(ray_cpus)
+        owns_ray = init_ray(ray_cpus)  # a Ray the caller started (a test's session Ray) stays up
         try:
             for backbone, method in cells_for(args):
                 cfg = replace(base, backbone=backbone, method=method)

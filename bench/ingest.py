@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data = prepare_data(args, Path(scratch))
         print(f"shards: {data['url']} ({data['manifest'].splits['train'].rows} train rows, "
               f"{'reused' if data['reused'] else 'prepared'} in {data['prepare_s']:.1f} s)", flush=True)
-        init_ray(ray_cpus)
+        owns_ray = init_ray(ray_cpus)
         try:
             variants = build_variants(args, data, device, size, batch, workers)
             passes: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     f"{n} {passes[n][-1]['images_per_s']:.0f}/s" for n in names), flush=True)
             del variants  # DataLoader workers stop with their loaders
         finally:
-            ray.shutdown()
+            if owns_ray:
+                ray.shutdown()
     total = time.perf_counter() - started
 
     ref = REFERENCE if REFERENCE in passes else None

@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results, fixtures = [], []
     with scratch_dir("planning") as scratch:
         root = Path(args.workdir or scratch)
-        init_ray(args.ray_cpus)
+        owns_ray = init_ray(args.ray_cpus)
         try:
             for scale in args.scales:
                 rows = round(args.rows * scale)
@@ -312,7 +312,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     print(f"  {kind}: build_plan {planned['build_plan_s']:.1f} s, peak "
                           f"+{planned['peak_rss_delta_bytes'] / 2**20:.0f} MB", flush=True)
         finally:
-            ray.shutdown()
+            if owns_ray:
+                ray.shutdown()
     total = time.perf_counter() - started
 
     table = [{

@@ -36,11 +36,14 @@ def test_the_index_set_has_imagenet_layout_and_no_images(tmp_path) -> None:
 
 
 @pytest.fixture(scope="module")
-def small_run(tmp_path_factory):
+def small_run(tmp_path_factory, ray_local):
     out = tmp_path_factory.mktemp("planning")
     payload = planning_scale.main([
         "--rows", "18000", "--scales", "1", "2", "--kinds", "instance", "distant_class", "--ray-shards", "2",
         "--in-process", "--workdir", str(out / "work"), "--json", str(out / "planning_scale.json")])
+    # A benchmark shuts down only a Ray it started: the session's Ray stays up for the tests after it (the next
+    # ray_local test otherwise joined the dead session's address and hung).
+    assert ray_local.is_initialized()
     return out, payload
 
 
