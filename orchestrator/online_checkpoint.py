@@ -14,10 +14,10 @@ file's size and sha256 go into rank 0's `state.pt` (`memory_files`), so a checkp
 state verifies and every share it names is there whole.
 
 Only the newest checkpoint holds the memory: once a newer checkpoint is on storage (every rank past its report and a
-barrier), each rank deletes its share from the one before. A segment's checkpoint keeps its `state.pt`, which the
-lineage's segment run and LoggedModel point at and evaluation reads; an in-segment checkpoint
-(`checkpoint_every_batches`), which nothing refers to, goes whole. So a run holds one memory, one checkpoint per
-segment and at most one in-segment checkpoint; a checkpoint without its shares is not resumed from. A restart
+barrier), each rank deletes its share from the one before. Every checkpoint keeps its `state.pt` (the model, small
+beside the memory): a segment's is what the lineage's segment run and LoggedModel point at and evaluation reads, and
+Ray Train's run snapshot lists every folder it was given, so a resumed driver's controller refuses a run whose
+in-segment folders were deleted. So a run holds one memory; a checkpoint without its shares is not resumed from. A restart
 restores from the newest complete checkpoint, reading `state.pt` and only the shares it needs (its own when the
 world and memory size are unchanged; all of them when the memory is dealt out again), and then deletes the shares
 older checkpoints may still hold (a kill between a report and the pruning).
@@ -120,9 +120,9 @@ class MemoryCheckpointer:
     """One per line on every rank: writes the checkpoint's parts and prunes the memory of the one before."""
 
     def __init__(self, checkpoint_fs: Callable, run_url: str, rank: int, world: int, previous: str | None = None,
-                 threads: int = 1, referenced: Callable[[str], bool] = lambda name: True) -> None:
+                 threads: int = 1) -> None:
         self.fs, self.run_path = checkpoint_fs(run_url)
-        self.rank, self.world, self.threads, self.referenced = rank, world, threads, referenced
+        self.rank, self.world, self.threads = rank, world, threads
         self.previous = previous.rstrip("/").rsplit("/", 1)[-1] if previous else None  # folder name
         self.cache: dict[int, tuple[int, bytes | None]] = {}
 
@@ -157,7 +157,9 @@ class MemoryCheckpointer:
 
     def saved(self, dir_name: str) -> None:
         """After every rank reported `dir_name`: it is on storage whole, so the previous checkpoint's share of this
-        rank goes; a previous checkpoint nothing refers to (`referenced`: a segment's is the lineage's) goes whole."""
+        rank goes. The folder itself stays, in-segment ones too: Ray Train's run snapshot lists every checkpoint it
+        was given, and a controller started on the same run (a resumed driver) refuses a run whose folders are gone.
+        What stays of an older checkpoint is its small state.pt."""
         import torch.distributed as dist
 
         if self.world > 1:
@@ -165,13 +167,7 @@ class MemoryCheckpointer:
         previous, self.previous = self.previous, dir_name
         if previous is None or previous == dir_name:
             return
-        if self.referenced(previous):
-            _delete(self.fs, f"{self.run_path}/{previous}/{MEMORY_FILE.format(rank=self.rank)}")
-        elif self.rank == 0:
-            try:
-                self.fs.delete_dir(f"{self.run_path}/{previous}")
-            except (FileNotFoundError, OSError):
-                pass
+        _delete(self.fs, f"{self.run_path}/{previous}/{MEMORY_FILE.format(rank=self.rank)}")
 
 
 def _delete(fs: Any, path: str) -> None:

@@ -113,8 +113,7 @@ def _online_fn(config: dict[str, Any]) -> None:
     run_url = f"{config['storage_uri'].rstrip('/')}/{config['run_name']}"
     # Each rank's memory share in its own file of the checkpoint; only the newest checkpoint keeps the shares.
     checkpointer = MemoryCheckpointer(config["checkpoint_fs"], run_url, rank, world, restored_from,
-                                      threads=config["threads_per_worker"],
-                                      referenced=lambda name: _segment_end(name, online_cfg.segment_batches))
+                                      threads=config["threads_per_worker"])
     for line_index, task in enumerate(config["tasks"]):
         if line_index < restored_line or (line_index > restored_line and not task.jobs):
             continue
@@ -284,12 +283,6 @@ def _online_fn(config: dict[str, Any]) -> None:
               **source_counts(), "tail_rows": tail_rows, "ended_by": _ended_by(source, limit, online.batches_done), "time": time.time()})
 
 
-def _segment_end(dir_name: str, segment_batches: int) -> bool:
-    """Whether a checkpoint folder is a segment's (the lineage points at it) rather than one inside a segment."""
-    step = dir_name.rsplit(".step-", 1)
-    return len(step) == 1 or int(step[1]) % segment_batches == 0
-
-
 def _ended_by(source: Any, limit: int | None, done: int) -> str:
     if limit is not None and done >= limit:
         return "max_batches" if source is not None else "stream"
@@ -352,8 +345,9 @@ def train_online(plan: ExperimentPlan, tasks: list[LineTask], run_name: str,
         run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=res.max_failures),
                              # Ray keeps every reported checkpoint: each segment's is its run's and LoggedModel's
-                             # (the lineage). What is bounded is pruned by the workers (online_checkpoint): the
-                             # memory lives in the newest checkpoint only, in-segment checkpoints once superseded.
+                             # (the lineage), and a resumed controller checks every folder of its snapshot. What
+                             # is bounded is pruned by the workers (online_checkpoint): the memory lives in the
+                             # newest checkpoint only.
                              checkpoint_config=CheckpointConfig(num_to_keep=None)),
     )
     return fit_with_events(trainer, events, run_name, on_event, ", ".join(t.line.id for t in tasks))

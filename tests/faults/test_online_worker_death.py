@@ -55,7 +55,6 @@ def test_a_killed_worker_resumes_the_stream_at_the_next_batch(tmp_path: Path, sy
     # The resume started from the memory as checkpointed (full: 32 rows a rank from batch 4 on), not an empty one.
     assert all(m.value == 32 for m in client.get_metric_history(online.info.run_id, "memory_rows") if m.step >= 4)
     assert sum(m["rows"] for m in final["memory_files"]) == 64
-    # What is kept: each segment's checkpoint (the lineage's); the in-segment ones went once superseded.
-    assert sorted(p.name for p in saved.parent.iterdir() if p.is_dir() and p.name.startswith("simclr")) == [
-        "simclr-sequential.chunk-000", "simclr-sequential.chunk-000.step-0000025",
-        "simclr-sequential.chunk-000.step-0000050"]
+    # What is kept: every checkpoint's state.pt (Ray's run snapshot lists them all); the memory in the newest alone.
+    holding = sorted(p.parent.name for p in saved.parent.glob("simclr-sequential*/memory-rank-*.pt"))
+    assert holding == ["simclr-sequential.chunk-000"] * 2

@@ -1,6 +1,6 @@
 """An online checkpoint's replay memory (`orchestrator.online_checkpoint`) on 2 real gloo ranks, without Ray: each
-rank writes its own share once (no gather), encoded where smaller; only the newest checkpoint keeps the shares, an
-in-segment checkpoint goes once superseded, and a restart restores every rank's very rows (or deals their union out
+rank writes its own share once (no gather), encoded where smaller; only the newest checkpoint keeps the shares (the
+older ones their state.pt), and a restart restores every rank's very rows (or deals their union out
 to another world size). Ray Train's merge of the workers' folders is done here by copying each rank's folder."""
 
 from __future__ import annotations
@@ -54,8 +54,7 @@ def _worker(rank: int, world: int) -> dict:
     from trainers.online.loop import OnlineTrainer
 
     first = OnlineTrainer(trainer, online)
-    checkpointer = MemoryCheckpointer(CheckpointFs({}), f"{root}/run", rank, world,
-                                      referenced=lambda name: name.endswith(("0002", "0004")) or ".step-" not in name)
+    checkpointer = MemoryCheckpointer(CheckpointFs({}), f"{root}/run", rank, world)
     sizes = []
     for k, name in enumerate(["step-0000002", "step-0000003", "step-0000004"]):
         first.memory.add(smooth_rows(1000 * k + 100 * rank, 8))  # each rank its own rows
@@ -75,8 +74,9 @@ def test_each_rank_writes_its_memory_once_the_newest_checkpoint_alone_keeps_it_a
     ranks = run_ddp(_worker)
     shares = [MEMORY_FILE.format(rank=r) for r in range(2)]
     listing = {p.name: sorted(f.name for f in p.iterdir()) for p in (tmp_path / "run").iterdir()}
-    # The in-segment checkpoint (step 3) went whole; the older segment's keeps its state.pt (the lineage's) alone.
-    assert listing == {f"{LINE}.chunk-000.step-0000002": ["state.pt"],
+    # Only the newest checkpoint keeps the memory; the older ones keep their state.pt alone (their folders stay:
+    # Ray Train's run snapshot lists them, and a resumed driver's controller refuses a run whose folders are gone).
+    assert listing == {f"{LINE}.chunk-000.step-0000002": ["state.pt"], f"{LINE}.chunk-000.step-0000003": ["state.pt"],
                        f"{LINE}.chunk-000.step-0000004": sorted(["state.pt", *shares])}
     newest = tmp_path / "run" / f"{LINE}.chunk-000.step-0000004"
     state = load_state(newest)
