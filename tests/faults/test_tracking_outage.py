@@ -157,8 +157,9 @@ def test_outage_mid_run_loses_and_duplicates_nothing(live, tmp_path, monkeypatch
     assert client.get_run(parent).data.metrics["avg_acc"] == 0.5
 
 
-class _LosesFirstAnswer:
-    """Passes calls to a real MlflowClient; the first call of each named method lands, then its answer is lost."""
+class LosesFirstAnswer:
+    """Passes calls to a real MlflowClient; the first call of each named method lands, then its answer is lost.
+    `calls[name]` lists every call of a method (its `metrics` argument, for log_batch)."""
 
     def __init__(self, client, methods):
         self._client, self._lose = client, set(methods)
@@ -166,7 +167,7 @@ class _LosesFirstAnswer:
 
     def __getattr__(self, name):
         attr = getattr(self._client, name)
-        if name not in self._lose and name not in ("log_batch", "create_run"):
+        if not callable(attr):
             return attr
 
         def call(*args, **kwargs):
@@ -193,7 +194,7 @@ def test_landed_write_whose_answer_was_lost_is_not_repeated(store, live, tmp_pat
     else:
         uri = live.uri
     tracker = Tracker(uri, f"lost-answers-{store}")
-    spy = _LosesFirstAnswer(tracker.client._client, ["create_run", "log_batch", "set_terminated"])
+    spy = LosesFirstAnswer(tracker.client._client, ["create_run", "log_batch", "set_terminated"])
     tracker.client._client = spy
     run_id = tracker.create_run("chunk", {tr.JOB_KEY: "k"})
     tracker.log_metric_series(run_id, "train_loss", _series(0), 1_000, 60_000)
