@@ -1,6 +1,6 @@
 """Micro-benchmark: saving and loading a full training state, locally and through the Ray Train checkpoint path.
 
-`checkpoint_costs` times ``trainers.checkpoint.save_state`` / ``load_state`` of a state (model, optimizer with
+`checkpoint_costs` times ``trainers.engine.checkpoint.save_state`` / ``load_state`` of a state (model, optimizer with
 momentum buffers, strategy, position) on local disk, and persisting it to / restoring it from ``memory://`` the way
 Ray Train and the evaluator do (pyarrow ``copy_files`` up, ``ray.train.Checkpoint.as_directory`` down). Used by
 ``bench.overheads``.
@@ -21,7 +21,7 @@ from bench.common import median
 def checkpoint_state(cfg) -> dict[str, Any]:
     """A LineTrainer's full state as the runner saves it, with SGD momentum buffers as after a first step."""
     from bench.step_throughput import loop_config
-    from trainers.loop import LineTrainer
+    from trainers.engine.loop import LineTrainer
 
     trainer = LineTrainer(loop_config(cfg), device="cpu")
     for group in trainer.optimizer.param_groups:
@@ -36,7 +36,7 @@ def checkpoint_costs(models: list[tuple[str, Any]], reps: int, scratch: Path) ->
     import ray.train
 
     from orchestrator.storage import pyarrow_filesystem
-    from trainers.checkpoint import load_state, save_state
+    from trainers.engine.checkpoint import load_state, save_state
 
     out = []
     for label, cfg in models:

@@ -323,7 +323,7 @@ def augmentation_ops(aug: Any, T: Any, solarize_threshold: float) -> list[Any]:
     """The SimCLR recipe of one AugmentConfig as torchvision transforms, from module `T` (`torchvision.transforms`
     for per-sample PIL pipelines, `torchvision.transforms.v2` for batches), without tensor conversion or
     normalisation; `solarize_threshold` is in the input's units (128 for PIL uint8, 0.5 for float tensors)."""
-    from trainers.views import BLUR_SIGMA, _blur_kernel_size
+    from trainers.views.augment import BLUR_SIGMA, _blur_kernel_size
 
     ops: list[Any] = [T.RandomResizedCrop(aug.size, scale=aug.scale, ratio=aug.ratio, antialias=True)]
     if aug.flip_p > 0:

@@ -13,7 +13,7 @@ Variants, one process, the same model setting (bench.step_throughput.StepConfig)
   (views on the device with ``make_views``).
 - ``streamssl+device-decode``: ``data.decode: device``: JPEG bytes travel through Ray Data
   (``chunk_dataset(..., decode="device")``) and the consumer decodes each batch with the runner's
-  ``DeviceBatchDecoder`` (``trainers.decode.decode_jpeg_batch``) before ``train_chunk``.
+  ``DeviceBatchDecoder`` (``trainers.views.decode.decode_jpeg_batch``) before ``train_chunk``.
 - ``dataloader``: the usual alternative: a torch DataLoader (N spawned workers) over the ImageFolder JPEG files
   (the Parquet shards with ``--synthetic``), PIL decode and per-sample torchvision transforms making the 2 views
   (RandomResizedCrop from the full image, flip, jitter, grayscale, blur, solarize, normalise), feeding the same

@@ -11,7 +11,7 @@ Variants (same shards, same rows, same output: uint8 [B, 3, S, S] on the device,
   ``iter_torch_batches`` with the runner's local shuffle buffer (4 batches), NHWC -> NCHW, ``.to(device)``.
 - ``ray-device-decode``: ``data.decode: device``: ``chunk_dataset(..., decode="device")``, the same read stage, the
   JPEG bytes themselves go through Ray Data and the consumer decodes each batch as the runner's worker does
-  (``orchestrator.ingest.DeviceBatchDecoder`` -> ``trainers.decode.decode_jpeg_batch``: one batched ``decode_jpeg``,
+  (``orchestrator.ingest.DeviceBatchDecoder`` -> ``trainers.views.decode.decode_jpeg_batch``: one batched ``decode_jpeg``,
   nvjpeg on CUDA, libjpeg-turbo in the consumer's process on CPU).
 - ``dataloader``: a torch DataLoader (N spawned persistent workers) over the same Parquet shards' rows, PIL decode
   + torchvision ``Resize`` / ``CenterCrop`` / ``PILToTensor`` per sample: the usual alternative.

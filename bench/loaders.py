@@ -7,7 +7,7 @@ bench/end_to_end.py.
 - `dataloader(...)`: a torch DataLoader over them with N spawned, persistent workers.
 - `bytes_dataset(...)`: `orchestrator.ingest.chunk_dataset(..., decode="device")`: the chunk's rows with the JPEG
   bytes undecoded; `device_decoded_batches(...)` decodes them in the consumer with the runner's
-  `DeviceBatchDecoder` (`trainers.decode.decode_jpeg_batch`: nvjpeg on CUDA, libjpeg-turbo on CPU).
+  `DeviceBatchDecoder` (`trainers.views.decode.decode_jpeg_batch`: nvjpeg on CUDA, libjpeg-turbo on CPU).
 
 Kept in their own module so DataLoader workers (spawned) can import them.
 """
@@ -39,7 +39,7 @@ class TwoViews:
         from torchvision import transforms as T
 
         from bench.common import augmentation_ops
-        from trainers.views import IMAGENET_MEAN, IMAGENET_STD
+        from trainers.views.augment import IMAGENET_MEAN, IMAGENET_STD
 
         # PIL uint8: >= 128 is views.py's >= 0.5
         ops = augmentation_ops(aug, T, 128) + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
@@ -166,7 +166,7 @@ def _batch_decoder(size: int, device: str) -> Callable[[dict[str, Any]], torch.T
     try:
         from orchestrator.ingest import DeviceBatchDecoder
     except ImportError:
-        from trainers.decode import decode_jpeg_batch
+        from trainers.views.decode import decode_jpeg_batch
 
         return lambda batch: decode_jpeg_batch(list(batch["image"]), size, device)
     return DeviceBatchDecoder(size, device)
@@ -175,7 +175,7 @@ def _batch_decoder(size: int, device: str) -> Callable[[dict[str, Any]], torch.T
 def device_decoded_batches(ds, batch_size: int, size: int, device: str, seed: int = 0,
                            shuffle_buffer: int | None = None) -> Iterator[torch.Tensor]:
     """uint8 [B, 3, size, size] on `device`: Ray Data delivers JPEG bytes, the consumer decodes each batch
-    (``trainers.decode.decode_jpeg_batch``), as runner._train_fn does with `data.decode: device`."""
+    (``trainers.views.decode.decode_jpeg_batch``), as runner._train_fn does with `data.decode: device`."""
     decode = _batch_decoder(size, device)
     for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
                                  local_shuffle_buffer_size=shuffle_buffer, local_shuffle_seed=seed):

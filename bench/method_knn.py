@@ -66,9 +66,9 @@ def knn_top1(backbone, bank, queries, device: str) -> float:
 
 def run_method(name: str, args, train, bank, queries, device: str) -> dict[str, Any]:
     from trainers.engine.types import Batch
-    from trainers.loop import LineTrainer, LoopConfig
+    from trainers.engine.loop import LineTrainer, LoopConfig
     from trainers.registry import METHOD_REGISTRY
-    from trainers.viewplan import view_plan
+    from trainers.views.plan import view_plan
 
     record = METHOD_REGISTRY[name]
     local = args.local_views if record.needs_local_views else 0
@@ -117,9 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
 
     from orchestrator.ingest import load_split_arrays
-    from trainers.loop import LoopConfig, initial_backbone
+    from trainers.engine.loop import LoopConfig, initial_backbone
     from trainers.registry import METHOD_REGISTRY
-    from trainers.viewplan import view_plan
+    from trainers.views.plan import view_plan
 
     names = [n for n in args.methods.split(",") if n] or list(METHOD_REGISTRY.names)
     with scratch_dir("method-knn") as scratch:

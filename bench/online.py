@@ -31,10 +31,10 @@ from bench.common import add_common_arguments, median, print_table, resolve_devi
 def make_trainer(args: argparse.Namespace, device: str, rals: bool):
     import torch
 
-    from trainers.loop import LineTrainer, LoopConfig
+    from trainers.engine.loop import LineTrainer, LoopConfig
     from trainers.online.config import OnlineConfig
     from trainers.online.loop import OnlineTrainer
-    from trainers.views import AugmentConfig
+    from trainers.views.augment import AugmentConfig
 
     torch.manual_seed(args.seed)
     views = (AugmentConfig(size=args.image_size, blur_p=0.0), AugmentConfig(size=args.image_size, blur_p=0.0))

@@ -13,7 +13,7 @@
    start and stop, the driver's MLflow calls), and the timing metrics the driver logs on chunk and plan runs
    (first_batch_seconds, data_wait_seconds, checkpoint_save/report_seconds, worker_group_start/stop_seconds,
    time_to_first_step_seconds).
-2. Checkpoints: ``trainers.checkpoint.save_state`` / ``load_state`` of a full training state (model, optimizer
+2. Checkpoints: ``trainers.engine.checkpoint.save_state`` / ``load_state`` of a full training state (model, optimizer
    with momentum buffers, strategy, position) on local disk, and persisted to / restored from ``memory://`` the
    way Ray Train and the evaluator do it (pyarrow ``copy_files`` up, ``ray.train.Checkpoint.as_directory`` down).
 3. MLflow logging through ``orchestrator.tracking.tracker.Tracker``: N calls logging one step's metrics, and the calls

@@ -12,10 +12,10 @@ registered later is measured without touching this file. Two loops per cell, bui
 (same seeded weights, same views generator, same batches, precision, memory format, SGD over the method's param
 groups), fed the same 4 pre-made uint8 batches already on the device (labels where the record needs them):
 
-- ``engine``: ``trainers.loop.LineTrainer.train_chunk``: the view plan (global + local views where the record
+- ``engine``: ``trainers.engine.loop.LineTrainer.train_chunk``: the view plan (global + local views where the record
   needs them), ``train_step`` (hooks, EMA of ``momentum_pairs`` by ``torch._foreach_lerp_``), cosine LR per step, a
   loss kept per step, an ``on_step`` callback and NaN check every ``log_every`` steps and at the chunk's end.
-- ``bare``: ``bench.steps.BareLoop``, what a researcher would hand-roll: ``trainers.views.make_views``, the method's
+- ``bare``: ``bench.steps.BareLoop``, what a researcher would hand-roll: ``trainers.views.augment.make_views``, the method's
   ``training_step`` called directly, backward, the method's own hooks, ``optimizer.step()``, a per-parameter EMA
   for methods with ``momentum_pairs``, ``loss.item()`` every ``log_every`` steps, constant LR.
 - ``bare-v2`` (only with ``--variants``): the bare loop with ``torchvision.transforms.v2`` views (one draw per batch).

@@ -5,9 +5,9 @@
     batches = premade_batches(cfg, "cpu")
     engine.run(cycle(batches), 5); bare.run(cycle(batches), 5)      # samples trained
 
-- `EngineLoop` (alias `StreamsslLoop`): `trainers.loop.LineTrainer.train_chunk`, the path a Ray Train worker runs.
+- `EngineLoop` (alias `StreamsslLoop`): `trainers.engine.loop.LineTrainer.train_chunk`, the path a Ray Train worker runs.
 - `BareLoop`: what a researcher would hand-roll around the same method module: views from
-  `trainers.views.make_views`, `training_step` called directly, backward, the method's own hooks, `optimizer.step()`,
+  `trainers.views.augment.make_views`, `training_step` called directly, backward, the method's own hooks, `optimizer.step()`,
   a hand-written EMA for methods with `momentum_pairs()`, `loss.item()` every `log_every` steps, constant LR.
 
 Everything method- or backbone-specific comes from the registry records and the method's attributes
@@ -104,7 +104,7 @@ def backbone_options(cfg: StepConfig) -> dict[str, Any]:
 def view_plan_for(cfg: StepConfig):
     """Global views (>= the record's min_global_views) and, where the record needs them, local views at the
     plan's default local side, made smaller until the backbone accepts it (a ViT patch must divide it)."""
-    from trainers.viewplan import DEFAULT_GLOBAL_SCALE, default_local_size, view_plan
+    from trainers.views.plan import DEFAULT_GLOBAL_SCALE, default_local_size, view_plan
 
     record = cfg.record
     count = max(cfg.views, record.min_global_views)
@@ -138,7 +138,7 @@ def loop_config(cfg: StepConfig):
 
     `line_steps` stays 0 (progress 0, the base momentum): at progress 1 the EMA momentum reaches 1 and the engine
     skips the update, which would time less work than a bare loop does."""
-    from trainers.loop import LoopConfig
+    from trainers.engine.loop import LoopConfig
 
     return LoopConfig(
         method=cfg.method, strategy="sequential", image_size=cfg.size, views=view_plan_for(cfg),
@@ -192,7 +192,7 @@ def v2_view_transform(aug) -> Callable[[torch.Tensor], torch.Tensor]:
     from torchvision.transforms import v2
 
     from bench.common import augmentation_ops
-    from trainers.views import IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD
+    from trainers.views.augment import IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD
 
     return v2.Compose(augmentation_ops(aug, v2, SOLARIZE_THRESHOLD) + [v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
@@ -200,7 +200,7 @@ def v2_view_transform(aug) -> Callable[[torch.Tensor], torch.Tensor]:
 class BareLoop:
     """A hand-written loop around the same method module.
 
-    `views="make_views"` (the default): `trainers.views.make_views` per view group, seeded like LineTrainer's
+    `views="make_views"` (the default): `trainers.views.augment.make_views` per view group, seeded like LineTrainer's
     generator, so the first step sees the same views and weights as the engine's and gives the same loss;
     `"v2"`: torchvision.transforms.v2 on the device batch (one random draw per view per batch; end_to_end uses it).
     `step_views()` takes views already made (end_to_end's DataLoader makes them in its workers).
@@ -225,7 +225,7 @@ class BareLoop:
 
     def make_views(self, images: torch.Tensor) -> ViewSet:
         if self.views == "make_views":
-            from trainers.views import make_views
+            from trainers.views.augment import make_views
 
             global_ = make_views(images, self.plan.global_, generator=self.generator)  # global first, as the engine
             local = make_views(images, self.plan.local, generator=self.generator) if self.plan.local else []
@@ -293,7 +293,7 @@ class EngineLoop:
     callback every `log_every` steps as the Ray Train worker passes one (the NaN check runs there)."""
 
     def __init__(self, cfg: StepConfig, device: str):
-        from trainers.loop import LineTrainer
+        from trainers.engine.loop import LineTrainer
 
         self.cfg = cfg
         self.trainer = LineTrainer(loop_config(cfg), device=device)

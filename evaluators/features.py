@@ -7,7 +7,7 @@ Usage::
     test_x, test_y = extract_features(method.backbone, test_batches, device="cuda")
 
 ``batches`` yields ``(images uint8 [B,3,H,W], labels int64 [B])`` exactly as the data layer delivers them; the
-ImageNet normalisation is applied here (``trainers.views.normalize``) so evaluation sees the same input
+ImageNet normalisation is applied here (``trainers.views.augment.normalize``) so evaluation sees the same input
 distribution as training. The backbone is switched to eval mode for the pass (BatchNorm running statistics,
 no dropout) and every submodule's previous mode is restored afterwards, even when a batch is rejected.
 """
@@ -20,7 +20,7 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor, nn
 
-from trainers.views import normalize
+from trainers.views.augment import normalize
 
 __all__ = ["extract_features"]
 

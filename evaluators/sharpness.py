@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from evaluators.features import extract_features
 from evaluators.knn import knn_predict
 from trainers.config import ComponentConfig
-from trainers.views import normalize
+from trainers.views.augment import normalize
 
 __all__ = [
     "SharpnessCandidate",

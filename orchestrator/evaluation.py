@@ -22,8 +22,8 @@ from orchestrator.downstream import evaluate_downstream
 from orchestrator.evaluation_studies import study_metrics
 from orchestrator.ingest import SplitArrays, load_split_arrays
 from orchestrator.streams import StreamPlan
-from trainers.checkpoint import load_backbone
-from trainers.loop import LoopConfig, initial_backbone
+from trainers.engine.checkpoint import load_backbone
+from trainers.engine.loop import LoopConfig, initial_backbone
 
 PROTOCOL_VERSION = "1"
 logger = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ class EvalActor:
             return None
         import ray.train
 
-        from trainers.checkpoint import load_state
+        from trainers.engine.checkpoint import load_state
 
         fs, path = checkpoint_fs(checkpoint_uri)
         with ray.train.Checkpoint(path, filesystem=fs).as_directory() as folder:

@@ -370,7 +370,7 @@ def load_split_arrays(
 
 class DeviceBatchDecoder:
     """Training-worker side of `decode="device"`: a numpy batch of encoded rows -> uint8 [B, 3, size, size] on the
-    worker's device, through `trainers.decode.decode_jpeg_batch` (nvjpeg on CUDA, libjpeg-turbo on CPU).
+    worker's device, through `trainers.views.decode.decode_jpeg_batch` (nvjpeg on CUDA, libjpeg-turbo on CPU).
 
     An undecodable row must not shrink the batch (every DDP rank steps on equal batches, and SimCLR gathers them),
     so under `on_corrupt="skip"` each one is filled with a copy of a row of the same batch that did decode, and
@@ -389,7 +389,7 @@ class DeviceBatchDecoder:
     def decode(self, batch: dict[str, np.ndarray]):
         """(images, source rows): `source[i]` is the input row image i shows (itself, or the good row copied over
         a bad one), so labels and ids can follow the pixels."""
-        from trainers.decode import decode_jpeg_batch
+        from trainers.views.decode import decode_jpeg_batch
 
         # One pass that reports every bad row: patching rows one at a time and re-decoding could copy a bad row
         # that had not been checked yet into another slot.

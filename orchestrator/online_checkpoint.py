@@ -104,7 +104,7 @@ def write_share(folder: str | Path, memory: Any, rank: int, cache: dict, threads
 
 def read_share(data: bytes, meta: dict[str, Any], where: str) -> dict[str, Any]:
     """A share file's bytes -> the state `ReplayMemory.load_state_dict` takes; checked against its record."""
-    from trainers.checkpoint import CheckpointError
+    from trainers.engine.checkpoint import CheckpointError
 
     if len(data) != meta["bytes"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
         raise CheckpointError(f"checkpoint {where}: memory share {meta['file']} does not match its record "
@@ -133,7 +133,7 @@ class MemoryCheckpointer:
         (the rows of every share)."""
         import torch.distributed as dist
 
-        from trainers.checkpoint import save_state
+        from trainers.engine.checkpoint import save_state
 
         meta = write_share(folder, online.memory, self.rank, self.cache, self.threads) \
             if online.memory is not None else None
@@ -183,7 +183,7 @@ def _read(fs: Any, path: str) -> bytes:
 
 
 def _load_state_file(fs: Any, checkpoint: str) -> dict[str, Any]:
-    from trainers.checkpoint import STATE_FILE, CheckpointError, load_state
+    from trainers.engine.checkpoint import STATE_FILE, CheckpointError, load_state
 
     with tempfile.TemporaryDirectory() as tmp:
         try:

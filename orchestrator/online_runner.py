@@ -82,7 +82,7 @@ def _online_fn(config: dict[str, Any]) -> None:
 
     from trainers.engine.step import NonFiniteLossError
     from trainers.engine.types import Batch
-    from trainers.loop import LineTrainer
+    from trainers.engine.loop import LineTrainer
     from trainers.online.loop import OnlineTrainer
 
     ctx = ray.train.get_context()

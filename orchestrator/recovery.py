@@ -79,7 +79,7 @@ def persisted_unlogged_chunks(plan: ExperimentPlan, spec: Spec, parent_run_id: s
     import pyarrow.fs as pafs
     import ray.train
 
-    from trainers.checkpoint import verify_state
+    from trainers.engine.checkpoint import verify_state
 
     jobs = {j.key for j in plan.jobs}
     events = []

@@ -33,8 +33,8 @@ from orchestrator.ingest import (DeviceBatchDecoder, chunk_dataset, chunk_rows, 
                                  row_index, shard_refs)
 from orchestrator.planner import ExperimentPlan, Job, Line
 from orchestrator.spec import Spec
-from trainers.loop import LoopConfig
-from trainers.viewplan import ViewPlan, view_plan
+from trainers.engine.loop import LoopConfig
+from trainers.views.plan import ViewPlan, view_plan
 
 
 def planned_line_steps(plan: ExperimentPlan, line: Line) -> tuple[int, int]:
@@ -127,10 +127,10 @@ def _train_fn(config: dict[str, Any]) -> None:
     import torch
 
     from orchestrator.accounting import strategy_bytes
-    from trainers.checkpoint import folder_bytes, load_state, save_state
+    from trainers.engine.checkpoint import folder_bytes, load_state, save_state
     from trainers.engine.step import NonFiniteLossError
     from trainers.engine.types import Batch
-    from trainers.loop import LineTrainer
+    from trainers.engine.loop import LineTrainer
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()

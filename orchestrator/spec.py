@@ -341,7 +341,7 @@ class Spec(_Strict):
 
     @property
     def local_view_size(self) -> int:
-        from trainers.viewplan import default_local_size
+        from trainers.views.plan import default_local_size
 
         return self.views.local.size or default_local_size(self.view_size)
 

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from trainers.crop_overlap import best_iou_bound, least_iou_bound
+from trainers.views.crop_overlap import best_iou_bound, least_iou_bound
 from trainers.registry import METHOD_REGISTRY
 
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from evaluators.features import extract_features
-from trainers.views import IMAGENET_MEAN, IMAGENET_STD
+from trainers.views.augment import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _backbone() -> nn.Module:

@@ -20,7 +20,7 @@ from orchestrator.runner import checkpoint_order
 from orchestrator.spec import validate_spec
 from orchestrator.tracking import lineage as tr
 from tests.specs import tiny_spec
-from trainers.checkpoint import load_state
+from trainers.engine.checkpoint import load_state
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ from orchestrator.tracking import lineage as tr
 from tests.faults.test_worker_death import run_in_background, train_worker_pids, wait_for_checkpoint
 from tests.integration.test_online_run import _online_spec
 from tests.orchestrator.shard_producer import publish, train_rows
-from trainers.checkpoint import load_state
+from trainers.engine.checkpoint import load_state
 
 pytestmark = pytest.mark.slow
 

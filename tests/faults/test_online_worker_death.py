@@ -15,7 +15,7 @@ from orchestrator.spec import validate_spec
 from orchestrator.tracking import lineage as tr
 from tests.faults.test_worker_death import run_in_background, train_worker_pids, wait_for_checkpoint
 from tests.integration.test_online_run import _online_spec
-from trainers.checkpoint import load_state
+from trainers.engine.checkpoint import load_state
 
 pytestmark = pytest.mark.slow
 KILL_AFTER = 20  # the in-stream checkpoint (every 5 batches) whose completion triggers the kill

@@ -19,7 +19,7 @@ from orchestrator.planner import build_plan
 from orchestrator.spec import validate_spec
 from orchestrator.tracking import lineage as tr
 from tests.specs import tiny_spec
-from trainers.checkpoint import CheckpointError, load_state, verify_state
+from trainers.engine.checkpoint import CheckpointError, load_state, verify_state
 
 pytestmark = pytest.mark.slow
 KILL_AFTER_STEP = 12  # the in-chunk checkpoint of chunk 0 whose completion triggers the kill

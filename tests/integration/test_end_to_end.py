@@ -22,7 +22,7 @@ from orchestrator.planner import build_plan
 from orchestrator.spec import load_spec
 from orchestrator.tracking import lineage as tr
 from tests.orchestrator.s3_server import DUMMY_SECRET, S3Server
-from trainers.checkpoint import load_state
+from trainers.engine.checkpoint import load_state
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]

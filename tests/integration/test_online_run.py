@@ -17,7 +17,7 @@ from orchestrator.planner import build_plan
 from orchestrator.spec import validate_spec
 from orchestrator.tracking import lineage as tr
 from tests.specs import tiny_spec
-from trainers.checkpoint import load_state
+from trainers.engine.checkpoint import load_state
 
 ONLINE = {"order": "class_incremental", "batch_size": 16, "steps_per_batch": 4, "max_lr": 0.05, "memory_size": 64,
           "memory_batch": 16, "rals": True, "rals_k": 24, "rals_part_size": 4, "segment_batches": 25}

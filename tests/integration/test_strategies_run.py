@@ -18,7 +18,7 @@ from orchestrator.planner import build_plan
 from orchestrator.spec import validate_spec
 from orchestrator.tracking import lineage as tr
 from tests.specs import tiny_spec
-from trainers.checkpoint import folder_bytes, load_state, tensor_bytes
+from trainers.engine.checkpoint import folder_bytes, load_state, tensor_bytes
 
 
 def test_a_replay_buffer_larger_than_the_stream_before_its_last_chunk_is_refused(synthetic_url: str) -> None:

@@ -13,7 +13,7 @@ from orchestrator.data.shards import read_index
 from orchestrator.planner import build_plan
 from orchestrator.spec import ResourcesSpec, validate_spec
 from tests.specs import tiny_spec
-from trainers.checkpoint import folder_bytes, save_state, tensor_bytes
+from trainers.engine.checkpoint import folder_bytes, save_state, tensor_bytes
 
 
 def test_device_hours_count_gpus_when_workers_hold_them_and_cpu_cores_otherwise() -> None:

@@ -15,7 +15,7 @@ from evaluators.continual import AccuracyMatrix, continual_metrics
 from orchestrator.evaluation import evaluate_backbone
 from orchestrator.ingest import SplitArrays
 from orchestrator.streams import ChunkSpec, StreamPlan
-from trainers.views import IMAGENET_MEAN, IMAGENET_STD
+from trainers.views.augment import IMAGENET_MEAN, IMAGENET_STD
 
 # One flat colour per class: a mean-pooling "backbone" maps each class to its own direction, so kNN is exact.
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]

@@ -17,7 +17,7 @@ from orchestrator.checkpoints import CheckpointFs
 from orchestrator.online_checkpoint import MEMORY_FILE, MemoryCheckpointer, restore_online
 from tests.trainers.ddp_harness import run_ddp
 from tests.trainers.test_online_loop import line, online_cfg
-from trainers.checkpoint import load_state
+from trainers.engine.checkpoint import load_state
 from trainers.engine.types import Batch
 
 SIZE = 12  # memory rows over both ranks

@@ -18,8 +18,8 @@ from orchestrator.ingest import load_split_arrays
 from orchestrator.data.manifest import load_manifest
 from orchestrator.data.synth import generate_synthetic
 from trainers.engine.types import Batch
-from trainers.loop import ChunkReport, LineTrainer, LoopConfig
-from trainers.viewplan import view_plan
+from trainers.engine.loop import ChunkReport, LineTrainer, LoopConfig
+from trainers.views.plan import view_plan
 
 
 def knn_top1(backbone, bank, queries) -> float:

@@ -7,7 +7,7 @@ import torch
 from trainers.backbones import build_backbone
 from trainers.engine.step import train_step
 from trainers.engine.types import Batch, StepContext, StepOutput, ViewSet
-from trainers.viewplan import make_view_set, view_plan
+from trainers.views.plan import make_view_set, view_plan
 
 
 def tiny_backbone(image_size: int = 16, width: int = 4) -> torch.nn.Module:

@@ -66,9 +66,9 @@ EMA_METHODS = {
 
 
 def _ema_config(method: str):
-    from trainers.loop import LoopConfig
-    from trainers.viewplan import ViewPlan
-    from trainers.views import AugmentConfig
+    from trainers.engine.loop import LoopConfig
+    from trainers.views.plan import ViewPlan
+    from trainers.views.augment import AugmentConfig
 
     global_ = (AugmentConfig(size=16, blur_p=0.0), AugmentConfig(size=16, blur_p=0.0))
     local = (AugmentConfig(size=8, scale=(0.05, 0.4), blur_p=0.0),) if method == "dino" else ()
@@ -80,7 +80,7 @@ def _ema_config(method: str):
 def _train_with_sync_bn(method: str, rank: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
-    from trainers.loop import LineTrainer
+    from trainers.engine.loop import LineTrainer
     from trainers.methods.global_bn import GlobalBatchNorm1d
 
     trainer = LineTrainer(_ema_config(method), wrap_model=DistributedDataParallel, rank=rank)

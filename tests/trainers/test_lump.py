@@ -13,14 +13,14 @@ from scipy import stats
 from torch import nn
 
 from tests.trainers.ddp_harness import run_ddp
-from tests.trainers.test_loop import Interrupted, config
+from tests.trainers.engine.test_loop import Interrupted, config
 from trainers.backbones import build_backbone
-from trainers.checkpoint import load_state, save_state
+from trainers.engine.checkpoint import load_state, save_state
 from trainers.engine.types import Batch, LabelMix, StepContext, ViewSet
-from trainers.loop import LineTrainer
+from trainers.engine.loop import LineTrainer
 from trainers.methods.supervised import Supervised
 from trainers.strategies import ChunkEnd, Lump, LumpConfig, build_strategy
-from trainers.viewplan import make_view_set, view_plan
+from trainers.views.plan import make_view_set, view_plan
 
 PLAN = view_plan(global_count=2, global_size=16, local_count=2, local_size=8)
 

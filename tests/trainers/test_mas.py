@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from tests.trainers.test_loop import batches_of, config, data
+from tests.trainers.engine.test_loop import batches_of, config, data
 from trainers.engine.types import Batch, StepContext, StepOutput
-from trainers.loop import LineTrainer
+from trainers.engine.loop import LineTrainer
 from trainers.strategies import MAS, ChunkEnd
-from trainers.views import normalize
+from trainers.views.augment import normalize
 
 
 class Probe(nn.Module):

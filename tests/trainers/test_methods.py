@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from tests.trainers.method_helpers import SMALL_OPTIONS, context, step, tiny_backbone, view_set
-from trainers.checkpoint import load_state, save_state
+from trainers.engine.checkpoint import load_state, save_state
 from trainers.engine.types import Batch
-from trainers.loop import LineTrainer, LoopConfig
+from trainers.engine.loop import LineTrainer, LoopConfig
 from trainers.registry import METHOD_REGISTRY
-from trainers.viewplan import view_plan
+from trainers.views.plan import view_plan
 
 RECORDS = list(METHOD_REGISTRY.values())
 
@@ -113,7 +113,7 @@ def test_resume_continues_bit_for_bit(tmp_path, record) -> None:
 def test_load_backbone_gives_the_trained_encoder_from_a_checkpoint(tmp_path) -> None:
     from dataclasses import asdict
 
-    from trainers.checkpoint import load_backbone
+    from trainers.engine.checkpoint import load_backbone
 
     record = METHOD_REGISTRY["byol"]
     cfg = _config(record, views=view_plan(global_count=2, global_size=16, local_count=2, local_size=8))

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from trainers.engine.types import Batch
-from trainers.loop import LineTrainer, LoopConfig
+from trainers.engine.loop import LineTrainer, LoopConfig
 from trainers.online.config import OnlineConfig
 from trainers.online.loop import OnlineTrainer
-from trainers.views import AugmentConfig
+from trainers.views.augment import AugmentConfig
 
 
 def line(wrap_model=None, rank: int = 0, **overrides) -> LineTrainer:

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.trainers.test_loop import Interrupted, config
-from trainers.checkpoint import load_state, save_state
+from tests.trainers.engine.test_loop import Interrupted, config
+from trainers.engine.checkpoint import load_state, save_state
 from trainers.engine.types import Batch, StepContext
-from trainers.loop import LineTrainer
+from trainers.engine.loop import LineTrainer
 from trainers.strategies import ChunkEnd, Replay
 
 

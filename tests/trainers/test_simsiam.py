@@ -11,10 +11,10 @@ import torch
 from tests.trainers.learning_helpers import short_pretraining
 from tests.trainers.method_helpers import forward, tiny_backbone, view_set
 from trainers.engine.types import Batch, ViewSet
-from trainers.loop import LineTrainer, LoopConfig
+from trainers.engine.loop import LineTrainer, LoopConfig
 from trainers.methods import METHODS, SimSiam, simsiam_loss
 from trainers.optim import build_optimizer, set_lr
-from trainers.viewplan import view_plan
+from trainers.views.plan import view_plan
 
 
 def _pairs(b: int = 5, d: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@ to the augmentations, the off-diagonal one decorrelates its dimensions (no negat
 Usage::
 
     method = BarlowTwins(backbone, lambd=0.0051)
-    out = method.training_step(views, batch, ctx)     # views: a ViewSet from trainers.viewplan.make_view_set
+    out = method.training_step(views, batch, ctx)     # views: a ViewSet from trainers.views.plan.make_view_set
 
 Under torch.distributed the statistics are those of the GLOBAL batch: the embeddings are gathered with gradient
 (`gather_with_grad`) and the mean, the variance and C are computed over the gathered batch, so 2 ranks give the
@@ -30,8 +30,8 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from trainers.config import ComponentConfig
-from trainers.distributed import gather_with_grad
-from trainers.distributed import world as ranks
+from trainers.engine.distributed import gather_with_grad
+from trainers.engine.distributed import world as ranks
 from trainers.engine.types import Batch, StepContext, StepOutput, ViewSet
 from trainers.methods.base import Method, check_views
 from trainers.methods.heads import mlp

@@ -36,7 +36,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from trainers.config import ComponentConfig
-from trainers.distributed import all_reduce_mean
+from trainers.engine.distributed import all_reduce_mean
 from trainers.engine.types import Batch, StepContext, StepOutput, ViewSet
 from trainers.methods.base import Method, check_views, weigh_view_terms
 from trainers.methods.heads import frozen_copy

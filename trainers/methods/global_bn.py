@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainers.distributed import gather_with_grad, world
+from trainers.engine.distributed import gather_with_grad, world
 
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):

@@ -15,7 +15,7 @@ The step (asymmetric, as the paper): q = projector(backbone(view 1)), k = target
 loss = CE([q.k, q.queue] / t, target 0) per image. With `symmetric` (MoCo-v2+) both directions are averaged.
 The keys of the step are enqueued in `on_step_end` (after the backward and the optimizer step, so the queue the
 loss read is never modified while autograd may still need it), gathered from every rank with
-`trainers.distributed.gather`, so every rank writes the same global batch of keys, in rank order, and the queue
+`trainers.engine.distributed.gather`, so every rank writes the same global batch of keys, in rank order, and the queue
 buffer stays identical on all ranks (as DDP's buffer broadcast assumes).
 
 Shuffle-BN. The paper shuffles the key batch across GPUs before the key encoder so that a query and its positive
@@ -48,7 +48,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from trainers.config import ComponentConfig
-from trainers.distributed import gather
+from trainers.engine.distributed import gather
 from trainers.engine.types import Batch, StepContext, StepOutput, ViewSet
 from trainers.methods.base import Method, check_views, weigh_view_terms
 from trainers.methods.heads import frozen_copy, mlp

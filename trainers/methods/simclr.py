@@ -6,7 +6,7 @@ image together and pushes them away from every other projection in the (global) 
 Usage::
 
     method = SimCLR(backbone, temperature=0.2)
-    out = method.training_step(views, batch, ctx)     # views: a ViewSet from trainers.viewplan.make_view_set
+    out = method.training_step(views, batch, ctx)     # views: a ViewSet from trainers.views.plan.make_view_set
     out.loss.backward()
 
 Under torch.distributed every worker's projections are gathered (with gradient) to serve as negatives, so the
@@ -31,8 +31,8 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from trainers.config import ComponentConfig
-from trainers.distributed import gather_with_grad
-from trainers.distributed import world as ranks
+from trainers.engine.distributed import gather_with_grad
+from trainers.engine.distributed import world as ranks
 from trainers.engine.types import Batch, StepContext, StepOutput, ViewSet
 from trainers.methods.base import Method, check_views
 from trainers.methods.heads import mlp

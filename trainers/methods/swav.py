@@ -53,8 +53,8 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from trainers.config import ComponentConfig
-from trainers.distributed import all_reduce_sum, gather
-from trainers.distributed import world as ranks
+from trainers.engine.distributed import all_reduce_sum, gather
+from trainers.engine.distributed import world as ranks
 from trainers.engine.types import Batch, StepContext, StepOutput, ViewSet
 from trainers.methods.base import Method, check_views, weigh_view_terms
 from trainers.methods.heads import mlp

@@ -44,14 +44,14 @@ import torch.distributed as dist
 
 from trainers.engine.step import NonFiniteLossError, train_step
 from trainers.engine.types import Batch, StepContext
-from trainers.loop import LineTrainer
+from trainers.engine.loop import LineTrainer
 from trainers.online.config import OnlineConfig
 from trainers.online.memory import ReplayMemory
 from trainers.online.rals import RALS, SCORERS, SelectionLog, rank_part_rows
 from trainers.online.schedule import LocalCycle
 from trainers.optim import set_lr
 from trainers.strategies import ChunkEnd
-from trainers.viewplan import make_view_set
+from trainers.views.plan import make_view_set
 
 
 @dataclass

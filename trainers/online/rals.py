@@ -68,7 +68,7 @@ from torch import Tensor, nn
 
 import torch.distributed as dist
 
-from trainers.distributed import all_reduce_mean, gather, world
+from trainers.engine.distributed import all_reduce_mean, gather, world
 from trainers.engine.types import Batch, StepContext, ViewSet
 from trainers.methods.barlow_twins import BN_EPS
 from trainers.methods.simclr import nt_xent_loss

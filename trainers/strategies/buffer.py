@@ -34,7 +34,7 @@ from pydantic import Field
 from torch import Tensor
 
 from trainers.config import ComponentConfig
-from trainers.distributed import world
+from trainers.engine.distributed import world
 from trainers.engine.types import Batch, StepContext
 from trainers.strategies.base import ChunkEnd, Strategy
 

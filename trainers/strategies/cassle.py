@@ -58,7 +58,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from trainers.config import ComponentConfig
-from trainers.distributed import gather, gather_with_grad, world
+from trainers.engine.distributed import gather, gather_with_grad, world
 from trainers.engine.types import Batch, StepContext, StepOutput, ViewSet
 from trainers.methods.heads import frozen_copy, mlp
 from trainers.methods.moco_v2 import MoCoV2

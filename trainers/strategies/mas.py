@@ -27,10 +27,10 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from trainers.config import ComponentConfig
-from trainers.distributed import all_reduce_mean
+from trainers.engine.distributed import all_reduce_mean
 from trainers.engine.types import Batch, StepContext, StepOutput, ViewSet
 from trainers.strategies.base import ChunkEnd, Strategy
-from trainers.views import normalize
+from trainers.views.augment import normalize
 
 
 class MASConfig(ComponentConfig):

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from trainers.checkpoint import CheckpointError, load_state, save_state
-from trainers.loop import LineTrainer, LoopConfig, learning_rate
+from trainers.engine.checkpoint import CheckpointError, load_state, save_state
+from trainers.engine.loop import LineTrainer, LoopConfig, learning_rate
 from trainers.schedules import WarmupCosine
-from trainers.views import AugmentConfig
+from trainers.views.augment import AugmentConfig
 
 
 def config(**overrides) -> LoopConfig:

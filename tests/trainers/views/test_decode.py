@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from trainers.decode import ImageDecodeError, decode_jpeg_batch, resized_shape
+from trainers.views.decode import ImageDecodeError, decode_jpeg_batch, resized_shape
 
 
 def _photo(height: int, width: int, seed: int) -> np.ndarray:

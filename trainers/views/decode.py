@@ -1,6 +1,6 @@
 """Batched image decoding for the consumer side of a pipeline: encoded bytes in, one uint8 batch out. Plain PyTorch.
 
-    from trainers.decode import decode_jpeg_batch
+    from trainers.views.decode import decode_jpeg_batch
     images = decode_jpeg_batch(list_of_jpeg_bytes, size=224, device="cuda")   # uint8 [B, 3, 224, 224] on the GPU
 
 JPEGs go through one `torchvision.io.decode_jpeg` call over the whole list (nvjpeg's batched decode on CUDA,

@@ -11,11 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.trainers.test_loop import batches_of, data
-from trainers.loop import LineTrainer, LoopConfig
+from tests.trainers.engine.test_loop import batches_of, data
+from trainers.engine.loop import LineTrainer, LoopConfig
 from trainers.schedules import WarmupCosine
-from trainers.viewplan import ViewPlan
-from trainers.views import AugmentConfig
+from trainers.views.plan import ViewPlan
+from trainers.views.augment import AugmentConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one thread is fastest, two thrash
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from trainers.checkpoint import CheckpointError, load_state
+from trainers.engine.checkpoint import CheckpointError, load_state
 
 SAVER = """
 import sys, torch
-from trainers.checkpoint import save_state
+from trainers.engine.checkpoint import save_state
 folder, start = sys.argv[1], int(sys.argv[2])
 i = start
 print("ready", flush=True)
@@ -34,7 +34,7 @@ def test_kill_during_save_leaves_the_previous_checkpoint_or_a_complete_new_one(t
     start = 0
     for _ in range(8):
         proc = subprocess.Popen([sys.executable, "-c", SAVER, str(folder), str(start)], stdout=subprocess.PIPE,
-                                cwd=Path(__file__).resolve().parents[2])
+                                cwd=Path(__file__).resolve().parents[3])
         assert proc.stdout.readline().strip() == b"ready"
         time.sleep(rng.uniform(0.2, 1.5))
         os.kill(proc.pid, signal.SIGKILL)

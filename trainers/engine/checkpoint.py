@@ -114,7 +114,7 @@ def load_backbone(state: dict[str, Any], width: float | None = None) -> torch.nn
     `width` is reserved for slimmable backbones (evaluated at one of their widths); others take None.
     """
     from trainers.backbones import build_backbone
-    from trainers.loop import LoopConfig
+    from trainers.engine.loop import LoopConfig
 
     if width is not None:
         raise ValueError(f"width {width!r} given, but this checkpoint's backbone is not slimmable")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from trainers.views import sample_crop_boxes
+from trainers.views.augment import sample_crop_boxes
 
 OVERLAP_CANDIDATES = 8
 OVERLAP_ROUNDS = 10

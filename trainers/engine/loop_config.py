@@ -1,4 +1,4 @@
-"""A line's configuration, its learning-rate schedule and its starting weights (what `trainers.loop` trains with).
+"""A line's configuration, its learning-rate schedule and its starting weights (what `trainers.engine.loop` trains with).
 
     cfg = LoopConfig(method="simclr", strategy="sequential", image_size=32, views=view_plan(...))
     learning_rate(cfg, step, steps_total, steps_per_epoch)   # the schedule the loop follows
@@ -17,8 +17,8 @@ from trainers.backbones import build_backbone
 from trainers.optim import LR_SCALING, OPTIMIZERS, scaled_lr
 from trainers.registry import METHOD_REGISTRY
 from trainers.schedules import SCHEDULES, SCOPE, build_schedule
-from trainers.viewplan import ViewPlan
-from trainers.views import AugmentConfig
+from trainers.views.plan import ViewPlan
+from trainers.views.augment import AugmentConfig
 
 
 @dataclass(frozen=True)

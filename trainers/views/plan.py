@@ -3,11 +3,11 @@
     plan = view_plan(global_count=2, global_size=224, local_count=6, local_size=96, preset="symmetric")
     views = make_view_set(images_uint8, plan, generator)    # ViewSet(global_=[2 x [B,3,224,224]], local=[6 x 96 px])
 
-Every view is produced batched on the images' device (`trainers.views.make_views`). A preset gives each view its
+Every view is produced batched on the images' device (`trainers.views.augment.make_views`). A preset gives each view its
 augmentation probabilities; explicit settings override them for every view of a set.
 
 Overlap: with `min_iou` / `max_iou` the global crops are drawn first and each local crop is resampled until its
-largest IoU over its image's global crops lies in the band (`trainers.crop_overlap`); the ViewSet counts the
+largest IoU over its image's global crops lies in the band (`trainers.views.crop_overlap`); the ViewSet counts the
 crops that never got there. `local_loss_weight` rides on the ViewSet to the methods that weigh local terms.
 
 Presets:
@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from trainers.crop_overlap import sample_overlapping_boxes
+from trainers.views.crop_overlap import sample_overlapping_boxes
 from trainers.engine.types import ViewSet
-from trainers.views import AugmentConfig, make_views, sample_crop_boxes
+from trainers.views.augment import AugmentConfig, make_views, sample_crop_boxes
 
 PRESETS = ("symmetric", "byol")
 # Probabilities that differ between the two views of BYOL's pair; everything else is the symmetric set.
@@ -50,7 +50,7 @@ class ViewPlan:
 
     Attributes:
         min_iou, max_iou: the band each local crop's largest IoU over its image's global crops must lie in
-            (None: open side); see `trainers.crop_overlap` for why the largest.
+            (None: open side); see `trainers.views.crop_overlap` for why the largest.
         local_loss_weight: the share of the loss from terms whose student / query view is a local crop (the
             global terms get the rest); None keeps each method's plain mean over its terms.
     """

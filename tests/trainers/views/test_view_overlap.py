@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from trainers.crop_overlap import (
+from trainers.views.crop_overlap import (
     best_iou_bound,
     box_iou,
     largest_iou,
@@ -15,8 +15,8 @@ from trainers.crop_overlap import (
     sample_overlapping_boxes,
 )
 from trainers.engine.types import ViewSet
-from trainers.viewplan import ViewPlan, crop_boxes, make_view_set, view_plan
-from trainers.views import sample_crop_boxes
+from trainers.views.plan import ViewPlan, crop_boxes, make_view_set, view_plan
+from trainers.views.augment import sample_crop_boxes
 
 H = W = 64
 RATIO = (3 / 4, 4 / 3)
@@ -155,7 +155,7 @@ def test_view_plan_checks_its_overlap_and_weight() -> None:
 def test_the_chunk_report_counts_the_crops_left_outside_the_band(min_iou: float, missed: bool) -> None:
     from dataclasses import asdict
 
-    from trainers.loop import LineTrainer, LoopConfig
+    from trainers.engine.loop import LineTrainer, LoopConfig
 
     # Local crops of at most 10% cannot reach IoU 0.9 with global crops of at least half the image.
     plan = view_plan(2, 16, (0.5, 1.0), 2, 8, (0.05, 0.1), min_iou=min_iou, global_options={"blur_p": 0.0})

@@ -17,7 +17,7 @@ Each transform is one tensor op over the whole batch with per-sample random para
 
 Usage::
 
-    from trainers.views import default_view_configs, make_views, normalize
+    from trainers.views.augment import default_view_configs, make_views, normalize
     g = torch.Generator().manual_seed(0)                          # optional: same seed -> same views
     v1, v2 = make_views(images_uint8, default_view_configs(32), generator=g)   # float [B, 3, 32, 32] each
     feats = backbone(normalize(images_uint8))                     # evaluation: no augmentation
@@ -278,7 +278,7 @@ def make_views(
         configs: one `AugmentConfig` per view wanted.
         generator: optional; on CPU or on the images' device. The same seed gives the same views.
         boxes: optional crop boxes `[B, 4]` per config (`sample_crop_boxes`' format), drawn beforehand when the
-            crops of different views depend on each other (`trainers.crop_overlap`); their scale is then not
+            crops of different views depend on each other (`trainers.views.crop_overlap`); their scale is then not
             redrawn from the config.
 
     Returns:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from tests.trainers.test_loop import batches_of, config, data
+from tests.trainers.engine.test_loop import batches_of, config, data
 
 
 def _free_port() -> int:
@@ -26,7 +26,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     try:
-        from trainers.loop import LineTrainer
+        from trainers.engine.loop import LineTrainer
 
         trainer = LineTrainer(config(), wrap_model=DistributedDataParallel, rank=rank)
         images = data(n=24 if rank == 0 else 16, seed=rank)  # 3 and 2 batches of 8; 4 planned per epoch
@@ -61,8 +61,8 @@ def _resume_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     try:
-        from trainers.checkpoint import load_state, save_state
-        from trainers.loop import LineTrainer
+        from trainers.engine.checkpoint import load_state, save_state
+        from trainers.engine.loop import LineTrainer
 
         images = data(n=24, seed=rank)  # each rank its own rows, 3 batches per epoch, 2 epochs
         folder = Path(out_dir) / "checkpoint"

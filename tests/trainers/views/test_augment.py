@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainers.views import (
+from trainers.views.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     AugmentConfig,
