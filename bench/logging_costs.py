@@ -76,7 +76,7 @@ class LocalMlflowServer:
 def logging_costs(uri: str, calls: int, chunks: int, steps_per_chunk: int, spec, artifact_root: str | None = None
                   ) -> dict[str, Any]:
     """Per-call cost of logging one step's metrics, and of the calls log_chunk makes for one chunk."""
-    from orchestrator.spec import flatten
+    from orchestrator.spec.experiment import flatten
     from orchestrator.tracking import lineage as tr
     from orchestrator.tracking.tracker import Tracker
 

@@ -64,7 +64,7 @@ def tiny_overrides(args: argparse.Namespace, data_url: str, workdir: str) -> lis
 def make_data(args: argparse.Namespace, data_url: str) -> float:
     """The spec's synthetic set, generated before the run (timed on its own: a first run only)."""
     from orchestrator.data.synth import generate_synthetic
-    from orchestrator.spec import load_spec
+    from orchestrator.spec.experiment import load_spec
 
     spec = load_spec(QUICKSTART, tiny_overrides(args, data_url, "unused"))
     s = spec.data.synthetic
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = resolve_device(args.device)
 
     from bench.step_throughput import StepConfig
-    from orchestrator.spec import load_spec
+    from orchestrator.spec.experiment import load_spec
 
     started = time.perf_counter()
     spec = load_spec(QUICKSTART, tiny_overrides(args, "unused", "unused"))

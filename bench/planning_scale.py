@@ -98,7 +98,7 @@ def plan_one(spec_path: str, overrides: list[str], out_dir: str) -> dict[str, An
 
     from orchestrator.data.shards import read_index
     from orchestrator.planner import build_plan
-    from orchestrator.spec import load_spec
+    from orchestrator.spec.experiment import load_spec
     from orchestrator.streams import make_plan
 
     spec = load_spec(spec_path, overrides)
@@ -182,7 +182,7 @@ def read_plan(spec_path: str, overrides: list[str], planned: dict[str, Any], pla
 
     from orchestrator.data.manifest import load_manifest
     from orchestrator.ingest import ReadChunkRows, chunk_dataset, shard_refs
-    from orchestrator.spec import load_spec
+    from orchestrator.spec.experiment import load_spec
 
     spec = load_spec(spec_path, overrides)
     plan = pickle.loads(plan_path.read_bytes())

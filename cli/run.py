@@ -27,7 +27,7 @@ def run(
 ) -> None:
     """Run an experiment spec end to end (on the embedded default unless told otherwise)."""
     from orchestrator.experiment import run_experiment
-    from orchestrator.spec import load_spec
+    from orchestrator.spec.experiment import load_spec
 
     overrides = list(sets)
     if tracking_uri:

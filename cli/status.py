@@ -29,7 +29,7 @@ def status(
         raise typer.BadParameter("give a SPEC, or --job ID for a submitted job", param_hint="SPEC")
     from evaluators.report import results_table
     from orchestrator.planner import build_plan
-    from orchestrator.spec import load_spec
+    from orchestrator.spec.experiment import load_spec
     from orchestrator.tracking.lineage import job_states, segment_states
     from orchestrator.tracking.tracker import Tracker
 
@@ -61,7 +61,7 @@ def status(
 def _sweep_status(path: Path, overrides: list[str], loaded) -> None:
     """A spec with a sweep section: its newest sweep, one row per trial."""
     from evaluators.report import results_table
-    from orchestrator.spec import read_raw
+    from orchestrator.spec.experiment import read_raw
     from orchestrator.sweep.lineage import newest_sweep, sweep_rows
     from orchestrator.tracking.tracker import Tracker
 

@@ -30,7 +30,7 @@ def submit(
     """Validate SPEC here, then submit it as a Ray job (code + resolved spec as the working dir); prints the job id."""
     from orchestrator.errors import ClusterError
     from orchestrator.jobs import cluster_warnings, dashboard_address, job_info, job_logs, submit_spec
-    from orchestrator.spec import load_spec
+    from orchestrator.spec.experiment import load_spec
 
     address = dashboard_address(address)
     overrides = list(sets) + ([f"tracking.uri={tracking_uri}"] if tracking_uri else [])

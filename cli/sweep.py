@@ -28,7 +28,7 @@ def sweep(
     tracking_uri: Optional[str] = TrackingUri,
 ) -> None:
     """Run a hyperparameter sweep: trials on Ray Tune (random, grid or Optuna; ASHA), nested runs in MLflow."""
-    from orchestrator.spec import read_raw
+    from orchestrator.spec.experiment import read_raw
     from orchestrator.sweep.driver import run_sweep
 
     overrides = list(sets) + ([f"tracking.uri={tracking_uri}"] if tracking_uri else [])

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from evaluators.report import results_table
 from orchestrator.evaluation import headline
 from orchestrator.planner import ExperimentPlan
-from orchestrator.spec import Spec
+from orchestrator.spec.experiment import Spec
 from orchestrator.summary import EVAL_COLUMNS, ExperimentSummary
 from orchestrator.tracking.tracker import Tracker
 

@@ -29,7 +29,7 @@ from orchestrator.planner import ExperimentPlan, Job, build_plan
 from orchestrator.ray_init import init_ray
 from orchestrator.recovery import missing_records, persisted_unlogged_chunks, read_logged
 from orchestrator.runner import LineTask, _CheckpointFs, line_groups, loop_config, ray_run_name, train_group
-from orchestrator.spec import Spec, flatten
+from orchestrator.spec.experiment import Spec, flatten
 from orchestrator.summary import ExperimentSummary, summarise
 from orchestrator.tracking import lineage as tr
 from orchestrator.tracking.models import log_checkpoint_model, log_scored_metrics

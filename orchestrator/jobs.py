@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import yaml
 
 from orchestrator.errors import ClusterError
-from orchestrator.spec import Spec
+from orchestrator.spec.experiment import Spec
 
 PACKAGES = ("orchestrator", "trainers", "evaluators", "cli")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}

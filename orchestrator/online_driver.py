@@ -29,7 +29,7 @@ from orchestrator.hooks import TrialStopped
 from orchestrator.online_runner import total_batches, train_online
 from orchestrator.planner import Job
 from orchestrator.runner import LineTask, loop_config, ray_run_name
-from orchestrator.spec_params import flatten
+from orchestrator.spec.params import flatten
 from orchestrator.summary import ExperimentSummary
 from orchestrator.tracking import lineage as tr
 from orchestrator.tracking.models import log_checkpoint_model, log_scored_metrics

@@ -51,7 +51,7 @@ from orchestrator import storage
 from orchestrator.data.manifest import Manifest
 from orchestrator.data.shards import check_schema, read_shard, sha256_hex
 from orchestrator.errors import DataError
-from orchestrator.spec_online import PollSource
+from orchestrator.spec.online import PollSource
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from orchestrator.data.shards import read_index
 from orchestrator.data_factors import group_label_map
 from orchestrator.downstream import DownstreamSet, resolve_downstream
 from orchestrator.errors import DataError, SpecError
-from orchestrator.spec import Spec, identity_digest
+from orchestrator.spec.experiment import Spec, identity_digest
 from orchestrator.streams import StreamPlan, make_plan
 from trainers.registry import METHOD_REGISTRY, STRATEGY_REGISTRY
 from trainers.strategies import build_strategy

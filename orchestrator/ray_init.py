@@ -6,7 +6,7 @@ import logging
 import os
 import time
 
-from orchestrator.spec import Spec
+from orchestrator.spec.experiment import Spec
 
 log = logging.getLogger("streamssl")
 # streamssl is written against Ray Train V2 (the default from Ray 2.51 on, ray-project/ray#57857): `checkpoint_dir_name`

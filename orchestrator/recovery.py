@@ -21,7 +21,7 @@ from orchestrator import storage
 from orchestrator.evaluation import headline, task_accuracies
 from orchestrator.planner import ExperimentPlan, Job
 from orchestrator.runner import CHUNK_EVENT_FILE, checkpoint_order, line_groups, ray_run_name
-from orchestrator.spec import Spec
+from orchestrator.spec.experiment import Spec
 from orchestrator.summary import joint_reference
 from orchestrator.tracking import lineage as tr
 from orchestrator.tracking.tracker import Tracker

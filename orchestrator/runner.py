@@ -32,7 +32,7 @@ from orchestrator.data_factors import group_label_map
 from orchestrator.ingest import (DeviceBatchDecoder, chunk_dataset, chunk_rows, planned_chunk_rows, release_split,
                                  row_index, shard_refs)
 from orchestrator.planner import ExperimentPlan, Job, Line
-from orchestrator.spec import Spec
+from orchestrator.spec.experiment import Spec
 from trainers.engine.loop import LoopConfig
 from trainers.views.plan import ViewPlan, view_plan
 

@@ -3,7 +3,7 @@
 A `Record` holds a component's name, the class or builder that makes it, its `Config` (a `ComponentConfig`:
 every option with its type, bounds, default and description) and what it needs from the data and the views.
 The spec's allowed names, its typed per-component options, the flattened MLflow params (defaults included) and
-the error messages all come from here (see `orchestrator.spec`); `METHODS`, `BACKBONES` and `STRATEGIES` in the
+the error messages all come from here (see `orchestrator.spec.experiment`); `METHODS`, `BACKBONES` and `STRATEGIES` in the
 component packages are read-only views of these registries.
 
 Usage::

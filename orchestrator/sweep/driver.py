@@ -29,8 +29,8 @@ import yaml
 from rich.console import Console
 
 from orchestrator.errors import SpecError, TrainingError
-from orchestrator.spec import Spec, flatten, identity_digest, redact, validate_spec
-from orchestrator.spec_sweep import SweepSpec
+from orchestrator.spec.experiment import Spec, flatten, identity_digest, redact, validate_spec
+from orchestrator.spec.sweep import SweepSpec
 from orchestrator.sweep import records as rec
 from orchestrator.sweep.paths import resolve_paths
 from orchestrator.sweep.space import check_space, checked_points, encode, optuna_space, sample_points, with_values
@@ -190,7 +190,7 @@ class _Sweep:
         # The trial's placement group holds its driver and the driver's evaluation actor (1 CPU, as in
         # `streamssl run`); the training workers get a placement group of their own from Ray Train.
         own = sweep.resources_per_trial
-        # (No GPU in these bundles: the spec refuses resources_per_trial.gpu, see orchestrator.spec_sweep.)
+        # (No GPU in these bundles: the spec refuses resources_per_trial.gpu, see orchestrator.spec.sweep.)
         trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), tune.PlacementGroupFactory(
             [{"CPU": own.cpu}, {"CPU": 1.0}]))
         scheduler = self._scheduler(done, max_reports)

@@ -71,7 +71,7 @@ def sweep_rows(tracker, sweep_run: str, metric: str) -> list[dict[str, Any]]:
 
 def newest_sweep(tracker, raw: dict[str, Any], source: str):
     """The newest sweep run of the spec's sweep (same base spec and sweep section), or None."""
-    from orchestrator.spec import validate_spec
+    from orchestrator.spec.experiment import validate_spec
     from orchestrator.sweep.driver import sweep_key
     from orchestrator.sweep.space import with_values
 

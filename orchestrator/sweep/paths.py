@@ -18,7 +18,7 @@ import os
 import re
 from typing import Any
 
-from orchestrator.spec import StorageSpec
+from orchestrator.spec.experiment import StorageSpec
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # The default of storage.workdir, resolved even when the spec omits it.

@@ -7,7 +7,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from orchestrator.spec_sweep import SweepSpec
+from orchestrator.spec.sweep import SweepSpec
 from orchestrator.sweep import records as rec
 
 STATE_COLOURS = {"finished": "tab:blue", "stopped": "tab:orange", "failed": "tab:red", "interrupted": "tab:gray"}

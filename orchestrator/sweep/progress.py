@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from orchestrator.spec_sweep import SweepSpec
+from orchestrator.spec.sweep import SweepSpec
 from orchestrator.sweep import records as rec
 
 

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from orchestrator.errors import SpecError
-from orchestrator.spec import Spec, apply_overrides, validate_spec
-from orchestrator.spec_sweep import Distribution, SweepSpec
+from orchestrator.spec.experiment import Spec, apply_overrides, validate_spec
+from orchestrator.spec.sweep import Distribution, SweepSpec
 
 # An inner point of a float range that no bound of a field sits on by accident (0.5 would hide `multiple_of`-like
 # rules and integer fields given a float range with integral ends).

@@ -18,8 +18,8 @@ from typing import Any
 from rich.console import Console
 
 from orchestrator.hooks import DriverHooks, TrialStopped
-from orchestrator.spec import flatten
-from orchestrator.spec_sweep import SweepSpec
+from orchestrator.spec.experiment import flatten
+from orchestrator.spec.sweep import SweepSpec
 from orchestrator.sweep import records as rec
 from orchestrator.sweep.paths import resolve_values
 from orchestrator.sweep.space import decode, trial_spec

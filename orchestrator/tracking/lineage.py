@@ -62,7 +62,7 @@ def study_key(plan: ExperimentPlan) -> str:
     """The plan key's recipe (identity, data, stream) with the identity taken without the top-level `seed`."""
     import hashlib
 
-    from orchestrator.spec_params import identity_digest
+    from orchestrator.spec.params import identity_digest
 
     parts = (identity_digest(plan.spec, with_seed=False), plan.data_digest, plan.stream.digest)
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]

@@ -7,7 +7,7 @@ from typing import Any
 
 from orchestrator.evaluation import headline
 from orchestrator.planner import ExperimentPlan, Job
-from orchestrator.spec import Spec
+from orchestrator.spec.experiment import Spec
 from orchestrator.tracking import lineage as tr
 from orchestrator.tracking.tracker import Tracker
 

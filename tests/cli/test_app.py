@@ -106,7 +106,7 @@ def test_submit_without_a_cluster_exits_6_naming_the_address(monkeypatch, tmp_pa
 
 def test_submit_warns_about_local_paths_before_contacting_the_cluster(tmp_path: Path) -> None:
     from orchestrator.jobs import cluster_warnings, stage
-    from orchestrator.spec import load_spec
+    from orchestrator.spec.experiment import load_spec
 
     spec = load_spec(Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml")
     warnings = cluster_warnings(spec)

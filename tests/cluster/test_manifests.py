@@ -181,7 +181,7 @@ def test_rayjob_runs_a_real_streamssl_command_on_the_mounted_spec():
 
 
 def test_configmap_spec_loads_and_points_only_at_shared_urls(tmp_path):
-    from orchestrator.spec import load_spec
+    from orchestrator.spec.experiment import load_spec
 
     configmap = load_one(KUBERAY / "spec-configmap.yaml")
     assert configmap["kind"] == "ConfigMap"
@@ -196,7 +196,7 @@ def test_configmap_spec_loads_and_points_only_at_shared_urls(tmp_path):
 
 
 def test_spec_tracking_uri_is_served_by_the_kubernetes_mlflow_service(tmp_path):
-    from orchestrator.spec import load_spec
+    from orchestrator.spec.experiment import load_spec
 
     configmap = load_one(KUBERAY / "spec-configmap.yaml")
     path = tmp_path / "spec.yaml"

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator import storage
 from orchestrator.data.synth import generate_synthetic
 from orchestrator.planner import build_plan
-from orchestrator.spec import load_spec
+from orchestrator.spec.experiment import load_spec
 from orchestrator.tracking import lineage as tr
 from tests.cluster.ray_cluster import LocalRayCluster
 from tests.cluster.services import PostgresMlflow, require_postgres

@@ -17,7 +17,7 @@ from rich.console import Console
 from orchestrator.errors import TrainingError
 from orchestrator.experiment import run_experiment
 from orchestrator.runner import checkpoint_order
-from orchestrator.spec import validate_spec
+from orchestrator.spec.experiment import validate_spec
 from orchestrator.tracking import lineage as tr
 from tests.specs import tiny_spec
 from trainers.engine.checkpoint import load_state

@@ -13,7 +13,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.planner import build_plan
-from orchestrator.spec import validate_spec
+from orchestrator.spec.experiment import validate_spec
 from orchestrator.tracking import lineage as tr
 from tests.faults.mlflow_server import MlflowServer
 from tests.specs import tiny_spec

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from orchestrator.experiment import run_experiment
 from orchestrator.planner import build_plan
-from orchestrator.spec import validate_spec
+from orchestrator.spec.experiment import validate_spec
 from orchestrator.tracking import lineage as tr
 from tests.specs import tiny_spec
 

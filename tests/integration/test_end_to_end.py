@@ -19,7 +19,7 @@ from evaluators.continual import AccuracyMatrix, st_jt_gap
 from orchestrator.data.shards import read_index
 from orchestrator.data.synth import generate_synthetic
 from orchestrator.planner import build_plan
-from orchestrator.spec import load_spec
+from orchestrator.spec.experiment import load_spec
 from orchestrator.tracking import lineage as tr
 from tests.orchestrator.s3_server import DUMMY_SECRET, S3Server
 from trainers.engine.checkpoint import load_state

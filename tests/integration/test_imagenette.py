@@ -17,7 +17,7 @@ from cli.app import app
 from orchestrator.data.manifest import load_manifest
 from orchestrator.data.shards import read_index
 from orchestrator.planner import build_plan
-from orchestrator.spec import load_spec
+from orchestrator.spec.experiment import load_spec
 from orchestrator.tracking import lineage as tr
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_data]

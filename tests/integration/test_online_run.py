@@ -14,7 +14,7 @@ from rich.console import Console
 from orchestrator.errors import SpecError
 from orchestrator.experiment import run_experiment
 from orchestrator.planner import build_plan
-from orchestrator.spec import validate_spec
+from orchestrator.spec.experiment import validate_spec
 from orchestrator.tracking import lineage as tr
 from tests.specs import tiny_spec
 from trainers.engine.checkpoint import load_state
@@ -123,7 +123,7 @@ def test_an_online_stream_is_one_worker_group_with_segments_in_mlflow(tmp_path: 
 
 
 def test_a_chunked_spec_keeps_its_identity_and_params_without_an_online_section() -> None:
-    from orchestrator.spec import flatten, identity_digest
+    from orchestrator.spec.experiment import flatten, identity_digest
 
     spec = validate_spec(tiny_spec("x", "/tmp/x"))  # a fixed URL: it is part of the identity
     assert spec.online is None and not any(k.startswith("online") for k in flatten(spec))

@@ -15,7 +15,7 @@ from rich.console import Console
 from orchestrator.errors import SpecError
 from orchestrator.experiment import run_experiment
 from orchestrator.planner import build_plan
-from orchestrator.spec import validate_spec
+from orchestrator.spec.experiment import validate_spec
 from orchestrator.tracking import lineage as tr
 from tests.specs import tiny_spec
 from trainers.engine.checkpoint import folder_bytes, load_state, tensor_bytes

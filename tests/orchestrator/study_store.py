@@ -21,7 +21,7 @@ from pathlib import Path
 
 from evaluators.continual import AccuracyMatrix, continual_metrics, st_jt_gap
 from orchestrator.accounting import chunk_resources
-from orchestrator.spec import ResourcesSpec, Spec, flatten, identity_digest
+from orchestrator.spec.experiment import ResourcesSpec, Spec, flatten, identity_digest
 from orchestrator.tracking import lineage as tr
 from orchestrator.tracking.tracker import Tracker
 

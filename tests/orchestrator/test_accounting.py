@@ -11,7 +11,7 @@ import torch
 from orchestrator.accounting import chunk_resources, data_kept, device_kind, strategy_bytes
 from orchestrator.data.shards import read_index
 from orchestrator.planner import build_plan
-from orchestrator.spec import ResourcesSpec, validate_spec
+from orchestrator.spec.experiment import ResourcesSpec, validate_spec
 from tests.specs import tiny_spec
 from trainers.engine.checkpoint import folder_bytes, save_state, tensor_bytes
 

@@ -14,8 +14,8 @@ from orchestrator.data_factors import group_label_map, kept_classes
 from orchestrator.errors import SpecError
 from orchestrator.planner import build_plan
 from orchestrator.runner import planned_line_steps
-from orchestrator.spec import validate_spec
-from orchestrator.spec_params import flatten, identity_digest
+from orchestrator.spec.experiment import validate_spec
+from orchestrator.spec.params import flatten, identity_digest
 from tests.specs import tiny_spec
 
 CASES = [("instance", 4), ("random_class", 4), ("distant_class", 3), ("domain", 2)]

@@ -22,7 +22,7 @@ from orchestrator.ingest import (
     shard_refs,
     start_corrupt_row_counter,
 )
-from orchestrator.spec import validate_spec
+from orchestrator.spec.experiment import validate_spec
 from orchestrator.streams import make_plan
 from tests.specs import tiny_spec
 

@@ -15,8 +15,8 @@ from orchestrator.downstream import evaluate_downstream, resolve_downstream
 from orchestrator.errors import SpecError
 from orchestrator.ingest import SplitArrays
 from orchestrator.planner import build_plan
-from orchestrator.spec import validate_spec
-from orchestrator.spec_params import identity_digest
+from orchestrator.spec.experiment import validate_spec
+from orchestrator.spec.params import identity_digest
 from tests.specs import tiny_spec
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]

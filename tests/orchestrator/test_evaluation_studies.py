@@ -16,8 +16,8 @@ from evaluators.sharpness import SharpnessConfig, sharpness
 from orchestrator.errors import SpecError
 from orchestrator.evaluation_studies import study_metrics
 from orchestrator.ingest import SplitArrays
-from orchestrator.spec import validate_spec
-from orchestrator.spec_params import flatten, identity_digest
+from orchestrator.spec.experiment import validate_spec
+from orchestrator.spec.params import flatten, identity_digest
 from tests.specs import tiny_spec
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.spec import Spec, load_spec
+from orchestrator.spec.experiment import Spec, load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -89,7 +89,7 @@ def test_the_streaming_examples_run_the_full_protocol() -> None:
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("sweep_*.yaml")), ids=lambda p: p.name)
 def test_sweep_examples_have_a_valid_space(path: Path) -> None:
     """A sweep example's space passes the same checks `streamssl sweep` makes before its first trial."""
-    from orchestrator.spec import read_raw
+    from orchestrator.spec.experiment import read_raw
     from orchestrator.sweep.space import check_space, sample_points
 
     raw = read_raw(path)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from orchestrator.errors import IncompleteRecordError
 from orchestrator.recovery import missing_records
 from orchestrator.planner import build_plan
-from orchestrator.spec import validate_spec
+from orchestrator.spec.experiment import validate_spec
 from tests.specs import tiny_spec
 
 

@@ -16,8 +16,8 @@ import pytest
 from orchestrator.data.manifest import load_manifest
 from orchestrator.errors import SpecError
 from orchestrator.online_source import Poll, PolledStream, ShardPoller
-from orchestrator.spec import validate_spec
-from orchestrator.spec_online import PollSource
+from orchestrator.spec.experiment import validate_spec
+from orchestrator.spec.online import PollSource
 from tests.orchestrator.shard_producer import publish, train_rows
 from tests.specs import tiny_spec
 

@@ -33,7 +33,7 @@ def test_every_rank_keeps_its_own_interleaved_share_of_a_batch() -> None:
 
 
 def test_memory_draws_and_rals_k_that_do_not_divide_by_the_workers_are_refused_naming_the_field() -> None:
-    from orchestrator.spec_online import OnlineSpec, online_problems
+    from orchestrator.spec.online import OnlineSpec, online_problems
 
     def problems(workers: int, **online) -> list[str]:
         return online_problems("online", OnlineSpec(batch_size=129, **online), ["sequential"], workers)
@@ -61,7 +61,7 @@ def test_a_cycling_stream_starts_the_order_again_in_a_new_shuffle(synthetic_url:
     from orchestrator.ingest import shard_refs
     from orchestrator.online_runner import _stream
     from orchestrator.planner import build_plan
-    from orchestrator.spec import validate_spec
+    from orchestrator.spec.experiment import validate_spec
     from tests.specs import tiny_spec
 
     spec = validate_spec(tiny_spec("cycle", synthetic_url, stream={"kind": "online", "chunks": 3},
@@ -84,8 +84,8 @@ def test_a_cycling_stream_starts_the_order_again_in_a_new_shuffle(synthetic_url:
 def test_cycle_fit_keys_the_plan_only_under_a_deadline(synthetic_url: str) -> None:
     """`online.cycle_fit` came after online plans were keyed: without a deadline it changes no step, so it must not
     change the plan key (and `--resume` of an older online plan); with `time_budget_s` it does change the LR."""
-    from orchestrator.spec import Spec
-    from orchestrator.spec_params import identity_digest
+    from orchestrator.spec.experiment import Spec
+    from orchestrator.spec.params import identity_digest
     from tests.specs import tiny_spec
 
     def digest(**online) -> str:
@@ -100,8 +100,8 @@ def test_cycle_fit_keys_the_plan_only_under_a_deadline(synthetic_url: str) -> No
 def test_the_grace_period_of_a_polled_source_does_not_key_the_plan(synthetic_url: str, tmp_path) -> None:
     """`online.source.grace_s` came after polled plans were keyed and only decides which shards arrive (recorded in
     source_shards.json): a polled plan keeps its key, and `--resume`, whatever grace it is given."""
-    from orchestrator.spec import Spec
-    from orchestrator.spec_params import flatten, identity_digest
+    from orchestrator.spec.experiment import Spec
+    from orchestrator.spec.params import flatten, identity_digest
     from tests.specs import tiny_spec
 
     def spec(**source) -> Spec:

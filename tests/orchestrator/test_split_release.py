@@ -12,7 +12,7 @@ import pytest
 from rich.console import Console
 
 from orchestrator.experiment import run_experiment
-from orchestrator.spec import validate_spec
+from orchestrator.spec.experiment import validate_spec
 from tests.specs import tiny_spec
 
 RAYLET_WARNING = ("WARNING: {n} PYTHON worker processes have been started on node: abc with address: 127.0.0.1, which "

@@ -373,7 +373,7 @@ def test_plan_runs_of_one_study_with_other_seeds_give_n_mean_and_a_t_interval(se
 
 
 def test_the_study_key_is_the_plan_identity_without_the_seed() -> None:
-    from orchestrator.spec import Spec, identity_digest
+    from orchestrator.spec.experiment import Spec, identity_digest
 
     def spec(**top) -> Spec:
         return Spec.model_validate({"name": "s", "data": {"url": "/data/synthetic"}, "stream": {"kind": "random_class",

@@ -17,7 +17,7 @@ from orchestrator.display import print_summary
 from orchestrator.experiment import _Driver
 from orchestrator.planner import build_plan
 from orchestrator.recovery import read_logged
-from orchestrator.spec import validate_spec
+from orchestrator.spec.experiment import validate_spec
 from orchestrator.summary import ExperimentSummary, summarise
 from orchestrator.tracking import lineage as tr
 from orchestrator.tracking.tracker import Tracker

@@ -1,6 +1,6 @@
 """The spec's `views` section: global and local (multi-crop) view sets and the augmentation preset.
 
-Split from `orchestrator.spec` (which imports these into `Spec`); turned into the workers' ViewPlan by
+Split from `orchestrator.spec.experiment` (which imports these into `Spec`); turned into the workers' ViewPlan by
 `orchestrator.runner.spec_view_plan`.
 """
 
@@ -9,17 +9,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
+from orchestrator.spec.section import Section
 from trainers.views.crop_overlap import best_iou_bound, least_iou_bound
 from trainers.registry import METHOD_REGISTRY
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-
-class _AugmentSpec(_Strict):
+class _AugmentSpec(Section):
     """Augmentation settings of a view set; None takes the value the preset gives each view."""
 
     flip_p: float | None = Field(None, ge=0, le=1, description="horizontal flip probability (preset: 0.5)")
@@ -78,7 +75,7 @@ class LocalViewSpec(_AugmentSpec):
     )
 
 
-class ViewsSpec(_Strict):
+class ViewsSpec(Section):
     preset: Literal["symmetric", "byol"] = Field(
         "symmetric", description="augmentation preset: symmetric (every view alike: crop, flip 0.5, jitter 0.8, "
                                  "gray 0.2, blur 0.5, solarize 0.2) or byol (BYOL's asymmetric pair)",

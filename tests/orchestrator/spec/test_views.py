@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.errors import SpecError
-from orchestrator.spec import validate_spec
-from tests.orchestrator.test_spec import minimal
+from orchestrator.spec.experiment import validate_spec
+from tests.orchestrator.spec.test_spec import minimal
 
 
 def test_view_plan_has_global_and_local_views_with_presets() -> None:
@@ -144,7 +144,7 @@ def test_a_vit_patch_must_divide_the_local_views_too() -> None:
 
 
 def test_an_unset_overlap_band_keeps_the_plan_identity_and_a_set_one_changes_it() -> None:
-    from orchestrator.spec_params import flatten, identity_digest
+    from orchestrator.spec.params import flatten, identity_digest
 
     base = {**minimal(), "data": {"url": "memory://x", "image_size": 64}, "views": {"local": {"count": 2, "size": 24}}}
     plain = validate_spec(base)

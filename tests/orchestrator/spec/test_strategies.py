@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.errors import SpecError
-from orchestrator.spec import flatten, validate_spec
-from tests.orchestrator.test_spec import minimal
+from orchestrator.spec.experiment import flatten, validate_spec
+from tests.orchestrator.spec.test_spec import minimal
 
 
 def test_lines_compose_a_base_strategy_with_aids() -> None:

@@ -1,6 +1,6 @@
 """The spec's `eval` section: the protocols run after every chunk, and the optional studies of a representation.
 
-Split from `orchestrator.spec` (which imports `EvalSpec` into `Spec`). `eval.<protocol>` holds each registered
+Split from `orchestrator.spec.experiment` (which imports `EvalSpec` into `Spec`). `eval.<protocol>` holds each registered
 evaluator's Config (`eval.knn.k`, `eval.linear.lr`), defaults filled in. The optional studies are off unless their
 section is given (`eval.fewshot: {}` turns few-shot on with its defaults; null or absent: off): `fewshot`, `sharpness` and
 `interpolation` (the kNN accuracy between consecutive chunks' weights), evaluated by
@@ -17,18 +17,13 @@ from evaluators.fewshot import FewShotConfig
 from evaluators.interpolation import InterpolationConfig
 from evaluators.registry import EVALUATOR_REGISTRY
 from evaluators.sharpness import SharpnessConfig
-from orchestrator.spec_views import _Strict
-
-
-def _none_is_empty(value: Any) -> Any:
-    """`methods: {simclr: }` in YAML means "simclr with its defaults"."""
-    return {} if value is None else value
+from orchestrator.spec.section import Section, none_is_empty
 
 
 EvaluatorName = Literal[EVALUATOR_REGISTRY.names]
 
 
-class DownstreamSpec(_Strict):
+class DownstreamSpec(Section):
     """An `eval.downstream` entry: a data set the frozen backbone is evaluated on after every chunk."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="names its metrics: `<name>.knn_top1`")
@@ -40,7 +35,7 @@ class DownstreamSpec(_Strict):
     max_train_per_class: int | None = Field(None, ge=1, description="cap the training rows per class")
 
 
-class _EvalSpecBase(_Strict):
+class _EvalSpecBase(Section):
     every_chunk: list[EvaluatorName] = Field(
         default_factory=lambda: list(EVALUATOR_REGISTRY.names),
         description=f"protocols run after every chunk; one of {list(EVALUATOR_REGISTRY.names)} each",
@@ -84,7 +79,7 @@ class _EvalSpecBase(_Strict):
 EvalSpec = create_model(
     "EvalSpec", __base__=_EvalSpecBase,
     **{
-        record.name: (Annotated[record.config, BeforeValidator(_none_is_empty)],
+        record.name: (Annotated[record.config, BeforeValidator(none_is_empty)],
                       Field(default_factory=record.config, description=record.summary))
         for record in EVALUATOR_REGISTRY.values()
     },

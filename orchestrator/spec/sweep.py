@@ -20,16 +20,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from orchestrator.spec.section import Section
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-
-class Distribution(_Strict):
+class Distribution(Section):
     """One searched field: exactly one of the five kinds. Ranges are [low, high]; randint's high is included."""
 
     uniform: tuple[float, float] | None = Field(None, description="float uniformly in [low, high]")
@@ -62,13 +60,13 @@ class Distribution(_Strict):
         return self.choice if self.choice is not None else self.grid
 
 
-class SchedulerSpec(_Strict):
+class SchedulerSpec(Section):
     kind: Literal["none", "asha"] = Field("none", description="asha: stop trials whose proxy falls behind early")
     grace_period: int = Field(1, ge=1, description="reports (chunks or segments) before a trial can be stopped")
     reduction_factor: float = Field(2.0, gt=1, description="ASHA's halving rate")
 
 
-class TrialResources(_Strict):
+class TrialResources(Section):
     cpu: float = Field(0.5, gt=0, description="CPUs the trial's driver holds (mostly waiting; its training workers "
                                               "and its evaluation actor ask for their own)")
     gpu: float = Field(0.0, ge=0, description="must be 0: a trial's driver never uses a GPU; its training workers "
@@ -86,7 +84,7 @@ class TrialResources(_Strict):
         return gpu
 
 
-class SweepSpec(_Strict):
+class SweepSpec(Section):
     metric: str = Field("knn_top1", description="what to optimise: a headline metric of the evaluation "
                                                 "(<evaluator>_top1 or _top5), the mean over the spec's lines")
     mode: Literal["max", "min"] = Field("max")

@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orchestrator.errors import SpecError
-from orchestrator.spec import Spec, apply_overrides, flatten, identity_digest, load_spec, validate_spec
+from orchestrator.spec.experiment import Spec, apply_overrides, flatten, identity_digest, load_spec, validate_spec
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def minimal() -> dict:
@@ -175,7 +175,7 @@ def test_a_mistyped_option_on_the_command_line_fails_in_load_spec(tmp_path: Path
 def test_allowed_names_come_from_the_registry() -> None:
     import typing
 
-    from orchestrator.spec import LinesSpec
+    from orchestrator.spec.experiment import LinesSpec
     from trainers.registry import METHOD_REGISTRY, STRATEGY_REGISTRY
 
     method_item = typing.get_args(LinesSpec.model_fields["method"].annotation)[0]
@@ -389,7 +389,7 @@ def test_evaluators_and_stream_kinds_come_from_their_records() -> None:
     import typing
 
     from evaluators.registry import EVALUATOR_REGISTRY
-    from orchestrator.spec import StreamSpec
+    from orchestrator.spec.experiment import StreamSpec
     from orchestrator.streams import STREAM_REGISTRY
 
     assert typing.get_args(StreamSpec.model_fields["kind"].annotation) == STREAM_REGISTRY.names

@@ -35,23 +35,21 @@ from pydantic import (
 )
 from typing_extensions import TypedDict
 
+from orchestrator.spec.section import Section, none_is_empty
 from evaluators.registry import EVALUATOR_REGISTRY
 from orchestrator.errors import SpecError
-from orchestrator.spec_errors import SECRET_KEY_PATTERN, describe_validation_error
-from orchestrator.spec_eval import EvalSpec, _none_is_empty
-from orchestrator.spec_online import OnlineSpec, online_problems
-from orchestrator.spec_overrides import apply_overrides, parse_override  # noqa: F401  (re-exported)
+from orchestrator.spec.errors import SECRET_KEY_PATTERN, describe_validation_error
+from orchestrator.spec.eval import EvalSpec
+from orchestrator.spec.online import OnlineSpec, online_problems
+from orchestrator.spec.overrides import apply_overrides, parse_override  # noqa: F401  (re-exported)
 from orchestrator.streams import STREAM_REGISTRY
-from orchestrator.spec_sweep import SweepSpec
-from orchestrator.spec_views import LocalViewSpec, ViewSpec, ViewsSpec, view_problem  # noqa: F401  (re-exported)
+from orchestrator.spec.sweep import SweepSpec
+from orchestrator.spec.views import LocalViewSpec, ViewSpec, ViewsSpec, view_problem  # noqa: F401  (re-exported)
 from trainers.registry import BACKBONE_REGISTRY, METHOD_REGISTRY, STRATEGY_REGISTRY, Registry
 from trainers.strategies.buffer import RowBuffer
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-
-class SyntheticSpec(_Strict):
+class SyntheticSpec(Section):
     """Generate the built-in synthetic set at `data.url` when no manifest is there yet."""
 
     train: int = Field(4000, ge=10, description="training images")
@@ -63,7 +61,7 @@ class SyntheticSpec(_Strict):
     seed: int = Field(0, description="generator seed: same seed, byte-identical shards")
 
 
-class DataSpec(_Strict):
+class DataSpec(Section):
     url: str = Field(description="folder (fsspec URL or local path) holding manifest.json and the Parquet shards")
     image_size: int = Field(32, ge=8, le=1024, description="side images are decoded and resized to before views")
     train_split: str = Field("train", description="split the stream is cut from")
@@ -83,7 +81,7 @@ class DataSpec(_Strict):
     )
 
 
-class StreamSpec(_Strict):
+class StreamSpec(Section):
     kind: Literal[STREAM_REGISTRY.names] = Field(description=f"how the data is cut: one of {list(STREAM_REGISTRY.names)}")
     chunks: int = Field(ge=1, le=1000, description="number of chunks T")
     seed: int = Field(0, description="seed of the plan (same seed, same plan)")
@@ -116,7 +114,7 @@ def line_strategy(entry: Any, where: str) -> str:
     return "+".join(parts)
 
 
-class LinesSpec(_Strict):
+class LinesSpec(Section):
     method: list[MethodName] = Field(min_length=1, description="SSL methods; one line each")
     strategy: list[Union[str, list[str]]] = Field(
         min_length=1,
@@ -147,7 +145,7 @@ def _options_section(registry: Registry) -> Any:
     fields = {
         record.name: Annotated[
             record.config,
-            BeforeValidator(_none_is_empty),
+            BeforeValidator(none_is_empty),
             AfterValidator(lambda config: config.model_dump()),
             PlainSerializer(lambda options: options, return_type=dict[str, Any]),
         ]
@@ -189,7 +187,7 @@ BackboneSpec = Annotated[
 ]
 
 
-class OptimSpec(_Strict):
+class OptimSpec(Section):
     name: Literal["sgd", "adamw", "lars"] = Field(
         "sgd", description="sgd (momentum), adamw, or lars (You et al. 2017; biases and norms not adapted)"
     )
@@ -221,7 +219,7 @@ class OptimSpec(_Strict):
 
 # One field per strategy that has options, each its record's Config with every default (they are few and cheap).
 StrategyOptionsSpec = create_model(
-    "StrategyOptionsSpec", __base__=_Strict,
+    "StrategyOptionsSpec", __base__=Section,
     **{
         record.name: (record.config, Field(default_factory=record.config, description=record.summary or None))
         for record in STRATEGY_REGISTRY.values()
@@ -230,7 +228,7 @@ StrategyOptionsSpec = create_model(
 )
 
 
-class ResourcesSpec(_Strict):
+class ResourcesSpec(Section):
     workers: int = Field(2, ge=1, description="DDP workers (Ray Train)")
     cpus_per_worker: float = Field(0.5, gt=0, description="fractional CPUs leave slots for Ray Data's decode tasks")
     gpus_per_worker: float = Field(0.0, ge=0)
@@ -243,18 +241,18 @@ class ResourcesSpec(_Strict):
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs for the embedded local Ray")
 
 
-class TrackingSpec(_Strict):
+class TrackingSpec(Section):
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite under storage.workdir")
     experiment: str | None = Field(None, description="MLflow experiment; default the spec name")
 
 
-class StorageSpec(_Strict):
+class StorageSpec(Section):
     workdir: str = Field("streamssl-runs", description="local working folder (embedded default)")
     checkpoints: str | None = Field(None, description="checkpoint storage URL; default <workdir>/checkpoints")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for checkpoints")
 
 
-class Spec(_Strict):
+class Spec(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="experiment name")
     seed: int = Field(0, description="seed for weights and views")
     data: DataSpec
@@ -423,5 +421,5 @@ def read_raw(path: str | Path, overrides: list[str] | None = None) -> dict[str, 
     return apply_overrides(raw, overrides or [])
 
 
-# Re-exported: what MLflow records of a spec, and its identity (orchestrator.spec_params).
-from orchestrator.spec_params import flatten, identity_digest  # noqa: E402,F401
+# Re-exported: what MLflow records of a spec, and its identity (orchestrator.spec.params).
+from orchestrator.spec.params import flatten, identity_digest  # noqa: E402,F401

@@ -7,7 +7,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from orchestrator.spec import Spec
+    from orchestrator.spec.experiment import Spec
 
 
 # Settings that are off by default, with their off value, by section: recorded only when on.
