@@ -273,7 +273,7 @@ def prepare_data(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
 def single_chunk_plan(url: str, manifest, split: str = "train"):
     """A one-chunk instance stream over the whole split: chunk 0 = every row (what a joint pass reads)."""
     from orchestrator.data.shards import read_index
-    from orchestrator.streams import make_plan
+    from orchestrator.plan.streams import make_plan
 
     return make_plan(read_index(url, split), manifest, "instance", 1, 0)
 

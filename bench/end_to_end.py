@@ -8,7 +8,7 @@
 
 Variants, one process, the same model setting (bench.step_throughput.StepConfig), interleaved passes (epochs):
 
-- ``streamssl``: imagenette shards -> ``orchestrator.ingest.chunk_dataset`` (Ray Data, sha256-checked reads, PIL
+- ``streamssl``: imagenette shards -> ``orchestrator.data.ingest.chunk_dataset`` (Ray Data, sha256-checked reads, PIL
   decode to ``--size`` in tasks) -> ``iter_torch_batches`` as the runner's worker -> ``LineTrainer.train_chunk``
   (views on the device with ``make_views``).
 - ``streamssl+device-decode``: ``data.decode: device``: JPEG bytes travel through Ray Data
@@ -77,7 +77,7 @@ def build_passes(args: argparse.Namespace, cfg: StepConfig, data: dict[str, Any]
     """variant -> (epoch -> (samples trained, seconds until the first batch was in hand))."""
     from bench.loaders import (FileImages, ShardImages, TwoViews, bytes_dataset, dataloader, device_decoded_batches,
                                ray_cpu_batches)
-    from orchestrator.ingest import chunk_dataset, shard_refs
+    from orchestrator.data.ingest import chunk_dataset, shard_refs
 
     manifest, url = data["manifest"], data["url"]
     plan = single_chunk_plan(url, manifest)

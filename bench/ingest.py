@@ -6,12 +6,12 @@
 
 Variants (same shards, same rows, same output: uint8 [B, 3, S, S] on the device, shuffled, drop_last):
 
-- ``ray-cpu-decode``: ``orchestrator.ingest.chunk_dataset`` as the runner uses it: read tasks verify each shard's
+- ``ray-cpu-decode``: ``orchestrator.data.ingest.chunk_dataset`` as the runner uses it: read tasks verify each shard's
   sha256 and keep the chunk's rows, decode tasks (PIL, JPEG draft mode, resize + centre crop) beside the consumer,
   ``iter_torch_batches`` with the runner's local shuffle buffer (4 batches), NHWC -> NCHW, ``.to(device)``.
 - ``ray-device-decode``: ``data.decode: device``: ``chunk_dataset(..., decode="device")``, the same read stage, the
   JPEG bytes themselves go through Ray Data and the consumer decodes each batch as the runner's worker does
-  (``orchestrator.ingest.DeviceBatchDecoder`` -> ``trainers.views.decode.decode_jpeg_batch``: one batched ``decode_jpeg``,
+  (``orchestrator.data.ingest.DeviceBatchDecoder`` -> ``trainers.views.decode.decode_jpeg_batch``: one batched ``decode_jpeg``,
   nvjpeg on CUDA, libjpeg-turbo in the consumer's process on CPU).
 - ``dataloader``: a torch DataLoader (N spawned persistent workers) over the same Parquet shards' rows, PIL decode
   + torchvision ``Resize`` / ``CenterCrop`` / ``PILToTensor`` per sample: the usual alternative.
@@ -69,7 +69,7 @@ def build_variants(args: argparse.Namespace, data: dict[str, Any], device: str, 
     """variant -> (epoch -> iterator of uint8 [B,3,S,S] batches on the device)."""
     from bench.loaders import (FileImages, ShardImages, bytes_dataset, center_transform, dataloader,
                                device_decoded_batches, loader_batches, ray_cpu_batches)
-    from orchestrator.ingest import chunk_dataset, shard_refs
+    from orchestrator.data.ingest import chunk_dataset, shard_refs
 
     manifest, url = data["manifest"], data["url"]
     plan = single_chunk_plan(url, manifest)

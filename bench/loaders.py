@@ -5,7 +5,7 @@ bench/end_to_end.py.
   ImageFolder files they were made from), decoded with PIL per sample and transformed with torchvision per sample
   (`center_transform`: resize shorter side + centre crop to uint8; `TwoViews`: two SimCLR views per sample).
 - `dataloader(...)`: a torch DataLoader over them with N spawned, persistent workers.
-- `bytes_dataset(...)`: `orchestrator.ingest.chunk_dataset(..., decode="device")`: the chunk's rows with the JPEG
+- `bytes_dataset(...)`: `orchestrator.data.ingest.chunk_dataset(..., decode="device")`: the chunk's rows with the JPEG
   bytes undecoded; `device_decoded_batches(...)` decodes them in the consumer with the runner's
   `DeviceBatchDecoder` (`trainers.views.decode.decode_jpeg_batch`: nvjpeg on CUDA, libjpeg-turbo on CPU).
 
@@ -51,7 +51,7 @@ class TwoViews:
 
 
 def open_rgb(data: bytes, draft_size: int | None = None):
-    """PIL decode to RGB; `draft_size` enables JPEG DCT-domain downscaling as orchestrator.ingest.decode_image."""
+    """PIL decode to RGB; `draft_size` enables JPEG DCT-domain downscaling as orchestrator.data.ingest.decode_image."""
     from PIL import Image
 
     img = Image.open(io.BytesIO(data))
@@ -146,14 +146,14 @@ def bytes_dataset(shards, plan, chunks: Sequence[int], size: int, read_cpus: flo
     """The chunk's rows with their JPEGs still encoded: `chunk_dataset(..., decode="device")`, what the runner uses
     with `data.decode: device` (columns key, image, shard). Without that option (an older orchestrator), the same
     read stage built here."""
-    from orchestrator.ingest import chunk_dataset
+    from orchestrator.data.ingest import chunk_dataset
 
     try:
         return chunk_dataset(shards, plan, chunks, size, decode_cpus=read_cpus, decode="device")
     except TypeError:  # no `decode` parameter
         import ray.data
 
-        from orchestrator.ingest import ReadChunkRows
+        from orchestrator.data.ingest import ReadChunkRows
 
         items = [{"url": s.url, "sha256": s.sha256} for s in shards]
         ds = ray.data.from_items(items, override_num_blocks=len(items)).randomize_block_order()
@@ -162,9 +162,9 @@ def bytes_dataset(shards, plan, chunks: Sequence[int], size: int, read_cpus: flo
 
 
 def _batch_decoder(size: int, device: str) -> Callable[[dict[str, Any]], torch.Tensor]:
-    """orchestrator.ingest.DeviceBatchDecoder (the runner's consumer side) when there is one, else the bare call."""
+    """orchestrator.data.ingest.DeviceBatchDecoder (the runner's consumer side) when there is one, else the bare call."""
     try:
-        from orchestrator.ingest import DeviceBatchDecoder
+        from orchestrator.data.ingest import DeviceBatchDecoder
     except ImportError:
         from trainers.views.decode import decode_jpeg_batch
 

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
 
-    from orchestrator.ingest import load_split_arrays
+    from orchestrator.data.ingest import load_split_arrays
     from trainers.engine.loop import LoopConfig, initial_backbone
     from trainers.registry import METHOD_REGISTRY
     from trainers.views.plan import view_plan

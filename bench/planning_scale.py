@@ -7,7 +7,7 @@
 The data is `bench.index_fixture`: a metadata-only set (1,000 classes in 67 groups, 4 domains, shards of 2,000 rows
 in class order as `streamssl data prepare` writes ImageNet, no image bytes). For every stream kind and scale:
 
-- **planning**: `orchestrator.planner.build_plan` of `examples/streaming_imagenet.yaml` (the full protocol: 10 lines,
+- **planning**: `orchestrator.plan.planner.build_plan` of `examples/streaming_imagenet.yaml` (the full protocol: 10 lines,
   4 chunks, 40 jobs) pointed at the set with `--set data.url=... --set stream.kind=...`, in a fresh spawned process
   (`--in-process` to skip that), timed; of which `make_plan` alone (timed again on a fresh index read).
   Peak memory is the process's resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs just
@@ -18,7 +18,7 @@ in class order as `streamssl data prepare` writes ImageNet, no image bytes). For
   key->chunk table `stream_assignment.parquet` (`pq.write_table(plan.stream.assignment_table())` as
   `orchestrator.experiment` does), their bytes; and the pickled StreamPlan, which every Ray Dataset's read UDF
   carries (the runner builds one Dataset per (strategy, chunk) of a worker group: 20 here).
-- **the read plan of chunk 0**: `orchestrator.ingest.chunk_dataset` as the runner builds it (the spec's decode), with
+- **the read plan of chunk 0**: `orchestrator.data.ingest.chunk_dataset` as the runner builds it (the spec's decode), with
   Ray started in this process on `--ray-cpus` CPUs: built lazily, its logical plan printed, the read tasks (one per
   shard), the bytes a pass reads (every shard in full), the rows it keeps and the shards that hold any of them; the
   read UDF run in this process on one shard (the filter's cost per shard); and the read executed through Ray for the
@@ -97,9 +97,9 @@ def plan_one(spec_path: str, overrides: list[str], out_dir: str) -> dict[str, An
     import pyarrow.parquet as pq
 
     from orchestrator.data.shards import read_index
-    from orchestrator.planner import build_plan
+    from orchestrator.plan.planner import build_plan
     from orchestrator.spec.experiment import load_spec
-    from orchestrator.streams import make_plan
+    from orchestrator.plan.streams import make_plan
 
     spec = load_spec(spec_path, overrides)
     out = Path(out_dir)
@@ -107,7 +107,7 @@ def plan_one(spec_path: str, overrides: list[str], out_dir: str) -> dict[str, An
     method = reset_peak_rss()
     rss_before, arrow_before = rss_bytes(), pa.total_allocated_bytes()
     started = time.perf_counter()
-    plan = build_plan(spec, progress=False)
+    plan = build_plan(spec)
     build_s = time.perf_counter() - started
     peak = peak_rss_bytes(method) - rss_before
     arrow_peak = pa.default_memory_pool().max_memory()
@@ -181,7 +181,7 @@ def read_plan(spec_path: str, overrides: list[str], planned: dict[str, Any], pla
     from ray import cloudpickle
 
     from orchestrator.data.manifest import load_manifest
-    from orchestrator.ingest import ReadChunkRows, chunk_dataset, shard_refs
+    from orchestrator.data.ingest import ReadChunkRows, chunk_dataset, shard_refs
     from orchestrator.spec.experiment import load_spec
 
     spec = load_spec(spec_path, overrides)

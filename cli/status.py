@@ -28,7 +28,7 @@ def status(
     if spec is None:
         raise typer.BadParameter("give a SPEC, or --job ID for a submitted job", param_hint="SPEC")
     from evaluators.report import results_table
-    from orchestrator.planner import build_plan
+    from orchestrator.plan.planner import build_plan
     from orchestrator.spec.experiment import load_spec
     from orchestrator.tracking.lineage import job_states, segment_states
     from orchestrator.tracking.tracker import Tracker
@@ -37,7 +37,7 @@ def status(
     loaded = load_spec(spec, overrides)
     if loaded.sweep is not None:
         return _sweep_status(spec, overrides, loaded)
-    plan = build_plan(loaded, progress=False)
+    plan = build_plan(loaded)
     tracker = Tracker(loaded.tracking_uri, loaded.experiment_name)
     rows = job_states(tracker, plan)
     console.print(results_table(rows, ["job", "key", "state", "run", "knn_top1", "linear_top1"],

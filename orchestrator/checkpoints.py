@@ -12,7 +12,7 @@ import re
 from typing import Any, Callable
 
 from orchestrator import storage
-from orchestrator.planner import Line
+from orchestrator.plan.planner import Line
 
 # Beside state.pt in every chunk-end checkpoint: the chunk's event, so that a driver resuming after a crash can log
 # (and evaluate) a chunk whose checkpoint was persisted but whose MLflow run never was, without loading the state.

@@ -19,8 +19,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from evaluators.report import results_table
-from orchestrator.evaluation import headline
-from orchestrator.planner import ExperimentPlan
+from orchestrator.evaluate.evaluation import headline
+from orchestrator.plan.planner import ExperimentPlan
 from orchestrator.spec.experiment import Spec
 from orchestrator.summary import EVAL_COLUMNS, ExperimentSummary
 from orchestrator.tracking.tracker import Tracker

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.planner import ExperimentPlan, Job
+from orchestrator.plan.planner import ExperimentPlan, Job
 from orchestrator.tracking import lineage as tr
 from orchestrator.tracking.tracker import Tracker
 

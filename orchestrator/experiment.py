@@ -19,13 +19,14 @@ import yaml
 from rich.console import Console
 
 from orchestrator.accounting import chunk_resources, data_kept, device_kind
+from orchestrator.data.materialise import materialise
 from orchestrator.display import TrainingProgress, dry_run, print_summary
 from orchestrator.epoch_evals import EpochCheckpoint, log_by_epoch, log_epoch_eval
 from orchestrator.errors import IncompleteRecordError, TrainingError
-from orchestrator.evaluation import EvalActor, headline, protocol, task_metrics
+from orchestrator.evaluate.evaluation import EvalActor, headline, protocol, task_metrics
 from orchestrator.hooks import DriverHooks, TrialStopped
-from orchestrator.ingest import start_corrupt_row_counter
-from orchestrator.planner import ExperimentPlan, Job, build_plan
+from orchestrator.data.ingest import start_corrupt_row_counter
+from orchestrator.plan.planner import ExperimentPlan, Job, build_plan
 from orchestrator.ray_init import init_ray
 from orchestrator.recovery import missing_records, persisted_unlogged_chunks, read_logged
 from orchestrator.runner import LineTask, _CheckpointFs, line_groups, loop_config, ray_run_name, train_group
@@ -405,6 +406,8 @@ def run_experiment(
     """`hooks` (a sweep trial's): tags of the plan run, a prefix of every run name, the per-chunk scores."""
     console = console or Console()
     started = time.time()
+    if not dry:  # the run's data step; planning below only reads, and a dry run writes nothing
+        materialise(spec)
     plan = build_plan(spec)
     tracker = Tracker(spec.tracking_uri, spec.experiment_name, _artifact_root(spec))
     tracker.name_prefix = hooks.run_prefix if hooks else ""

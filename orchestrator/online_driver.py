@@ -23,11 +23,11 @@ from evaluators.report import plot_metric_curves
 from orchestrator import storage
 from orchestrator.checkpoints import CheckpointFs
 from orchestrator.display import TrainingProgress
-from orchestrator.evaluation import headline
+from orchestrator.evaluate.evaluation import headline
 from orchestrator.experiment import _Driver
 from orchestrator.hooks import TrialStopped
 from orchestrator.online_runner import total_batches, train_online
-from orchestrator.planner import Job
+from orchestrator.plan.planner import Job
 from orchestrator.runner import LineTask, loop_config, ray_run_name
 from orchestrator.spec.params import flatten
 from orchestrator.summary import ExperimentSummary

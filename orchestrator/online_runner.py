@@ -9,7 +9,7 @@ same seeded, order-preserving Ray Data pipeline a chunk is read with, and cut in
 rank reads the whole stream and keeps rows `rank::world` of each batch, so all ranks agree on what batch k is
 without talking; resuming at batch k skips the first k batches before decoding them.
 
-A polled source (`online.source`, `orchestrator.online_source`) replaces the tasks: the shards of a folder in the
+A polled source (`online.source`, `orchestrator.data.online_source`) replaces the tasks: the shards of a folder in the
 order they arrive, read by every rank (rank 0 lists, verifies and broadcasts each poll's news), cut into stream
 batches the same way and decoded on the worker; the checkpoint holds the order consumed so far, and a restart reads
 on from the first row not learned (`PolledStream.rows(skip_rows)`). The stream ends when the source does; the
@@ -36,10 +36,10 @@ import numpy as np
 
 from orchestrator import storage
 from orchestrator.checkpoints import CheckpointFs, checkpoint_dir_name
-from orchestrator.ingest import DeviceBatchDecoder, chunk_dataset, row_index, shard_refs
+from orchestrator.data.ingest import DeviceBatchDecoder, chunk_dataset, row_index, shard_refs
 from orchestrator.online_checkpoint import MemoryCheckpointer, restore_online
-from orchestrator.online_source import PolledStream, single_process
-from orchestrator.planner import ExperimentPlan
+from orchestrator.data.online_source import PolledStream, single_process
+from orchestrator.plan.planner import ExperimentPlan
 from orchestrator.runner import GroupResult, LineTask, fit_with_events
 
 # How many batch and segment events a checkpoint keeps, to be said again after a restart: what a driver that died may not

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator import storage
-from orchestrator.evaluation import headline, task_accuracies
-from orchestrator.planner import ExperimentPlan, Job
+from orchestrator.evaluate.evaluation import headline, task_accuracies
+from orchestrator.plan.planner import ExperimentPlan, Job
 from orchestrator.runner import CHUNK_EVENT_FILE, checkpoint_order, line_groups, ray_run_name
 from orchestrator.spec.experiment import Spec
 from orchestrator.summary import joint_reference

@@ -28,10 +28,10 @@ from orchestrator.errors import TrainingError
 # Re-exported: the driver, recovery and tests name checkpoints through the runner.
 from orchestrator.checkpoints import CHUNK_EVENT_FILE, checkpoint_dir_name, checkpoint_order, restore_newest  # noqa: F401
 from orchestrator.checkpoints import CheckpointFs as _CheckpointFs
-from orchestrator.data_factors import group_label_map
-from orchestrator.ingest import (DeviceBatchDecoder, chunk_dataset, chunk_rows, planned_chunk_rows, release_split,
+from orchestrator.plan.data_factors import group_label_map
+from orchestrator.data.ingest import (DeviceBatchDecoder, chunk_dataset, chunk_rows, planned_chunk_rows, release_split,
                                  row_index, shard_refs)
-from orchestrator.planner import ExperimentPlan, Job, Line
+from orchestrator.plan.planner import ExperimentPlan, Job, Line
 from orchestrator.spec.experiment import Spec
 from trainers.engine.loop import LoopConfig
 from trainers.views.plan import ViewPlan, view_plan

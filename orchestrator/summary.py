@@ -27,7 +27,7 @@ import numpy as np
 from evaluators.continual import AccuracyMatrix, continual_metrics, st_jt_gap
 from evaluators.registry import TOP_K
 from evaluators.report import plot_accuracy_matrix, plot_metric_curves
-from orchestrator.planner import ExperimentPlan, Line
+from orchestrator.plan.planner import ExperimentPlan, Line
 from orchestrator.tracking.tracker import Tracker
 
 EVAL_COLUMNS = ("knn_top1", "knn_top5", "linear_top1", "linear_top5")

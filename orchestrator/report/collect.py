@@ -62,7 +62,7 @@ class LineInfo:
 
 
 def line_id(method: str, strategy: str) -> str:
-    """The planner's line id (`orchestrator.planner.Line.id`), without importing it (it loads torch)."""
+    """The planner's line id (`orchestrator.plan.planner.Line.id`), without importing it (it loads torch)."""
     return "-".join([method, *strategy.split("+")])
 
 

@@ -4,7 +4,7 @@ Split from `orchestrator.spec.experiment` (which imports `EvalSpec` into `Spec`)
 evaluator's Config (`eval.knn.k`, `eval.linear.lr`), defaults filled in. The optional studies are off unless their
 section is given (`eval.fewshot: {}` turns few-shot on with its defaults; null or absent: off): `fewshot`, `sharpness` and
 `interpolation` (the kNN accuracy between consecutive chunks' weights), evaluated by
-`orchestrator.evaluation_studies` on the same bank and queries.
+`orchestrator.evaluate.studies` on the same bank and queries.
 """
 
 from __future__ import annotations

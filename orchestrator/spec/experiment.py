@@ -42,7 +42,7 @@ from orchestrator.spec.errors import SECRET_KEY_PATTERN, describe_validation_err
 from orchestrator.spec.eval import EvalSpec
 from orchestrator.spec.online import OnlineSpec, online_problems
 from orchestrator.spec.overrides import apply_overrides, parse_override  # noqa: F401  (re-exported)
-from orchestrator.streams import STREAM_REGISTRY
+from orchestrator.plan.streams import STREAM_REGISTRY
 from orchestrator.spec.sweep import SweepSpec
 from orchestrator.spec.views import LocalViewSpec, ViewSpec, ViewsSpec, view_problem  # noqa: F401  (re-exported)
 from trainers.registry import BACKBONE_REGISTRY, METHOD_REGISTRY, STRATEGY_REGISTRY, Registry

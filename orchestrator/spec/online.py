@@ -8,7 +8,7 @@ The order is `instance` (the rows in a seeded random order) or `class_incrementa
 order cut into T tasks, each task's rows in a seeded order); it is cut into stream batches of `batch_size` rows.
 Every `segment_batches` batches the workers checkpoint and the driver evaluates: a segment, with its own run.
 
-A live stream instead of the data set's train split (`orchestrator.online_source`):
+A live stream instead of the data set's train split (`orchestrator.data.online_source`):
 
     online: {source: {poll: s3://bucket/incoming/, interval_s: 2, stall_after_s: 30}}
 

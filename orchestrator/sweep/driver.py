@@ -69,9 +69,11 @@ def max_planned_reports(raw: dict[str, Any], sweep: SweepSpec, source: str) -> i
 
 def planned_reports(base: Spec) -> int:
     """How many times a trial reports (ASHA's max_t): once per chunk, or once per online segment."""
-    from orchestrator.planner import build_plan
+    from orchestrator.data.materialise import materialise
+    from orchestrator.plan.planner import build_plan
 
-    plan = build_plan(base, progress=False)  # (also makes the synthetic set once, before trials race to)
+    materialise(base, progress=False)  # the synthetic set made once, before trials race to
+    plan = build_plan(base)
     if base.stream.kind == "online":
         from orchestrator.online_runner import total_batches
 

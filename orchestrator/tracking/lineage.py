@@ -21,7 +21,7 @@ from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from orchestrator.planner import ExperimentPlan
+    from orchestrator.plan.planner import ExperimentPlan
     from orchestrator.tracking.tracker import Tracker
 
 TAG = "streamssl."

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator.evaluation import headline
-from orchestrator.planner import ExperimentPlan, Job
+from orchestrator.evaluate.evaluation import headline
+from orchestrator.plan.planner import ExperimentPlan, Job
 from orchestrator.spec.experiment import Spec
 from orchestrator.tracking import lineage as tr
 from orchestrator.tracking.tracker import Tracker

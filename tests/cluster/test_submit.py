@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator import storage
 from orchestrator.data.synth import generate_synthetic
-from orchestrator.planner import build_plan
+from orchestrator.plan.planner import build_plan
 from orchestrator.spec.experiment import load_spec
 from orchestrator.tracking import lineage as tr
 from tests.cluster.ray_cluster import LocalRayCluster
@@ -64,7 +64,7 @@ def planned(path: Path) -> tuple[dict[str, int], int, float]:
     """What the spec at `path` makes each chunk do: its steps (epochs x (training rows // global batch)), the
     global batch, and the chance accuracy of its data set."""
     spec = load_spec(path)
-    plan = build_plan(spec, progress=False)
+    plan = build_plan(spec)
     steps = {str(j.chunk): spec.optim.epochs_per_chunk * (
         sum(plan.stream.chunks[c].rows for c in j.training_chunks) // spec.optim.batch_size) for j in plan.jobs}
     return steps, spec.optim.batch_size, 1 / plan.manifest.num_classes

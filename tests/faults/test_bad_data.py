@@ -26,7 +26,7 @@ from orchestrator.data.shards import read_index, read_shard, read_split
 from orchestrator.data.synth import generate_synthetic
 from orchestrator.data.verify import verify
 from orchestrator.errors import DataError
-from orchestrator.ingest import (
+from orchestrator.data.ingest import (
     SHARD_COLUMN,
     CorruptRowCounter,
     DecodeImages,
@@ -40,7 +40,7 @@ from orchestrator.ingest import (
     shard_refs,
     start_corrupt_row_counter,
 )
-from orchestrator.streams import make_plan
+from orchestrator.plan.streams import make_plan
 
 SIZE = 16
 BAD_ROWS = {3: "truncated", 7: "garbage", 11: "empty"}  # row index in train-00000.parquet -> what is wrong

@@ -196,8 +196,8 @@ def test_transient_errors_are_told_apart():
 @pytest.mark.slow
 def test_ray_data_read_recovers_from_an_outage(s3_data, ray_local):
     """chunk_dataset's read tasks (other processes, default 60 s policy) wait out a 3 s outage."""
-    from orchestrator.ingest import chunk_dataset, chunk_rows, shard_refs
-    from orchestrator.streams import make_plan
+    from orchestrator.data.ingest import chunk_dataset, chunk_rows, shard_refs
+    from orchestrator.plan.streams import make_plan
 
     s3, url, manifest = s3_data
     opts = _fast_fail_options(s3)

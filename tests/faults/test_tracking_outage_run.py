@@ -12,7 +12,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from orchestrator.planner import build_plan
+from orchestrator.plan.planner import build_plan
 from orchestrator.spec.experiment import validate_spec
 from orchestrator.tracking import lineage as tr
 from tests.faults.mlflow_server import MlflowServer
@@ -59,7 +59,7 @@ def test_run_rides_out_a_tracking_server_restart(tmp_path: Path, synthetic_url: 
         print(f"finished {time.time() - down_at:.0f} s after the server went down for {OUTAGE_S:.0f} s")
 
         # What the spec makes each chunk do: 400 rows, global batch 32 -> 12 steps an epoch, 3 epochs -> 36 steps.
-        plan = build_plan(validate_spec(spec), progress=False)
+        plan = build_plan(validate_spec(spec))
         batch = spec["optim"]["batch_size"]
         steps_total = {str(j.chunk): spec["optim"]["epochs_per_chunk"] * (
             sum(plan.stream.chunks[c].rows for c in j.training_chunks) // batch) for j in plan.jobs}

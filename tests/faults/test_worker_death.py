@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from rich.console import Console
 
 from orchestrator.experiment import run_experiment
-from orchestrator.planner import build_plan
+from orchestrator.plan.planner import build_plan
 from orchestrator.spec.experiment import validate_spec
 from orchestrator.tracking import lineage as tr
 from tests.specs import tiny_spec
@@ -98,7 +98,7 @@ def test_killed_worker_resumes_inside_the_chunk(tmp_path: Path, synthetic_url: s
     recovered_s = time.time() - killed_at
 
     # What the spec makes each chunk do: 600 rows, global batch 32 -> 18 steps an epoch, 8 epochs -> 144 steps.
-    plan = build_plan(spec, progress=False)
+    plan = build_plan(spec)
     batch, every = spec.optim.batch_size, spec.resources.checkpoint_every_steps
     training_rows = {str(j.chunk): sum(plan.stream.chunks[c].rows for c in j.training_chunks) for j in plan.jobs}
     steps_total = {c: spec.optim.epochs_per_chunk * (rows // batch) for c, rows in training_rows.items()}

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from rich.console import Console
 
 from orchestrator.experiment import run_experiment
-from orchestrator.planner import build_plan
+from orchestrator.plan.planner import build_plan
 from orchestrator.spec.experiment import validate_spec
 from orchestrator.tracking import lineage as tr
 from tests.specs import tiny_spec
@@ -29,7 +29,7 @@ def test_half_the_classes_on_group_labels_trains_the_full_steps(tmp_path: Path, 
         optim={"epochs_per_chunk": 1, "batch_size": 32}, eval={"every_chunk": ["knn"], "baseline": False},
         storage={"workdir": str(tmp_path / "runs")},
     ))
-    plan = build_plan(spec, progress=False)
+    plan = build_plan(spec)
     run_experiment(spec, console=Console(file=io.StringIO(), width=120))
     client = MlflowClient(spec.tracking_uri)
     exp = client.get_experiment_by_name(spec.experiment_name)

@@ -18,7 +18,7 @@ from cli.app import app
 from evaluators.continual import AccuracyMatrix, st_jt_gap
 from orchestrator.data.shards import read_index
 from orchestrator.data.synth import generate_synthetic
-from orchestrator.planner import build_plan
+from orchestrator.plan.planner import build_plan
 from orchestrator.spec.experiment import load_spec
 from orchestrator.tracking import lineage as tr
 from tests.orchestrator.s3_server import DUMMY_SECRET, S3Server
@@ -53,7 +53,7 @@ def finished_run(tmp_path_factory, s3, ray_local):
     result = CliRunner().invoke(app, ["run", str(path)])
     assert result.exit_code == 0, result.output + repr(result.exception)
     uri = f"sqlite:///{work / 'runs' / 'mlflow.db'}"
-    plan = build_plan(load_spec(path), progress=False)  # what the spec makes each job do, for exact expectations
+    plan = build_plan(load_spec(path))  # what the spec makes each job do, for exact expectations
     return {"path": path, "work": work, "output": result.output, "uri": uri, "client": MlflowClient(uri),
             "plan": plan, "val": read_index(data_url, "val", s3.storage_options)}
 

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from cli.app import app
 from orchestrator.data.manifest import load_manifest
 from orchestrator.data.shards import read_index
-from orchestrator.planner import build_plan
+from orchestrator.plan.planner import build_plan
 from orchestrator.spec.experiment import load_spec
 from orchestrator.tracking import lineage as tr
 
@@ -49,7 +49,7 @@ def test_prepare_and_run_distant_class_stream(real_data: Path, tmp_path: Path, r
                  "eval.linear.epochs=5"]
     result = CliRunner().invoke(app, ["run", str(path), *[arg for o in overrides for arg in ("--set", o)]])
     assert result.exit_code == 0, result.output
-    plan_of_spec = build_plan(load_spec(path, overrides), progress=False)  # what each job must do
+    plan_of_spec = build_plan(load_spec(path, overrides))  # what each job must do
     batch, epochs = plan_of_spec.spec.optim.batch_size, plan_of_spec.spec.optim.epochs_per_chunk
     stream, chance = plan_of_spec.stream, 1 / len(manifest.classes)
     jobs = {(j.line.id, j.chunk): j for j in plan_of_spec.jobs}

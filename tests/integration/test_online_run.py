@@ -13,7 +13,7 @@ from rich.console import Console
 
 from orchestrator.errors import SpecError
 from orchestrator.experiment import run_experiment
-from orchestrator.planner import build_plan
+from orchestrator.plan.planner import build_plan
 from orchestrator.spec.experiment import validate_spec
 from orchestrator.tracking import lineage as tr
 from tests.specs import tiny_spec
@@ -53,7 +53,7 @@ def test_online_specs_that_cannot_work_are_refused(synthetic_url: str, tmp_path:
     cassle = {**_online_spec("x", synthetic_url, tmp_path), "lines": {"method": ["simclr"],
                                                                      "strategy": ["sequential+cassle"]}}
     assert validate_spec(cassle).lines.strategy == ["sequential+cassle"]  # CaSSLe, the online baseline
-    plan = build_plan(validate_spec(_online_spec("x", synthetic_url, tmp_path)), progress=False)
+    plan = build_plan(validate_spec(_online_spec("x", synthetic_url, tmp_path)))
     assert [(j.line.id, j.chunk, j.training_chunks) for j in plan.jobs] == [("simclr-sequential", 0, (0, 1, 2))]
     # class-incremental: every class in exactly one task
     classes = [set(c.classes) for c in plan.stream.chunks]

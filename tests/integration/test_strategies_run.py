@@ -14,7 +14,7 @@ from rich.console import Console
 
 from orchestrator.errors import SpecError
 from orchestrator.experiment import run_experiment
-from orchestrator.planner import build_plan
+from orchestrator.plan.planner import build_plan
 from orchestrator.spec.experiment import validate_spec
 from orchestrator.tracking import lineage as tr
 from tests.specs import tiny_spec
@@ -26,7 +26,7 @@ def test_a_replay_buffer_larger_than_the_stream_before_its_last_chunk_is_refused
                                    lines={"method": ["simclr"], "strategy": [["sequential", "replay"]]},
                                    strategy={"replay": {"size": 100_000}}))
     with pytest.raises(SpecError, match=r"strategy\.replay\.size: 100000 rows, but the stream delivers only 600 rows"):
-        build_plan(spec, progress=False)
+        build_plan(spec)
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import torch
 
 from orchestrator.accounting import chunk_resources, data_kept, device_kind, strategy_bytes
 from orchestrator.data.shards import read_index
-from orchestrator.planner import build_plan
+from orchestrator.plan.planner import build_plan
 from orchestrator.spec.experiment import ResourcesSpec, validate_spec
 from tests.specs import tiny_spec
 from trainers.engine.checkpoint import folder_bytes, save_state, tensor_bytes
@@ -68,7 +68,7 @@ def test_joint_keeps_every_chunk_so_far_sequential_nothing_replay_its_buffer(syn
     spec = validate_spec(tiny_spec("accounting", synthetic_url, stream={"kind": "random_class", "chunks": 3},
                                    lines={"method": ["simclr"], "strategy": ["sequential", "sequential+replay", "joint"]},
                                    strategy={"replay": {"size": 100}}))
-    plan = build_plan(spec, progress=False)
+    plan = build_plan(spec)
     shards = sorted(Path(synthetic_url).glob("train-*.parquet"))
     per_row = sum(f.stat().st_size for f in shards) / sum(pq.ParquetFile(f).metadata.num_rows for f in shards)
     labels = read_index(synthetic_url, "train").column("label").to_pylist()

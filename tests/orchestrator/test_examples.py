@@ -42,7 +42,8 @@ def stand_in_data(spec: Spec, folder: Path) -> str:
 def test_examples_are_valid_and_plan(path: Path, tmp_path_factory) -> None:
     """Every example loads, and plans (build_plan, as `streamssl run --dry-run`) for its own stream kind and every
     kind its header says to run, on its own synthetic data or a stand-in of its data set's shape."""
-    from orchestrator.planner import build_plan
+    from orchestrator.data.materialise import materialise
+    from orchestrator.plan.planner import build_plan
 
     spec = load_spec(path)
     assert spec.name
@@ -50,8 +51,9 @@ def test_examples_are_valid_and_plan(path: Path, tmp_path_factory) -> None:
     folder = tmp_path_factory.mktemp(path.stem)
     url = stand_in_data(spec, folder)
     for kind in dict.fromkeys([spec.stream.kind, *documented_kinds(path)]):
-        plan = build_plan(load_spec(path, [f"data.url={url}", f"stream.kind={kind}",
-                                           f"storage.workdir={folder / 'work'}"]), progress=False)
+        spec_of_kind = load_spec(path, [f"data.url={url}", f"stream.kind={kind}", f"storage.workdir={folder / 'work'}"])
+        materialise(spec_of_kind, progress=False)  # `streamssl run`'s data step (the synthetic examples' own set)
+        plan = build_plan(spec_of_kind)
         rows = plan.manifest.splits[spec.data.train_split].rows
         assert plan.stream.kind == kind and plan.stream.num_chunks == spec.stream.chunks
         assert sum(c.rows for c in plan.stream.chunks) == rows and min(c.rows for c in plan.stream.chunks) > 0

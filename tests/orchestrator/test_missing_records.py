@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from orchestrator.errors import IncompleteRecordError
 from orchestrator.recovery import missing_records
-from orchestrator.planner import build_plan
+from orchestrator.plan.planner import build_plan
 from orchestrator.spec.experiment import validate_spec
 from tests.specs import tiny_spec
 
@@ -14,7 +14,7 @@ def test_missing_chunk_and_evaluation_runs_are_named_per_line(synthetic_url: str
     spec = validate_spec(tiny_spec("records", synthetic_url, stream={"chunks": 3},
                                    lines={"method": ["simclr"], "strategy": ["sequential", "joint"]},
                                    storage={"workdir": str(tmp_path)}))
-    plan = build_plan(spec, progress=False)
+    plan = build_plan(spec)
     jobs = {(j.line.id, j.chunk): j.key for j in plan.jobs}
     chunk_runs = {key: f"run-{i}" for i, key in enumerate(jobs.values())}
     results = {key: {} for key in jobs.values()}
@@ -36,7 +36,7 @@ def test_a_diverged_line_is_not_listed_as_missing(synthetic_url: str, tmp_path) 
     spec = validate_spec(tiny_spec("records", synthetic_url, stream={"chunks": 2},
                                    lines={"method": ["simclr"], "strategy": ["sequential", "sequential+mas"]},
                                    storage={"workdir": str(tmp_path)}))
-    plan = build_plan(spec, progress=False)
+    plan = build_plan(spec)
     first = [j for j in plan.jobs if j.chunk == 0]
     chunk_runs = {j.key: "run" for j in first}
     results = {j.key: {} for j in first}

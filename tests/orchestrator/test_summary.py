@@ -15,7 +15,7 @@ from rich.console import Console
 from evaluators.continual import AccuracyMatrix
 from orchestrator.display import print_summary
 from orchestrator.experiment import _Driver
-from orchestrator.planner import build_plan
+from orchestrator.plan.planner import build_plan
 from orchestrator.recovery import read_logged
 from orchestrator.spec.experiment import validate_spec
 from orchestrator.summary import ExperimentSummary, summarise
@@ -44,7 +44,7 @@ def _plan(synthetic_url: str, tmp_path: Path, strategies: list[str]):
                                    lines={"method": ["simclr"], "strategy": strategies},
                                    strategy={"replay": {"size": 100}}, eval={"every_chunk": ["knn"]},
                                    storage={"workdir": str(tmp_path)}))
-    plan = build_plan(spec, progress=False)
+    plan = build_plan(spec)
     tracker = Tracker(spec.tracking_uri, spec.experiment_name, (tmp_path / "artifacts").as_uri())
     parent = tracker.create_run("plan", {tr.RUN_TYPE: "plan", tr.PLAN_KEY: plan.key})
     return plan, tracker, parent
@@ -172,7 +172,7 @@ def test_the_gap_on_each_downstream_set_and_their_mean(synthetic_url, tmp_path) 
                                    eval={"every_chunk": ["knn"], "downstream": [{"name": "a", "url": synthetic_url},
                                                                                 {"name": "b", "url": synthetic_url}]},
                                    storage={"workdir": str(tmp_path)}))
-    plan = build_plan(spec, progress=False)
+    plan = build_plan(spec)
     tracker = Tracker(spec.tracking_uri, spec.experiment_name, (tmp_path / "artifacts").as_uri())
     parent = tracker.create_run("plan", {tr.RUN_TYPE: "plan", tr.PLAN_KEY: plan.key})
     downstream = {SEQ: {"a": [0.30, 0.35, 0.40], "b": [0.20, 0.22, 0.30]},

@@ -14,7 +14,7 @@ import torch
 
 from evaluators.features import extract_features
 from evaluators.knn import knn_predict
-from orchestrator.ingest import load_split_arrays
+from orchestrator.data.ingest import load_split_arrays
 from orchestrator.data.manifest import load_manifest
 from orchestrator.data.synth import generate_synthetic
 from trainers.engine.types import Batch

@@ -6,7 +6,7 @@
 JPEGs go through one `torchvision.io.decode_jpeg` call over the whole list (nvjpeg's batched decode on CUDA,
 libjpeg-turbo on CPU), in RGB mode so grayscale and CMYK JPEGs come out with 3 channels. Each image is then resized
 so its shorter side is `size` (bilinear, antialiased) and centre-cropped to `size` x `size`, with the same geometry
-as `orchestrator.ingest.decode_image` (the CPU path): images of one shape are resized together in one call.
+as `orchestrator.data.ingest.decode_image` (the CPU path): images of one shape are resized together in one call.
 
 Anything `decode_jpeg` rejects (PNG and other formats, JPEG variants a decoder does not handle) is decoded with
 PIL instead. Bytes nothing can decode (empty, corrupt, truncated) raise `ImageDecodeError` naming the index, or,
@@ -110,7 +110,7 @@ def _decode_jpegs(data: list[Tensor], device: torch.device) -> list[Tensor | Non
 
 
 def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
-    """(new height, new width) with the shorter side `size`, rounded like orchestrator.ingest.decode_image."""
+    """(new height, new width) with the shorter side `size`, rounded like orchestrator.data.ingest.decode_image."""
     scale = size / min(height, width)
     return max(size, round(height * scale)), max(size, round(width * scale))
 

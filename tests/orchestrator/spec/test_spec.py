@@ -232,13 +232,13 @@ def test_explicit_and_omitted_defaults_flatten_and_hash_alike() -> None:
 
 
 def test_plan_key_is_the_same_for_an_explicit_and_an_omitted_default(synthetic_url: str) -> None:
-    from orchestrator.planner import build_plan
+    from orchestrator.plan.planner import build_plan
 
     base = {**minimal(), "data": {"url": synthetic_url}, "lines": {"method": ["simclr", "byol"], "strategy": ["joint"]}}
-    omitted = build_plan(validate_spec(base), progress=False)
+    omitted = build_plan(validate_spec(base))
     explicit = build_plan(validate_spec({**base, "methods": {"byol": {"base_momentum": 0.99, "final_momentum": 1},
-                                                             "simclr": {"temperature": 0.1}}}), progress=False)
-    changed = build_plan(validate_spec({**base, "methods": {"byol": {"base_momentum": 0.996}}}), progress=False)
+                                                             "simclr": {"temperature": 0.1}}}))
+    changed = build_plan(validate_spec({**base, "methods": {"byol": {"base_momentum": 0.996}}}))
     assert omitted.key == explicit.key != changed.key
     assert [j.key for j in omitted.jobs] == [j.key for j in explicit.jobs]
     assert not {j.key for j in omitted.jobs} & {j.key for j in changed.jobs}
@@ -262,15 +262,15 @@ def test_lump_lines_validate_their_options_and_compose_with_sequential_only() ->
 
 
 def test_a_buffer_larger_than_the_rows_before_the_last_chunk_is_refused(synthetic_url: str) -> None:
-    from orchestrator.planner import build_plan
+    from orchestrator.plan.planner import build_plan
     from orchestrator.runner import loop_config
 
     base = {**minimal(), "data": {"url": synthetic_url}}  # 1200 rows in two chunks of 600
     for name in ("replay", "lump"):
         lines = {"method": ["simclr"], "strategy": [f"sequential+{name}"]}
         with pytest.raises(SpecError, match=rf"strategy\.{name}\.size: 601 rows, .* only 600 rows"):
-            build_plan(validate_spec({**base, "lines": lines, "strategy": {name: {"size": 601}}}), progress=False)
-        plan = build_plan(validate_spec({**base, "lines": lines, "strategy": {name: {"size": 600}}}), progress=False)
+            build_plan(validate_spec({**base, "lines": lines, "strategy": {name: {"size": 601}}}))
+        plan = build_plan(validate_spec({**base, "lines": lines, "strategy": {name: {"size": 600}}}))
         assert loop_config(plan.spec, plan.lines[0], False, plan).strategy_options[name]["size"] == 600
 
 
@@ -295,7 +295,7 @@ def test_backbone_section_is_discriminated_on_name() -> None:
 
 
 def test_backbone_options_reach_the_workers_and_flatten_with_defaults() -> None:
-    from orchestrator.planner import Line
+    from orchestrator.plan.planner import Line
     from orchestrator.runner import loop_config
     from trainers.backbones import build_backbone
 
@@ -366,14 +366,14 @@ def test_optim_section_offers_lars_the_scaling_rule_and_a_line_schedule() -> Non
 
 
 def test_loop_config_carries_the_optimiser_and_the_lines_length(synthetic_url: str) -> None:
-    from orchestrator.planner import build_plan
+    from orchestrator.plan.planner import build_plan
     from orchestrator.runner import loop_config
 
     raw = {**minimal(), "data": {"url": synthetic_url},
            "optim": {"name": "lars", "lr": 0.2, "lr_scaling": "linear", "schedule": "cosine_line", "eeta": 0.01,
                      "batch_size": 64, "epochs_per_chunk": 3, "warmup_epochs": 0.5},
            "resources": {"workers": 2}}
-    plan = build_plan(validate_spec(raw), progress=False)
+    plan = build_plan(validate_spec(raw))
     line = plan.lines[0]
     cfg = loop_config(plan.spec, line, False, plan)
     assert (cfg.optimizer, cfg.lr, cfg.lr_scaling, cfg.eeta, cfg.schedule) == ("lars", 0.2, "linear", 0.01,
@@ -390,7 +390,7 @@ def test_evaluators_and_stream_kinds_come_from_their_records() -> None:
 
     from evaluators.registry import EVALUATOR_REGISTRY
     from orchestrator.spec.experiment import StreamSpec
-    from orchestrator.streams import STREAM_REGISTRY
+    from orchestrator.plan.streams import STREAM_REGISTRY
 
     assert typing.get_args(StreamSpec.model_fields["kind"].annotation) == STREAM_REGISTRY.names
     spec = validate_spec(minimal())

@@ -50,7 +50,7 @@ def test_view_plans_a_method_cannot_consume_are_spec_errors(views: dict, path: s
 
 
 def test_methods_that_need_local_views_or_labels_are_checked_before_ray(synthetic_url: str) -> None:
-    from orchestrator.planner import check_labels
+    from orchestrator.plan.planner import check_labels
     from trainers.registry import METHOD_REGISTRY
 
     for record in METHOD_REGISTRY.values():

@@ -1,6 +1,6 @@
 """`streamssl data synth|prepare|verify` through Typer's CliRunner: exit codes and what they print.
 
-    cd /work/main && .venv/bin/python -m pytest tests/orchestrator/test_data_cli.py -q
+    cd /work/main && .venv/bin/python -m pytest tests/orchestrator/data/test_data_cli.py -q
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from orchestrator.data.manifest import load_manifest
 from orchestrator.data.shards import read_index
 from orchestrator.errors import DataError
 from orchestrator.experiment import run_experiment
-from orchestrator.ingest import (
+from orchestrator.data.ingest import (
     DeviceBatchDecoder,
     chunk_dataset,
     decode_image,
@@ -23,7 +23,7 @@ from orchestrator.ingest import (
     start_corrupt_row_counter,
 )
 from orchestrator.spec.experiment import validate_spec
-from orchestrator.streams import make_plan
+from orchestrator.plan.streams import make_plan
 from tests.specs import tiny_spec
 
 pytestmark = pytest.mark.slow
@@ -89,7 +89,7 @@ def test_adjacent_corrupt_rows_are_each_replaced_by_a_good_row_and_counted_once(
     good = [i for i in range(6) if i not in bad_rows]
     clean = DeviceBatchDecoder(16, "cpu")(_batch(set()))  # what every row decodes to when none is corrupt
     counter = start_corrupt_row_counter()
-    with caplog.at_level("WARNING", logger="orchestrator.ingest"):
+    with caplog.at_level("WARNING", logger="orchestrator.data.ingest"):
         images = DeviceBatchDecoder(16, "cpu", "skip", counter)(batch)
     assert images.shape == (6, 3, 16, 16)  # the batch keeps its size
     for i in good:
@@ -99,7 +99,7 @@ def test_adjacent_corrupt_rows_are_each_replaced_by_a_good_row_and_counted_once(
     keys = [chr(ord("a") + i) for i in sorted(bad_rows)]
     per_shard = {shard: n for shard in SHARDS if (n := sum(SHARDS[i % 2] == shard for i in bad_rows))}
     assert ray.get(counter.totals.remote()) == {"rows": len(bad_rows), "per_shard": per_shard, "keys": keys}
-    (record,) = [r for r in caplog.records if r.name == "orchestrator.ingest"]  # one warning for the batch
+    (record,) = [r for r in caplog.records if r.name == "orchestrator.data.ingest"]  # one warning for the batch
     assert all(f"row {k}" in record.getMessage() for k in keys)
 
 

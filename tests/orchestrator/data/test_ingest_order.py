@@ -9,8 +9,8 @@ import pytest
 
 from orchestrator.data.manifest import load_manifest
 from orchestrator.data.shards import read_index
-from orchestrator.ingest import chunk_dataset, shard_refs
-from orchestrator.streams import make_plan
+from orchestrator.data.ingest import chunk_dataset, shard_refs
+from orchestrator.plan.streams import make_plan
 
 pytestmark = pytest.mark.slow
 

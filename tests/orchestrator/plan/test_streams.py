@@ -1,6 +1,6 @@
 """Stream plans: exact partitions, determinism, group-respecting distant-class chunks, errors naming stream.chunks.
 
-    cd /work/main && .venv/bin/python -m pytest tests/orchestrator/test_streams.py -q
+    cd /work/main && .venv/bin/python -m pytest tests/orchestrator/plan/test_streams.py -q
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from orchestrator import streams
+from orchestrator.plan import streams
 from orchestrator.data.shards import read_index
 from orchestrator.data.synth import generate_synthetic
 from orchestrator.errors import DataError, SpecError

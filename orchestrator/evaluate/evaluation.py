@@ -18,10 +18,9 @@ import torch
 
 from evaluators.features import extract_features
 from evaluators.registry import EVALUATOR_REGISTRY, TOP_K, topk_hits
-from orchestrator.downstream import evaluate_downstream
-from orchestrator.evaluation_studies import study_metrics
-from orchestrator.ingest import SplitArrays, load_split_arrays
-from orchestrator.streams import StreamPlan
+from orchestrator.evaluate.studies import study_metrics
+from orchestrator.data.ingest import SplitArrays, load_split_arrays
+from orchestrator.plan.streams import StreamPlan
 from trainers.engine.checkpoint import load_backbone
 from trainers.engine.loop import LoopConfig, initial_backbone
 
@@ -203,3 +202,14 @@ class EvalActor:
         fs, path = checkpoint_fs(checkpoint_uri)
         with ray.train.Checkpoint(path, filesystem=fs).as_directory() as folder:
             return load_state(folder)
+
+
+def evaluate_downstream(backbone, loaded: dict[str, tuple[Any, Any]], eval_spec: dict[str, Any], *,
+                        seed: int = 0, device: str = "cpu") -> dict[str, float]:
+    """`{set}.{protocol}_top1` (and `_top5`) for every loaded `eval.downstream` set: `loaded[name] = (bank, queries)`
+    SplitArrays, scored with the every-chunk protocols on the frozen backbone."""
+    out: dict[str, float] = {}
+    for name, (bank, queries) in loaded.items():
+        for key, value in protocol_scores(backbone, bank, queries, eval_spec, seed=seed, device=device).items():
+            out[f"{name}.{key}"] = value
+    return out

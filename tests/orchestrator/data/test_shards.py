@@ -1,7 +1,7 @@
 """Shards and manifests: prepare from ImageFolder trees, write, read, verify, and every failure naming its file.
 
-    cd /work/main && .venv/bin/python -m pytest tests/orchestrator/test_shards.py -q
-    STREAMSSL_REAL_DATA=../shared/datasets/imagenette .venv/bin/python -m pytest tests/orchestrator/test_shards.py -m real_data
+    cd /work/main && .venv/bin/python -m pytest tests/orchestrator/data/test_shards.py -q
+    STREAMSSL_REAL_DATA=../shared/datasets/imagenette .venv/bin/python -m pytest tests/orchestrator/data/test_shards.py -m real_data
 """
 
 from __future__ import annotations

@@ -58,16 +58,16 @@ def test_memory_draws_and_rals_k_that_do_not_divide_by_the_workers_are_refused_n
 def test_a_cycling_stream_starts_the_order_again_in_a_new_shuffle(synthetic_url: str, tmp_path, ray_local) -> None:
     import itertools
 
-    from orchestrator.ingest import shard_refs
+    from orchestrator.data.ingest import shard_refs
     from orchestrator.online_runner import _stream
-    from orchestrator.planner import build_plan
+    from orchestrator.plan.planner import build_plan
     from orchestrator.spec.experiment import validate_spec
     from tests.specs import tiny_spec
 
     spec = validate_spec(tiny_spec("cycle", synthetic_url, stream={"kind": "online", "chunks": 3},
                                    online={"batch_size": 100, "cycle": True, "max_batches": 30},
                                    storage={"workdir": str(tmp_path)}))
-    plan = build_plan(spec, progress=False)
+    plan = build_plan(spec)
     config = {"refs": shard_refs(plan.manifest, plan.data_url, "train"), "stream": plan.stream, "num_tasks": 3,
               "image_size": 16, "storage_options": {}, "corrupt_counter": None, "decode": "ray_data", "seed": 0,
               "batch_size": 100, "cycle": True}

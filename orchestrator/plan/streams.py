@@ -1,6 +1,6 @@
 """Stream plans: which rows of the training index make up each chunk, deterministically from (kind, chunks, seed).
 
-    from orchestrator import streams
+    from orchestrator.plan import streams
     from orchestrator.data.manifest import load_manifest
     from orchestrator.data.shards import read_index
     manifest = load_manifest(url)
@@ -331,7 +331,7 @@ def make_plan(index: pa.Table, manifest: Manifest, kind: str, num_chunks: int, s
 
     `order` is the online kind's task order (`online.order`); the other kinds ignore it.
 
-    `class_fraction` < 1 keeps that share of each chunk's classes for training (`orchestrator.data_factors`): the
+    `class_fraction` < 1 keeps that share of each chunk's classes for training (`orchestrator.plan.data_factors`): the
     other rows are in no chunk, and each chunk remembers its unsampled row count, on which its steps are planned.
 
     Raises SpecError naming ``stream.kind`` / ``stream.chunks`` for an unknown kind or a chunk count the data
@@ -373,7 +373,7 @@ def make_plan(index: pa.Table, manifest: Manifest, kind: str, num_chunks: int, s
 
     trained = unsampled = None
     if class_fraction < 1:
-        from orchestrator.data_factors import kept_classes
+        from orchestrator.plan.data_factors import kept_classes
 
         unsampled = np.bincount(row_chunk[row_chunk >= 0], minlength=num_chunks)
         trained = kept_classes([units[0] for units in specs_units], manifest.num_classes, class_fraction, seed)

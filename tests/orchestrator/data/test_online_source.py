@@ -1,4 +1,4 @@
-"""The polled source of a live online stream (`orchestrator.online_source`) on real files: what counts as arrived,
+"""The polled source of a live online stream (`orchestrator.data.online_source`) on real files: what counts as arrived,
 the arrival order, skipped shards, the end (marker or stall), and a restored stream that continues in the same
 order. No Ray: the stream is read the way a world of one reads it, with a clock the test drives."""
 
@@ -15,7 +15,7 @@ import pytest
 
 from orchestrator.data.manifest import load_manifest
 from orchestrator.errors import SpecError
-from orchestrator.online_source import Poll, PolledStream, ShardPoller
+from orchestrator.data.online_source import Poll, PolledStream, ShardPoller
 from orchestrator.spec.experiment import validate_spec
 from orchestrator.spec.online import PollSource
 from tests.orchestrator.shard_producer import publish, train_rows

@@ -11,10 +11,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from orchestrator.downstream import evaluate_downstream, resolve_downstream
-from orchestrator.errors import SpecError
-from orchestrator.ingest import SplitArrays
-from orchestrator.planner import build_plan
+from orchestrator.data.downstream import prepare_downstream, resolve_downstream
+from orchestrator.evaluate.evaluation import evaluate_downstream
+from orchestrator.errors import DataError, SpecError
+from orchestrator.data.ingest import SplitArrays
+from orchestrator.plan.planner import build_plan
 from orchestrator.spec.experiment import validate_spec
 from orchestrator.spec.params import identity_digest
 from tests.specs import tiny_spec
@@ -49,7 +50,7 @@ def test_prepared_shards_resolve_and_bad_entries_name_their_field(synthetic_url:
     assert resolved.url == synthetic_url and resolved.manifest.num_classes == 12
     missing = validate_spec(_spec(synthetic_url, tmp_path, [{"name": "gone", "url": str(tmp_path / "nothing")}]))
     with pytest.raises(SpecError, match=r"eval\.downstream\[0\] \('gone'\)\.url: .* neither prepared shards"):
-        build_plan(missing, progress=False)
+        build_plan(missing)
     wrong = validate_spec(_spec(synthetic_url, tmp_path, [{"name": "s", "url": synthetic_url, "eval_split": "test"}]))
     with pytest.raises(SpecError, match=r"eval\.downstream\[0\] \('s'\)\.eval_split: split 'test' is not in"):
         resolve_downstream(wrong)
@@ -71,18 +72,23 @@ def test_an_imagefolder_tree_is_prepared_once_into_the_workdir(synthetic_url: st
             for i in range(3):
                 Image.new("RGB", (12, 12), colour).save(folder / f"{i}.jpg")
     spec = validate_spec(_spec(synthetic_url, tmp_path, [{"name": "folder", "url": str(tree)}]))
+    with pytest.raises(DataError, match=r"eval\.downstream\[0\] \('folder'\)\.url: .* not prepared yet"):
+        resolve_downstream(spec)  # planning only reads: the tree is prepared by a run's data step
+    assert not (tmp_path / "w" / "downstream").exists()
+    prepare_downstream(spec)
     (resolved,) = resolve_downstream(spec)
     assert resolved.url == str(tmp_path / "w" / "downstream" / "folder")
     assert resolved.manifest.num_classes == 3 and set(resolved.manifest.splits) >= {"train", "val"}
     manifest = Path(resolved.url) / "manifest.json"
     stamp = manifest.stat().st_mtime_ns
+    prepare_downstream(spec)
     assert resolve_downstream(spec)[0].manifest.digest == resolved.manifest.digest
     assert manifest.stat().st_mtime_ns == stamp  # not prepared again
 
 
 def test_a_downstream_score_equals_the_held_out_protocols_to_the_last_bit(one_torch_thread) -> None:
-    from orchestrator.evaluation import evaluate_backbone, protocol_scores
-    from orchestrator.streams import ChunkSpec, StreamPlan
+    from orchestrator.evaluate.evaluation import evaluate_backbone, protocol_scores
+    from orchestrator.plan.streams import ChunkSpec, StreamPlan
 
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(4).repeat_interleave(20)

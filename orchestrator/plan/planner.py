@@ -1,6 +1,6 @@
 """From a validated spec to the experiment plan: data, stream plan, lines and jobs, each with a stable key.
 
-    plan = build_plan(spec)          # reads the manifest (making the synthetic set first if the spec asks)
+    plan = build_plan(spec)          # reads the manifest (`orchestrator.data.materialise` made the data first)
     for job in plan.jobs: ...        # one job per (line, chunk); job.key is the same on every re-run
 
 A key hashes what decides the job's numbers (spec identity, data digest, stream-plan digest, line, chunk), so a
@@ -18,11 +18,11 @@ import numpy as np
 from orchestrator import storage
 from orchestrator.data.manifest import Manifest, load_manifest
 from orchestrator.data.shards import read_index
-from orchestrator.data_factors import group_label_map
-from orchestrator.downstream import DownstreamSet, resolve_downstream
+from orchestrator.plan.data_factors import group_label_map
+from orchestrator.data.downstream import DownstreamSet, resolve_downstream
 from orchestrator.errors import DataError, SpecError
 from orchestrator.spec.experiment import Spec, identity_digest
-from orchestrator.streams import StreamPlan, make_plan
+from orchestrator.plan.streams import StreamPlan, make_plan
 from trainers.registry import METHOD_REGISTRY, STRATEGY_REGISTRY
 from trainers.strategies import build_strategy
 from trainers.strategies.buffer import RowBuffer
@@ -75,18 +75,12 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:16]
 
 
-def ensure_data(spec: Spec, progress: bool = True) -> Manifest:
-    """Load the manifest at data.url, generating the synthetic set there first when the spec says so."""
+def read_manifest(spec: Spec) -> Manifest:
+    """The manifest at data.url; a synthetic set not generated yet is a DataError saying what makes it."""
     url, options = spec.data.url, spec.data.storage_options
     if spec.data.synthetic is not None and not storage.exists(storage.join(url, "manifest.json"), options):
-        from orchestrator.data.synth import generate_synthetic
-
-        s = spec.data.synthetic
-        generate_synthetic(
-            url, train=s.train, val=s.val, image_size=s.image_size, groups=s.groups,
-            classes_per_group=s.classes_per_group, domains=s.domains, seed=s.seed,
-            storage_options=options, progress=progress,
-        )
+        raise DataError(f"{url}: the synthetic set (data.synthetic) is not generated yet; `streamssl run` generates "
+                        "it before planning (a dry run writes nothing)")
     return load_manifest(url, storage_options=options)
 
 
@@ -125,8 +119,9 @@ def check_strategies(spec: Spec, stream) -> None:
             )
 
 
-def build_plan(spec: Spec, progress: bool = True) -> ExperimentPlan:
-    manifest = ensure_data(spec, progress=progress)
+def build_plan(spec: Spec) -> ExperimentPlan:
+    """The plan of a spec whose data exists (`orchestrator.data.materialise` makes it): reads, never writes."""
+    manifest = read_manifest(spec)
     for split in (spec.data.train_split, spec.data.eval_split):
         if split not in manifest.splits:
             raise DataError(
@@ -154,4 +149,4 @@ def build_plan(spec: Spec, progress: bool = True) -> ExperimentPlan:
         for t in range(stream.num_chunks):
             jobs.append(Job(line, t, tuple(strategy.training_chunks(t)), _digest(plan_key, line.id, str(t))))
     return ExperimentPlan(spec, spec.data.url, manifest, stream, lines, jobs, plan_key,
-                          downstream=resolve_downstream(spec, progress=progress))
+                          downstream=resolve_downstream(spec))

@@ -33,7 +33,7 @@ from orchestrator import storage
 from orchestrator.data.manifest import Manifest
 from orchestrator.data.shards import read_shard
 from orchestrator.errors import DataError
-from orchestrator.streams import StreamPlan
+from orchestrator.plan.streams import StreamPlan
 
 logger = logging.getLogger(__name__)
 INDEX_COLUMNS = ["key", "label", "group", "domain"]

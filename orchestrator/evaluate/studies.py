@@ -21,7 +21,7 @@ from evaluators.features import extract_features
 from evaluators.fewshot import few_shot_accuracy
 from evaluators.interpolation import interpolation_curve
 from evaluators.sharpness import sharpness
-from orchestrator.ingest import SplitArrays
+from orchestrator.data.ingest import SplitArrays
 
 
 def sharpness_key(epsilon: float) -> str:

@@ -1,6 +1,6 @@
 """The synthetic generator: determinism, structure, image content, and colour being a nuisance, not the label.
 
-    cd /work/main && .venv/bin/python -m pytest tests/orchestrator/test_synth.py -q
+    cd /work/main && .venv/bin/python -m pytest tests/orchestrator/data/test_synth.py -q
 """
 
 from __future__ import annotations

@@ -7,12 +7,12 @@ import pickle
 import numpy as np
 import pytest
 
-from orchestrator import streams
+from orchestrator.plan import streams
 from orchestrator.data.shards import read_index
 from orchestrator.data.synth import generate_synthetic
-from orchestrator.data_factors import group_label_map, kept_classes
+from orchestrator.plan.data_factors import group_label_map, kept_classes
 from orchestrator.errors import SpecError
-from orchestrator.planner import build_plan
+from orchestrator.plan.planner import build_plan
 from orchestrator.runner import planned_line_steps
 from orchestrator.spec.experiment import validate_spec
 from orchestrator.spec.params import flatten, identity_digest
@@ -73,9 +73,9 @@ def test_the_spec_records_factors_only_when_on_and_plans_steps_on_the_full_chunk
                                   stream={"kind": "random_class", "chunks": 2, "seed": 0}))
     assert identity_digest(plain) == identity_digest(explicit) != identity_digest(sub)
     assert "data.class_fraction" not in flatten(plain) and flatten(sub)["data.class_fraction"] == "0.5"
-    plan = build_plan(sub, progress=False)
+    plan = build_plan(sub)
     full = build_plan(validate_spec(tiny_spec("factors", url, stream={"kind": "random_class", "chunks": 2,
-                                                                      "seed": 0})), progress=False)
+                                                                      "seed": 0})))
     line = plan.lines[0]
     assert planned_line_steps(plan, line) == planned_line_steps(full, full.lines[0])  # same iterations
     assert sum(c.rows for c in plan.stream.chunks) < sum(c.rows for c in full.stream.chunks)
@@ -91,10 +91,10 @@ def test_group_labels_train_supervised_lines_on_the_coarse_groups(data) -> None:
     spec = tiny_spec("coarse", url, data={"url": url, "image_size": 16, "labels": "group"},
                      lines={"method": ["supervised"], "strategy": ["sequential"]},
                      methods={"supervised": {"num_classes": 6}})
-    build_plan(validate_spec(spec), progress=False)
+    build_plan(validate_spec(spec))
     spec["data"]["labels"] = "class"
     with pytest.raises(SpecError, match=r"methods\.supervised\.num_classes: 6, but the training split has label 11"):
-        build_plan(validate_spec(spec), progress=False)
+        build_plan(validate_spec(spec))
     ungrouped = manifest.model_copy(update={
         "groups": (), "classes": tuple(c.model_copy(update={"group": -1}) for c in manifest.classes)})
     with pytest.raises(SpecError, match=r"data\.labels: group trains on the manifest's coarse groups, but 12 classes"):

@@ -14,8 +14,8 @@ from evaluators.fewshot import FewShotConfig, few_shot_accuracy
 from evaluators.interpolation import interpolation_curve
 from evaluators.sharpness import SharpnessConfig, sharpness
 from orchestrator.errors import SpecError
-from orchestrator.evaluation_studies import study_metrics
-from orchestrator.ingest import SplitArrays
+from orchestrator.evaluate.studies import study_metrics
+from orchestrator.data.ingest import SplitArrays
 from orchestrator.spec.experiment import validate_spec
 from orchestrator.spec.params import flatten, identity_digest
 from tests.specs import tiny_spec

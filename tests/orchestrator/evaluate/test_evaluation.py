@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from evaluators.continual import AccuracyMatrix, continual_metrics
-from orchestrator.evaluation import evaluate_backbone
-from orchestrator.ingest import SplitArrays
-from orchestrator.streams import ChunkSpec, StreamPlan
+from orchestrator.evaluate.evaluation import evaluate_backbone
+from orchestrator.data.ingest import SplitArrays
+from orchestrator.plan.streams import ChunkSpec, StreamPlan
 from trainers.views.augment import IMAGENET_MEAN, IMAGENET_STD
 
 # One flat colour per class: a mean-pooling "backbone" maps each class to its own direction, so kNN is exact.
@@ -35,11 +35,11 @@ def test_a_task_without_query_rows_is_unknown_and_named(caplog) -> None:
     queries = _split([0, 0, 1, 2, 2, 2])
     eval_spec = {"batch_size": 8, "every_chunk": ["knn"], "knn": {"k": 3, "temperature": 0.07}}
     backbone = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    with caplog.at_level(logging.WARNING, logger="orchestrator.evaluation"):
+    with caplog.at_level(logging.WARNING, logger="orchestrator.evaluate.evaluation"):
         result = evaluate_backbone(backbone, bank, queries, plan, eval_spec)
     assert result["knn_top1"] == 1.0
     assert result["knn_task_acc"][:2] == [1.0, 1.0] and math.isnan(result["knn_task_acc"][2])
-    (record,) = [r for r in caplog.records if r.name == "orchestrator.evaluation"]
+    (record,) = [r for r in caplog.records if r.name == "orchestrator.evaluate.evaluation"]
     assert "task 2 (chunk 2: classes [3])" in record.getMessage()
 
     # the driver's path: a row per chunk into the matrix, then the metrics; the unknown task is kept apart

@@ -1,0 +1,80 @@
+"""Downstream sets beyond the held-out split (`eval.downstream`): other data sets, other domains, held-out classes,
+each evaluated with the every-chunk protocols on the frozen backbone after every chunk
+(`orchestrator.evaluate.evaluation.evaluate_downstream`).
+
+    prepare_downstream(spec)                 # writes: ImageFolder entries become shards (once), a run's data step
+    sets = resolve_downstream(spec)          # reads: a missing URL, preparation or split is an error naming it
+
+An entry's `url` is a folder of prepared shards (manifest.json beside them) or an ImageFolder tree on local disk,
+which is prepared once into `<storage.workdir>/downstream/<name>` (as `streamssl data prepare` would). Its own
+train split is the kNN bank / linear probe's training set and its eval split the queries, so the classes need not
+be the pre-training data's.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator import storage
+from orchestrator.data.manifest import Manifest, load_manifest
+from orchestrator.errors import DataError, SpecError
+
+
+@dataclass(frozen=True)
+class DownstreamSet:
+    """A resolved `eval.downstream` entry: where its shards are and what they hold."""
+
+    name: str
+    url: str  # the shards (for an ImageFolder entry: where they were prepared)
+    manifest: Manifest
+    train_split: str
+    eval_split: str
+    storage_options: dict[str, Any]
+    max_train_per_class: int | None
+
+
+def _is_imagefolder(path: str) -> bool:
+    return os.path.isdir(path) and any(os.path.isdir(os.path.join(path, entry)) for entry in os.listdir(path))
+
+
+def _prepared_at(spec, entry) -> tuple[str | None, str, dict[str, Any]]:
+    """(the ImageFolder tree or None, where the entry's shards are or will be, their storage options)."""
+    url, options = entry.url, entry.storage_options
+    if storage.exists(storage.join(url, "manifest.json"), options):
+        return None, url, options
+    local = url[len("file://"):] if url.startswith("file://") else url
+    if "://" in local or not _is_imagefolder(local):
+        where = f"eval.downstream[{spec.eval.downstream.index(entry)}] ({entry.name!r})"
+        raise SpecError(f"{where}.url: {url!r} holds neither prepared shards (no manifest.json) nor an "
+                        "ImageFolder tree (class folders of images)")
+    return local, str(spec.workdir / "downstream" / entry.name), {}
+
+
+def prepare_downstream(spec, progress: bool = False) -> None:
+    """Prepare every ImageFolder `eval.downstream` entry into `<storage.workdir>/downstream/<name>` (once)."""
+    for entry in spec.eval.downstream:
+        tree, url, options = _prepared_at(spec, entry)
+        if tree is not None and not storage.exists(storage.join(url, "manifest.json"), options):
+            from orchestrator.data.prepare import prepare_imagefolder
+
+            prepare_imagefolder(tree, url, progress=progress)
+
+
+def resolve_downstream(spec) -> tuple[DownstreamSet, ...]:
+    """Every `eval.downstream` entry as shards with a manifest (read only: `prepare_downstream` writes them)."""
+    resolved = []
+    for i, entry in enumerate(spec.eval.downstream):
+        where = f"eval.downstream[{i}] ({entry.name!r})"
+        tree, url, options = _prepared_at(spec, entry)
+        if tree is not None and not storage.exists(storage.join(url, "manifest.json"), options):
+            raise DataError(f"{where}.url: the ImageFolder tree {tree} is not prepared yet (it would be at {url}); "
+                            "`streamssl run` prepares it before planning (a dry run writes nothing)")
+        manifest = load_manifest(url, storage_options=options)
+        for field, split in (("train_split", entry.train_split), ("eval_split", entry.eval_split)):
+            if split not in manifest.splits:
+                raise SpecError(f"{where}.{field}: split {split!r} is not in {url}; it has {sorted(manifest.splits)}")
+        resolved.append(DownstreamSet(entry.name, url, manifest, entry.train_split, entry.eval_split, options,
+                                      entry.max_train_per_class))
+    return tuple(resolved)
