@@ -18,18 +18,19 @@ from typing import Any
 import yaml
 from rich.console import Console
 
-from orchestrator.accounting import chunk_resources, data_kept, device_kind
+from orchestrator.train.accounting import chunk_resources, data_kept, device_kind
 from orchestrator.data.materialise import materialise
 from orchestrator.display import TrainingProgress, dry_run, print_summary
 from orchestrator.epoch_evals import EpochCheckpoint, log_by_epoch, log_epoch_eval
 from orchestrator.errors import IncompleteRecordError, TrainingError
 from orchestrator.evaluate.evaluation import EvalActor, headline, protocol, task_metrics
-from orchestrator.hooks import DriverHooks, TrialStopped
+from orchestrator.train.hooks import DriverHooks, TrialStopped
 from orchestrator.data.ingest import start_corrupt_row_counter
 from orchestrator.plan.planner import ExperimentPlan, Job, build_plan
-from orchestrator.ray_init import init_ray
+from orchestrator.train.ray_init import init_ray
 from orchestrator.recovery import missing_records, persisted_unlogged_chunks, read_logged
-from orchestrator.runner import LineTask, _CheckpointFs, line_groups, loop_config, ray_run_name, train_group
+from orchestrator.train.checkpoints import CheckpointFs
+from orchestrator.train.runner import LineTask, line_groups, loop_config, ray_run_name, train_group
 from orchestrator.spec.experiment import Spec, flatten
 from orchestrator.summary import ExperimentSummary, summarise
 from orchestrator.tracking import lineage as tr
@@ -149,7 +150,7 @@ class _Driver:
         """Evaluate a logged chunk's checkpoint in the evaluation actor (collected by `collect`)."""
         if self.spec.eval.every_chunk:
             future = self.evaluator.evaluate.remote(loop_config(self.spec, job.line, False), checkpoint_uri,
-                                                    _CheckpointFs(self.spec.storage.storage_options),
+                                                    CheckpointFs(self.spec.storage.storage_options),
                                                     self._previous_checkpoint(job))
             self.pending[future] = job
 
@@ -238,7 +239,7 @@ class _Driver:
         elif event["type"] == "epoch_checkpoint":
             point = EpochCheckpoint(self.jobs[event["job_key"]], event["epoch"], event["step"], event["checkpoint_uri"])
             future = self.evaluator.evaluate.remote(loop_config(self.spec, point.job.line, False), point.checkpoint_uri,
-                                                    _CheckpointFs(self.spec.storage.storage_options))
+                                                    CheckpointFs(self.spec.storage.storage_options))
             self.pending[future] = point
             self.collect(block=False)
         elif event["type"] == "diverged":

@@ -21,14 +21,14 @@ from typing import Any
 
 from evaluators.report import plot_metric_curves
 from orchestrator import storage
-from orchestrator.checkpoints import CheckpointFs
+from orchestrator.train.checkpoints import CheckpointFs
 from orchestrator.display import TrainingProgress
 from orchestrator.evaluate.evaluation import headline
 from orchestrator.experiment import _Driver
-from orchestrator.hooks import TrialStopped
-from orchestrator.online_runner import total_batches, train_online
+from orchestrator.train.hooks import TrialStopped
+from orchestrator.train.online_runner import total_batches, train_online
 from orchestrator.plan.planner import Job
-from orchestrator.runner import LineTask, loop_config, ray_run_name
+from orchestrator.train.runner import LineTask, loop_config, ray_run_name
 from orchestrator.spec.params import flatten
 from orchestrator.summary import ExperimentSummary
 from orchestrator.tracking import lineage as tr
@@ -185,7 +185,7 @@ class OnlineDriver(_Driver):
         if "checkpoint_bytes" in event:  # (a segment said again from its checkpoint's event log has no sizes)
             metrics.update({k: event[k] for k in ("checkpoint_bytes", "buffer_bytes", "memory_file_bytes",
                                                   "state_bytes") if k in event})
-            # The memory is data kept, and inside the checkpoint: not added on top of it (orchestrator.accounting).
+            # The memory is data kept, and inside the checkpoint: not added on top of it (orchestrator.train.accounting).
             # It is stored encoded (memory_file_bytes) beside the model's state.pt; older runners kept it decoded
             # inside state.pt (buffer_bytes).
             kept = event.get("memory_file_bytes", event["buffer_bytes"])

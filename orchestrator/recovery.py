@@ -20,7 +20,8 @@ from typing import Any
 from orchestrator import storage
 from orchestrator.evaluate.evaluation import headline, task_accuracies
 from orchestrator.plan.planner import ExperimentPlan, Job
-from orchestrator.runner import CHUNK_EVENT_FILE, checkpoint_order, line_groups, ray_run_name
+from orchestrator.train.checkpoints import CHUNK_EVENT_FILE, checkpoint_order
+from orchestrator.train.runner import line_groups, ray_run_name
 from orchestrator.spec.experiment import Spec
 from orchestrator.summary import joint_reference
 from orchestrator.tracking import lineage as tr

@@ -19,7 +19,7 @@ Kinds (`STREAM_REGISTRY`, one record each):
 - ``domain``: the domains in a seeded order, cut into near-equal sets. Needs at least as many domains as chunks;
 - ``online``: T tasks learned as one stream of small batches (`online.order`: ``instance`` cuts the rows like
   ``instance``, ``class_incremental`` the classes like ``random_class``); the tasks are read one after another
-  and cut into stream batches by the online reader (`orchestrator.online_runner`).
+  and cut into stream batches by the online reader (`orchestrator.train.online_runner`).
 
 A plan is small and picklable (label/domain lookup tables, or 8-byte key hashes for ``instance``), so Ray
 tasks can filter batches with ``plan.select`` or ``plan.chunk_of``. ``plan.digest`` identifies the exact

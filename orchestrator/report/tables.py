@@ -4,7 +4,7 @@ metrics (BWT/FWT), sharpness; and the problems with the record (runs missing or 
     tables = build_tables(study); problems = record_problems(study)
 
 Keys follow the naming contract: chunk runs `train_seconds`, `wall_seconds`, `device_hours`, `data_kept_rows`,
-`data_kept_bytes`, `model_state_bytes`, `stored_bytes` (their sum), `checkpoint_bytes` (orchestrator.accounting:
+`data_kept_bytes`, `model_state_bytes`, `stored_bytes` (their sum), `checkpoint_bytes` (orchestrator.train.accounting:
 the data a line keeps, apart from its model state); plan runs `{line}.{name}.{avg_acc|bwt|fwt|forgetting}`
 (+ `{name}_top5`),
 `{line}.{name}.st_jt_gap` and `{line}.{name}.st_jt_gap_by_chunk` (step = chunk), and per `eval.downstream` set

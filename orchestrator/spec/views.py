@@ -1,7 +1,7 @@
 """The spec's `views` section: global and local (multi-crop) view sets and the augmentation preset.
 
 Split from `orchestrator.spec.experiment` (which imports these into `Spec`); turned into the workers' ViewPlan by
-`orchestrator.runner.spec_view_plan`.
+`orchestrator.train.runner.spec_view_plan`.
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ def planned_reports(base: Spec) -> int:
     materialise(base, progress=False)  # the synthetic set made once, before trials race to
     plan = build_plan(base)
     if base.stream.kind == "online":
-        from orchestrator.online_runner import total_batches
+        from orchestrator.train.online_runner import total_batches
 
         return max(1, math.ceil(total_batches(plan) / base.online.segment_batches))
     return plan.stream.num_chunks
@@ -131,7 +131,7 @@ class _Sweep:
 
     # ---------------------------------------------------------------- the trials
     def run(self, resume: bool, address: str | None) -> SweepResult:
-        from orchestrator.ray_init import init_ray
+        from orchestrator.train.ray_init import init_ray
 
         max_reports = max_planned_reports(self.raw, self.sweep, self.source)
         sweep_run, recorded = self.open_run(resume)

@@ -17,7 +17,7 @@ from typing import Any
 
 from rich.console import Console
 
-from orchestrator.hooks import DriverHooks, TrialStopped
+from orchestrator.train.hooks import DriverHooks, TrialStopped
 from orchestrator.spec.experiment import flatten
 from orchestrator.spec.sweep import SweepSpec
 from orchestrator.sweep import records as rec

@@ -16,7 +16,7 @@ from rich.console import Console
 
 from orchestrator.errors import TrainingError
 from orchestrator.experiment import run_experiment
-from orchestrator.runner import checkpoint_order
+from orchestrator.train.checkpoints import checkpoint_order
 from orchestrator.spec.experiment import validate_spec
 from orchestrator.tracking import lineage as tr
 from tests.specs import tiny_spec

@@ -12,7 +12,7 @@ import pytest
 from rich.console import Console
 
 from orchestrator.experiment import run_experiment
-from orchestrator.hooks import DriverHooks
+from orchestrator.train.hooks import DriverHooks
 from orchestrator.spec.experiment import validate_spec
 from tests.specs import tiny_spec
 

@@ -9,7 +9,7 @@ sequential+replay, joint) and an SL plan run (supervised: sequential, joint), 3 
 
 The accuracies are hand-chosen by a formula (distinct per stream, line, protocol, top-k, chunk, task, seed); the
 plan metrics are the continual metrics of those matrices, as the driver's summary computes them. The chunk runs'
-storage metrics are `orchestrator.accounting.chunk_resources` of a chunk event, as the driver logs them: joint
+storage metrics are `orchestrator.train.accounting.chunk_resources` of a chunk event, as the driver logs them: joint
 lines keep ROWS_PER_CHUNK rows of every chunk so far at BYTES_PER_ROW, replay its buffer, sequential nothing.
 """
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from evaluators.continual import AccuracyMatrix, continual_metrics, st_jt_gap
-from orchestrator.accounting import chunk_resources
+from orchestrator.train.accounting import chunk_resources
 from orchestrator.spec.experiment import ResourcesSpec, Spec, flatten, identity_digest
 from orchestrator.tracking import lineage as tr
 from orchestrator.tracking.tracker import Tracker

@@ -36,7 +36,7 @@ def test_ray_floor_has_train_v2_by_default_and_ray_init_enables_it(monkeypatch):
     (ray,) = [Requirement(d) for d in project["dependencies"] if Requirement(d).name == "ray"]
     floor = min(Version(s.version) for s in ray.specifier if s.operator in (">=", ">", "=="))
     assert floor >= Version("2.51"), f"ray {ray.specifier} admits a Ray whose Train V2 is off by default"
-    from orchestrator import ray_init
+    from orchestrator.train import ray_init
 
     monkeypatch.setenv("RAY_TRAIN_V2_ENABLED", "0")
     ray_init.enable_train_v2()  # also on a Ray (or a user's environment) where V2 is off

@@ -269,7 +269,7 @@ def test_line_labels(strategy: str, label: str) -> None:
 
 def test_the_resource_table_shows_data_kept_apart_from_model_state(written) -> None:
     """JT's data grows per chunk (every chunk so far), ST keeps none, replay its buffer; model state is the checkpoint
-    less the buffer inside it, and stored = data + model state (orchestrator.accounting, logged by the store)."""
+    less the buffer inside it, and stored = data + model state (orchestrator.train.accounting, logged by the store)."""
     rows = {(r.index["stream"], r.index["line"], int(r.index["chunk"])): r.cells for r in written[0].table("resources").rows}
     for stream in STREAMS:
         for method in ("simclr", "supervised"):

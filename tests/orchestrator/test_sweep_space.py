@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from orchestrator.errors import SpecError
-from orchestrator.hooks import DriverHooks
+from orchestrator.train.hooks import DriverHooks
 from orchestrator.spec.experiment import validate_spec
 from orchestrator.sweep.space import check_space, decode, encode, sample_points, trial_spec
 from tests.specs import tiny_spec

@@ -6,7 +6,7 @@
                                      steps_per_epoch=rows // batch_size)
         save_state(folder, trainer.state_dict())
 
-Whoever drives it (Ray Train in `orchestrator/runner.py`, or a test with a plain iterable) supplies `Batch`es
+Whoever drives it (Ray Train in `orchestrator/train/runner.py`, or a test with a plain iterable) supplies `Batch`es
 (uint8 images with labels, row ids and domains; a bare uint8 `[B, 3, H, W]` tensor is taken as a Batch without
 labels), a `wrap_model` hook (DDP) and callbacks; the loop never knows where data comes from. Every step is the
 engine's `train_step` (trainers.engine.step): views from the config's ViewPlan, the method's training_step, the

@@ -16,7 +16,7 @@ augments them afresh.
 
 Under DDP each rank holds a shard of `size // world + (rank < size % world)` rows, a reservoir over the rows that
 rank received: the union of the shards is the memory, and nothing is stored twice. A checkpoint holds every rank's
-state once (`state_dict` per rank, each rank's in its own file: `orchestrator.online_checkpoint`);
+state once (`state_dict` per rank, each rank's in its own file: `orchestrator.train.online_checkpoint`);
 `load_state_dict` takes the list in rank order, where a resume in the same placement needs only this rank's rows
 (the others' entries may carry their placement, size and count alone); a resume with another world size deals the
 union out again (see `load_state_dict`).

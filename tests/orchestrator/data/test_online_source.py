@@ -342,7 +342,7 @@ def test_the_rows_after_the_last_full_batch_of_an_ended_stream_are_handed_over_n
         tmp_path: Path, synthetic_url: str, rows) -> None:
     """30 rows in batches of 8: 3 batches, and the 6 rows after them as the tail (the runner keeps them in the
     replay memory and reports `tail_rows`)."""
-    from orchestrator.online_runner import stream_batches
+    from orchestrator.train.online_runner import stream_batches
 
     publish(tmp_path, "a.parquet", rows.slice(0, 30))
     (tmp_path / "_STREAM_END").write_text("")

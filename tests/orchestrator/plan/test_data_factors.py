@@ -13,7 +13,7 @@ from orchestrator.data.synth import generate_synthetic
 from orchestrator.plan.data_factors import group_label_map, kept_classes
 from orchestrator.errors import SpecError
 from orchestrator.plan.planner import build_plan
-from orchestrator.runner import planned_line_steps
+from orchestrator.train.runner import planned_line_steps
 from orchestrator.spec.experiment import validate_spec
 from orchestrator.spec.params import flatten, identity_digest
 from tests.specs import tiny_spec

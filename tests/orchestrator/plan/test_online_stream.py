@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from orchestrator.online_runner import _rank_rows, stream_batches
+from orchestrator.train.online_runner import _rank_rows, stream_batches
 
 
 def _task(start: int, sizes: list[int]):
@@ -59,7 +59,7 @@ def test_a_cycling_stream_starts_the_order_again_in_a_new_shuffle(synthetic_url:
     import itertools
 
     from orchestrator.data.ingest import shard_refs
-    from orchestrator.online_runner import _stream
+    from orchestrator.train.online_runner import _stream
     from orchestrator.plan.planner import build_plan
     from orchestrator.spec.experiment import validate_spec
     from tests.specs import tiny_spec

@@ -263,7 +263,7 @@ def test_lump_lines_validate_their_options_and_compose_with_sequential_only() ->
 
 def test_a_buffer_larger_than_the_rows_before_the_last_chunk_is_refused(synthetic_url: str) -> None:
     from orchestrator.plan.planner import build_plan
-    from orchestrator.runner import loop_config
+    from orchestrator.train.runner import loop_config
 
     base = {**minimal(), "data": {"url": synthetic_url}}  # 1200 rows in two chunks of 600
     for name in ("replay", "lump"):
@@ -296,7 +296,7 @@ def test_backbone_section_is_discriminated_on_name() -> None:
 
 def test_backbone_options_reach_the_workers_and_flatten_with_defaults() -> None:
     from orchestrator.plan.planner import Line
-    from orchestrator.runner import loop_config
+    from orchestrator.train.runner import loop_config
     from trainers.backbones import build_backbone
 
     spec = validate_spec({**minimal(), "backbone": {"name": "mobilenet_v2", "width_mult": 0.5}})
@@ -367,7 +367,7 @@ def test_optim_section_offers_lars_the_scaling_rule_and_a_line_schedule() -> Non
 
 def test_loop_config_carries_the_optimiser_and_the_lines_length(synthetic_url: str) -> None:
     from orchestrator.plan.planner import build_plan
-    from orchestrator.runner import loop_config
+    from orchestrator.train.runner import loop_config
 
     raw = {**minimal(), "data": {"url": synthetic_url},
            "optim": {"name": "lars", "lr": 0.2, "lr_scaling": "linear", "schedule": "cosine_line", "eeta": 0.01,

@@ -10,7 +10,7 @@ from tests.orchestrator.spec.test_spec import minimal
 
 
 def test_view_plan_has_global_and_local_views_with_presets() -> None:
-    from orchestrator.runner import spec_view_plan
+    from orchestrator.train.runner import spec_view_plan
 
     raw = {**minimal(), "data": {"url": "memory://x", "image_size": 64},
            "views": {"preset": "byol", "global": {"count": 2, "scale": [0.2, 1.0]},
@@ -67,7 +67,7 @@ def test_methods_that_need_local_views_or_labels_are_checked_before_ray(syntheti
 
 
 def test_local_views_can_go_to_some_methods_only() -> None:
-    from orchestrator.runner import spec_view_plan
+    from orchestrator.train.runner import spec_view_plan
 
     raw = {**minimal(), "lines": {"method": ["simclr", "byol"], "strategy": ["sequential"]},
            "views": {"local": {"count": 3, "size": 16, "methods": ["byol"]}}}
@@ -86,7 +86,7 @@ def _multi_crop(method: str = "dino", **local) -> dict:
 
 
 def test_overlap_band_and_local_loss_weight_reach_the_view_plan() -> None:
-    from orchestrator.runner import spec_view_plan
+    from orchestrator.train.runner import spec_view_plan
 
     spec = validate_spec(_multi_crop(min_iou=0.1, max_iou=0.8, loss_weight=0.6))
     plan = spec_view_plan(spec, "dino")

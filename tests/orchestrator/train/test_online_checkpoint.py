@@ -1,4 +1,4 @@
-"""An online checkpoint's replay memory (`orchestrator.online_checkpoint`) on 2 real gloo ranks, without Ray: each
+"""An online checkpoint's replay memory (`orchestrator.train.online_checkpoint`) on 2 real gloo ranks, without Ray: each
 rank writes its own share once (no gather), encoded where smaller; only the newest checkpoint keeps the shares (the
 older ones their state.pt), and a restart restores every rank's very rows (or deals their union out
 to another world size). Ray Train's merge of the workers' folders is done here by copying each rank's folder."""
@@ -13,8 +13,8 @@ from types import SimpleNamespace
 
 import torch
 
-from orchestrator.checkpoints import CheckpointFs
-from orchestrator.online_checkpoint import MEMORY_FILE, MemoryCheckpointer, restore_online
+from orchestrator.train.checkpoints import CheckpointFs
+from orchestrator.train.online_checkpoint import MEMORY_FILE, MemoryCheckpointer, restore_online
 from tests.trainers.ddp_harness import run_ddp
 from tests.trainers.test_online_loop import line, online_cfg
 from trainers.engine.checkpoint import load_state

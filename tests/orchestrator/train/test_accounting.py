@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from orchestrator.accounting import chunk_resources, data_kept, device_kind, strategy_bytes
+from orchestrator.train.accounting import chunk_resources, data_kept, device_kind, strategy_bytes
 from orchestrator.data.shards import read_index
 from orchestrator.plan.planner import build_plan
 from orchestrator.spec.experiment import ResourcesSpec, validate_spec

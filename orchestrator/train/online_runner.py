@@ -35,12 +35,12 @@ from typing import Any, Callable
 import numpy as np
 
 from orchestrator import storage
-from orchestrator.checkpoints import CheckpointFs, checkpoint_dir_name
+from orchestrator.train.checkpoints import CheckpointFs, checkpoint_dir_name
 from orchestrator.data.ingest import DeviceBatchDecoder, chunk_dataset, row_index, shard_refs
-from orchestrator.online_checkpoint import MemoryCheckpointer, restore_online
+from orchestrator.train.online_checkpoint import MemoryCheckpointer, restore_online
 from orchestrator.data.online_source import PolledStream, single_process
 from orchestrator.plan.planner import ExperimentPlan
-from orchestrator.runner import GroupResult, LineTask, fit_with_events
+from orchestrator.train.runner import GroupResult, LineTask, fit_with_events
 
 # How many batch and segment events a checkpoint keeps, to be said again after a restart: what a driver that died may not
 # have logged yet (it lags the workers by the events in its queue, far fewer than this).

@@ -55,7 +55,7 @@ def test_split_coordinators_stay_bounded_over_many_chunks(tmp_path: Path, synthe
 def test_worker_pool_warning_is_explained_once(capsys) -> None:
     from ray._private import worker
 
-    from orchestrator.ray_init import POOL_NOTE, explain_worker_pool_warnings
+    from orchestrator.train.ray_init import POOL_NOTE, explain_worker_pool_warnings
 
     saved = worker.print_to_stdstream
     worker.print_to_stdstream = getattr(saved, "__wrapped__", saved)  # as a fresh driver has it (no run said it yet)

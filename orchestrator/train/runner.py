@@ -26,8 +26,7 @@ import numpy as np
 from orchestrator import storage
 from orchestrator.errors import TrainingError
 # Re-exported: the driver, recovery and tests name checkpoints through the runner.
-from orchestrator.checkpoints import CHUNK_EVENT_FILE, checkpoint_dir_name, checkpoint_order, restore_newest  # noqa: F401
-from orchestrator.checkpoints import CheckpointFs as _CheckpointFs
+from orchestrator.train.checkpoints import CHUNK_EVENT_FILE, CheckpointFs, checkpoint_dir_name, restore_newest
 from orchestrator.plan.data_factors import group_label_map
 from orchestrator.data.ingest import (DeviceBatchDecoder, chunk_dataset, chunk_rows, planned_chunk_rows, release_split,
                                  row_index, shard_refs)
@@ -126,7 +125,7 @@ def _train_fn(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from orchestrator.accounting import strategy_bytes
+    from orchestrator.train.accounting import strategy_bytes
     from trainers.engine.checkpoint import folder_bytes, load_state, save_state
     from trainers.engine.step import NonFiniteLossError
     from trainers.engine.types import Batch
@@ -349,7 +348,7 @@ def train_group(
             "steps_per_epoch": steps_per_epoch,
             "storage_uri": spec.checkpoint_url,
             "run_name": run_name,
-            "checkpoint_fs": _CheckpointFs(spec.storage.storage_options),
+            "checkpoint_fs": CheckpointFs(spec.storage.storage_options),
             "eval_every_epochs": spec.eval.every_epochs if spec.eval.every_chunk else 0,
             "cycle": cycle,  # datasets whose kept rows repeat within an epoch (data.class_fraction)
             "label_map": group_label_map(plan.manifest) if spec.data.labels == "group" else None,

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from orchestrator.checkpoints import checkpoint_order
+from orchestrator.train.checkpoints import checkpoint_order
 
 MEMORY_FILE = "memory-rank-{rank:05d}.pt"
 MEMORY_FORMAT = 1
