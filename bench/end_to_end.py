@@ -45,9 +45,22 @@ if __package__ in (None, ""):  # `python bench/end_to_end.py`
 
 import torch
 
-from bench.common import (add_common_arguments, add_data_arguments, init_ray, median, prepare_data, print_table,
-                          resolve_device, scratch_dir, single_chunk_plan, source_files, spread, sync, usable_cores,
-                          write_results)
+from bench.common import (
+    add_common_arguments,
+    add_data_arguments,
+    init_ray,
+    median,
+    prepare_data,
+    print_table,
+    resolve_device,
+    scratch_dir,
+    single_chunk_plan,
+    source_files,
+    spread,
+    sync,
+    usable_cores,
+    write_results,
+)
 from bench.step_throughput import BareLoop, StepConfig, StreamsslLoop, augment_configs, cycle, premade_batches
 from trainers.registry import BACKBONE_REGISTRY, METHOD_REGISTRY
 
@@ -75,8 +88,15 @@ class FirstStepClock:
 def build_passes(args: argparse.Namespace, cfg: StepConfig, data: dict[str, Any], device: str, workers: int,
                  steps: int) -> dict[str, Callable[[int], tuple[int, float]]]:
     """variant -> (epoch -> (samples trained, seconds until the first batch was in hand))."""
-    from bench.loaders import (FileImages, ShardImages, TwoViews, bytes_dataset, dataloader, device_decoded_batches,
-                               ray_cpu_batches)
+    from bench.loaders import (
+        FileImages,
+        ShardImages,
+        TwoViews,
+        bytes_dataset,
+        dataloader,
+        device_decoded_batches,
+        ray_cpu_batches,
+    )
     from orchestrator.data.ingest import chunk_dataset, shard_refs
 
     manifest, url = data["manifest"], data["url"]

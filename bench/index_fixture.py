@@ -22,8 +22,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orchestrator import storage
-from orchestrator.data.manifest import (MANIFEST_NAME, SCHEMA_VERSION, ClassEntry, DomainEntry, GroupEntry, Manifest,
-                                        ShardEntry, SplitEntry, compute_digest, streamssl_version)
+from orchestrator.data.manifest import (
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    ClassEntry,
+    DomainEntry,
+    GroupEntry,
+    Manifest,
+    ShardEntry,
+    SplitEntry,
+    compute_digest,
+    streamssl_version,
+)
 from orchestrator.data.shards import SHARD_SCHEMA, sha256_hex
 
 IMAGENET_TRAIN_ROWS = 1_281_167

@@ -38,9 +38,22 @@ if __package__ in (None, ""):  # `python bench/ingest.py`
 
 import torch
 
-from bench.common import (add_common_arguments, add_data_arguments, init_ray, median, prepare_data, print_table,
-                          resolve_device, scratch_dir, single_chunk_plan, source_files, spread, sync, usable_cores,
-                          write_results)
+from bench.common import (
+    add_common_arguments,
+    add_data_arguments,
+    init_ray,
+    median,
+    prepare_data,
+    print_table,
+    resolve_device,
+    scratch_dir,
+    single_chunk_plan,
+    source_files,
+    spread,
+    sync,
+    usable_cores,
+    write_results,
+)
 
 VARIANTS = ("ray-cpu-decode", "ray-device-decode", "dataloader", "dataloader+draft", "dataloader-files")
 REFERENCE = "dataloader"
@@ -67,8 +80,16 @@ def timed_pass(batches: Iterator[torch.Tensor], device: str) -> dict[str, float]
 def build_variants(args: argparse.Namespace, data: dict[str, Any], device: str, size: int, batch: int,
                    workers: int) -> dict[str, Callable[[int], Iterator[torch.Tensor]]]:
     """variant -> (epoch -> iterator of uint8 [B,3,S,S] batches on the device)."""
-    from bench.loaders import (FileImages, ShardImages, bytes_dataset, center_transform, dataloader,
-                               device_decoded_batches, loader_batches, ray_cpu_batches)
+    from bench.loaders import (
+        FileImages,
+        ShardImages,
+        bytes_dataset,
+        center_transform,
+        dataloader,
+        device_decoded_batches,
+        loader_batches,
+        ray_cpu_batches,
+    )
     from orchestrator.data.ingest import chunk_dataset, shard_refs
 
     manifest, url = data["manifest"], data["url"]

@@ -3,8 +3,8 @@
     python -m bench.instrumented_run EVENTS.jsonl run SPEC --set k=v ...
 
 Used by bench/overheads.py as a subprocess. Nothing in orchestrator/ is edited: the wrappers replace module
-attributes of `orchestrator.experiment` in this process only (``train_group``, ``init_ray``, ``build_plan``,
-``Tracker`` and the ``_Driver`` methods ``open_parent``, ``log_chunk``, ``log_eval``, ``_summarise``), each
+attributes of `orchestrator.run.{base,experiment,launch}` in this process only (``train_group``, ``init_ray``, ``build_plan``,
+``Tracker`` and the ``ChunkedDriver`` methods ``open_parent``, ``log_chunk``, ``log_eval``, ``_summarise``), each
 call recorded as a JSON line ``{"what", "t" (time.time()), ...}``; the events the Ray Train worker sends the
 driver (worker start, a step every ``log_every`` steps, chunk ends) are recorded as they arrive. A wrapper whose
 target no longer exists is skipped and reported as ``{"what": "missing", "name": ...}``, so the benchmark degrades
@@ -59,7 +59,9 @@ def _timed(name: str, fn: Callable) -> Callable:
 
 
 def install() -> None:
-    import orchestrator.experiment as ex
+    import orchestrator.run.base as base
+    import orchestrator.run.experiment as ex
+    import orchestrator.run.launch as launch
 
     if hasattr(ex, "train_group"):
         original = ex.train_group
@@ -78,18 +80,18 @@ def install() -> None:
 
         ex.train_group = train_group
     else:
-        record("missing", name="orchestrator.experiment.train_group")
-    for name in ("init_ray", "build_plan", "Tracker"):
-        if hasattr(ex, name):
-            setattr(ex, name, _timed(name, getattr(ex, name)))
+        record("missing", name="orchestrator.run.experiment.train_group")
+    for module, name in ((base, "init_ray"), (launch, "build_plan"), (launch, "Tracker")):
+        if hasattr(module, name):
+            setattr(module, name, _timed(name, getattr(module, name)))
         else:
-            record("missing", name=f"orchestrator.experiment.{name}")
-    driver = getattr(ex, "_Driver", None)
+            record("missing", name=f"{module.__name__}.{name}")
+    driver = getattr(ex, "ChunkedDriver", None)
     for name in ("open_parent", "log_chunk", "log_eval", "_summarise"):
         if driver is not None and hasattr(driver, name):
             setattr(driver, name, _timed(f"driver.{name}", getattr(driver, name)))
         else:
-            record("missing", name=f"orchestrator.experiment._Driver.{name}")
+            record("missing", name=f"orchestrator.run.experiment.ChunkedDriver.{name}")
 
 
 def main() -> None:

@@ -20,7 +20,6 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-
 # ---------------------------------------------------------------------------------------------- per-sample transforms
 
 

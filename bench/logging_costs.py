@@ -77,7 +77,7 @@ def logging_costs(uri: str, calls: int, chunks: int, steps_per_chunk: int, spec,
                   ) -> dict[str, Any]:
     """Per-call cost of logging one step's metrics, and of the calls log_chunk makes for one chunk."""
     from orchestrator.spec.experiment import flatten
-    from orchestrator.tracking import lineage as tr
+    from orchestrator.tracking import tags as tr
     from orchestrator.tracking.tracker import Tracker
 
     tracker = Tracker(uri, "bench-logging", artifact_root)

@@ -19,8 +19,16 @@ from typing import Any
 
 import torch
 
-from bench.common import add_common_arguments, add_data_arguments, hardware, prepare_data, print_table, \
-    resolve_device, scratch_dir, write_results
+from bench.common import (
+    add_common_arguments,
+    add_data_arguments,
+    hardware,
+    prepare_data,
+    print_table,
+    resolve_device,
+    scratch_dir,
+    write_results,
+)
 
 # Small heads for a CPU budget; everything else is the method's paper default, except where a few hundred CPU steps
 # need otherwise (measured: with the paper's settings these runs stay at the random init's kNN): SwAV's prototypes
@@ -65,8 +73,8 @@ def knn_top1(backbone, bank, queries, device: str) -> float:
 
 
 def run_method(name: str, args, train, bank, queries, device: str) -> dict[str, Any]:
-    from trainers.engine.types import Batch
     from trainers.engine.loop import LineTrainer, LoopConfig
+    from trainers.engine.types import Batch
     from trainers.registry import METHOD_REGISTRY
     from trainers.views.plan import view_plan
 

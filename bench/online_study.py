@@ -93,7 +93,7 @@ def collect(case: dict[str, Any], tracking_uri: str) -> list[dict[str, Any]]:
     """One row per line of the case's newest plan run, read from MLflow."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.tracking import lineage as tr
+    from orchestrator.tracking import tags as tr
 
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(case["experiment"])

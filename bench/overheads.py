@@ -102,7 +102,7 @@ def run_cli(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
 
 def read_mlflow(uri: str) -> dict[str, Any]:
     """Plan, chunk and evaluation runs of the experiment, as plain dicts (times in seconds since the epoch)."""
-    from orchestrator.tracking import lineage as tr
+    from orchestrator.tracking import tags as tr
     from orchestrator.tracking.tracker import Tracker
 
     tracker = Tracker(uri, EXPERIMENT)
@@ -125,7 +125,7 @@ def read_mlflow(uri: str) -> dict[str, Any]:
 
 def analyse_run(run: dict[str, Any], checkpoint_save_s: float | None) -> dict[str, Any]:
     """Start-up stages and per-chunk fractions from the outside clock, MLflow, and the wrappers' records."""
-    from orchestrator.tracking import lineage as tr
+    from orchestrator.tracking import tags as tr
 
     t0 = run["launched"]
     ev = run["events"]
@@ -154,7 +154,7 @@ def analyse_run(run: dict[str, Any], checkpoint_save_s: float | None) -> dict[st
 
     imported = first("imports_done")
     stage("interpreter up, orchestrator (torch, pyarrow, rich) imported", imported["t"] if imported else None,
-          "shim record after importing orchestrator.experiment")
+          "shim record after importing orchestrator.run.experiment")
     built = first("build_plan")
     stage("CLI + spec loaded, plan built (manifest, index, stream)",
           built["start"] + built["seconds"] if built else None, "wrapper: build_plan")

@@ -16,7 +16,7 @@ in class order as `streamssl data prepare` writes ImageNet, no image bytes). For
   JSON says so.
 - **artifacts**: what the driver logs to the plan run: `stream_plan.json` (as `Tracker.log_json` writes it) and the
   key->chunk table `stream_assignment.parquet` (`pq.write_table(plan.stream.assignment_table())` as
-  `orchestrator.experiment` does), their bytes; and the pickled StreamPlan, which every Ray Dataset's read UDF
+  `orchestrator.run.experiment` does), their bytes; and the pickled StreamPlan, which every Ray Dataset's read UDF
   carries (the runner builds one Dataset per (strategy, chunk) of a worker group: 20 here).
 - **the read plan of chunk 0**: `orchestrator.data.ingest.chunk_dataset` as the runner builds it (the spec's decode), with
   Ray started in this process on `--ray-cpus` CPUs: built lazily, its logical plan printed, the read tasks (one per
@@ -98,8 +98,8 @@ def plan_one(spec_path: str, overrides: list[str], out_dir: str) -> dict[str, An
 
     from orchestrator.data.shards import read_index
     from orchestrator.plan.planner import build_plan
-    from orchestrator.spec.experiment import load_spec
     from orchestrator.plan.streams import make_plan
+    from orchestrator.spec.experiment import load_spec
 
     spec = load_spec(spec_path, overrides)
     out = Path(out_dir)
@@ -180,8 +180,8 @@ def read_plan(spec_path: str, overrides: list[str], planned: dict[str, Any], pla
     import numpy as np
     from ray import cloudpickle
 
-    from orchestrator.data.manifest import load_manifest
     from orchestrator.data.ingest import ReadChunkRows, chunk_dataset, shard_refs
+    from orchestrator.data.manifest import load_manifest
     from orchestrator.spec.experiment import load_spec
 
     spec = load_spec(spec_path, overrides)

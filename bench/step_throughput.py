@@ -46,11 +46,31 @@ if __package__ in (None, ""):  # `python bench/step_throughput.py`
 
 import torch
 
-from bench.common import (add_common_arguments, median, print_table, resolve_device, result_path, spread, sync,
-                          write_results)
+from bench.common import (
+    add_common_arguments,
+    median,
+    print_table,
+    resolve_device,
+    result_path,
+    spread,
+    sync,
+    write_results,
+)
+
 # StreamsslLoop, augment_configs, loop_config: re-exported for bench.end_to_end and bench.overheads.
-from bench.steps import (BareLoop, EngineLoop, StepConfig, StreamsslLoop, augment_configs,  # noqa: F401
-                         backbone_options, cycle, loop_config, method_options, premade_batches, view_plan_for)
+from bench.steps import (  # noqa: F401
+    BareLoop,
+    EngineLoop,
+    StepConfig,
+    StreamsslLoop,
+    augment_configs,
+    backbone_options,
+    cycle,
+    loop_config,
+    method_options,
+    premade_batches,
+    view_plan_for,
+)
 from trainers.registry import BACKBONE_REGISTRY, METHOD_REGISTRY
 
 VARIANTS = ("engine", "bare", "bare-v2")

@@ -19,7 +19,7 @@ def lineage(
 ) -> None:
     """Walk a run's lineage: down from a plan run, or up from a chunk or evaluation run."""
     from cli.render import lineage_tree
-    from orchestrator.tracking.lineage import lineage_dict
+    from orchestrator.lineage import lineage_dict
     from orchestrator.tracking.tracker import Tracker
 
     tracker = Tracker(resolve_tracking_uri(tracking_uri))

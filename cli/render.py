@@ -11,7 +11,8 @@ import json
 from rich.tree import Tree
 
 from orchestrator.errors import TrackingError
-from orchestrator.tracking import lineage as tr
+from orchestrator.lineage import lineage_dict, segment_row
+from orchestrator.tracking import tags as tr
 from orchestrator.tracking.tracker import Tracker
 
 
@@ -29,7 +30,7 @@ def _chunk_node(tracker: Tracker, node: Tree, run) -> None:
     for ev in tracker.evaluation_of(run.info.run_id):
         ckpt.add(f"[bold]eval run[/] {ev.info.run_id} [{ev.info.status}] {_metrics(ev)}")
     if tags.get(tr.TAG + "online") == "true" and tags.get(tr.PARENT):
-        for segment in tr.lineage_dict(tracker, run.info.run_id).get("segments", []):
+        for segment in lineage_dict(tracker, run.info.run_id).get("segments", []):
             _segment_node(chunk, segment)
 
 
@@ -80,7 +81,7 @@ def lineage_tree(tracker: Tracker, run_id: str) -> Tree:
     if chunk_run.data.tags.get(tr.RUN_TYPE) == "chunk":
         _chunk_node(tracker, tree, chunk_run)
     if kind == "segment":
-        _segment_node(tree, tr.segment_row(run))
+        _segment_node(tree, segment_row(run))
     if kind == "eval":
         protocol = json.loads(run.data.tags.get(tr.TAG + "eval_protocol", "{}"))
         tree.add(f"evaluated run {run_id} with protocol v{protocol.get('version')}: "

@@ -6,7 +6,7 @@ import json
 
 from rich.tree import Tree
 
-from orchestrator.sweep.lineage import sweep_lineage
+from orchestrator.lineage import sweep_lineage
 
 STATE_STYLE = {"finished": "green", "stopped": "yellow", "failed": "red", "interrupted": "magenta"}
 

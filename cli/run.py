@@ -15,7 +15,7 @@ from cli.options import Sets, SpecArg, TrackingUri
 def run(
     spec: Path = SpecArg,
     sets: list[str] = Sets,
-    dry_run: bool = typer.Option(False, "--dry-run", help="Validate the spec, build the plan and list its jobs; train nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate the spec, build the plan and list its jobs; write nothing (no data, no runs)."),
     resume: bool = typer.Option(
         False, "--resume",
         help="Continue the newest run of the same plan: finished jobs are skipped, runs a dead driver left "
@@ -26,7 +26,7 @@ def run(
     tracking_uri: Optional[str] = TrackingUri,
 ) -> None:
     """Run an experiment spec end to end (on the embedded default unless told otherwise)."""
-    from orchestrator.experiment import run_experiment
+    from orchestrator.run.launch import run_experiment
     from orchestrator.spec.experiment import load_spec
 
     overrides = list(sets)

@@ -28,9 +28,9 @@ def status(
     if spec is None:
         raise typer.BadParameter("give a SPEC, or --job ID for a submitted job", param_hint="SPEC")
     from evaluators.report import results_table
+    from orchestrator.lineage import job_states, segment_states
     from orchestrator.plan.planner import build_plan
     from orchestrator.spec.experiment import load_spec
-    from orchestrator.tracking.lineage import job_states, segment_states
     from orchestrator.tracking.tracker import Tracker
 
     overrides = list(sets) + ([f"tracking.uri={tracking_uri}"] if tracking_uri else [])
@@ -61,8 +61,8 @@ def status(
 def _sweep_status(path: Path, overrides: list[str], loaded) -> None:
     """A spec with a sweep section: its newest sweep, one row per trial."""
     from evaluators.report import results_table
+    from orchestrator.lineage import newest_sweep, sweep_rows
     from orchestrator.spec.experiment import read_raw
-    from orchestrator.sweep.lineage import newest_sweep, sweep_rows
     from orchestrator.tracking.tracker import Tracker
 
     tracker = Tracker(loaded.tracking_uri, loaded.experiment_name)

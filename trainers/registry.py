@@ -34,9 +34,9 @@ from trainers.methods.dino import DINO, DINOConfig
 from trainers.methods.moco_v2 import MoCoV2, MoCoV2Config
 from trainers.methods.moco_v2_plus import MoCoV2Plus, MoCoV2PlusConfig
 from trainers.methods.simclr import SimCLR, SimCLRConfig
-from trainers.methods.swav import SwAV, SwAVConfig
 from trainers.methods.simsiam import SimSiam, SimSiamConfig
 from trainers.methods.supervised import Supervised, SupervisedConfig
+from trainers.methods.swav import SwAV, SwAVConfig
 from trainers.strategies.cassle import CaSSLe, CaSSLeConfig
 from trainers.strategies.joint import Joint, JointConfig
 from trainers.strategies.lump import Lump, LumpConfig

@@ -19,6 +19,7 @@ from typing import Any
 
 from orchestrator import storage
 from orchestrator.data.manifest import Manifest, load_manifest
+from orchestrator.data.prepare import prepare_imagefolder
 from orchestrator.errors import DataError, SpecError
 
 
@@ -57,8 +58,6 @@ def prepare_downstream(spec, progress: bool = False) -> None:
     for entry in spec.eval.downstream:
         tree, url, options = _prepared_at(spec, entry)
         if tree is not None and not storage.exists(storage.join(url, "manifest.json"), options):
-            from orchestrator.data.prepare import prepare_imagefolder
-
             prepare_imagefolder(tree, url, progress=progress)
 
 

@@ -18,10 +18,10 @@ import torch
 
 from evaluators.features import extract_features
 from evaluators.registry import EVALUATOR_REGISTRY, TOP_K, topk_hits
-from orchestrator.evaluate.studies import study_metrics
 from orchestrator.data.ingest import SplitArrays, load_split_arrays
+from orchestrator.evaluate.studies import study_metrics
 from orchestrator.plan.streams import StreamPlan
-from trainers.engine.checkpoint import load_backbone
+from trainers.engine.checkpoint import load_backbone, load_state
 from trainers.engine.loop import LoopConfig, initial_backbone
 
 PROTOCOL_VERSION = "1"
@@ -196,8 +196,6 @@ class EvalActor:
         if checkpoint_uri is None:
             return None
         import ray.train
-
-        from trainers.engine.checkpoint import load_state
 
         fs, path = checkpoint_fs(checkpoint_uri)
         with ray.train.Checkpoint(path, filesystem=fs).as_directory() as folder:

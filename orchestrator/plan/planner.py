@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 
 from orchestrator import storage
+from orchestrator.data.downstream import DownstreamSet, resolve_downstream
 from orchestrator.data.manifest import Manifest, load_manifest
 from orchestrator.data.shards import read_index
-from orchestrator.plan.data_factors import group_label_map
-from orchestrator.data.downstream import DownstreamSet, resolve_downstream
 from orchestrator.errors import DataError, SpecError
-from orchestrator.spec.experiment import Spec, identity_digest
+from orchestrator.plan.data_factors import group_label_map
 from orchestrator.plan.streams import StreamPlan, make_plan
+from orchestrator.spec.experiment import Spec, identity_digest
 from trainers.registry import METHOD_REGISTRY, STRATEGY_REGISTRY
 from trainers.strategies import build_strategy
 from trainers.strategies.buffer import RowBuffer

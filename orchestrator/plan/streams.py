@@ -37,6 +37,7 @@ import pyarrow as pa
 
 from orchestrator.data.manifest import Manifest
 from orchestrator.errors import DataError, SpecError
+from orchestrator.plan.data_factors import kept_classes
 from trainers.config import ComponentConfig
 from trainers.registry import Record, Registry
 
@@ -373,8 +374,6 @@ def make_plan(index: pa.Table, manifest: Manifest, kind: str, num_chunks: int, s
 
     trained = unsampled = None
     if class_fraction < 1:
-        from orchestrator.plan.data_factors import kept_classes
-
         unsampled = np.bincount(row_chunk[row_chunk >= 0], minlength=num_chunks)
         trained = kept_classes([units[0] for units in specs_units], manifest.num_classes, class_fraction, seed)
         row_chunk = np.where(trained[labels], row_chunk, -1)

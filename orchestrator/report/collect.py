@@ -25,7 +25,7 @@ from typing import Any
 
 from evaluators.continual import AccuracyMatrix
 from orchestrator.errors import ReportError
-from orchestrator.tracking import lineage as tr
+from orchestrator.tracking import tags as tr
 from orchestrator.tracking.tracker import Tracker
 
 STREAM_ORDER = ("instance", "random_class", "distant_class", "domain", "online")

@@ -27,7 +27,7 @@ from evaluators.continual import st_jt_gap
 from orchestrator.report.collect import Entry, PlanRecord, Study
 from orchestrator.report.model import Cell, Problem, ReportTable, Row
 from orchestrator.report.seeds import joint_of, over_seeds, seed_note
-from orchestrator.tracking import lineage as tr
+from orchestrator.tracking import tags as tr
 
 RESOURCE_COLUMNS = ("train_seconds", "wall_seconds", "device_hours", "data_kept_rows", "data_kept_bytes",
                     "model_state_bytes", "stored_bytes", "checkpoint_bytes")

@@ -19,7 +19,6 @@ from evaluators.registry import EVALUATOR_REGISTRY
 from evaluators.sharpness import SharpnessConfig
 from orchestrator.spec.section import Section, none_is_empty
 
-
 EvaluatorName = Literal[EVALUATOR_REGISTRY.names]
 
 

@@ -35,18 +35,19 @@ from pydantic import (
 )
 from typing_extensions import TypedDict
 
-from orchestrator.spec.section import Section, none_is_empty
 from evaluators.registry import EVALUATOR_REGISTRY
 from orchestrator.errors import SpecError
+from orchestrator.plan.streams import STREAM_REGISTRY
 from orchestrator.spec.errors import SECRET_KEY_PATTERN, describe_validation_error
 from orchestrator.spec.eval import EvalSpec
 from orchestrator.spec.online import OnlineSpec, online_problems
 from orchestrator.spec.overrides import apply_overrides, parse_override  # noqa: F401  (re-exported)
-from orchestrator.plan.streams import STREAM_REGISTRY
+from orchestrator.spec.section import Section, none_is_empty
 from orchestrator.spec.sweep import SweepSpec
 from orchestrator.spec.views import LocalViewSpec, ViewSpec, ViewsSpec, view_problem  # noqa: F401  (re-exported)
 from trainers.registry import BACKBONE_REGISTRY, METHOD_REGISTRY, STRATEGY_REGISTRY, Registry
 from trainers.strategies.buffer import RowBuffer
+from trainers.views.plan import default_local_size
 
 
 class SyntheticSpec(Section):
@@ -339,8 +340,6 @@ class Spec(Section):
 
     @property
     def local_view_size(self) -> int:
-        from trainers.views.plan import default_local_size
-
         return self.views.local.size or default_local_size(self.view_size)
 
     @property

@@ -27,7 +27,6 @@ from pydantic import Field, model_validator
 from trainers.config import ComponentConfig
 from trainers.online.config import OnlineConfig
 
-
 # What an online line may be: sequential, or CaSSLe's distillation from the model frozen at each task's end.
 ONLINE_STRATEGIES = ("sequential", "sequential+cassle")
 

@@ -12,8 +12,8 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from orchestrator.spec.section import Section
-from trainers.views.crop_overlap import best_iou_bound, least_iou_bound
 from trainers.registry import METHOD_REGISTRY
+from trainers.views.crop_overlap import best_iou_bound, least_iou_bound
 
 
 class _AugmentSpec(Section):

@@ -34,7 +34,7 @@ from orchestrator.spec.sweep import SweepSpec
 from orchestrator.sweep import records as rec
 from orchestrator.sweep.paths import resolve_paths
 from orchestrator.sweep.space import check_space, checked_points, encode, optuna_space, sample_points, with_values
-from orchestrator.tracking import lineage as tr
+from orchestrator.tracking import tags as tr
 
 
 @dataclass
@@ -99,10 +99,10 @@ class _Sweep:
         self.key = sweep_key(self.base, self.sweep)
         self.best_spec_path = Path(best_spec_path) if best_spec_path else (
             self.base.workdir / "sweeps" / f"{self.base.name}-{self.key}" / "best_spec.yaml")
-        from orchestrator.experiment import _artifact_root
+        from orchestrator.run.base import artifact_root
         from orchestrator.tracking.tracker import Tracker
 
-        self.artifact_root = _artifact_root(self.base)
+        self.artifact_root = artifact_root(self.base)
         self.tracker = Tracker(self.base.tracking_uri, self.base.experiment_name, self.artifact_root)
 
     # ---------------------------------------------------------------- the sweep run

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.tracking import lineage as tr
+from orchestrator.tracking import tags as tr
 
 SWEEP_KEY = tr.TAG + "sweep_key"
 SWEEP_RUN = tr.TAG + "sweep_run"
@@ -86,7 +86,7 @@ def _plan_runs(tracker, trial_run: str) -> list:
     return tracker.children(trial_run, "plan")
 
 
-EVAL_RUN = tr.TAG + "eval_run"  # on a chunk run: its evaluation run (orchestrator.experiment.link_eval)
+EVAL_RUN = tr.TAG + "eval_run"  # on a chunk run: its evaluation run (orchestrator.run.experiment.link_eval)
 ENDED_BY = tr.TAG + "ended_by"  # on a run the sweep ended for a trial that could not: why
 
 

@@ -17,13 +17,15 @@ from typing import Any
 
 from rich.console import Console
 
-from orchestrator.train.hooks import DriverHooks, TrialStopped
+from orchestrator.run.launch import run_experiment
 from orchestrator.spec.experiment import flatten
 from orchestrator.spec.sweep import SweepSpec
 from orchestrator.sweep import records as rec
 from orchestrator.sweep.paths import resolve_values
 from orchestrator.sweep.space import decode, trial_spec
-from orchestrator.tracking import lineage as tr
+from orchestrator.tracking import tags as tr
+from orchestrator.tracking.tracker import Tracker
+from orchestrator.train.hooks import DriverHooks, TrialStopped
 
 
 @dataclass(frozen=True)
@@ -54,9 +56,6 @@ def trial_values(context: TrialContext, config: dict[str, Any]) -> tuple[int, di
 def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     """Tune's function trainable (bound with `tune.with_parameters(run_trial, context=...)`)."""
     from ray import tune
-
-    from orchestrator.experiment import run_experiment
-    from orchestrator.tracking.tracker import Tracker
 
     index, values = trial_values(context, config)
     name = rec.trial_name(index)

@@ -1,6 +1,5 @@
-"""MLflow: the only place besides the driver that knows it.
+"""MLflow, and nothing above it: the retrying client (`client`), the store with streamssl's queries (`tracker`) and
+the lineage schema (`tags`). Reading the record as a chain is `orchestrator.lineage`, one floor up.
 
-- :mod:`orchestrator.tracking.client`: the retrying MLflow client (outages ridden out, writes landing once);
-- :mod:`orchestrator.tracking.tracker`: :class:`Tracker`, what the driver writes and reads through it;
-- :mod:`orchestrator.tracking.lineage`: the lineage schema (tags, run kinds) and its readers (`lineage`, `status`).
+May import `errors` and `retry` only.
 """

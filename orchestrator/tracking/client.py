@@ -59,7 +59,7 @@ from typing import Any, Callable
 from orchestrator import retry
 from orchestrator.errors import TrackingError
 from orchestrator.retry import RetryPolicy
-from orchestrator.tracking.lineage import CLIENT_TOKEN
+from orchestrator.tracking.tags import CLIENT_TOKEN
 
 RETRY_ENV = "STREAMSSL_TRACKING_RETRY_SECONDS"
 CONNECT_ENV = "STREAMSSL_TRACKING_CONNECT_SECONDS"

@@ -1,5 +1,5 @@
 """MLflow lineage: plan run -> chunk runs -> evaluation runs, linked by tags both ways (the tags are in
-:mod:`orchestrator.tracking.lineage`).
+:mod:`orchestrator.tracking.tags`).
 
     tracker = Tracker(spec.tracking_uri, spec.experiment_name)
     run_id = tracker.create_run("chunk 0", {lineage.RUN_TYPE: "chunk", ...})
@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 from orchestrator.errors import TrackingError
 from orchestrator.tracking.client import RetryingClient, classify
-from orchestrator.tracking.lineage import EVALUATES, JOB_KEY, PARENT, PLAN_KEY, RUN_TYPE
+from orchestrator.tracking.tags import EVALUATES, JOB_KEY, PARENT, PLAN_KEY, RUN_TYPE
 
 log = logging.getLogger("streamssl.tracking")
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from trainers.engine.checkpoint import tensor_bytes
+
 
 def device_kind(resources: Any) -> str:
     return "gpu" if resources.gpus_per_worker > 0 else "cpu"
@@ -40,8 +42,6 @@ def strategy_bytes(rank_states: Sequence[Any]) -> dict[str, int]:
     """Over every rank's strategy state ({strategy name: state} per rank, as a checkpoint's "strategy"): the rows
     the row buffers hold (`buffer_rows`), their tensors' bytes (`buffer_bytes`), and the bytes of the other
     strategy state (`strategy_state_bytes`: MAS's Omega and theta*, CaSSLe's counters)."""
-    from trainers.engine.checkpoint import tensor_bytes
-
     rows = buffer = other = 0
     for states in rank_states:
         for state in (states or {}).values():

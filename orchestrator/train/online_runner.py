@@ -35,12 +35,16 @@ from typing import Any, Callable
 import numpy as np
 
 from orchestrator import storage
-from orchestrator.train.checkpoints import CheckpointFs, checkpoint_dir_name
 from orchestrator.data.ingest import DeviceBatchDecoder, chunk_dataset, row_index, shard_refs
-from orchestrator.train.online_checkpoint import MemoryCheckpointer, restore_online
 from orchestrator.data.online_source import PolledStream, single_process
 from orchestrator.plan.planner import ExperimentPlan
+from orchestrator.train.checkpoints import CheckpointFs, checkpoint_dir_name
+from orchestrator.train.online_checkpoint import MemoryCheckpointer, restore_online
 from orchestrator.train.runner import GroupResult, LineTask, fit_with_events
+from trainers.engine.loop import LineTrainer
+from trainers.engine.step import NonFiniteLossError
+from trainers.engine.types import Batch
+from trainers.online.loop import OnlineTrainer
 
 # How many batch and segment events a checkpoint keeps, to be said again after a restart: what a driver that died may not
 # have logged yet (it lags the workers by the events in its queue, far fewer than this).
@@ -79,11 +83,6 @@ def _online_fn(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
     import torch.distributed as dist
-
-    from trainers.engine.step import NonFiniteLossError
-    from trainers.engine.types import Batch
-    from trainers.engine.loop import LineTrainer
-    from trainers.online.loop import OnlineTrainer
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

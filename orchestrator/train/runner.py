@@ -24,15 +24,27 @@ from typing import Any, Callable
 import numpy as np
 
 from orchestrator import storage
+from orchestrator.data.ingest import (
+    DeviceBatchDecoder,
+    chunk_dataset,
+    chunk_rows,
+    planned_chunk_rows,
+    release_split,
+    row_index,
+    shard_refs,
+)
 from orchestrator.errors import TrainingError
-# Re-exported: the driver, recovery and tests name checkpoints through the runner.
-from orchestrator.train.checkpoints import CHUNK_EVENT_FILE, CheckpointFs, checkpoint_dir_name, restore_newest
 from orchestrator.plan.data_factors import group_label_map
-from orchestrator.data.ingest import (DeviceBatchDecoder, chunk_dataset, chunk_rows, planned_chunk_rows, release_split,
-                                 row_index, shard_refs)
 from orchestrator.plan.planner import ExperimentPlan, Job, Line
 from orchestrator.spec.experiment import Spec
-from trainers.engine.loop import LoopConfig
+from orchestrator.train.accounting import strategy_bytes
+
+# Re-exported: the driver, recovery and tests name checkpoints through the runner.
+from orchestrator.train.checkpoints import CHUNK_EVENT_FILE, CheckpointFs, checkpoint_dir_name, restore_newest
+from trainers.engine.checkpoint import folder_bytes, load_state, save_state
+from trainers.engine.loop import LineTrainer, LoopConfig
+from trainers.engine.step import NonFiniteLossError
+from trainers.engine.types import Batch
 from trainers.views.plan import ViewPlan, view_plan
 
 
@@ -124,12 +136,6 @@ def _train_fn(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     import torch
-
-    from orchestrator.train.accounting import strategy_bytes
-    from trainers.engine.checkpoint import folder_bytes, load_state, save_state
-    from trainers.engine.step import NonFiniteLossError
-    from trainers.engine.types import Batch
-    from trainers.engine.loop import LineTrainer
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()

@@ -14,8 +14,16 @@ import pytest
 import torch
 
 from bench import step_throughput
-from bench.steps import SMALL_HEAD, BareLoop, EngineLoop, StepConfig, cycle, method_options, premade_batches, \
-    view_plan_for
+from bench.steps import (
+    SMALL_HEAD,
+    BareLoop,
+    EngineLoop,
+    StepConfig,
+    cycle,
+    method_options,
+    premade_batches,
+    view_plan_for,
+)
 from trainers.registry import BACKBONE_REGISTRY, METHOD_REGISTRY
 
 RECORDS = list(METHOD_REGISTRY.values())

@@ -19,7 +19,7 @@ from orchestrator import storage
 from orchestrator.data.synth import generate_synthetic
 from orchestrator.plan.planner import build_plan
 from orchestrator.spec.experiment import load_spec
-from orchestrator.tracking import lineage as tr
+from orchestrator.tracking import tags as tr
 from tests.cluster.ray_cluster import LocalRayCluster
 from tests.cluster.services import PostgresMlflow, require_postgres
 from tests.orchestrator.s3_server import S3Server

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from evaluators.features import extract_features
-from evaluators.knn import knn_accuracy
 from evaluators.interpolation import InterpolationCurve, interpolate_state, interpolation_curve
+from evaluators.knn import knn_accuracy
 from evaluators.sharpness import SharpnessConfig, sharpness
 from trainers.backbones import build_backbone
 

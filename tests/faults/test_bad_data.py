@@ -21,11 +21,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from orchestrator import storage
-from orchestrator.data.manifest import MANIFEST_NAME, compute_digest, load_manifest
-from orchestrator.data.shards import read_index, read_shard, read_split
-from orchestrator.data.synth import generate_synthetic
-from orchestrator.data.verify import verify
-from orchestrator.errors import DataError
 from orchestrator.data.ingest import (
     SHARD_COLUMN,
     CorruptRowCounter,
@@ -40,6 +35,11 @@ from orchestrator.data.ingest import (
     shard_refs,
     start_corrupt_row_counter,
 )
+from orchestrator.data.manifest import MANIFEST_NAME, compute_digest, load_manifest
+from orchestrator.data.shards import read_index, read_shard, read_split
+from orchestrator.data.synth import generate_synthetic
+from orchestrator.data.verify import verify
+from orchestrator.errors import DataError
 from orchestrator.plan.streams import make_plan
 
 SIZE = 16

@@ -15,10 +15,10 @@ from mlflow.tracking import MlflowClient
 from rich.console import Console
 
 from orchestrator.errors import TrainingError
-from orchestrator.experiment import run_experiment
-from orchestrator.train.checkpoints import checkpoint_order
+from orchestrator.run.launch import run_experiment
 from orchestrator.spec.experiment import validate_spec
-from orchestrator.tracking import lineage as tr
+from orchestrator.tracking import tags as tr
+from orchestrator.train.checkpoints import checkpoint_order
 from tests.specs import tiny_spec
 from trainers.engine.checkpoint import load_state
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from orchestrator.experiment import run_experiment
-from orchestrator.train.hooks import DriverHooks
+from orchestrator.run.launch import run_experiment
 from orchestrator.spec.experiment import validate_spec
+from orchestrator.train.hooks import DriverHooks
 from tests.specs import tiny_spec
 
 

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from orchestrator.tracking import lineage as tr
+from orchestrator.tracking import tags as tr
 from tests.faults.mlflow_server import MlflowServer
 from tests.specs import tiny_spec
 

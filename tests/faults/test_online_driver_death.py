@@ -11,7 +11,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from orchestrator.tracking import lineage as tr
+from orchestrator.tracking import tags as tr
 from tests.faults.test_driver_death import kill, resume, runs_of, start_driver, wait_for
 from tests.integration.test_online_run import _online_spec
 

@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.spec.experiment import validate_spec
-from orchestrator.tracking import lineage as tr
+from orchestrator.tracking import tags as tr
 from tests.faults.test_worker_death import run_in_background, train_worker_pids, wait_for_checkpoint
 from tests.integration.test_online_run import _online_spec
 from trainers.engine.checkpoint import load_state

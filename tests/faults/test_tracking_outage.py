@@ -14,7 +14,7 @@ import time
 import pytest
 
 from orchestrator.errors import TrackingError
-from orchestrator.tracking import lineage as tr
+from orchestrator.tracking import tags as tr
 from orchestrator.tracking.client import CONNECT_ENV, REQUEST_TIMEOUT_ENV, RETRY_ENV
 from orchestrator.tracking.tracker import Tracker
 from tests.faults.mlflow_server import MlflowServer, free_port

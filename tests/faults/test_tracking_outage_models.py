@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.tracking import lineage as tr
+from orchestrator.tracking import tags as tr
 from orchestrator.tracking.client import RETRY_ENV
 from orchestrator.tracking.tracker import Tracker
 from tests.faults.test_tracking_outage import LosesFirstAnswer

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.plan.planner import build_plan
 from orchestrator.spec.experiment import validate_spec
-from orchestrator.tracking import lineage as tr
+from orchestrator.tracking import tags as tr
 from tests.faults.mlflow_server import MlflowServer
 from tests.specs import tiny_spec
 

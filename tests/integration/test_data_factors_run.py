@@ -11,10 +11,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
-from orchestrator.experiment import run_experiment
 from orchestrator.plan.planner import build_plan
+from orchestrator.run.launch import run_experiment
 from orchestrator.spec.experiment import validate_spec
-from orchestrator.tracking import lineage as tr
+from orchestrator.tracking import tags as tr
 from tests.specs import tiny_spec
 
 

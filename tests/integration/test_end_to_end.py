@@ -20,7 +20,7 @@ from orchestrator.data.shards import read_index
 from orchestrator.data.synth import generate_synthetic
 from orchestrator.plan.planner import build_plan
 from orchestrator.spec.experiment import load_spec
-from orchestrator.tracking import lineage as tr
+from orchestrator.tracking import tags as tr
 from tests.orchestrator.s3_server import DUMMY_SECRET, S3Server
 from trainers.engine.checkpoint import load_state
 

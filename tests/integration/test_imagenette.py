@@ -18,7 +18,7 @@ from orchestrator.data.manifest import load_manifest
 from orchestrator.data.shards import read_index
 from orchestrator.plan.planner import build_plan
 from orchestrator.spec.experiment import load_spec
-from orchestrator.tracking import lineage as tr
+from orchestrator.tracking import tags as tr
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_data]
 ROOT = Path(__file__).resolve().parents[2]

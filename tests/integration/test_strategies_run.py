@@ -13,10 +13,10 @@ from mlflow.tracking import MlflowClient
 from rich.console import Console
 
 from orchestrator.errors import SpecError
-from orchestrator.experiment import run_experiment
 from orchestrator.plan.planner import build_plan
+from orchestrator.run.launch import run_experiment
 from orchestrator.spec.experiment import validate_spec
-from orchestrator.tracking import lineage as tr
+from orchestrator.tracking import tags as tr
 from tests.specs import tiny_spec
 from trainers.engine.checkpoint import folder_bytes, load_state, tensor_bytes
 

@@ -292,7 +292,7 @@ def test_a_sweep_with_relative_paths_run_elsewhere_records_into_the_users_store_
     from rich.console import Console
 
     from orchestrator.sweep.driver import run_sweep
-    from orchestrator.tracking import lineage as tr
+    from orchestrator.tracking import tags as tr
 
     user = tmp_path / "user"
     user.mkdir()

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from evaluators.continual import AccuracyMatrix, continual_metrics, st_jt_gap
-from orchestrator.train.accounting import chunk_resources
 from orchestrator.spec.experiment import ResourcesSpec, Spec, flatten, identity_digest
-from orchestrator.tracking import lineage as tr
+from orchestrator.tracking import tags as tr
 from orchestrator.tracking.tracker import Tracker
+from orchestrator.train.accounting import chunk_resources
 
 EXPERIMENT = "study"
 STREAMS = ("random_class", "distant_class")

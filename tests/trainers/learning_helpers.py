@@ -17,8 +17,8 @@ from evaluators.knn import knn_predict
 from orchestrator.data.ingest import load_split_arrays
 from orchestrator.data.manifest import load_manifest
 from orchestrator.data.synth import generate_synthetic
-from trainers.engine.types import Batch
 from trainers.engine.loop import ChunkReport, LineTrainer, LoopConfig
+from trainers.engine.types import Batch
 from trainers.views.plan import view_plan
 
 

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
+from tests.trainers.method_helpers import context, forward, step, view_set
 from trainers.backbones import build_backbone
-from trainers.methods import BYOL, METHODS, byol_loss
 from trainers.engine.step import ema_update
 from trainers.engine.types import ViewSet
-from tests.trainers.method_helpers import context, forward, step, view_set
+from trainers.methods import BYOL, METHODS, byol_loss
 
 
 def _pairs(b: int = 4, d: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

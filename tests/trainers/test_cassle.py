@@ -12,11 +12,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 import trainers.engine.loop as loop_module
 from tests.trainers.ddp_harness import run_ddp
-from tests.trainers.method_helpers import SMALL_OPTIONS, forward, tiny_backbone, view_set
 from tests.trainers.engine.test_loop import Interrupted, assert_same_weights, batches_of, config, data
+from tests.trainers.method_helpers import SMALL_OPTIONS, forward, tiny_backbone, view_set
 from trainers.engine.checkpoint import load_state, save_state
-from trainers.engine.types import Batch, StepContext, StepOutput
 from trainers.engine.loop import LineTrainer
+from trainers.engine.types import Batch, StepContext, StepOutput
 from trainers.methods import BYOL, SimCLR
 from trainers.registry import METHOD_REGISTRY
 from trainers.strategies import CaSSLe, ChunkEnd

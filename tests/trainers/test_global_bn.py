@@ -67,8 +67,8 @@ EMA_METHODS = {
 
 def _ema_config(method: str):
     from trainers.engine.loop import LoopConfig
-    from trainers.views.plan import ViewPlan
     from trainers.views.augment import AugmentConfig
+    from trainers.views.plan import ViewPlan
 
     global_ = (AugmentConfig(size=16, blur_p=0.0), AugmentConfig(size=16, blur_p=0.0))
     local = (AugmentConfig(size=8, scale=(0.05, 0.4), blur_p=0.0),) if method == "dino" else ()

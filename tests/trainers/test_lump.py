@@ -16,8 +16,8 @@ from tests.trainers.ddp_harness import run_ddp
 from tests.trainers.engine.test_loop import Interrupted, config
 from trainers.backbones import build_backbone
 from trainers.engine.checkpoint import load_state, save_state
-from trainers.engine.types import Batch, LabelMix, StepContext, ViewSet
 from trainers.engine.loop import LineTrainer
+from trainers.engine.types import Batch, LabelMix, StepContext, ViewSet
 from trainers.methods.supervised import Supervised
 from trainers.strategies import ChunkEnd, Lump, LumpConfig, build_strategy
 from trainers.views.plan import make_view_set, view_plan

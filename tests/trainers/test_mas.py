@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from tests.trainers.engine.test_loop import batches_of, config, data
-from trainers.engine.types import Batch, StepContext, StepOutput
 from trainers.engine.loop import LineTrainer
+from trainers.engine.types import Batch, StepContext, StepOutput
 from trainers.strategies import MAS, ChunkEnd
 from trainers.views.augment import normalize
 

@@ -12,8 +12,8 @@ import torch
 
 from tests.trainers.method_helpers import SMALL_OPTIONS, context, step, tiny_backbone, view_set
 from trainers.engine.checkpoint import load_state, save_state
-from trainers.engine.types import Batch
 from trainers.engine.loop import LineTrainer, LoopConfig
+from trainers.engine.types import Batch
 from trainers.registry import METHOD_REGISTRY
 from trainers.views.plan import view_plan
 

@@ -9,8 +9,8 @@ import warnings
 import pytest
 import torch
 
-from trainers.engine.types import Batch
 from trainers.engine.loop import LineTrainer, LoopConfig
+from trainers.engine.types import Batch
 from trainers.online.config import OnlineConfig
 from trainers.online.loop import OnlineTrainer
 from trainers.views.augment import AugmentConfig

@@ -13,8 +13,16 @@ from tests.trainers.method_helpers import SMALL_OPTIONS, context
 from trainers.engine.step import train_step
 from trainers.engine.types import Batch, StepOutput, ViewSet
 from trainers.methods import BarlowTwins, SimCLR, barlow_twins_loss
-from trainers.online.rals import (RALS, SelectionLog, barlow_part_losses, candidate_scores, frozen_bn_stats,
-                                  join_parts, rank_part_rows, select_top_increase)
+from trainers.online.rals import (
+    RALS,
+    SelectionLog,
+    barlow_part_losses,
+    candidate_scores,
+    frozen_bn_stats,
+    join_parts,
+    rank_part_rows,
+    select_top_increase,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

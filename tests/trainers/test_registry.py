@@ -7,13 +7,13 @@ import inspect
 import pytest
 import torch
 
+from tests.trainers.method_helpers import SMALL_OPTIONS as SMALL
 from trainers.backbones import BACKBONES, CIFAR_STEM_MAX_SIZE, build_backbone
 from trainers.backbones.resnet import ResNetConfig
 from trainers.config import ComponentConfig
 from trainers.methods import BYOL, METHODS, BYOLConfig, SimCLR, SimCLRConfig, nt_xent_loss
 from trainers.registry import BACKBONE_REGISTRY, METHOD_REGISTRY, STRATEGY_REGISTRY, Record, Registry
-from trainers.strategies import MAS, Replay, STRATEGIES, CaSSLe, Joint, JointConfig, Lump, build_strategy
-from tests.trainers.method_helpers import SMALL_OPTIONS as SMALL
+from trainers.strategies import MAS, STRATEGIES, CaSSLe, Joint, JointConfig, Lump, Replay, build_strategy
 
 ALL_RECORDS = [r for registry in (METHOD_REGISTRY, BACKBONE_REGISTRY, STRATEGY_REGISTRY) for r in registry.values()]
 

@@ -13,8 +13,8 @@ import torch
 
 from tests.trainers.engine.test_loop import Interrupted, config
 from trainers.engine.checkpoint import load_state, save_state
-from trainers.engine.types import Batch, StepContext
 from trainers.engine.loop import LineTrainer
+from trainers.engine.types import Batch, StepContext
 from trainers.strategies import ChunkEnd, Replay
 
 

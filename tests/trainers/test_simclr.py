@@ -12,10 +12,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainers.backbones import build_backbone
-from trainers.methods import METHODS, SimCLR, nt_xent_loss
-from trainers.engine.types import ViewSet
 from tests.trainers.method_helpers import context, forward, step, view_set
+from trainers.backbones import build_backbone
+from trainers.engine.types import ViewSet
+from trainers.methods import METHODS, SimCLR, nt_xent_loss
 
 
 def _projections(b: int = 4, d: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,8 +10,8 @@ import torch
 
 from tests.trainers.learning_helpers import short_pretraining
 from tests.trainers.method_helpers import forward, tiny_backbone, view_set
-from trainers.engine.types import Batch, ViewSet
 from trainers.engine.loop import LineTrainer, LoopConfig
+from trainers.engine.types import Batch, ViewSet
 from trainers.methods import METHODS, SimSiam, simsiam_loss
 from trainers.optim import build_optimizer, set_lr
 from trainers.views.plan import view_plan

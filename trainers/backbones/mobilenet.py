@@ -21,7 +21,6 @@ Usage::
 
 from __future__ import annotations
 
-
 import torch
 from pydantic import Field
 from torch import Tensor, nn

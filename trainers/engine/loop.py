@@ -40,18 +40,24 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+# The config and its schedule live in trainers.engine.loop_config; re-exported, since callers import them from here.
+from trainers.engine.loop_config import (  # noqa: F401
+    ChunkReport,
+    LoopConfig,
+    StepInfo,
+    chunk_schedule,
+    initial_backbone,
+    learning_rate,
+    peak_lr,
+)
 from trainers.engine.step import NonFiniteLossError, train_step
 from trainers.engine.types import Batch, StepContext
-# The config and its schedule live in trainers.engine.loop_config; re-exported, since callers import them from here.
-from trainers.engine.loop_config import (ChunkReport, LoopConfig, StepInfo, chunk_schedule, initial_backbone,  # noqa: F401
-                                  learning_rate, peak_lr)
 from trainers.methods.global_bn import convert_global_bn
 from trainers.optim import build_optimizer, param_groups, set_lr
 from trainers.registry import METHOD_REGISTRY
 from trainers.schedules import SCOPE, build_schedule
 from trainers.strategies import ChunkEnd, build_strategy
 from trainers.views.plan import make_view_set
-
 
 # `line_step` counts optimizer steps from the line's start (across chunks and weight resets): the step of a
 # line-wide schedule.

@@ -17,8 +17,8 @@ from trainers.backbones import build_backbone
 from trainers.optim import LR_SCALING, OPTIMIZERS, scaled_lr
 from trainers.registry import METHOD_REGISTRY
 from trainers.schedules import SCHEDULES, SCOPE, build_schedule
-from trainers.views.plan import ViewPlan
 from trainers.views.augment import AugmentConfig
+from trainers.views.plan import ViewPlan
 
 
 @dataclass(frozen=True)

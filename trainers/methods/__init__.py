@@ -26,9 +26,9 @@ from trainers.methods.dino import DINO, DINOConfig, dino_loss
 from trainers.methods.moco_v2 import MoCoV2, MoCoV2Config, moco_infonce_loss
 from trainers.methods.moco_v2_plus import MoCoV2Plus, MoCoV2PlusConfig
 from trainers.methods.simclr import SimCLR, SimCLRConfig, nt_xent_loss
-from trainers.methods.swav import SwAV, SwAVConfig, sinkhorn_knopp, swapped_prediction, swav_loss
 from trainers.methods.simsiam import SimSiam, SimSiamConfig, simsiam_loss
 from trainers.methods.supervised import Supervised, SupervisedConfig, supervised_loss
+from trainers.methods.swav import SwAV, SwAVConfig, sinkhorn_knopp, swapped_prediction, swav_loss
 
 
 def __getattr__(name: str) -> Any:

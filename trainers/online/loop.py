@@ -42,9 +42,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from trainers.engine.loop import LineTrainer
 from trainers.engine.step import NonFiniteLossError, train_step
 from trainers.engine.types import Batch, StepContext
-from trainers.engine.loop import LineTrainer
 from trainers.online.config import OnlineConfig
 from trainers.online.memory import ReplayMemory
 from trainers.online.rals import RALS, SCORERS, SelectionLog, rank_part_rows

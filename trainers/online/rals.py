@@ -64,9 +64,8 @@ from dataclasses import dataclass
 from itertools import combinations
 
 import torch
-from torch import Tensor, nn
-
 import torch.distributed as dist
+from torch import Tensor, nn
 
 from trainers.engine.distributed import all_reduce_mean, gather, world
 from trainers.engine.types import Batch, StepContext, ViewSet

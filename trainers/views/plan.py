@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from trainers.views.crop_overlap import sample_overlapping_boxes
 from trainers.engine.types import ViewSet
 from trainers.views.augment import AugmentConfig, make_views, sample_crop_boxes
+from trainers.views.crop_overlap import sample_overlapping_boxes
 
 PRESETS = ("symmetric", "byol")
 # Probabilities that differ between the two views of BYOL's pair; everything else is the symmetric set.

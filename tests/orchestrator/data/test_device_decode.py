@@ -11,10 +11,6 @@ import pytest
 import torch
 from rich.console import Console
 
-from orchestrator.data.manifest import load_manifest
-from orchestrator.data.shards import read_index
-from orchestrator.errors import DataError
-from orchestrator.experiment import run_experiment
 from orchestrator.data.ingest import (
     DeviceBatchDecoder,
     chunk_dataset,
@@ -22,8 +18,12 @@ from orchestrator.data.ingest import (
     shard_refs,
     start_corrupt_row_counter,
 )
-from orchestrator.spec.experiment import validate_spec
+from orchestrator.data.manifest import load_manifest
+from orchestrator.data.shards import read_index
+from orchestrator.errors import DataError
 from orchestrator.plan.streams import make_plan
+from orchestrator.run.launch import run_experiment
+from orchestrator.spec.experiment import validate_spec
 from tests.specs import tiny_spec
 
 pytestmark = pytest.mark.slow
@@ -122,7 +122,7 @@ def test_a_run_with_device_decode_trains_and_evaluates(tmp_path, synthetic_url: 
     run_experiment(spec, console=Console(file=io.StringIO()))
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.tracking import lineage as tr
+    from orchestrator.tracking import tags as tr
 
     client = MlflowClient(spec.tracking_uri)
     (chunk,) = client.search_runs([client.get_experiment_by_name("device-decode").experiment_id],

@@ -12,9 +12,9 @@ from PIL import Image
 from torch import nn
 
 from orchestrator.data.downstream import prepare_downstream, resolve_downstream
-from orchestrator.evaluate.evaluation import evaluate_downstream
-from orchestrator.errors import DataError, SpecError
 from orchestrator.data.ingest import SplitArrays
+from orchestrator.errors import DataError, SpecError
+from orchestrator.evaluate.evaluation import evaluate_downstream
 from orchestrator.plan.planner import build_plan
 from orchestrator.spec.experiment import validate_spec
 from orchestrator.spec.params import identity_digest

@@ -7,9 +7,9 @@ import itertools
 
 import pytest
 
+from orchestrator.data.ingest import chunk_dataset, shard_refs
 from orchestrator.data.manifest import load_manifest
 from orchestrator.data.shards import read_index
-from orchestrator.data.ingest import chunk_dataset, shard_refs
 from orchestrator.plan.streams import make_plan
 
 pytestmark = pytest.mark.slow

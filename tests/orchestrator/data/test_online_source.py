@@ -14,8 +14,8 @@ import pyarrow as pa
 import pytest
 
 from orchestrator.data.manifest import load_manifest
-from orchestrator.errors import SpecError
 from orchestrator.data.online_source import Poll, PolledStream, ShardPoller
+from orchestrator.errors import SpecError
 from orchestrator.spec.experiment import validate_spec
 from orchestrator.spec.online import PollSource
 from tests.orchestrator.shard_producer import publish, train_rows

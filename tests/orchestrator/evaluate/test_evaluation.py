@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from evaluators.continual import AccuracyMatrix, continual_metrics
-from orchestrator.evaluate.evaluation import evaluate_backbone
 from orchestrator.data.ingest import SplitArrays
+from orchestrator.evaluate.evaluation import evaluate_backbone
 from orchestrator.plan.streams import ChunkSpec, StreamPlan
 from trainers.views.augment import IMAGENET_MEAN, IMAGENET_STD
 

@@ -3,7 +3,6 @@ number is the evaluator's own on the actor's bank and queries."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -13,9 +12,9 @@ from evaluators.features import extract_features
 from evaluators.fewshot import FewShotConfig, few_shot_accuracy
 from evaluators.interpolation import interpolation_curve
 from evaluators.sharpness import SharpnessConfig, sharpness
+from orchestrator.data.ingest import SplitArrays
 from orchestrator.errors import SpecError
 from orchestrator.evaluate.studies import study_metrics
-from orchestrator.data.ingest import SplitArrays
 from orchestrator.spec.experiment import validate_spec
 from orchestrator.spec.params import flatten, identity_digest
 from tests.specs import tiny_spec

@@ -7,15 +7,15 @@ import pickle
 import numpy as np
 import pytest
 
-from orchestrator.plan import streams
 from orchestrator.data.shards import read_index
 from orchestrator.data.synth import generate_synthetic
-from orchestrator.plan.data_factors import group_label_map, kept_classes
 from orchestrator.errors import SpecError
+from orchestrator.plan import streams
+from orchestrator.plan.data_factors import group_label_map, kept_classes
 from orchestrator.plan.planner import build_plan
-from orchestrator.train.runner import planned_line_steps
 from orchestrator.spec.experiment import validate_spec
 from orchestrator.spec.params import flatten, identity_digest
+from orchestrator.train.runner import planned_line_steps
 from tests.specs import tiny_spec
 
 CASES = [("instance", 4), ("random_class", 4), ("distant_class", 3), ("domain", 2)]

@@ -59,9 +59,9 @@ def test_a_cycling_stream_starts_the_order_again_in_a_new_shuffle(synthetic_url:
     import itertools
 
     from orchestrator.data.ingest import shard_refs
-    from orchestrator.train.online_runner import _stream
     from orchestrator.plan.planner import build_plan
     from orchestrator.spec.experiment import validate_spec
+    from orchestrator.train.online_runner import _stream
     from tests.specs import tiny_spec
 
     spec = validate_spec(tiny_spec("cycle", synthetic_url, stream={"kind": "online", "chunks": 3},

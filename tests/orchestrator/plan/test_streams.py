@@ -12,10 +12,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from orchestrator.plan import streams
 from orchestrator.data.shards import read_index
 from orchestrator.data.synth import generate_synthetic
 from orchestrator.errors import DataError, SpecError
+from orchestrator.plan import streams
 
 CASES = [("instance", 4), ("random_class", 5), ("distant_class", 4), ("domain", 3)]
 

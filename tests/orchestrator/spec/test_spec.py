@@ -389,8 +389,8 @@ def test_evaluators_and_stream_kinds_come_from_their_records() -> None:
     import typing
 
     from evaluators.registry import EVALUATOR_REGISTRY
-    from orchestrator.spec.experiment import StreamSpec
     from orchestrator.plan.streams import STREAM_REGISTRY
+    from orchestrator.spec.experiment import StreamSpec
 
     assert typing.get_args(StreamSpec.model_fields["kind"].annotation) == STREAM_REGISTRY.names
     spec = validate_spec(minimal())

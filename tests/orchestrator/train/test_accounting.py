@@ -8,10 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from orchestrator.train.accounting import chunk_resources, data_kept, device_kind, strategy_bytes
 from orchestrator.data.shards import read_index
 from orchestrator.plan.planner import build_plan
 from orchestrator.spec.experiment import ResourcesSpec, validate_spec
+from orchestrator.train.accounting import chunk_resources, data_kept, device_kind, strategy_bytes
 from tests.specs import tiny_spec
 from trainers.engine.checkpoint import folder_bytes, save_state, tensor_bytes
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from orchestrator.experiment import run_experiment
+from orchestrator.run.launch import run_experiment
 from orchestrator.spec.experiment import validate_spec
 from tests.specs import tiny_spec
 

@@ -14,8 +14,8 @@ import torch
 from tests.trainers.engine.test_loop import batches_of, data
 from trainers.engine.loop import LineTrainer, LoopConfig
 from trainers.schedules import WarmupCosine
-from trainers.views.plan import ViewPlan
 from trainers.views.augment import AugmentConfig
+from trainers.views.plan import ViewPlan
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one thread is fastest, two thrash
 

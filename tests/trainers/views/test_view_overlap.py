@@ -7,6 +7,8 @@ from dataclasses import replace
 import pytest
 import torch
 
+from trainers.engine.types import ViewSet
+from trainers.views.augment import sample_crop_boxes
 from trainers.views.crop_overlap import (
     best_iou_bound,
     box_iou,
@@ -14,9 +16,7 @@ from trainers.views.crop_overlap import (
     least_iou_bound,
     sample_overlapping_boxes,
 )
-from trainers.engine.types import ViewSet
 from trainers.views.plan import ViewPlan, crop_boxes, make_view_set, view_plan
-from trainers.views.augment import sample_crop_boxes
 
 H = W = 64
 RATIO = (3 / 4, 4 / 3)

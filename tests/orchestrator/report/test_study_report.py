@@ -20,10 +20,25 @@ from orchestrator.report.collect import LineInfo
 from orchestrator.report.tables import RESOURCE_COLUMNS
 from orchestrator.report.writers import write
 from orchestrator.tracking.tracker import Tracker
-from tests.orchestrator.study_store import (BYTES_PER_ROW, DOWNSTREAM, EXPERIMENT, NO_BASELINE, NO_DOWNSTREAM_GAPS,
-                                            NO_GAP_BY_CHUNK, NO_STORED_BYTES, PLANS, PROTOCOLS, REPLAY_ROWS_PER_CHUNK,
-                                            ROWS_PER_CHUNK, SEEDED_EXPERIMENT, SEEDED_STREAM, STREAMS, T,
-                                            UNTAGGED_STREAM, line_id)
+from tests.orchestrator.study_store import (
+    BYTES_PER_ROW,
+    DOWNSTREAM,
+    EXPERIMENT,
+    NO_BASELINE,
+    NO_DOWNSTREAM_GAPS,
+    NO_GAP_BY_CHUNK,
+    NO_STORED_BYTES,
+    PLANS,
+    PROTOCOLS,
+    REPLAY_ROWS_PER_CHUNK,
+    ROWS_PER_CHUNK,
+    SEEDED_EXPERIMENT,
+    SEEDED_STREAM,
+    STREAMS,
+    UNTAGGED_STREAM,
+    T,
+    line_id,
+)
 
 LINES = [line_id(method, s) for _, (method, strategies) in PLANS.items() for s in strategies]
 CONTINUAL = ("avg_acc", "bwt", "fwt", "forgetting")

@@ -1,98 +1,37 @@
-"""The driver of `streamssl run`: plan -> Ray Train per line group -> evaluation per chunk -> MLflow lineage.
+"""The driver of a chunked plan (`streamssl run` on any stream kind but online): Ray Train per line group ->
+evaluation per chunk -> MLflow lineage.
 
-    summary = run_experiment(load_spec("examples/quickstart.yaml"))
+    summary = run_experiment(load_spec("examples/quickstart.yaml"))     # orchestrator.run.launch picks the driver
 
-Only this process talks to MLflow. Chunk runs are logged as soon as a chunk's checkpoint is persisted, and each
-is evaluated by a Ray actor while training goes on; at the end every line gets its accuracy matrix, continual
-metrics (average accuracy, BWT, FWT, forgetting), plots, and the ST-JT gap per method.
+Chunk runs are logged as soon as a chunk's checkpoint is persisted, and each is evaluated by a Ray actor while
+training goes on; at the end every line gets its accuracy matrix, continual metrics (average accuracy, BWT, FWT,
+forgetting), plots, and the ST-JT gap per method.
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
-import time
-from pathlib import Path
 from typing import Any
 
-import yaml
-from rich.console import Console
-
+from orchestrator.evaluate.evaluation import headline
+from orchestrator.plan.planner import Job
+from orchestrator.run.base import Driver
+from orchestrator.run.display import TrainingProgress
+from orchestrator.run.epoch_evals import EpochCheckpoint
+from orchestrator.run.models import log_checkpoint_model
+from orchestrator.run.recovery import missing_records, persisted_unlogged_chunks, read_logged
+from orchestrator.run.summary import ExperimentSummary, summarise
+from orchestrator.spec.experiment import flatten
+from orchestrator.tracking import tags as tr
 from orchestrator.train.accounting import chunk_resources, data_kept, device_kind
-from orchestrator.data.materialise import materialise
-from orchestrator.display import TrainingProgress, dry_run, print_summary
-from orchestrator.epoch_evals import EpochCheckpoint, log_by_epoch, log_epoch_eval
-from orchestrator.errors import IncompleteRecordError, TrainingError
-from orchestrator.evaluate.evaluation import EvalActor, headline, protocol, task_metrics
-from orchestrator.train.hooks import DriverHooks, TrialStopped
-from orchestrator.data.ingest import start_corrupt_row_counter
-from orchestrator.plan.planner import ExperimentPlan, Job, build_plan
-from orchestrator.train.ray_init import init_ray
-from orchestrator.recovery import missing_records, persisted_unlogged_chunks, read_logged
 from orchestrator.train.checkpoints import CheckpointFs
+from orchestrator.train.hooks import TrialStopped
 from orchestrator.train.runner import LineTask, line_groups, loop_config, ray_run_name, train_group
-from orchestrator.spec.experiment import Spec, flatten
-from orchestrator.summary import ExperimentSummary, summarise
-from orchestrator.tracking import lineage as tr
-from orchestrator.tracking.models import log_checkpoint_model, log_scored_metrics
-from orchestrator.tracking.tracker import Tracker
 
 
-def _artifact_root(spec: Spec) -> str | None:
-    if spec.tracking.uri is None:  # embedded default: artifacts next to the SQLite file
-        return (spec.workdir / "artifacts").as_uri()
-    return None
+class ChunkedDriver(Driver):
+    """One Ray Train run per line group; a chunk run, its LoggedModel and an evaluation run per (line, chunk)."""
 
-
-class _Driver:
-    def __init__(self, plan: ExperimentPlan, tracker: Tracker, console: Console, address: str | None,
-                 hooks: DriverHooks | None = None):
-        self.plan, self.tracker, self.console, self.address = plan, tracker, console, address
-        self.hooks = hooks or DriverHooks()
-        self.spec = plan.spec
-        self.use_gpu = self.spec.resources.gpus_per_worker > 0
-        self.protocol = protocol(self.spec.eval.model_dump(), self.spec.data.model_dump())
-        self.chunk_runs: dict[str, str] = {}  # job key -> chunk run id
-        self.chunk_rows: dict[str, dict[str, Any]] = {}  # job key -> table row
-        self.results: dict[str, dict[str, Any]] = {}  # job key -> evaluation result
-        self.pending: dict[Any, Job | EpochCheckpoint] = {}  # eval future -> job (or mid-chunk checkpoint)
-        self.jobs = {j.key: j for j in plan.jobs}
-        self.progress: TrainingProgress | None = None
-        self.starts = 0  # worker-group starts seen in the current group (restarts = starts - 1)
-        self.worker_nodes: list[str] = []  # Ray node id of each rank in the current worker group
-        self.started = time.time()  # driver start (after imports), for time_to_first_step_seconds
-        self.first_step_logged = False
-        self.restarts_in_chunk = 0
-        self.diverged: dict[str, str] = {}  # line id -> why it stopped
-
-    # ---------------------------------------------------------------- parent run
-    def open_parent(self, resume: bool) -> str:
-        previous = self.tracker.plan_runs(self.plan.key) if resume else []
-        if previous:
-            run_id = previous[0].info.run_id
-            self.tracker.update_run(run_id, status="RUNNING")
-            # A dead driver leaves its runs RUNNING; they will never finish, so say so.
-            self.tracker.fail_running(run_id)
-            self.console.print(f"resuming plan run [bold]{run_id}[/]")
-            return run_id
-        run_id = self.tracker.create_run(self.spec.name, {**tr.plan_tags(self.plan), **self.hooks.parent_tags})
-        self.tracker.log_params(run_id, flatten(self.spec))
-        self.tracker.log_json(run_id, "stream_plan.json", self.plan.stream.to_dict())
-        self.tracker.log_json(run_id, "manifest.json", self.plan.manifest.model_dump(mode="json"))
-        self.tracker.log_json(run_id, "eval_protocol.json", self.protocol)
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "spec.yaml"
-            path.write_text(yaml.safe_dump(self.spec.to_dict(), sort_keys=False))
-            self.tracker.log_file(run_id, path)
-            assignment = Path(folder) / "stream_assignment.parquet"
-            import pyarrow.parquet as pq
-
-            pq.write_table(self.plan.stream.assignment_table(), assignment)
-            self.tracker.log_file(run_id, assignment)
-        self.tracker.log_dataset(run_id, self.plan.data_url, f"{self.spec.name}-data", self.plan.data_digest, "train")
-        return run_id
-
-    # ---------------------------------------------------------------- chunk + eval runs
     def log_chunk(self, event: dict[str, Any], recovered: bool = False) -> None:
         job = self.jobs[event["job_key"]]
         if job.key in self.chunk_runs:  # already logged (a replayed event after a restart)
@@ -167,71 +106,8 @@ class _Driver:
 
         return int(ray.get(self.corrupt_counter.totals.remote())["rows"])
 
-    def log_eval(self, job: Job, result: dict[str, Any]) -> None:
-        chunk_run = self.chunk_runs[job.key]
-        tags = {
-            tr.RUN_TYPE: "eval",
-            tr.PARENT: self.parent,
-            tr.PLAN_KEY: self.plan.key,
-            tr.EVALUATES: chunk_run,
-            tr.JOB_KEY: job.key,
-            tr.LINE: job.line.id,
-            tr.CHUNK: str(job.chunk),
-            tr.TAG + "eval_protocol": json.dumps(self.protocol, sort_keys=True),
-            tr.TAG + "eval_split": self.spec.data.eval_split,
-        }
-        run_id = self.tracker.create_run(f"{job.name}/eval", tags)
-        metrics = {k: v for k, v in result.items() if isinstance(v, (int, float))}
-        metrics.update(task_metrics(result, self.spec.eval.every_chunk))
-        log_scored_metrics(self.tracker, self.spec, self.plan, run_id, chunk_run, metrics, result)
-        self.tracker.log_json(run_id, "eval_result.json", result)
-        self.tracker.end_run(run_id, "FINISHED")
-        self.link_eval(chunk_run, run_id, headline(result, self.spec.eval.every_chunk))
-        self.results[job.key] = result
-        self.hooks.scored(job.line.id, job.chunk, headline(result, self.spec.eval.every_chunk),
-                          [line.id for line in self.plan.lines if line.id not in self.diverged],
-                          final=job.chunk == self.plan.stream.num_chunks - 1)
-
-    def link_eval(self, chunk_run: str, eval_run: str, headline: dict[str, float]) -> None:
-        """The chunk run also carries its headline numbers (`{name}_top1`, `{name}_top5`), so the compare view
-        lines chunks up directly."""
-        self.tracker.log_metrics(chunk_run, headline)
-        self.tracker.set_tags(chunk_run, {tr.TAG + "eval_run": eval_run})
-
-    def collect(self, block: bool) -> None:
-        import ray
-
-        while self.pending:
-            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=None if block else 0)
-            if not ready:
-                return
-            job = self.pending.pop(ready[0])
-            try:
-                result = ray.get(ready[0])
-            except Exception as exc:
-                raise TrainingError(f"evaluation of {job.name} failed: {exc}") from exc
-            self.log_result(job, result)
-
-    def log_result(self, item: Job | EpochCheckpoint, result: dict[str, Any]) -> None:
-        """Record one finished evaluation: a chunk end's, or a mid-chunk checkpoint's (eval.every_epochs)."""
-        if isinstance(item, EpochCheckpoint):
-            log_epoch_eval(self.tracker, self.parent, self.plan, item, result)
-            return
-        self.log_eval(item, result)
-        if self.spec.eval.every_epochs:  # the chunk end closes the chunk's accuracy-against-epochs curve
-            log_by_epoch(self.tracker, self.parent, self.plan, item, self.spec.optim.epochs_per_chunk, result)
-
-    # ---------------------------------------------------------------- events from training
     def on_event(self, event: dict[str, Any]) -> None:
-        if event["type"] == "start":
-            self.starts += 1
-            self.worker_nodes = list(event.get("nodes") or [])
-            if self.starts > 1:  # Ray Train restarted the worker group after a failure
-                self.restarts_in_chunk += 1
-                self.console.print(f"[yellow]worker group restarted[/] from {event.get('restored_from') or 'scratch'}")
-        if event["type"] == "step" and self.progress is not None:
-            self.progress.step(event)
-        elif event["type"] == "chunk":
+        if event["type"] == "chunk":
             if self.progress is not None:
                 self.progress.chunk_done(event)
             self.log_chunk(event)
@@ -246,6 +122,8 @@ class _Driver:
             self.console.print(f"[red]{event['line']} diverged in chunk {event['chunk']}[/]: {event['message']}; "
                                "the plan's other lines go on")
             self.log_diverged(event)
+        else:
+            super().on_event(event)
 
     def log_diverged(self, event: dict[str, Any]) -> None:
         """The chunk a line diverged in, as a FAILED chunk run holding the error: the line's later chunks are
@@ -255,36 +133,6 @@ class _Driver:
         self.diverged[job.line.id] = message
         run_id = self.tracker.create_run(job.name, {**self._chunk_tags(job), tr.TAG + "error": message[:5000]})
         self.tracker.end_run(run_id, "FAILED")
-
-    def _chunk_tags(self, job: Job) -> dict[str, str]:
-        """The tags every chunk run carries, finished or failed: where it sits in the plan and what trained it."""
-        return {tr.RUN_TYPE: "chunk", tr.PARENT: self.parent, tr.PLAN_KEY: self.plan.key, tr.JOB_KEY: job.key,
-                tr.LINE: job.line.id, tr.CHUNK: str(job.chunk), tr.TAG + "method": job.line.method,
-                tr.TAG + "strategy": job.line.strategy}
-
-    # ---------------------------------------------------------------- the whole run
-    def start_services(self) -> None:
-        """Ray, the corrupt-row tally the readers report to, and the evaluation actor."""
-        import ray
-
-        init_ray(self.address, self.spec)
-        self.corrupt_counter = start_corrupt_row_counter()
-        self.evaluator = ray.remote(num_cpus=1)(EvalActor).remote(
-            self.plan.stream, self.plan.manifest, self.spec.data.model_dump(), self.spec.eval.model_dump(),
-            self.spec.data.storage_options, self.spec.seed, self.plan.downstream)
-
-    def stop_services(self) -> None:
-        """Kill the evaluator and the tally now, also after a raise: a kept traceback (a failed sweep trial, pytest)
-        keeps their handles, and the evaluator's CPU would stay held from the next run on the same Ray."""
-        import ray
-
-        for actor in (getattr(self, "evaluator", None), getattr(self, "corrupt_counter", None)):
-            if actor is not None and ray.is_initialized():
-                try:
-                    ray.kill(actor)
-                except Exception:  # gone already; never masks the run's own error
-                    pass
-        self.evaluator = self.corrupt_counter = None
 
     def run(self, resume: bool) -> ExperimentSummary:
         import ray
@@ -332,7 +180,6 @@ class _Driver:
             self.tracker.end_run(self.parent, "FINISHED")
         return summary
 
-    # ---------------------------------------------------------------- resume
     def restore_logged(self) -> list[Job]:
         """Take up what earlier attempts of this plan logged; returns the finished chunks that lack an evaluation.
 
@@ -394,47 +241,3 @@ class _Driver:
                                                        "worker_group_stop_seconds": result.stop_s}, step=group_index)
         self.progress = None
         return restarts
-
-
-def run_experiment(
-    spec: Spec,
-    resume: bool = False,
-    dry: bool = False,
-    address: str | None = None,
-    console: Console | None = None,
-    hooks: DriverHooks | None = None,
-) -> ExperimentSummary:
-    """`hooks` (a sweep trial's): tags of the plan run, a prefix of every run name, the per-chunk scores."""
-    console = console or Console()
-    started = time.time()
-    if not dry:  # the run's data step; planning below only reads, and a dry run writes nothing
-        materialise(spec)
-    plan = build_plan(spec)
-    tracker = Tracker(spec.tracking_uri, spec.experiment_name, _artifact_root(spec))
-    tracker.name_prefix = hooks.run_prefix if hooks else ""
-    if dry:
-        dry_run(plan, console, tracker)
-        return ExperimentSummary(None, plan.key)
-    if spec.stream.kind == "online":  # one long job per line group, segments instead of chunks
-        from orchestrator.online_driver import OnlineDriver
-
-        driver: _Driver = OnlineDriver(plan, tracker, console, address, hooks)
-    else:
-        driver = _Driver(plan, tracker, console, address, hooks)
-    try:
-        summary = driver.run(resume)
-    finally:
-        driver.stop_services()
-    print_summary(summary, console, spec)
-    if summary.diverged:
-        finished = len(plan.lines) - len(summary.diverged)
-        raise TrainingError("; ".join(f"training of {line} {message}" for line, message in summary.diverged.items())
-                            + f" — the other {finished} line(s) of plan run {summary.parent_run_id} ran to the end")
-    if summary.missing:
-        raise IncompleteRecordError(
-            f"plan run {summary.parent_run_id} is incomplete ({len(summary.missing)} line(s) lack runs, listed "
-            "above); `streamssl run SPEC --resume` trains, logs and evaluates what is missing")
-    console.print(f"done in {time.time() - started:.0f} s — parent run {summary.parent_run_id}; "
-                  f"`streamssl ui` shows it; `streamssl lineage {summary.parent_run_id}` walks it")
-    return summary
-

@@ -4,8 +4,8 @@ silently), and the exit code that goes with it."""
 from __future__ import annotations
 
 from orchestrator.errors import IncompleteRecordError
-from orchestrator.recovery import missing_records
 from orchestrator.plan.planner import build_plan
+from orchestrator.run.recovery import missing_records
 from orchestrator.spec.experiment import validate_spec
 from tests.specs import tiny_spec
 

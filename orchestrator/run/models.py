@@ -8,7 +8,7 @@ from typing import Any
 from orchestrator.evaluate.evaluation import headline
 from orchestrator.plan.planner import ExperimentPlan, Job
 from orchestrator.spec.experiment import Spec
-from orchestrator.tracking import lineage as tr
+from orchestrator.tracking import tags as tr
 from orchestrator.tracking.tracker import Tracker
 
 

@@ -21,18 +21,18 @@ from typing import Any
 
 from evaluators.report import plot_metric_curves
 from orchestrator import storage
-from orchestrator.train.checkpoints import CheckpointFs
-from orchestrator.display import TrainingProgress
 from orchestrator.evaluate.evaluation import headline
-from orchestrator.experiment import _Driver
+from orchestrator.plan.planner import Job
+from orchestrator.run.base import Driver
+from orchestrator.run.display import TrainingProgress
+from orchestrator.run.models import log_checkpoint_model, log_scored_metrics
+from orchestrator.run.summary import ExperimentSummary
+from orchestrator.spec.params import flatten
+from orchestrator.tracking import tags as tr
+from orchestrator.train.checkpoints import CheckpointFs
 from orchestrator.train.hooks import TrialStopped
 from orchestrator.train.online_runner import total_batches, train_online
-from orchestrator.plan.planner import Job
 from orchestrator.train.runner import LineTask, loop_config, ray_run_name
-from orchestrator.spec.params import flatten
-from orchestrator.summary import ExperimentSummary
-from orchestrator.tracking import lineage as tr
-from orchestrator.tracking.models import log_checkpoint_model, log_scored_metrics
 
 SEGMENT = "segment"
 # Per-batch values logged on the online run (step = stream batches seen).
@@ -62,7 +62,7 @@ def segment_name(job: Job, index: int) -> str:
     return f"{job.line.id}/segment-{index:03d}"
 
 
-class OnlineDriver(_Driver):
+class OnlineDriver(Driver):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.online_runs: dict[str, str] = {}  # job key -> the line's online run

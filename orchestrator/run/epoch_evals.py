@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.plan.planner import ExperimentPlan, Job
-from orchestrator.tracking import lineage as tr
+from orchestrator.tracking import tags as tr
 from orchestrator.tracking.tracker import Tracker
 
 RUN_TYPE = "epoch_eval"

@@ -20,12 +20,13 @@ from typing import Any
 from orchestrator import storage
 from orchestrator.evaluate.evaluation import headline, task_accuracies
 from orchestrator.plan.planner import ExperimentPlan, Job
+from orchestrator.run.summary import joint_reference
+from orchestrator.spec.experiment import Spec
+from orchestrator.tracking import tags as tr
+from orchestrator.tracking.tracker import Tracker
 from orchestrator.train.checkpoints import CHUNK_EVENT_FILE, checkpoint_order
 from orchestrator.train.runner import line_groups, ray_run_name
-from orchestrator.spec.experiment import Spec
-from orchestrator.summary import joint_reference
-from orchestrator.tracking import lineage as tr
-from orchestrator.tracking.tracker import Tracker
+from trainers.engine.checkpoint import verify_state
 
 
 @dataclass
@@ -79,8 +80,6 @@ def persisted_unlogged_chunks(plan: ExperimentPlan, spec: Spec, parent_run_id: s
     chunk is retrained."""
     import pyarrow.fs as pafs
     import ray.train
-
-    from trainers.engine.checkpoint import verify_state
 
     jobs = {j.key for j in plan.jobs}
     events = []

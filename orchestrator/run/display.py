@@ -21,8 +21,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from evaluators.report import results_table
 from orchestrator.evaluate.evaluation import headline
 from orchestrator.plan.planner import ExperimentPlan
+from orchestrator.run.summary import EVAL_COLUMNS, ExperimentSummary
 from orchestrator.spec.experiment import Spec
-from orchestrator.summary import EVAL_COLUMNS, ExperimentSummary
 from orchestrator.tracking.tracker import Tracker
 
 

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 
 from orchestrator.errors import SpecError
-from orchestrator.train.hooks import DriverHooks
 from orchestrator.spec.experiment import validate_spec
 from orchestrator.sweep.space import check_space, decode, encode, sample_points, trial_spec
+from orchestrator.train.hooks import DriverHooks
 from tests.specs import tiny_spec
 
 
@@ -237,7 +237,7 @@ def test_asha_max_t_follows_a_swept_online_segment_size(synthetic_url):
 def _lineage(tracker, sweep_run: str, trial_state: str, trial_tags: dict) -> dict[str, str]:
     """A trial run, its plan run and chunk/eval runs as a trial actor leaves them (real MLflow on SQLite)."""
     from orchestrator.sweep import records as rec
-    from orchestrator.tracking import lineage as tr
+    from orchestrator.tracking import tags as tr
 
     trial = tracker.create_run("trial-000", {tr.RUN_TYPE: "trial", tr.PARENT: sweep_run, rec.SWEEP_RUN: sweep_run,
                                              rec.TRIAL: "0", rec.VALUES: "{}", **trial_tags})
@@ -307,8 +307,8 @@ def test_a_stopped_trials_chunk_without_its_evaluation_ends_killed_with_the_reas
 def test_a_sweeps_paths_resolve_against_the_working_directory_and_status_finds_it(tmp_path, monkeypatch):
     from rich.console import Console
 
+    from orchestrator.lineage import newest_sweep
     from orchestrator.sweep.driver import _Sweep
-    from orchestrator.sweep.lineage import newest_sweep
 
     user = tmp_path / "user"
     user.mkdir()

@@ -13,13 +13,13 @@ from mlflow.tracking import MlflowClient
 from rich.console import Console
 
 from evaluators.continual import AccuracyMatrix
-from orchestrator.display import print_summary
-from orchestrator.experiment import _Driver
 from orchestrator.plan.planner import build_plan
-from orchestrator.recovery import read_logged
+from orchestrator.run.display import print_summary
+from orchestrator.run.experiment import ChunkedDriver
+from orchestrator.run.recovery import read_logged
+from orchestrator.run.summary import ExperimentSummary, summarise
 from orchestrator.spec.experiment import validate_spec
-from orchestrator.summary import ExperimentSummary, summarise
-from orchestrator.tracking import lineage as tr
+from orchestrator.tracking import tags as tr
 from orchestrator.tracking.tracker import Tracker
 from tests.specs import tiny_spec
 
@@ -67,7 +67,7 @@ def _result(line: str, chunk: int) -> dict:
 
 def test_summarise_logs_top5_metrics_and_every_lines_gap(synthetic_url, tmp_path) -> None:
     plan, tracker, parent = _plan(synthetic_url, tmp_path, ["sequential", "sequential+replay", "joint"])
-    driver = _Driver(plan, tracker, Console(file=open("/dev/null", "w")), None)
+    driver = ChunkedDriver(plan, tracker, Console(file=open("/dev/null", "w")), None)
     driver.parent = parent
     for job in plan.jobs:
         driver.chunk_runs[job.key] = _chunk_run(tracker, plan, parent, job)
