@@ -34,7 +34,6 @@ import argparse
 import gc
 import json
 import multiprocessing
-import os
 import pickle
 import resource
 import sys

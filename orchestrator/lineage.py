@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.spec.experiment import validate_spec
 from orchestrator.sweep import records as rec
-from orchestrator.sweep.driver import sweep_key
 from orchestrator.sweep.paths import resolve_paths
 from orchestrator.sweep.space import with_values
 from orchestrator.tracking import tags as tr
@@ -82,7 +81,7 @@ def newest_sweep(tracker, raw: dict[str, Any], source: str):
     """The newest sweep run of the spec's sweep (same base spec and sweep section), or None."""
     raw = resolve_paths(raw)  # as `streamssl sweep` keyed it: its paths against the working directory
     spec = validate_spec(raw, source)
-    key = sweep_key(validate_spec(with_values(raw, {}), source), spec.sweep)
+    key = rec.sweep_key(validate_spec(with_values(raw, {}), source), spec.sweep)
     runs = tracker.runs(f"tags.`{tr.RUN_TYPE}` = 'sweep' and tags.`{rec.SWEEP_KEY}` = '{key}'")
     return max(runs, key=lambda r: r.info.start_time or 0) if runs else None
 

@@ -23,7 +23,7 @@ import io
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +33,9 @@ from orchestrator import storage
 from orchestrator.data.manifest import Manifest
 from orchestrator.data.shards import read_shard
 from orchestrator.errors import DataError
-from orchestrator.plan.streams import StreamPlan
+
+if TYPE_CHECKING:  # a pipeline reads a stream plan; the plan package reads data's manifests
+    from orchestrator.plan.streams import StreamPlan
 
 logger = logging.getLogger(__name__)
 INDEX_COLUMNS = ["key", "label", "group", "domain"]

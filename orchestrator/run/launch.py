@@ -23,6 +23,13 @@ from orchestrator.tracking.tracker import Tracker
 from orchestrator.train.hooks import DriverHooks
 
 
+def existing_store(spec: Spec) -> Tracker | None:
+    """The spec's tracking store to read from, or None when it is the embedded default and not made yet."""
+    if spec.tracking.uri is None and not (spec.workdir / "mlflow.db").is_file():
+        return None
+    return Tracker(spec.tracking_uri)
+
+
 def run_experiment(
     spec: Spec,
     resume: bool = False,
@@ -37,11 +44,11 @@ def run_experiment(
     if not dry:  # the run's data step; planning below only reads, and a dry run writes nothing
         materialise(spec)
     plan = build_plan(spec)
+    if dry:  # what earlier attempts finished, read from a store that exists (none is created)
+        dry_run(plan, console, existing_store(spec))
+        return ExperimentSummary(None, plan.key)
     tracker = Tracker(spec.tracking_uri, spec.experiment_name, artifact_root(spec))
     tracker.name_prefix = hooks.run_prefix if hooks else ""
-    if dry:
-        dry_run(plan, console, tracker)
-        return ExperimentSummary(None, plan.key)
     # An online plan is one long job per line group, with segments instead of chunks.
     driver_class: type[Driver] = OnlineDriver if spec.stream.kind == "online" else ChunkedDriver
     driver = driver_class(plan, tracker, console, address, hooks)

@@ -35,7 +35,6 @@ from pydantic import (
 )
 from typing_extensions import TypedDict
 
-from evaluators.registry import EVALUATOR_REGISTRY
 from orchestrator.errors import SpecError
 from orchestrator.plan.streams import STREAM_REGISTRY
 from orchestrator.spec.errors import SECRET_KEY_PATTERN, describe_validation_error

@@ -15,7 +15,6 @@ trials as evaluated points; ASHA's rungs are refilled from the recorded per-chun
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -28,13 +27,23 @@ from typing import Any
 import yaml
 from rich.console import Console
 
+from orchestrator import storage
+from orchestrator.data.materialise import materialise
 from orchestrator.errors import SpecError, TrainingError
-from orchestrator.spec.experiment import Spec, flatten, identity_digest, redact, validate_spec
+from orchestrator.plan.planner import build_plan
+from orchestrator.run.base import artifact_root
+from orchestrator.spec.experiment import Spec, flatten, redact, validate_spec
 from orchestrator.spec.sweep import SweepSpec
 from orchestrator.sweep import records as rec
 from orchestrator.sweep.paths import resolve_paths
+from orchestrator.sweep.plots import log_sweep_plots
+from orchestrator.sweep.records import sweep_key
 from orchestrator.sweep.space import check_space, checked_points, encode, optuna_space, sample_points, with_values
+from orchestrator.sweep.trial import TrialContext, TrialCounter, run_trial
 from orchestrator.tracking import tags as tr
+from orchestrator.tracking.tracker import Tracker
+from orchestrator.train.online_runner import total_batches
+from orchestrator.train.ray_init import init_ray
 
 
 @dataclass
@@ -45,12 +54,6 @@ class SweepResult:
     best_spec_path: Path | None = None
     skipped: int = 0  # trials a resume found recorded
     rerun: int = 0  # interrupted trials deleted and run again
-
-
-def sweep_key(base: Spec, sweep: SweepSpec) -> str:
-    """Same base spec (by identity) and same sweep section: the same sweep (what `--resume` continues)."""
-    payload = {"base": identity_digest(base), "sweep": sweep.model_dump(mode="json")}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def max_planned_reports(raw: dict[str, Any], sweep: SweepSpec, source: str) -> int:
@@ -69,14 +72,9 @@ def max_planned_reports(raw: dict[str, Any], sweep: SweepSpec, source: str) -> i
 
 def planned_reports(base: Spec) -> int:
     """How many times a trial reports (ASHA's max_t): once per chunk, or once per online segment."""
-    from orchestrator.data.materialise import materialise
-    from orchestrator.plan.planner import build_plan
-
     materialise(base, progress=False)  # the synthetic set made once, before trials race to
     plan = build_plan(base)
     if base.stream.kind == "online":
-        from orchestrator.train.online_runner import total_batches
-
         return max(1, math.ceil(total_batches(plan) / base.online.segment_batches))
     return plan.stream.num_chunks
 
@@ -99,9 +97,6 @@ class _Sweep:
         self.key = sweep_key(self.base, self.sweep)
         self.best_spec_path = Path(best_spec_path) if best_spec_path else (
             self.base.workdir / "sweeps" / f"{self.base.name}-{self.key}" / "best_spec.yaml")
-        from orchestrator.run.base import artifact_root
-        from orchestrator.tracking.tracker import Tracker
-
         self.artifact_root = artifact_root(self.base)
         self.tracker = Tracker(self.base.tracking_uri, self.base.experiment_name, self.artifact_root)
 
@@ -131,8 +126,6 @@ class _Sweep:
 
     # ---------------------------------------------------------------- the trials
     def run(self, resume: bool, address: str | None) -> SweepResult:
-        from orchestrator.train.ray_init import init_ray
-
         max_reports = max_planned_reports(self.raw, self.sweep, self.source)
         sweep_run, recorded = self.open_run(resume)
         result = SweepResult(sweep_run)
@@ -163,9 +156,7 @@ class _Sweep:
         import ray
         from ray import tune
 
-        from orchestrator.sweep.progress import SweepCallback
-        from orchestrator.sweep.trial import TrialContext, TrialCounter, run_trial
-
+        from orchestrator.sweep.progress import SweepCallback  # Ray Tune, loaded when a sweep runs
         sweep, total = self.sweep, self.sweep.trial_count
         todo = total - len(done)
         if todo <= 0:
@@ -196,8 +187,6 @@ class _Sweep:
         trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), tune.PlacementGroupFactory(
             [{"CPU": own.cpu}, {"CPU": 1.0}]))
         scheduler = self._scheduler(done, max_reports)
-        from orchestrator import storage
-
         fs, path = storage.pyarrow_filesystem(f"{self.base.checkpoint_url.rstrip('/')}/tune",
                                               self.base.storage.storage_options)
         os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # MLflow is the record, not CSV files
@@ -223,7 +212,7 @@ class _Sweep:
         config = self.sweep.scheduler
         if config.kind == "none":
             return None
-        from orchestrator.sweep.asha import RefilledASHA
+        from orchestrator.sweep.asha import RefilledASHA  # Ray Tune, loaded when a sweep runs
 
         return RefilledASHA(metric=self.sweep.metric, mode=self.sweep.mode,
                             recorded=[(rec.trial_name(r.index), r.history) for r in done],
@@ -247,8 +236,7 @@ class _Sweep:
 
     # ---------------------------------------------------------------- the outcome
     def _finish(self, result: SweepResult) -> None:
-        from orchestrator.sweep.plots import log_sweep_plots
-        from orchestrator.sweep.progress import print_trials
+        from orchestrator.sweep.progress import print_trials  # Ray Tune, loaded when a sweep runs
 
         trials = result.trials
         sign = 1 if self.sweep.mode == "max" else -1
@@ -295,4 +283,4 @@ def run_sweep(raw: dict[str, Any], source: str, resume: bool = False, address: s
     return result
 
 
-__all__ = ["SweepResult", "max_planned_reports", "planned_reports", "run_sweep", "sweep_key"]
+__all__ = ["SweepResult", "max_planned_reports", "planned_reports", "run_sweep"]

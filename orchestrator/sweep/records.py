@@ -9,11 +9,17 @@ RUNNING belongs to a sweep driver that died: `--resume` deletes it (and what is 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from orchestrator.spec.params import identity_digest
 from orchestrator.tracking import tags as tr
+
+if TYPE_CHECKING:
+    from orchestrator.spec.experiment import Spec
+    from orchestrator.spec.sweep import SweepSpec
 
 SWEEP_KEY = tr.TAG + "sweep_key"
 SWEEP_RUN = tr.TAG + "sweep_run"
@@ -161,6 +167,12 @@ def delete_trial(tracker, trial_run: str) -> int:
     return len(doomed)
 
 
+def sweep_key(base: Spec, sweep: SweepSpec) -> str:
+    """Same base spec (by identity) and same sweep section: the same sweep (what `--resume` continues)."""
+    payload = {"base": identity_digest(base), "sweep": sweep.model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
 __all__ = ["BEST", "BEST_SPEC", "BEST_TRIAL", "ERROR", "PLAN_RUN", "STOPPED", "SWEEP_KEY", "SWEEP_RUN", "TRIAL",
            "TrialRecord", "close_plan", "delete_trial", "mark_dead", "mark_stopped", "read_trials", "trial_name",
-           "unevaluated_chunks", "value_params"]
+           "unevaluated_chunks", "value_params", "sweep_key"]

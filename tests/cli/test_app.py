@@ -61,6 +61,14 @@ def test_dry_run_lists_jobs_without_training(tmp_path: Path, synthetic_url: str)
     result = CliRunner().invoke(app, ["run", str(path), "--dry-run"])
     assert result.exit_code == 0, result.output
     assert result.output.count("PENDING") == 3 and "simclr-joint/chunk-2" in result.output
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing: no store, no checkpoints
+
+
+def test_a_dry_run_names_the_synthetic_set_it_would_make_and_makes_nothing(tmp_path: Path) -> None:
+    path = write_spec(tmp_path, data={"url": str(tmp_path / "synthetic"), "synthetic": {"train": 60, "val": 20}})
+    result = CliRunner().invoke(app, ["run", str(path), "--dry-run"])
+    assert result.exit_code != 0 and "not generated yet" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "synthetic").exists() and not (tmp_path / "runs").exists()
 
 
 def test_unreachable_tracking_server_exits_5_before_training(tmp_path: Path, synthetic_url: str) -> None:
