@@ -25,6 +25,7 @@ from typing import Any, Iterator
 
 import yaml
 
+import orchestrator
 from orchestrator.errors import ClusterError
 from orchestrator.spec.experiment import Spec
 
@@ -76,8 +77,6 @@ def cluster_warnings(spec: Spec) -> list[str]:
 
 def stage(spec: Spec, folder: Path) -> Path:
     """Write the runtime working dir: streamssl's packages (Python sources only) and `spec.yaml`."""
-    import orchestrator
-
     root = Path(orchestrator.__file__).resolve().parent.parent
     for package in PACKAGES:
         shutil.copytree(root / package, folder / package,

@@ -391,7 +391,7 @@ class DeviceBatchDecoder:
     def decode(self, batch: dict[str, np.ndarray]):
         """(images, source rows): `source[i]` is the input row image i shows (itself, or the good row copied over
         a bad one), so labels and ids can follow the pixels."""
-        from trainers.views.decode import decode_jpeg_batch
+        from trainers.views.decode import decode_jpeg_batch  # torch: only the device-decode path loads it
 
         # One pass that reports every bad row: patching rows one at a time and re-decoding could copy a bad row
         # that had not been checked yet into another slot.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from orchestrator import storage
 from orchestrator.data.downstream import prepare_downstream
+from orchestrator.data.synth import generate_synthetic
 
 
 def materialise(spec, progress: bool = True) -> None:
@@ -17,8 +18,6 @@ def materialise(spec, progress: bool = True) -> None:
     every ImageFolder `eval.downstream` entry into shards."""
     url, options = spec.data.url, spec.data.storage_options
     if spec.data.synthetic is not None and not storage.exists(storage.join(url, "manifest.json"), options):
-        from orchestrator.data.synth import generate_synthetic  # numpy/Pillow drawing: only when generating
-
         s = spec.data.synthetic
         generate_synthetic(
             url, train=s.train, val=s.val, image_size=s.image_size, groups=s.groups,

@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 
 from orchestrator.train.checkpoints import checkpoint_order
+from trainers.engine.checkpoint import STATE_FILE, CheckpointError, load_state, save_state
 
 MEMORY_FILE = "memory-rank-{rank:05d}.pt"
 MEMORY_FORMAT = 1
@@ -104,8 +105,6 @@ def write_share(folder: str | Path, memory: Any, rank: int, cache: dict, threads
 
 def read_share(data: bytes, meta: dict[str, Any], where: str) -> dict[str, Any]:
     """A share file's bytes -> the state `ReplayMemory.load_state_dict` takes; checked against its record."""
-    from trainers.engine.checkpoint import CheckpointError
-
     if len(data) != meta["bytes"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
         raise CheckpointError(f"checkpoint {where}: memory share {meta['file']} does not match its record "
                               f"({len(data)} bytes, {meta['bytes']} recorded): partial upload or corrupted")
@@ -132,8 +131,6 @@ class MemoryCheckpointer:
         as held in memory, decoded), state_bytes (what stays once a newer checkpoint prunes the shares), memory_rows
         (the rows of every share)."""
         import torch.distributed as dist
-
-        from trainers.engine.checkpoint import save_state
 
         meta = write_share(folder, online.memory, self.rank, self.cache, self.threads) \
             if online.memory is not None else None
@@ -183,8 +180,6 @@ def _read(fs: Any, path: str) -> bytes:
 
 
 def _load_state_file(fs: Any, checkpoint: str) -> dict[str, Any]:
-    from trainers.engine.checkpoint import STATE_FILE, CheckpointError, load_state
-
     with tempfile.TemporaryDirectory() as tmp:
         try:
             Path(tmp, STATE_FILE).write_bytes(_read(fs, f"{checkpoint}/{STATE_FILE}"))
