@@ -6,6 +6,9 @@
 Markdown rounds to 4 decimals (small values in 3 significant digits); CSV and JSON keep the logged float exactly.
 Each table row names the runs its numbers come from (`sources`); a missing cell reads `missing: <why>`.
 
+The findings (orchestrator.report.findings) are a section of report.md, `findings` in report.json and
+findings.csv; `write_findings` writes them alone (findings.md / .csv / .json: `streamssl report --findings`).
+
 A cell over several seeds (orchestrator.report.model.aggregate) reads `mean (n=N, 95% CI lo..hi)` in markdown (a
 Student-t interval over the seeds); in CSV the column holds the mean and `{column}.n`, `{column}.lo`,
 `{column}.hi` follow it (in tables with such a cell); in JSON each cell has `n`, `mean`, `lo`, `hi` and `values`.
