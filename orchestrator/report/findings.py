@@ -258,7 +258,7 @@ class Finding:
         return {"id": c.id, "study": c.study, "claim": c.text, "measure": c.measure.what if c.measure else None,
                 "compares": [{"coef": coef, "arm": arm.label, "where": arm.describe()} for coef, arm in c.terms],
                 "direction": c.direction, "test": c.test, "margin": c.margin, "paper": c.paper,
-                "n": self.effect.n if self.effect.values else 0, "effect": self.effect.value, "lo": self.effect.lo,
+                "n": len(self.seeds), "effect": self.effect.value, "lo": self.effect.lo,
                 "hi": self.effect.hi, "values": list(self.effect.values), "seeds": self.seeds,
                 "interval": INTERVAL if self.effect.values else None, "verdict": self.verdict, "reason": self.reason,
                 "missing": self.missing, "runs": self.runs}
@@ -356,7 +356,8 @@ def evaluate(claim: Claim, records: list[PlanRecord]) -> Finding:
     values, seeds, runs = [], [], []
     for seed in common:
         readings = [(coef, claim.measure.read(*resolved[arm][seed])) for coef, arm in claim.terms]
-        lacking = [r.missing for _, r in readings if r.value is None]
+        lacking = [r.missing or f"{claim.measure.what} is not a finite number ({' '.join(r.runs)})"
+                   for _, r in readings if r.value is None or not math.isfinite(r.value)]
         runs = list(dict.fromkeys([*runs, *(run for _, r in readings for run in r.runs)]))
         if lacking:
             missing += [f"seed {seed}: {why}" for why in lacking]
