@@ -24,12 +24,14 @@ def report(
     fmt: ReportFormat = typer.Option(ReportFormat.markdown, "--format", help="report.md, one CSV per table, or report.json."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder to write into (default ./report-EXPERIMENT)."),
     tracking_uri: Optional[str] = TrackingUri,
+    findings_only: bool = typer.Option(False, "--findings", help="Only the findings table: each claim of the studies "
+                                       "with its effect, 95% interval over seeds and verdict (findings.md/.csv/.json)."),
 ) -> None:
-    """Time/storage per chunk, ST-JT gap, BWT/FWT, sharpness and plots of every plan run of EXPERIMENT.
+    """Time/storage per chunk, ST-JT gap, BWT/FWT, sharpness, plots and the findings of every plan run of EXPERIMENT.
 
     Plan runs that differ only in `seed` (`--set seed=k`) are one study: each cell is their mean with n and a 95%
     t-interval. Exits 1 (after writing) when a run is missing or unfinished or a cell lacks its number; the report
-    lists them.
+    lists them. With --findings, only the findings table; exits 1 when a claim's runs are missing.
     """
     from rich.markup import escape
 
@@ -38,7 +40,10 @@ def report(
 
     tracker = open_store(resolve_tracking_uri(tracking_uri))
     folder = out or Path(f"report-{experiment}")
+    if findings_only:
+        return _findings(tracker, experiment, folder, fmt.value)
     built, paths = make_report(tracker, experiment, folder, fmt.value)
+    _print_findings(built.findings)
     for table in built.tables:
         for note in table.notes:
             console.print(f"[dim]{escape(f'{table.name}: {note}')}[/]", highlight=False)
@@ -69,4 +74,37 @@ def report(
                               highlight=False, soft_wrap=True)
         err_console.print(f"[bold red]the report is incomplete[/]: {len(built.problems)} problem(s) with runs, "
                           f"{len(cells)} missing cell(s); written anyway, with those cells marked", highlight=False)
+        raise typer.Exit(code=1)
+
+
+def _print_findings(rows: list) -> None:
+    from evaluators.report import results_table
+
+    if not rows:
+        return
+    table = [{"claim": f.claim.id, "n": str(len(f.seeds)), "effect (95% CI)": _effect_text(f), "verdict": f.verdict,
+              "why": f.reason} for f in rows]
+    console.print(results_table(table, ["claim", "n", "effect (95% CI)", "verdict", "why"], title="Findings"))
+
+
+def _effect_text(finding) -> str:
+    e = finding.effect
+    if e.values and e.n > 1:
+        return f"{e.text().split(' (')[0]} ({e.lo:.4g}..{e.hi:.4g})"
+    return e.text()
+
+
+def _findings(tracker, experiment: str, folder: Path, fmt: str) -> None:
+    from rich.markup import escape
+
+    from orchestrator.report import make_findings
+
+    rows, paths = make_findings(tracker, experiment, folder, fmt)
+    _print_findings(rows)
+    console.print(f"wrote {', '.join(str(p) for p in paths)}", highlight=False)
+    lacking = [f for f in rows if f.missing]
+    for finding in lacking:
+        err_console.print(f"[yellow]missing runs[/] for {escape(finding.claim.id)}: {escape('; '.join(finding.missing))}",
+                          highlight=False, soft_wrap=True)
+    if lacking:
         raise typer.Exit(code=1)

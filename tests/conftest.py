@@ -65,6 +65,15 @@ def partial_study_store(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def findings_store(tmp_path_factory):
+    """A record with known effects over seeds 0-2 for the findings table (tests/orchestrator/findings_store.py),
+    shared by the findings' orchestrator and CLI tests."""
+    from tests.orchestrator.findings_store import build_findings_store
+
+    return build_findings_store(tmp_path_factory.mktemp("findings") / "mlflow.db")
+
+
+@pytest.fixture(scope="session")
 def seeded_study_store(tmp_path_factory):
     """A small study over seeds 0 and 1 (plus a superseded re-run of seed 1) with eval.sharpness.epsilons [0.05], and
     a stream of plan runs without the study tag (tests/orchestrator/study_store.py: build_seeded_study)."""

@@ -9,6 +9,8 @@ absent).
 - :mod:`~orchestrator.report.tables`: time/storage per chunk, ST-JT gap, BWT/FWT, sharpness; what is missing;
 - :mod:`~orchestrator.report.seeds`: a study run over several seeds: each cell's mean, n and 95% t-interval;
 - :mod:`~orchestrator.report.figures`: accuracy-matrix heatmaps and accuracy-vs-chunk curves (logged to the plan runs);
+- :mod:`~orchestrator.report.findings` / :mod:`~orchestrator.report.claims`: the studies' claims, each checked
+  against the runs (effect, 95% interval over seeds, verdict): the findings table;
 - :mod:`~orchestrator.report.writers`: markdown, CSV and JSON.
 """
 
@@ -19,9 +21,10 @@ from pathlib import Path
 from orchestrator.errors import ReportError
 from orchestrator.report.collect import collect
 from orchestrator.report.figures import draw_figures
+from orchestrator.report.findings import Finding, findings
 from orchestrator.report.model import Cell, ReportTable, Row, StudyReport
 from orchestrator.report.tables import build_tables, record_problems
-from orchestrator.report.writers import FORMATS, write
+from orchestrator.report.writers import FORMATS, write, write_findings
 from orchestrator.tracking.tracker import Tracker
 
 
@@ -37,8 +40,17 @@ def build_report(tracker: Tracker, experiment: str) -> tuple[StudyReport, object
     """The report's tables and the record they come from (ReportError for an unknown experiment)."""
     study = collect(tracker, experiment)
     report = StudyReport(study.experiment, study.experiment_id, study.uri, [p.describe() for p in study.plans],
-                         build_tables(study), record_problems(study), list(study.notes))
+                         build_tables(study), record_problems(study), list(study.notes), findings=findings(study))
     return report, study
+
+
+def make_findings(tracker: Tracker, experiment: str, out: Path, fmt: str = "markdown") -> tuple[list, list[Path]]:
+    """Only the findings table (`streamssl report --findings`): the claims checked against the runs, written as
+    `fmt` into `out` (no other table, no figures)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
+    rows = findings(collect(tracker, experiment))
+    return rows, write_findings(rows, Path(out), fmt)
 
 
 def make_report(tracker: Tracker, experiment: str, out: Path, fmt: str = "markdown") -> tuple[StudyReport, list[Path]]:
@@ -52,4 +64,5 @@ def make_report(tracker: Tracker, experiment: str, out: Path, fmt: str = "markdo
     return report, paths + list(dict.fromkeys(out / f["path"] for f in report.figures))
 
 
-__all__ = ["FORMATS", "Cell", "ReportTable", "Row", "StudyReport", "build_report", "make_report", "open_store"]
+__all__ = ["FORMATS", "Cell", "Finding", "ReportTable", "Row", "StudyReport", "build_report", "make_findings",
+           "make_report", "open_store"]

@@ -204,6 +204,9 @@ class Study:
     plans: list[PlanRecord]  # the plan runs at least one entry comes from
     entries: list[Entry]  # by stream kind, then method, then line (ST, ST+replay, ST+MAS, ST+MAS+, ..., JT)
     notes: list[str]
+    # Every plan run of the experiment, superseded ones too: the findings compare variants of a line (RALS on and
+    # off, two view recipes) that run as plans of the same line ids and so supersede each other in `entries`.
+    records: list[PlanRecord] = field(default_factory=list)
 
     def entry(self, stream_kind: str, line_id: str) -> Entry | None:
         return next((e for e in self.entries if e.stream_kind == stream_kind and e.line.id == line_id), None)
@@ -368,7 +371,7 @@ def collect(tracker: Tracker, experiment: str) -> Study:
         methods = list(dict.fromkeys(e.line.method for e in oldest_first))
         entries += sorted(chosen.values(), key=lambda e: (e.line.paradigm == "SL", methods.index(e.line.method),
                                                           e.line.order()))
-    return Study(experiment, experiment_id, tracker.uri, list(used.values()), entries, notes)
+    return Study(experiment, experiment_id, tracker.uri, list(used.values()), entries, notes, list(records.values()))
 
 
 def _seed_order(seed: str) -> tuple:

@@ -181,6 +181,9 @@ class StudyReport:
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     figures: list[dict[str, Any]] = field(default_factory=list)  # path (in --out), artifact, run id, what
+    # The studies' claims checked against the runs (orchestrator.report.findings.Finding); a claim whose runs are
+    # missing is a row saying so, and does not make the report incomplete (an experiment runs one study).
+    findings: list[Any] = field(default_factory=list)
 
     def missing_cells(self) -> list[dict[str, Any]]:
         return [cell for table in self.tables for cell in table.missing_cells()]
@@ -200,4 +203,5 @@ class StudyReport:
                 "tracking_uri": self.tracking_uri, "complete": self.complete, "plans": self.plans,
                 "tables": [t.to_dict() for t in self.tables],
                 "problems": [{"text": p.text, "runs": list(p.runs)} for p in self.problems],
-                "missing_cells": self.missing_cells(), "notes": self.notes, "figures": self.figures}
+                "missing_cells": self.missing_cells(), "notes": self.notes, "figures": self.figures,
+                "findings": [f.to_dict() for f in self.findings]}

@@ -6,6 +6,9 @@
 Markdown rounds to 4 decimals (small values in 3 significant digits); CSV and JSON keep the logged float exactly.
 Each table row names the runs its numbers come from (`sources`); a missing cell reads `missing: <why>`.
 
+The findings (orchestrator.report.findings) are a section of report.md, `findings` in report.json and
+findings.csv; `write_findings` writes them alone (findings.md / .csv / .json: `streamssl report --findings`).
+
 A cell over several seeds (orchestrator.report.model.aggregate) reads `mean (n=N, 95% CI lo..hi)` in markdown (a
 Student-t interval over the seeds); in CSV the column holds the mean and `{column}.n`, `{column}.lo`,
 `{column}.hi` follow it (in tables with such a cell); in JSON each cell has `n`, `mean`, `lo`, `hi` and `values`.
@@ -17,9 +20,11 @@ import csv
 import json
 from pathlib import Path
 
-from orchestrator.report.model import ReportTable, StudyReport
+from orchestrator.report.model import ReportTable, StudyReport, format_number
 
 FORMATS = ("markdown", "csv", "json")
+FINDINGS_COLUMNS = ["claim", "study", "finding", "test; measure", "n", "effect (95% CI)", "verdict", "why", "paper",
+                    "missing runs", "sources"]
 
 
 def _md_escape(text: str) -> str:
@@ -87,6 +92,8 @@ def write_markdown(report: StudyReport, out: Path) -> list[Path]:
             lines += _md_table([*table.index_columns, *table.value_columns, "sources"], _table_rows(table, False))
         else:
             lines.append("(no rows)")
+    if report.findings:
+        lines += ["", *findings_markdown(report.findings)]
     if report.figures:
         lines += ["", "## Figures", ""]
         for path in dict.fromkeys(f["path"] for f in report.figures):
@@ -110,6 +117,57 @@ def write_markdown(report: StudyReport, out: Path) -> list[Path]:
     return [path]
 
 
+def _finding_cells(finding, exact: bool) -> list[str]:
+    """One findings row: the claim, its effect in words, n, the mean effect and its interval, the verdict and why,
+    the paper's figure, what is missing, and the runs read."""
+    c, effect = finding.claim, finding.effect
+    if effect.values and effect.n > 1:
+        measured = (f"{format_number(effect.value, exact)} (95% CI {format_number(effect.lo, exact)}.."
+                    f"{format_number(effect.hi, exact)})")
+    elif effect.value is not None:
+        measured = f"{format_number(effect.value, exact)} (no interval)"
+    else:
+        measured = "n/a" if effect.na else "none"
+    what = f"{c.direction}; {c.measure.what}" if c.measure else c.direction
+    n = str(len(finding.seeds)) + (f" (seeds {', '.join(finding.seeds)})" if finding.seeds else "")
+    return [c.id, c.study, c.text, what, n, measured, finding.verdict, finding.reason, c.paper,
+            "; ".join(finding.missing), " ".join(finding.runs if exact else (r[:8] for r in finding.runs))]
+
+
+def findings_markdown(findings: list) -> list[str]:
+    """The findings section of report.md (or the whole of findings.md)."""
+    from orchestrator.report.findings import INTERVAL
+
+    lines = ["## Findings", "", "Each claim of the studies the runs belong to. The effect is signed so that positive "
+             f"is what the paper claims; its interval is a 95% {INTERVAL}. Verdicts: holds, contradicted, or "
+             "inconclusive at this budget (the interval spans the claim's threshold, n < 2, or a condition of the "
+             "claim fails).", ""]
+    return lines + _md_table(FINDINGS_COLUMNS, [_finding_cells(f, False) for f in findings])
+
+
+def write_findings(findings: list, out: Path, fmt: str) -> list[Path]:
+    """Only the findings table: findings.md, findings.csv (exact numbers, each seed's effect) or findings.json."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    if fmt == "json":
+        path = out / "findings.json"
+        path.write_text(json.dumps([f.to_dict() for f in findings], indent=2))
+    elif fmt == "csv":
+        path = out / "findings.csv"
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow([*FINDINGS_COLUMNS[:5], "effect", "lo", "hi", "per seed", *FINDINGS_COLUMNS[6:]])
+            for finding in findings:
+                row, e = _finding_cells(finding, True), finding.effect
+                bounds = ["" if v is None else repr(float(v)) for v in (e.value, e.lo, e.hi)]
+                writer.writerow([*row[:5], *bounds, " ".join(map(repr, e.values)), *row[6:]])
+    else:
+        path = out / "findings.md"
+        path.write_text("\n".join(findings_markdown(findings)) + "\n")
+    return [path]
+
+
 def _source(report: StudyReport, missing: dict) -> str:
     table = report.table(missing["table"])
     row = next(r for r in table.rows if r.index == missing["row"])
@@ -125,6 +183,8 @@ def write_csv(report: StudyReport, out: Path) -> list[Path]:
             writer.writerow([*table.index_columns, *_csv_value_columns(table), "sources"])
             writer.writerows(_csv_rows(table))
         paths.append(path)
+    if report.findings:
+        paths += write_findings(report.findings, out, "csv")
     path = out / "missing.csv"
     with path.open("w", newline="") as f:
         writer = csv.writer(f)

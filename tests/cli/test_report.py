@@ -89,3 +89,21 @@ def test_sharpness_columns_are_the_specs_epsilons_and_seeds_aggregate(seeded_stu
     assert len(seeded) == 4 and all(r["sharpness_eps0.05.n"] == "2" for r in seeded)
     assert all(float(r["sharpness_eps0.05.lo"]) <= float(r["sharpness_eps0.05"]) <= float(r["sharpness_eps0.05.hi"])
                for r in seeded)
+
+
+def test_findings_only_writes_the_findings_table_and_names_missing_runs(findings_store, tmp_path: Path) -> None:
+    from tests.orchestrator.findings_store import EXPERIMENT as FINDINGS_EXPERIMENT
+
+    out = tmp_path / "findings"
+    result = CliRunner().invoke(app, ["report", FINDINGS_EXPERIMENT, "--findings", "--out", str(out),
+                                      "--tracking-uri", findings_store.uri])
+    assert result.exit_code == 1, result.output  # some claims' runs are missing
+    assert sorted(p.name for p in out.iterdir()) == ["findings.md"]  # nothing but the findings table
+    text = result.output.replace("\n", "")
+    assert ("missing runs for streaming.gap.instance: stream instance, line supervised-sequential: no plan run; "
+            "stream instance, line moco_v2-sequential: no plan run") in text
+    rows = {line.split("|")[1].strip(): line.split("|") for line in (out / "findings.md").read_text().splitlines()
+            if line.startswith("| streaming.") or line.startswith("| online.")}
+    assert rows["streaming.gap.random_class"][7].strip() == "holds"
+    assert rows["streaming.bwt.random_class"][7].strip() == "contradicted"
+    assert rows["streaming.sharpness.eps0.1"][7].strip() == "inconclusive at this budget"

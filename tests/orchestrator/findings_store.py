@@ -1,0 +1,122 @@
+"""A small study record with known effects over seeds 0, 1, 2, for the findings table (orchestrator.report.findings):
+plan, chunk and eval runs written through the Tracker with the driver's tags and the metric keys the claims read.
+
+    store = build_findings_store(tmp_path / "mlflow.db")
+    store.value("random_class", "moco_v2-sequential", 1, "gap")   # what was logged, to compute the expected effect
+
+- random_class: MoCo-v2 and SL (ST, JT), 2 chunks, seeds 0-2: SL's final gap 0.08 above SSL's (the gap claim
+  holds), SSL's BWT 0.08 below SL's (the BWT claim is contradicted);
+- distant_class: MoCo-v2 (ST, ST+replay, JT) over seeds 0-2, SL (ST, JT) over seeds 0 and 1 only (seed 2's SL plan
+  run is missing): replay shrinks the gap by 0.05 (holds); the sharpness of SL and SSL differ by noise around 0
+  (inconclusive), at base accuracies 0.01 apart (the guard passes);
+- online: SimCLR SLCLRS with and without RALS (`online.rals`), seeds 0-2, RALS 0.004 better (non-inferior: holds);
+  SimCLR offline (instance stream, 1 chunk) with half the online steps: online beats it, but the steps differ, so the
+  claim is inconclusive;
+- no instance-stream streaming plans: those rows name their missing runs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from orchestrator.tracking import lineage as tr
+from orchestrator.tracking.tracker import Tracker
+
+EXPERIMENT = "findings"
+SEEDS = (0, 1, 2)
+T = 2
+NOISE = (0.004, -0.006, 0.011)  # per seed, added to one side of each comparison
+OTHER_NOISE = (-0.003, 0.002, 0.0)
+ONLINE_STEPS, OFFLINE_STEPS = 230.0, 115.0
+
+
+@dataclass
+class FindingsStore:
+    uri: str
+    values: dict[tuple[str, str, int, str], float] = field(default_factory=dict)  # (stream, line, seed, what)
+    plans: dict[tuple[str, str, int], str] = field(default_factory=dict)  # (stream, variant, seed) -> plan run
+
+    def value(self, stream: str, line: str, seed: int, what: str) -> float:
+        return self.values[(stream, line, seed, what)]
+
+
+def _plan(tracker: Tracker, store: FindingsStore, stream: str, variant: str, seed: int, method: str,
+          strategies: list[str], chunks: int, params: dict[str, str], plan_metrics: dict[str, float]) -> str:
+    lines = [{"id": "-".join([method, *s.split("+")]), "method": method, "strategy": s} for s in strategies]
+    plan = tracker.create_run(f"plan {stream} {variant} seed {seed}", {
+        tr.RUN_TYPE: "plan", tr.PLAN_KEY: f"plan-{stream}-{variant}-{seed}", tr.STREAM_KIND: stream,
+        tr.LINES: json.dumps(lines), tr.NUM_CHUNKS: str(chunks)})
+    tracker.log_params(plan, {"seed": str(seed), "stream.chunks": str(chunks), "eval.every_chunk": '["linear"]',
+                              **params})
+    tracker.log_metrics(plan, plan_metrics)
+    store.plans[(stream, variant, seed)] = plan
+    return plan
+
+
+def _chunk(tracker: Tracker, plan: str, line: str, chunk: int, metrics: dict[str, float],
+           evaluation: dict[str, float] | None) -> None:
+    tags = {tr.RUN_TYPE: "chunk", tr.PARENT: plan, tr.LINE: line, tr.CHUNK: str(chunk)}
+    run = tracker.create_run(f"{line}/chunk-{chunk}", tags)
+    tracker.log_metrics(run, metrics)
+    tracker.end_run(run, "FINISHED")
+    if evaluation is not None:
+        ev = tracker.create_run(f"{line}/chunk-{chunk}/eval", {tr.RUN_TYPE: "eval", tr.PARENT: plan, tr.LINE: line,
+                                                              tr.CHUNK: str(chunk), tr.EVALUATES: run})
+        tracker.log_metrics(ev, evaluation)
+        tracker.end_run(ev, "FINISHED")
+
+
+def build_findings_store(db: Path) -> FindingsStore:
+    tracker = Tracker(f"sqlite:///{db}", EXPERIMENT, (db.parent / "artifacts").as_uri())
+    store = FindingsStore(f"sqlite:///{db}")
+    chunked = {"online": "None"}  # a chunked plan has no online section
+    # (stream, method, strategies, seeds, final gap of ST (by line), BWT of ST, sharpness eps 0.1 / 0.3, linear top-1)
+    for seed in SEEDS:
+        e, o = NOISE[seed], OTHER_NOISE[seed]
+        streaming = [
+            ("random_class", "ssl", "moco_v2", ["sequential", "joint"],
+             {"moco_v2-sequential": (0.02 + o, -0.10 + e)}),
+            ("random_class", "sl", "supervised", ["sequential", "joint"],
+             {"supervised-sequential": (0.10 + e, -0.02 + o)}),
+            ("distant_class", "ssl", "moco_v2", ["sequential", "sequential+replay", "joint"],
+             {"moco_v2-sequential": (0.12 + e, -0.05), "moco_v2-sequential-replay": (0.07 + o, -0.03)}),
+        ]
+        if seed < 2:  # SL on distant_class: seeds 0 and 1 only
+            streaming.append(("distant_class", "sl", "supervised", ["sequential", "joint"],
+                              {"supervised-sequential": (0.20, -0.08)}))
+        for stream, variant, method, strategies, st in streaming:
+            metrics = {}
+            for line, (gap, bwt) in st.items():
+                metrics.update({f"{line}.linear.st_jt_gap": gap, f"{line}.linear.bwt": bwt})
+                store.values.update({(stream, line, seed, "gap"): gap, (stream, line, seed, "bwt"): bwt})
+            plan = _plan(tracker, store, stream, variant, seed, method, strategies, T, chunked, metrics)
+            for strategy in strategies:
+                line = "-".join([method, *strategy.split("+")])
+                for chunk in range(T):
+                    joint = strategy == "joint"
+                    seconds = 10.0 * (chunk + 1 if joint else 1) + seed
+                    resources = {"train_seconds": seconds, "stored_bytes": 1000.0 * (chunk + 1 if joint else 0) + 500,
+                                 "steps": 10.0 * (chunk + 1 if joint else 1)}
+                    evaluation = None
+                    if stream == "distant_class":
+                        sharp = 0.30 + (e if method == "supervised" else o) + (0.01 if method == "supervised" else 0)
+                        top1 = 0.40 + (0.01 if method == "supervised" else 0.0)
+                        evaluation = {"linear_top1": top1, "sharpness_eps0.1": sharp, "sharpness_eps0.3": 2 * sharp}
+                        store.values.update({(stream, line, seed, "sharpness_eps0.1"): sharp,
+                                             (stream, line, seed, "linear_top1"): top1})
+                    _chunk(tracker, plan, line, chunk, resources, evaluation)
+        # Online: SimCLR with and without RALS (SLCLRS, 10 steps a batch); one online run per line.
+        for rals, top1 in (("True", 0.334 + e), ("False", 0.330 + o)):
+            params = {"online.rals": rals, "online.schedule": "local_cycle", "online.steps_per_batch": "10"}
+            plan = _plan(tracker, store, "online", f"rals-{rals}", seed, "simclr", ["sequential"], 5, params,
+                         {"simclr-sequential.linear_top1": top1})
+            store.values[("online", f"rals-{rals}", seed, "linear_top1")] = top1
+            _chunk(tracker, plan, "simclr-sequential", 0, {"online_steps": ONLINE_STEPS}, None)
+        # Offline SimCLR: one chunk of the instance stream, half the online steps.
+        offline = 0.300 + o
+        plan = _plan(tracker, store, "instance", "offline", seed, "simclr", ["sequential"], 1, chunked, {})
+        _chunk(tracker, plan, "simclr-sequential", 0, {"steps": OFFLINE_STEPS}, {"linear_top1": offline})
+        store.values[("instance", "offline", seed, "linear_top1")] = offline
+    return store

@@ -1,0 +1,167 @@
+"""The findings table on a record with known effects (tests/orchestrator/findings_store.py): each verdict, each
+interval computed here by hand from the logged numbers, and the rows that name their missing runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from orchestrator.report import build_report, make_findings
+from orchestrator.report.claims import CLAIMS, NONINFERIOR_MARGIN, ONLINE, STREAMING, VIEWS
+from orchestrator.report.findings import Arm, Claim, evaluate, plan_metric, verdict_of
+from orchestrator.report.writers import write
+from orchestrator.tracking.tracker import Tracker
+from tests.orchestrator.findings_store import EXPERIMENT, OFFLINE_STEPS, ONLINE_STEPS
+
+# Student's t 0.975 quantiles (printed tables), for the hand-computed intervals.
+T975 = {1: 12.706204736174707, 2: 4.302652729911275}
+
+
+def by_hand(values: list[float]) -> tuple[float, float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = T975[n - 1] * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+@pytest.fixture(scope="module")
+def written(findings_store, tmp_path_factory):
+    """The findings in every format, by id (as objects, from findings.json, from findings.csv)."""
+    out = tmp_path_factory.mktemp("findings-out")
+    tracker = Tracker(findings_store.uri)
+    rows, _ = make_findings(tracker, EXPERIMENT, out, "json")
+    make_findings(tracker, EXPERIMENT, out, "csv")
+    make_findings(tracker, EXPERIMENT, out, "markdown")
+    as_json = {r["id"]: r for r in json.loads((out / "findings.json").read_text())}
+    with (out / "findings.csv").open() as f:
+        as_csv = {r["claim"]: r for r in csv.DictReader(f)}
+    return {f.claim.id: f for f in rows}, as_json, as_csv, out
+
+
+def check_interval(finding, as_json, as_csv, values: list[float]) -> None:
+    mean, lo, hi = by_hand(values)
+    assert finding.effect.values == pytest.approx(values, abs=1e-12)
+    assert (finding.effect.value, finding.effect.lo, finding.effect.hi) == pytest.approx((mean, lo, hi), abs=1e-9)
+    row = as_json[finding.claim.id]
+    assert row["n"] == len(values) and (row["effect"], row["lo"], row["hi"]) == pytest.approx((mean, lo, hi), abs=1e-9)
+    assert "t-interval on the per-seed paired effects" in row["interval"]
+    assert [float(as_csv[finding.claim.id][k]) for k in ("effect", "lo", "hi")] == pytest.approx([mean, lo, hi],
+                                                                                                  abs=1e-12)
+
+
+def test_a_claim_that_holds_with_its_interval(findings_store, written) -> None:
+    rows, as_json, as_csv, _ = written
+    v = findings_store.value
+    gap = rows["streaming.gap.random_class"]  # SL's gap minus SSL's, paired by seed
+    check_interval(gap, as_json, as_csv, [v("random_class", "supervised-sequential", s, "gap")
+                                          - v("random_class", "moco_v2-sequential", s, "gap") for s in (0, 1, 2)])
+    assert gap.verdict == "holds" and gap.seeds == ["0", "1", "2"] and gap.missing == []
+    assert gap.effect.lo > 0 and len(gap.runs) == 6  # the six plan runs the gaps were read from
+    replay = rows["streaming.aid.replay"]
+    check_interval(replay, as_json, as_csv, [v("distant_class", "moco_v2-sequential", s, "gap")
+                                             - v("distant_class", "moco_v2-sequential-replay", s, "gap")
+                                             for s in (0, 1, 2)])
+    assert replay.verdict == "holds"
+
+
+def test_a_contradicted_claim(findings_store, written) -> None:
+    rows, as_json, as_csv, _ = written
+    v = findings_store.value
+    bwt = rows["streaming.bwt.random_class"]
+    check_interval(bwt, as_json, as_csv, [v("random_class", "moco_v2-sequential", s, "bwt")
+                                          - v("random_class", "supervised-sequential", s, "bwt") for s in (0, 1, 2)])
+    assert bwt.verdict == "contradicted" and bwt.effect.hi < 0 and bwt.reason == "the interval is below 0"
+
+
+def test_an_inconclusive_claim_over_the_seeds_both_lines_have(findings_store, written) -> None:
+    """SL on distant_class has seeds 0 and 1 only: the sharpness claim pairs those two (n=2), its interval spans 0,
+    and the row names the missing seed."""
+    rows, as_json, as_csv, _ = written
+    v = findings_store.value
+    sharp = rows["streaming.sharpness.eps0.1"]
+    check_interval(sharp, as_json, as_csv, [v("distant_class", "supervised-sequential", s, "sharpness_eps0.1")
+                                            - v("distant_class", "moco_v2-sequential", s, "sharpness_eps0.1")
+                                            for s in (0, 1)])
+    assert sharp.verdict == "inconclusive at this budget" and sharp.reason == "the interval spans 0"
+    assert sharp.effect.lo < 0 < sharp.effect.hi and sharp.seeds == ["0", "1"]
+    assert sharp.missing == ["stream distant_class, line supervised-sequential: no plan run with seed 2"]
+    # The non-inferiority claim: RALS's interval crosses -margin.
+    rals = rows["online.simclr.rals"]
+    check_interval(rals, as_json, as_csv, [v("online", "rals-True", s, "linear_top1")
+                                           - v("online", "rals-False", s, "linear_top1") for s in (0, 1, 2)])
+    assert rals.effect.lo < -NONINFERIOR_MARGIN < rals.effect.hi and rals.verdict == "inconclusive at this budget"
+
+
+def test_a_failed_condition_makes_a_row_inconclusive_whatever_its_interval(findings_store, written) -> None:
+    rows, as_json, as_csv, _ = written
+    v = findings_store.value
+    offline = rows["online.simclr.offline"]
+    check_interval(offline, as_json, as_csv, [v("online", "rals-True", s, "linear_top1")
+                                              - v("instance", "offline", s, "linear_top1") for s in (0, 1, 2)])
+    assert offline.effect.lo > 0 and offline.verdict == "inconclusive at this budget"
+    share = (ONLINE_STEPS - OFFLINE_STEPS) / OFFLINE_STEPS
+    assert offline.reason.startswith("the same number of steps fails") and f"{share:+.0%}" in offline.reason
+    # The base-accuracy condition of the sharpness claim holds (0.01 apart): its reason is the interval's.
+    assert rows["streaming.sharpness.eps0.1"].reason == "the interval spans 0"
+
+
+def test_rows_name_their_missing_runs(written) -> None:
+    rows, as_json, _, out = written
+    instance = rows["streaming.gap.instance"]
+    assert instance.verdict == "inconclusive at this budget" and instance.reason.startswith("n < 2")
+    assert sorted(instance.missing) == ["stream instance, line moco_v2-sequential: no plan run",
+                                        "stream instance, line supervised-sequential: no plan run"]
+    assert instance.effect.value is None and as_json["streaming.gap.instance"]["n"] == 0
+    slclrs = rows["online.simclr.slclrs"]
+    assert slclrs.missing == ["stream online, line simclr-sequential, online.rals=False, online.schedule=constant, "
+                              "online.steps_per_batch=10: no plan run"]
+    assert rows["streaming.transfer"].verdict == "needs transfer"
+    # Only the studies the runs belong to: no views rows; every streaming and online claim is a row.
+    assert {f.claim.study for f in rows.values()} == {STREAMING, ONLINE}
+    assert list(rows) == [c.id for c in CLAIMS if c.study in (STREAMING, ONLINE)]
+    text = (out / "findings.md").read_text()
+    assert "| streaming.gap.instance |" in text and "no plan run with seed 2" in text
+    assert not any(c.study == VIEWS for c in (f.claim for f in rows.values()))
+
+
+def test_the_default_report_carries_the_findings(findings_store, tmp_path: Path) -> None:
+    report, _ = build_report(Tracker(findings_store.uri), EXPERIMENT)
+    write(report, tmp_path, "markdown")
+    write(report, tmp_path, "json")
+    assert "## Findings" in (tmp_path / "report.md").read_text()
+    data = json.loads((tmp_path / "report.json").read_text())
+    holds = next(f for f in data["findings"] if f["id"] == "streaming.gap.random_class")
+    assert holds["verdict"] == "holds" and holds["n"] == 3
+
+
+@pytest.mark.parametrize("test,margin,lo,hi,verdict", [
+    ("greater", 0.0, 0.01, 0.2, "holds"), ("greater", 0.0, -0.2, -0.01, "contradicted"),
+    ("greater", 0.0, -0.01, 0.2, "inconclusive at this budget"),
+    ("noninferior", 0.01, -0.005, 0.03, "holds"), ("noninferior", 0.01, -0.05, -0.02, "contradicted"),
+    ("noninferior", 0.01, -0.05, 0.03, "inconclusive at this budget"),
+    ("equivalent", 0.02, -0.01, 0.015, "holds"), ("equivalent", 0.02, 0.03, 0.05, "contradicted"),
+    ("equivalent", 0.02, -0.01, 0.03, "inconclusive at this budget")])
+def test_verdicts(test, margin, lo, hi, verdict) -> None:
+    assert verdict_of(test, margin, lo, hi)[0] == verdict
+
+
+def test_a_new_claim_is_one_record(findings_store, written) -> None:
+    """A claim made here (not in CLAIMS) is evaluated the same way: one seed pair short of n=2 is inconclusive."""
+    v = findings_store.value
+    claim = Claim("test.one_seed", "t", "SSL's gap on distant_class is below SL's.", plan_metric(
+        "{line}.linear.st_jt_gap", "gap"), ((1.0, Arm("SL", "distant_class", "supervised")),
+                                           (-1.0, Arm("SSL", "distant_class", "moco_v2"))), "SL - SSL")
+    from orchestrator.report.collect import collect
+
+    records = collect(Tracker(findings_store.uri), EXPERIMENT).records
+    finding = evaluate(claim, [r for r in records if r.seed == "0"])
+    assert finding.verdict == "inconclusive at this budget" and finding.reason.startswith("n < 2: only seed 0")
+    assert finding.effect.value == pytest.approx(v("distant_class", "supervised-sequential", 0, "gap")
+                                                 - v("distant_class", "moco_v2-sequential", 0, "gap"))
+    with pytest.raises(ValueError, match="test must be one of"):
+        Claim("x", "t", "x", None, (), "x", test="bigger", needs="needs transfer")
