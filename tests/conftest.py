@@ -66,9 +66,9 @@ def partial_study_store(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def findings_store(tmp_path_factory):
-    """A record with known effects over seeds 0-2 for the findings table (tests/orchestrator/findings_store.py),
+    """A record with known effects over seeds 0-2 for the findings table (tests/orchestrator/report/findings_store.py),
     shared by the findings' orchestrator and CLI tests."""
-    from tests.orchestrator.findings_store import build_findings_store
+    from tests.orchestrator.report.findings_store import build_findings_store
 
     return build_findings_store(tmp_path_factory.mktemp("findings") / "mlflow.db")
 

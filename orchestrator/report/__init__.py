@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from orchestrator.errors import ReportError
+from orchestrator.report.claims import CLAIMS
 from orchestrator.report.collect import collect
 from orchestrator.report.figures import draw_figures
 from orchestrator.report.findings import Finding, findings
@@ -40,7 +41,7 @@ def build_report(tracker: Tracker, experiment: str) -> tuple[StudyReport, object
     """The report's tables and the record they come from (ReportError for an unknown experiment)."""
     study = collect(tracker, experiment)
     report = StudyReport(study.experiment, study.experiment_id, study.uri, [p.describe() for p in study.plans],
-                         build_tables(study), record_problems(study), list(study.notes), findings=findings(study))
+                         build_tables(study), record_problems(study), list(study.notes), findings=findings(study, CLAIMS))
     return report, study
 
 
@@ -49,7 +50,7 @@ def make_findings(tracker: Tracker, experiment: str, out: Path, fmt: str = "mark
     `fmt` into `out` (no other table, no figures)."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
-    rows = findings(collect(tracker, experiment))
+    rows = findings(collect(tracker, experiment), CLAIMS)
     return rows, write_findings(rows, Path(out), fmt)
 
 

@@ -13,8 +13,17 @@ only where they were at hand (the paper's tables are the reference).
 
 from __future__ import annotations
 
-from orchestrator.report.findings import (STEPS, Arm, Claim, Guard, chunk_total, final_accuracy, final_gap,
-                                          last_eval_metric, plan_metric)
+from orchestrator.report.findings import (
+    STEPS,
+    Arm,
+    Claim,
+    Guard,
+    chunk_total,
+    final_accuracy,
+    final_gap,
+    last_eval_metric,
+    plan_metric,
+)
 
 PROTOCOL = "linear"  # the probe the papers report; kNN is logged beside it
 SSL, SL, BYOL = "moco_v2", "supervised", "byol"

@@ -1,7 +1,7 @@
 """The findings table: each claim of the studies (orchestrator.report.claims) checked against the experiment's runs,
 with its measured effect, a 95% interval over seeds, and a verdict.
 
-    rows = findings(study)          # one Finding per claim row of every study the experiment's runs belong to
+    rows = findings(study, CLAIMS)          # one Finding per claim row of every study the experiment's runs belong to
     rows[0].verdict, rows[0].effect.text()   # "holds", "0.08 (n=3, 95% CI 0.05..0.11)"
 
 A claim compares lines (arms: stream kind, method, strategy, and spec params such as `online.rals`) on one measure
@@ -130,7 +130,7 @@ def final_accuracy(name: str) -> Measure:
             value = plan.metric(f"{line.id}.{name}_top1")
             if value is not None:
                 return Reading(float(value), (plan.run_id,))
-            from orchestrator.tracking import lineage as tr
+            from orchestrator.tracking import tags as tr
 
             final = [r for r in plan.segments.get(line.id, []) if r.data.tags.get(tr.FINAL_SEGMENT) == "true"]
             if final and _finished(final[-1]) and f"{name}_top1" in final[-1].data.metrics:
@@ -389,12 +389,8 @@ def studies_present(claims: list[Claim], records: list[PlanRecord]) -> list[str]
     return present
 
 
-def findings(study: Study, claims: list[Claim] | None = None) -> list[Finding]:
-    """Every claim of every study the experiment's runs belong to, as a row (orchestrator.report.claims.CLAIMS)."""
-    if claims is None:
-        from orchestrator.report.claims import CLAIMS
-
-        claims = CLAIMS
+def findings(study: Study, claims: list[Claim]) -> list[Finding]:
+    """Every claim (`orchestrator.report.claims.CLAIMS`) of every study the experiment's runs belong to, as a row."""
     records = study.records or study.plans
     present = studies_present(claims, records)
     return [evaluate(claim, records) for claim in claims if claim.study in present]

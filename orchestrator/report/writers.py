@@ -20,6 +20,7 @@ import csv
 import json
 from pathlib import Path
 
+from orchestrator.report.findings import INTERVAL
 from orchestrator.report.model import ReportTable, StudyReport, format_number
 
 FORMATS = ("markdown", "csv", "json")
@@ -136,8 +137,6 @@ def _finding_cells(finding, exact: bool) -> list[str]:
 
 def findings_markdown(findings: list) -> list[str]:
     """The findings section of report.md (or the whole of findings.md)."""
-    from orchestrator.report.findings import INTERVAL
-
     lines = ["## Findings", "", "Each claim of the studies the runs belong to. The effect is signed so that positive "
              f"is what the paper claims; its interval is a 95% {INTERVAL}. Verdicts: holds, contradicted, or "
              "inconclusive at this budget (the interval spans the claim's threshold, n < 2, or a condition of the "

@@ -92,7 +92,7 @@ def test_sharpness_columns_are_the_specs_epsilons_and_seeds_aggregate(seeded_stu
 
 
 def test_findings_only_writes_the_findings_table_and_names_missing_runs(findings_store, tmp_path: Path) -> None:
-    from tests.orchestrator.findings_store import EXPERIMENT as FINDINGS_EXPERIMENT
+    from tests.orchestrator.report.findings_store import EXPERIMENT as FINDINGS_EXPERIMENT
 
     out = tmp_path / "findings"
     result = CliRunner().invoke(app, ["report", FINDINGS_EXPERIMENT, "--findings", "--out", str(out),

@@ -164,7 +164,7 @@ def test_a_study_spec_runs_every_arm_of_its_claims_over_3_seeds(name: str) -> No
     """Every line its findings compare (orchestrator.report.claims) is made by a run its header gives, for seeds 0, 1
     and 2 (a seed loop), except the claims that need an evaluation streamssl lacks."""
     from orchestrator.report.claims import CLAIMS
-    from orchestrator.spec import flatten
+    from orchestrator.spec.experiment import flatten
 
     path = ROOT / "examples" / f"{name}.yaml"
     assert re.search(r"for s in 0 1 2; do", path.read_text()) and "--set seed=$s" in path.read_text()

@@ -1,4 +1,4 @@
-"""The findings table on a record with known effects (tests/orchestrator/findings_store.py): each verdict, each
+"""The findings table on a record with known effects (tests/orchestrator/report/findings_store.py): each verdict, each
 interval computed here by hand from the logged numbers, and the rows that name their missing runs."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from orchestrator.report.claims import CLAIMS, NONINFERIOR_MARGIN, ONLINE, STREA
 from orchestrator.report.findings import Arm, Claim, evaluate, plan_metric, verdict_of
 from orchestrator.report.writers import write
 from orchestrator.tracking.tracker import Tracker
-from tests.orchestrator.findings_store import EXPERIMENT, OFFLINE_STEPS, ONLINE_STEPS
+from tests.orchestrator.report.findings_store import EXPERIMENT, OFFLINE_STEPS, ONLINE_STEPS
 
 # Student's t 0.975 quantiles (printed tables), for the hand-computed intervals.
 T975 = {1: 12.706204736174707, 2: 4.302652729911275}
