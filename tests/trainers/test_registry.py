@@ -24,7 +24,7 @@ def _backbone() -> torch.nn.Module:
 
 def test_registries_hold_todays_components_and_the_old_maps_are_views_of_them() -> None:
     assert METHOD_REGISTRY.names[:2] == ("simclr", "byol")  # later methods are appended
-    assert BACKBONE_REGISTRY.names == ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "vit_tiny")
+    assert BACKBONE_REGISTRY.names[:5] == ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "vit_tiny")
     assert STRATEGY_REGISTRY.names == ("sequential", "joint", "replay", "mas", "lump", "cassle")
     assert dict(METHODS) == {name: r.build for name, r in METHOD_REGISTRY.items()}
     assert METHODS["simclr"] is SimCLR and METHODS["byol"] is BYOL
