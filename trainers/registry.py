@@ -39,6 +39,7 @@ from trainers.methods.simclr import SimCLR, SimCLRConfig
 from trainers.methods.swav import SwAV, SwAVConfig
 from trainers.methods.simsiam import SimSiam, SimSiamConfig
 from trainers.methods.supervised import Supervised, SupervisedConfig
+from trainers.methods.us3l import US3L, US3LConfig
 from trainers.strategies.cassle import CaSSLe, CaSSLeConfig
 from trainers.strategies.joint import Joint, JointConfig
 from trainers.strategies.lump import Lump, LumpConfig
@@ -156,6 +157,9 @@ METHOD_REGISTRY = Registry("method", [
                    "(Caron et al., 2021)"),
     Record("supervised", Supervised, SupervisedConfig, needs_labels=True, min_global_views=1,
            summary="SL baseline: linear classifier + cross-entropy on the labels (He et al., 2016)"),
+    Record("us3l", US3L, US3LConfig, min_global_views=2, slimmable=True,
+           summary="universally slimmable SSL: sandwich of widths, momentum-teacher InfoNCE distillation "
+                   "(Cao et al., 2023); US-Net baselines as options"),
 ])
 
 BACKBONE_REGISTRY = Registry("backbone", [
