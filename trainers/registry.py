@@ -181,11 +181,16 @@ BACKBONE_REGISTRY = Registry("backbone", [
 ])
 
 
+def backbone_suits(method: str, backbone: str) -> bool:
+    """Whether `method` can train `backbone` (a slimmable method needs a slimmable backbone)."""
+    return not METHOD_REGISTRY.require(method).slimmable or BACKBONE_REGISTRY.require(backbone).slimmable
+
+
 def check_backbone_for_method(method: str, backbone: str) -> None:
     """Raise a ValueError naming `backbone.name` when `method` needs a slimmable backbone and `backbone` is not
     one (the spec calls this with its `methods` keys and `backbone.name`)."""
     method_record, backbone_record = METHOD_REGISTRY.require(method), BACKBONE_REGISTRY.require(backbone)
-    if method_record.slimmable and not backbone_record.slimmable:
+    if not backbone_suits(method_record.name, backbone_record.name):
         slim = [r.name for r in BACKBONE_REGISTRY.values() if r.slimmable]
         raise ValueError(f"backbone.name: method {method!r} trains a slimmable network and needs a slimmable "
                          f"backbone ({', '.join(slim)}), got {backbone!r}")
@@ -203,4 +208,5 @@ STRATEGY_REGISTRY = Registry("strategy", [
                    "loss (Fini et al., 2022); sequential base only"),
 ])
 
-__all__ = ["BACKBONE_REGISTRY", "METHOD_REGISTRY", "Record", "Registry", "STRATEGY_REGISTRY", "check_backbone_for_method"]
+__all__ = ["BACKBONE_REGISTRY", "METHOD_REGISTRY", "Record", "Registry", "STRATEGY_REGISTRY", "backbone_suits",
+           "check_backbone_for_method"]
