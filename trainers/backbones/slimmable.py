@@ -177,7 +177,7 @@ class SlimmableAttention(nn.MultiheadAttention):
         return F.linear(out.transpose(1, 2).reshape(b, t, heads * hd), w_out, self.out_proj.bias), None
 
 
-def _slim_twin(module: nn.Module, slim_out: bool) -> nn.Module | None:
+def slim_twin(module: nn.Module, slim_out: bool) -> nn.Module | None:
     """A slimmable module sharing `module`'s parameters and buffers (same names), or None to leave it as is."""
     kind = type(module)
     if kind is nn.Conv2d:
@@ -215,7 +215,7 @@ def slimmify(module: nn.Module, fixed_out: Iterable[str] = (), slim_linear: bool
                                  "BatchNorm (leave norm_layer unset)")
             if isinstance(child, nn.Linear) and not slim_linear:
                 continue
-            twin = _slim_twin(child, slim_out=full_name not in fixed)
+            twin = slim_twin(child, slim_out=full_name not in fixed)
             if twin is not None:
                 setattr(sub, child_name, twin)
     known = sum(1 for m in module.modules() if hasattr(m, "width") and isinstance(m, _SLIMMABLE))
@@ -367,9 +367,9 @@ def slimmable_vit_tiny(image_size: int = 224, patch_size: int | None = None,
     # Slim the attention and the MLP's hidden layer; the MLP's second Linear and the patch embedding keep the
     # embedding dimension.
     for block in net.encoder.layers:
-        block.self_attention = _slim_twin(block.self_attention, slim_out=True)
-        block.mlp[0] = _slim_twin(block.mlp[0], slim_out=True)
-        block.mlp[3] = _slim_twin(block.mlp[3], slim_out=False)
+        block.self_attention = slim_twin(block.self_attention, slim_out=True)
+        block.mlp[0] = slim_twin(block.mlp[0], slim_out=True)
+        block.mlp[3] = slim_twin(block.mlp[3], slim_out=False)
     net.slimmable = True
     return net
 
@@ -377,6 +377,7 @@ def slimmable_vit_tiny(image_size: int = 224, patch_size: int | None = None,
 __all__ = [
     "MAX_WIDTH", "MIN_WIDTH", "SlimmableAttention", "SlimmableBatchNorm1d", "SlimmableBatchNorm2d",
     "SlimmableConv2d", "SlimmableLinear", "SlimmableMobileNetV2", "SlimmableResNet", "SlimmableViT",
-    "active_channels", "check_width", "feature_dim", "is_slimmable", "recalibrate_bn", "set_width", "slimmify",
+    "active_channels", "check_width", "feature_dim", "is_slimmable", "recalibrate_bn", "set_width", "slim_twin",
+    "slimmify",
     "slimmable_mobilenet_v2", "slimmable_resnet18", "slimmable_resnet50", "slimmable_vit_tiny", "width_cost",
 ]

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from trainers.backbones.slimmable import SlimmableConv2d, SlimmableLinear, _slim_twin, is_slimmable, set_width
+from trainers.backbones.slimmable import SlimmableConv2d, SlimmableLinear, slim_twin, is_slimmable, set_width
 from trainers.config import ComponentConfig
 from trainers.engine.collapse import check_collapse
 from trainers.engine.types import Batch, StepContext, StepOutput, ViewSet
@@ -210,7 +210,7 @@ class US3L(Method):
         self.base_momentum, self.final_momentum = cfg.base_momentum, cfg.final_momentum
         self.projector = mlp(self.feature_dim, cfg.proj_hidden, cfg.proj_out)
         # The projector's first layer takes whatever feature width the backbone gives at the current width.
-        self.projector[0] = _slim_twin(self.projector[0], slim_out=False)
+        self.projector[0] = slim_twin(self.projector[0], slim_out=False)
         self.predictor = mlp(cfg.proj_out, cfg.pred_hidden, cfg.proj_out) if cfg.base_loss == "mse" else None
         self.distill_head = (mlp(cfg.proj_out, cfg.pred_hidden, cfg.proj_out)
                              if cfg.aux_head and cfg.distill_loss != "none" else None)
@@ -302,8 +302,8 @@ class US3L(Method):
     # ------------------------------------------------------------------ group regularisation
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """The default groups; with `group_reg` the weights of the backbone's layers whose outputs slim
-        (convolutions, linear layers; norms and biases stay undecayed as everywhere) leave the decayed group for one with weight decay 0 whose
-        decay `on_after_backward` adds per channel group: `weight_decay x (1 - alpha_t x i)` for the i-th of
+        (convolutions, linear layers; norms and biases stay undecayed as everywhere) leave the decayed group for one
+        with weight decay 0 whose decay `on_after_backward` adds per channel group: `weight_decay x (1 - alpha_t x i)` for the i-th of
         `group_reg_bins` groups of output channels, alpha_t ramping from 0 to `group_reg_alpha`. Applied to the
         gradient (coupled L2, as the paper's regulariser, a loss term), after DDP's all-reduce, on every rank alike.
         """
