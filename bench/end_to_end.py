@@ -62,7 +62,7 @@ from bench.common import (
     write_results,
 )
 from bench.step_throughput import BareLoop, StepConfig, StreamsslLoop, augment_configs, cycle, premade_batches
-from trainers.registry import BACKBONE_REGISTRY, METHOD_REGISTRY
+from trainers.registry import BACKBONE_REGISTRY, METHOD_REGISTRY, backbone_suits
 
 VARIANTS = ("streamssl", "streamssl+device-decode", "dataloader", "streamssl-step", "bare")
 REFERENCE = "bare"
@@ -174,9 +174,13 @@ def cells_for(args: argparse.Namespace) -> list[tuple[str, str]]:
     """(backbone, method) cells: the product of --backbone x --method, or with --cells cross every method on the
     first backbone and the first method on every other backbone (each method and each backbone measured once)."""
     if args.cells == "product":
-        return [(b, m) for b in args.backbone for m in args.method]
+        return [(b, m) for b in args.backbone for m in args.method if backbone_suits(m, b)]
     first_b, first_m = args.backbone[0], args.method[0]
-    return [(first_b, m) for m in args.method] + [(b, first_m) for b in args.backbone[1:]]
+    # A slimmable method (US3L) runs on the first slimmable backbone given when the first backbone is not one.
+    cells = [(first_b if backbone_suits(m, first_b) else next((b for b in args.backbone if backbone_suits(m, b)),
+                                                             None), m) for m in args.method]
+    return [(b, m) for b, m in cells if b is not None] + [(b, first_m) for b in args.backbone[1:]
+                                                           if backbone_suits(first_m, b)]
 
 
 def measure_cell(args: argparse.Namespace, cfg: StepConfig, data: dict[str, Any], device: str, workers: int,

@@ -71,7 +71,7 @@ from bench.steps import (  # noqa: F401
     premade_batches,
     view_plan_for,
 )
-from trainers.registry import BACKBONE_REGISTRY, METHOD_REGISTRY
+from trainers.registry import BACKBONE_REGISTRY, METHOD_REGISTRY, backbone_suits
 
 VARIANTS = ("engine", "bare", "bare-v2")
 # The performance goal's bare-loop anchors (224 px, bf16, channels_last, batch 256 on an H100): the cells whose
@@ -95,7 +95,8 @@ def gpu_suite_cells() -> list[tuple[str, str | None, str]]:
         out.append((backbone, None if missing else method,
                     f"{'/'.join(missing)} not registered in this checkout" if missing else "anchor"))
         seen.add((backbone, method))
-    out += [(b, m, "") for b in BACKBONE_REGISTRY.names for m in METHOD_REGISTRY.names if (b, m) not in seen]
+    out += [(b, m, "") for b in BACKBONE_REGISTRY.names for m in METHOD_REGISTRY.names
+            if (b, m) not in seen and backbone_suits(m, b)]  # a slimmable method only on slimmable backbones
     return out
 
 
@@ -196,7 +197,7 @@ def cells_for(args: argparse.Namespace) -> list[tuple[str, str | None, str]]:
         return gpu_suite_cells()
     methods = args.methods or list(METHOD_REGISTRY.names)
     backbones = args.backbones or (list(QUICK_BACKBONES) if args.quick else list(BACKBONE_REGISTRY.names))
-    return [(b, m, "") for b in backbones for m in methods]
+    return [(b, m, "") for b in backbones for m in methods if backbone_suits(m, b)]
 
 
 def base_config(args: argparse.Namespace, device: str) -> tuple[StepConfig, dict[str, dict[str, Any]]]:

@@ -26,6 +26,12 @@ from typing import Any
 
 from trainers.backbones.mobilenet import MobileNetV2Config, mobilenet_v2
 from trainers.backbones.resnet import ResNetConfig, resnet18, resnet34, resnet50
+from trainers.backbones.slimmable import (
+    slimmable_mobilenet_v2,
+    slimmable_resnet18,
+    slimmable_resnet50,
+    slimmable_vit_tiny,
+)
 from trainers.backbones.vit import ViTConfig, vit_tiny
 from trainers.config import ComponentConfig
 from trainers.methods.barlow_twins import BarlowTwins, BarlowTwinsConfig
@@ -37,6 +43,7 @@ from trainers.methods.simclr import SimCLR, SimCLRConfig
 from trainers.methods.simsiam import SimSiam, SimSiamConfig
 from trainers.methods.supervised import Supervised, SupervisedConfig
 from trainers.methods.swav import SwAV, SwAVConfig
+from trainers.methods.us3l import US3L, US3LConfig
 from trainers.strategies.cassle import CaSSLe, CaSSLeConfig
 from trainers.strategies.joint import Joint, JointConfig
 from trainers.strategies.lump import Lump, LumpConfig
@@ -58,6 +65,8 @@ class Record:
         weights_local_views: weighs its local-view terms by `ViewSet.local_weight` (`views.local.loss_weight`).
         min_global_views: global views per image the component needs in every batch.
         summary: one line for listings and help.
+        slimmable: a backbone that runs at any width in [0.25, 1.0] (`trainers.backbones.slimmable`); a method
+            that needs one (US3L). `check_backbone_for_method` refuses a slimmable method on another backbone.
     """
 
     name: str
@@ -68,6 +77,7 @@ class Record:
     weights_local_views: bool = False
     min_global_views: int = 1
     summary: str = ""
+    slimmable: bool = False
 
     def __post_init__(self) -> None:
         if not (isinstance(self.config, type) and issubclass(self.config, ComponentConfig)):
@@ -151,6 +161,9 @@ METHOD_REGISTRY = Registry("method", [
                    "(Caron et al., 2021)"),
     Record("supervised", Supervised, SupervisedConfig, needs_labels=True, min_global_views=1,
            summary="SL baseline: linear classifier + cross-entropy on the labels (He et al., 2016)"),
+    Record("us3l", US3L, US3LConfig, min_global_views=2, slimmable=True,
+           summary="universally slimmable SSL: sandwich of widths, momentum-teacher InfoNCE distillation "
+                   "(Cao et al., 2023); US-Net baselines as options"),
 ])
 
 BACKBONE_REGISTRY = Registry("backbone", [
@@ -161,7 +174,31 @@ BACKBONE_REGISTRY = Registry("backbone", [
            summary="MobileNetV2, inverted residuals (torchvision); out_dim 1280 x max(1, width_mult)"),
     Record("vit_tiny", vit_tiny, ViTConfig,
            summary="ViT-Tiny: dim 192, depth 12, 3 heads (torchvision); patch from the image size; out_dim 192"),
+    Record("slimmable_resnet18", slimmable_resnet18, ResNetConfig, slimmable=True,
+           summary="ResNet-18 runnable at any width in [0.25, 1.0] (first k channels; US-Net); features slim"),
+    Record("slimmable_resnet50", slimmable_resnet50, ResNetConfig, slimmable=True,
+           summary="ResNet-50 runnable at any width in [0.25, 1.0] (first k channels; US-Net); features slim"),
+    Record("slimmable_mobilenet_v2", slimmable_mobilenet_v2, MobileNetV2Config, slimmable=True,
+           summary="MobileNetV2 runnable at any width in [0.25, 1.0]; the last layer's 1280 outputs stay"),
+    Record("slimmable_vit_tiny", slimmable_vit_tiny, ViTConfig, slimmable=True,
+           summary="ViT-Tiny whose heads and MLP hidden units slim to any width in [0.25, 1.0]; out_dim 192"),
 ])
+
+
+def backbone_suits(method: str, backbone: str) -> bool:
+    """Whether `method` can train `backbone` (a slimmable method needs a slimmable backbone)."""
+    return not METHOD_REGISTRY.require(method).slimmable or BACKBONE_REGISTRY.require(backbone).slimmable
+
+
+def check_backbone_for_method(method: str, backbone: str) -> None:
+    """Raise a ValueError naming `backbone.name` when `method` needs a slimmable backbone and `backbone` is not
+    one (the spec calls this with its `methods` keys and `backbone.name`)."""
+    method_record, backbone_record = METHOD_REGISTRY.require(method), BACKBONE_REGISTRY.require(backbone)
+    if not backbone_suits(method_record.name, backbone_record.name):
+        slim = [r.name for r in BACKBONE_REGISTRY.values() if r.slimmable]
+        raise ValueError(f"backbone.name: method {method!r} trains a slimmable network and needs a slimmable "
+                         f"backbone ({', '.join(slim)}), got {backbone!r}")
+
 
 STRATEGY_REGISTRY = Registry("strategy", [
     Record("sequential", Sequential, SequentialConfig, summary="ST: chunk t from chunk t-1's weights"),
@@ -176,4 +213,5 @@ STRATEGY_REGISTRY = Registry("strategy", [
                    "loss (Fini et al., 2022); sequential base only"),
 ])
 
-__all__ = ["BACKBONE_REGISTRY", "METHOD_REGISTRY", "Record", "Registry", "STRATEGY_REGISTRY"]
+__all__ = ["BACKBONE_REGISTRY", "METHOD_REGISTRY", "Record", "Registry", "STRATEGY_REGISTRY", "backbone_suits",
+           "check_backbone_for_method"]

@@ -44,7 +44,13 @@ from orchestrator.spec.overrides import apply_overrides, parse_override  # noqa:
 from orchestrator.spec.section import Section, none_is_empty
 from orchestrator.spec.sweep import SweepSpec
 from orchestrator.spec.views import LocalViewSpec, ViewSpec, ViewsSpec, view_problem  # noqa: F401  (re-exported)
-from trainers.registry import BACKBONE_REGISTRY, METHOD_REGISTRY, STRATEGY_REGISTRY, Registry
+from trainers.registry import (
+    BACKBONE_REGISTRY,
+    METHOD_REGISTRY,
+    STRATEGY_REGISTRY,
+    Registry,
+    check_backbone_for_method,
+)
 from trainers.strategies.buffer import RowBuffer
 from trainers.views.plan import default_local_size
 
@@ -310,6 +316,7 @@ class Spec(Section):
             )
         for method in self.lines.method:
             record = METHOD_REGISTRY[method]
+            check_backbone_for_method(method, self.backbone.name)  # a slimmable method needs a slimmable backbone
             if self.views.global_.count < record.min_global_views:
                 raise ValueError(
                     f"views.global.count must be >= {record.min_global_views}: {method} compares "

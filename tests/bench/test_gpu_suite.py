@@ -15,9 +15,9 @@ import torch
 
 from bench import end_to_end, gpu_suite
 from bench.step_throughput import ANCHORS
-from trainers.registry import BACKBONE_REGISTRY, METHOD_REGISTRY
+from trainers.registry import BACKBONE_REGISTRY, METHOD_REGISTRY, backbone_suits
 
-EVERY_CELL = {(b, m) for b in BACKBONE_REGISTRY.names for m in METHOD_REGISTRY.names}
+EVERY_CELL = {(b, m) for b in BACKBONE_REGISTRY.names for m in METHOD_REGISTRY.names if backbone_suits(m, b)}
 
 
 def positive_finite(x) -> bool:
@@ -89,4 +89,5 @@ def test_end_to_end_all_measures_every_method_and_every_backbone() -> None:
     cells = end_to_end.cells_for(args)
     assert {m for _, m in cells} == set(METHOD_REGISTRY.names) and {b for b, _ in cells} == set(BACKBONE_REGISTRY.names)
     assert len(cells) == len(METHOD_REGISTRY) + len(BACKBONE_REGISTRY) - 1
+    assert ('slimmable_resnet18', 'us3l') in cells  # the first backbone (resnet18) cannot train US3L
     assert len(end_to_end.cells_for(SimpleNamespace(**{**vars(args), "cells": "product"}))) == len(EVERY_CELL)

@@ -24,7 +24,7 @@ from bench.steps import (
     premade_batches,
     view_plan_for,
 )
-from trainers.registry import BACKBONE_REGISTRY, METHOD_REGISTRY
+from trainers.registry import BACKBONE_REGISTRY, METHOD_REGISTRY, backbone_suits
 
 RECORDS = list(METHOD_REGISTRY.values())
 
@@ -69,8 +69,8 @@ def test_the_quick_path_writes_every_field_with_positive_throughputs(tmp_path) -
 def test_both_loops_start_from_the_same_weights_views_and_batch(record) -> None:
     """The first step of the engine and of the bare loop gives the same loss: the bare loop does the engine's work
     (views the record asks for, labels where it needs them), so their ratio compares loops, not workloads."""
-    cfg = StepConfig(backbone="resnet18", width=4, method=record.name, size=16, batch=8, precision="fp32",
-                     channels_last=False, small_heads=True)
+    cfg = StepConfig(backbone="slimmable_resnet18" if record.slimmable else "resnet18", width=4, method=record.name,
+                     size=16, batch=8, precision="fp32", channels_last=False, small_heads=True)
     plan = view_plan_for(cfg)
     assert len(plan.global_) >= max(2, record.min_global_views)
     assert bool(plan.local) == record.needs_local_views
@@ -97,8 +97,9 @@ def test_the_gpu_suite_lists_the_anchors_first_then_every_method_x_backbone_once
     assert [(b, m) for b, m, _ in cells[:len(step_throughput.ANCHORS)]] == list(step_throughput.ANCHORS)
     assert ("resnet18", "simclr") in step_throughput.ANCHORS and ("vit_tiny", "simclr") in step_throughput.ANCHORS
     pairs = [(b, m) for b, m, _ in cells]
-    assert len(pairs) == len(set(pairs)) == len(BACKBONE_REGISTRY) * len(METHOD_REGISTRY)
-    assert set(pairs) == {(b, m) for b in BACKBONE_REGISTRY.names for m in METHOD_REGISTRY.names}
+    suited = {(b, m) for b in BACKBONE_REGISTRY.names for m in METHOD_REGISTRY.names if backbone_suits(m, b)}
+    assert len(pairs) == len(set(pairs)) == len(suited)
+    assert set(pairs) == suited and ("resnet18", "us3l") not in suited and ("slimmable_resnet18", "us3l") in suited
 
 
 def test_local_views_get_a_side_the_backbone_accepts_and_both_loops_consume_them() -> None:

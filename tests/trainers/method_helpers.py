@@ -10,8 +10,15 @@ from trainers.engine.types import Batch, StepContext, StepOutput, ViewSet
 from trainers.views.plan import make_view_set, view_plan
 
 
-def tiny_backbone(image_size: int = 16, width: int = 4) -> torch.nn.Module:
-    return build_backbone("resnet18", image_size=image_size, width=width)
+def tiny_backbone(image_size: int = 16, width: int = 4, method: str | None = None) -> torch.nn.Module:
+    """A tiny ResNet-18; the slimmable one when `method` trains a slimmable network (US3L)."""
+    return build_backbone(tiny_backbone_name(method), image_size=image_size, width=width)
+
+
+def tiny_backbone_name(method: str | None = None) -> str:
+    from trainers.registry import METHOD_REGISTRY
+
+    return "slimmable_resnet18" if method is not None and METHOD_REGISTRY[method].slimmable else "resnet18"
 
 
 def images(b: int = 8, size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -59,4 +66,5 @@ SMALL_OPTIONS: dict[str, dict] = {
     "barlow_twins": {"proj_hidden": 32, "proj_out": 32},
     "simsiam": {"proj_hidden": 32, "proj_out": 32, "pred_hidden": 8},
     "supervised": {"num_classes": 4},
+    "us3l": {"proj_hidden": 32, "proj_out": 16, "pred_hidden": 16},
 }

@@ -95,7 +95,8 @@ def test_gradients_reach_the_stem() -> None:
 
 
 def test_bad_arguments_raise_naming_them() -> None:
-    assert set(BACKBONES) == {"resnet18", "resnet34", "resnet50", "mobilenet_v2", "vit_tiny"}
+    assert set(BACKBONES) == {"resnet18", "resnet34", "resnet50", "mobilenet_v2", "vit_tiny", "slimmable_resnet18",
+                              "slimmable_resnet50", "slimmable_mobilenet_v2", "slimmable_vit_tiny"}
     with pytest.raises(ValueError, match="unknown backbone 'vit'"):
         build_backbone("vit", image_size=32)
     with pytest.raises(ValueError, match="width"):

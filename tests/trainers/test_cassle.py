@@ -219,7 +219,7 @@ def test_the_term_is_lambda_times_the_view_mean_of_the_loss_between_g_of_now_and
 def test_every_method_reports_its_embeddings_and_its_distill_loss_rewards_a_match(name: str) -> None:
     record = METHOD_REGISTRY[name]
     torch.manual_seed(0)
-    method = record.build(tiny_backbone(), **SMALL_OPTIONS[name]).eval()  # eval: BN per row, views comparable
+    method = record.build(tiny_backbone(method=name), **SMALL_OPTIONS[name]).eval()  # eval: BN per row, views comparable
     views = view_set(b=8, local_count=2 if record.needs_local_views else 0)
     out = forward(method, views, torch.arange(8) % 4 if record.needs_labels else None)
     assert 1 <= len(out.embeddings) <= len(views.global_)

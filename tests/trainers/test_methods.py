@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.trainers.method_helpers import SMALL_OPTIONS, context, step, tiny_backbone, view_set
+from tests.trainers.method_helpers import SMALL_OPTIONS, context, step, tiny_backbone, tiny_backbone_name, view_set
 from trainers.engine.checkpoint import load_state, save_state
 from trainers.engine.loop import LineTrainer, LoopConfig
 from trainers.engine.types import Batch
@@ -36,7 +36,7 @@ def test_every_method_has_small_test_options() -> None:
 @pytest.mark.parametrize("record", RECORDS, ids=lambda r: r.name)
 def test_one_engine_step_trains_the_online_network_and_moves_targets_by_ema(record) -> None:
     torch.manual_seed(0)
-    method = record.build(tiny_backbone(), **SMALL_OPTIONS[record.name])
+    method = record.build(tiny_backbone(method=record.name), **SMALL_OPTIONS[record.name])
     optimizer = torch.optim.SGD(method.param_groups(1e-4), lr=0.05, momentum=0.9)
     online_before = [p.detach().clone() for p in method.backbone.parameters()]
     pairs = method.momentum_pairs()
@@ -57,7 +57,7 @@ def test_one_engine_step_trains_the_online_network_and_moves_targets_by_ema(reco
                          ids=lambda r: r.name)
 def test_a_method_refuses_views_it_cannot_consume(record) -> None:
     torch.manual_seed(0)
-    method = record.build(tiny_backbone(), **SMALL_OPTIONS[record.name])
+    method = record.build(tiny_backbone(method=record.name), **SMALL_OPTIONS[record.name])
     optimizer = torch.optim.SGD(method.param_groups(0.0), lr=0.01)
     too_few = view_set(global_count=1) if record.min_global_views > 1 else view_set(global_count=2)
     with pytest.raises(ValueError, match="views"):
@@ -67,7 +67,7 @@ def test_a_method_refuses_views_it_cannot_consume(record) -> None:
 def _config(record, **overrides) -> LoopConfig:
     plan = view_plan(global_count=max(2, record.min_global_views), global_size=16,
                      local_count=2 if record.needs_local_views else 0, local_size=8, global_options={"blur_p": 0.0})
-    base = dict(method=record.name, strategy="sequential", image_size=16, views=plan, backbone_width=4, lr=0.05,
+    base = dict(method=record.name, backbone=tiny_backbone_name(record.name), strategy="sequential", image_size=16, views=plan, backbone_width=4, lr=0.05,
                 epochs_per_chunk=1, batch_size=8, seed=1, method_options=SMALL_OPTIONS[record.name],
                 checkpoint_every_steps=3, line_steps=12)
     base.update(overrides)

@@ -18,13 +18,14 @@ from trainers.strategies import MAS, STRATEGIES, CaSSLe, Joint, JointConfig, Lum
 ALL_RECORDS = [r for registry in (METHOD_REGISTRY, BACKBONE_REGISTRY, STRATEGY_REGISTRY) for r in registry.values()]
 
 
-def _backbone() -> torch.nn.Module:
-    return build_backbone("resnet18", image_size=16, width=4)
+def _backbone(record: Record | None = None) -> torch.nn.Module:
+    name = "slimmable_resnet18" if record is not None and record.slimmable else "resnet18"
+    return build_backbone(name, image_size=16, width=4)
 
 
 def test_registries_hold_todays_components_and_the_old_maps_are_views_of_them() -> None:
     assert METHOD_REGISTRY.names[:2] == ("simclr", "byol")  # later methods are appended
-    assert BACKBONE_REGISTRY.names == ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "vit_tiny")
+    assert BACKBONE_REGISTRY.names[:5] == ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "vit_tiny")
     assert STRATEGY_REGISTRY.names == ("sequential", "joint", "replay", "mas", "lump", "cassle")
     assert dict(METHODS) == {name: r.build for name, r in METHOD_REGISTRY.items()}
     assert METHODS["simclr"] is SimCLR and METHODS["byol"] is BYOL
@@ -70,7 +71,7 @@ def test_every_option_has_a_description_and_a_valid_default(record: Record) -> N
 @pytest.mark.parametrize("record", list(METHOD_REGISTRY.values()), ids=lambda r: r.name)
 def test_constructor_keywords_and_defaults_are_the_configs(record: Record) -> None:
     # A method takes its options through its Config alone: built without options it holds the Config's defaults.
-    built = record.build(_backbone(), **SMALL.get(record.name, {}))
+    built = record.build(_backbone(record), **SMALL.get(record.name, {}))
     assert built.config.model_dump() == record.options(SMALL.get(record.name, {}))
     assert type(built.config) is record.config
 

@@ -8,7 +8,9 @@ Usage::
     maps = net.forward_stages(images)                            # four [B, C, h, w] maps, shallow to deep
     vit = build_backbone("vit_tiny", image_size=32)              # patch 4 chosen for 32 px images
 
-Families: `resnet` (resnet18, resnet34, resnet50), `mobilenet` (mobilenet_v2), `vit` (vit_tiny); the contract
+Families: `resnet` (resnet18, resnet34, resnet50), `mobilenet` (mobilenet_v2), `vit` (vit_tiny), and their
+universally slimmable variants in `slimmable` (slimmable_resnet18/50, slimmable_mobilenet_v2, slimmable_vit_tiny:
+width set at forward time, `set_width`, `recalibrate_bn`, `width_cost`); the contract
 they share (`out_dim`, `forward`, `forward_stages`, norm factories) is described in `trainers.backbones.base`.
 `BACKBONES` (name -> builder) is a read-only view of the registry, kept for existing callers.
 """
@@ -22,6 +24,15 @@ from torch import nn
 from trainers.backbones.base import CIFAR_STEM_MAX_SIZE, BackboneConfig, NormLayer, check_image_size
 from trainers.backbones.mobilenet import MobileNetV2, MobileNetV2Config, mobilenet_v2
 from trainers.backbones.resnet import ResNet, ResNetConfig, resnet18, resnet34, resnet50
+from trainers.backbones.slimmable import (
+    recalibrate_bn,
+    set_width,
+    slimmable_mobilenet_v2,
+    slimmable_resnet18,
+    slimmable_resnet50,
+    slimmable_vit_tiny,
+    width_cost,
+)
 from trainers.backbones.vit import ViT, ViTConfig, vit_tiny
 
 
@@ -68,5 +79,6 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "BACKBONES", "CIFAR_STEM_MAX_SIZE", "BackboneConfig", "MobileNetV2", "MobileNetV2Config", "NormLayer", "ResNet",
     "ResNetConfig", "ViT", "ViTConfig", "build_backbone", "mobilenet_v2", "resnet18", "resnet34", "resnet50",
-    "vit_tiny",
+    "vit_tiny", "recalibrate_bn", "set_width", "slimmable_mobilenet_v2", "slimmable_resnet18", "slimmable_resnet50",
+    "slimmable_vit_tiny", "width_cost",
 ]

@@ -15,7 +15,7 @@ from torch import nn
 
 from trainers.backbones import build_backbone
 from trainers.optim import LR_SCALING, OPTIMIZERS, scaled_lr
-from trainers.registry import METHOD_REGISTRY
+from trainers.registry import METHOD_REGISTRY, check_backbone_for_method
 from trainers.schedules import SCHEDULES, SCOPE, build_schedule
 from trainers.views.augment import AugmentConfig
 from trainers.views.plan import ViewPlan
@@ -80,6 +80,7 @@ class LoopConfig:
                              f"{len(self.views.global_)}")
         if METHOD_REGISTRY[self.method].needs_local_views and not self.views.local:
             raise ValueError(f"views: {self.method} needs local (multi-crop) views")
+        check_backbone_for_method(self.method, self.backbone)  # US3L needs a slimmable backbone
         self.resolved_backbone_options()
 
     def resolved_backbone_options(self) -> dict[str, Any]:

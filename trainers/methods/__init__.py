@@ -29,6 +29,7 @@ from trainers.methods.simclr import SimCLR, SimCLRConfig, nt_xent_loss
 from trainers.methods.simsiam import SimSiam, SimSiamConfig, simsiam_loss
 from trainers.methods.supervised import Supervised, SupervisedConfig, supervised_loss
 from trainers.methods.swav import SwAV, SwAVConfig, sinkhorn_knopp, swapped_prediction, swav_loss
+from trainers.methods.us3l import US3L, US3LConfig
 
 
 def __getattr__(name: str) -> Any:
@@ -38,7 +39,7 @@ def __getattr__(name: str) -> Any:
         return METHOD_REGISTRY.builders()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = ["BYOL", "BYOLConfig", "BarlowTwins", "BarlowTwinsConfig", "DINO", "DINOConfig", "METHODS", "MoCoV2",
+__all__ = ["US3L", "US3LConfig", "BYOL", "BYOLConfig", "BarlowTwins", "BarlowTwinsConfig", "DINO", "DINOConfig", "METHODS", "MoCoV2",
     "MoCoV2Config", "MoCoV2Plus", "MoCoV2PlusConfig", "SimCLR", "SimCLRConfig", "SimSiam", "SimSiamConfig",
     "Supervised", "SupervisedConfig", "SwAV", "SwAVConfig", "barlow_twins_loss", "byol_loss", "dino_loss",
     "moco_infonce_loss", "nt_xent_loss", "simsiam_loss", "sinkhorn_knopp", "supervised_loss", "swapped_prediction",

@@ -11,7 +11,6 @@ and gradients of one process holding the whole batch. Outside torch.distributed 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainers.engine.distributed import gather_with_grad, world

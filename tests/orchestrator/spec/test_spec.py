@@ -411,3 +411,11 @@ def test_evaluators_and_stream_kinds_come_from_their_records() -> None:
         validate_spec({**minimal(), "eval": {"every_chunk": ["fewshot"]}})
     with pytest.raises(SpecError, match=r"stream\.kind: Input should be 'instance', 'random_class'"):
         validate_spec({**minimal(), "stream": {"kind": "online_class", "chunks": 2}})
+
+
+def test_a_slimmable_method_needs_a_slimmable_backbone_naming_the_field() -> None:
+    lines = {"method": ["us3l"], "strategy": ["sequential"]}
+    with pytest.raises(SpecError, match=r"backbone\.name: method 'us3l' trains a slimmable network .* got 'resnet18'"):
+        validate_spec({**minimal(), "lines": lines})
+    spec = validate_spec({**minimal(), "lines": lines, "backbone": {"name": "slimmable_resnet18", "width": 8}})
+    assert spec.backbone.name == "slimmable_resnet18" and "us3l" in spec.methods
