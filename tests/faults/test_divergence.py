@@ -27,12 +27,17 @@ pytestmark = pytest.mark.slow
 DIVERGING, STEADY = "simclr-sequential-mas", "simclr-sequential"
 
 
-def test_a_diverging_line_fails_alone_and_the_others_finish(tmp_path: Path, synthetic_url: str, ray_local) -> None:
+def test_a_diverging_line_fails_alone_and_the_others_finish(tmp_path: Path, synthetic_url: str, ray_local,
+                                                            fresh_mlflow_store) -> None:
+    fresh_mlflow_store(tmp_path / "runs" / "mlflow.db")  # a copy of the session's migrated empty store
     # MAS's penalty is zero in chunk 0 (no importances yet); in chunk 1 a λ of 1e30 blows the loss up within steps.
     spec = validate_spec(tiny_spec(
         "diverge", synthetic_url,
         lines={"method": ["simclr"], "strategy": [["sequential", "mas"], "sequential"]},  # the diverging one first
         strategy={"mas": {"lambd": 1e30, "batches": 2}},
+        # One epoch of global batch 64: 9 steps a chunk (600 rows), each checkpointed; the MAS line diverges within
+        # its first steps of chunk 1, after its step-1 checkpoint. More steps only add checkpoints of the steady line.
+        optim={"epochs_per_chunk": 1, "batch_size": 64},
         resources={"checkpoint_every_steps": 1, "max_failures": 3},
         storage={"workdir": str(tmp_path / "runs")},
     ))

@@ -19,11 +19,11 @@ pytestmark = pytest.mark.slow
 NAME = "online-driver-death"
 
 
-def test_an_online_stream_resumes_after_its_driver_died(tmp_path: Path, synthetic_url: str) -> None:
+def test_an_online_stream_resumes_after_its_driver_died(tmp_path: Path, synthetic_url: str, fresh_mlflow_store) -> None:
     spec = _online_spec(NAME, synthetic_url, tmp_path, rals=False, checkpoint_every_batches=5)
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
-    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    client = MlflowClient(fresh_mlflow_store(tmp_path / "runs" / "mlflow.db"))  # the session's migrated empty store
     command = [sys.executable, "-m", "cli.app", "run", str(path)]
     driver = start_driver(command, tmp_path / "driver.log")
     try:

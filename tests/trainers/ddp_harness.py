@@ -10,6 +10,7 @@ holding the whole batch, with the same gradients.
 
 from __future__ import annotations
 
+import multiprocessing
 import socket
 import tempfile
 from datetime import timedelta
@@ -19,6 +20,18 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+# The ranks are forked from one forkserver per test session that has torch (and the trainers) imported already: a
+# `spawn`ed rank re-imports torch, 5-10 s a process on the loaded 2-core machine, which was most of every DDP test.
+# A forkserver is single-threaded and never ran Ray, so its forks are clean (a plain fork of the pytest process, which
+# may hold Ray's and gloo's threads, is not). Each rank still is its own process with its own gloo group.
+multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "trainers.engine.loop",
+                                        "tests.trainers.ddp_harness"])
+
+
+def start_ranks(fn: Callable, args: tuple, nprocs: int = 2, join: bool = True):
+    """`torch.multiprocessing.spawn(fn, args, nprocs, join)`, the ranks forked from the session's forkserver."""
+    return mp.start_processes(fn, args=args, nprocs=nprocs, join=join, start_method="forkserver")
 
 
 def free_port() -> int:
@@ -39,7 +52,7 @@ def _entry(rank: int, worker: Callable[[int, int], dict[str, Any]], world: int, 
 
 def run_ddp(worker: Callable[[int, int], dict[str, Any]], world: int = 2) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_entry, args=(worker, world, free_port(), out_dir), nprocs=world, join=True)
+        start_ranks(_entry, (worker, world, free_port(), out_dir), nprocs=world)
         return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 

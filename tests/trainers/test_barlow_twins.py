@@ -184,6 +184,7 @@ def test_two_ranks_give_the_loss_and_gradients_of_one_process_with_the_whole_bat
 
 # ----------------------------------------------------------------------------- learning
 
+@pytest.mark.slow  # a real pre-training of tens of steps and two kNN evaluations: out of the unit loop
 def test_short_pretraining_improves_knn(tmp_path) -> None:
     started = time.perf_counter()
     # scale_loss 0.025: the early official code's factor (0.024 for the released model); with plain SGD the loss

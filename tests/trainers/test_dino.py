@@ -382,6 +382,7 @@ def test_ema_moves_the_teacher_after_a_step() -> None:
         assert torch.allclose(t1, 0.9 * t0 + 0.1 * o.detach(), atol=1e-6)
 
 
+@pytest.mark.slow  # a real pre-training of tens of steps and two kNN evaluations: out of the unit loop
 def test_short_dino_pretraining_beats_random_init(tmp_path) -> None:
     # Small heads; a sharper teacher (0.02) and a trainable last-layer norm without the freeze keep this 70-step run
     # off the uniform collapse (with the paper's 0.04 / fixed norm / 1-epoch freeze and AdamW 2e-3: 0.085 -> 0.155,

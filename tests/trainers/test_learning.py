@@ -4,9 +4,12 @@ in their own test files and use the same helper."""
 
 from __future__ import annotations
 
+import pytest
+
 from tests.trainers.learning_helpers import short_pretraining
 
 
+@pytest.mark.slow  # a real pre-training of tens of steps and two kNN evaluations: out of the unit loop
 def test_short_simclr_pretraining_beats_random_init(tmp_path) -> None:
     random_init, trained, report = short_pretraining(tmp_path, "simclr", {"proj_hidden": 512})
     assert report.losses[-1] < report.losses[0] - 1.0
@@ -15,6 +18,7 @@ def test_short_simclr_pretraining_beats_random_init(tmp_path) -> None:
     assert trained > 1.8 * random_init, (random_init, trained)
 
 
+@pytest.mark.slow  # a real pre-training of tens of steps and two kNN evaluations: out of the unit loop
 def test_short_byol_pretraining_beats_random_init(tmp_path) -> None:
     """BYOL with its defaults (base momentum 0.99 rising to 1 over the line, applied by the engine once per line)."""
     random_init, trained, report = short_pretraining(tmp_path, "byol",

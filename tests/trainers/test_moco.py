@@ -351,6 +351,7 @@ EPOCHS = 6
                  "final_momentum": 0.99}),
     ("moco_v2_plus", {"proj_hidden": 256, "proj_out": 64, "pred_hidden": 256, "queue_size": 1024}),
 ])
+@pytest.mark.slow  # a real pre-training of tens of steps and two kNN evaluations: out of the unit loop
 def test_short_pretraining_learns(tmp_path, name, options) -> None:
     start = time.perf_counter()
     random_init, trained, _ = short_pretraining(tmp_path, name, options, lr=0.5, epochs=EPOCHS)

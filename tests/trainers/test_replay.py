@@ -204,14 +204,12 @@ def test_a_buffer_with_fewer_rows_than_ranks_neither_hangs_nor_splits_the_batch_
     """2 gloo ranks, 8 rows a rank a step. A 1-row buffer leaves rank 1's shard empty: before, rank 0 trained on
     8 + 4 replayed rows and rank 1 on 8, and the loss's all-gather of unequal shapes failed. Now the ranks agree
     that not every shard has rows and neither replays; a 3-row buffer (shards of 2 and 1) replays 4 rows on both."""
-    import torch.multiprocessing as mp
-
     from tests.trainers import ddp_harness
 
     world = 2
     with tempfile.TemporaryDirectory() as out_dir:
-        context = mp.spawn(ddp_harness._entry, args=(_tiny_buffer_worker, world, ddp_harness.free_port(), out_dir),
-                           nprocs=world, join=False)
+        context = ddp_harness.start_ranks(ddp_harness._entry, (_tiny_buffer_worker, world, ddp_harness.free_port(),
+                                                               out_dir), nprocs=world, join=False)
         deadline = time.monotonic() + 300  # measured: 10 s idle, 120 s on a loaded 2-core machine; a hang stops here
         while not context.join(timeout=max(0.1, deadline - time.monotonic())):
             if time.monotonic() > deadline:

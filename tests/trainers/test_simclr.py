@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from tests.trainers.ddp_harness import start_ranks
 from tests.trainers.method_helpers import context, forward, step, view_set
 from trainers.backbones import build_backbone
 from trainers.engine.types import ViewSet
@@ -188,7 +188,7 @@ def _gather_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 def test_negatives_are_gathered_across_workers(tmp_path: Path) -> None:
     world = 2
-    mp.spawn(_gather_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    start_ranks(_gather_worker, (world, _free_port(), str(tmp_path)), nprocs=world)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
     z1, z2 = (z.requires_grad_() for z in _ddp_batch())

@@ -130,6 +130,7 @@ def test_the_predictor_lr_survives_the_cosine_schedule_through_line_trainer() ->
     assert rest[0][0] == pytest.approx(0.2) and rest[0][0] > rest[1][0] > rest[2][0] > 0
 
 
+@pytest.mark.slow  # a real pre-training of tens of steps and two kNN evaluations: out of the unit loop
 def test_short_pretraining_improves_knn(tmp_path) -> None:
     started = time.perf_counter()
     random_init, trained, report = short_pretraining(

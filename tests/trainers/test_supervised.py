@@ -94,6 +94,7 @@ def test_loss_is_float32_under_bfloat16_autocast() -> None:
     assert loss.item() == pytest.approx(supervised_loss(logits, labels).item(), rel=2e-2)
 
 
+@pytest.mark.slow  # a real pre-training of tens of steps and two kNN evaluations: out of the unit loop
 def test_short_training_beats_the_ssl_methods(tmp_path) -> None:
     started = time.perf_counter()
     random_init, trained, report = short_pretraining(tmp_path, "supervised", {"num_classes": 12}, lr=0.5, epochs=8)

@@ -425,6 +425,7 @@ def test_the_queue_is_saved_with_the_weights() -> None:
     assert torch.equal(fresh.queue, method.queue) and int(fresh.queue_filled) == 8
 
 
+@pytest.mark.slow  # a real pre-training of tens of steps and two kNN evaluations: out of the unit loop
 def test_swav_learns_on_the_synthetic_set(tmp_path) -> None:
     # 2 global (32 px) + 2 local (16 px) views, 2 epochs of 7 steps, prototypes frozen for the first epoch.
     # Measured on this 2-core machine under a load of ~17: random init 0.085 -> trained 0.172 (this setting: 250 s

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from trainers.engine.checkpoint import CheckpointError, load_state
@@ -27,6 +28,7 @@ while True:
 """
 
 
+@pytest.mark.slow  # 8 saver processes, each importing torch, killed at random moments: a fault test, not a unit test
 def test_kill_during_save_leaves_the_previous_checkpoint_or_a_complete_new_one(tmp_path: Path) -> None:
     folder = tmp_path / "ckpt"
     rng = random.Random(0)

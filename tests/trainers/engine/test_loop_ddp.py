@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+from tests.trainers.ddp_harness import start_ranks
 from tests.trainers.engine.test_loop import batches_of, config, data
 
 
@@ -45,7 +45,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_ranks_agree_on_a_short_epoch(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    start_ranks(_worker, (2, _free_port(), str(tmp_path)))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert [r["steps"] for r in ranks] == [4, 4]  # 2 steps per epoch x 2 epochs: the shorter rank decides
     # Rank 0 fetched its third batch of each epoch, learned rank 1 had none, and stopped without training on it.
@@ -88,7 +88,7 @@ def _resume_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def test_ddp_resume_restores_every_ranks_generator(tmp_path: Path) -> None:
     """Train 4 of 6 steps on 2 ranks, checkpoint, resume both: the weights equal 6 straight steps bit for bit, which
     needs each rank's own augmentation generator back (rank 1 given rank 0's would crop differently)."""
-    mp.spawn(_resume_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    start_ranks(_resume_worker, (2, _free_port(), str(tmp_path)))
     ranks = [torch.load(tmp_path / f"resume{r}.pt") for r in range(2)]
     assert [r["generators"] for r in ranks] == [2, 2]
     assert [r["steps"] for r in ranks] == [2, 2]
