@@ -118,9 +118,11 @@ def plot_metric_curves(
     ylabel: str = "",
     xlabel: str = "chunk",
     x: Sequence[float] | None = None,
+    integer_x: bool = True,
 ) -> Path:
     """One line per named series, value ``k`` plotted at ``x[k]`` (default: at index ``k``, the chunk); None/NaN
-    values leave a gap. Series may differ in length (up to ``len(x)``). Writes a PNG at ``path`` and returns it."""
+    values leave a gap. Series may differ in length (up to ``len(x)``). ``integer_x``: ticks on whole numbers only
+    (chunks, segments; not widths). Writes a PNG at ``path`` and returns it."""
     if not series:
         raise ValueError("series is empty: give at least one named sequence of values")
     xs = None if x is None else np.asarray(x, dtype=np.float64)
@@ -149,7 +151,8 @@ def plot_metric_curves(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if integer_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
     fig.savefig(path, format="png")

@@ -18,13 +18,17 @@ import torch
 
 from evaluators.features import extract_features
 from evaluators.registry import EVALUATOR_REGISTRY, TOP_K, topk_hits
+from evaluators.slimmable import DEFAULT_WIDTHS, width_features, width_key
 from orchestrator.data.ingest import SplitArrays, load_split_arrays
 from orchestrator.evaluate.studies import study_metrics
 from orchestrator.plan.streams import StreamPlan
+from trainers.backbones.slimmable import set_width, width_cost
 from trainers.engine.checkpoint import load_backbone, load_state
 from trainers.engine.loop import LoopConfig, initial_backbone
+from trainers.registry import BACKBONE_REGISTRY
 
 PROTOCOL_VERSION = "1"
+CALIBRATION_ROWS = 512  # bank rows the BN statistics of each width are recomputed from (US-Net uses ~2k images)
 logger = logging.getLogger(__name__)
 
 
@@ -148,6 +152,56 @@ def _task_units(plan: StreamPlan, task: int) -> str:
     return f"chunk {task}: classes {list(chunk.classes)}"
 
 
+def width_metric(metric: str, width: float) -> str:
+    """The eval-run metric of `metric` at `width`: `knn_top1_w0.5`, `params_w1.0` (`width_key` with `_` for `@`,
+    which MLflow does not allow in a metric name)."""
+    return width_key(metric, width).replace("@", "_")
+
+
+def calibration_sample(bank: SplitArrays, seed: int, rows: int = CALIBRATION_ROWS) -> torch.Tensor:
+    """`rows` bank images (all when the bank is smaller) drawn without replacement by `seed`, in row order."""
+    count = len(bank.labels)
+    if count < 2:
+        raise ValueError(f"BN recalibration needs at least 2 bank rows, the evaluation bank has {count}")
+    picked = np.sort(np.random.default_rng(seed).choice(count, size=min(rows, count), replace=False))
+    return bank.images[torch.from_numpy(picked)]
+
+
+def width_scores(backbone: torch.nn.Module, bank: SplitArrays, queries: SplitArrays, eval_spec: dict[str, Any],
+                 seed: int = 0, device: str | torch.device = "cpu") -> dict[str, float]:
+    """A slimmable backbone at every width of `eval_spec["widths"]` (None: `DEFAULT_WIDTHS`): each every-chunk
+    protocol's top-1 (`{protocol}_top1_w{width}`) on features taken after BN recalibration at that width, and the
+    width's `params_w{width}` and `macs_w{width}` (one image at the bank's side). The backbone's running
+    statistics and width are restored afterwards, so later studies see it as it came."""
+    widths = eval_spec.get("widths") or DEFAULT_WIDTHS
+    size = eval_spec["batch_size"]
+    calibration = calibration_sample(bank, seed)
+    saved = {name: buf.clone() for name, buf in backbone.named_buffers()}
+    width_before = getattr(backbone, "current_width", 1.0)
+    out: dict[str, float] = {}
+    try:
+        for width in widths:
+            (bank_feats, bank_labels), (query_feats, query_labels) = width_features(
+                backbone, width, calibration, [lambda: bank.batches(size), lambda: queries.batches(size)],
+                device=device, calibration_batch=size)
+            for name in eval_spec["every_chunk"]:
+                record = EVALUATOR_REGISTRY.require(name)
+                ranked = record.build(bank_feats, bank_labels, query_feats, seed=seed,
+                                      **record.options(eval_spec.get(name)))
+                out[width_metric(f"{name}_top1", width)] = float(topk_hits(ranked, query_labels)[0].float().mean())
+            cost = width_cost(backbone, width, int(bank.images.shape[-1]))
+            out[width_metric("params", width)] = float(cost["params"])
+            out[width_metric("macs", width)] = float(cost["macs"])
+    finally:
+        buffers = dict(backbone.named_buffers())
+        with torch.no_grad():
+            for name, value in saved.items():
+                buffers[name].copy_(value)
+        set_width(backbone, width_before)
+        backbone.eval()
+    return out
+
+
 def backbone_from_state(config: LoopConfig, state: dict[str, Any] | None) -> torch.nn.Module:
     """The trained encoder of a checkpoint (or the seeded random initialisation when `state` is None)."""
     if state is None:
@@ -181,6 +235,8 @@ class EvalActor:
         checkpoint) is what the interpolation starts from."""
         backbone = backbone_from_state(config, self._load(checkpoint_uri, checkpoint_fs))
         result = evaluate_backbone(backbone, self.bank, self.queries, self.plan, self.eval_spec, seed=self.seed)
+        if BACKBONE_REGISTRY.require(config.backbone).slimmable:
+            result.update(width_scores(backbone, self.bank, self.queries, self.eval_spec, seed=self.seed))
         previous = None
         if previous_uri is not None and self.eval_spec.get("interpolation") is not None:
             previous = backbone_from_state(config, self._load(previous_uri, checkpoint_fs)).state_dict()

@@ -8,6 +8,7 @@ absent).
 - :mod:`~orchestrator.report.collect`: the experiment's plan runs (one per stream kind), chunk and eval runs;
 - :mod:`~orchestrator.report.tables`: time/storage per chunk, ST-JT gap, BWT/FWT, sharpness; what is missing;
 - :mod:`~orchestrator.report.seeds`: a study run over several seeds: each cell's mean, n and 95% t-interval;
+- :mod:`~orchestrator.report.widths`: accuracy and cost against width for slimmable lines (US3L), table and PNG;
 - :mod:`~orchestrator.report.figures`: accuracy-matrix heatmaps and accuracy-vs-chunk curves (logged to the plan runs);
 - :mod:`~orchestrator.report.findings` / :mod:`~orchestrator.report.claims`: the studies' claims, each checked
   against the runs (effect, 95% interval over seeds, verdict): the findings table;

@@ -1,5 +1,5 @@
 """The study's tables from the record (no model is run): time and storage per chunk, the ST-JT gap, the continual
-metrics (BWT/FWT), sharpness; and the problems with the record (runs missing or unfinished).
+metrics (BWT/FWT), sharpness, accuracy and cost by width for slimmable lines (orchestrator.report.widths); and the problems with the record (runs missing or unfinished).
 
     tables = build_tables(study); problems = record_problems(study)
 
@@ -27,6 +27,7 @@ from evaluators.continual import st_jt_gap
 from orchestrator.report.collect import Entry, PlanRecord, Study
 from orchestrator.report.model import Cell, Problem, ReportTable, Row
 from orchestrator.report.seeds import joint_of, over_seeds, seed_note
+from orchestrator.report.widths import width_tables
 from orchestrator.tracking import tags as tr
 
 RESOURCE_COLUMNS = ("train_seconds", "wall_seconds", "device_hours", "data_kept_rows", "data_kept_bytes",
@@ -349,7 +350,7 @@ def build_tables(study: Study) -> list[ReportTable]:
         sets.append("downstream")
     downstream = [downstream_gap_table(study, d, n) for d in sets for n in names]
     return [resources_table(study), *(gap_table(study, n) for n in names), *downstream,
-            *(continual_table(study, n) for n in names), sharpness_table(study),
+            *(continual_table(study, n) for n in names), sharpness_table(study), *width_tables(study),
             *([segments_table(online_study, names)] if online else [])]
 
 

@@ -4,7 +4,8 @@ Split from `orchestrator.spec.experiment` (which imports `EvalSpec` into `Spec`)
 evaluator's Config (`eval.knn.k`, `eval.linear.lr`), defaults filled in. The optional studies are off unless their
 section is given (`eval.fewshot: {}` turns few-shot on with its defaults; null or absent: off): `fewshot`, `sharpness` and
 `interpolation` (the kNN accuracy between consecutive chunks' weights), evaluated by
-`orchestrator.evaluate.studies` on the same bank and queries.
+`orchestrator.evaluate.studies` on the same bank and queries. `eval.widths`: the widths a slimmable backbone is
+evaluated at (null: `evaluators.slimmable.DEFAULT_WIDTHS`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from evaluators.fewshot import FewShotConfig
 from evaluators.interpolation import InterpolationConfig
 from evaluators.registry import EVALUATOR_REGISTRY
 from evaluators.sharpness import SharpnessConfig
+from evaluators.slimmable import DEFAULT_WIDTHS
 from orchestrator.spec.section import Section, none_is_empty
 
 EvaluatorName = Literal[EVALUATOR_REGISTRY.names]
@@ -56,6 +58,23 @@ class _EvalSpecBase(Section):
     interpolation: InterpolationConfig | None = Field(
         None, description="kNN accuracy along the straight line from the previous chunk's weights to this chunk's "
                           "(off when absent)")
+
+    widths: list[float] | None = Field(
+        None, min_length=1,
+        description=f"a slimmable backbone is also evaluated at each of these widths in [0.25, 1.0] after every "
+                    f"chunk (BN recalibrated per width; every every-chunk protocol, params and MACs); null: "
+                    f"{list(DEFAULT_WIDTHS)}")
+
+    @field_validator("widths")
+    @classmethod
+    def _widths(cls, values: list[float] | None) -> list[float] | None:
+        if values is None:
+            return None
+        if any(not 0.25 <= v <= 1.0 for v in values):
+            raise ValueError(f"every width must be in [0.25, 1.0], got {values}")
+        if len({round(v, 4) for v in values}) != len(values):  # width_key names a width to 4 decimals
+            raise ValueError(f"widths must be distinct, got {values}")
+        return values
 
     @field_validator("every_chunk")
     @classmethod

@@ -12,7 +12,8 @@ if TYPE_CHECKING:
 
 # Settings that are off by default, with their off value, by section: recorded only when on.
 OFF_BY_DEFAULT = {
-    "eval": {"fewshot": None, "sharpness": None, "interpolation": None, "every_epochs": 0, "downstream": []},
+    "eval": {"fewshot": None, "sharpness": None, "interpolation": None, "every_epochs": 0, "downstream": [],
+             "widths": None},
     "data": {"class_fraction": 1.0, "labels": "class"},
 }
 
@@ -27,7 +28,7 @@ def _recorded(spec: Spec) -> dict[str, Any]:
     data["methods"] = {name: data["methods"][name] for name in spec.lines.method}
     data["strategy"] = {name: options for name, options in data["strategy"].items() if name in spec.strategies_used}
     # A setting that is off (few-shot, sharpness, interpolation, mid-chunk evaluations, class subsampling, coarse
-    # labels) is not recorded, so a spec that turns none on keeps the identity (and plan key) it had before.
+    # labels) or left to its default (eval.widths: the evaluator's widths) is not recorded, so a spec that turns none on keeps the identity (and plan key) it had before.
     for section, off in OFF_BY_DEFAULT.items():
         data[section] = {key: value for key, value in data[section].items()
                          if not (key in off and value == off[key])}

@@ -231,6 +231,20 @@ def test_explicit_and_omitted_defaults_flatten_and_hash_alike() -> None:
         validate_spec({**minimal(), "methods": {"byol": {"base_momentun": 0.9}}})
 
 
+def test_eval_widths_is_hashed_only_when_set_and_checked() -> None:
+    omitted = validate_spec(minimal())
+    null = validate_spec({**minimal(), "eval": {"widths": None}})
+    set_ = validate_spec({**minimal(), "eval": {"widths": [1.0, 0.5, 0.25]}})
+    assert omitted.eval.widths is None and set_.eval.widths == [1.0, 0.5, 0.25]
+    # unset: the plan key and params of a spec written before the option existed
+    assert identity_digest(omitted) == identity_digest(null) != identity_digest(set_)
+    assert "eval.widths" not in flatten(omitted) and flatten(set_)["eval.widths"] == "[1.0, 0.5, 0.25]"
+    for bad, why in (([1.0, 0.2], r"\[0\.25, 1\.0\]"), ([0.5, 0.5], "distinct"), ([], "at least 1")):
+        with pytest.raises(SpecError, match=r"eval\.widths") as caught:
+            validate_spec({**minimal(), "eval": {"widths": bad}})
+        assert caught.match(why)
+
+
 def test_plan_key_is_the_same_for_an_explicit_and_an_omitted_default(synthetic_url: str) -> None:
     from orchestrator.plan.planner import build_plan
 
