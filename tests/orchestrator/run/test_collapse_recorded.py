@@ -5,7 +5,6 @@ FAILED run whose error tag names the method, the width and the step, and the lin
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import pytest
 import torch
