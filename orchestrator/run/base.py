@@ -185,6 +185,14 @@ class Driver:
                 tr.LINE: job.line.id, tr.CHUNK: str(job.chunk), tr.TAG + "method": job.line.method,
                 tr.TAG + "strategy": job.line.strategy}
 
+    def fail_open_runs(self) -> None:
+        """After a raise: mark the plan run and its open runs FAILED, best effort (a Ctrl-C during a tracking outage
+        must not hold the driver for the full retry deadline; the next --resume marks what this misses)."""
+        try:
+            self.tracker.fail_running(self.parent, include_parent=True)
+        except Exception:
+            pass
+
     def start_services(self) -> None:
         """Ray, the corrupt-row tally the readers report to, and the evaluation actor."""
         import ray

@@ -164,11 +164,7 @@ class ChunkedDriver(Driver):
         except TrialStopped:  # the sweep records the trial's runs as stopped early
             raise
         except BaseException:
-            # Short retry: a Ctrl-C during a tracking outage must not hold the driver for the full deadline.
-            try:
-                self.tracker.fail_running(self.parent, include_parent=True)
-            except Exception:
-                pass  # the next --resume marks them
+            self.fail_open_runs()
             raise
         if summary.diverged:  # one JSON tag, so the plan run's tag keys stay the same whatever the lines are called
             self.tracker.set_tags(self.parent, {tr.TAG + "diverged": json.dumps(summary.diverged)[:5000]})

@@ -298,10 +298,7 @@ class OnlineDriver(Driver):
         except TrialStopped:  # the sweep records the trial's runs as stopped early
             raise
         except BaseException:
-            try:
-                self.tracker.fail_running(self.parent, include_parent=True)
-            except Exception:
-                pass
+            self.fail_open_runs()
             raise
         summary.diverged = dict(self.diverged)
         if summary.diverged:  # as a chunked plan: one JSON tag naming each line that stopped, and the run FAILED
