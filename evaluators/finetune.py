@@ -146,7 +146,8 @@ def finetune(
 
     frozen = options.backbone_lr_scale == 0.0
     generator = torch.Generator().manual_seed(seed)
-    head = nn.Linear(dim, num_classes).to(device)
+    with torch.random.fork_rng(devices=[]):  # nn.Linear's own init draws from the global RNG: leave it as it was
+        head = nn.Linear(dim, num_classes).to(device)
     nn.init.zeros_(head.weight)  # a zero head starts at uniform predictions, whatever the feature scale
     nn.init.zeros_(head.bias)
     groups = [{**g, "lr_scale": 1.0} for g in param_groups(head, options.weight_decay)]
