@@ -171,7 +171,8 @@ def _read_voc_image(root: str, split: str, image_id: str, classes: Sequence[str]
             raise AnnotationError(shown_xml, record, f"unknown class {name!r}; classes are {list(classes)}")
         xmin, ymin, xmax, ymax = (_voc_number(obj, t, shown_xml, record) for t in ("xmin", "ymin", "xmax", "ymax"))
         box = [xmin - 1.0, ymin - 1.0, xmax, ymax]
-        _check_box(box, height, width, shown_xml, record, f"(xmin {xmin:g}, ymin {ymin:g}, xmax {xmax:g}, ymax {ymax:g})")
+        written = f"(xmin {xmin:g}, ymin {ymin:g}, xmax {xmax:g}, ymax {ymax:g})"
+        _check_box(box, height, width, shown_xml, record, written)
         boxes.append(box)
         labels.append(label_of[name])
         difficult.append((obj.findtext("difficult") or "0").strip() == "1")
@@ -213,7 +214,8 @@ def _coco_mask(segmentation: Any, height: int, width: int, file: str, record: st
         rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
     elif isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
         if list(segmentation["size"]) != [height, width]:
-            raise AnnotationError(file, record, f"RLE size {segmentation['size']} is not the image's [{height}, {width}]")
+            raise AnnotationError(file, record,
+                                  f"RLE size {segmentation['size']} is not the image's [{height}, {width}]")
         counts = segmentation["counts"]
         if isinstance(counts, list):
             rle = mask_utils.frPyObjects(segmentation, height, width)
@@ -318,8 +320,9 @@ def read_coco(annotation_file: str | os.PathLike, images_dir: str | os.PathLike,
                                                                          "which the file does not list"))
     if orphans and on_error == "raise":
         raise AnnotationError(orphans[0].file, orphans[0].record, orphans[0].reason)
-    records, skipped = _collect(
-        list(images.values()), lambda img: _read_coco_image(img, by_image[img["id"]], label_of, images_dir, split, file),
-        on_error)
+    def read(img: dict) -> DetectionRecord:
+        return _read_coco_image(img, by_image[img["id"]], label_of, images_dir, split, file)
+
+    records, skipped = _collect(list(images.values()), read, on_error)
     return ParsedSplit("coco", split, tuple(c["name"] for c in categories), tuple(ids), tuple(records),
                        tuple(orphans) + tuple(skipped))

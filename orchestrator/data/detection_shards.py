@@ -186,11 +186,12 @@ def write_detection_shards(
             source={"format": first.format, "splits": names},
             classes=tuple(DetectionClass(label=k + 1, name=n, source_id=s)
                           for k, (n, s) in enumerate(zip(first.classes, first.source_ids))),
-            splits={p.split: SplitEntry(rows=len(p.records), shards=tuple(s.path for s in written if s.split == p.split))
-                    for p in splits},
+            splits={p.split: SplitEntry(rows=len(p.records),
+                                        shards=tuple(s.path for s in written if s.split == p.split)) for p in splits},
             objects={p.split: sum(len(r.labels) for r in p.records) for p in splits},
             shards=tuple(written),
-            skipped=tuple(SkippedAnnotation(file=s.file, record=s.record, reason=s.reason) for p in splits for s in p.skipped),
+            skipped=tuple(SkippedAnnotation(file=s.file, record=s.record, reason=s.reason)
+                          for p in splits for s in p.skipped),
             digest=compute_digest(written),
         )
         storage.write_bytes_atomic(manifest_url, manifest.to_json().encode(), storage_options)

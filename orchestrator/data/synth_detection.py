@@ -187,6 +187,7 @@ def generate_detection_set(
         _write(os.path.join(voc_root, "ImageSets", "Main", f"{split}.txt"), "".join(f"{s}\n" for s in stems))
         document = {"info": {"description": "streamssl synthetic shapes", "seed": seed}, "images": images,
                     "annotations": annotations,
-                    "categories": [{"id": c, "name": n, "supercategory": "shape"} for c, n in zip(category_ids, classes)]}
+                    "categories": [{"id": c, "name": n, "supercategory": "shape"}
+                                   for c, n in zip(category_ids, classes)]}
         _write(os.path.join(coco_root, "annotations", f"instances_{split}.json"), json.dumps(document, indent=1))
     return DetectionSet(voc_root=voc_root, coco_root=coco_root, classes=classes, category_ids=category_ids)
