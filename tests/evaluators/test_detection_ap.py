@@ -149,3 +149,72 @@ def test_bad_input_is_refused() -> None:
         detection_ap([_pred([[0, 0, 10, 10]], [1], [0.9], masks=_square(16, 0, 0)[None])], [target], iou_type="segm")
     with pytest.raises(ValueError, match="iou_type"):
         detection_ap([], [], iou_type="keypoints")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_matches_pycocotools_own_file_based_evaluation(tmp_path, iou_type: str) -> None:
+    """On the synthetic shapes set with jittered, dropped and extra predictions, the numbers are those of
+    pycocotools' documented path (COCO(json file), loadRes, summarize), which builds areas and ids itself."""
+    import contextlib
+    import io
+    import json
+
+    import numpy as np
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from orchestrator.data.synth_detection import generate_detection_set
+
+    made = generate_detection_set(tmp_path / "s", train=1, val=12, seed=5)
+    gt_file = tmp_path / "s" / "coco" / "annotations" / "instances_val.json"
+    doc = json.loads(gt_file.read_text())
+    rng = np.random.default_rng(0)
+    results, preds, targets = [], [], []
+    for image in doc["images"]:
+        anns = [a for a in doc["annotations"] if a["image_id"] == image["id"]]
+        masks = [mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], 64, 64))
+                                   if isinstance(a["segmentation"], list)
+                                   else {"size": [64, 64], "counts": a["segmentation"]["counts"].encode()})
+                 for a in anns]
+        labels = [made.category_ids.index(a["category_id"]) + 1 for a in anns]
+        targets.append(_target([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)], labels,
+                               masks=torch.tensor(np.stack(masks)).to(torch.uint8)))
+        p_boxes, p_labels, p_scores, p_masks = [], [], [], []
+        for a, m, label in zip(anns, masks, labels):
+            if rng.random() < 0.2:
+                continue  # missed
+            dx, dy = rng.integers(-3, 4, 2)
+            shifted = np.roll(m, (int(dy), int(dx)), axis=(0, 1))
+            x, y, w, h = a["bbox"]
+            p_boxes.append([x + dx, y + dy, x + w + dx, y + h + dy])
+            p_labels.append(label if rng.random() > 0.1 else 1 + (label % 4))
+            p_scores.append(float(rng.random()))
+            p_masks.append(shifted)
+        if rng.random() < 0.5:  # a false positive somewhere
+            p_boxes.append([5.0, 5.0, 20.0, 25.0])
+            p_labels.append(int(rng.integers(1, 5)))
+            p_scores.append(float(rng.random()))
+            fp = np.zeros((64, 64), dtype=np.uint8)
+            fp[5:25, 5:20] = 1
+            p_masks.append(fp)
+        stacked = np.stack(p_masks) if p_masks else np.zeros((0, 64, 64), dtype=np.uint8)
+        preds.append(_pred(p_boxes, p_labels, p_scores, masks=torch.tensor(stacked)))
+        for box, label, score, mask in zip(p_boxes, p_labels, p_scores, p_masks):
+            entry = {"image_id": image["id"], "category_id": made.category_ids[label - 1], "score": score}
+            if iou_type == "bbox":
+                entry["bbox"] = [box[0], box[1], box[2] - box[0], box[3] - box[1]]
+            else:
+                rle = mask_utils.encode(np.asfortranarray(mask))
+                entry["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode()}
+            results.append(entry)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(str(gt_file))
+        evaluator = COCOeval(coco_gt, coco_gt.loadRes(results), iou_type)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    ours = detection_ap(preds, targets, iou_type=iou_type)
+    assert 0.1 < evaluator.stats[0] < 0.95  # neither trivial case: a mismatch in matching would show
+    assert ours == {"ap": pytest.approx(evaluator.stats[0]), "ap50": pytest.approx(evaluator.stats[1]),
+                    "ap75": pytest.approx(evaluator.stats[2])}
