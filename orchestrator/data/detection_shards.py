@@ -2,9 +2,11 @@
 ``detection_manifest.json`` with every shard's sha256, and read back as torchvision detection targets.
 
     from orchestrator.data.annotations import read_coco
-    from orchestrator.data.detection_shards import DetectionShards, write_detection_shards
+    from orchestrator.data.detection_shards import DetectionShards, prepare_detection_set, write_detection_shards
     splits = [read_coco(f"{root}/annotations/instances_{s}.json", f"{root}/images", s) for s in ("train", "val")]
     manifest = write_detection_shards("file:///tmp/shapes-coco", splits, name="shapes")
+    # or both steps at once, for a tree in the usual layout:
+    manifest = prepare_detection_set(root, "file:///tmp/shapes-coco", format="coco", splits=("train", "val"))
     image, target = DetectionShards("file:///tmp/shapes-coco", "val", masks=True)[0]
     # image uint8 [3, H, W]; target {"boxes" float32 [N, 4] xyxy, "labels" int64 [N], "masks" uint8 [N, H, W],
     #                                "iscrowd" int64 [N], "difficult" bool [N], "area" float32 [N], "image_id" int64}
@@ -27,6 +29,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import os
 from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
@@ -38,7 +41,7 @@ from pycocotools import mask as mask_utils
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from orchestrator import storage
-from orchestrator.data.annotations import ParsedSplit
+from orchestrator.data.annotations import VOC_CLASSES, ParsedSplit, read_coco, read_voc
 from orchestrator.data.manifest import MANIFEST_NAME, ShardEntry, SplitEntry, compute_digest, streamssl_version
 from orchestrator.data.shards import sha256_hex
 from orchestrator.errors import DataError
@@ -203,6 +206,39 @@ def write_detection_shards(
                 pass
         raise
     return manifest
+
+
+def prepare_detection_set(
+    src: str,
+    dst_url: str,
+    *,
+    format: Literal["voc", "coco"],
+    splits: Sequence[str] = ("train", "val"),
+    classes: Sequence[str] | None = None,
+    images: str = "images",
+    on_error: Literal["raise", "skip"] = "raise",
+    name: str | None = None,
+    shard_rows: int = 500,
+    overwrite: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+) -> DetectionManifest:
+    """Read the VOC tree or COCO tree at `src` (a local folder) and write its `splits` as a detection set.
+
+    VOC: ``ImageSets/Main/{split}.txt`` per split, `classes` (default: VOC's 20). COCO:
+    ``annotations/instances_{split}.json`` per split, images under ``src/{images}`` where `images` may hold
+    ``{split}`` (``"{split}2017"`` for COCO 2017's own layout).
+    """
+    if format == "voc":
+        parsed = [read_voc(src, s, tuple(classes) if classes else VOC_CLASSES, on_error) for s in splits]
+    elif format == "coco":
+        if classes is not None:
+            raise ValueError("a COCO file names its own categories; classes is for VOC")
+        parsed = [read_coco(os.path.join(src, "annotations", f"instances_{s}.json"),
+                            os.path.join(src, images.format(split=s)), s, on_error) for s in splits]
+    else:
+        raise ValueError(f"format must be 'voc' or 'coco', got {format!r}")
+    return write_detection_shards(dst_url, parsed, name=name or os.path.basename(os.path.normpath(src)),
+                                  shard_rows=shard_rows, overwrite=overwrite, storage_options=storage_options)
 
 
 def load_detection_manifest(url: str, storage_options: Mapping[str, Any] | None = None) -> DetectionManifest:

@@ -20,6 +20,7 @@ from orchestrator.data.annotations import AnnotationError, read_coco, read_voc
 from orchestrator.data.detection_shards import (
     DetectionShards,
     load_detection_manifest,
+    prepare_detection_set,
     read_detection_split,
     write_detection_shards,
 )
@@ -213,3 +214,13 @@ def test_shards_are_verified_and_a_written_set_is_not_overwritten(made, tmp_path
     write_detection_shards(str(tmp_path / "v2"), parsed, name="v")
     with pytest.raises(DataError, match=r"val/000010: object 1(, object \d)* have no mask"):
         DetectionShards(str(tmp_path / "v2"), "val", masks=True)[0]
+
+
+def test_prepare_reads_a_tree_and_writes_the_set(made, tmp_path) -> None:
+    voc = prepare_detection_set(made.voc_root, str(tmp_path / "v"), format="voc", classes=made.classes)
+    coco = prepare_detection_set(made.coco_root, str(tmp_path / "c"), format="coco")
+    assert voc.source == {"format": "voc", "splits": ["train", "val"]} and coco.objects == voc.objects
+    assert [c.source_id for c in coco.classes] == [1, 3, 5, 7] and [c.source_id for c in voc.classes] == [None] * 4
+    # VOC's own 20 classes by default
+    with pytest.raises(AnnotationError, match=r"000000\.xml: object 1 of 2: unknown class 'cross'; classes are \['aer"):
+        prepare_detection_set(made.voc_root, str(tmp_path / "x"), format="voc")
