@@ -224,3 +224,20 @@ def test_prepare_reads_a_tree_and_writes_the_set(made, tmp_path) -> None:
     # VOC's own 20 classes by default
     with pytest.raises(AnnotationError, match=r"000000\.xml: object 1 of 2: unknown class 'cross'; classes are \['aer"):
         prepare_detection_set(made.voc_root, str(tmp_path / "x"), format="voc")
+
+
+def test_a_crowd_region_in_uncompressed_rle_is_read_as_coco_writes_it(made, trees, tmp_path) -> None:
+    _, coco_root = trees
+    file = os.path.join(coco_root, "annotations", "instances_val.json")
+    doc = json.load(open(file))
+    region = np.zeros((64, 64), dtype=np.uint8)
+    region[40:50, 40:60] = 1
+    column_major = region.flatten(order="F")  # COCO's uncompressed counts: alternating runs of 0s and 1s, by column
+    edges = np.flatnonzero(np.diff(column_major)) + 1
+    counts = np.diff(np.concatenate([[0], edges, [column_major.size]])).tolist()  # starts with a run of 0s
+    doc["annotations"][0].update(segmentation={"size": [64, 64], "counts": counts}, iscrowd=1, bbox=[40, 40, 20, 10])
+    json.dump(doc, open(file, "w"))
+    write_detection_shards(str(tmp_path / "c"), [_coco(coco_root, "val")], name="c")
+    _, target = DetectionShards(str(tmp_path / "c"), "val", masks=True)[0]
+    assert target["iscrowd"].tolist()[0] == 1 and np.array_equal(target["masks"][0].numpy(), region)
+    assert target["area"][0].item() == 200
