@@ -70,7 +70,7 @@ from trainers.optim import param_groups
 from trainers.views.augment import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["DetectionTrainConfig", "DetectionTrainResult", "DetectorConfig", "build_detector", "evaluate_detector",
-           "freeze_batchnorm", "lr_at",
+           "flip_horizontally", "freeze_batchnorm", "lr_at",
            "train_detector"]
 
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
@@ -252,7 +252,8 @@ def _training_target(target: Mapping[str, Tensor], masks: bool, where: str) -> d
     return out
 
 
-def _flip(image: Tensor, target: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+def flip_horizontally(image: Tensor, target: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    """Mirror `image` [3, H, W] left-right, with its target's xyxy boxes (x -> W - x) and masks."""
     width = image.shape[-1]
     target = dict(target)
     boxes = target["boxes"].clone()
@@ -332,7 +333,7 @@ def train_detector(
                     where = f"training sample {row}"
                     image, target = _as_input(image, where), _training_target(target, masks, where)
                     if flipped:
-                        image, target = _flip(image, target)
+                        image, target = flip_horizontally(image, target)
                     images.append(image.to(device))
                     targets.append({k: v.to(device) for k, v in target.items()})
                 for group in optimizer.param_groups:
