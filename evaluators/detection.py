@@ -95,6 +95,9 @@ class DetectorConfig(ComponentConfig):
     fpn_channels: int = Field(256, ge=1, description="channels of the FPN levels, the RPN's and the RoI heads' input")
     box_head_dim: int = Field(1024, ge=1, description="width of the two-layer box head (torchvision: 1024)")
     mask_head_dim: int = Field(256, ge=1, description="width of the four mask-head convolutions (torchvision: 256)")
+    box_batch_size_per_image: int = Field(
+        512, ge=1, description="RoIs sampled per training image for the box head (torchvision and Detectron2: 512; "
+                               "Fast R-CNN: 64). On CPU RoIAlign's backward dominates the step and scales with it")
     anchor_sizes: list[int] | None = Field(
         None, description="anchor sides in input pixels: one per FPN level (5) for a ResNet, any number for "
                           "MobileNetV2; None: 8 x each level's stride (module docstring)")
@@ -151,7 +154,8 @@ def build_detector(backbone: nn.Module, num_classes: int, config: DetectorConfig
     The new layers (FPN, RPN, heads) are initialised from `seed` without touching the global RNG.
 
     Raises:
-        ValueError: a ViT or unknown backbone, a bad option, or `anchor_sizes` of the wrong length.
+        ValueError: a ViT or unknown backbone, a bad option (max_size < min_size, `anchor_sizes` of the wrong
+            length).
     """
     config = config or DetectorConfig()
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -163,6 +167,8 @@ def build_detector(backbone: nn.Module, num_classes: int, config: DetectorConfig
     if not isinstance(backbone, (ResNet, MobileNetV2)):
         raise ValueError(f"detection: backbone {type(backbone).__name__} is not supported; use a ResNet "
                          "(resnet18/34/50) or MobileNetV2")
+    if config.max_size < config.min_size:
+        raise ValueError(f"max_size ({config.max_size}) must be >= min_size ({config.min_size})")
     body = copy.deepcopy(backbone).float()
     if config.norm == "frozen":
         freeze_batchnorm(body)
@@ -202,6 +208,7 @@ def build_detector(backbone: nn.Module, num_classes: int, config: DetectorConfig
             box_roi_pool=MultiScaleRoIAlign(featmaps, output_size=7, sampling_ratio=2),
             box_head=TwoMLPHead(channels * 7 * 7, config.box_head_dim),
             box_predictor=FastRCNNPredictor(config.box_head_dim, num_classes + 1),  # + 1: the background
+            box_batch_size_per_image=config.box_batch_size_per_image,
         )
         if config.model == "mask_rcnn":
             return MaskRCNN(
