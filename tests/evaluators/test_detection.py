@@ -3,6 +3,8 @@ inside the detector, frozen stages and BN, learning on a fixed batch, mask AP, d
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
 import torch
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -18,6 +20,9 @@ from evaluators.detection import (
 from orchestrator.data.detection_shards import DetectionShards, prepare_detection_set
 from orchestrator.data.synth_detection import generate_detection_set
 from trainers.backbones import build_backbone
+from trainers.engine.checkpoint import load_backbone
+from trainers.engine.loop import LoopConfig
+from trainers.views.plan import view_plan
 
 NUM_CLASSES = 4
 # 64 px images at scale 1 and the smallest heads that still have every part of torchvision's detectors.
@@ -42,14 +47,16 @@ def _backbone(name: str, options: dict, seed: int = 0) -> torch.nn.Module:
 
 
 def _pretrained(name: str, options: dict) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """A backbone holding a state unlike a fresh one's: other weights, BN statistics away from (0, 1)."""
+    """A backbone as a transfer task gets it, `load_backbone` on a checkpoint's state, with weights and BN statistics
+    unlike a fresh network's (statistics away from (0, 1)); and that state."""
     source = _backbone(name, options, seed=1)
     g = torch.Generator().manual_seed(2)
     state = {k: (v + torch.rand(v.shape, generator=g) if v.is_floating_point() else v)
              for k, v in source.state_dict().items()}
-    net = _backbone(name, options, seed=0)
-    net.load_state_dict(state)
-    return net, state
+    config = LoopConfig(method="simclr", backbone=name, strategy="sequential", image_size=64,
+                        views=view_plan(global_count=2, global_size=64), backbone_options=options)
+    checkpoint = {"config": asdict(config), "method": {f"backbone.{k}": v for k, v in state.items()}}
+    return load_backbone(checkpoint), state
 
 
 @pytest.mark.parametrize("name, options", BACKBONES)
