@@ -32,7 +32,7 @@ from trainers.backbones.base import CIFAR_STEM_MAX_SIZE, BackboneConfig, NormLay
 # torchvision's table: expansion t, channels c, repeats n, stride s of the first block of each group.
 _SETTING = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2], [6, 320, 1, 1]]
 # Indices into `features` after which each stride group ends (24, 32, 96 channels, and the last 1x1 layer).
-_STAGE_ENDS = (3, 6, 13, 18)
+STAGE_ENDS = (3, 6, 13, 18)
 _STAGE_CHANNELS = (24, 32, 96)
 _LAST_CHANNEL = 1280
 
@@ -91,7 +91,7 @@ class MobileNetV2(nn.Module):
         maps = []
         for index, layer in enumerate(self.features):
             x = layer(x)
-            if index in _STAGE_ENDS:
+            if index in STAGE_ENDS:
                 maps.append(x)
         return maps
 
@@ -106,4 +106,4 @@ def mobilenet_v2(width_mult: float = 1.0, cifar_stem: bool = False, norm_layer: 
     return MobileNetV2(width_mult=width_mult, cifar_stem=cifar_stem, norm_layer=norm_layer)
 
 
-__all__ = ["MobileNetV2", "MobileNetV2Config", "mobilenet_v2"]
+__all__ = ["STAGE_ENDS", "MobileNetV2", "MobileNetV2Config", "mobilenet_v2"]
