@@ -4,8 +4,6 @@ serves the MLflow UI on loopback at the runs table."""
 from __future__ import annotations
 
 import os
-import subprocess
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,6 @@ import yaml
 from typer.testing import CliRunner
 
 from cli.app import app
-from tests.cli.ui_process import streamssl_ui
 from tests.orchestrator.s3_server import free_port
 
 COMMANDS = [["run"], ["submit"], ["status"], ["logs"], ["lineage"], ["report"], ["ui"], ["data"], ["data", "synth"], ["data", "prepare"], ["data", "verify"]]
@@ -84,20 +81,6 @@ def test_unreachable_tracking_server_exits_5_before_training(tmp_path: Path, syn
             os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = env_before
     assert result.exit_code == 5, result.output
     assert "cannot be reached" in result.output
-
-
-@pytest.mark.slow
-def test_ui_serves_the_runs_table_on_loopback(tmp_path: Path) -> None:
-    from orchestrator.tracking.tracker import Tracker
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    experiment_id = Tracker(uri, "ui-check").experiment_id
-    with streamssl_ui(uri, "ui-check") as ui:
-        ui.wait_for_line(f"{ui.base_url}/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
-        page = urllib.request.urlopen(f"{ui.base_url}/", timeout=5).read().decode()
-        assert "MLflow" in page
-        listening = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
-        assert f"127.0.0.1:{ui.port}" in listening and f"0.0.0.0:{ui.port}" not in listening
 
 
 def test_submit_without_a_cluster_exits_6_naming_the_address(monkeypatch, tmp_path: Path) -> None:

@@ -60,10 +60,15 @@ class PostgresMlflow:
         if s3_endpoint:
             self.env["MLFLOW_S3_ENDPOINT_URL"] = s3_endpoint
         self.started = False
+        self.start_output = ""  # what `start-local.sh start` printed (the tracking URI, how to stop it)
 
     @property
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def script(self, action: str) -> str:
+        """Run `start-local.sh ACTION` on this server's state (start, stop, status); its output."""
+        return self._script(action)
 
     def _script(self, action: str) -> str:
         done = subprocess.run([str(START_LOCAL), action, str(self.state)], env=self.env, capture_output=True,
@@ -74,7 +79,7 @@ class PostgresMlflow:
 
     def __enter__(self) -> "PostgresMlflow":
         try:
-            self._script("start")
+            self.start_output = self._script("start")
         except BaseException:
             self._script("stop")
             shutil.rmtree(self.base, ignore_errors=True)

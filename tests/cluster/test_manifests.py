@@ -9,23 +9,18 @@ PostgreSQL's server binaries are installed (skipped otherwise, failed if STREAMS
 from __future__ import annotations
 
 import fnmatch
-import glob
 import importlib.util
 import json
 import os
 import re
 import shlex
-import shutil
 import socket
 import subprocess
-import sys
-import tempfile
 import tomllib
 import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
-import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -298,111 +293,11 @@ def test_launcher_config_satisfies_rays_schema():
 
 
 # ------------------------------------------------------------------------------------------------ start-local.sh
+# The script serving MLflow from PostgreSQL, its runs kept across a restart: tests/cluster/test_submit.py, on the
+# cluster tests' own server (issue 23: one PostgreSQL and one `mlflow server` start for both).
 
 
 def test_start_local_script_is_valid_bash():
     assert os.access(START_LOCAL, os.X_OK), "start-local.sh must be executable"
     result = subprocess.run(["bash", "-n", str(START_LOCAL)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _script(action: str, state: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(START_LOCAL), action, str(state)], env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, f"start-local.sh {action} failed:\n{result.stdout}\n{result.stderr}"
-    return result
-
-
-def _health(uri: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_start_local_serves_mlflow_from_postgres_and_keeps_runs_across_restarts(tmp_path):
-    required = os.environ.get("STREAMSSL_REQUIRE_POSTGRES") == "1"
-    if not glob.glob("/usr/lib/postgresql/*/bin/initdb"):
-        if required:
-            pytest.fail("STREAMSSL_REQUIRE_POSTGRES=1 but no /usr/lib/postgresql/*/bin/initdb: "
-                        "install PostgreSQL (apt-get install postgresql) or unset the variable")
-        pytest.skip("PostgreSQL server binaries not installed (/usr/lib/postgresql/*/bin/initdb)")
-    if importlib.util.find_spec("psycopg2") is None:
-        if required:
-            pytest.fail("STREAMSSL_REQUIRE_POSTGRES=1 but psycopg2 is missing: pip install psycopg2-binary")
-        pytest.skip("psycopg2 is not installed (pip install psycopg2-binary)")
-    import psycopg2
-    from mlflow.tracking import MlflowClient
-
-    # As root, PostgreSQL runs as the `postgres` user, which cannot traverse pytest's 0700 base temp folder: then
-    # the state lives in a world-traversable folder of its own (removed at the end).
-    # The mlflow of the interpreter running the tests (the one with psycopg2).
-    mlflow_bin = Path(sys.executable).parent / "mlflow"
-    if not mlflow_bin.exists():
-        mlflow_bin = Path(shutil.which("mlflow") or "mlflow")
-
-    own_dir = os.geteuid() == 0
-    base = Path(tempfile.mkdtemp(prefix="streamssl-mlflow-")) if own_dir else tmp_path
-    if own_dir:
-        base.chmod(0o755)
-    state = base / "state"
-    pg_port, mlflow_port = _free_port(), _free_port()
-    uri = f"http://127.0.0.1:{mlflow_port}"
-    env = dict(os.environ, STREAMSSL_PG_PORT=str(pg_port), STREAMSSL_MLFLOW_PORT=str(mlflow_port),
-               MLFLOW_BIN=str(mlflow_bin),
-               MLFLOW_ARTIFACTS_DESTINATION=str(tmp_path / "artifacts"))
-    started = False
-    try:
-        out = _script("start", state, env)
-        started = True
-        assert uri in out.stdout and "stop" in out.stdout
-
-        client = MlflowClient(uri)
-        experiment_id = client.create_experiment("cluster-start-local")
-        run = client.create_run(experiment_id, run_name="smoke")
-        client.log_param(run.info.run_id, "optim.lr", "0.3")
-        client.log_metric(run.info.run_id, "knn_top1", 0.42)
-        artifact = tmp_path / "note.txt"
-        artifact.write_text("lineage")
-        client.log_artifact(run.info.run_id, str(artifact))
-        client.set_terminated(run.info.run_id)
-
-        back = client.get_run(run.info.run_id)
-        assert back.data.params == {"optim.lr": "0.3"} and back.data.metrics == {"knn_top1": 0.42}
-        assert back.info.status == "FINISHED"
-        assert [f.path for f in client.list_artifacts(run.info.run_id)] == ["note.txt"]
-        assert list((tmp_path / "artifacts").rglob("note.txt")), "artifacts must land in the destination"
-
-        # The run lives in PostgreSQL (not a file store), in the database `mlflow`.
-        conn = psycopg2.connect(host="127.0.0.1", port=pg_port, user="mlflow", dbname="mlflow",
-                                passfile=str(state / "pgpass"))
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SELECT name FROM experiments WHERE experiment_id = %s", (int(experiment_id),))
-                assert cur.fetchone() == ("cluster-start-local",)
-        finally:
-            conn.close()
-
-        # Stop and start again on the same state: the run is still there.
-        _script("stop", state, env)
-        assert not _health(uri)
-        _script("start", state, env)
-        assert "running" in _script("status", state, env).stdout
-        assert MlflowClient(uri).get_run(run.info.run_id).data.metrics == {"knn_top1": 0.42}
-    finally:
-        if started:
-            _script("stop", state, env)
-            assert not _health(uri)
-            status = _script("status", state, env).stdout
-            assert "PostgreSQL: stopped" in status and "mlflow server: stopped" in status
-        if own_dir:
-            shutil.rmtree(base, ignore_errors=True)

@@ -165,3 +165,47 @@ def test_run_connects_to_a_running_cluster_with_ray_client(services) -> None:
         m = run.data.metrics
         assert m["num_nodes"] == 2 and m["world_size"] == 2 and m["restarts"] == 0
         assert m["steps"] == steps[run.data.tags[tr.CHUNK]]
+
+
+def test_the_services_script_serves_mlflow_from_postgres_and_keeps_runs_across_a_restart(services) -> None:
+    """cluster/mlflow/start-local.sh, the script an operator runs (and that started this module's server): runs live
+    in PostgreSQL (the database `mlflow`), artifacts in the configured destination (the S3 bucket here), `status`
+    tells stopped from running, and a stop and start on the same state keeps the runs. Last in the module: it stops
+    the server the other tests used, and leaves it running again."""
+    import psycopg2
+
+    s3, server, _, _ = services
+    assert server.uri in server.start_output and "stop" in server.start_output
+    client = MlflowClient(server.uri)
+    experiment_id = client.create_experiment("cluster-start-local")
+    run = client.create_run(experiment_id, run_name="smoke")
+    client.log_param(run.info.run_id, "optim.lr", "0.3")
+    client.log_metric(run.info.run_id, "knn_top1", 0.42)
+    note = server.base / "note.txt"
+    note.write_text("lineage")
+    client.log_artifact(run.info.run_id, str(note))
+    client.set_terminated(run.info.run_id)
+    back = client.get_run(run.info.run_id)
+    assert back.data.params == {"optim.lr": "0.3"} and back.data.metrics == {"knn_top1": 0.42}
+    assert back.info.status == "FINISHED"
+    assert [f.path for f in client.list_artifacts(run.info.run_id)] == ["note.txt"]
+    fs, root = storage.resolve(s3.url("mlflow"), s3.storage_options)
+    fs.invalidate_cache()
+    landed = fs.find(root)
+    assert any(run.info.run_id in path and path.endswith("/note.txt") for path in landed), landed  # on S3
+
+    connection = psycopg2.connect(host="127.0.0.1", port=server.pg_port, user="mlflow", dbname="mlflow",
+                                  passfile=str(server.state / "pgpass"))
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT name FROM experiments WHERE experiment_id = %s", (int(experiment_id),))
+            assert cursor.fetchone() == ("cluster-start-local",)
+    finally:
+        connection.close()
+
+    server.script("stop")
+    status = server.script("status")
+    assert "PostgreSQL: stopped" in status and "mlflow server: stopped" in status
+    server.script("start")
+    assert "running" in server.script("status")
+    assert MlflowClient(server.uri).get_run(run.info.run_id).data.metrics == {"knn_top1": 0.42}

@@ -27,6 +27,7 @@ from tests.faults.mlflow_server import MlflowServer
 from tests.specs import tiny_spec
 
 pytestmark = pytest.mark.slow
+EPOCHS_HUNG = 2
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -95,8 +96,10 @@ def test_chunks_persisted_while_tracking_hung_are_logged_after_resume(tmp_path: 
     """The window of issue 8 item 1, made deterministic: the tracking server hangs (SIGSTOP) before chunk 0's run is
     logged, training runs ahead (chunk 0's end checkpoint and a chunk-1 checkpoint on storage), the driver dies."""
     with MlflowServer(tmp_path / "mlflow") as server:
-        path = write_spec(tmp_path, "driver-death-hung", data_url=synthetic_url, stream={"chunks": 3},
-                          optim={"epochs_per_chunk": 3}, resources={"checkpoint_every_steps": 3})
+        # 2 chunks of 2 epochs: chunk 0 persisted and chunk 1 checkpointed while the server hangs is the whole window
+        # (a third chunk and a third epoch only trained longer; issue 23).
+        path = write_spec(tmp_path, "driver-death-hung", data_url=synthetic_url, stream={"chunks": 2},
+                          optim={"epochs_per_chunk": EPOCHS_HUNG}, resources={"checkpoint_every_steps": 3})
         client = MlflowClient(server.uri)
         command = [sys.executable, "-m", "cli.app", "run", str(path), "--tracking-uri", server.uri]
         checkpoints = tmp_path / "runs" / "checkpoints"
@@ -115,9 +118,9 @@ def test_chunks_persisted_while_tracking_hung_are_logged_after_resume(tmp_path: 
 
         done = resume(command)
         assert "recovered simclr-sequential/chunk-0: persisted, but not logged" in done.stdout
-        after = assert_complete_record(client, "driver-death-hung", ["simclr-sequential"], 3)
+        after = assert_complete_record(client, "driver-death-hung", ["simclr-sequential"], 2)
         chunk0 = client.get_run(after["simclr-sequential/0"])
-        assert chunk0.data.metrics["steps"] == 3 * (chunk0.data.metrics["training_rows"] // 32)
+        assert chunk0.data.metrics["steps"] == EPOCHS_HUNG * (chunk0.data.metrics["training_rows"] // 32)
 
 
 def test_repeated_kills_leave_every_chunk_logged_and_evaluated_once(tmp_path: Path, synthetic_url: str,
@@ -125,11 +128,12 @@ def test_repeated_kills_leave_every_chunk_logged_and_evaluated_once(tmp_path: Pa
     """Kill at three different moments, resuming after each: as soon as a chunk run appears (its evaluation in
     flight), as soon as the resumed driver logs a chunk of its own, and once an evaluation run has appeared."""
     lines = ["simclr-sequential", "simclr-joint"]
-    # 2 epochs a chunk, checkpointed every 4 steps inside it: the resumes need finished and unfinished chunks and
-    # in-chunk checkpoints, not long chunks.
+    # 1 epoch of 12 steps a chunk, checkpointed every 4 steps inside it: the resumes need finished and unfinished
+    # chunks and in-chunk checkpoints, not long chunks. The linear probe's 30 epochs keep evaluations in flight long
+    # enough for a kill to catch one.
     path = write_spec(tmp_path, "driver-death-repeated", data_url=synthetic_url, stream={"chunks": 3},
                       lines={"method": ["simclr"], "strategy": ["sequential", "joint"]},
-                      optim={"epochs_per_chunk": 2}, eval={"linear": {"epochs": 30}, "baseline": True},
+                      optim={"epochs_per_chunk": 1}, eval={"linear": {"epochs": 30}, "baseline": True},
                       resources={"checkpoint_every_steps": 4})
     client = MlflowClient(fresh_mlflow_store(tmp_path / "runs" / "mlflow.db"))  # the session's migrated empty store
     command = [sys.executable, "-m", "cli.app", "run", str(path)]

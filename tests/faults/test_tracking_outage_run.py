@@ -24,7 +24,7 @@ OUTAGE_S = 12.0
 
 
 def test_run_rides_out_a_tracking_server_restart(tmp_path: Path, synthetic_url: str) -> None:
-    spec = tiny_spec("tracking-outage-run", synthetic_url, stream={"chunks": 3}, optim={"epochs_per_chunk": 3},
+    spec = tiny_spec("tracking-outage-run", synthetic_url, stream={"chunks": 3}, optim={"epochs_per_chunk": 2},
                      storage={"workdir": str(tmp_path / "runs")})
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -58,7 +58,7 @@ def test_run_rides_out_a_tracking_server_restart(tmp_path: Path, synthetic_url: 
         assert rc == 0, output[-4000:]
         print(f"finished {time.time() - down_at:.0f} s after the server went down for {OUTAGE_S:.0f} s")
 
-        # What the spec makes each chunk do: 400 rows, global batch 32 -> 12 steps an epoch, 3 epochs -> 36 steps.
+        # What the spec makes each chunk do: 400 rows, global batch 32 -> 12 steps an epoch, 2 epochs -> 24 steps.
         plan = build_plan(validate_spec(spec))
         batch = spec["optim"]["batch_size"]
         steps_total = {str(j.chunk): spec["optim"]["epochs_per_chunk"] * (

@@ -1,11 +1,14 @@
 """`streamssl sweep` for real: Ray Tune trials of the real driver, ASHA, a diverging trial, a driver killed mid-sweep
 and resumed, nested MLflow runs, the best spec, status and lineage.
 
-One sweep (4 grid trials over optim.lr on the synthetic set, 2 chunks each) is run by the CLI in a subprocess,
-killed (process group and all) once its first trial has finished, and resumed; the tests read what it left.
-Planned outcome: lr 0.5 learns (finished); lr 1e-5 and 2e-5 barely move from the initial weights, so ASHA stops
-them after chunk 0 against lr 0.5's chunk-0 accuracy (the first of them after the resume, from the rungs refilled
-from MLflow); lr 1e6 diverges in its first chunk (failed, with its error).
+One sweep (4 grid trials over optim.lr on the synthetic set, 2 chunks each) is run by the CLI in a subprocess, the way
+a user runs it: from a folder of their own that is not the repo, with a relative `data.url`, the default
+`storage.workdir` and no tracking URI (issue 21: Tune moves every trial into a folder of its own, and every run must
+still land in the user's store). It is killed (process group and all) once its first trial has finished, and
+resumed; the tests read what it left. Planned outcome: lr 0.5 learns (finished); lr 1e-5 and 2e-5 barely move from
+the initial weights, so ASHA stops them after chunk 0 against lr 0.5's chunk-0 accuracy (the first of them after the
+resume, from the rungs refilled from MLflow); lr 1e6 diverges in its first chunk (failed, with its error).
+(Issue 23: the relative-path sweep that ran a second sweep of its own on the session's Ray is this one now.)
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -30,9 +34,15 @@ REPO = Path(__file__).resolve().parents[2]
 LRS = [0.5, 1e-5, 1e6, 2e-5]
 
 
-def _cli(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli.app", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "COLUMNS": "200"})
+def _cli(*args: str, timeout: float = 1200, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli.app", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=_env())
+
+
+def _env() -> dict[str, str]:
+    # The repo first on the path: the subprocess runs from the user's folder, and must run this checkout's code.
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "COLUMNS": "200", "PYTHONPATH": path}
 
 
 def _runs(uri: str, name: str, query: str = "", view=ViewType.ACTIVE_ONLY):
@@ -57,23 +67,26 @@ def _kill_tree(process: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, synthetic_url):
-    folder = tmp_path_factory.mktemp("sweep")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    raw = tiny_spec("sweep-it", synthetic_url, storage={"workdir": str(folder / "work")},
-                    optim={"epochs_per_chunk": 1, "batch_size": 64}, eval={"every_chunk": ["knn"], "baseline": False},
+    user = tmp_path_factory.mktemp("sweep")  # the user's folder: the sweep runs from here, the repo is elsewhere
+    data = os.path.relpath(synthetic_url, user)
+    assert not os.path.isabs(data)
+    raw = tiny_spec("sweep-it", data, optim={"epochs_per_chunk": 1, "batch_size": 64},
+                    eval={"every_chunk": ["knn"], "baseline": False},
                     sweep={"metric": "knn_top1", "search": "grid", "scheduler": {"kind": "asha"},
                            "space": {"optim.lr": {"grid": LRS}}})
-    spec_path = folder / "sweep.yaml"
-    spec_path.write_text(yaml.safe_dump(raw))
-    best = folder / "best.yaml"
-    args = ["sweep", str(spec_path), "--tracking-uri", uri, "--best-spec", str(best)]
+    raw.pop("storage", None)  # the default workdir, streamssl-runs/ under the folder it is run from
+    (user / "sweep.yaml").write_text(yaml.safe_dump(raw))
+    store = user / "streamssl-runs" / "mlflow.db"  # where a sweep without a tracking URI records
+    uri = f"sqlite:///{store}"
+    best = user / "best.yaml"
+    args = ["sweep", "sweep.yaml", "--best-spec", str(best)]
 
-    first = subprocess.Popen([sys.executable, "-m", "cli.app", *args], cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"})
+    first = subprocess.Popen([sys.executable, "-m", "cli.app", *args], cwd=user, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=_env())
     deadline = time.time() + 900
     try:
         while time.time() < deadline and first.poll() is None:
-            trials = _runs(uri, "sweep-it", f"tags.`{rec.TRIAL}` = '1'")
+            trials = store.is_file() and _runs(uri, "sweep-it", f"tags.`{rec.TRIAL}` = '1'")
             if trials and _runs(uri, "sweep-it", f"tags.`{rec.TRIAL}` = '0' and attributes.status = 'FINISHED'"):
                 break  # trial-000 is recorded and trial-001 has begun: cut the sweep there
             time.sleep(2)
@@ -83,10 +96,11 @@ def swept(tmp_path_factory, synthetic_url):
     finally:
         if first.poll() is None:
             first.kill()
-    killed_trials = {r.info.run_id: r.info.status for r in _runs(uri, "sweep-it", "tags.`streamssl.run_type` = 'trial'")}
+    killed_trials = {r.info.run_id: r.info.status
+                     for r in _runs(uri, "sweep-it", "tags.`streamssl.run_type` = 'trial'")}
 
-    resumed = _cli(*args, "--resume")
-    return {"uri": uri, "folder": folder, "spec": spec_path, "best": best, "resumed": resumed,
+    resumed = _cli(*args, "--resume", cwd=user)
+    return {"uri": uri, "folder": user, "store": store, "spec": user / "sweep.yaml", "best": best, "resumed": resumed,
             "killed_trials": killed_trials}
 
 
@@ -165,12 +179,13 @@ def test_the_best_trial_is_tagged_and_its_spec_runs(swept):
     plots = {a.path for a in mlflow.MlflowClient(swept["uri"]).list_artifacts(sweep.info.run_id, "plots")}
     assert {"best_spec.yaml", "sweep_spec.yaml"} <= artifacts
     assert {"plots/sweep_metric_by_trial.png", "plots/sweep_metric_by_value.png"} <= plots
-    dry = _cli("run", str(swept["best"]), "--dry-run", "--tracking-uri", swept["uri"], timeout=300)
+    dry = _cli("run", str(swept["best"]), "--dry-run", "--tracking-uri", swept["uri"], timeout=300,
+               cwd=swept["folder"])  # its data.url is relative to the user's folder, as they wrote it
     assert dry.returncode == 0, dry.stdout + dry.stderr
 
 
 def test_status_and_lineage_walk_the_sweep(swept):
-    status = _cli("status", str(swept["spec"]), "--tracking-uri", swept["uri"], timeout=300)
+    status = _cli("status", "sweep.yaml", "--tracking-uri", swept["uri"], timeout=300, cwd=swept["folder"])
     assert status.returncode == 0, status.stdout + status.stderr
     for index, state in ((0, "finished"), (1, "stopped"), (2, "failed"), (3, "stopped")):
         assert any(f"trial-{index:03d}" in line and state in line for line in status.stdout.splitlines()), status.stdout
@@ -243,9 +258,10 @@ def _shown(value: str, logged: float) -> bool:
 
 
 def test_the_mlflow_ui_shows_the_trials_params_and_metric_in_a_browser(chromium, swept):
-    """`streamssl ui` on the sweep's record, in headless Chromium: the runs table with the sweep expanded to its
-    trials (swept param and metric as columns), then MLflow's compare view of two trials (the finished one and a
-    stopped one), differing params only. Screenshots: test-artifacts/ui/ (or $STREAMSSL_UI_ARTIFACTS)."""
+    """`streamssl ui` on the sweep's record: it serves MLflow on loopback only; in headless Chromium, the runs table
+    with the sweep expanded to its trials (swept param and metric as columns), then MLflow's compare view of two
+    trials (the finished one and a stopped one), differing params only. Screenshots: test-artifacts/ui/ (or
+    $STREAMSSL_UI_ARTIFACTS). (Issue 23: the CLI's own loopback test, a second `streamssl ui` start, is this one.)"""
     from tests.cli import browser
     from tests.cli.ui_process import streamssl_ui
 
@@ -260,6 +276,10 @@ def test_the_mlflow_ui_shows_the_trials_params_and_metric_in_a_browser(chromium,
         old.unlink(missing_ok=True)
     with streamssl_ui(swept["uri"], "sweep-it") as ui, browser.chromium_page() as page:
         ui.wait_for_line(f"{ui.base_url}/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
+        page_html = urllib.request.urlopen(f"{ui.base_url}/", timeout=5).read().decode()
+        assert "MLflow" in page_html
+        listening = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
+        assert f"127.0.0.1:{ui.port}" in listening and f"0.0.0.0:{ui.port}" not in listening
         browser.open_runs_table(page, ui.base_url, experiment_id, expand=[sweep.info.run_name],
                                 columns=["optim.lr", "knn_top1"])
         for trial in trials:
@@ -282,53 +302,38 @@ def test_the_mlflow_ui_shows_the_trials_params_and_metric_in_a_browser(chromium,
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 50_000, (shot, len(data))
 
 
-def test_a_sweep_with_relative_paths_run_elsewhere_records_into_the_users_store_and_closes_stopped_chunks(
-        tmp_path, monkeypatch, synthetic_url, ray_local):
-    """Issue 21, items 1 and 3a, on the session's Ray: relative `data.url`, default `storage.workdir`, no tracking URI,
-    run from a directory that is not the repo (Tune moves every trial into a folder of its own). Every run lands in
-    the user's store; ASHA stops trial-001 after chunk 0, by when its chunk 1 is logged (the driver collects chunk
-    0's evaluation at chunk 1's end) and never evaluated: that chunk run must end KILLED with the reason."""
-    from rich.console import Console
-
-    from orchestrator.sweep.driver import run_sweep
+def test_a_sweep_run_from_the_users_folder_records_there_and_closes_stopped_chunks(swept):
+    """Issue 21, items 1 and 3a: a relative `data.url`, the default `storage.workdir`, no tracking URI, run from a
+    folder that is not the repo. Every run lands in the user's store, checkpoints under their folder; ASHA stops
+    trial-003 after chunk 0, by when its chunk 1 is logged (the driver collects chunk 0's evaluation at chunk 1's end)
+    and never evaluated: that chunk run must end KILLED with the reason (and so in every stopped trial)."""
     from orchestrator.tracking import tags as tr
 
-    user = tmp_path / "user"
-    user.mkdir()
-    monkeypatch.chdir(user)
-    data = os.path.relpath(synthetic_url, user)
-    assert not os.path.isabs(data)
-    raw = tiny_spec("sweep-relative", data, optim={"epochs_per_chunk": 1, "batch_size": 64},
-                    eval={"every_chunk": ["knn"], "baseline": False},
-                    sweep={"metric": "knn_top1", "search": "grid", "scheduler": {"kind": "asha"},
-                           "space": {"optim.lr": {"grid": [0.5, 1e-5]}}})
-    result = run_sweep(raw, "sweep.yaml", console=Console(quiet=True))
-
-    store = user / "streamssl-runs" / "mlflow.db"
-    assert store.is_file() and result.best_spec_path.is_file()
-    uri = f"sqlite:///{store}"
-    runs = _runs(uri, "sweep-relative")
-    kinds = {}
+    user = swept["folder"]
+    assert swept["store"].is_file() and swept["best"].is_file()
+    runs = _runs(swept["uri"], "sweep-it")
+    kinds: dict[str, list] = {}
     for run in runs:
         kinds.setdefault(run.data.tags.get(tr.RUN_TYPE), []).append(run)
-    assert {k: len(v) for k, v in kinds.items() if k in ("sweep", "trial", "plan")} == {"sweep": 1, "trial": 2, "plan": 2}
+    counts = {k: len(v) for k, v in kinds.items() if k in ("sweep", "trial", "plan")}
+    assert counts == {"sweep": 1, "trial": 4, "plan": 4}  # the cut-short trial-001's runs were deleted
     trials = {int(r.data.tags[rec.TRIAL]): r for r in kinds["trial"]}
-    assert trials[0].info.status == "FINISHED"
     plans = {r.data.tags[tr.PARENT]: r for r in kinds["plan"]}
     finished_plan = plans[trials[0].info.run_id].info.run_id
     chunks = [r for r in kinds["chunk"] if r.data.tags[tr.PARENT] == finished_plan]
     evals = [r for r in kinds["eval"] if r.data.tags[tr.PARENT] == finished_plan]
     assert len(chunks) == 2 and len(evals) == 2  # the lineage is not hollow: chunk -> checkpoint -> metrics
     assert all(r.info.status == "FINISHED" and r.data.tags[tr.CHECKPOINT].startswith(str(user)) for r in chunks)
-    # trial-001 (lr 1e-5) falls behind after chunk 0: stopped; no chunk of it is left FINISHED without evaluation
-    assert trials[1].info.status == "KILLED" and rec.STOPPED in trials[1].data.tags
-    stopped_plan = plans[trials[1].info.run_id].info.run_id
-    evaluated = {r.data.tags[tr.EVALUATES] for r in kinds.get("eval", []) if r.data.tags[tr.PARENT] == stopped_plan}
-    stopped_chunks = sorted((r for r in kinds["chunk"] if r.data.tags[tr.PARENT] == stopped_plan),
-                            key=lambda r: int(r.data.tags[tr.CHUNK]))
-    assert stopped_chunks, "trial-001 logged no chunk"
-    for run in stopped_chunks:
-        if run.info.run_id not in evaluated:
-            assert run.info.status == "KILLED", f"chunk {run.data.tags[tr.CHUNK]} left FINISHED without evaluation"
-            assert "never evaluated" in run.data.tags[rec.ENDED_BY]
-    assert [r.info.status for r in stopped_chunks] == ["FINISHED", "KILLED"]  # chunk 1 came before the stop
+    evaluated = {r.data.tags[tr.EVALUATES] for r in kinds.get("eval", [])}
+    for index in (1, 3):  # lr 1e-5 and 2e-5 fall behind after chunk 0: stopped
+        assert trials[index].info.status == "KILLED" and rec.STOPPED in trials[index].data.tags
+        stopped_plan = plans[trials[index].info.run_id].info.run_id
+        stopped_chunks = sorted((r for r in kinds["chunk"] if r.data.tags[tr.PARENT] == stopped_plan),
+                                key=lambda r: int(r.data.tags[tr.CHUNK]))
+        assert stopped_chunks, f"trial-{index:03d} logged no chunk"
+        for run in stopped_chunks:  # no chunk of a stopped trial is left FINISHED without its evaluation
+            if run.info.run_id not in evaluated:
+                assert run.info.status == "KILLED", f"chunk {run.data.tags[tr.CHUNK]} left FINISHED unevaluated"
+                assert "never evaluated" in run.data.tags[rec.ENDED_BY]
+        if index == 3:  # untouched by the kill: chunk 1 came before the stop
+            assert [r.info.status for r in stopped_chunks] == ["FINISHED", "KILLED"]
