@@ -49,8 +49,8 @@ def eval_command(
     done = evaluate_transfer(tracker, run_id, spec, prepare_root=Path(DEFAULT_WORKDIR) / "downstream",
                              address=address)
     if as_json:
-        console.print_json(json.dumps({"eval_run": done.run_id, "evaluates": done.evaluated, "scores": done.scores,
-                                       "metrics": done.metrics, "artifacts": done.artifacts}))
+        typer.echo(json.dumps({"eval_run": done.run_id, "evaluates": done.evaluated, "scores": done.scores,
+                               "metrics": done.metrics, "artifacts": done.artifacts, "device": done.device}))
         return
     from evaluators.report import results_table
 
