@@ -16,6 +16,8 @@ finished, so a failure (a bad URL, a missing checkpoint, a task that raised) lea
 
 from __future__ import annotations
 
+import hashlib
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ from orchestrator.tracking import tags as tr
 from orchestrator.tracking.tracker import Tracker
 
 EVALUATED_KINDS = ("chunk", "segment")
+TRANSFER_KEY = tr.TAG + "transfer_key"  # on an evaluation run: the hash of its params, so a resume skips it
 COPIED_TAGS = (tr.LINE, tr.CHUNK, tr.SEGMENT, tr.JOB_KEY, tr.CHECKPOINT)
 
 
@@ -101,7 +104,7 @@ def _log(tracker: Tracker, evaluated: Any, spec: TransferSpec, data_url: str, ma
     name = spec.data.set_name
     tracker.experiment_id = evaluated.info.experiment_id
     tags = {tr.RUN_TYPE: "eval", tr.PARENT: run_id, tr.EVALUATES: run_id, tr.TAG + "eval_task": spec.task,
-            tr.TAG + "eval_set": name, tr.TAG + "device": result["device"],
+            tr.TAG + "eval_set": name, tr.TAG + "device": result["device"], TRANSFER_KEY: transfer_key(spec),
             **{k: evaluated.data.tags[k] for k in COPIED_TAGS if k in evaluated.data.tags}}
     eval_run = tracker.create_run(f"{evaluated.info.run_name}/{name}.{spec.task}", tags)
     try:
@@ -123,6 +126,35 @@ def _log(tracker: Tracker, evaluated: Any, spec: TransferSpec, data_url: str, ma
     return TransferRecord(eval_run, run_id, scores, metrics, artifacts, result["device"])
 
 
+def transfer_key(spec: TransferSpec) -> str:
+    """What makes two transfer evaluations of one checkpoint the same: the hash of their params."""
+    return hashlib.sha256(json.dumps(transfer_params(spec), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def after_chunk_transfers(tracker: Tracker, spec, plan, chunk_runs: dict[str, str], console=None) -> list[str]:
+    """Every `eval.transfer` entry of `spec` on the chunk runs (job key -> run id) of its chosen chunks, lines in
+    plan order; an evaluation already FINISHED with the same options (an earlier attempt's) is skipped. Returns
+    the evaluation runs it logged."""
+    logged = []
+    for entry in spec.eval.transfer:
+        chunks = set(entry.chunks(plan.stream.num_chunks))
+        key = transfer_key(entry)
+        for job in plan.jobs:
+            run_id = chunk_runs.get(job.key)
+            if job.chunk not in chunks or run_id is None:
+                continue
+            done = tracker.runs(f"tags.`{tr.EVALUATES}` = '{run_id}' and tags.`{TRANSFER_KEY}` = '{key}' "
+                                "and attributes.status = 'FINISHED'")
+            if done:
+                continue
+            record = evaluate_transfer(tracker, run_id, entry, prepare_root=spec.workdir / "downstream")
+            logged.append(record.run_id)
+            if console is not None:
+                scores = ", ".join(f"{k}={v:.3f}" for k, v in record.scores.items())
+                console.print(f"{job.name}: {entry.task} on {entry.data.set_name}: {scores}", highlight=False)
+    return logged
+
+
 def _log_artifacts(tracker: Tracker, run_id: str, result: dict[str, Any]) -> list[str]:
     from PIL import Image
 
@@ -139,4 +171,5 @@ def _log_artifacts(tracker: Tracker, run_id: str, result: dict[str, Any]) -> lis
     return names
 
 
-__all__ = ["EVALUATED_KINDS", "TransferRecord", "checkpoint_of", "evaluate_transfer"]
+__all__ = ["EVALUATED_KINDS", "TRANSFER_KEY", "TransferRecord", "after_chunk_transfers", "checkpoint_of",
+           "evaluate_transfer", "transfer_key"]

@@ -10,6 +10,7 @@ which downstream set, with which settings. The same section is what a spec's fut
 `fraction=0.1` for `finetune.label_fraction`). An unknown key or a bad value is a SpecError naming it.
 `TASKS` is the list a task name is checked against; each name has its options here and its runner in
 `orchestrator.evaluate.transfer.TRANSFER_TASKS` (detection and segmentation join both as two more entries).
+A spec's `eval.transfer` list holds `TransferEntry`s: the same options and the chunks they run after.
 """
 
 from __future__ import annotations
@@ -92,6 +93,25 @@ class TransferSpec(Section):
         return getattr(self, self.task)
 
 
+class TransferEntry(TransferSpec):
+    """An `eval.transfer` entry: one transfer task a run does after the chosen chunks of every line (once the plan
+    has trained; a resume skips what is logged)."""
+
+    after_chunks: list[int | Literal["last"]] = Field(
+        default_factory=lambda: ["last"], min_length=1,
+        description="chunk indices (0-based) or `last`: the chunk runs of every line whose checkpoint is evaluated")
+
+    @model_validator(mode="after")
+    def _chunks_are_indices(self) -> TransferEntry:
+        if any(isinstance(c, int) and c < 0 for c in self.after_chunks):
+            raise ValueError(f"after_chunks: chunk indices are >= 0 (or last), got {self.after_chunks}")
+        return self
+
+    def chunks(self, num_chunks: int) -> list[int]:
+        """The chunk indices this entry evaluates in a stream of `num_chunks` chunks, sorted."""
+        return sorted({num_chunks - 1 if c == "last" else c for c in self.after_chunks})
+
+
 def _route(path: list[str], task: str) -> list[str]:
     """A bare key that is not a field of the section is an option of the chosen task (`epochs` -> `finetune.epochs`)."""
     if len(path) != 1 or path[0] in TransferSpec.model_fields:
@@ -142,4 +162,4 @@ def transfer_params(spec: TransferSpec) -> dict[str, str]:
     return params
 
 
-__all__ = ["ALIASES", "TASKS", "TransferDataSpec", "TransferSpec", "transfer_params", "transfer_spec"]
+__all__ = ["ALIASES", "TASKS", "TransferDataSpec", "TransferEntry", "TransferSpec", "transfer_params", "transfer_spec"]

@@ -1,8 +1,8 @@
-"""`streamssl eval` for real: the smallest run that leaves a chunk checkpoint (1 chunk, 1 epoch, 1 worker), then the
-command fine-tunes it on 10% of the synthetic set's labels, runs 5-way 5-shot episodes and a reconstruction probe,
-each as a Ray task; the tests read the evaluation runs back from MLflow: nested under the chunk run, tagged,
-scored on its LoggedModel, with their artifacts, and invisible to a resume of the plan. Bad run ids and URLs exit
-with their codes and write nothing.
+"""`streamssl eval` for real: the smallest run that leaves a chunk checkpoint (1 chunk, 1 epoch, 1 worker; its spec's
+`eval.transfer` runs a linear probe on the synthetic set after the last chunk), then the command fine-tunes it on
+10% of the synthetic set's labels, runs 5-way 5-shot episodes and a reconstruction probe, each as a Ray task; the
+tests read the evaluation runs back from MLflow: nested under the chunk run, tagged, scored on its LoggedModel, with
+their artifacts, and invisible to a resume of the plan. Bad run ids and URLs exit with their codes and write nothing.
 
     PYTHONPATH=$PWD .venv/bin/python -m pytest tests/integration/test_transfer_eval.py -q
 """
@@ -24,6 +24,7 @@ from orchestrator.data.manifest import load_manifest
 from orchestrator.plan.planner import build_plan
 from orchestrator.run.launch import run_experiment
 from orchestrator.run.recovery import read_logged
+from orchestrator.run.transfer import after_chunk_transfers
 from orchestrator.spec.experiment import validate_spec
 from orchestrator.tracking import tags as tr
 from orchestrator.tracking.tracker import Tracker
@@ -39,7 +40,10 @@ def chunk_run(tmp_path_factory, synthetic_url, ray_local, migrated_mlflow_store)
     shutil.copyfile(migrated_mlflow_store, work / "runs" / "mlflow.db")  # the session's migrated empty store
     spec = validate_spec(tiny_spec(
         "transfer", synthetic_url, stream={"kind": "instance", "chunks": 1, "seed": 0},
-        optim={"epochs_per_chunk": 1, "batch_size": 32}, eval={"every_chunk": ["knn"], "baseline": False},
+        optim={"epochs_per_chunk": 1, "batch_size": 32},
+        eval={"every_chunk": ["knn"], "baseline": False,
+              "transfer": [{"task": "linear", "data": {"url": synthetic_url, "name": "synth"},
+                            "linear": {"epochs": 20}, "after_chunks": ["last"]}]},
         resources={"workers": 1}, storage={"workdir": str(work / "runs")}))
     run_experiment(spec, console=Console(file=io.StringIO(), width=120))
     client = MlflowClient(spec.tracking_uri)
@@ -76,7 +80,7 @@ def test_finetune_fewshot_and_reconstruction_are_logged_under_the_chunk_run(chun
                            "synth.reconstruction_relative_mse"}
     assert 0 <= scores["synth.finetune_10pct_top1"] <= scores["synth.finetune_10pct_top5"] <= 1
     assert 0.2 < scores["synth.fewshot_5way5shot_mean"] <= 1 and 0 < scores["synth.fewshot_5way5shot_ci95"] < 0.05
-    assert 0 < scores["synth.reconstruction_relative_mse"] < 2
+    assert 0 < scores["synth.reconstruction_relative_mse"] < 10 and scores["synth.reconstruction_mse"] > 0
     assert done["finetune"]["metrics"]["train_rows"] == 120 and done["finetune"]["metrics"]["val_rows"] == 360
 
     for task, out in done.items():
@@ -102,7 +106,8 @@ def test_finetune_fewshot_and_reconstruction_are_logged_under_the_chunk_run(chun
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # The scores score the chunk's checkpoint as a LoggedModel, on the downstream set.
-    logged = {m.key: m for m in client.get_logged_model(model_id).metrics if m.key.startswith("synth.")}
+    ours = {d["eval_run"] for d in done.values()}
+    logged = {m.key: m for m in client.get_logged_model(model_id).metrics if m.run_id in ours}
     assert set(logged) == set(scores)
     assert all(m.dataset_name == "synth" and m.value == pytest.approx(scores[m.key]) for m in logged.values())
 
@@ -112,6 +117,18 @@ def test_finetune_fewshot_and_reconstruction_are_logged_under_the_chunk_run(chun
     record = read_logged(Tracker(chunk_run["uri"], chunk_run["spec"].experiment_name),
                          build_plan(chunk_run["spec"]), ["knn"])
     assert record.unevaluated == [] and record.partial == [] and len(record.results) == 1
+
+
+def test_the_specs_eval_transfer_ran_after_the_last_chunk_and_a_resume_skips_it(chunk_run) -> None:
+    chunk_id = chunk_run["chunk"].info.run_id
+    (linear,) = [r for r in _evals(chunk_run) if r.data.tags.get(tr.TAG + "eval_task") == "linear"]
+    assert linear.data.tags[tr.PARENT] == chunk_id and linear.data.tags[tr.EVALUATES] == chunk_id
+    assert 1 / 12 < linear.data.metrics["synth.linear_top1"] <= linear.data.metrics["synth.linear_top5"] <= 1
+    assert linear.data.params["linear.epochs"] == "20" and linear.info.status == "FINISHED"
+    spec = chunk_run["spec"]
+    tracker = Tracker(chunk_run["uri"], spec.experiment_name)
+    plan = build_plan(spec)
+    assert after_chunk_transfers(tracker, spec, plan, {plan.jobs[0].key: chunk_id}) == []  # logged already
 
 
 def test_bad_run_ids_and_urls_exit_with_their_code_and_write_nothing(chunk_run, synthetic_url, tmp_path) -> None:

@@ -108,3 +108,24 @@ def test_reconstruction_gives_relative_error_and_a_grid(splits) -> None:
     grid = outcome.images["reconstructions.png"]
     assert grid.dtype == np.uint8 and grid.ndim == 3 and grid.shape[2] == 3 and grid.shape[0] > 16
     assert outcome.metrics["eval_rows"] == len(val.labels)
+
+
+def test_eval_transfer_entries_are_checked_and_leave_the_plan_key_alone() -> None:
+    from orchestrator.spec.experiment import flatten, identity_digest, validate_spec
+    from tests.specs import tiny_spec
+
+    entry = {"task": "finetune", "data": {"url": "/data/held-out"}, "finetune": {"label_fraction": 0.01},
+             "after_chunks": [0, "last"]}
+    plain = validate_spec(tiny_spec("t", "/data/x"))
+    spec = validate_spec(tiny_spec("t", "/data/x", eval={"transfer": [entry]}))
+    (parsed,) = spec.eval.transfer
+    assert parsed.chunks(2) == [0, 1] and parsed.finetune.label_fraction == 0.01 and parsed.data.set_name == "held-out"
+    assert identity_digest(spec) == identity_digest(plain)  # transfer reads checkpoints; training is the same plan
+    assert "eval.transfer" in flatten(spec) and "eval.transfer" not in flatten(plain)
+    for change, message in (({"after_chunks": [2]}, r"eval\.transfer: entry 0 \(finetune\): after_chunks \[2\] are "
+                                                    r"not chunks of the stream's 2 \(0\.\.1 or last\)"),
+                            ({"after_chunks": [-1]}, r"eval\.transfer\[0\]: after_chunks: chunk indices are >= 0"),
+                            ({"task": "detection"}, r"eval\.transfer\[0\]\.task: Input should be 'finetune'"),
+                            ({"finetune": {"epoch": 1}}, r"eval\.transfer\[0\]\.finetune\.epoch: unknown field")):
+        with pytest.raises(SpecError, match=message):
+            validate_spec(tiny_spec("t", "/data/x", eval={"transfer": [{**entry, **change}]}))
