@@ -70,7 +70,8 @@ def explain_worker_pool_warnings() -> bool:
 
 
 def init_ray(address: str | None, spec: Spec | None, dashboard: bool = False) -> None:
-    """`spec` None (a command without one, `streamssl eval`): a local Ray gets the default CPU count. `dashboard`: start the local Ray's dashboard too: Ray's state API runs there, and Ray Train's placement-group
+    """`spec` None (a command without one, `streamssl eval`): a local Ray gets the default CPU count.
+    `dashboard`: start the local Ray's dashboard too: Ray's state API runs there, and Ray Train's placement-group
     cleaner needs it to free the workers of a trainer whose caller was killed (a sweep trial ASHA stopped)."""
     import ray
 
