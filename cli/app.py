@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from cli import eval as eval_cmd
 from cli import lineage, logs, report, run, status, submit, sweep, ui
 
 app = typer.Typer(
@@ -20,6 +21,7 @@ app.command("status")(status.status)
 app.command("logs")(logs.logs)
 app.command("lineage")(lineage.lineage)
 app.command("report")(report.report)
+app.command("eval")(eval_cmd.eval_command)
 app.command("ui")(ui.ui)
 
 

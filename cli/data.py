@@ -2,6 +2,7 @@
 
     streamssl data synth file:///tmp/synth                                   # built-in synthetic set, seconds
     streamssl data prepare ../shared/datasets/imagenette file:///tmp/inette --groups groups.json
+    streamssl data prepare ../shared/datasets/imagenette /tmp/inette-heldout --classes n03028079,n03445777
     streamssl data verify file:///tmp/inette
     streamssl data verify s3://bucket/inette -o client_kwargs.endpoint_url=http://127.0.0.1:9000
 
@@ -141,6 +142,9 @@ def prepare_command(
     val_fraction: float = typer.Option(0.1, min=0.0, max=0.99, help="Share held out as val when SRC has no train/ and val/ folders."),
     shard_rows: int = typer.Option(2000, min=1, help="Rows per shard. Lower it for many small workers; raise it for large object-store reads."),
     max_per_class: Optional[int] = typer.Option(None, min=1, help="Take only the first N images of each class and split (quick subsets, no copy)."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated class folders to prepare (labels "
+                                          "0..k-1 in sorted order): pre-train on some classes, prepare the others "
+                                          "as a held-out transfer set. Default: every class."),
     workers: Optional[int] = typer.Option(None, min=1, help="Decode threads (default: CPU count)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a data set already at DST."),
     storage_option: Optional[List[str]] = typer.Option(None, "--storage-option", "-o", help=STORAGE_OPTION_HELP),
@@ -154,6 +158,7 @@ def prepare_command(
         val_fraction=val_fraction,
         shard_rows=shard_rows,
         max_per_class=max_per_class,
+        classes=None if classes is None else [c.strip() for c in classes.split(",") if c.strip()],
         overwrite=overwrite,
         workers=workers,
         storage_options=parse_storage_options(storage_option),

@@ -4,6 +4,7 @@ each evaluated with the every-chunk protocols on the frozen backbone after every
 
     prepare_downstream(spec)                 # writes: ImageFolder entries become shards (once), a run's data step
     sets = resolve_downstream(spec)          # reads: a missing URL, preparation or split is an error naming it
+    url, manifest = downstream_shards(url, {}, "streamssl-runs/downstream/pets", "--data", ["train", "val"])
 
 An entry's `url` is a folder of prepared shards (manifest.json beside them) or an ImageFolder tree on local disk,
 which is prepared once into `<storage.workdir>/downstream/<name>` (as `streamssl data prepare` would). Its own
@@ -51,6 +52,26 @@ def _prepared_at(spec, entry) -> tuple[str | None, str, dict[str, Any]]:
         raise SpecError(f"{where}.url: {url!r} holds neither prepared shards (no manifest.json) nor an "
                         "ImageFolder tree (class folders of images)")
     return local, str(spec.workdir / "downstream" / entry.name), {}
+
+
+def downstream_shards(url: str, storage_options: dict[str, Any], prepared_url: str, where: str,
+                      splits: list[str]) -> tuple[str, Manifest]:
+    """One downstream set outside a spec (`streamssl eval --data URL`): the prepared shards at `url`, or the
+    ImageFolder tree at `url` prepared once into `prepared_url`; a SpecError naming `where` when `url` is neither
+    or lacks one of `splits`."""
+    if not storage.exists(storage.join(url, "manifest.json"), storage_options):
+        local = url[len("file://"):] if url.startswith("file://") else url
+        if "://" in local or not _is_imagefolder(local):
+            raise SpecError(f"{where}: {url!r} holds neither prepared shards (no manifest.json) nor an ImageFolder "
+                            "tree (class folders of images)")
+        url, storage_options = prepared_url, {}
+        if not storage.exists(storage.join(url, "manifest.json")):
+            prepare_imagefolder(local, url, progress=False)
+    manifest = load_manifest(url, storage_options=storage_options)
+    for split in splits:
+        if split not in manifest.splits:
+            raise SpecError(f"{where}: split {split!r} is not in {storage.redact(url)}; it has {sorted(manifest.splits)}")
+    return url, manifest
 
 
 def prepare_downstream(spec, progress: bool = False) -> None:

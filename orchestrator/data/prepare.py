@@ -61,8 +61,21 @@ def _hash_fraction(text: str) -> float:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2.0**64
 
 
-def _scan(src: str, val_fraction: float, max_per_class: int | None) -> tuple[list[str], list[_Source], dict[str, Any]]:
-    """Class names and every candidate image with its split and label, in a deterministic order."""
+def _keep_classes(src: str, found: list[str], wanted: Sequence[str] | None) -> list[str]:
+    """The class folders to prepare: all, or the named ones (in sorted order); a DataError naming unknown ones."""
+    if wanted is None:
+        return found
+    unknown = [c for c in wanted if c not in found]
+    if unknown or not wanted:
+        raise DataError(f"--classes {','.join(wanted) or '(empty)'}: {unknown or 'no class'} not a class folder of "
+                        f"{src}; its classes: {', '.join(found)}")
+    return sorted(set(wanted))
+
+
+def _scan(src: str, val_fraction: float, max_per_class: int | None,
+          wanted: Sequence[str] | None = None) -> tuple[list[str], list[str], list[_Source], dict[str, Any]]:
+    """Every class folder, the classes prepared (`wanted`, or all) and every candidate image of those with its
+    split and label, in a deterministic order."""
     split_root = {s: os.path.join(src, s) for s in ("train", "val")}
     from_folders = all(os.path.isdir(p) for p in split_root.values())
     if from_folders:
@@ -79,10 +92,11 @@ def _scan(src: str, val_fraction: float, max_per_class: int | None) -> tuple[lis
     if not classes:
         raise DataError(f"no images found under {src}: expected class folders (ImageNet layout: CLASS/IMAGE.JPEG, "
                         "optionally inside train/ and val/)")
+    folders, classes = classes, _keep_classes(src, classes, wanted)
     label_of = {c: i for i, c in enumerate(classes)}
     items: list[_Source] = []
     for split, root in roots:
-        for cls in _class_folders(root):
+        for cls in (c for c in _class_folders(root) if c in label_of):
             folder = os.path.join(root, cls)
             files = _image_files(folder)
             if not files:
@@ -98,10 +112,11 @@ def _scan(src: str, val_fraction: float, max_per_class: int | None) -> tuple[lis
     # Rows go into shards in a fixed pseudo-random order, not class by class: a reader streaming a few shards at a
     # time (Ray Data blocks, a local shuffle buffer) then sees every class in every batch.
     items.sort(key=lambda item: _hash_fraction("order/" + item.shown))
-    return classes, items, layout
+    return folders, classes, items, layout
 
 
-def _read_groups(groups_file: str, classes: Sequence[str]) -> tuple[list[int], list[str]]:
+def _read_groups(groups_file: str, classes: Sequence[str],
+                 folders: Sequence[str] | None = None) -> tuple[list[int], list[str]]:
     """Group id per class and group names from a JSON object {class_folder: group_name}."""
     try:
         with open(groups_file, encoding="utf-8") as fh:
@@ -112,7 +127,7 @@ def _read_groups(groups_file: str, classes: Sequence[str]) -> tuple[list[int], l
         raise DataError(f"groups file {groups_file} is not readable JSON: {exc}") from None
     if not isinstance(doc, dict) or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in doc.items()):
         raise DataError(f"groups file {groups_file} must be a JSON object {{class_folder: group_name}} of strings")
-    unknown = sorted(set(doc) - set(classes))
+    unknown = sorted(set(doc) - set(folders if folders is not None else classes))
     if unknown:
         raise DataError(f"groups file {groups_file} names classes that are not folders of the source: {unknown}")
     missing = [c for c in classes if c not in doc]
@@ -163,6 +178,7 @@ def prepare_imagefolder(
     val_fraction: float = 0.1,
     shard_rows: int = 2000,
     max_per_class: int | None = None,
+    classes: Sequence[str] | None = None,
     overwrite: bool = False,
     workers: int | None = None,
     storage_options: Mapping[str, Any] | None = None,
@@ -177,7 +193,9 @@ def prepare_imagefolder(
     manifest (`on_corrupt="skip"`) or stop the run with a DataError naming the file (`"fail"`).
     `max_per_class` takes the first N files of each class and split (sorted by name), without copying.
     `groups_file` is a JSON object {class_folder: group_name}; group ids follow first appearance over the
-    sorted classes.
+    sorted classes. `classes` prepares only those class folders (labels 0..k-1 in their sorted order), e.g. the
+    classes a pre-training set keeps and, in a second set, the ones held out of it for transfer; a name that is not
+    a class folder is a DataError listing the folders.
     """
     if on_corrupt not in ("skip", "fail"):
         raise ValueError(f"on_corrupt must be 'skip' or 'fail', got {on_corrupt!r}")
@@ -192,11 +210,12 @@ def prepare_imagefolder(
     src = os.path.abspath(os.fspath(src))
     if not os.path.isdir(src):
         raise DataError(f"source folder {src} does not exist" if not os.path.exists(src) else f"source {src} is not a folder")
-    classes, items, layout = _scan(src, val_fraction, max_per_class)
+    wanted = None if classes is None else list(classes)
+    folders, classes, items, layout = _scan(src, val_fraction, max_per_class, wanted)
     if not items:
         raise DataError(f"no images found under {src}")
     if groups_file is not None:
-        class_groups, group_names = _read_groups(os.fspath(groups_file), classes)
+        class_groups, group_names = _read_groups(os.fspath(groups_file), classes, folders)
     else:
         class_groups, group_names = [-1] * len(classes), []
     class_entries = [
@@ -238,6 +257,7 @@ def prepare_imagefolder(
         **layout,
         "groups_file": os.path.abspath(os.fspath(groups_file)) if groups_file is not None else None,
         "max_per_class": max_per_class,
+        "classes": None if wanted is None else classes,  # the prepared subset, sorted
         "on_corrupt": on_corrupt,
     }
     bar = progress_bar() if progress else None

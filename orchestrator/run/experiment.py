@@ -21,6 +21,7 @@ from orchestrator.run.epoch_evals import EpochCheckpoint
 from orchestrator.run.models import log_checkpoint_model
 from orchestrator.run.recovery import missing_records, persisted_unlogged_chunks, read_logged
 from orchestrator.run.summary import ExperimentSummary, summarise
+from orchestrator.run.transfer import after_chunk_transfers
 from orchestrator.spec.experiment import flatten
 from orchestrator.tracking import tags as tr
 from orchestrator.train.accounting import chunk_resources, data_kept, device_kind
@@ -158,6 +159,7 @@ class ChunkedDriver(Driver):
                 self.tracker.log_metrics(self.parent, {f"baseline_{k}": v for k, v in
                                                        headline(summary.baseline, self.spec.eval.every_chunk).items()})
             self.collect(block=True)
+            after_chunk_transfers(self.tracker, self.spec, self.plan, self.chunk_runs, self.console)
             summarise(summary, self.plan, self.tracker, self.chunk_rows, self.results)
             summary.diverged = dict(self.diverged)
             summary.missing = self.missing_records()

@@ -5,7 +5,8 @@ evaluator's Config (`eval.knn.k`, `eval.linear.lr`), defaults filled in. The opt
 section is given (`eval.fewshot: {}` turns few-shot on with its defaults; null or absent: off): `fewshot`, `sharpness` and
 `interpolation` (the kNN accuracy between consecutive chunks' weights), evaluated by
 `orchestrator.evaluate.studies` on the same bank and queries. `eval.widths`: the widths a slimmable backbone is
-evaluated at (null: `evaluators.slimmable.DEFAULT_WIDTHS`).
+evaluated at (null: `evaluators.slimmable.DEFAULT_WIDTHS`). `eval.transfer`: transfer tasks after chosen chunks
+(`orchestrator.spec.transfer.TransferEntry`, run by `orchestrator.run.transfer.after_chunk_transfers`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from evaluators.registry import EVALUATOR_REGISTRY
 from evaluators.sharpness import SharpnessConfig
 from evaluators.slimmable import DEFAULT_WIDTHS
 from orchestrator.spec.section import Section, none_is_empty
+from orchestrator.spec.transfer import TransferEntry
 
 EvaluatorName = Literal[EVALUATOR_REGISTRY.names]
 
@@ -50,6 +52,10 @@ class _EvalSpecBase(Section):
     downstream: list[DownstreamSpec] = Field(
         default_factory=list, description="more data sets evaluated after every chunk (held-out classes, other "
                                           "domains, other data), each with the every-chunk protocols")
+    transfer: list[TransferEntry] = Field(
+        default_factory=list, description="transfer tasks (finetune, linear, fewshot, reconstruction) on downstream "
+                                          "sets, run on the checkpoints of the chosen chunks of every line once the "
+                                          "plan has trained; each an evaluation run under its chunk run")
     fewshot: FewShotConfig | None = Field(
         None, description="N-way K-shot episodes on the held-out features after every chunk (off when absent)")
     sharpness: SharpnessConfig | None = Field(

@@ -327,6 +327,15 @@ class Spec(Section):
                     f"views.local.count must be >= 1: {method} trains on multi-crop local views besides the global "
                     "ones (e.g. views.local: {count: 6, size: 96} at 224 px)"
                 )
+        for i, entry in enumerate(self.eval.transfer):
+            where = f"eval.transfer: entry {i} ({entry.task})"
+            if self.stream.kind == "online":
+                raise ValueError(f"{where} runs after chunks of a chunked stream; evaluate an online segment run "
+                                 "with `streamssl eval SEGMENT_RUN`")
+            beyond = [c for c in entry.after_chunks if c != "last" and c >= self.stream.chunks]
+            if beyond:
+                raise ValueError(f"{where}: after_chunks {beyond} are not chunks of the stream's {self.stream.chunks} "
+                                 f"(0..{self.stream.chunks - 1} or last)")
         problems = online_problems(self.stream.kind, self.online, list(self.lines.strategy), self.resources.workers,
                                    len(self.lines.method) * len(self.lines.strategy))
         if problems:

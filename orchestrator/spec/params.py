@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 # Settings that are off by default, with their off value, by section: recorded only when on.
 OFF_BY_DEFAULT = {
     "eval": {"fewshot": None, "sharpness": None, "interpolation": None, "every_epochs": 0, "downstream": [],
-             "widths": None},
+             "widths": None, "transfer": []},
     "data": {"class_fraction": 1.0, "labels": "class"},
 }
 
@@ -91,6 +91,9 @@ def identity_digest(spec: Spec, with_seed: bool = True) -> str:
             data["online"]["source"].pop(key, None)
     for entry in data["eval"].get("downstream", []):
         entry.pop("storage_options", None)
+    # Transfer tasks read finished checkpoints and change none of the plan's runs: a spec that adds one keeps its plan,
+    # and `--resume` runs the new tasks on the chunks already trained (each evaluation run carries its own options).
+    data["eval"].pop("transfer", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

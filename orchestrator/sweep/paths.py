@@ -75,6 +75,11 @@ def resolve_paths(raw: dict[str, Any], base: str | os.PathLike | None = None) ->
         for entry in evaluation["downstream"]:
             if isinstance(entry, dict) and "url" in entry:
                 entry["url"] = _local(entry["url"], base)
+    if evaluation is not None and isinstance(evaluation.get("transfer"), list):
+        for entry in evaluation["transfer"]:
+            data = _section(entry, "data") if isinstance(entry, dict) else None
+            if data is not None and "url" in data:
+                data["url"] = _local(data["url"], base)
     online = _section(out, "online")
     source = _section(online, "source") if online is not None else None
     if source is not None and "poll" in source:

@@ -69,8 +69,9 @@ def explain_worker_pool_warnings() -> bool:
     return True
 
 
-def init_ray(address: str | None, spec: Spec, dashboard: bool = False) -> None:
-    """`dashboard`: start the local Ray's dashboard too: Ray's state API runs there, and Ray Train's placement-group
+def init_ray(address: str | None, spec: Spec | None, dashboard: bool = False) -> None:
+    """`spec` None (a command without one, `streamssl eval`): a local Ray gets the default CPU count.
+    `dashboard`: start the local Ray's dashboard too: Ray's state API runs there, and Ray Train's placement-group
     cleaner needs it to free the workers of a trainer whose caller was killed (a sweep trial ASHA stopped)."""
     import ray
 
@@ -92,7 +93,7 @@ def init_ray(address: str | None, spec: Spec, dashboard: bool = False) -> None:
                 time.sleep(2.0 * (attempt + 1))
     # Declare more logical CPUs than cores: training workers hold fractional CPUs and Ray Data's read/decode tasks
     # and the evaluation actor need slots beside them, or the pipeline stalls on a 2-core machine.
-    num_cpus = spec.resources.num_cpus or max(4, os.cpu_count() or 1)
+    num_cpus = (spec.resources.num_cpus if spec is not None else None) or max(4, os.cpu_count() or 1)
     # address="local": always a fresh Ray of our own, never whatever cluster happens to run on this machine
     # (plain ray.init() would join it, and $RAY_ADDRESS would redirect it).
     env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", TRAIN_V2_ENV: "1"}

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from cli.app import app
 from tests.orchestrator.s3_server import free_port
 
-COMMANDS = [["run"], ["submit"], ["status"], ["logs"], ["lineage"], ["report"], ["ui"], ["data"], ["data", "synth"], ["data", "prepare"], ["data", "verify"]]
+COMMANDS = [["run"], ["eval"], ["submit"], ["status"], ["logs"], ["lineage"], ["report"], ["ui"], ["data"], ["data", "synth"], ["data", "prepare"], ["data", "verify"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c))

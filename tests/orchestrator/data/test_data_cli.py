@@ -97,6 +97,35 @@ def test_prepare_with_skipped_file_groups_and_failure_modes(tmp_path):
     assert result.exit_code == 2 and "KEY=VALUE" in result.output
 
 
+def test_prepare_a_class_subset_and_its_complement(tmp_path):
+    """Pre-train on some classes, prepare the others as the held-out transfer set: labels 0..k-1 in sorted order,
+    the groups file may name the classes left out, and an unknown class is a data error listing the folders."""
+    src = tmp_path / "src"
+    for split in ("train", "val"):
+        for c, cls in enumerate(("ant", "bee", "cat", "dog")):
+            os.makedirs(src / split / cls)
+            for i in range(2):
+                (src / split / cls / f"{i}.jpg").write_bytes(_jpeg(10 * c + i))
+    groups = tmp_path / "groups.json"
+    groups.write_text(json.dumps({"ant": "insect", "bee": "insect", "cat": "pet", "dog": "pet"}))
+    kept, held = str(tmp_path / "kept"), str(tmp_path / "held")
+    assert _invoke("prepare", str(src), kept, "--classes", "bee,ant", "--groups", str(groups)).exit_code == 0
+    result = _invoke("prepare", str(src), held, "--classes", "dog, cat")
+    assert result.exit_code == 0, result.output
+    for url, names in ((kept, ["ant", "bee"]), (held, ["cat", "dog"])):
+        manifest = load_manifest(url)
+        assert [(c.id, c.name) for c in manifest.classes] == list(enumerate(names))
+        assert {k: v.rows for k, v in manifest.splits.items()} == {"train": 4, "val": 4}
+        assert manifest.source["classes"] == names
+    import pyarrow.parquet as pq
+
+    keys = [k for shard in load_manifest(held).shards for k in pq.read_table(os.path.join(held, shard.path))["key"].to_pylist()]
+    assert len(keys) == 8 and all(k.split("/")[1] in ("cat", "dog") for k in keys)
+    result = _invoke("prepare", str(src), str(tmp_path / "bad"), "--classes", "cat,cow")
+    assert result.exit_code == 3 and "['cow']" in result.output and "ant, bee, cat, dog" in result.output
+    assert not os.path.exists(tmp_path / "bad" / "manifest.json")
+
+
 def test_parse_storage_options():
     assert parse_storage_options(None) is None
     parsed = parse_storage_options(["client_kwargs.endpoint_url=http://127.0.0.1:9000", "anon=false", "max=3", "key=k=v"])

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from orchestrator.data.downstream import prepare_downstream, resolve_downstream
+from orchestrator.data.downstream import downstream_shards, prepare_downstream, resolve_downstream
 from orchestrator.data.ingest import SplitArrays
 from orchestrator.errors import DataError, SpecError
 from orchestrator.evaluate.evaluation import evaluate_downstream
@@ -84,6 +84,27 @@ def test_an_imagefolder_tree_is_prepared_once_into_the_workdir(synthetic_url: st
     prepare_downstream(spec)
     assert resolve_downstream(spec)[0].manifest.digest == resolved.manifest.digest
     assert manifest.stat().st_mtime_ns == stamp  # not prepared again
+
+
+def test_a_transfer_set_outside_a_spec_is_shards_or_a_tree_prepared_once(tmp_path: Path) -> None:
+    """`streamssl eval --data`: prepared shards are read where they are; a tree is prepared once where it is told."""
+    tree = tmp_path / "pets"
+    for split in ("train", "val"):
+        for c, colour in enumerate(COLOURS):
+            (tree / split / f"class{c}").mkdir(parents=True)
+            Image.new("RGB", (12, 12), colour).save(tree / split / f"class{c}" / "0.jpg")
+    prepared = str(tmp_path / "runs" / "downstream" / "pets")
+    url, manifest = downstream_shards(str(tree), {}, prepared, "--data", ["train", "val"])
+    assert url == prepared and manifest.num_classes == 3 and manifest.splits["val"].rows == 3
+    stamp = (Path(prepared) / "manifest.json").stat().st_mtime_ns
+    assert downstream_shards(str(tree), {}, prepared, "--data", ["train"])[1].digest == manifest.digest
+    assert (Path(prepared) / "manifest.json").stat().st_mtime_ns == stamp  # not prepared again
+    assert downstream_shards(prepared, {}, str(tmp_path / "unused"), "--data", ["val"])[0] == prepared
+    assert not (tmp_path / "unused").exists()
+    with pytest.raises(SpecError, match=r"--data: split 'test' is not in .*; it has \['train', 'val'\]"):
+        downstream_shards(prepared, {}, str(tmp_path / "unused"), "--data", ["test"])
+    with pytest.raises(SpecError, match=r"--data: '.*nothing' holds neither prepared shards"):
+        downstream_shards(str(tmp_path / "nothing"), {}, str(tmp_path / "unused"), "--data", ["val"])
 
 
 def test_a_downstream_score_equals_the_held_out_protocols_to_the_last_bit(one_torch_thread) -> None:

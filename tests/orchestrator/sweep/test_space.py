@@ -315,7 +315,8 @@ def test_a_sweeps_paths_resolve_against_the_working_directory_and_status_finds_i
     monkeypatch.chdir(user)
     raw = tiny_spec("sweep-paths", "data/synth", tracking={"uri": "sqlite:///store/mlflow.db"},
                     storage={"checkpoints": "ckpt"}, eval={"every_chunk": ["knn"], "baseline": False,
-                                                           "downstream": [{"name": "other", "url": "data/other"}]},
+                                                           "downstream": [{"name": "other", "url": "data/other"}],
+                                                           "transfer": [{"task": "fewshot", "data": {"url": "data/held"}}]},
                     sweep={"space": {"optim.lr": {"choice": [0.1, 0.2]}}})
     (user / "store").mkdir()
     sweep = _Sweep(raw, "sweep.yaml", Console(quiet=True), None)
@@ -323,6 +324,7 @@ def test_a_sweeps_paths_resolve_against_the_working_directory_and_status_finds_i
     spec = trial_spec(sweep.raw, {"optim.lr": 0.1}, "sweep.yaml")
     assert spec.data.url == str(user / "data" / "synth")
     assert spec.eval.downstream[0].url == str(user / "data" / "other")
+    assert spec.eval.transfer[0].data.url == str(user / "data" / "held")
     assert spec.tracking_uri == f"sqlite:///{user / 'store' / 'mlflow.db'}"
     assert spec.workdir == user / "streamssl-runs" and spec.checkpoint_url == str(user / "ckpt")
     run_id, _ = sweep.open_run(resume=False)
