@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from orchestrator import storage
 from orchestrator.data.annotations import VOC_CLASSES, ParsedSplit, read_coco, read_voc
 from orchestrator.data.manifest import MANIFEST_NAME, ShardEntry, SplitEntry, compute_digest, streamssl_version
-from orchestrator.data.shards import sha256_hex
+from orchestrator.data.shards import remove_written, sha256_hex
 from orchestrator.errors import DataError
 
 DETECTION_MANIFEST_NAME = "detection_manifest.json"
@@ -199,11 +199,7 @@ def write_detection_shards(
         )
         storage.write_bytes_atomic(manifest_url, manifest.to_json().encode(), storage_options)
     except BaseException:
-        for entry in written:
-            try:
-                storage.remove(storage.join(dst_url, entry.path), storage_options)
-            except Exception:  # cleanup is best effort; the original error is what the user needs
-                pass
+        remove_written(dst_url, written, storage_options)
         raise
     return manifest
 

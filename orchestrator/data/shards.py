@@ -272,13 +272,19 @@ def write_shards(
         )
         storage.write_bytes_atomic(manifest_url, manifest.to_json().encode(), storage_options)
     except BaseException:
-        for entry in written:
-            try:
-                storage.remove(storage.join(dst_url, entry.path), storage_options)
-            except Exception:  # cleanup is best effort; the original error is what the user needs
-                pass
+        remove_written(dst_url, written, storage_options)
         raise
     return manifest
+
+
+def remove_written(dst_url: str, entries: Iterable[ShardEntry], storage_options: Mapping[str, Any] | None) -> None:
+    """Remove the shards a failed write had written (nothing half-written is left behind); best effort, so the
+    original error is the one the user sees."""
+    for entry in entries:
+        try:
+            storage.remove(storage.join(dst_url, entry.path), storage_options)
+        except Exception:
+            pass
 
 
 def _field(obj: Any, name: str) -> Any:
