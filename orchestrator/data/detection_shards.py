@@ -38,11 +38,18 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from orchestrator import storage
 from orchestrator.data.annotations import VOC_CLASSES, ParsedSplit, read_coco, read_voc
-from orchestrator.data.manifest import MANIFEST_NAME, ShardEntry, SplitEntry, compute_digest, streamssl_version
+from orchestrator.data.manifest import (
+    MANIFEST_NAME,
+    FrozenRecord,
+    ShardEntry,
+    SplitEntry,
+    compute_digest,
+    streamssl_version,
+)
 from orchestrator.data.shards import remove_written, sha256_hex
 from orchestrator.errors import DataError
 
@@ -65,23 +72,19 @@ DETECTION_SHARD_SCHEMA = pa.schema([
 ])
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DetectionClass(_Frozen):
+class DetectionClass(FrozenRecord):
     label: int = Field(ge=1, description="Label value in the annotations; 1..K in list order (0 is background).")
     name: str = Field(min_length=1, description="Class name (VOC <name>, COCO category name).")
     source_id: int | None = Field(default=None, description="COCO category id; null for VOC.")
 
 
-class SkippedAnnotation(_Frozen):
+class SkippedAnnotation(FrozenRecord):
     file: str = Field(description="Annotation (or image) file holding the bad record.")
     record: str = Field(description="The record: 'object 2 of 3' (VOC, 1-based), 'annotation 1234' (COCO).")
     reason: str = Field(description="What was wrong with it.")
 
 
-class DetectionManifest(_Frozen):
+class DetectionManifest(FrozenRecord):
     """What ``detection_manifest.json`` holds. Load it with :func:`load_detection_manifest`."""
 
     schema_version: int = Field(description="Format version; this streamssl reads 1.")

@@ -34,33 +34,35 @@ def streamssl_version() -> str:
         return "unknown"
 
 
-class _Frozen(BaseModel):
+class FrozenRecord(BaseModel):
+    """A manifest record: unknown fields refused, immutable once read."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ClassEntry(_Frozen):
+class ClassEntry(FrozenRecord):
     id: int = Field(ge=0, description="Label value in the shards; ids are 0..n-1 in list order.")
     name: str = Field(min_length=1, description="Class name (the ImageFolder folder name, or the synthetic class).")
     wnid: str | None = Field(default=None, description="WordNet id when the folder name is one (n01440764).")
     group: int = Field(ge=-1, description="Coarse group id; -1 when the data set has no groups.")
 
 
-class GroupEntry(_Frozen):
+class GroupEntry(FrozenRecord):
     id: int = Field(ge=0, description="Group value in the shards' `group` column.")
     name: str = Field(min_length=1, description="Coarse group name (shape family, WordNet-style parent).")
 
 
-class DomainEntry(_Frozen):
+class DomainEntry(FrozenRecord):
     id: int = Field(ge=0, description="Domain value in the shards' `domain` column.")
     name: str = Field(min_length=1, description="Domain (style) name.")
 
 
-class SplitEntry(_Frozen):
+class SplitEntry(FrozenRecord):
     rows: int = Field(ge=0, description="Rows in this split, summed over its shards.")
     shards: tuple[str, ...] = Field(description="Shard paths of this split, relative to the manifest's folder.")
 
 
-class ShardEntry(_Frozen):
+class ShardEntry(FrozenRecord):
     path: str = Field(description="Shard file, relative to the manifest's folder.")
     split: str = Field(description="Split every row of this shard belongs to.")
     rows: int = Field(ge=0, description="Row count.")
@@ -68,12 +70,12 @@ class ShardEntry(_Frozen):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the file's bytes.")
 
 
-class SkippedFile(_Frozen):
+class SkippedFile(FrozenRecord):
     file: str = Field(description="Source file, relative to the source folder.")
     reason: str = Field(description="Why it was left out (decoder message).")
 
 
-class Skipped(_Frozen):
+class Skipped(FrozenRecord):
     count: int = Field(default=0, ge=0, description="Source files left out as unreadable.")
     files: tuple[SkippedFile, ...] = Field(default=(), description="Each left-out file with its reason.")
 
@@ -86,7 +88,7 @@ def compute_digest(shards: Iterable[ShardEntry]) -> str:
     return h.hexdigest()
 
 
-class Manifest(_Frozen):
+class Manifest(FrozenRecord):
     """What ``manifest.json`` holds (schema_version 1). Load it with :func:`load_manifest`."""
 
     schema_version: int = Field(description="Manifest format version; this streamssl reads 1.")
