@@ -135,3 +135,40 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# Each phase's time is written as it ends (test-artifacts/durations.tsv), and a phase over SLOW_PHASE_S is named on
+# the terminal at once: pytest's --durations table prints only at the end, so a run CI stops at its time limit
+# would otherwise say nothing of where its minutes went.
+SLOW_PHASE_S = 30.0
+_DURATIONS = {"file": None, "reporter": None, "started": None}
+
+
+def pytest_configure(config):
+    import time
+
+    _DURATIONS["reporter"] = config.pluginmanager.get_plugin("terminalreporter")
+    _DURATIONS["started"] = time.monotonic()
+    if hasattr(config, "workerinput"):
+        return
+    out = Path(config.rootpath) / "test-artifacts"
+    out.mkdir(exist_ok=True)
+    _DURATIONS["file"] = open(out / "durations.tsv", "w", buffering=1)
+    _DURATIONS["file"].write("elapsed_s\tphase_s\tphase\toutcome\ttest\n")
+
+
+def pytest_runtest_logreport(report):
+    import time
+
+    elapsed = time.monotonic() - (_DURATIONS["started"] or time.monotonic())
+    if _DURATIONS["file"] is not None:
+        _DURATIONS["file"].write(f"{elapsed:.1f}\t{report.duration:.2f}\t{report.when}\t{report.outcome}\t{report.nodeid}\n")
+    reporter = _DURATIONS["reporter"]
+    if reporter is not None and report.duration >= SLOW_PHASE_S:
+        reporter.write_line(f"[slow {report.duration:.0f} s {report.when}, at {elapsed / 60:.0f} min] {report.nodeid}")
+
+
+def pytest_unconfigure(config):
+    if _DURATIONS["file"] is not None:
+        _DURATIONS["file"].close()
+        _DURATIONS["file"] = None
