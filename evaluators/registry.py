@@ -22,7 +22,7 @@ from torch import Tensor
 
 from evaluators.knn import KnnConfig, knn_topk
 from evaluators.linear import LinearConfig, fit_linear_probe
-from trainers.registry import Record, Registry
+from trainers.records import Record, Registry
 
 TOP_K = 5  # the second accuracy every protocol reports ({name}_top5)
 

@@ -141,13 +141,13 @@ def one_torch_thread():
 # the terminal at once: pytest's --durations table prints only at the end, so a run CI stops at its time limit
 # would otherwise say nothing of where its minutes went.
 SLOW_PHASE_S = 30.0
-_DURATIONS = {"file": None, "reporter": None, "started": None}
+_DURATIONS = {"file": None, "config": None, "started": None}
 
 
 def pytest_configure(config):
     import time
 
-    _DURATIONS["reporter"] = config.pluginmanager.get_plugin("terminalreporter")
+    _DURATIONS["config"] = config
     _DURATIONS["started"] = time.monotonic()
     if hasattr(config, "workerinput"):
         return
@@ -163,7 +163,8 @@ def pytest_runtest_logreport(report):
     elapsed = time.monotonic() - (_DURATIONS["started"] or time.monotonic())
     if _DURATIONS["file"] is not None:
         _DURATIONS["file"].write(f"{elapsed:.1f}\t{report.duration:.2f}\t{report.when}\t{report.outcome}\t{report.nodeid}\n")
-    reporter = _DURATIONS["reporter"]
+    # Looked up here: the terminal reporter registers itself after this conftest's pytest_configure has run.
+    reporter = _DURATIONS["config"].pluginmanager.get_plugin("terminalreporter") if _DURATIONS["config"] else None
     if reporter is not None and report.duration >= SLOW_PHASE_S:
         reporter.write_line(f"[slow {report.duration:.0f} s {report.when}, at {elapsed / 60:.0f} min] {report.nodeid}")
 

@@ -39,7 +39,7 @@ from orchestrator.data.manifest import Manifest
 from orchestrator.errors import DataError, SpecError
 from orchestrator.plan.data_factors import kept_classes
 from trainers.config import ComponentConfig
-from trainers.registry import Record, Registry
+from trainers.records import Record, Registry
 
 _DIGEST_VERSION = "streamssl-stream-plan-v1"
 
