@@ -43,6 +43,22 @@ def test_ray_floor_has_train_v2_by_default_and_ray_init_enables_it(monkeypatch):
     assert os.environ["RAY_TRAIN_V2_ENABLED"] == "1"
 
 
+def test_ray_init_shortens_train_v2s_poll_unless_the_user_set_it(monkeypatch):
+    """A report with a checkpoint waits for the controller's next poll: 0.5 s by default here, the user's if set;
+    Ray passes the driver's value on to its controller."""
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+    from orchestrator.train import ray_init
+
+    monkeypatch.delenv(ray_init.TRAIN_POLL_ENV, raising=False)
+    ray_init.enable_train_v2()
+    assert os.environ[ray_init.TRAIN_POLL_ENV] == ray_init.TRAIN_POLL_S == "0.5"
+    assert get_env_vars_to_propagate()[ray_init.TRAIN_POLL_ENV] == "0.5"
+    monkeypatch.setenv(ray_init.TRAIN_POLL_ENV, "3")
+    ray_init.enable_train_v2()
+    assert os.environ[ray_init.TRAIN_POLL_ENV] == "3"
+
+
 def test_linear_probe_has_one_default_lr():
     defaults = {fn.__name__: inspect.signature(fn).parameters["lr"].default
                 for fn in (linear.fit_linear_probe, linear.linear_probe, linear.linear_accuracy)}
