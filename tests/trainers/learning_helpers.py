@@ -34,9 +34,26 @@ def knn_top1(backbone, bank, queries) -> float:
 
 def short_pretraining(tmp_path, method: str, method_options: dict[str, Any], *, lr: float = 0.5,
                       epochs: int = 20, optimizer: str = "sgd", weight_decay: float = 1e-4, local_count: int = 0,
-                      global_count: int = 2, preset: str = "symmetric", batch_size: int = 128,
+                      global_count: int = 2, preset: str = "symmetric", batch_size: int = 128, threads: int = 2,
                       **loop: Any) -> tuple[float, float, ChunkReport]:
-    """(kNN top-1 at the random initialisation, after `epochs` epochs on 1000 synthetic images, the report)."""
+    """(kNN top-1 at the random initialisation, after `epochs` epochs on 1000 synthetic images, the report).
+
+    `threads` torch threads while it runs (the suite's default is one): these runs are the only work in the suite
+    when they run (after the integration tests, on an idle Ray), and one thread left the second core idle for the
+    ~15 min they took together (issue 23)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _short_pretraining(tmp_path, method, method_options, lr=lr, epochs=epochs, optimizer=optimizer,
+                                  weight_decay=weight_decay, local_count=local_count, global_count=global_count,
+                                  preset=preset, batch_size=batch_size, **loop)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _short_pretraining(tmp_path, method: str, method_options: dict[str, Any], *, lr: float, epochs: int,
+                       optimizer: str, weight_decay: float, local_count: int, global_count: int, preset: str,
+                       batch_size: int, **loop: Any) -> tuple[float, float, ChunkReport]:
     generate_synthetic(str(tmp_path), train=1000, val=400, image_size=32, seed=0, progress=False)
     manifest = load_manifest(str(tmp_path))
     bank = load_split_arrays(manifest, str(tmp_path), "train", 32)
