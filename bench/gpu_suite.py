@@ -1,7 +1,7 @@
 """The GPU benchmark suite in one bounded call: every method x backbone step rate and the end-to-end input path.
 
     python -m bench.gpu_suite --out $OUT                # on a device lease: at most ~8.5 min (budget 500 s)
-    python -m bench.gpu_suite --tiny --out /tmp/suite   # CPU smoke version (32 px, batch 4, 2 steps), ~30 s here
+    python -m bench.gpu_suite --tiny --out /tmp/suite   # CPU smoke version (32 px, batch 4, 1 timed step), ~2 min here
 
 Two phases, one process, each written to JSON after every cell (a command killed at its limit still leaves what
 was measured):
@@ -59,7 +59,7 @@ PROFILES: dict[str, dict[str, Any]] = {
              "width": 8, "backbone_extra": {"vit_tiny": {"patch_size": 8}, "mobilenet_v2": {"width_mult": 0.25},
                                             "slimmable_vit_tiny": {"patch_size": 8},
                                             "slimmable_mobilenet_v2": {"width_mult": 0.25}},
-             "warmup": 1, "steps": 2, "reps": 1, "anchor_warmup": 1, "anchor_steps": 2,
+             "warmup": 1, "steps": 1, "reps": 1, "anchor_warmup": 1, "anchor_steps": 1,
              "anchor_reps": 1, "budget_s": 240.0, "e2e_share": 0.5,
              "e2e": {"size": 32, "batch": 4, "steps": 2, "reps": 1, "synthetic_train": 16, "synthetic_size": 32,
                      "shard_rows": 8}},
@@ -174,7 +174,7 @@ def grid(cells: list[dict[str, Any]], value) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="CPU smoke size: 32 px, batch 4, 2 steps, small heads")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke size: 32 px, batch 4, 1 timed step, small heads")
     parser.add_argument("--device", default=None, help="cpu, cuda or auto [cuda; --tiny: cpu]")
     parser.add_argument("--out", type=Path, default=None, help="output folder [$OUT, else bench/results/gpu_suite]")
     parser.add_argument("--budget-s", type=float, default=None, help="the whole suite's time [500; --tiny 240]")
