@@ -138,7 +138,8 @@ class _Sweep:
         done = [r for r in recorded if r.state != "interrupted"]
         result.skipped = len(done)
         try:
-            init_ray(address, self.base, dashboard=True)
+            if self.sweep.trial_count > len(done):  # the resume of a finished sweep only reads MLflow: no Ray to start
+                init_ray(address, self.base, dashboard=True)
             self._tune(sweep_run, done, max_reports)
             result.trials = rec.read_trials(self.tracker, sweep_run, self.sweep.metric)
             self._reconcile(result.trials)

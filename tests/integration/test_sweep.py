@@ -241,6 +241,7 @@ def test_an_optuna_sweep_numbers_its_trials_and_a_finished_sweep_resumes_to_noth
     again = _cli("sweep", str(path), "--tracking-uri", uri, "--resume")
     assert again.returncode == 0, again.stdout + again.stderr
     assert "every one of the 2 trials is recorded" in again.stdout
+    assert "Started a local Ray instance" in first.stderr and "Ray instance" not in again.stderr  # no Ray to start
     assert len(_runs(uri, "sweep-optuna", "tags.`streamssl.run_type` = 'trial'")) == 2
     assert len(_runs(uri, "sweep-optuna", "tags.`streamssl.run_type` = 'sweep'")) == 1
 
