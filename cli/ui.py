@@ -64,4 +64,8 @@ def ui(
     finally:
         if server.poll() is None:
             server.terminate()
-            server.wait(timeout=10)
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # a server that does not wind down is not left behind
+                server.kill()
+                server.wait()

@@ -4,6 +4,7 @@ stopped with Ctrl-C (SIGINT) as a person stops it."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -51,7 +52,10 @@ def streamssl_ui(uri: str, experiment: str | None = None) -> Iterator[UiProcess]
     command = [sys.executable, "-m", "cli.app", "ui", "--tracking-uri", uri, "--port", str(port), "--no-open"]
     if experiment:
         command += ["--experiment", experiment]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    # Its own process group, so the Ctrl-C below reaches it the way a terminal's does: every process of the
+    # foreground group (streamssl, the mlflow server it started and that server's workers) gets SIGINT.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                               start_new_session=True)
     ui = UiProcess(process, port)
     reader = threading.Thread(target=lambda: ui.lines.extend(iter(process.stdout.readline, "")), daemon=True)
     reader.start()
@@ -60,11 +64,11 @@ def streamssl_ui(uri: str, experiment: str | None = None) -> Iterator[UiProcess]
     finally:
         # Ctrl-C stops the server; on a loaded machine its workers took over 30 s to wind down (the full suite
         # started beside other jobs), so it gets 90 s before it is killed and the test fails for it.
-        process.send_signal(signal.SIGINT)
+        os.killpg(process.pid, signal.SIGINT)
         try:
             process.wait(timeout=90)
         except subprocess.TimeoutExpired:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)
             raise AssertionError("`streamssl ui` did not stop within 90 s of Ctrl-C") from None
         finally:
             reader.join(timeout=5)
