@@ -149,8 +149,6 @@ def pytest_configure(config):
 
     _DURATIONS["config"] = config
     _DURATIONS["started"] = time.monotonic()
-    if hasattr(config, "workerinput"):
-        return
     out = Path(config.rootpath) / "test-artifacts"
     out.mkdir(exist_ok=True)
     _DURATIONS["file"] = open(out / "durations.tsv", "w", buffering=1)

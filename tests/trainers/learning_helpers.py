@@ -44,36 +44,28 @@ def short_pretraining(tmp_path, method: str, method_options: dict[str, Any], *, 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _short_pretraining(tmp_path, method, method_options, lr=lr, epochs=epochs, optimizer=optimizer,
-                                  weight_decay=weight_decay, local_count=local_count, global_count=global_count,
-                                  preset=preset, batch_size=batch_size, **loop)
+        generate_synthetic(str(tmp_path), train=1000, val=400, image_size=32, seed=0, progress=False)
+        manifest = load_manifest(str(tmp_path))
+        bank = load_split_arrays(manifest, str(tmp_path), "train", 32)
+        queries = load_split_arrays(manifest, str(tmp_path), "val", 32)
+        views = view_plan(global_count=global_count, global_size=32, global_scale=(0.3, 1.0), local_count=local_count,
+                          local_size=16, preset=preset, global_options={"blur_p": 0.0} if preset == "symmetric" else {})
+        steps_per_epoch = len(bank.labels) // batch_size
+        cfg = LoopConfig(method=method, strategy="sequential", image_size=32, views=views, backbone_width=32,
+                         cifar_stem=False, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+                         epochs_per_chunk=epochs, batch_size=batch_size, seed=0, method_options=method_options,
+                         line_steps=epochs * steps_per_epoch, **loop)
+        trainer = LineTrainer(cfg)
+        random_init = knn_top1(trainer.backbone, bank, queries)
+        labels = torch.from_numpy(bank.labels).long()
+
+        def batches(epoch: int, skip: int):
+            order = torch.randperm(len(bank.labels), generator=torch.Generator().manual_seed(epoch))
+            for i in range(0, len(order) - batch_size + 1, batch_size):
+                rows = order[i : i + batch_size]
+                yield Batch.from_images(bank.images[rows], labels=labels[rows], index=rows)
+
+        report = trainer.train_chunk(0, batches, steps_per_epoch=steps_per_epoch)
+        return random_init, knn_top1(trainer.backbone, bank, queries), report
     finally:
         torch.set_num_threads(before)
-
-
-def _short_pretraining(tmp_path, method: str, method_options: dict[str, Any], *, lr: float, epochs: int,
-                       optimizer: str, weight_decay: float, local_count: int, global_count: int, preset: str,
-                       batch_size: int, **loop: Any) -> tuple[float, float, ChunkReport]:
-    generate_synthetic(str(tmp_path), train=1000, val=400, image_size=32, seed=0, progress=False)
-    manifest = load_manifest(str(tmp_path))
-    bank = load_split_arrays(manifest, str(tmp_path), "train", 32)
-    queries = load_split_arrays(manifest, str(tmp_path), "val", 32)
-    views = view_plan(global_count=global_count, global_size=32, global_scale=(0.3, 1.0), local_count=local_count,
-                      local_size=16, preset=preset, global_options={"blur_p": 0.0} if preset == "symmetric" else {})
-    steps_per_epoch = len(bank.labels) // batch_size
-    cfg = LoopConfig(method=method, strategy="sequential", image_size=32, views=views, backbone_width=32,
-                     cifar_stem=False, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
-                     epochs_per_chunk=epochs, batch_size=batch_size, seed=0, method_options=method_options,
-                     line_steps=epochs * steps_per_epoch, **loop)
-    trainer = LineTrainer(cfg)
-    random_init = knn_top1(trainer.backbone, bank, queries)
-    labels = torch.from_numpy(bank.labels).long()
-
-    def batches(epoch: int, skip: int):
-        order = torch.randperm(len(bank.labels), generator=torch.Generator().manual_seed(epoch))
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            rows = order[i : i + batch_size]
-            yield Batch.from_images(bank.images[rows], labels=labels[rows], index=rows)
-
-    report = trainer.train_chunk(0, batches, steps_per_epoch=steps_per_epoch)
-    return random_init, knn_top1(trainer.backbone, bank, queries), report
