@@ -1,6 +1,7 @@
-"""An online plan through the real driver: 2 DDP workers (gloo) under ONE Ray Train job learn 75 stream batches of
-a 3-task class-incremental stream with the per-batch LR cycle, a replay memory and RALS; the losses stream into
-the line's online run batch by batch, and every 25 batches a segment run holds its checkpoint and evaluation."""
+"""An online plan through the real driver: 2 DDP workers (gloo) under ONE Ray Train job learn stream batches of a
+3-task class-incremental stream with the per-batch LR cycle, a replay memory and RALS; the losses stream into the
+line's online run batch by batch, and every `segment_batches` batches a segment run holds its checkpoint and
+evaluation."""
 
 from __future__ import annotations
 
@@ -63,25 +64,27 @@ def test_online_specs_that_cannot_work_are_refused(synthetic_url: str, tmp_path:
 @pytest.mark.slow
 def test_an_online_stream_is_one_worker_group_with_segments_in_mlflow(tmp_path: Path, synthetic_url: str,
                                                                        ray_local) -> None:
-    spec = validate_spec(_online_spec("online", synthetic_url, tmp_path))
+    # The first 30 of the stream's 75 batches (1200 rows / 16), in segments of 10: RALS, the memory, segments and their
+    # models are the same from the third batch on; the whole order only trained longer (issue 23).
+    spec = validate_spec(_online_spec("online", synthetic_url, tmp_path, max_batches=30, segment_batches=10))
     run_experiment(spec, console=Console(file=io.StringIO(), width=120))
     client = MlflowClient(spec.tracking_uri)
     runs = runs_of_type(client, spec.experiment_name)
 
     (plan,) = runs("plan")
     assert plan.info.status == "FINISHED"
-    assert plan.data.metrics["worker_group_starts"] == 1  # 75 stream batches, one Ray Train job
+    assert plan.data.metrics["worker_group_starts"] == 1  # 30 stream batches, one Ray Train job
     (online,) = runs("chunk")
     assert online.info.status == "FINISHED" and online.info.run_name == "simclr-sequential/online"
     losses = client.get_metric_history(online.info.run_id, "loss")
-    assert sorted(m.step for m in losses) == list(range(1, 76))  # 1200 rows / 16, one point per stream batch
+    assert sorted(m.step for m in losses) == list(range(1, 31))  # one point per stream batch
     steps = client.get_metric_history(online.info.run_id, "steps")
     assert {m.value for m in steps} == {4.0}  # no deadline: every batch gets its steps
     assert online.data.metrics["late_batches"] == 0
     fractions = sorted((m.step, m.value) for m in client.get_metric_history(online.info.run_id, "rals_new_fraction"))
     # The first batch has an empty memory: its 8 candidates a rank are within k (12), nothing to choose. From the
     # second on, 16 candidates a rank (8 new, 8 from memory) and RALS trains on 12 of them.
-    assert [step for step, _ in fractions] == list(range(2, 76))
+    assert [step for step, _ in fractions] == list(range(2, 31))
     assert all(0.25 <= f <= 1.0 for _, f in fractions)  # at least 4 of the 12 chosen are new on every step
     assert min(f for _, f in fractions) < 1.0  # some memory rows are chosen
     # The selection profile (the RALS paper's Fig. 3b): the mean new share per step index within a batch, 4 steps.
@@ -90,7 +93,7 @@ def test_an_online_stream_is_one_worker_group_with_segments_in_mlflow(tmp_path: 
     assert [step for step, _ in profile] == [0, 1, 2, 3] and all(0.25 <= f <= 1.0 for _, f in profile)
 
     segments = sorted(runs("segment"), key=lambda r: int(r.data.tags[tr.TAG + "segment"]))
-    assert [r.data.metrics["stream_batches"] for r in segments] == [25, 50, 75]
+    assert [r.data.metrics["stream_batches"] for r in segments] == [10, 20, 30]
     assert all(r.info.status == "FINISHED" and 0 < r.data.metrics["knn_top1"] <= 1 for r in segments)
     # What a segment keeps: the memory is its data, inside its checkpoint (not added on top of it).
     for m in (r.data.metrics for r in segments):
@@ -115,7 +118,7 @@ def test_an_online_stream_is_one_worker_group_with_segments_in_mlflow(tmp_path: 
     assert evaluation.data.metrics["knn_top1"] == segments[-1].data.metrics["knn_top1"]
     last = Path(segments[-1].data.tags[tr.CHECKPOINT])
     state = load_state(last)
-    assert state["online"]["batches_done"] == 75 and state["online"]["steps_done"] == 300
+    assert state["online"]["batches_done"] == 30 and state["online"]["steps_done"] == 120
     memory = state["memory_files"]  # each rank's share in its own file of the checkpoint
     assert len(memory) == 2 and sum(m["rows"] for m in memory) == 64  # both ranks' shards, full
     assert {a["name"] for a in [{"name": f.path} for f in client.list_artifacts(plan.info.run_id, "plots")]} >= {
