@@ -17,12 +17,15 @@ from tests.integration.test_online_run import _online_spec
 
 pytestmark = pytest.mark.slow
 NAME = "online-driver-death"
+BATCHES = 30  # online.max_batches: three segments of 10, not the whole 75-batch order (issue 23)
 
 
 def test_an_online_stream_resumes_after_its_driver_died(tmp_path: Path, synthetic_url: str, fresh_mlflow_store) -> None:
-    # 3 steps a stream batch, not 4 (the shortest cycle with a warm-up of more than one step at pct_start 0.5): the
-    # kill and the resume are about batches and segments (issue 23).
-    spec = _online_spec(NAME, synthetic_url, tmp_path, rals=False, checkpoint_every_batches=5, steps_per_batch=3)
+    # 3 steps a stream batch, not 4 (the shortest cycle with a warm-up of more than one step at pct_start 0.5), and
+    # 30 batches in segments of 10 (issue 23): the kill and the resume are about batches and segments. The kill comes
+    # once segment 1 is logged (segment 0's evaluation is collected then), 10 batches before the stream's end.
+    spec = _online_spec(NAME, synthetic_url, tmp_path, rals=False, checkpoint_every_batches=5, steps_per_batch=3,
+                        segment_batches=10, max_batches=BATCHES)
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     client = MlflowClient(fresh_mlflow_store(tmp_path / "runs" / "mlflow.db"))  # the session's migrated empty store
@@ -30,9 +33,9 @@ def test_an_online_stream_resumes_after_its_driver_died(tmp_path: Path, syntheti
     driver = start_driver(command, tmp_path / "driver.log")
     try:
         # Past the first segment's evaluation and into the second segment (a checkpoint every 5 batches).
-        wait_for("segment 0 evaluated and batch 35 checkpointed",
+        wait_for("segment 0 evaluated and batch 15 checkpointed",
                  lambda: any(r.info.status == "FINISHED" for r in runs_of(client, NAME, "segment"))
-                 and any((tmp_path / "runs" / "checkpoints").glob("*/simclr-sequential.chunk-000.step-0000035")),
+                 and any((tmp_path / "runs" / "checkpoints").glob("*/simclr-sequential.chunk-000.step-0000015")),
                  driver)
     finally:
         kill(driver)
@@ -45,15 +48,15 @@ def test_an_online_stream_resumes_after_its_driver_died(tmp_path: Path, syntheti
     (online,) = runs_of(client, NAME, "chunk")  # the same run, continued
     assert online.info.run_id == online_before.info.run_id and online.info.status == "FINISHED"
     (resumed,) = client.get_metric_history(online.info.run_id, "resumed_at_batch")
-    assert resumed.value % 5 == 0 and 35 <= resumed.value < 75
+    assert resumed.value % 5 == 0 and 15 <= resumed.value < BATCHES
     # Each stream batch once, those the dead driver heard but never logged included (said again from the checkpoint).
     steps = sorted(int(m.step) for m in client.get_metric_history(online.info.run_id, "loss"))
-    assert steps == list(range(1, 76))
+    assert steps == list(range(1, BATCHES + 1))
     segments = runs_of(client, NAME, "segment")
-    assert sorted(r.data.metrics["stream_batches"] for r in segments) == [25, 50, 75]  # each once
+    assert sorted(r.data.metrics["stream_batches"] for r in segments) == [10, 20, 30]  # each once
     assert all(r.info.status == "FINISHED" and "knn_top1" in r.data.metrics for r in segments)
     curve = sorted(m.step for m in client.get_metric_history(online.info.run_id, "knn_top1_by_batch"))
-    assert curve == [25, 50, 75]
+    assert curve == [10, 20, 30]
     (evaluation,) = runs_of(client, NAME, "eval")
     assert evaluation.data.tags[tr.EVALUATES] == online.info.run_id
     exp = client.get_experiment_by_name(NAME)
