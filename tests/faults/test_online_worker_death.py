@@ -18,14 +18,16 @@ from tests.integration.test_online_run import _online_spec
 from trainers.engine.checkpoint import load_state
 
 pytestmark = pytest.mark.slow
-KILL_AFTER = 20  # the in-stream checkpoint (every 5 batches) whose completion triggers the kill
+KILL_AFTER = 15  # the in-segment checkpoint (every 5 batches; segments of 10) whose completion triggers the kill
+BATCHES = 30  # online.max_batches: three segments of 10, not the whole 75-batch order (issue 23)
 
 
 def test_a_killed_worker_resumes_the_stream_at_the_next_batch(tmp_path: Path, synthetic_url: str, ray_local) -> None:
-    # 3 steps a stream batch, not 4 (the shortest cycle with a warm-up of more than one step at pct_start 0.5):
-    # the same batches, a quarter fewer steps (issue 23).
+    # 3 steps a stream batch, not 4 (the shortest cycle with a warm-up of more than one step at pct_start 0.5), and
+    # the stream cut at 30 batches in segments of 10 (issue 23): the kill still lands on a checkpoint inside a
+    # segment with segments before and after it, and the memory is full (batch 4) long before it.
     spec = validate_spec({**_online_spec("online-kill", synthetic_url, tmp_path, checkpoint_every_batches=5,
-                                         steps_per_batch=3),
+                                         steps_per_batch=3, segment_batches=10, max_batches=BATCHES),
                           "resources": {"workers": 2, "max_failures": 2}})
     thread, outcome, log = run_in_background(spec)
     checkpoints = tmp_path / "runs" / "checkpoints"
@@ -45,16 +47,16 @@ def test_a_killed_worker_resumes_the_stream_at_the_next_batch(tmp_path: Path, sy
     (online,) = [r for r in runs if r.data.tags.get(tr.RUN_TYPE) == "chunk"]  # the same run before and after
     assert outcome["summary"].restarts == 1
     (resumed,) = client.get_metric_history(online.info.run_id, "resumed_at_batch")
-    assert resumed.value % 5 == 0 and KILL_AFTER <= resumed.value < 75, log.getvalue()[-3000:]
+    assert resumed.value % 5 == 0 and KILL_AFTER <= resumed.value < BATCHES, log.getvalue()[-3000:]
     # Every stream batch was learned (those after the resume point and before the kill twice: the restart redoes
     # them from the checkpoint), and the stream ends where it would have.
     # Each stream batch once: the batches learned again after the restart are not logged a second time.
     steps = sorted(int(m.step) for m in client.get_metric_history(online.info.run_id, "loss"))
-    assert steps == list(range(1, 76))
+    assert steps == list(range(1, BATCHES + 1))
     segments = [r for r in runs if r.data.tags.get(tr.RUN_TYPE) == "segment"]
-    assert sorted(r.data.metrics["stream_batches"] for r in segments) == [25, 50, 75]  # each once
+    assert sorted(r.data.metrics["stream_batches"] for r in segments) == [10, 20, 30]  # each once
     final = load_state(Path(max(segments, key=lambda r: r.data.metrics["stream_batches"]).data.tags[tr.CHECKPOINT]))
-    assert final["online"]["batches_done"] == 75 and final["online"]["steps_done"] == 75 * 3
+    assert final["online"]["batches_done"] == BATCHES and final["online"]["steps_done"] == BATCHES * 3
     # The resume started from the memory as checkpointed (full: 32 rows a rank from batch 4 on), not an empty one.
     assert all(m.value == 32 for m in client.get_metric_history(online.info.run_id, "memory_rows") if m.step >= 4)
     assert sum(m["rows"] for m in final["memory_files"]) == 64
