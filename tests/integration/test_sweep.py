@@ -219,8 +219,12 @@ def test_a_bad_space_stops_the_sweep_before_any_trial(tmp_path, synthetic_url):
 
 def test_an_optuna_sweep_numbers_its_trials_and_a_finished_sweep_resumes_to_nothing(tmp_path, synthetic_url):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # Issue 23: what this proves is the search's (numbering, sampled values reaching trial and plan, the resume of a
+    # finished sweep), not training's: each trial trains on one DDP worker, 4 steps of 256 rows (it was 2 workers,
+    # 37 steps of 32). The module's sweep keeps 2 workers a trial.
     raw = tiny_spec("sweep-optuna", synthetic_url, storage={"workdir": str(tmp_path / "work")},
-                    stream={"kind": "instance", "chunks": 1, "seed": 0}, optim={"epochs_per_chunk": 1},
+                    stream={"kind": "instance", "chunks": 1, "seed": 0}, resources={"workers": 1},
+                    optim={"epochs_per_chunk": 1, "batch_size": 256},
                     eval={"every_chunk": ["knn"], "baseline": False},
                     sweep={"search": "optuna", "trials": 2, "seed": 3,
                            "space": {"optim.lr": {"loguniform": [0.05, 0.5]},
