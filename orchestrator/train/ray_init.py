@@ -104,7 +104,7 @@ def init_ray(address: str | None, spec: Spec | None, dashboard: bool = False) ->
     num_cpus = (spec.resources.num_cpus if spec is not None else None) or max(4, os.cpu_count() or 1)
     # address="local": always a fresh Ray of our own, never whatever cluster happens to run on this machine
     # (plain ray.init() would join it, and $RAY_ADDRESS would redirect it).
-    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", TRAIN_V2_ENV: "1"}
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", TRAIN_V2_ENV: "1", **no_state_api_env()}
     options: dict = {}
     if dashboard:
         # Tell every worker where this Ray's state API is: by default it looks for "the latest Ray on this machine",
@@ -115,6 +115,20 @@ def init_ray(address: str | None, spec: Spec | None, dashboard: bool = False) ->
         env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=False,
              runtime_env={"env_vars": env}, **options)
+
+
+# Without a dashboard a local Ray has no state API, yet Ray Train's placement-group cleaner asks it whether the
+# controller lives, once a second. Left to itself the state client looks for "the Ray on this machine" and takes the
+# address `ray start` last wrote to /tmp/ray/ray_current_cluster: another cluster, or a dead one whose GCS it then
+# waits 40 s for, and the controller's stop of that cleaner gives up only after 12 s, at the end of every chunk
+# (measured: 12.0 s of a 37 s one-worker fit). Port 0 is one nothing listens on: the query fails at once, as on a
+# machine with no such file, and the cleaner's loop carries on as Ray intends.
+NO_STATE_API_ADDRESS = "http://127.0.0.1:0"
+
+
+def no_state_api_env() -> dict[str, str]:
+    """Environment for every process of a local Ray started without its dashboard (see NO_STATE_API_ADDRESS)."""
+    return {"RAY_API_SERVER_ADDRESS": NO_STATE_API_ADDRESS}
 
 
 def _free_port() -> int:
