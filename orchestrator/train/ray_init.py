@@ -120,9 +120,9 @@ def init_ray(address: str | None, spec: Spec | None, dashboard: bool = False) ->
 # Without a dashboard a local Ray has no state API, yet Ray Train's placement-group cleaner asks it whether the
 # controller lives, once a second. Left to itself the state client looks for "the Ray on this machine" and takes the
 # address `ray start` last wrote to /tmp/ray/ray_current_cluster: another cluster, or a dead one whose GCS it then
-# waits 40 s for, and the controller's stop of that cleaner gives up only after 12 s, at the end of every chunk
-# (measured: 12.0 s of a 37 s one-worker fit). Port 0 is one nothing listens on: the query fails at once, as on a
-# machine with no such file, and the cleaner's loop carries on as Ray intends.
+# waits 40 s for. A fit that ends during that wait loses 12 s to the controller's stop of the cleaner (measured: 12.0 s
+# of a 37 s one-worker fit); after it, the cleaner's thread has died of the error and guards nothing. Port 0 is one
+# nothing listens on: the query fails at once, as on a machine with no such file, and the loop carries on as Ray means.
 NO_STATE_API_ADDRESS = "http://127.0.0.1:0"
 
 
