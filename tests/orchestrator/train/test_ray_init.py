@@ -2,7 +2,8 @@
 
 `ray start` leaves its address in `<tmp>/ray/ray_current_cluster`, and killing that cluster does not remove it. Ray
 Train's placement-group cleaner asks the state API whether the controller lives; on a local Ray without a dashboard
-the state client used to take that dead address, wait 40 s for its GCS, and make every chunk's end wait 12 s."""
+the state client used to take that dead address and wait 40 s for its GCS: a fit that ended meanwhile lost 12 s, and
+after it the cleaner's thread had died of the error."""
 
 from __future__ import annotations
 
