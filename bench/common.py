@@ -300,13 +300,13 @@ def init_ray(num_cpus: int) -> bool:
     one: a benchmark shuts down only a Ray it started (a test's session Ray stays up for the tests after it)."""
     import ray
 
-    from orchestrator.train.ray_init import no_state_api_env
+    from orchestrator.train.ray_init import local_ray_env
 
     if ray.is_initialized():
         return False
     # address="local": always a fresh instance of our own, never a Ray someone else started on this machine.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **no_state_api_env()}})
+             runtime_env={"env_vars": local_ray_env()})
     import logging
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # one INFO line per executed dataset otherwise

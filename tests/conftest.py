@@ -39,11 +39,11 @@ def ray_local():
     """Ray started in this process with 4 logical CPUs on the 2 real cores (workers hold fractions)."""
     import ray
 
-    from orchestrator.train.ray_init import no_state_api_env
+    from orchestrator.train.ray_init import local_ray_env
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **no_state_api_env()}})
+                 runtime_env={"env_vars": local_ray_env()})
     yield ray
     ray.shutdown()
 

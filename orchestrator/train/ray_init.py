@@ -104,31 +104,32 @@ def init_ray(address: str | None, spec: Spec | None, dashboard: bool = False) ->
     num_cpus = (spec.resources.num_cpus if spec is not None else None) or max(4, os.cpu_count() or 1)
     # address="local": always a fresh Ray of our own, never whatever cluster happens to run on this machine
     # (plain ray.init() would join it, and $RAY_ADDRESS would redirect it).
-    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", TRAIN_V2_ENV: "1", **no_state_api_env()}
     options: dict = {}
+    state_api = None
     if dashboard:
-        # Tell every worker where this Ray's state API is: by default it looks for "the latest Ray on this machine",
-        # which is another one whenever several run side by side (tests, other users), and Ray Train's
-        # placement-group cleaner then never frees a killed trainer's workers.
         port = _free_port()
         options = {"dashboard_host": "127.0.0.1", "dashboard_port": port}
-        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        state_api = f"http://127.0.0.1:{port}"
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=False,
-             runtime_env={"env_vars": env}, **options)
+             runtime_env={"env_vars": local_ray_env(state_api)}, **options)
 
 
-# Without a dashboard a local Ray has no state API, yet Ray Train's placement-group cleaner asks it whether the
-# controller lives, once a second. Left to itself the state client looks for "the Ray on this machine" and takes the
-# address `ray start` last wrote to /tmp/ray/ray_current_cluster: another cluster, or a dead one whose GCS it then
-# waits 40 s for. A fit that ends during that wait loses 12 s to the controller's stop of the cleaner (measured: 12.0 s
-# of a 37 s one-worker fit); after it, the cleaner's thread has died of the error and guards nothing. Port 0 is one
-# nothing listens on: the query fails at once, as on a machine with no such file, and the loop carries on as Ray means.
+# Every process of a local Ray is told where that Ray's state API is (RAY_API_SERVER_ADDRESS): Ray Train's
+# placement-group cleaner asks it once a second whether the controller lives. Left to itself the state client looks
+# for "the Ray on this machine": another one whenever several run side by side (tests, other users), and then the
+# cleaner never frees a killed trainer's workers; or the address `ray start` last wrote to
+# /tmp/ray/ray_current_cluster, a dead cluster whose GCS it waits 40 s for. A fit that ends during that wait loses
+# 12 s to the controller's stop of the cleaner (measured: 12.0 s of a 37 s one-worker fit); after it, the cleaner's
+# thread has died of the error and guards nothing. Without a dashboard there is no state API: port 0 is one nothing
+# listens on, so the query fails at once, as on a machine with no such file, and the loop carries on as Ray means.
 NO_STATE_API_ADDRESS = "http://127.0.0.1:0"
 
 
-def no_state_api_env() -> dict[str, str]:
-    """Environment for every process of a local Ray started without its dashboard (see NO_STATE_API_ADDRESS)."""
-    return {"RAY_API_SERVER_ADDRESS": NO_STATE_API_ADDRESS}
+def local_ray_env(state_api_address: str | None = None) -> dict[str, str]:
+    """`runtime_env` variables for every process of a local Ray we start; `state_api_address`: its dashboard's URL,
+    None when it runs without one. Workers print plainly (no Ray Train print patch) and run Train V2."""
+    return {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", TRAIN_V2_ENV: "1",
+            "RAY_API_SERVER_ADDRESS": state_api_address or NO_STATE_API_ADDRESS}
 
 
 def _free_port() -> int:

@@ -24,6 +24,7 @@ import urllib.request
 from pathlib import Path
 
 import psutil
+from ray._common.utils import get_ray_address_file
 
 BIN = Path(sys.executable).parent
 
@@ -137,9 +138,7 @@ class LocalRayCluster:
         # `ray start` wrote this cluster's address to Ray's "current cluster" file, and killing it does not remove
         # it: clients that look for "the Ray on this machine" (the state API of every later local Ray's trainers)
         # would wait 40 s for this dead GCS. Removed only while it still names this cluster.
-        from ray._common.utils import get_ray_address_file  # where `ray start` wrote it: RAY_TMPDIR, TMPDIR or /tmp
-
-        current = Path(get_ray_address_file(None))
+        current = Path(get_ray_address_file(None))  # where `ray start` wrote it: RAY_TMPDIR, TMPDIR or /tmp
         try:
             if current.read_text().strip().endswith(f":{self.gcs_port}"):
                 current.unlink()

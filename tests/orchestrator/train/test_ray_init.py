@@ -17,10 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.train.ray_init import NO_STATE_API_ADDRESS
+
 REPO = Path(__file__).resolve().parents[3]
 
 ASK_STATE_API_FROM_AN_ACTOR = """
-import json, time
+import json, os, time
 from orchestrator.train.ray_init import init_ray
 init_ray(None, None)
 import ray
@@ -36,7 +38,7 @@ class Probe:
         except Exception as exc:
             outcome = type(exc).__name__
         return {"outcome": outcome, "seconds": time.monotonic() - started,
-                "api_server": __import__("os").environ.get("RAY_API_SERVER_ADDRESS")}
+                "api_server": os.environ.get("RAY_API_SERVER_ADDRESS")}
 
 print("RESULT", json.dumps(ray.get(Probe.remote().ask.remote())))
 """
@@ -65,4 +67,4 @@ def test_a_dead_clusters_address_file_does_not_stall_the_state_api_of_a_local_ra
     # No dashboard, so no state API: the query must fail at once (it took 40 s on the dead address).
     assert result["outcome"] == "ServerUnavailable", result
     assert result["seconds"] < 5, result
-    assert result["api_server"] == "http://127.0.0.1:0"
+    assert result["api_server"] == NO_STATE_API_ADDRESS
