@@ -4,6 +4,9 @@
     streamssl data prepare ../shared/datasets/imagenette file:///tmp/inette --groups groups.json
     streamssl data prepare ../shared/datasets/imagenette /tmp/inette-heldout --classes n03028079,n03445777
     streamssl data verify file:///tmp/inette
+    streamssl data synth-detection /tmp/shapes                               # shapes with boxes and masks: VOC + COCO
+    streamssl data prepare-detection /tmp/shapes/voc /tmp/shapes-voc --format voc --classes circle,square,triangle,cross
+    streamssl data prepare-detection /tmp/shapes/coco /tmp/shapes-coco --format coco
     streamssl data verify s3://bucket/inette -o client_kwargs.endpoint_url=http://127.0.0.1:9000
 
 S3 credentials come from the usual AWS environment variables or files; `-o/--storage-option` passes fsspec
@@ -166,6 +169,78 @@ def prepare_command(
     )
     console.print(summary_table(manifest, dst))
     _print_skipped(manifest)
+
+
+class AnnotationFormat(str, Enum):
+    voc = "voc"
+    coco = "coco"
+
+
+class OnBadRecord(str, Enum):
+    fail = "fail"
+    skip = "skip"
+
+
+@app.command("synth-detection")
+@exits_cleanly
+def synth_detection_command(
+    dst: Path = typer.Argument(..., help="Local folder to write DST/voc (Pascal VOC layout) and DST/coco (COCO layout) into."),
+    train: int = typer.Option(96, min=1, help="Training images."),
+    val: int = typer.Option(32, min=0, help="Validation images (what AP is scored on)."),
+    image_size: int = typer.Option(64, min=16, max=1024, help="Side in pixels."),
+    num_classes: int = typer.Option(4, min=1, max=6, help="Shape classes (disc, square, triangle, cross, diamond, hexagon)."),
+    seed: int = typer.Option(0, help="Data seed."),
+) -> None:
+    """Write the built-in detection set (1-3 shapes an image, boxes and instance masks) as VOC and COCO trees, to
+    try `prepare-detection` and the detection and segmentation transfer tasks on."""
+    from orchestrator.data.synth_detection import generate_detection_set  # torch-free CLI start: import on use
+
+    try:
+        made = generate_detection_set(dst, train=train, val=val, image_size=image_size, num_classes=num_classes,
+                                      seed=seed)
+    except FileExistsError as exc:
+        raise typer.BadParameter(str(exc), param_hint="DST") from None
+    console.print(f"[green]wrote[/] {train} train + {val} val images of {image_size} px, classes "
+                  f"{','.join(made.classes)}: VOC at {made.voc_root}, COCO at {made.coco_root}", highlight=False)
+
+
+@app.command("prepare-detection")
+@exits_cleanly
+def prepare_detection_command(
+    src: Path = typer.Argument(..., help="VOC tree (Annotations/, JPEGImages/, ImageSets/Main/SPLIT.txt) or COCO tree (annotations/instances_SPLIT.json, images/)."),
+    dst: str = typer.Argument(..., help="Destination URL or folder (file://, s3://, memory://, a local path)."),
+    annotation_format: AnnotationFormat = typer.Option(..., "--format", help="voc or coco."),
+    splits: str = typer.Option("train,val", "--splits", help="Comma-separated splits to prepare."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="VOC only: comma-separated class names, labels 1..K in this order. Default: VOC's 20 classes."),
+    images: str = typer.Option("images", "--images", help="COCO only: the image folder under SRC; may hold {split} (COCO 2017: '{split}2017')."),
+    on_error: OnBadRecord = typer.Option(OnBadRecord.fail, "--on-error", help="fail: stop at the first bad record, naming its file; skip: leave it out and list it in the manifest."),
+    shard_rows: int = typer.Option(500, min=1, help="Images per shard."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a detection set already at DST."),
+    storage_option: Optional[List[str]] = typer.Option(None, "--storage-option", "-o", help=STORAGE_OPTION_HELP),
+) -> None:
+    """Turn a Pascal VOC or COCO tree into verified detection shards (boxes, labels, masks) for
+    `streamssl eval --task detection|segmentation`."""
+    from orchestrator.data.detection_shards import prepare_detection_set  # imports torch: only when used
+
+    names = None if classes is None else [c.strip() for c in classes.split(",") if c.strip()]
+    if names is not None and annotation_format is AnnotationFormat.coco:
+        raise typer.BadParameter("a COCO file names its own categories; --classes is for VOC", param_hint="--classes")
+    manifest = prepare_detection_set(
+        str(src), dst, format=annotation_format.value, splits=[p.strip() for p in splits.split(",") if p.strip()],
+        classes=names, images=images, on_error="raise" if on_error is OnBadRecord.fail else "skip",
+        shard_rows=shard_rows, overwrite=overwrite, storage_options=parse_storage_options(storage_option))
+    table = Table(title=f"{manifest.name} ({annotation_format.value}) at {storage.redact(dst)}")
+    for column in ("split", "images", "objects", "shards"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for split, entry in manifest.splits.items():
+        table.add_row(split, str(entry.rows), str(manifest.objects[split]), str(len(entry.shards)))
+    console.print(table)
+    console.print(f"classes (label 1..{len(manifest.classes)}): {', '.join(c.name for c in manifest.classes)}",
+                  highlight=False)
+    for item in manifest.skipped[:10]:
+        console.print(f"[yellow]skipped[/] {item.file}, {item.record}: {item.reason}", highlight=False, soft_wrap=True)
+    if len(manifest.skipped) > 10:
+        console.print(f"[yellow]... and {len(manifest.skipped) - 10} more (listed in detection_manifest.json)[/]")
 
 
 @app.command("verify")

@@ -70,8 +70,8 @@ from trainers.config import ComponentConfig
 from trainers.optim import param_groups
 from trainers.views.augment import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["DetectionTrainConfig", "DetectionTrainResult", "DetectorConfig", "build_detector", "evaluate_detector",
-           "flip_horizontally", "freeze_batchnorm", "lr_at", "train_detector"]
+__all__ = ["DetectionTaskConfig", "DetectionTrainConfig", "DetectionTrainResult", "DetectorConfig", "DetectorOptions",
+           "build_detector", "evaluate_detector", "flip_horizontally", "freeze_batchnorm", "lr_at", "train_detector"]
 
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
 WARMUP_FACTOR = 1e-3
@@ -81,11 +81,9 @@ Progress = Callable[[int, int, Mapping[str, float]], None]
 Sample = tuple[Tensor, Mapping[str, Tensor]]
 
 
-class DetectorConfig(ComponentConfig):
-    """How the detector is built around the backbone (module docstring)."""
+class DetectorOptions(ComponentConfig):
+    """How the detector is built around the backbone, whichever detector it is (module docstring)."""
 
-    model: Literal["faster_rcnn", "mask_rcnn"] = Field(
-        "faster_rcnn", description="faster_rcnn: boxes (VOC detection); mask_rcnn: boxes and instance masks (COCO)")
     norm: Literal["frozen", "train"] = Field(
         "frozen", description="frozen: BatchNorm -> FrozenBatchNorm2d with the pre-trained statistics (small batches); "
                               "train: BN fine-tuned (MoCo's SyncBN recipe, needs batches of several images)")
@@ -101,6 +99,13 @@ class DetectorConfig(ComponentConfig):
     anchor_sizes: list[int] | None = Field(
         None, description="anchor sides in input pixels: one per FPN level (5) for a ResNet, any number for "
                           "MobileNetV2; None: 8 x each level's stride (module docstring)")
+
+
+class DetectorConfig(DetectorOptions):
+    """How the detector is built around the backbone, and which one (module docstring)."""
+
+    model: Literal["faster_rcnn", "mask_rcnn"] = Field(
+        "faster_rcnn", description="faster_rcnn: boxes (VOC detection); mask_rcnn: boxes and instance masks (COCO)")
 
 
 @dataclass(frozen=True)
@@ -227,6 +232,23 @@ class DetectionTrainConfig(ComponentConfig):
     weight_decay: float = Field(1e-4, ge=0, allow_inf_nan=False, description="L2 on weights (not biases or norms)")
     warmup_steps: int = Field(100, ge=0, description="linear warm-up from lr / 1000 over these steps")
     flip: bool = Field(True, description="random horizontal flip (p 0.5) of the training images")
+
+
+class DetectionTaskConfig(DetectorOptions, DetectionTrainConfig):
+    """One detection or instance-segmentation transfer (`streamssl eval --task detection|segmentation`): the
+    detector's options but for the model (the task picks Faster or Mask R-CNN), its optimiser and the budget. The
+    defaults are torchvision's and Detectron2's sizes; on a CPU shrink `min_size`/`max_size` to the images and the
+    heads (`fpn_channels`, `box_head_dim`, `box_batch_size_per_image`) as bench/detection_smoke.py does."""
+
+    steps: int = Field(1000, ge=1, description="training steps (Detectron2's VOC schedule: 24000 of 16 images)")
+    eval_batch_size: int = Field(4, ge=1, description="images per forward pass when scoring the eval split")
+
+    def detector(self, model: Literal["faster_rcnn", "mask_rcnn"]) -> DetectorConfig:
+        return DetectorConfig(model=model, **{k: getattr(self, k) for k in DetectorOptions.model_fields})
+
+    def training(self) -> dict[str, Any]:
+        """`train_detector`'s keyword options."""
+        return {k: getattr(self, k) for k in DetectionTrainConfig.model_fields}
 
 
 def lr_at(step: int, total_steps: int, peak: float, warmup_steps: int) -> float:

@@ -257,9 +257,11 @@ def load_detection_manifest(url: str, storage_options: Mapping[str, Any] | None 
         raise DataError(f"{shown} is invalid: {problems}") from None
 
 
-def read_detection_split(url: str, split: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table:
-    """Every row of `split`, each shard checked against the manifest's sha256 and row count."""
-    manifest = load_detection_manifest(url, storage_options)
+def read_detection_split(url: str, split: str, storage_options: Mapping[str, Any] | None = None,
+                         manifest: DetectionManifest | None = None) -> pa.Table:
+    """Every row of `split`, each shard checked against the manifest's sha256 and row count (the manifest read from
+    `url` unless given)."""
+    manifest = manifest or load_detection_manifest(url, storage_options)
     if split not in manifest.splits:
         raise DataError(f"detection set {manifest.name!r} has no split {split!r}; it has {sorted(manifest.splits)}")
     tables = []
@@ -288,12 +290,15 @@ class DetectionShards(torch.utils.data.Dataset):
     Images stay uint8 (torchvision's detectors want float in [0, 1]: ``image.float() / 255``). With
     ``masks=True`` every object must carry a mask (a COCO-format set); ``area`` is the mask's pixel count then,
     the box's area otherwise. ``image_id`` is the row's position in the split. The split is read once, verified.
+    ``classes`` are the set's class names, label k + 1 being ``classes[k]``.
     """
 
     def __init__(self, url: str, split: str, *, masks: bool = False,
                  storage_options: Mapping[str, Any] | None = None) -> None:
         self.url, self.split, self.masks = url, split, masks
-        self.table = read_detection_split(url, split, storage_options)
+        manifest = load_detection_manifest(url, storage_options)
+        self.classes = tuple(c.name for c in manifest.classes)
+        self.table = read_detection_split(url, split, storage_options, manifest)
         self.keys = self.table.column("key").to_pylist()
 
     def __len__(self) -> int:

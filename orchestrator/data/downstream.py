@@ -5,6 +5,7 @@ each evaluated with the every-chunk protocols on the frozen backbone after every
     prepare_downstream(spec)                 # writes: ImageFolder entries become shards (once), a run's data step
     sets = resolve_downstream(spec)          # reads: a missing URL, preparation or split is an error naming it
     url, manifest = downstream_shards(url, {}, "streamssl-runs/downstream/pets", "--data", ["train", "val"])
+    manifest = detection_downstream(url, {}, "--data", ["train", "val"])       # a detection set, prepared
 
 An entry's `url` is a folder of prepared shards (manifest.json beside them) or an ImageFolder tree on local disk,
 which is prepared once into `<storage.workdir>/downstream/<name>` (as `streamssl data prepare` would). Its own
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator import storage
-from orchestrator.data.manifest import Manifest, load_manifest
+from orchestrator.data.detection_shards import DETECTION_MANIFEST_NAME, DetectionManifest, load_detection_manifest
+from orchestrator.data.manifest import MANIFEST_NAME, Manifest, load_manifest
 from orchestrator.data.prepare import prepare_imagefolder
 from orchestrator.errors import DataError, SpecError
 
@@ -68,10 +70,31 @@ def downstream_shards(url: str, storage_options: dict[str, Any], prepared_url: s
         if not storage.exists(storage.join(url, "manifest.json")):
             prepare_imagefolder(local, url, progress=False)
     manifest = load_manifest(url, storage_options=storage_options)
-    for split in splits:
-        if split not in manifest.splits:
-            raise SpecError(f"{where}: split {split!r} is not in {storage.redact(url)}; it has {sorted(manifest.splits)}")
+    _check_splits(manifest.splits, url, where, splits)
     return url, manifest
+
+
+def _check_splits(present, url: str, where: str, wanted: list[str]) -> None:
+    for split in wanted:
+        if split not in present:
+            raise SpecError(f"{where}: split {split!r} is not in {storage.redact(url)}; it has {sorted(present)}")
+
+
+def detection_downstream(url: str, storage_options: dict[str, Any], where: str, splits: list[str]
+                         ) -> DetectionManifest:
+    """The manifest of the detection set prepared at `url` (`streamssl data prepare-detection`); a SpecError naming
+    `where` when `url` holds no detection set (a classification set or a VOC/COCO tree say what to do) or lacks one
+    of `splits`."""
+    if not storage.exists(storage.join(url, DETECTION_MANIFEST_NAME), storage_options):
+        if storage.exists(storage.join(url, MANIFEST_NAME), storage_options):
+            what = "a classification set (manifest.json); detection and segmentation need boxes"
+        else:
+            what = f"no prepared detection set (no {DETECTION_MANIFEST_NAME})"
+        raise SpecError(f"{where}: {storage.redact(url)} holds {what}. Prepare a VOC or COCO tree with "
+                        "`streamssl data prepare-detection SRC DST --format voc|coco` and pass DST")
+    manifest = load_detection_manifest(url, storage_options)
+    _check_splits(manifest.splits, url, where, splits)
+    return manifest
 
 
 def prepare_downstream(spec, progress: bool = False) -> None:

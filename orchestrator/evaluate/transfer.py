@@ -3,13 +3,14 @@
     outcome = run_transfer(spec, checkpoint_uri, data_url, manifest)         # in-process (tests), plain PyTorch
     ref = ray.remote(run_transfer).options(num_gpus=1).remote(...)          # what `streamssl eval` does
 
-`TRANSFER_TASKS[name]` is a `TransferTask`: how the task turns a backbone and the set's train and eval splits
-(decoded `SplitArrays`) into a `TransferOutcome`: `scores` (the headline numbers that score the checkpoint's
-LoggedModel), `metrics` (budgets and details for the evaluation run), `records` (JSON artifacts) and `images`
-(PNG artifacts). Detection and segmentation plug in as two more entries with their own split readers.
+`TRANSFER_TASKS[name]` is a `TransferTask`: how the task turns a backbone and the set's train and eval splits into a
+`TransferOutcome`: `scores` (the headline numbers that score the checkpoint's LoggedModel), `metrics` (budgets and
+details for the evaluation run), `records` (JSON artifacts) and `images` (PNG artifacts). A task `reads` either a
+classification set (decoded `SplitArrays`) or a detection set (`DetectionShards`, decoded image by image).
 
-The backbone comes from the checkpoint through `trainers.engine.checkpoint.load_backbone`; NormRescale (when the
-spec asks for it) is applied before the task. The task runs on the GPU when the Ray task was given one, else CPU.
+The backbone comes from the checkpoint through `trainers.engine.checkpoint.load_backbone` (or, for `init=random`,
+is its architecture freshly initialised from the seed); NormRescale (when the spec asks for it) is applied before
+the task. The task runs on the GPU when the Ray task was given one, else CPU.
 Nothing here writes to MLflow: `orchestrator.run.transfer` logs what this returns.
 """
 
@@ -17,11 +18,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
 
+from evaluators.detection import build_detector, evaluate_detector, train_detector
 from evaluators.features import extract_features
 from evaluators.fewshot import few_shot_accuracy
 from evaluators.finetune import label_fraction_finetune
@@ -30,10 +32,11 @@ from evaluators.linear import fit_linear_probe
 from evaluators.norm_rescale import norm_rescale
 from evaluators.reconstruction import reconstruction_error
 from orchestrator import storage
+from orchestrator.data.detection_shards import DetectionManifest, DetectionShards
 from orchestrator.data.ingest import SplitArrays, load_split_arrays
 from orchestrator.data.manifest import Manifest
-from orchestrator.spec.transfer import TASKS, TransferSpec
-from trainers.engine.checkpoint import load_backbone, load_state
+from orchestrator.spec.transfer import DETECTION_TASKS, TASKS, TransferSpec
+from trainers.engine.checkpoint import load_backbone, load_state, random_backbone
 
 TOP_K = 5
 
@@ -50,7 +53,8 @@ class TransferOutcome:
 class TransferTask:
     name: str
     summary: str
-    run: Callable[[torch.nn.Module, SplitArrays, SplitArrays, TransferSpec, str], TransferOutcome]
+    run: Callable[[torch.nn.Module, Any, Any, TransferSpec, str], TransferOutcome]  # (backbone, train, test, ...)
+    reads: Literal["classification", "detection"] = "classification"  # SplitArrays, or DetectionShards
 
 
 def percent(fraction: float) -> str:
@@ -115,6 +119,25 @@ def _reconstruction(backbone, train: SplitArrays, test: SplitArrays, spec: Trans
         images={"reconstructions.png": result.grid} if result.grid.size else {})
 
 
+def _detector(backbone, train: DetectionShards, test: DetectionShards, spec: TransferSpec,
+              device: str) -> TransferOutcome:
+    """Faster R-CNN (detection) or Mask R-CNN (segmentation) around the backbone, trained on the train split and
+    scored by COCO AP on the eval split; scores `<task>_ap`, `_ap50`, `_ap75` (+ `<task>_mask_ap`... for masks)."""
+    options = spec.task_options()
+    model = build_detector(backbone, len(train.classes), options.detector(DETECTION_TASKS[spec.task]), seed=spec.seed)
+    trained = train_detector(model, train, steps=options.steps, seed=spec.seed, device=device, **options.training())
+    scores = evaluate_detector(model, test, batch_size=options.eval_batch_size, device=device)
+    budget = trained.to_dict()
+    return TransferOutcome(
+        scores={f"{spec.task}_{k}": v for k, v in scores.items()},
+        metrics={"steps": trained.steps, "batch_size": trained.batch_size, "train_images": trained.train_images,
+                 "val_images": len(test), "epochs": trained.epochs, "num_classes": len(train.classes),
+                 "first_loss": trained.first_loss, "final_loss": trained.final_loss,
+                 **{f"final_{k}": v for k, v in trained.final_terms.items()}},
+        records={f"{spec.task}_training.json": {k: list(v) if isinstance(v, tuple) else v
+                                                 for k, v in budget.items()}})
+
+
 TRANSFER_TASKS: dict[str, TransferTask] = {
     "finetune": TransferTask("finetune", "the whole network on a class-balanced label fraction; top-1/top-5",
                              _finetune),
@@ -122,6 +145,10 @@ TRANSFER_TASKS: dict[str, TransferTask] = {
     "fewshot": TransferTask("fewshot", "N-way K-shot episodes on frozen features; mean and 95% interval", _fewshot),
     "reconstruction": TransferTask("reconstruction", "decoder on frozen features; pixel MSE and a sample grid",
                                    _reconstruction),
+    "detection": TransferTask("detection", "Faster R-CNN (FPN) fine-tuned on a detection set; box AP, AP50, AP75",
+                              _detector, reads="detection"),
+    "segmentation": TransferTask("segmentation", "Mask R-CNN (FPN) fine-tuned on a COCO-format set; box and mask AP",
+                                 _detector, reads="detection"),
 }
 assert tuple(TRANSFER_TASKS) == TASKS, "every task the spec accepts has a runner, and no other"
 
@@ -135,19 +162,31 @@ def read_checkpoint(uri: str, storage_options: dict[str, Any]) -> dict[str, Any]
         return load_state(folder)
 
 
-def run_transfer(spec: TransferSpec, checkpoint_uri: str, data_url: str, manifest: Manifest,
-                 data_options: dict[str, Any], anchor_uri: str | None = None) -> dict[str, Any]:
-    """The Ray task: load the backbone, decode the set's splits, NormRescale, run the task. Returns the outcome's
-    parts and what was measured on the way (`image_size`, `device`, `seconds`, NormRescale's per-layer norms)."""
-    started = time.perf_counter()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    state = read_checkpoint(checkpoint_uri, spec.checkpoint_storage_options)
-    backbone = load_backbone(state)
+def _splits(spec: TransferSpec, state: dict[str, Any], data_url: str, manifest: Manifest | DetectionManifest,
+            data_options: dict[str, Any]) -> tuple[Any, Any, int]:
+    """(train, test, image size) of the downstream set, read as the task reads it."""
+    if TRANSFER_TASKS[spec.task].reads == "detection":
+        masks = spec.task == "segmentation"
+        train = DetectionShards(data_url, spec.data.train_split, masks=masks, storage_options=data_options)
+        test = DetectionShards(data_url, spec.data.eval_split, masks=masks, storage_options=data_options)
+        return train, test, spec.task_options().min_size
     config = state["config"]
     size = spec.image_size or int(config["image_size"] if isinstance(config, dict) else config.image_size)
     train = load_split_arrays(manifest, data_url, spec.data.train_split, size, data_options,
                               max_per_class=spec.data.max_train_per_class)
     test = load_split_arrays(manifest, data_url, spec.data.eval_split, size, data_options)
+    return train, test, size
+
+
+def run_transfer(spec: TransferSpec, checkpoint_uri: str, data_url: str, manifest: Manifest | DetectionManifest,
+                 data_options: dict[str, Any], anchor_uri: str | None = None) -> dict[str, Any]:
+    """The Ray task: load the backbone, read the set's splits, NormRescale, run the task. Returns the outcome's
+    parts and what was measured on the way (`image_size`, `device`, `seconds`, NormRescale's per-layer norms)."""
+    started = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    state = read_checkpoint(checkpoint_uri, spec.checkpoint_storage_options)
+    backbone = load_backbone(state) if spec.init == "checkpoint" else random_backbone(state, spec.seed)
+    train, test, size = _splits(spec, state, data_url, manifest, data_options)
     metrics: dict[str, float] = {}
     records: dict[str, Any] = {}
     if spec.norm_rescale is not None:
@@ -159,7 +198,8 @@ def run_transfer(spec: TransferSpec, checkpoint_uri: str, data_url: str, manifes
         records["norm_rescale.json"] = rescaled.to_dict()
     outcome = TRANSFER_TASKS[spec.task].run(backbone, train, test, spec, device)
     metrics.update(outcome.metrics)
-    metrics["corrupt_rows_skipped"] = len(train.skipped) + len(test.skipped)
+    if isinstance(train, SplitArrays):
+        metrics["corrupt_rows_skipped"] = len(train.skipped) + len(test.skipped)
     metrics["transfer_seconds"] = time.perf_counter() - started
     return {"scores": dict(outcome.scores), "metrics": metrics, "records": {**records, **outcome.records},
             "images": dict(outcome.images), "image_size": size, "device": device}

@@ -5,13 +5,15 @@ run as a Ray task and logged as an evaluation run nested under the run it evalua
     done = evaluate_transfer(Tracker(uri), chunk_run_id, spec, prepare_root=Path("streamssl-runs/downstream"))
     done.run_id, done.scores        # the evaluation run, {"synth-downstream.fewshot_5way5shot_mean": ...}
 
-The evaluation run: `mlflow.parentRunId` and `streamssl.evaluates` = the evaluated run, run type "eval", the task
-and the set as tags (`streamssl.eval_task`, `streamssl.eval_set`), the line and chunk (or segment) copied from the
-evaluated run; no plan key, so a `--resume` of the plan never takes it for the chunk's own evaluation. Its params
-are `transfer_params(spec)`; the downstream set is its dataset input (context "transfer"); the task's scores, named
-`<set>.<score>`, score the checkpoint's LoggedModel on that set (plain run metrics for a run logged before
-LoggedModels); its records and images are JSON and PNG artifacts. The run is created only once the task has
-finished, so a failure (a bad URL, a missing checkpoint, a task that raised) leaves nothing behind.
+The evaluation run: `mlflow.parentRunId` and `streamssl.evaluates` = the evaluated run, run type "eval", the task,
+the set and the initialisation as tags (`streamssl.eval_task`, `streamssl.eval_set`, `streamssl.eval_init`), the
+line and chunk (or segment) copied from the evaluated run; no plan key, so a `--resume` of the plan never takes it
+for the chunk's own evaluation. Its params are `transfer_params(spec)`; the downstream set is its dataset input
+(context "transfer"); the task's scores, named `<set>.<score>`, score the checkpoint's LoggedModel on that set (plain
+run metrics for a run logged before LoggedModels, and for an `init=random` baseline, whose scores are not the
+checkpoint's; its run name ends `.random`); its records and images are JSON and PNG artifacts. The run is created
+only once the task has finished, so a failure (a bad URL, a missing checkpoint, a task that raised) leaves nothing
+behind.
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.data.downstream import downstream_shards
+from orchestrator.data.downstream import detection_downstream, downstream_shards
 from orchestrator.errors import TrackingError, TrainingError
-from orchestrator.spec.transfer import TransferSpec, transfer_params
+from orchestrator.spec.transfer import DETECTION_TASKS, TransferSpec, transfer_params
 from orchestrator.tracking import tags as tr
 from orchestrator.tracking.tracker import Tracker
 
@@ -79,9 +81,14 @@ def evaluate_transfer(tracker: Tracker, run_id: str, spec: TransferSpec, *, prep
     anchor = checkpoint_of(tracker, spec.norm_rescale_anchor, "norm_rescale_anchor")[1] \
         if spec.norm_rescale_anchor else None
     name = spec.data.set_name
-    data_url, manifest = downstream_shards(spec.data.url, spec.data.storage_options, str(prepare_root / name),
-                                           "--data", [spec.data.train_split, spec.data.eval_split])
-    options = spec.data.storage_options if data_url == spec.data.url else {}
+    splits = [spec.data.train_split, spec.data.eval_split]
+    if spec.task in DETECTION_TASKS:
+        data_url, options = spec.data.url, spec.data.storage_options
+        manifest = detection_downstream(data_url, options, "--data", splits)
+    else:
+        data_url, manifest = downstream_shards(spec.data.url, spec.data.storage_options, str(prepare_root / name),
+                                               "--data", splits)
+        options = spec.data.storage_options if data_url == spec.data.url else {}
     ray, started = _start_ray(address)
     try:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
@@ -104,16 +111,19 @@ def _log(tracker: Tracker, evaluated: Any, spec: TransferSpec, data_url: str, ma
     name = spec.data.set_name
     tracker.experiment_id = evaluated.info.experiment_id
     tags = {tr.RUN_TYPE: "eval", tr.PARENT: run_id, tr.EVALUATES: run_id, tr.TAG + "eval_task": spec.task,
-            tr.TAG + "eval_set": name, tr.TAG + "device": result["device"], TRANSFER_KEY: transfer_key(spec),
+            tr.TAG + "eval_set": name, tr.TAG + "eval_init": spec.init, tr.TAG + "device": result["device"],
+            TRANSFER_KEY: transfer_key(spec),
             **{k: evaluated.data.tags[k] for k in COPIED_TAGS if k in evaluated.data.tags}}
-    eval_run = tracker.create_run(f"{evaluated.info.run_name}/{name}.{spec.task}", tags)
+    suffix = "" if spec.init == "checkpoint" else f".{spec.init}"
+    eval_run = tracker.create_run(f"{evaluated.info.run_name}/{name}.{spec.task}{suffix}", tags)
     try:
         tracker.log_params(eval_run, {**transfer_params(spec), "image_size": str(result["image_size"])})
         scores = {f"{name}.{k}": float(v) for k, v in result["scores"].items()}
         metrics = {k: float(v) for k, v in result["metrics"].items()}
         tracker.log_metrics(eval_run, metrics)
         tracker.log_dataset(eval_run, data_url, name, manifest.digest, "transfer")
-        model_id = evaluated.data.tags.get(tr.MODEL_ID)
+        # A random-init baseline's scores are not the checkpoint's: they stay plain metrics of the evaluation run.
+        model_id = evaluated.data.tags.get(tr.MODEL_ID) if spec.init == "checkpoint" else None
         if model_id is not None:
             tracker.log_model_metrics(eval_run, model_id, scores, 0, name, manifest.digest)
         else:

@@ -9,7 +9,9 @@ which downstream set, with which settings. The same section is what a spec's fut
 `data.train_split=train`) and, for brevity, a bare option of the chosen task (`epochs=5`, `way=10`, `shot=1`,
 `fraction=0.1` for `finetune.label_fraction`). An unknown key or a bad value is a SpecError naming it.
 `TASKS` is the list a task name is checked against; each name has its options here and its runner in
-`orchestrator.evaluate.transfer.TRANSFER_TASKS` (detection and segmentation join both as two more entries).
+`orchestrator.evaluate.transfer.TRANSFER_TASKS`. Detection and segmentation read a detection set (prepared by
+`streamssl data prepare-detection`), the other tasks a classification set. `init=random` runs the task on the
+checkpoint's architecture with fresh weights from `seed`: the from-scratch baseline of the same transfer.
 A spec's `eval.transfer` list holds `TransferEntry`s: the same options and the chunks they run after.
 """
 
@@ -20,6 +22,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
+from evaluators.detection import DetectionTaskConfig
 from evaluators.fewshot import FewShotConfig
 from evaluators.finetune import FinetuneConfig
 from evaluators.linear import LinearConfig
@@ -30,16 +33,21 @@ from orchestrator.spec.errors import describe_validation_error
 from orchestrator.spec.overrides import parse_override
 from orchestrator.spec.section import Section
 
-TASKS = ("finetune", "linear", "fewshot", "reconstruction")
+TASKS = ("finetune", "linear", "fewshot", "reconstruction", "detection", "segmentation")
+# The tasks that read a detection set, and the detector each trains.
+DETECTION_TASKS = {"detection": "faster_rcnn", "segmentation": "mask_rcnn"}
+INITS = ("checkpoint", "random")
 # Bare `--set` keys that are not the option's own name.
 ALIASES = {"fraction": "label_fraction"}
 
 
 class TransferDataSpec(Section):
-    """The downstream set: prepared shards (manifest.json beside them) or a local ImageFolder tree."""
+    """The downstream set: prepared shards (manifest.json beside them) or a local ImageFolder tree; for detection
+    and segmentation a prepared detection set (detection_manifest.json beside its shards)."""
 
     url: str = Field(description="prepared shards (any fsspec URL or local folder) or a local ImageFolder tree, "
-                                 "prepared once into streamssl-runs/downstream/<name>")
+                                 "prepared once into streamssl-runs/downstream/<name>; detection and segmentation: "
+                                 "a set prepared by `streamssl data prepare-detection`")
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]+$",
                              description="names the metrics (`<name>.finetune_10pct_top1`); default: the URL's "
                                          "last folder")
@@ -60,9 +68,13 @@ class TransferSpec(Section):
     task: Literal[TASKS] = Field(description=f"the transfer task: one of {list(TASKS)}")
     data: TransferDataSpec
     seed: int = Field(0, ge=0, description="seeds the label subset, episodes, batch order and heads")
+    init: Literal[INITS] = Field("checkpoint", description="checkpoint: the trained backbone; random: the same "
+                                                           "architecture freshly initialised from `seed` (the "
+                                                           "from-scratch baseline)")
     image_size: int | None = Field(None, ge=8, le=1024,
                                    description="side the downstream images are decoded to; default: the "
-                                               "checkpoint's pre-training image size")
+                                               "checkpoint's pre-training image size (classification tasks; "
+                                               "detectors resize by detection.min_size / max_size)")
     checkpoint_storage_options: dict[str, Any] = Field(default_factory=dict,
                                                        description="fsspec options to read the checkpoint with")
     norm_rescale: NormRescaleConfig | None = Field(
@@ -77,6 +89,10 @@ class TransferSpec(Section):
                                                "the eval split")
     reconstruction: ReconstructionConfig = Field(default_factory=ReconstructionConfig,
                                                  description="decoder on frozen features reconstructing the input")
+    detection: DetectionTaskConfig = Field(default_factory=DetectionTaskConfig,
+                                           description="Faster R-CNN (FPN) around the backbone; box AP")
+    segmentation: DetectionTaskConfig = Field(default_factory=DetectionTaskConfig,
+                                              description="Mask R-CNN (FPN) around the backbone; box and mask AP")
 
     @model_validator(mode="after")
     def _anchor_goes_with_anchor_mode(self) -> TransferSpec:
@@ -86,6 +102,11 @@ class TransferSpec(Section):
                              "(--set norm_rescale_anchor=RUN_ID); or use mode=constant / mode=scale")
         if self.norm_rescale_anchor is not None and not anchored:
             raise ValueError("norm_rescale.mode: norm_rescale_anchor is given, but the mode is not anchor")
+        if self.task in DETECTION_TASKS and self.image_size is not None:
+            raise ValueError(f"image_size: {self.task} resizes images by {self.task}.min_size and "
+                             f"{self.task}.max_size; image_size is for the classification tasks")
+        if self.task in DETECTION_TASKS and self.data.max_train_per_class is not None:
+            raise ValueError(f"data.max_train_per_class: a {self.task} set has objects, not one class per image")
         return self
 
     def task_options(self):
@@ -151,7 +172,7 @@ def transfer_spec(task: str, data_url: str, sets: list[str] | tuple[str, ...] = 
 def transfer_params(spec: TransferSpec) -> dict[str, str]:
     """The evaluation's params: the task, its set, seed and sizes, NormRescale's and the chosen task's options
     (defaults included, so evaluations of one task line up in MLflow's compare view)."""
-    params = {"task": spec.task, "data.url": spec.data.url, "data.name": spec.data.set_name,
+    params = {"task": spec.task, "init": spec.init, "data.url": spec.data.url, "data.name": spec.data.set_name,
               "data.train_split": spec.data.train_split, "data.eval_split": spec.data.eval_split,
               "data.max_train_per_class": str(spec.data.max_train_per_class), "seed": str(spec.seed),
               "image_size": str(spec.image_size), "norm_rescale": "off" if spec.norm_rescale is None else "on"}
@@ -162,4 +183,5 @@ def transfer_params(spec: TransferSpec) -> dict[str, str]:
     return params
 
 
-__all__ = ["ALIASES", "TASKS", "TransferDataSpec", "TransferEntry", "TransferSpec", "transfer_params", "transfer_spec"]
+__all__ = ["ALIASES", "DETECTION_TASKS", "INITS", "TASKS", "TransferDataSpec", "TransferEntry", "TransferSpec",
+           "transfer_params", "transfer_spec"]

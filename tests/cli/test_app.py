@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from cli.app import app
 from tests.orchestrator.s3_server import free_port
 
-COMMANDS = [["run"], ["eval"], ["submit"], ["status"], ["logs"], ["lineage"], ["report"], ["ui"], ["data"], ["data", "synth"], ["data", "prepare"], ["data", "verify"]]
+COMMANDS = [["run"], ["eval"], ["submit"], ["status"], ["logs"], ["lineage"], ["report"], ["ui"], ["data"], ["data", "synth"], ["data", "prepare"], ["data", "verify"],
+            ["data", "synth-detection"], ["data", "prepare-detection"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c))

@@ -2,7 +2,9 @@
 `eval.transfer` runs a linear probe on the synthetic set after the last chunk), then the command fine-tunes it on
 10% of the synthetic set's labels, runs 5-way 5-shot episodes and a reconstruction probe, each as a Ray task; the
 tests read the evaluation runs back from MLflow: nested under the chunk run, tagged, scored on its LoggedModel, with
-their artifacts, and invisible to a resume of the plan. Bad run ids and URLs exit with their codes and write nothing.
+their artifacts, and invisible to a resume of the plan. Detection (VOC) and segmentation (COCO) on the synthetic
+shapes set made and prepared by `streamssl data`, two steps each, and detection's random-init baseline, which
+scores no LoggedModel. Bad run ids and URLs exit with their codes and write nothing.
 
     PYTHONPATH=$PWD .venv/bin/python -m pytest tests/integration/test_transfer_eval.py -q
 """
@@ -129,6 +131,47 @@ def test_the_specs_eval_transfer_ran_after_the_last_chunk_and_a_resume_skips_it(
     tracker = Tracker(chunk_run["uri"], spec.experiment_name)
     plan = build_plan(spec)
     assert after_chunk_transfers(tracker, spec, plan, {plan.jobs[0].key: chunk_id}) == []  # logged already
+
+
+def test_detection_and_segmentation_and_the_random_init_baseline(chunk_run, tmp_path, synthetic_url) -> None:
+    client, chunk = chunk_run["client"], chunk_run["chunk"]
+    model_id = chunk.data.tags[tr.MODEL_ID]
+    runner = CliRunner()
+    trees, voc, coco = tmp_path / "shapes", str(tmp_path / "shapes-voc"), str(tmp_path / "shapes-coco")
+    for args in (["synth-detection", str(trees), "--train", "6", "--val", "3", "--image-size", "32",
+                  "--num-classes", "2"],
+                 ["prepare-detection", str(trees / "voc"), voc, "--format", "voc", "--classes", "disc,square"],
+                 ["prepare-detection", str(trees / "coco"), coco, "--format", "coco"]):
+        result = runner.invoke(app, ["data", *args])
+        assert result.exit_code == 0, result.output
+    tiny = ["steps=2", "min_size=32", "max_size=32", "fpn_channels=8", "box_head_dim=16", "mask_head_dim=8",
+            "box_batch_size_per_image=16"]
+    done = {}
+    for name, task, url, extra in (("detection", "detection", voc, []), ("random", "detection", voc, ["init=random"]),
+                                   ("segmentation", "segmentation", coco, [])):
+        result = _eval(chunk_run, "--task", task, "--data", url, *[a for s in tiny + extra for a in ("--set", s)])
+        assert result.exit_code == 0, result.output + repr(result.exception)
+        done[name] = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(done["detection"]["scores"]) == {f"shapes-voc.detection_{k}" for k in ("ap", "ap50", "ap75")}
+    assert set(done["random"]["scores"]) == set(done["detection"]["scores"])
+    assert set(done["segmentation"]["scores"]) == {f"shapes-coco.segmentation_{m}{k}" for m in ("", "mask_")
+                                                   for k in ("ap", "ap50", "ap75")}
+    for name, out in done.items():
+        run = client.get_run(out["eval_run"])
+        assert run.info.status == "FINISHED" and run.data.tags[tr.PARENT] == chunk.info.run_id
+        assert run.data.metrics["steps"] == 2 and run.data.metrics["train_images"] == 6
+        assert run.data.tags[tr.TAG + "eval_init"] == run.data.params["init"] == ("random" if name == "random"
+                                                                                    else "checkpoint")
+        assert all(0 <= v <= 1 and run.data.metrics[k] == pytest.approx(v) for k, v in out["scores"].items())
+        assert f"{run.data.tags[tr.TAG + 'eval_task']}_training.json" in out["artifacts"]
+    assert client.get_run(done["random"]["eval_run"]).info.run_name.endswith("shapes-voc.detection.random")
+    # The trained backbone's scores score its LoggedModel; the random-init baseline's are not the checkpoint's.
+    logged = {(m.run_id, m.key) for m in client.get_logged_model(model_id).metrics}
+    assert {(done["detection"]["eval_run"], k) for k in done["detection"]["scores"]} <= logged
+    assert not any(run_id == done["random"]["eval_run"] for run_id, _ in logged)
+    # A classification set is not a detection set, and the other way round: each error says what to do.
+    result = _eval(chunk_run, "--task", "detection", "--data", synthetic_url)
+    assert result.exit_code == 2 and "holds a classification set" in result.output and "prepare-detection" in result.output
 
 
 def test_bad_run_ids_and_urls_exit_with_their_code_and_write_nothing(chunk_run, synthetic_url, tmp_path) -> None:

@@ -110,10 +110,10 @@ def test_resume_continues_bit_for_bit(tmp_path, record) -> None:
         assert torch.equal(expected[name], got[name]), name
 
 
-def test_load_backbone_gives_the_trained_encoder_from_a_checkpoint(tmp_path) -> None:
+def test_load_backbone_gives_the_trained_encoder_and_random_backbone_its_architecture(tmp_path) -> None:
     from dataclasses import asdict
 
-    from trainers.engine.checkpoint import load_backbone
+    from trainers.engine.checkpoint import load_backbone, random_backbone
 
     record = METHOD_REGISTRY["byol"]
     cfg = _config(record, views=view_plan(global_count=2, global_size=16, local_count=2, local_size=8))
@@ -128,6 +128,17 @@ def test_load_backbone_gives_the_trained_encoder_from_a_checkpoint(tmp_path) -> 
     assert torch.equal(backbone(x), trainer.backbone(x))
     with pytest.raises(Exception, match="not a training checkpoint"):
         load_backbone({"position": {}})
+
+    # The from-scratch baseline: the same architecture, weights drawn from the seed, the global RNG untouched.
+    state = load_state(tmp_path)
+    rng = torch.get_rng_state()
+    fresh, again, other = random_backbone(state, 3), random_backbone(state, 3), random_backbone(state, 4)
+    assert torch.equal(torch.get_rng_state(), rng) and not fresh.training
+    assert fresh.state_dict().keys() == backbone.state_dict().keys()
+    weights = [k for k, v in fresh.state_dict().items() if v.is_floating_point() and v.dim() > 1]
+    assert weights and all(torch.equal(fresh.state_dict()[k], again.state_dict()[k]) for k in weights)
+    assert not any(torch.equal(fresh.state_dict()[k], backbone.state_dict()[k]) for k in weights)
+    assert not torch.equal(fresh.state_dict()[weights[0]], other.state_dict()[weights[0]])
 
 
 @pytest.mark.parametrize("record", RECORDS, ids=lambda r: r.name)

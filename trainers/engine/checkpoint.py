@@ -113,21 +113,35 @@ def load_backbone(state: dict[str, Any], width: float | None = None) -> torch.nn
     options) and given the `backbone.*` weights of the method; heads, targets and optimizer state are ignored.
     `width` is reserved for slimmable backbones (evaluated at one of their widths); others take None.
     """
-    from trainers.backbones import build_backbone
-    from trainers.engine.loop import LoopConfig
-
     if width is not None:
         raise ValueError(f"width {width!r} given, but this checkpoint's backbone is not slimmable")
-    try:
-        config = state["config"]
-        weights = state["method"]
-    except KeyError as exc:
-        raise CheckpointError(f"checkpoint state has no {exc.args[0]!r}: not a training checkpoint") from None
-    cfg = LoopConfig(**config) if isinstance(config, dict) else config
-    backbone = build_backbone(cfg.backbone, cfg.image_size, **cfg.resolved_backbone_options())
+    backbone = _architecture(state)
+    weights = state.get("method")
+    if weights is None:
+        raise CheckpointError("checkpoint state has no 'method': not a training checkpoint")
     prefix = "backbone."
     own = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
     if not own:
         raise CheckpointError("checkpoint state has no backbone weights (keys backbone.*)")
     backbone.load_state_dict(own)
     return backbone.eval()
+
+
+def random_backbone(state: dict[str, Any], seed: int) -> torch.nn.Module:
+    """The checkpoint's backbone architecture with fresh weights drawn from `seed` (the global RNG is left as it was),
+    in eval mode on the CPU: the from-scratch baseline a transfer of the trained backbone is compared against."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _architecture(state).eval()
+
+
+def _architecture(state: dict[str, Any]) -> torch.nn.Module:
+    """A freshly initialised backbone built from a checkpoint state's own config (name, image size, options)."""
+    from trainers.backbones import build_backbone
+    from trainers.engine.loop import LoopConfig
+
+    config = state.get("config") if isinstance(state, dict) else None
+    if config is None:
+        raise CheckpointError("checkpoint state has no 'config': not a training checkpoint")
+    cfg = LoopConfig(**config) if isinstance(config, dict) else config
+    return build_backbone(cfg.backbone, cfg.image_size, **cfg.resolved_backbone_options())

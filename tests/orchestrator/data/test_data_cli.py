@@ -1,4 +1,4 @@
-"""`streamssl data synth|prepare|verify` through Typer's CliRunner: exit codes and what they print.
+"""`streamssl data synth|prepare|verify|synth-detection|prepare-detection` through Typer's CliRunner: exit codes and what they print.
 
     cd /work/main && .venv/bin/python -m pytest tests/orchestrator/data/test_data_cli.py -q
 """
@@ -124,6 +124,45 @@ def test_prepare_a_class_subset_and_its_complement(tmp_path):
     result = _invoke("prepare", str(src), str(tmp_path / "bad"), "--classes", "cat,cow")
     assert result.exit_code == 3 and "['cow']" in result.output and "ant, bee, cat, dog" in result.output
     assert not os.path.exists(tmp_path / "bad" / "manifest.json")
+
+
+def test_synth_detection_then_prepare_both_formats(tmp_path):
+    from orchestrator.data.detection_shards import DetectionShards, load_detection_manifest
+    from orchestrator.data.synth_detection import DETECTION_SHAPES
+
+    trees = tmp_path / "shapes"
+    result = _invoke("synth-detection", str(trees), "--train", "6", "--val", "3", "--image-size", "32",
+                     "--num-classes", "2")
+    assert result.exit_code == 0, result.output
+    assert (trees / "voc" / "ImageSets" / "Main" / "val.txt").read_text().split() == ["000006", "000007", "000008"]
+    assert _invoke("synth-detection", str(trees)).exit_code == 2  # never over an existing tree
+    assert _invoke("synth-detection", str(tmp_path / "x"), "--num-classes", str(len(DETECTION_SHAPES) + 1)
+                   ).exit_code == 2  # the option's bound is the generator's shape count
+
+    voc = str(tmp_path / "voc")
+    result = _invoke("prepare-detection", str(trees / "voc"), voc, "--format", "voc", "--classes", "disc,square",
+                     "--shard-rows", "4")
+    assert result.exit_code == 0, result.output
+    assert "classes (label 1..2): disc, square" in result.output
+    manifest = load_detection_manifest(voc)
+    assert {s: e.rows for s, e in manifest.splits.items()} == {"train": 6, "val": 3} and len(manifest.shards) == 3
+    coco = str(tmp_path / "coco")
+    assert _invoke("prepare-detection", str(trees / "coco"), coco, "--format", "coco").exit_code == 0
+    image, target = DetectionShards(coco, "val", masks=True)[0]
+    assert image.shape == (3, 32, 32) and target["masks"].shape[0] == target["boxes"].shape[0] >= 1
+
+    result = _invoke("prepare-detection", str(trees / "coco"), str(tmp_path / "c2"), "--format", "coco",
+                     "--classes", "disc")
+    assert result.exit_code == 2 and "--classes is for VOC" in result.output
+    (trees / "voc" / "Annotations" / "000001.xml").write_text("<annotation><object>")
+    result = _invoke("prepare-detection", str(trees / "voc"), str(tmp_path / "v2"), "--format", "voc",
+                     "--classes", "disc,square")
+    assert result.exit_code == 3 and "000001.xml" in result.output and "malformed XML" in result.output
+    assert not (tmp_path / "v2").exists()  # nothing half-written
+    result = _invoke("prepare-detection", str(trees / "voc"), str(tmp_path / "v3"), "--format", "voc",
+                     "--classes", "disc,square", "--on-error", "skip")
+    assert result.exit_code == 0 and "skipped" in result.output and "000001.xml" in result.output
+    assert load_detection_manifest(str(tmp_path / "v3")).splits["train"].rows == 5
 
 
 def test_parse_storage_options():
