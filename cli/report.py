@@ -27,7 +27,8 @@ def report(
     findings_only: bool = typer.Option(False, "--findings", help="Only the findings table: each claim of the studies "
                                        "with its effect, 95% interval over seeds and verdict (findings.md/.csv/.json)."),
 ) -> None:
-    """Time/storage per chunk, ST-JT gap, BWT/FWT, sharpness, plots and the findings of every plan run of EXPERIMENT.
+    """Time/storage per chunk, ST-JT gap, BWT/FWT, sharpness, transfer scores by chunk (and their correlation with
+    upstream accuracy), plots and the findings of every plan run of EXPERIMENT.
 
     Plan runs that differ only in `seed` (`--set seed=k`) are one study: each cell is their mean with n and a 95%
     t-interval. Exits 1 (after writing) when a run is missing or unfinished or a cell lacks its number; the report
@@ -49,11 +50,14 @@ def report(
             console.print(f"[dim]{escape(f'{table.name}: {note}')}[/]", highlight=False)
         if not table.rows:
             continue
-        # One table per stream kind, rows named "simclr ST+replay", missing cells short (their reasons follow).
+        # One table per stream kind, rows named "simclr ST+replay", missing cells short (their reasons follow);
+        # a table whose rows are not lines (a transfer correlation's set and score) shows its own index.
         extra = [c for c in table.index_columns if c not in ("method", "paradigm", "stream", "line", "strategy")]
-        keys = ["line", *extra]  # (chunk; an online segment's segment, batches and final)
+        by_line = "line" in table.index_columns
+        keys = ["line", *extra] if by_line else extra  # (chunk; an online segment's segment, batches and final)
         for stream in dict.fromkeys(row.index["stream"] for row in table.rows):
-            rows = [{"line": f"{row.index['method']} {row.index['strategy']}", **{c: row.index.get(c) for c in extra},
+            rows = [{**({"line": f"{row.index['method']} {row.index['strategy']}"} if by_line else {}),
+                     **{c: row.index.get(c) for c in extra},
                      **{c: "missing" if cell.missing else cell.text() for c, cell in row.cells.items()},
                      "sources": " ".join(r[:8] for r in row.runs)}
                     for row in table.rows if row.index["stream"] == stream]

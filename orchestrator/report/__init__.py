@@ -9,6 +9,9 @@ absent).
 - :mod:`~orchestrator.report.tables`: time/storage per chunk, ST-JT gap, BWT/FWT, sharpness; what is missing;
 - :mod:`~orchestrator.report.seeds`: a study run over several seeds: each cell's mean, n and 95% t-interval;
 - :mod:`~orchestrator.report.widths`: accuracy and cost against width for slimmable lines (US3L), table and PNG;
+- :mod:`~orchestrator.report.transfer`: transfer evaluations (`streamssl eval`, `eval.transfer`): each score by
+  line and chunk, its correlation with the chunk's upstream accuracy (Pearson r, Fisher-z 95% interval,
+  Spearman rho), and a PNG per set and score;
 - :mod:`~orchestrator.report.figures`: accuracy-matrix heatmaps and accuracy-vs-chunk curves (logged to the plan runs);
 - :mod:`~orchestrator.report.findings` / :mod:`~orchestrator.report.claims`: the studies' claims, each checked
   against the runs (effect, 95% interval over seeds, verdict): the findings table;

@@ -13,6 +13,10 @@ plan runs tagged with the same `streamssl.study_key` (the plan key without the s
 one study, one plan run per seed (the newest: a re-run of a seed supersedes the older run), and the report's cells
 aggregate over them. A plan run without the tag (recorded before it) is a study of its own, as before: the newest
 plan run holding a line supersedes the older ones.
+
+Transfer evaluation runs (`streamssl eval`, a spec's `eval.transfer`: eval runs tagged `streamssl.eval_task`, nested
+under the chunk or segment run they evaluate) are `study.transfers`, one `TransferEval` per evaluated run, task, set
+and options (the newest FINISHED of repeated evaluations); they are never a chunk's own evaluation (`Slot.eval_run`).
 """
 
 from __future__ import annotations
@@ -196,6 +200,39 @@ class Entry:
         return [Entry(self.stream_kind, self.line, plan) for plan in self.seeds]
 
 
+@dataclass(frozen=True)
+class TransferEval:
+    """One transfer evaluation of a chunk (or online segment) run's checkpoint, as orchestrator.run.transfer logs it:
+    the task on a downstream set with some options, its scores without the `<set>.` prefix (`linear_top1`,
+    `fewshot_5way5shot_mean`, `fewshot_5way5shot_ci95`), and where the evaluated run sits in the study."""
+
+    run: Any  # the transfer evaluation run
+    evaluates: str  # the chunk or segment run whose checkpoint was evaluated
+    plan_run: str | None  # that run's plan run (None: the evaluated run is not a chunk or segment run here)
+    plan_seed: str  # the plan run's spec seed (the study's seed), "?" when unknown
+    line: str
+    chunk: int | None  # chunk index of a chunk run, None for a segment run
+    segment: int | None  # segment index of an online segment run
+    task: str  # finetune, linear, fewshot, reconstruction, ...
+    data_set: str
+    options: str  # what makes two evaluations of one checkpoint the same: the `transfer_key` tag (its params' hash)
+    params: dict[str, str]  # transfer_params: task, data.name, seed (the evaluation's own), the task's options
+    scores: dict[str, float]
+
+    @property
+    def run_id(self) -> str:
+        return self.run.info.run_id
+
+    @property
+    def status(self) -> str:
+        return self.run.info.status
+
+    @property
+    def transfer_seed(self) -> str:
+        """The evaluation's own seed (label subset, episodes, heads), not the study's."""
+        return self.params.get("seed", "?")
+
+
 @dataclass
 class Study:
     experiment: str
@@ -207,6 +244,7 @@ class Study:
     # Every plan run of the experiment, superseded ones too: the findings compare variants of a line (RALS on and
     # off, two view recipes) that run as plans of the same line ids and so supersede each other in `entries`.
     records: list[PlanRecord] = field(default_factory=list)
+    transfers: list[TransferEval] = field(default_factory=list)  # every plan run's, superseded plans' too
 
     def entry(self, stream_kind: str, line_id: str) -> Entry | None:
         return next((e for e in self.entries if e.stream_kind == stream_kind and e.line.id == line_id), None)
@@ -294,6 +332,43 @@ def _segments(segment_runs: list) -> dict[str, list]:
     return out
 
 
+def is_transfer(run: Any) -> bool:
+    """Whether an eval run is a transfer evaluation (it names its task) rather than a chunk's own evaluation."""
+    return tr.EVAL_TASK in run.data.tags
+
+
+def _index_tag(run: Any, key: str) -> int | None:
+    try:
+        return int(run.data.tags[key])
+    except (KeyError, ValueError):
+        return None
+
+
+def _transfers(transfer_runs: list, evaluated: dict[str, Any], seeds: dict[str, str]) -> list[TransferEval]:
+    """One TransferEval per evaluated run, task, set and options: the FINISHED evaluation, the newest of several
+    (else the newest, so its cells say it did not finish). `evaluated`: chunk and segment runs by id; `seeds`: plan
+    run -> its seed."""
+    groups: dict[tuple[str, str, str, str], list] = {}
+    for run in transfer_runs:
+        tags = run.data.tags
+        options = tags.get(tr.TRANSFER_KEY) or json.dumps(run.data.params, sort_keys=True)
+        key = (tags.get(tr.EVALUATES, ""), tags[tr.EVAL_TASK], tags.get(tr.EVAL_SET, "?"), options)
+        groups.setdefault(key, []).append(run)
+    out = []
+    for (evaluates, task, data_set, options), runs in groups.items():
+        run = _newest_finished_first(runs)[0]
+        source = evaluated.get(evaluates)
+        plan_run = source.data.tags.get(tr.PARENT) if source is not None else None
+        prefix = f"{data_set}."
+        scores = {k[len(prefix):]: float(v) for k, v in run.data.metrics.items() if k.startswith(prefix)}
+        segment = _index_tag(run, tr.SEGMENT)  # a segment run's copied tags hold chunk 0 too
+        chunk = _index_tag(run, tr.CHUNK) if segment is None else None
+        out.append(TransferEval(run, evaluates, plan_run, seeds.get(plan_run, "?"), run.data.tags.get(tr.LINE, "?"),
+                                chunk, segment, task, data_set, options, dict(run.data.params), scores))
+    return sorted(out, key=lambda t: (t.data_set, t.task, t.line, t.chunk if t.chunk is not None else -1,
+                                      t.segment if t.segment is not None else -1, t.run.info.start_time or 0))
+
+
 def _plan_record(tracker: Tracker, run: Any, chunk_runs: list, eval_runs: list,
                  segment_runs: list | None = None) -> PlanRecord:
     by_slot: dict[tuple[str, int], list] = {}
@@ -327,6 +402,10 @@ def collect(tracker: Tracker, experiment: str) -> Study:
 
     plan_runs, chunk_runs, eval_runs = of_type("plan"), of_type("chunk"), of_type("eval")
     segment_runs = of_type("segment")
+    # A transfer evaluation is an eval run nested under the chunk run it evaluates, not the plan run: read apart, so
+    # it is never taken for a chunk's own evaluation (the upstream accuracy) whatever its parent.
+    transfer_runs = [r for r in eval_runs if is_transfer(r)]
+    eval_runs = [r for r in eval_runs if not is_transfer(r)]
     if not plan_runs:
         raise ReportError(f"experiment {experiment!r} in {tracker.uri} holds no streamssl plan run "
                           f"({tr.RUN_TYPE}=plan): nothing to report; `streamssl run SPEC` makes one")
@@ -371,7 +450,14 @@ def collect(tracker: Tracker, experiment: str) -> Study:
         methods = list(dict.fromkeys(e.line.method for e in oldest_first))
         entries += sorted(chosen.values(), key=lambda e: (e.line.paradigm == "SL", methods.index(e.line.method),
                                                           e.line.order()))
-    return Study(experiment, experiment_id, tracker.uri, list(used.values()), entries, notes, list(records.values()))
+    transfers = _transfers(transfer_runs, {r.info.run_id: r for r in chunk_runs + segment_runs},
+                           {r.run_id: r.seed for r in records.values()})
+    stray = [t.run_id for t in transfers if t.plan_run not in records]
+    if stray:
+        notes.append(f"transfer evaluation run(s) {', '.join(stray)} evaluate a run that is not a chunk or segment "
+                     "run of this experiment's plan runs: not reported")
+    return Study(experiment, experiment_id, tracker.uri, list(used.values()), entries, notes, list(records.values()),
+                 transfers)
 
 
 def _seed_order(seed: str) -> tuple:

@@ -1,5 +1,7 @@
 """The report's PNGs: a heatmap of every accuracy matrix a plan run logged, accuracy-vs-chunk curves per
-stream kind and protocol, and accuracy-vs-width curves of slimmable lines (orchestrator.report.widths); written under `<out>/figures/<stream kind>/` and logged to the plan run under `report/`.
+stream kind and protocol, accuracy-vs-width curves of slimmable lines (orchestrator.report.widths), and transfer
+scores by chunk (orchestrator.report.transfer); written under `<out>/figures/<stream kind>/` and logged to the plan
+run under `report/`.
 
     figures = draw_figures(tracker, study, out)   # [{"path", "artifact", "run", "what"}, ...]
 """
@@ -12,6 +14,7 @@ from typing import Any
 
 from evaluators.report import plot_accuracy_matrix, plot_metric_curves
 from orchestrator.report.collect import Study
+from orchestrator.report.transfer import transfer_figures
 from orchestrator.report.widths import width_figures
 from orchestrator.tracking.tracker import Tracker
 
@@ -61,7 +64,7 @@ def draw_figures(tracker: Tracker, study: Study, out: Path) -> list[dict[str, An
             for run_id in dict.fromkeys(e.plan.run_id for e in entries if name in e.plan.protocols):
                 publish(png, run_id, f"{name} top-1 by {unit}, stream {stream_kind} ({unit} runs' {name}_top1)"
                         if unit == "segment" else f"{name} top-1 by chunk, stream {stream_kind} (eval runs' {name}_top1)")
-    for png, run_ids, what in width_figures(study, out / "figures"):
+    for png, run_ids, what in [*width_figures(study, out / "figures"), *transfer_figures(study, out / "figures")]:
         for run_id in run_ids:
             publish(png, run_id, what)
     return figures

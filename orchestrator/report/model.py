@@ -6,6 +6,9 @@ A cell holds a number, or says why it has none: `missing` (the record lacks it: 
 A cell of a study run with several seeds aggregates them (`aggregate`): its value is the mean over the n seeds, with
 a 95% Student-t interval, mean -/+ t(0.975, n-1) s / sqrt(n) (s the sample standard deviation over the seeds);
 `values` holds each seed's number. A seed without its number makes the cell missing, naming that seed.
+
+A single run's number may come with the half-width it was logged with (`half_width`: a few-shot mean's `_ci95` over
+episodes), shown as `mean ± half-width`; over seeds the seeds' t-interval takes its place.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ class Cell:
     values: tuple[float, ...] = ()  # over seeds: each seed's number (value is their mean)
     lo: float | None = None  # over seeds: the 95% t-interval of the mean
     hi: float | None = None
+    half_width: float | None = None  # logged beside the value: a few-shot mean's 95% interval over its episodes
+    shown: str | None = None  # the text of a cell that does not apply, when a few words say why ("n < 4")
 
     @classmethod
     def of(cls, value: Any, runs: tuple[str, ...], source: str, missing: str) -> Cell:
@@ -43,21 +48,24 @@ class Cell:
         return len(self.values) if self.values else int(self.value is not None)
 
     def text(self, exact: bool = False) -> str:
-        """The value (full precision when `exact`), `missing: <why>`, or `n/a`; over seeds, the mean with n and the
-        95% interval (`0.41 (n=3, 95% CI 0.38..0.44)`)."""
+        """The value (full precision when `exact`), `missing: <why>`, or `n/a` (or the cell's `shown` text); over
+        seeds, the mean with n and the 95% interval (`0.41 (n=3, 95% CI 0.38..0.44)`); with a logged half-width,
+        `0.62 ± 0.013`."""
         if self.value is not None:
             if self.n > 1:
                 return (f"{format_number(self.value, exact)} (n={self.n}, 95% CI {format_number(self.lo, exact)}.."
                         f"{format_number(self.hi, exact)})")
+            if self.half_width is not None:
+                return f"{format_number(self.value, exact)} ± {format_number(self.half_width, exact)}"
             return format_number(self.value, exact)
         if self.missing is not None:
             return f"missing: {self.missing}"
-        return "n/a"
+        return self.shown or "n/a"
 
     def to_dict(self) -> dict[str, Any]:
         return {"value": self.value, "n": self.n, "mean": self.value, "lo": self.lo, "hi": self.hi,
                 "values": list(self.values), "runs": list(self.runs), "source": self.source, "missing": self.missing,
-                "na": self.na}
+                "na": self.na, **({"half_width": self.half_width} if self.half_width is not None else {})}
 
 
 def t_quantile_975(df: int) -> float:

@@ -1,5 +1,7 @@
 """The study's tables from the record (no model is run): time and storage per chunk, the ST-JT gap, the continual
-metrics (BWT/FWT), sharpness, accuracy and cost by width for slimmable lines (orchestrator.report.widths); and the problems with the record (runs missing or unfinished).
+metrics (BWT/FWT), sharpness, accuracy and cost by width for slimmable lines (orchestrator.report.widths), transfer
+scores by chunk and their correlation with upstream accuracy (orchestrator.report.transfer); and the problems with the
+record (runs missing or unfinished).
 
     tables = build_tables(study); problems = record_problems(study)
 
@@ -27,6 +29,7 @@ from evaluators.continual import st_jt_gap
 from orchestrator.report.collect import Entry, PlanRecord, Study
 from orchestrator.report.model import Cell, Problem, ReportTable, Row
 from orchestrator.report.seeds import joint_of, over_seeds, seed_note
+from orchestrator.report.transfer import transfer_tables
 from orchestrator.report.widths import width_tables
 from orchestrator.tracking import tags as tr
 
@@ -343,6 +346,7 @@ def _chunked(study: Study) -> Study:
 def build_tables(study: Study) -> list[ReportTable]:
     names = list(dict.fromkeys(n for plan in study.plans for n in plan.protocols))
     online = any(e.stream_kind == "online" for e in study.entries)
+    transfers = transfer_tables(study)  # the chunked lines' (they need the study's transfer evaluations)
     online_study, study = study, _chunked(study)
     # Every downstream set of any plan, then their mean where some plan has more than one.
     sets = list(dict.fromkeys(d for plan in study.plans for d in plan.downstream))
@@ -350,7 +354,7 @@ def build_tables(study: Study) -> list[ReportTable]:
         sets.append("downstream")
     downstream = [downstream_gap_table(study, d, n) for d in sets for n in names]
     return [resources_table(study), *(gap_table(study, n) for n in names), *downstream,
-            *(continual_table(study, n) for n in names), sharpness_table(study), *width_tables(study),
+            *(continual_table(study, n) for n in names), sharpness_table(study), *width_tables(study), *transfers,
             *([segments_table(online_study, names)] if online else [])]
 
 

@@ -12,6 +12,8 @@ findings.csv; `write_findings` writes them alone (findings.md / .csv / .json: `s
 A cell over several seeds (orchestrator.report.model.aggregate) reads `mean (n=N, 95% CI lo..hi)` in markdown (a
 Student-t interval over the seeds); in CSV the column holds the mean and `{column}.n`, `{column}.lo`,
 `{column}.hi` follow it (in tables with such a cell); in JSON each cell has `n`, `mean`, `lo`, `hi` and `values`.
+A value logged with its half-width (a few-shot mean's ci95) reads `mean ± half-width` in markdown; in CSV
+`{column}.half_width` follows the column (in tables with such a cell); in JSON the cell has `half_width`.
 """
 
 from __future__ import annotations
@@ -44,15 +46,20 @@ def _table_rows(table: ReportTable, exact: bool) -> list[list[str]]:
             + [" ".join(row.runs)] for row in table.rows]
 
 
+def _has_half_widths(table: ReportTable) -> bool:
+    return any(cell.half_width is not None for row in table.rows for cell in row.cells.values())
+
+
 def _csv_value_columns(table: ReportTable) -> list[str]:
-    if not table.over_seeds:
-        return list(table.value_columns)
-    return [name for c in table.value_columns for name in (c, f"{c}.n", f"{c}.lo", f"{c}.hi")]
+    extra = [*(("n", "lo", "hi") if table.over_seeds else ()), *(("half_width",) if _has_half_widths(table) else ())]
+    return [name for c in table.value_columns for name in (c, *(f"{c}.{e}" for e in extra))]
 
 
 def _csv_rows(table: ReportTable) -> list[list[str]]:
-    """As `_table_rows`, exact; over seeds, each value column is the mean and is followed by its n, lo and hi."""
-    if not table.over_seeds:
+    """As `_table_rows`, exact; over seeds, each value column is the mean and is followed by its n, lo and hi; with
+    logged half-widths, each is followed by its half-width."""
+    seeds, half = table.over_seeds, _has_half_widths(table)
+    if not seeds and not half:
         return _table_rows(table, True)
     out = []
     for row in table.rows:
@@ -60,11 +67,13 @@ def _csv_rows(table: ReportTable) -> list[list[str]]:
         for c in table.value_columns:
             cell = row.cells.get(c)
             if cell is None:
-                values += ["n/a", "", "", ""]
+                values += ["n/a"] + [""] * (3 * seeds + half)
                 continue
-            mean = repr(float(cell.value)) if cell.value is not None else cell.text(True)
-            bounds = [repr(float(b)) if b is not None else "" for b in (cell.lo, cell.hi)]
-            values += [mean, str(cell.n), *bounds]
+            values.append(repr(float(cell.value)) if cell.value is not None else cell.text(True))
+            if seeds:
+                values += [str(cell.n), *(repr(float(b)) if b is not None else "" for b in (cell.lo, cell.hi))]
+            if half:
+                values.append(repr(float(cell.half_width)) if cell.half_width is not None else "")
         out.append([row.index.get(c, "") for c in table.index_columns] + values + [" ".join(row.runs)])
     return out
 

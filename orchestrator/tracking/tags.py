@@ -3,7 +3,8 @@
 
 A plan run (`RUN_TYPE` = "plan") is the parent (`PARENT`) of one chunk run per (line, chunk) ("chunk"), each
 tagged with its `JOB_KEY`, `LINE`, `CHUNK` and `CHECKPOINT` URI; an evaluation run ("eval") names the chunk run it
-`EVALUATES`. Every run carries the `PLAN_KEY`; `CLIENT_TOKEN` makes run creation safe to retry.
+`EVALUATES` (a transfer evaluation run is an eval run too, nested under the chunk run and tagged `EVAL_TASK`).
+Every run carries the `PLAN_KEY`; `CLIENT_TOKEN` makes run creation safe to retry.
 
 An online plan's line is one chunk run over the whole stream (its online run); its segment runs ("segment", child
 of the plan run, `SEGMENT` index, `ONLINE_RUN`) each hold a checkpoint (a LoggedModel) and that checkpoint's
@@ -33,6 +34,11 @@ NUM_CHUNKS = TAG + "num_chunks"
 # The plan's key without the spec's seed: plans that differ only in `seed` are one study (the report averages them).
 STUDY_KEY = TAG + "study_key"
 SEGMENT = TAG + "segment"
+# On a transfer evaluation run (`streamssl eval`, a spec's `eval.transfer`; orchestrator.run.transfer writes them):
+# its task and downstream set, and the hash of its options (a resume skips an evaluation logged with the same).
+EVAL_TASK = TAG + "eval_task"
+EVAL_SET = TAG + "eval_set"
+TRANSFER_KEY = TAG + "transfer_key"
 ONLINE_RUN = TAG + "online_run"
 FINAL_SEGMENT = TAG + "final_segment"
 # What a segment row shows of its run's metrics (accuracies, deadline misses, a polled source's skipped shards).
