@@ -248,10 +248,12 @@ class Finding:
     verdict: str  # holds | contradicted | inconclusive at this budget | needs transfer | needs slimmable
     reason: str = ""
     missing: list[str] = field(default_factory=list)
+    seeds_needed: int | None = None  # an interval that spans the threshold: `seeds_to_decide` of the per-seed effects
 
     @property
     def runs(self) -> list[str]:
         return list(self.effect.runs)
+
 
     def to_dict(self) -> dict[str, Any]:
         c = self.claim
@@ -261,7 +263,7 @@ class Finding:
                 "n": len(self.seeds), "effect": self.effect.value, "lo": self.effect.lo,
                 "hi": self.effect.hi, "values": list(self.effect.values), "seeds": self.seeds,
                 "interval": INTERVAL if self.effect.values else None, "verdict": self.verdict, "reason": self.reason,
-                "missing": self.missing, "runs": self.runs}
+                "seeds_needed": self.seeds_needed, "missing": self.missing, "runs": self.runs}
 
 
 def _seed_key(seed: str) -> tuple:
@@ -310,6 +312,40 @@ def verdict_of(test: str, margin: float, lo: float, hi: float) -> tuple[str, str
     if lo > margin or hi < -margin:
         return "contradicted", f"the interval lies outside (-{m}, {m})"
     return "inconclusive at this budget", f"the interval crosses -{m} or {m}"
+
+
+MAX_SEEDS = 200  # beyond this the estimate says "> 200": the effect is too small against its spread to chase
+
+
+def seeds_to_decide(values: list[float], test: str, margin: float) -> int | None:
+    """The fewest seeds whose 95% t-interval would clear the claim's threshold (a verdict either way), were the
+    measured per-seed mean and standard deviation the true ones: a rough power estimate (about even odds at that n)
+    for an inconclusive row. None when n < 2, or when the mean sits on the threshold or the spread is nil (no n
+    decides); MAX_SEEDS + 1 when it takes more than MAX_SEEDS."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    if test == "greater":
+        room = abs(mean)
+    elif test == "noninferior":
+        room = abs(mean + margin)
+    else:  # equivalent: inside (-m, m) to hold, wholly outside to be contradicted
+        room = abs(margin - abs(mean))
+    if room == 0 or sd == 0:
+        return None
+
+    def decides(k: int) -> bool:
+        return t_quantile_975(k - 1) * sd / math.sqrt(k) < room
+
+    if not decides(MAX_SEEDS):
+        return MAX_SEEDS + 1
+    lo, hi = 2, MAX_SEEDS  # the half-width shrinks as n grows: bisect for the first n that decides
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if decides(mid) else (mid + 1, hi)
+    return lo
 
 
 def _guard_check(guard: Guard, resolved: dict[Arm, dict], seeds: list[str]) -> str | None:
@@ -373,11 +409,12 @@ def evaluate(claim: Claim, records: list[PlanRecord]) -> Finding:
     mean, lo, hi = t_interval(values)
     cell = Cell(mean, tuple(runs), source, values=tuple(values), lo=lo, hi=hi)
     verdict, reason = verdict_of(claim.test, claim.margin, lo, hi)
+    needed = seeds_to_decide(values, claim.test, claim.margin) if verdict.startswith("inconclusive") else None
     if claim.guard is not None:
         failed = _guard_check(claim.guard, resolved, seeds)
-        if failed:
-            verdict, reason = "inconclusive at this budget", failed
-    return Finding(claim, cell, seeds, verdict, reason, missing)
+        if failed:  # more seeds do not lift a condition the runs fail
+            verdict, reason, needed = "inconclusive at this budget", failed, None
+    return Finding(claim, cell, seeds, verdict, reason, missing, needed)
 
 
 def studies_present(claims: list[Claim], records: list[PlanRecord]) -> list[str]:
@@ -396,6 +433,6 @@ def findings(study: Study, claims: list[Claim]) -> list[Finding]:
     return [evaluate(claim, records) for claim in claims if claim.study in present]
 
 
-__all__ = ["Arm", "Claim", "Finding", "Guard", "INTERVAL", "Measure", "Reading", "chunk_total", "evaluate",
-           "final_accuracy", "final_gap", "findings", "last_eval_metric", "plan_metric", "resolve", "t_interval",
-           "verdict_of"]
+__all__ = ["Arm", "Claim", "Finding", "Guard", "INTERVAL", "MAX_SEEDS", "Measure", "Reading", "chunk_total", "evaluate",
+           "final_accuracy", "final_gap", "findings", "last_eval_metric", "plan_metric", "resolve", "seeds_to_decide",
+           "t_interval", "verdict_of"]

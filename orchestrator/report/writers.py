@@ -22,12 +22,12 @@ import csv
 import json
 from pathlib import Path
 
-from orchestrator.report.findings import INTERVAL
+from orchestrator.report.findings import INTERVAL, MAX_SEEDS
 from orchestrator.report.model import ReportTable, StudyReport, format_number
 
 FORMATS = ("markdown", "csv", "json")
-FINDINGS_COLUMNS = ["claim", "study", "finding", "test; measure", "n", "effect (95% CI)", "verdict", "why", "paper",
-                    "missing runs", "sources"]
+FINDINGS_COLUMNS = ["claim", "study", "finding", "test; measure", "n", "effect (95% CI)", "verdict", "why",
+                    "seeds to decide", "paper", "missing runs", "sources"]
 
 
 def _md_escape(text: str) -> str:
@@ -129,7 +129,7 @@ def write_markdown(report: StudyReport, out: Path) -> list[Path]:
 
 def _finding_cells(finding, exact: bool) -> list[str]:
     """One findings row: the claim, its effect in words, n, the mean effect and its interval, the verdict and why,
-    the paper's figure, what is missing, and the runs read."""
+    the seeds an inconclusive interval would need, the paper's figure, what is missing, and the runs read."""
     c, effect = finding.claim, finding.effect
     if effect.values and effect.n > 1:
         measured = (f"{format_number(effect.value, exact)} (95% CI {format_number(effect.lo, exact)}.."
@@ -140,7 +140,9 @@ def _finding_cells(finding, exact: bool) -> list[str]:
         measured = "n/a" if effect.na else "none"
     what = f"{c.direction}; {c.measure.what}" if c.measure else c.direction
     n = str(len(finding.seeds)) + (f" (seeds {', '.join(finding.seeds)})" if finding.seeds else "")
-    return [c.id, c.study, c.text, what, n, measured, finding.verdict, finding.reason, c.paper,
+    needed = finding.seeds_needed
+    decide = "" if needed is None else (f"> {MAX_SEEDS}" if needed > MAX_SEEDS else str(needed))
+    return [c.id, c.study, c.text, what, n, measured, finding.verdict, finding.reason, decide, c.paper,
             "; ".join(finding.missing), " ".join(finding.runs if exact else (r[:8] for r in finding.runs))]
 
 
@@ -149,7 +151,9 @@ def findings_markdown(findings: list) -> list[str]:
     lines = ["## Findings", "", "Each claim of the studies the runs belong to. The effect is signed so that positive "
              f"is what the paper claims; its interval is a 95% {INTERVAL}. Verdicts: holds, contradicted, or "
              "inconclusive at this budget (the interval spans the claim's threshold, n < 2, or a condition of the "
-             "claim fails).", ""]
+             "claim fails). Seeds to decide: for an interval that spans the threshold, the fewest seeds whose "
+             "interval would clear it were the measured per-seed mean and spread the true ones (about even odds "
+             "at that n; a rough power estimate).", ""]
     return lines + _md_table(FINDINGS_COLUMNS, [_finding_cells(f, False) for f in findings])
 
 

@@ -12,13 +12,22 @@ import pytest
 
 from orchestrator.report import build_report, make_findings
 from orchestrator.report.claims import CLAIMS, NONINFERIOR_MARGIN, ONLINE, STREAMING, VIEWS
-from orchestrator.report.findings import Arm, Claim, evaluate, plan_metric, verdict_of
+from orchestrator.report.findings import MAX_SEEDS, Arm, Claim, evaluate, plan_metric, seeds_to_decide, verdict_of
 from orchestrator.report.writers import write
 from orchestrator.tracking.tracker import Tracker
 from tests.orchestrator.report.findings_store import EXPERIMENT, OFFLINE_STEPS, ONLINE_STEPS
 
 # Student's t 0.975 quantiles (printed tables), for the hand-computed intervals.
-T975 = {1: 12.706204736174707, 2: 4.302652729911275}
+T975 = {1: 12.706204736174707, 2: 4.302652729911275, 3: 3.182446305284263, 4: 2.776445105197793,
+        5: 2.570581835636314, 6: 2.446911848791681, 7: 2.364624251010299, 8: 2.306004135204166}
+
+
+def seeds_by_hand(values: list[float], threshold: float) -> int:
+    """The first n (from the printed table) whose 95% half-width, at the values' sd, is below |mean - threshold|."""
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return next(k for k in range(2, 10) if T975[k - 1] * sd / math.sqrt(k) < abs(mean - threshold))
 
 
 def by_hand(values: list[float]) -> tuple[float, float, float]:
@@ -95,6 +104,40 @@ def test_an_inconclusive_claim_over_the_seeds_both_lines_have(findings_store, wr
     check_interval(rals, as_json, as_csv, [v("online", "rals-True", s, "linear_top1")
                                            - v("online", "rals-False", s, "linear_top1") for s in (0, 1, 2)])
     assert rals.effect.lo < -NONINFERIOR_MARGIN < rals.effect.hi and rals.verdict == "inconclusive at this budget"
+
+
+def test_an_inconclusive_row_says_how_many_seeds_would_decide_it(findings_store, written) -> None:
+    rows, as_json, as_csv, out = written
+    sharp = rows["streaming.sharpness.eps0.1"]
+    needed = seeds_to_decide(list(sharp.effect.values), "greater", 0.0)
+    assert sharp.seeds_needed == needed and needed > 2
+    if needed <= 9:
+        assert needed == seeds_by_hand(list(sharp.effect.values), 0.0)
+    assert as_json["streaming.sharpness.eps0.1"]["seeds_needed"] == needed
+    assert as_csv["streaming.sharpness.eps0.1"]["seeds to decide"] == (str(needed) if needed <= MAX_SEEDS
+                                                                        else f"> {MAX_SEEDS}")
+    assert "| seeds to decide |" in (out / "findings.md").read_text()
+    # Rows with a verdict, with n < 2, or whose condition fails (more seeds would not lift it) give none.
+    for claim in ("streaming.gap.random_class", "streaming.bwt.random_class", "online.simclr.offline"):
+        assert rows[claim].seeds_needed is None and as_csv[claim]["seeds to decide"] == ""
+
+
+@pytest.mark.parametrize("values,test,margin,threshold", [
+    ([0.01, 0.03], "greater", 0.0, 0.0),            # mean 0.02, sd 0.014: 5 seeds
+    ([-0.02, -0.01, -0.04], "greater", 0.0, 0.0),    # below 0: more seeds would contradict it
+    ([-0.03, -0.01, -0.02], "noninferior", 0.01, -0.01),
+    ([0.0, 0.01, 0.02], "equivalent", 0.02, 0.02),   # inside (-m, m): the interval must shrink to fit
+    ([0.05, 0.03, 0.04], "equivalent", 0.02, 0.02)])  # outside: it must clear +m
+def test_seeds_to_decide_against_the_printed_t_table(values, test, margin, threshold) -> None:
+    assert seeds_to_decide(values, test, margin) == seeds_by_hand(values, threshold)
+
+
+def test_seeds_to_decide_edge_cases() -> None:
+    assert seeds_to_decide([0.01, 0.03], "greater", 0.0) == 5
+    assert seeds_to_decide([0.02], "greater", 0.0) is None  # n < 2: no spread measured
+    assert seeds_to_decide([0.02, 0.02], "greater", 0.0) is None  # no spread: no interval to shrink
+    assert seeds_to_decide([-0.01, 0.01], "greater", 0.0) is None  # the mean on the threshold: no n decides
+    assert seeds_to_decide([-0.1, 0.1002], "greater", 0.0) == MAX_SEEDS + 1  # a tiny effect in a wide spread
 
 
 def test_a_failed_condition_makes_a_row_inconclusive_whatever_its_interval(findings_store, written) -> None:
