@@ -32,7 +32,7 @@ from orchestrator.tracking import tags as tr
 from orchestrator.tracking.tracker import Tracker
 
 EVALUATED_KINDS = ("chunk", "segment")
-TRANSFER_KEY = tr.TAG + "transfer_key"  # on an evaluation run: the hash of its params, so a resume skips it
+TRANSFER_KEY = tr.TRANSFER_KEY  # on an evaluation run: the hash of its params, so a resume skips it
 COPIED_TAGS = (tr.LINE, tr.CHUNK, tr.SEGMENT, tr.JOB_KEY, tr.CHECKPOINT)
 
 
@@ -110,8 +110,8 @@ def _log(tracker: Tracker, evaluated: Any, spec: TransferSpec, data_url: str, ma
     run_id = evaluated.info.run_id
     name = spec.data.set_name
     tracker.experiment_id = evaluated.info.experiment_id
-    tags = {tr.RUN_TYPE: "eval", tr.PARENT: run_id, tr.EVALUATES: run_id, tr.TAG + "eval_task": spec.task,
-            tr.TAG + "eval_set": name, tr.TAG + "eval_init": spec.init, tr.TAG + "device": result["device"],
+    tags = {tr.RUN_TYPE: "eval", tr.PARENT: run_id, tr.EVALUATES: run_id, tr.EVAL_TASK: spec.task,
+            tr.EVAL_SET: name, tr.EVAL_INIT: spec.init, tr.TAG + "device": result["device"],
             TRANSFER_KEY: transfer_key(spec),
             **{k: evaluated.data.tags[k] for k in COPIED_TAGS if k in evaluated.data.tags}}
     suffix = "" if spec.init == "checkpoint" else f".{spec.init}"

@@ -38,6 +38,7 @@ SEGMENT = TAG + "segment"
 # its task and downstream set, and the hash of its options (a resume skips an evaluation logged with the same).
 EVAL_TASK = TAG + "eval_task"
 EVAL_SET = TAG + "eval_set"
+EVAL_INIT = TAG + "eval_init"  # checkpoint, or random: the architecture freshly initialised (the from-scratch baseline)
 TRANSFER_KEY = TAG + "transfer_key"
 ONLINE_RUN = TAG + "online_run"
 FINAL_SEGMENT = TAG + "final_segment"
