@@ -59,6 +59,16 @@ def migrated_mlflow_store(tmp_path_factory) -> Path:
     return path
 
 
+def _migrated_copy(template: Path, folder: Path) -> Path:
+    """`folder/mlflow.db`, a copy of the session's migrated empty store: a study store built there skips the
+    migrations."""
+    import shutil
+
+    path = folder / "mlflow.db"
+    shutil.copyfile(template, path)
+    return path
+
+
 @pytest.fixture
 def fresh_mlflow_store(migrated_mlflow_store):
     """`fresh_mlflow_store(path)` puts a copy of the migrated empty store at `path` (a run's `<workdir>/mlflow.db`,
@@ -89,41 +99,41 @@ def real_data() -> Path:
 
 
 @pytest.fixture(scope="session")
-def study_store(tmp_path_factory):
+def study_store(migrated_mlflow_store, tmp_path_factory):
     """A finished study record in MLflow/SQLite (tests/orchestrator/study_store.py): 2 stream kinds x 5 lines x 3
     chunks, shared by the report's orchestrator and CLI tests (building it takes tens of seconds)."""
     from tests.orchestrator.study_store import build_study
 
-    return build_study(tmp_path_factory.mktemp("study") / "mlflow.db")
+    return build_study(_migrated_copy(migrated_mlflow_store, tmp_path_factory.mktemp("study")))
 
 
 @pytest.fixture(scope="session")
-def partial_study_store(tmp_path_factory):
+def partial_study_store(migrated_mlflow_store, tmp_path_factory):
     """The same study with one chunk run FAILED (random_class simclr-sequential-replay chunk 2, so its line and plan
     lack their metrics) and one metric never logged (distant_class supervised-joint chunk 1 wall_seconds)."""
     from tests.orchestrator.study_store import build_study
 
-    return build_study(tmp_path_factory.mktemp("partial-study") / "mlflow.db",
+    return build_study(_migrated_copy(migrated_mlflow_store, tmp_path_factory.mktemp("partial-study")),
                        unfinished=("random_class", "simclr-sequential-replay", 2),
                        absent=("distant_class", "supervised-joint", 1, "wall_seconds"))
 
 
 @pytest.fixture(scope="session")
-def findings_store(tmp_path_factory):
+def findings_store(migrated_mlflow_store, tmp_path_factory):
     """A record with known effects over seeds 0-2 for the findings table (tests/orchestrator/report/findings_store.py),
     shared by the findings' orchestrator and CLI tests."""
     from tests.orchestrator.report.findings_store import build_findings_store
 
-    return build_findings_store(tmp_path_factory.mktemp("findings") / "mlflow.db")
+    return build_findings_store(_migrated_copy(migrated_mlflow_store, tmp_path_factory.mktemp("findings")))
 
 
 @pytest.fixture(scope="session")
-def seeded_study_store(tmp_path_factory):
+def seeded_study_store(migrated_mlflow_store, tmp_path_factory):
     """A small study over seeds 0 and 1 (plus a superseded re-run of seed 1) with eval.sharpness.epsilons [0.05], and
     a stream of plan runs without the study tag (tests/orchestrator/study_store.py: build_seeded_study)."""
     from tests.orchestrator.study_store import build_seeded_study
 
-    return build_seeded_study(tmp_path_factory.mktemp("seeded-study") / "mlflow.db")
+    return build_seeded_study(_migrated_copy(migrated_mlflow_store, tmp_path_factory.mktemp("seeded-study")))
 
 
 @pytest.fixture

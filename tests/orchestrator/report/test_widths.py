@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,11 @@ WIDTHS = {"1.0": 0.62, "0.5": 0.55, "0.25": 0.41}
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(migrated_mlflow_store, tmp_path_factory):
     """simclr ST and JT over 2 chunks; the ST line's eval runs also log per-width metrics (a slimmable line)."""
-    store = build_study(tmp_path_factory.mktemp("widths") / "mlflow.db", recipes=[Recipe(STREAM, "ssl")], chunks=2,
+    db = tmp_path_factory.mktemp("widths") / "mlflow.db"
+    shutil.copyfile(migrated_mlflow_store, db)  # the session's migrated empty store: no migrations here
+    store = build_study(db, recipes=[Recipe(STREAM, "ssl")], chunks=2,
                         downstream=(), plans={"ssl": ("simclr", ["sequential", "joint"])})
     client = MlflowClient(store.uri)
     last, first = store.eval_runs[(STREAM, SLIM, 1)], store.eval_runs[(STREAM, SLIM, 0)]
