@@ -125,7 +125,15 @@ def _detector(backbone, train: DetectionShards, test: DetectionShards, spec: Tra
     scored by COCO AP on the eval split; scores `<task>_ap`, `_ap50`, `_ap75` (+ `<task>_mask_ap`... for masks)."""
     options = spec.task_options()
     model = build_detector(backbone, len(train.classes), options.detector(DETECTION_TASKS[spec.task]), seed=spec.seed)
-    trained = train_detector(model, train, steps=options.steps, seed=spec.seed, device=device, **options.training())
+    started = time.perf_counter()
+
+    def report(step: int, total: int, losses) -> None:  # minutes on a CPU: Ray forwards this to the driver's console
+        if step == 1 or step == total or step % max(1, total // 10) == 0:
+            print(f"{spec.task}: step {step}/{total}, loss {losses['loss']:.3f}, "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)
+
+    trained = train_detector(model, train, steps=options.steps, seed=spec.seed, device=device, progress=report,
+                             **options.training())
     scores = evaluate_detector(model, test, batch_size=options.eval_batch_size, device=device)
     budget = trained.to_dict()
     return TransferOutcome(

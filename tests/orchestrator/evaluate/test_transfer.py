@@ -176,7 +176,7 @@ def test_detection_options_route_to_the_task_and_init_random_is_a_param() -> Non
 
 
 @pytest.mark.parametrize("task,tree", [("detection", "voc"), ("segmentation", "coco")])
-def test_detection_tasks_train_a_detector_and_score_ap_on_the_eval_split(shapes, task, tree) -> None:
+def test_detection_tasks_train_a_detector_and_score_ap_on_the_eval_split(shapes, task, tree, capsys) -> None:
     spec = transfer_spec(task, shapes[tree], _detector_sets(task))
     masks = task == "segmentation"
     train = DetectionShards(shapes[tree], "train", masks=masks)
@@ -193,6 +193,8 @@ def test_detection_tasks_train_a_detector_and_score_ap_on_the_eval_split(shapes,
     assert "final_loss_mask" in metrics if masks else "final_loss_mask" not in metrics
     record = outcome.records[f"{task}_training.json"]
     assert len(record["loss_curve"]) == 2 and record["steps"] == 2
+    printed = capsys.readouterr().out  # the progress a user sees (Ray forwards the task's prints)
+    assert f"{task}: step 1/2, loss {record['loss_curve'][0]:.3f}" in printed and f"{task}: step 2/2" in printed
 
 
 def test_run_transfer_reads_a_checkpoint_or_its_random_init_and_the_set_its_task_needs(shapes, tmp_path) -> None:
