@@ -3,7 +3,7 @@
 Adding a claim is one `Claim(...)` here (its arms, measure, effect and test) and its test. The effect is signed so
 that positive is what the paper claims; the measures and arms use the report's metric keys and line ids:
 `{line}.{name}.st_jt_gap` and `{line}.{name}.bwt` on plan runs, `sharpness_eps{e}` and `{name}_top1` on the last
-chunk's eval run, `train_seconds` / `stored_bytes` / `steps` on chunk runs, `{line}.{name}_top1` on an online plan
+chunk's eval run, a transfer score of the last chunk's checkpoint (`eval.transfer`), `train_seconds` / `stored_bytes` / `steps` on chunk runs, `{line}.{name}_top1` on an online plan
 run. Variants of one line (RALS on or off, a view recipe, a backbone) are told apart by the spec params their plan
 runs log (`online.rals`, `views.global.scale`, `backbone.name`).
 
@@ -21,6 +21,7 @@ from orchestrator.report.findings import (
     chunk_total,
     final_accuracy,
     final_gap,
+    last_chunk_transfer,
     last_eval_metric,
     plan_metric,
 )
@@ -101,10 +102,18 @@ def _byol_claim() -> Claim:
                  paper="BYOL's streaming results follow MoCo-v2's (Hu et al.)")
 
 
-def _transfer_claim() -> Claim:
-    return Claim("streaming.transfer", STREAMING, "SSL's ST models transfer to downstream tasks about as well as "
-                 "JT's.", None, (), "ST - JT transfer accuracy", needs="needs transfer",
-                 paper="ST and JT SSL models transfer alike to downstream tasks (Hu et al.)")
+def _transfer_claims() -> list[Claim]:
+    out = []
+    for stream in STREAMS:
+        st, jt = Arm("SSL ST", stream, SSL), Arm("SSL JT", stream, SSL, "joint")
+        out.append(Claim(f"streaming.transfer.{stream}", STREAMING,
+                         f"On the {stream} stream SSL's ST model transfers to a downstream set about as well as JT's "
+                         "(many-shot linear probe, within a margin).",
+                         last_chunk_transfer("linear_top1", "downstream linear top-1 (last chunk, eval.transfer)"),
+                         ((1.0, st), (-1.0, jt)), "ST - JT downstream top-1", test="equivalent",
+                         margin=EQUIVALENCE_MARGIN,
+                         paper="ST and JT SSL models transfer alike to downstream classification (Hu et al.)"))
+    return out
 
 
 def _online_claims() -> list[Claim]:
@@ -159,7 +168,7 @@ def _views_claims() -> list[Claim]:
     return out
 
 
-CLAIMS: list[Claim] = [*_gap_claims(), *_sharpness_claims(), *_resource_claims(), _byol_claim(), _transfer_claim(),
+CLAIMS: list[Claim] = [*_gap_claims(), *_sharpness_claims(), *_resource_claims(), _byol_claim(), *_transfer_claims(),
                        *_online_claims(), *_views_claims()]
 
 _ids = [c.id for c in CLAIMS]

@@ -101,6 +101,7 @@ class PlanRecord:
     baseline: bool
     slots: dict[tuple[str, int], Slot]
     segments: dict[str, list] = field(default_factory=dict)  # online plans: line -> its segment runs, in order
+    transfers: list = field(default_factory=list)  # the TransferEvals of this plan's chunk and segment runs
     _history: dict[str, dict[int, float]] = field(default_factory=dict)
     _artifacts: dict[str, Any] = field(default_factory=dict)
 
@@ -452,6 +453,9 @@ def collect(tracker: Tracker, experiment: str) -> Study:
                                                           e.line.order()))
     transfers = _transfers(transfer_runs, {r.info.run_id: r for r in chunk_runs + segment_runs},
                            {r.run_id: r.seed for r in records.values()})
+    for transfer in transfers:
+        if transfer.plan_run in records:
+            records[transfer.plan_run].transfers.append(transfer)
     stray = [t.run_id for t in transfers if t.plan_run not in records]
     if stray:
         notes.append(f"transfer evaluation run(s) {', '.join(stray)} evaluate a run that is not a chunk or segment "

@@ -193,6 +193,28 @@ def chunk_total(key: str, what: str, last_only: bool = False) -> Measure:
 STEPS = chunk_total("steps", "optimizer steps")
 
 
+def last_chunk_transfer(score: str, what: str) -> Measure:
+    """`score` (e.g. `linear_top1`) of a transfer evaluation of the line's last chunk checkpoint (`eval.transfer`,
+    `streamssl eval`): the FINISHED one on the downstream set first by name, of the trained weights (not an
+    `init=random` baseline)."""
+
+    def read(plan: PlanRecord, line: LineInfo) -> Reading:
+        last = plan.num_chunks - 1
+        run = plan.slot(line.id, last).chunk_run
+        if not _finished(run):
+            state = "no chunk run" if run is None else f"chunk run {run.info.status}"
+            return Reading(None, (plan.run_id,), f"{line.id} chunk {last} of plan run {plan.run_id}: {state}")
+        done = sorted((t for t in plan.transfers if t.evaluates == run.info.run_id and t.status == "FINISHED"
+                       and t.params.get("init", "checkpoint") == "checkpoint" and score in t.scores),
+                      key=lambda t: t.data_set)
+        if not done:
+            return Reading(None, (run.info.run_id,), f"no transfer evaluation with {score} of {line.id} chunk {last} "
+                                                     f"(chunk run {run.info.run_id}): add an eval.transfer entry")
+        return Reading(float(done[0].scores[score]), (done[0].run_id,))
+
+    return Measure(what, read)
+
+
 @dataclass(frozen=True)
 class Guard:
     """A condition the claim is made under: `measure` of `arms[0]` minus that of `arms[1]` (relative to the second
@@ -434,5 +456,5 @@ def findings(study: Study, claims: list[Claim]) -> list[Finding]:
 
 
 __all__ = ["Arm", "Claim", "Finding", "Guard", "INTERVAL", "MAX_SEEDS", "Measure", "Reading", "chunk_total", "evaluate",
-           "final_accuracy", "final_gap", "findings", "last_eval_metric", "plan_metric", "resolve", "seeds_to_decide",
+           "final_accuracy", "final_gap", "findings", "last_chunk_transfer", "last_eval_metric", "plan_metric", "resolve", "seeds_to_decide",
            "t_interval", "verdict_of"]

@@ -78,6 +78,17 @@ def test_a_claim_that_holds_with_its_interval(findings_store, written) -> None:
     assert replay.verdict == "holds"
 
 
+def test_st_and_jt_transfer_alike_read_from_the_last_chunks_transfer_evaluation(findings_store, written) -> None:
+    rows, as_json, as_csv, _ = written
+    v = findings_store.value
+    transfer = rows["streaming.transfer.random_class"]
+    check_interval(transfer, as_json, as_csv, [v("random_class", "moco_v2-sequential", s, "transfer")
+                                               - v("random_class", "moco_v2-joint", s, "transfer") for s in (0, 1, 2)])
+    assert transfer.verdict == "holds" and transfer.claim.test == "equivalent"
+    assert transfer.reason == "the interval lies inside (-0.02, 0.02)"
+    assert len(transfer.runs) == 6  # the six held-out linear evaluations (2 lines x 3 seeds), nothing else
+
+
 def test_a_contradicted_claim(findings_store, written) -> None:
     rows, as_json, as_csv, _ = written
     v = findings_store.value
@@ -163,7 +174,10 @@ def test_rows_name_their_missing_runs(written) -> None:
     slclrs = rows["online.simclr.slclrs"]
     assert slclrs.missing == ["stream online, line simclr-sequential, online.rals=False, online.schedule=constant, "
                               "online.steps_per_batch=10: no plan run"]
-    assert rows["streaming.transfer"].verdict == "needs transfer"
+    transfer = rows["streaming.transfer.distant_class"]
+    assert transfer.verdict == "inconclusive at this budget" and transfer.reason.startswith("n < 2")
+    assert any("no transfer evaluation with linear_top1 of moco_v2-sequential chunk 1" in m
+               and m.endswith("add an eval.transfer entry") for m in transfer.missing)
     # Only the studies the runs belong to: no views rows; every streaming and online claim is a row.
     assert {f.claim.study for f in rows.values()} == {STREAMING, ONLINE}
     assert list(rows) == [c.id for c in CLAIMS if c.study in (STREAMING, ONLINE)]
