@@ -52,7 +52,9 @@ def _compare(name: str, a: dict[str, float], b: dict[str, float]) -> dict[str, A
     diffs = [a[s] - b[s] for s in seeds]
     row: dict[str, Any] = {"comparison": name, "n": len(seeds), "seeds": seeds, "a": [a[s] for s in seeds],
                            "b": [b[s] for s in seeds], "diffs": diffs}
-    if len(diffs) >= 2:
+    if diffs and all(d == 0 for d in diffs):  # e.g. top-5 of a set with at most 5 classes: 1.0 on both sides
+        row.update(mean=0.0, lo=0.0, hi=0.0, says="equal at every seed")
+    elif len(diffs) >= 2:
         mean, lo, hi = t_interval(diffs)
         says = "above 0" if lo > 0 else "below 0" if hi < 0 else "spans 0: inconclusive at this budget"
         row.update(mean=mean, lo=lo, hi=hi, says=says)

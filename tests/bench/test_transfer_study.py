@@ -81,3 +81,4 @@ def test_an_interval_that_spans_zero_is_inconclusive() -> None:
     assert (row["mean"], row["lo"], row["hi"]) == pytest.approx((mean, lo, hi)) and lo < 0 < hi
     assert row["says"] == "spans 0: inconclusive at this budget"
     assert transfer_study._compare("a - b", {"0": 0.5}, {"0": 0.4})["says"] == "n < 2: no interval"
+    assert transfer_study._compare("a - b", {"0": 1.0, "1": 1.0}, {"0": 1.0, "1": 1.0})["says"] == "equal at every seed"
