@@ -21,6 +21,7 @@ and options (the newest FINISHED of repeated evaluations); they are never a chun
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -216,7 +217,7 @@ class TransferEval:
     segment: int | None  # segment index of an online segment run
     task: str  # finetune, linear, fewshot, reconstruction, ...
     data_set: str
-    options: str  # what makes two evaluations of one checkpoint the same: the `transfer_key` tag (its params' hash)
+    options: str  # what makes two evaluations alike: the hash of their params but `seed` (`transfer_options`)
     params: dict[str, str]  # transfer_params: task, data.name, seed (the evaluation's own), the task's options
     scores: dict[str, float]
 
@@ -345,14 +346,26 @@ def _index_tag(run: Any, key: str) -> int | None:
         return None
 
 
+# Params that say where or with which draw an evaluation ran, not what it measured: `seed` follows the plan's seed
+# in a study (`--set seed=k` on run and eval), and the tables pool seeds as every other table does.
+NOT_OPTIONS = ("seed",)
+
+
+def transfer_options(params: dict[str, str]) -> str:
+    """What makes two transfer evaluations the same measurement: a hash of their params without `NOT_OPTIONS`."""
+    kept = {k: v for k, v in params.items() if k not in NOT_OPTIONS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _transfers(transfer_runs: list, evaluated: dict[str, Any], seeds: dict[str, str]) -> list[TransferEval]:
-    """One TransferEval per evaluated run, task, set and options: the FINISHED evaluation, the newest of several
+    """One TransferEval per evaluated run, task, set and options (`transfer_options`: evaluations of one checkpoint
+    that differ only in their own seed are one, the newest): the FINISHED evaluation, the newest of several
     (else the newest, so its cells say it did not finish). `evaluated`: chunk and segment runs by id; `seeds`: plan
     run -> its seed."""
     groups: dict[tuple[str, str, str, str], list] = {}
     for run in transfer_runs:
         tags = run.data.tags
-        options = tags.get(tr.TRANSFER_KEY) or json.dumps(run.data.params, sort_keys=True)
+        options = transfer_options(run.data.params)
         key = (tags.get(tr.EVALUATES, ""), tags[tr.EVAL_TASK], tags.get(tr.EVAL_SET, "?"), options)
         groups.setdefault(key, []).append(run)
     out = []

@@ -175,8 +175,9 @@ def build_transfer_store(template: Path, db: Path) -> TransferStore:
             store.seeded_chunk_runs[(seed, chunk)] = run
         seeded.end_run(plan, "FINISHED")
         chunk_run = store.seeded_chunk_runs[(seed, 1)]
+        # Each evaluation's own seed is its plan's (`--set seed=k` on run and eval): still one measurement, pooled.
         store.seeded_transfers[(seed, "20")] = _transfer(seeded, clock, chunk_run, ST, 1, "linear", {
-            "linear_top1": SEEDED_LINEAR[seed]}, None, options={"linear.epochs": "20"})
+            "linear_top1": SEEDED_LINEAR[seed]}, None, options={"linear.epochs": "20", "seed": str(seed)})
         if seed == 0:
             store.seeded_transfers[(seed, "100")] = _transfer(seeded, clock, chunk_run, ST, 1, "linear", {
                 "linear_top1": OTHER_OPTIONS}, None, options={"linear.epochs": "100"})
