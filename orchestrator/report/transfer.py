@@ -50,6 +50,7 @@ class Score:
     task: str
     options: str  # the evaluations' transfer key
     variant: str = ""  # the params telling these options apart from the set's others with this score ("" if alone)
+    init: str = "checkpoint"  # or random: the from-scratch baseline (`init=random`), which no upstream number belongs to
 
     @property
     def key(self) -> str:
@@ -95,7 +96,7 @@ def scores_of(study: Study) -> list[Score]:
             differ = sorted(k for k in set(params) | {k for p in others for k in p}
                             if k not in _NOT_OPTIONS and any(p.get(k) != params.get(k) for p in others))
             variant = ", ".join(f"{k}={params.get(k, '-')}" for k in differ) or f"options {options[:8]}"
-        out.append(Score(data_set, name, task, options, variant))
+        out.append(Score(data_set, name, task, options, variant, params.get("init", "checkpoint")))
     return sorted(out, key=lambda s: (s.data_set, s.task, s.score, s.variant))
 
 
@@ -220,13 +221,13 @@ def correlation_table(study: Study, name: str, scores: list[Score]) -> ReportTab
     table = ReportTable(f"transfer_correlation.{name}", f"Upstream vs downstream: {name} top-1 on the pre-training "
                         f"data's eval split (each chunk's eval run, {name}_top1) against each transfer score of the "
                         "same chunk run, over the (line, chunk, seed) points; Pearson r with its 95% interval "
-                        "(Fisher z), Spearman rho", ["stream", "set", "score", *(["options"] if variants else [])],
+                        "(Fisher z), Spearman rho (random-init baselines left out)", ["stream", "set", "score", *(["options"] if variants else [])],
                         list(CORRELATION_COLUMNS))
     for kind in dict.fromkeys(e.stream_kind for e in _chunked(study)):
         entries = [e for e in _chunked(study) if e.stream_kind == kind and name in e.plan.protocols]
         for score in scores:
-            if not any(_has(e, score, found) for e in entries):
-                continue
+            if score.init != "checkpoint" or not any(_has(e, score, found) for e in entries):
+                continue  # a random-init baseline's score is not the chunk's weights': nothing to correlate
             points = _points(entries, score, name, found)
             xs, ys = [p[0] for p in points], [p[1] for p in points]
             runs = tuple(r for p in points for r in p[2])
@@ -234,7 +235,7 @@ def correlation_table(study: Study, name: str, scores: list[Score]) -> ReportTab
             cells = {"n": Cell(float(n), runs, source)}
             r = pearson(xs, ys) if n >= 3 else None
             rho = spearman(xs, ys) if n >= 3 else None
-            why = "n < 3" if n < 3 else "a constant variable"
+            why = "n < 3" if n < 3 else "constant scores: undefined"
             cells["pearson_r"] = Cell(r, runs, source) if r is not None else Cell(runs=runs, source=source, na=why,
                                                                                   shown=why)
             if r is not None and n >= 4:

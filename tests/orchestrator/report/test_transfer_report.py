@@ -219,3 +219,29 @@ def test_the_cli_prints_the_correlation_table(store, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "Upstream vs downstream" in result.output and "reconstruction_mse" in result.output
     assert "0.52 ± 0.011" in result.output
+
+
+def test_a_random_init_baseline_has_its_own_table_and_no_correlation(store, tmp_path: Path) -> None:
+    """`init=random` scores are a table of their own (the baseline beside the trained weights' table) and never a
+    correlation row: the chunk's upstream accuracy is not that of the weights they were measured on."""
+    from tests.orchestrator.report.transfer_store import _Clock, _transfer
+
+    db = tmp_path / "mlflow.db"
+    shutil.copyfile(store.uri.removeprefix("sqlite:///"), db)
+    tracker = Tracker(f"sqlite:///{db}", EXPERIMENT)
+    clock = _Clock()
+    clock.ms = 1_800_000_000_000  # after every run of the store
+    baseline = [_transfer(tracker, clock, store.chunk_runs[(line, T - 1)], line, T - 1, "fewshot",
+                          {"fewshot_5way5shot_mean": 0.9 - i / 10}, None, options={"init": "random"})
+                for i, line in enumerate((ST, JT))]
+    study = collect(tracker, EXPERIMENT)
+    variants = {s.variant: s for s in scores_of(study) if s.score == "fewshot_5way5shot_mean"}
+    assert sorted(variants) == ["init=-", "init=random"] and variants["init=random"].init == "random"
+    tables = {t.name: t for t in transfer_tables(study)}
+    random_rows = tables[variants["init=random"].name].rows
+    assert [r.cells[f"chunk {T - 1}"].value for r in random_rows] == pytest.approx([0.9, 0.8])
+    assert {run for r in random_rows for run in r.runs} == set(baseline)
+    (correlation,) = [t for t in tables.values() if t.name.startswith("transfer_correlation")]
+    fewshot = [r for r in correlation.rows if r.index["score"] == "fewshot_5way5shot_mean"]
+    assert [r.index["options"] for r in fewshot] == ["init=-"]  # the trained weights' row only
+    assert not set(baseline) & {run for r in correlation.rows for run in r.cells["n"].runs}
