@@ -176,11 +176,6 @@ class AnnotationFormat(str, Enum):
     coco = "coco"
 
 
-class OnBadRecord(str, Enum):
-    fail = "fail"
-    skip = "skip"
-
-
 @app.command("synth-detection")
 @exits_cleanly
 def synth_detection_command(
@@ -213,7 +208,7 @@ def prepare_detection_command(
     splits: str = typer.Option("train,val", "--splits", help="Comma-separated splits to prepare."),
     classes: Optional[str] = typer.Option(None, "--classes", help="VOC only: comma-separated class names, labels 1..K in this order. Default: VOC's 20 classes."),
     images: str = typer.Option("images", "--images", help="COCO only: the image folder under SRC; may hold {split} (COCO 2017: '{split}2017')."),
-    on_error: OnBadRecord = typer.Option(OnBadRecord.fail, "--on-error", help="fail: stop at the first bad record, naming its file; skip: leave it out and list it in the manifest."),
+    on_error: OnCorrupt = typer.Option(OnCorrupt.fail, "--on-error", help="fail: stop at the first bad record, naming its file; skip: leave it out and list it in the manifest."),
     shard_rows: int = typer.Option(500, min=1, help="Images per shard."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a detection set already at DST."),
     storage_option: Optional[List[str]] = typer.Option(None, "--storage-option", "-o", help=STORAGE_OPTION_HELP),
@@ -227,7 +222,7 @@ def prepare_detection_command(
         raise typer.BadParameter("a COCO file names its own categories; --classes is for VOC", param_hint="--classes")
     manifest = prepare_detection_set(
         str(src), dst, format=annotation_format.value, splits=[p.strip() for p in splits.split(",") if p.strip()],
-        classes=names, images=images, on_error="raise" if on_error is OnBadRecord.fail else "skip",
+        classes=names, images=images, on_error="raise" if on_error is OnCorrupt.fail else "skip",
         shard_rows=shard_rows, overwrite=overwrite, storage_options=parse_storage_options(storage_option))
     table = Table(title=f"{manifest.name} ({annotation_format.value}) at {storage.redact(dst)}")
     for column in ("split", "images", "objects", "shards"):

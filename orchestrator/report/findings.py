@@ -85,6 +85,17 @@ def _finished(run: Any) -> bool:
     return run is not None and run.info.status == "FINISHED"
 
 
+def _last_chunk_run(plan: PlanRecord, line: LineInfo, kind: str) -> tuple[Any, Reading | None]:
+    """(the line's last chunk `kind` run, "chunk" or "eval", when FINISHED; else None and the Reading saying why)."""
+    last = plan.num_chunks - 1
+    slot = plan.slot(line.id, last)
+    run = slot.chunk_run if kind == "chunk" else slot.eval_run
+    if _finished(run):
+        return run, None
+    state = f"no {kind} run" if run is None else f"{kind} run {run.info.status}"
+    return None, Reading(None, (plan.run_id,), f"{line.id} chunk {last} of plan run {plan.run_id}: {state}")
+
+
 def plan_metric(template: str, what: str) -> Measure:
     """A plan-run metric, `template` formatted with the line id (`{line}.linear.bwt`)."""
 
@@ -137,11 +148,9 @@ def final_accuracy(name: str) -> Measure:
                 return Reading(float(final[-1].data.metrics[f"{name}_top1"]), (final[-1].info.run_id,))
             return Reading(None, (plan.run_id,), f"{line.id}.{name}_top1 not logged on online plan run "
                                                  f"{plan.run_id} ({plan.status}) and no finished final segment run")
-        last = plan.num_chunks - 1
-        run = plan.slot(line.id, last).eval_run
-        if not _finished(run):
-            state = "no eval run" if run is None else f"eval run {run.info.status}"
-            return Reading(None, (plan.run_id,), f"{line.id} chunk {last} of plan run {plan.run_id}: {state}")
+        run, missing = _last_chunk_run(plan, line, "eval")
+        if missing is not None:
+            return missing
         value = run.data.metrics.get(f"{name}_top1")
         if value is None:
             return Reading(None, (run.info.run_id,), f"{name}_top1 not logged on eval run {run.info.run_id}")
@@ -154,11 +163,9 @@ def last_eval_metric(key: str, what: str) -> Measure:
     """`key` of the line's last chunk evaluation run (sharpness_eps0.1, ...)."""
 
     def read(plan: PlanRecord, line: LineInfo) -> Reading:
-        last = plan.num_chunks - 1
-        run = plan.slot(line.id, last).eval_run
-        if not _finished(run):
-            state = "no eval run" if run is None else f"eval run {run.info.status}"
-            return Reading(None, (plan.run_id,), f"{line.id} chunk {last} of plan run {plan.run_id}: {state}")
+        run, missing = _last_chunk_run(plan, line, "eval")
+        if missing is not None:
+            return missing
         if key not in run.data.metrics:
             return Reading(None, (run.info.run_id,), f"{key} not logged on eval run {run.info.run_id}")
         return Reading(float(run.data.metrics[key]), (run.info.run_id,))
@@ -199,11 +206,10 @@ def last_chunk_transfer(score: str, what: str) -> Measure:
     `init=random` baseline)."""
 
     def read(plan: PlanRecord, line: LineInfo) -> Reading:
+        run, missing = _last_chunk_run(plan, line, "chunk")
+        if missing is not None:
+            return missing
         last = plan.num_chunks - 1
-        run = plan.slot(line.id, last).chunk_run
-        if not _finished(run):
-            state = "no chunk run" if run is None else f"chunk run {run.info.status}"
-            return Reading(None, (plan.run_id,), f"{line.id} chunk {last} of plan run {plan.run_id}: {state}")
         done = sorted((t for t in plan.transfers if t.evaluates == run.info.run_id and t.status == "FINISHED"
                        and t.params.get("init", "checkpoint") == "checkpoint" and score in t.scores),
                       key=lambda t: t.data_set)
