@@ -187,8 +187,9 @@ def chunk_total(key: str, what: str, last_only: bool = False) -> Measure:
                 return Reading(None, (plan.run_id, *runs), f"{line.id} chunk {chunk} of plan run {plan.run_id}: {state}")
             runs.append(run.info.run_id)
             value = run.data.metrics.get(key)
-            if value is None and key == "steps":  # an online run counts its steps as online_steps
-                value = run.data.metrics.get("online_steps")
+            if key == "steps" and "online_steps" in run.data.metrics:
+                # An online run's total is online_steps; its `steps` is a per-batch metric (the last batch's count).
+                value = run.data.metrics["online_steps"]
             if value is None:
                 return Reading(None, tuple(runs), f"{key} not logged on chunk run {run.info.run_id}")
             total += float(value)

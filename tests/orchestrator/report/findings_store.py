@@ -140,7 +140,9 @@ def build_findings_store(db: Path) -> FindingsStore:
             plan = _plan(tracker, store, "online", f"rals-{rals}", seed, "simclr", ["sequential"], 5, params,
                          {"simclr-sequential.linear_top1": top1})
             store.values[("online", f"rals-{rals}", seed, "linear_top1")] = top1
-            _chunk(tracker, plan, "simclr-sequential", 0, {"online_steps": ONLINE_STEPS}, None)
+            # As the online driver logs them: `steps` per stream batch (its last value: one batch's 10), the total
+            # as online_steps.
+            _chunk(tracker, plan, "simclr-sequential", 0, {"online_steps": ONLINE_STEPS, "steps": 10.0}, None)
         # Offline SimCLR: one chunk of the instance stream, half the online steps.
         offline = 0.300 + o
         plan = _plan(tracker, store, "instance", "offline", seed, "simclr", ["sequential"], 1, chunked, {})
