@@ -5,7 +5,8 @@ absent).
     report, paths = make_report(Tracker(uri), "quickstart", Path("report"), "markdown")
     report.complete          # False when a run is missing or unfinished or a cell lacks its number
 
-- :mod:`~orchestrator.report.collect`: the experiment's plan runs (one per stream kind), chunk and eval runs;
+- :mod:`~orchestrator.report.collect`: the experiment's plan runs (one per stream kind), chunk and eval runs, and
+  (:mod:`~orchestrator.report.transfer_runs`) the transfer evaluation runs;
 - :mod:`~orchestrator.report.tables`: time/storage per chunk, ST-JT gap, BWT/FWT, sharpness; what is missing;
 - :mod:`~orchestrator.report.seeds`: a study run over several seeds: each cell's mean, n and 95% t-interval;
 - :mod:`~orchestrator.report.widths`: accuracy and cost against width for slimmable lines (US3L), table and PNG;
@@ -14,7 +15,8 @@ absent).
   Spearman rho), and a PNG per set and score;
 - :mod:`~orchestrator.report.figures`: accuracy-matrix heatmaps and accuracy-vs-chunk curves (logged to the plan runs);
 - :mod:`~orchestrator.report.findings` / :mod:`~orchestrator.report.claims`: the studies' claims, each checked
-  against the runs (effect, 95% interval over seeds, verdict): the findings table;
+  against the runs (effect, 95% interval over seeds, verdict): the findings table; what a claim compares is a
+  :mod:`~orchestrator.report.measures` measure;
 - :mod:`~orchestrator.report.writers`: markdown, CSV and JSON.
 """
 

@@ -13,11 +13,9 @@ only where they were at hand (the paper's tables are the reference).
 
 from __future__ import annotations
 
-from orchestrator.report.findings import (
+from orchestrator.report.findings import Arm, Claim, Guard
+from orchestrator.report.measures import (
     STEPS,
-    Arm,
-    Claim,
-    Guard,
     chunk_total,
     final_accuracy,
     final_gap,

@@ -21,7 +21,6 @@ and options (the newest FINISHED of repeated evaluations); they are never a chun
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from typing import Any
 
 from evaluators.continual import AccuracyMatrix
 from orchestrator.errors import ReportError
+from orchestrator.report.transfer_runs import TransferEval, collect_transfers, is_transfer, newest_finished_first
 from orchestrator.tracking import tags as tr
 from orchestrator.tracking.tracker import Tracker
 
@@ -86,10 +86,6 @@ class Slot:
 
     chunk_run: Any | None = None
     eval_run: Any | None = None
-
-
-def _newest_finished_first(runs: list) -> list:
-    return sorted(runs, key=lambda r: (r.info.status == "FINISHED", r.info.start_time or 0), reverse=True)
 
 
 @dataclass
@@ -202,39 +198,6 @@ class Entry:
         return [Entry(self.stream_kind, self.line, plan) for plan in self.seeds]
 
 
-@dataclass(frozen=True)
-class TransferEval:
-    """One transfer evaluation of a chunk (or online segment) run's checkpoint, as orchestrator.run.transfer logs it:
-    the task on a downstream set with some options, its scores without the `<set>.` prefix (`linear_top1`,
-    `fewshot_5way5shot_mean`, `fewshot_5way5shot_ci95`), and where the evaluated run sits in the study."""
-
-    run: Any  # the transfer evaluation run
-    evaluates: str  # the chunk or segment run whose checkpoint was evaluated
-    plan_run: str | None  # that run's plan run (None: the evaluated run is not a chunk or segment run here)
-    plan_seed: str  # the plan run's spec seed (the study's seed), "?" when unknown
-    line: str
-    chunk: int | None  # chunk index of a chunk run, None for a segment run
-    segment: int | None  # segment index of an online segment run
-    task: str  # finetune, linear, fewshot, reconstruction, ...
-    data_set: str
-    options: str  # what makes two evaluations alike: the hash of their params but `seed` (`transfer_options`)
-    params: dict[str, str]  # transfer_params: task, data.name, seed (the evaluation's own), the task's options
-    scores: dict[str, float]
-
-    @property
-    def run_id(self) -> str:
-        return self.run.info.run_id
-
-    @property
-    def status(self) -> str:
-        return self.run.info.status
-
-    @property
-    def transfer_seed(self) -> str:
-        """The evaluation's own seed (label subset, episodes, heads), not the study's."""
-        return self.params.get("seed", "?")
-
-
 @dataclass
 class Study:
     experiment: str
@@ -330,57 +293,8 @@ def _segments(segment_runs: list) -> dict[str, list]:
         by_key.setdefault(key, []).append(run)
     out: dict[str, list] = {}
     for (line, _), runs in sorted(by_key.items()):
-        out.setdefault(line, []).append(_newest_finished_first(runs)[0])
+        out.setdefault(line, []).append(newest_finished_first(runs)[0])
     return out
-
-
-def is_transfer(run: Any) -> bool:
-    """Whether an eval run is a transfer evaluation (it names its task) rather than a chunk's own evaluation."""
-    return tr.EVAL_TASK in run.data.tags
-
-
-def _index_tag(run: Any, key: str) -> int | None:
-    try:
-        return int(run.data.tags[key])
-    except (KeyError, ValueError):
-        return None
-
-
-# Params that say where or with which draw an evaluation ran, not what it measured: `seed` follows the plan's seed
-# in a study (`--set seed=k` on run and eval), and the tables pool seeds as every other table does.
-NOT_OPTIONS = ("seed",)
-
-
-def transfer_options(params: dict[str, str]) -> str:
-    """What makes two transfer evaluations the same measurement: a hash of their params without `NOT_OPTIONS`."""
-    kept = {k: v for k, v in params.items() if k not in NOT_OPTIONS}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _transfers(transfer_runs: list, evaluated: dict[str, Any], seeds: dict[str, str]) -> list[TransferEval]:
-    """One TransferEval per evaluated run, task, set and options (`transfer_options`: evaluations of one checkpoint
-    that differ only in their own seed are one, the newest): the FINISHED evaluation, the newest of several
-    (else the newest, so its cells say it did not finish). `evaluated`: chunk and segment runs by id; `seeds`: plan
-    run -> its seed."""
-    groups: dict[tuple[str, str, str, str], list] = {}
-    for run in transfer_runs:
-        tags = run.data.tags
-        options = transfer_options(run.data.params)
-        key = (tags.get(tr.EVALUATES, ""), tags[tr.EVAL_TASK], tags.get(tr.EVAL_SET, "?"), options)
-        groups.setdefault(key, []).append(run)
-    out = []
-    for (evaluates, task, data_set, options), runs in groups.items():
-        run = _newest_finished_first(runs)[0]
-        source = evaluated.get(evaluates)
-        plan_run = source.data.tags.get(tr.PARENT) if source is not None else None
-        prefix = f"{data_set}."
-        scores = {k[len(prefix):]: float(v) for k, v in run.data.metrics.items() if k.startswith(prefix)}
-        segment = _index_tag(run, tr.SEGMENT)  # a segment run's copied tags hold chunk 0 too
-        chunk = _index_tag(run, tr.CHUNK) if segment is None else None
-        out.append(TransferEval(run, evaluates, plan_run, seeds.get(plan_run, "?"), run.data.tags.get(tr.LINE, "?"),
-                                chunk, segment, task, data_set, options, dict(run.data.params), scores))
-    return sorted(out, key=lambda t: (t.data_set, t.task, t.line, t.chunk if t.chunk is not None else -1,
-                                      t.segment if t.segment is not None else -1, t.run.info.start_time or 0))
 
 
 def _plan_record(tracker: Tracker, run: Any, chunk_runs: list, eval_runs: list,
@@ -397,8 +311,8 @@ def _plan_record(tracker: Tracker, run: Any, chunk_runs: list, eval_runs: list,
         evals.setdefault(eval_run.data.tags.get(tr.EVALUATES, ""), []).append(eval_run)
     slots = {}
     for key, runs in by_slot.items():
-        chosen = _newest_finished_first(runs)[0]
-        evaluated = _newest_finished_first(evals.get(chosen.info.run_id, []))
+        chosen = newest_finished_first(runs)[0]
+        evaluated = newest_finished_first(evals.get(chosen.info.run_id, []))
         slots[key] = Slot(chosen, evaluated[0] if evaluated else None)
     # An online plan's line is one job over the whole stream (chunk 0); its T tasks are not chunk runs.
     online = run.data.tags.get(tr.STREAM_KIND) == "online"
@@ -464,7 +378,7 @@ def collect(tracker: Tracker, experiment: str) -> Study:
         methods = list(dict.fromkeys(e.line.method for e in oldest_first))
         entries += sorted(chosen.values(), key=lambda e: (e.line.paradigm == "SL", methods.index(e.line.method),
                                                           e.line.order()))
-    transfers = _transfers(transfer_runs, {r.info.run_id: r for r in chunk_runs + segment_runs},
+    transfers = collect_transfers(transfer_runs, {r.info.run_id: r for r in chunk_runs + segment_runs},
                            {r.run_id: r.seed for r in records.values()})
     for transfer in transfers:
         if transfer.plan_run in records:

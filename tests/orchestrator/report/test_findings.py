@@ -12,7 +12,8 @@ import pytest
 
 from orchestrator.report import build_report, make_findings
 from orchestrator.report.claims import CLAIMS, NONINFERIOR_MARGIN, ONLINE, STREAMING, VIEWS
-from orchestrator.report.findings import MAX_SEEDS, Arm, Claim, evaluate, plan_metric, seeds_to_decide, verdict_of
+from orchestrator.report.findings import MAX_SEEDS, Arm, Claim, evaluate, seeds_to_decide, verdict_of
+from orchestrator.report.measures import plan_metric
 from orchestrator.report.writers import write
 from orchestrator.tracking.tracker import Tracker
 from tests.orchestrator.report.findings_store import EXPERIMENT, OFFLINE_STEPS, ONLINE_STEPS
