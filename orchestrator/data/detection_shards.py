@@ -294,9 +294,9 @@ class DetectionShards(torch.utils.data.Dataset):
     """
 
     def __init__(self, url: str, split: str, *, masks: bool = False,
-                 storage_options: Mapping[str, Any] | None = None) -> None:
+                 storage_options: Mapping[str, Any] | None = None, manifest: DetectionManifest | None = None) -> None:
         self.url, self.split, self.masks = url, split, masks
-        manifest = load_detection_manifest(url, storage_options)
+        manifest = manifest or load_detection_manifest(url, storage_options)  # read once by a caller that has it
         self.classes = tuple(c.name for c in manifest.classes)
         self.table = read_detection_split(url, split, storage_options, manifest)
         self.keys = self.table.column("key").to_pylist()

@@ -175,8 +175,10 @@ def _splits(spec: TransferSpec, state: dict[str, Any], data_url: str, manifest: 
     """(train, test, image size) of the downstream set, read as the task reads it."""
     if TRANSFER_TASKS[spec.task].reads == "detection":
         masks = spec.task == "segmentation"
-        train = DetectionShards(data_url, spec.data.train_split, masks=masks, storage_options=data_options)
-        test = DetectionShards(data_url, spec.data.eval_split, masks=masks, storage_options=data_options)
+        train = DetectionShards(data_url, spec.data.train_split, masks=masks, storage_options=data_options,
+                                manifest=manifest)
+        test = DetectionShards(data_url, spec.data.eval_split, masks=masks, storage_options=data_options,
+                               manifest=manifest)
         return train, test, spec.task_options().min_size
     config = state["config"]
     size = spec.image_size or int(config["image_size"] if isinstance(config, dict) else config.image_size)

@@ -34,11 +34,12 @@ from statistics import NormalDist
 from orchestrator.report.collect import Entry, Study, TransferEval
 from orchestrator.report.model import Cell, ReportTable, Row
 from orchestrator.report.seeds import over_seeds, seed_note
+from orchestrator.report.transfer_runs import NOT_OPTIONS
 
 Z_975 = NormalDist().inv_cdf(0.975)  # 1.959964...: the two-sided 95% normal quantile of the Fisher z interval
 INDEX = ["method", "paradigm", "stream", "line", "strategy"]
-# Params that say what was evaluated rather than how: never what tells two option sets apart.
-_NOT_OPTIONS = ("image_size", "data.url")
+# Params that never tell two option sets apart in a label: the seed (not an option at all) and where the set was read.
+_NOT_OPTIONS = (*NOT_OPTIONS, "image_size", "data.url")
 
 
 @dataclass(frozen=True)
